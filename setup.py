@@ -1,0 +1,46 @@
+"""Build script: the `vitfast` package, `vitfast.kernels` (from `kernels/`), and the extension
+`vitfast._C` from `csrc/`.
+
+The extension is C++-only where the installed torch has no CUDA, and a CUDA build where it has
+(sm_80 and sm_90 by default; set VITFAST_CUDA_ARCHS="90" or "80;86;90" to choose). Build with
+`pip install --no-build-isolation -e .` so it compiles against the torch already installed.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    if not cpp:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                 and os.environ.get("VITFAST_NO_CUDA", "0") != "1")
+    if with_cuda:
+        archs = [a for a in os.environ.get("VITFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        ext = CUDAExtension(
+            "vitfast._C",
+            cpp + sorted(glob.glob("csrc/*.cu")),
+            define_macros=[("VITFAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]},
+        )
+    else:
+        ext = CppExtension("vitfast._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=["vitfast", "vitfast.kernels"],
+    package_dir={"vitfast": "vitfast", "vitfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,35 @@
+"""Test harness: Triton's interpreter on CPU-only machines, the `gpu` marker, seeding."""
+
+import os
+
+# Must happen before anything imports triton (vitfast.kernels does): without a GPU, Triton
+# kernels run on CPU tensors in the interpreter. torch itself does not import triton.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(1)  # xdist runs one worker per core
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA is not available)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return "cuda" if HAS_CUDA else "cpu"

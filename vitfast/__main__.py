@@ -1,0 +1,5 @@
+import sys
+
+from vitfast.cli import main
+
+sys.exit(main())

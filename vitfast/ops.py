@@ -1,0 +1,95 @@
+"""vitfast's public functional API.
+
+Each op is a registered torch custom op (`torch.library`): input validation, device dispatch,
+a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd
+(backward may use the reference math). Dispatch:
+- CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
+- CPU tensors  -> the reference math (`vitfast.reference`) and the C++ CPU LayerNorm, or, when
+  TRITON_INTERPRET=1 was set before import, the Triton kernels in Triton's interpreter.
+Bad input raises ValueError naming the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from vitfast import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _check_float(name: str, t: Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+    if not isinstance(t, Tensor):
+        _fail(f"{name}: expected a Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        _fail(f"{name}: expected dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def _check_same(name: str, t: Tensor, ref_name: str, ref: Tensor):
+    if t.device != ref.device:
+        _fail(f"{name}: expected device {ref.device} (like {ref_name}), got {t.device}")
+
+
+# ============================================================================================
+# layer_norm / add_layer_norm  (csrc/, vitfast._C)
+# ============================================================================================
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim. x [..., C], weight/bias [C] -> y [..., C] in x's dtype."""
+    return reference.layer_norm(x, weight, bias, eps)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                   eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(layer_norm(x + residual), x + residual) in one pass. x, residual [..., C]."""
+    return reference.add_layer_norm(x, residual, weight, bias, eps)
+
+
+# ============================================================================================
+# attention / attention_qkv  (kernels/attention.py)
+# ============================================================================================
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ·scale) v. q, k, v [B, H, N, D] (any strides, last dim unit) -> [B, H, N, D]."""
+    return reference.attention(q, k, v, scale)
+
+
+def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
+    """qkv [B, N, 3·C] -> out [B, N, C] (, cls_attn [B, H, N] fp32 with return_cls_attn)."""
+    return reference.attention_qkv(qkv, num_heads, scale, return_cls_attn)
+
+
+# ============================================================================================
+# linear / mlp  (kernels/linear.py)
+# ============================================================================================
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
+           residual: Tensor | None = None) -> Tensor:
+    """act(x @ weightᵀ + bias) + residual. x [..., K], weight [N, K] -> [..., N]."""
+    return reference.linear(x, weight, bias, activation, residual)
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
+        *, activation: str = "gelu", residual: Tensor | None = None) -> Tensor:
+    """fc2(act(fc1(x))) (+ residual): the ViT MLP. x [..., C] -> [..., C]."""
+    h = linear(x, fc1_weight, fc1_bias, activation=activation)
+    return linear(h, fc2_weight, fc2_bias, residual=residual)
+
+
+# ============================================================================================
+# patch_embed  (kernels/patch_embed.py)
+# ============================================================================================
+def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, *, cls_token: Tensor | None = None,
+                pos_embed: Tensor | None = None, mean: Tensor | None = None,
+                std: Tensor | None = None) -> Tensor:
+    """images [B, C, H, W] float or uint8, conv weight [D, C, P, P] -> tokens [B, T, D]."""
+    return reference.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)

@@ -1,0 +1,320 @@
+"""Plain eager PyTorch for every vitfast op and for the whole ViT: the ground truth.
+
+Everything here is written once, plainly, and computed in the dtype it is given (run it in
+float64 on the CPU for the reference of a test). Tests, benchmarks and the CPU fallback of
+`vitfast.ops` all call these functions; no other file holds a second copy of this math.
+
+The `VisionTransformer` follows timm's `vision_transformer.py`: the same constructor kwargs, the
+same module tree and state_dict keys (`cls_token`, `pos_embed`, `patch_embed.proj`,
+`blocks.{i}.norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`, `norm`, `fc_norm`,
+`head`), pre-LN blocks, LayerNorm eps 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+# --------------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------------
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = (x - mean).square().mean(dim=-1, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Pre-LN residual stream step: s = x + residual; returns (layer_norm(s), s)."""
+    s = x + residual
+    return layer_norm(s, weight, bias, eps), s
+
+
+def attention_probs(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v. q, k, v [B, H, N, D] -> [B, H, N, D]; scale defaults to D^-½."""
+    return attention_probs(q, k, scale) @ v
+
+
+def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed qkv [B, N, 3·C] (timm's layout: q, k, v then heads) -> q, k, v [B, H, N, D]."""
+    B, N, C3 = qkv.shape
+    qkv = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
+                  return_cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention from the packed qkv projection. qkv [B, N, 3·C] -> out [B, N, C]
+    (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32)."""
+    B, N, _ = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    p = attention_probs(q, k, scale)                      # (B, H, N, N)
+    out = (p @ v).transpose(1, 2).reshape(B, N, -1)       # (B, N, C)
+    if return_cls_attn:
+        return out, p[:, :, 0, :].float()
+    return out
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+           residual: Tensor | None = None) -> Tensor:
+    """act(x @ weightᵀ + bias) + residual. x [..., K], weight [N, K] (nn.Linear), bias [N],
+    residual [..., N]; activation None, "gelu" (exact erf) or "gelu_tanh"."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    if activation == "gelu":
+        y = gelu(y)
+    elif activation == "gelu_tanh":
+        y = gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def normalize_images(images: Tensor, mean: Tensor | None, std: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """uint8 images -> images / 255 in `dtype`; then (x - mean) / std per channel if given.
+    mean and std are in [0, 1] units (timm's data config)."""
+    x = images.to(dtype)
+    if images.dtype == torch.uint8:
+        x = x / 255
+    if mean is not None:
+        x = x - mean.to(dtype).view(1, -1, 1, 1)
+    if std is not None:
+        x = x / std.to(dtype).view(1, -1, 1, 1)
+    return x
+
+
+def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None = None,
+                pos_embed: Tensor | None = None, mean: Tensor | None = None,
+                std: Tensor | None = None) -> Tensor:
+    """Patchify + project + CLS + position embedding, as a matmul.
+
+    images [B, C, H, W] (float, or uint8 normalised with mean/std), weight [D, C, P, P] (the conv
+    weight), bias [D], cls_token [1, 1, D] or [D], pos_embed [1, T, D] or [T, D] with
+    T = (1 if cls_token else 0) + (H/P)·(W/P). Returns tokens [B, T, D] in weight's dtype.
+    """
+    B, C, H, W = images.shape
+    D, _, P, _ = weight.shape
+    gh, gw = H // P, W // P
+    x = normalize_images(images, mean, std, weight.dtype)
+    x = x.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * P * P)  # (B, N, C·P·P)
+    x = x @ weight.reshape(D, C * P * P).t()                                                   # (B, N, D)
+    if bias is not None:
+        x = x + bias
+    if cls_token is not None:
+        x = torch.cat([cls_token.reshape(1, 1, D).expand(B, 1, D).to(x.dtype), x], dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, -1, D)
+    return x
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                       num_prefix_tokens: int = 1) -> Tensor:
+    """Resize the grid part of pos_embed [1, prefix + gh·gw, D] to `new_grid` (bicubic with
+    antialias, as timm's `resample_abs_pos_embed`); the prefix (CLS) rows are kept as they are."""
+    n = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos_embed holds {n} grid positions, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    D = pos_embed.shape[-1]
+    work_dtype = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    grid = grid.to(work_dtype).reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)    # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference model (timm's module tree and state_dict keys)
+# --------------------------------------------------------------------------------------------
+def to_2tuple(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+
+
+def check_image_size(x: Tensor, in_chans: int, patch_size: tuple[int, int],
+                     img_size: tuple[int, int] | None = None) -> None:
+    """Clear errors for images the model cannot take (names the sizes)."""
+    if x.dim() != 4:
+        raise ValueError(f"images: expected a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}")
+    _, C, H, W = x.shape
+    if C != in_chans:
+        raise ValueError(f"images: expected {in_chans} channels, got {C} (shape {tuple(x.shape)})")
+    if H % patch_size[0] or W % patch_size[1]:
+        raise ValueError(f"images: height and width must be divisible by the patch size {patch_size}, "
+                         f"got {H}x{W}")
+    if img_size is not None and (H, W) != tuple(img_size):
+        raise ValueError(f"images: the model was built for {img_size[0]}x{img_size[1]} images, got {H}x{W}; "
+                         f"pass dynamic_img_size=True to resample the position embedding")
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+        super().__init__()
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)    # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(attention_qkv(self.qkv(x), self.num_heads, self.scale))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features, act="gelu"):
+        super().__init__()
+        self.act = act
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(linear(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Eager reference ViT with timm's constructor kwargs and state_dict keys.
+
+    images [B, in_chans, H, W] -> logits [B, num_classes] (or pooled features if num_classes=0).
+    Images of another size than `img_size` need `dynamic_img_size=True` (the position embedding
+    is then resampled bicubically, like timm).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
+                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if act_layer not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"act_layer must be 'gelu' or 'gelu_tanh', got {act_layer!r}")
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        embed_len = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
+            for _ in range(depth)])
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        init_weights(self)
+
+    def _pos_embed_for(self, H: int, W: int) -> Tensor:
+        P = self.patch_embed.patch_size
+        grid = (H // P[0], W // P[1])
+        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
+        pe = self.patch_embed
+        check_image_size(x, self.in_chans, pe.patch_size, None if self.dynamic_img_size else pe.img_size)
+        w = pe.proj.weight
+        x = patch_embed(x.to(w.dtype), w, pe.proj.bias, self.cls_token, self._pos_embed_for(*x.shape[-2:]))
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: Tensor) -> Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.fc_norm(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_weights(model: nn.Module) -> None:
+    """timm-like init: truncated normal (std .02) linears/pos/cls, zero biases, unit norms."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name in ("pos_embed", "cls_token"):
+        p = getattr(model, name, None)
+        if isinstance(p, nn.Parameter):
+            nn.init.trunc_normal_(p, std=0.02)
+
+
+def create_model(name: str, **kwargs) -> VisionTransformer:
+    """Reference model by timm name (see vitfast.configs.CONFIGS)."""
+    from vitfast.configs import get_config
+    return VisionTransformer(**get_config(name, **kwargs))

@@ -1,0 +1,76 @@
+"""Comparison helpers for tests (DESIGN.md §4).
+
+Ground truth is `vitfast.reference` in float64 on the CPU. A result in dtype `dt` passes when
+    rel_err(out, ref64) <= TOLERANCE[dt]                           (absolute ceiling), and
+    rel_err(out, ref64) <= 2 · rel_err(eager_same_dtype, ref64) + floor   (when eager is given),
+with rel_err(a, b) = ‖a − b‖ / ‖b‖ in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Rough ceilings of the relative error vs the float64 reference, per dtype.
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,     # ieee fp32
+    "tf32": 1e-3,            # fp32 inputs with tf32 matmuls allowed
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+# Floor added to 2x eager's error: eager may be nearly exact on tiny problems.
+FLOOR = {torch.float64: 1e-13, torch.float32: 2e-6, "tf32": 2e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def tolerance_key(dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """The TOLERANCE key for results in `dtype` on `device` (fp32 on CUDA with tf32 allowed -> 'tf32')."""
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return dtype
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (on the CPU). NaN/Inf anywhere in `out` gives inf."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: got {tuple(out.shape)}, reference {tuple(ref.shape)}")
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    num = (out64 - ref64).norm().item()
+    if denom == 0.0:
+        return num
+    return num / denom
+
+
+def assert_close(out: Tensor, ref64: Tensor, dtype: torch.dtype | None = None, eager: Tensor | None = None,
+                 tol: float | None = None, floor: float | None = None, name: str = "output") -> float:
+    """Assert `out` matches the float64 reference `ref64` within DESIGN.md §4; returns the error.
+
+    dtype: the compute dtype (defaults to out.dtype); eager: the same computation done by eager
+    PyTorch in that dtype, whose error bounds ours (≤ 2x + floor).
+    """
+    key = tolerance_key(dtype or out.dtype, out.device)
+    tol = TOLERANCE[key] if tol is None else tol
+    err = rel_err(out, ref64)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({key})"
+    if eager is not None:
+        floor = FLOOR[key] if floor is None else floor
+        eager_err = rel_err(eager, ref64)
+        bound = 2 * eager_err + floor
+        assert err <= bound, (f"{name}: relative error {err:.3e} > 2 x eager's {eager_err:.3e} + {floor:.0e} "
+                              f"({key})")
+    return err
+
+
+def poisoned(shape, dtype: torch.dtype, device="cpu") -> Tensor:
+    """An output buffer filled with NaN (or 0xFF bytes for integers): every element a kernel
+    forgets to write shows up as a failure."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-1)
+    return t
