@@ -35,6 +35,6 @@ def main(argv=None) -> int:
         model = reference.VisionTransformer(patch_size=P, embed_dim=dims[0], num_heads=dims[1], depth=12).eval()
         x = torch.randn(args.batch_size, 3, 224, 224)
         with torch.inference_mode():
-            ms = _time_ms(lambda m=model: m(x))
+            ms = _time_ms(lambda m=model, x=x: m(x))
         print(f"{P:>5} {1 + (224 // P) ** 2:>6} {ms:>9.1f} {args.batch_size / ms * 1e3:>9.1f}")
     return 0

@@ -40,6 +40,39 @@ def _check_float(name: str, t: Tensor, allowed=(torch.float16, torch.bfloat16, t
 def _check_same(name: str, t: Tensor, ref_name: str, ref: Tensor):
     if t.device != ref.device:
         _fail(f"{name}: expected device {ref.device} (like {ref_name}), got {t.device}")
+    if t.dtype != ref.dtype:
+        _fail(f"{name}: expected dtype {ref.dtype} (like {ref_name}), got {t.dtype}")
+
+
+_TENSOR = object()  # placeholder for a saved tensor in `_setup_reference_backward`
+
+
+def _setup_reference_backward(ctx, inputs, output):
+    ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
+    ctx.template = [_TENSOR if isinstance(x, Tensor) else x for x in inputs]
+
+
+def register_reference_autograd(op, reference_fn):
+    """Autograd for custom op `op` by recomputing `reference_fn` (same positional signature as
+    the op) eagerly in backward. Correct gradients everywhere; a fused Triton backward can
+    replace it op by op."""
+
+    def backward(ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if a is _TENSOR else a for a in ctx.template]
+        with torch.enable_grad():
+            args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, Tensor) else a
+                    for a in args]
+            outs = reference_fn(*args)
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            wrt = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                       if pairs and wrt else [None] * len(wrt))
+        return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
+
+    op.register_autograd(backward, setup_context=_setup_reference_backward)
 
 
 # ============================================================================================
