@@ -1,17 +1,29 @@
-"""`vitfast` command line: `vitfast bench ...`."""
+"""`vitfast` command line. Each command lives in its own module with a `main(argv) -> int`."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+COMMANDS = {
+    "bench": ("vitfast.bench", "benchmark sweep over patch sizes (the O(n^2) study)"),
+    "predict": ("vitfast.predict", "classify / embed a set of images"),
+    "attention-map": ("vitfast.attention_map", "draw the CLS attention of the last layer over an image"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: vitfast {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"bench": "vitfast.bench"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: vitfast {" + ",".join(commands) + "} [options]\n"
-              "  bench    benchmark sweep over patch sizes")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
-
-    return importlib.import_module(commands[argv[0]]).main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"vitfast: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
