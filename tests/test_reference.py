@@ -209,7 +209,7 @@ def test_pos_embed_resampling_matches_pil_bicubic():
         grid = pe[0, 1:].reshape(14, 14, 5)
         for c in range(5):
             img = Image.fromarray(grid[..., c].numpy().astype(np.float32), mode="F")
-            pil = torch.from_numpy(np.asarray(img.resize((new[1], new[0]), Image.BICUBIC))).double()
+            pil = torch.from_numpy(np.array(img.resize((new[1], new[0]), Image.BICUBIC))).double()
             assert rel_err(out[0, 1:, c].reshape(new), pil) < 1e-5
 
 
