@@ -121,8 +121,93 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tens
 # ============================================================================================
 # patch_embed  (kernels/patch_embed.py)
 # ============================================================================================
+_PE_IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) -> None:
+    if not isinstance(images, Tensor):
+        _fail(f"images: expected a Tensor, got {type(images).__name__}")
+    if images.dtype not in _PE_IMAGE_DTYPES:
+        _fail(f"images: expected dtype in {[str(d) for d in _PE_IMAGE_DTYPES]}, got {images.dtype}")
+    if images.dim() != 4:
+        _fail(f"images: expected a 4-D tensor [B, C, H, W], got shape {tuple(images.shape)}")
+    _check_float("weight", weight)
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        _fail(f"weight: expected the conv weight [D, C, P, P] (square patches), got shape {tuple(weight.shape)}")
+    if weight.device != images.device:
+        _fail(f"weight: expected device {images.device} (like images), got {weight.device}")
+    B, C, H, W = images.shape
+    D, Cw, P, _ = weight.shape
+    if C != Cw:
+        _fail(f"images: expected {Cw} channels (weight {tuple(weight.shape)}), got {C} (shape {tuple(images.shape)})")
+    if H % P or W % P:
+        _fail(f"images: height H={H} and width W={W} must be divisible by the patch size P={P}")
+    for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
+        if t is not None:
+            _check_float(name, t)
+            _check_same(name, t, "weight", weight)
+    if bias is not None and tuple(bias.shape) != (D,):
+        _fail(f"bias: expected shape ({D},), got {tuple(bias.shape)}")
+    if cls_token is not None and tuple(cls_token.shape) not in ((1, 1, D), (D,)):
+        _fail(f"cls_token: expected shape (1, 1, {D}) or ({D},), got {tuple(cls_token.shape)}")
+    if pos_embed is not None:
+        prefix = 1 if cls_token is not None else 0
+        T = prefix + (H // P) * (W // P)
+        if pos_embed.dim() not in (2, 3) or (pos_embed.dim() == 3 and pos_embed.shape[0] != 1) \
+                or pos_embed.shape[-1] != D:
+            _fail(f"pos_embed: expected shape (1, {T}, {D}) or ({T}, {D}), got {tuple(pos_embed.shape)}")
+        if pos_embed.shape[-2] != T:
+            _fail(f"pos_embed: expected length {T} = {prefix} prefix + ({H}/{P})·({W}/{P}) patches "
+                  f"for {H}x{W} images, got {pos_embed.shape[-2]} (shape {tuple(pos_embed.shape)}); "
+                  f"resample it to the grid")
+    for name, t in (("mean", mean), ("std", std)):
+        if t is not None:
+            _check_float(name, t)
+            if t.device != images.device:
+                _fail(f"{name}: expected device {images.device} (like images), got {t.device}")
+            if tuple(t.shape) != (C,):
+                _fail(f"{name}: expected shape ({C},) (one value per image channel), got {tuple(t.shape)}")
+
+
+@torch.library.custom_op("vitfast::patch_embed", mutates_args=())
+def _patch_embed_op(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
+                    pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None) -> Tensor:
+    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it runs the reference math.
+    if use_triton(images) and weight.dtype != torch.float64:
+        from vitfast.kernels import patch_embed as _patch_embed_kernels
+
+        return _patch_embed_kernels.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
+    return reference.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
+
+
+@_patch_embed_op.register_fake
+def _(images, weight, bias, cls_token, pos_embed, mean, std):
+    B, _, H, W = images.shape
+    D, _, P, _ = weight.shape
+    T = (1 if cls_token is not None else 0) + (H // P) * (W // P)
+    return images.new_empty((B, T, D), dtype=weight.dtype)
+
+
+register_reference_autograd(_patch_embed_op, reference.patch_embed)
+
+
 def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, *, cls_token: Tensor | None = None,
                 pos_embed: Tensor | None = None, mean: Tensor | None = None,
                 std: Tensor | None = None) -> Tensor:
-    """images [B, C, H, W] float or uint8, conv weight [D, C, P, P] -> tokens [B, T, D]."""
-    return reference.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
+    """Patchify + project + CLS row + position embedding in one kernel (timm's PatchEmbed followed
+    by `cat(cls_token)` and `+ pos_embed`, with the input normalisation fused into the load).
+
+    images:    [B, C, H, W] uint8, fp16, bf16 or fp32 (fp64 on the reference path); NCHW or
+               channels_last, H and W divisible by P. uint8 is scaled by 1/255 first.
+    weight:    [D, C, P, P] the conv weight (timm's patch_embed.proj.weight); its dtype is the
+               compute and output dtype (fp16, bf16, fp32).
+    bias:      [D] or None.
+    cls_token: [1, 1, D] or [D] or None; with it row 0 is cls_token + pos_embed[0].
+    pos_embed: [1, T, D] or [T, D] or None, T = (1 if cls_token else 0) + (H/P)·(W/P), already
+               resampled to this grid.
+    mean, std: [C] or None, in [0, 1] units (timm's data config): x = (img/255 − mean) / std.
+    bias, cls_token and pos_embed have weight's dtype and device.
+    Returns tokens [B, T, D] (contiguous) in weight's dtype.
+    """
+    _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
+    return _patch_embed_op(images, weight, bias, cls_token, pos_embed, mean, std)

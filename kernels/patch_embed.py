@@ -1,0 +1,192 @@
+"""Fused ViT patch embedding: images -> tokens [B, T, D] in one Triton GEMM.
+
+    tokens[b, prefix + n, :] = norm(patch(b, n)) @ Wᵀ + bias + pos_embed[prefix + n]
+    tokens[b, 0, :]          = cls_token + pos_embed[0]                (with a CLS token: prefix = 1)
+
+A GEMM [B·N, K] x [K, D] with K = C·P·P ordered (c, ph, pw) like the conv weight [D, C, P, P]:
+- the A operand is gathered straight from the image by im2col addressing with the image's own
+  strides (NCHW-contiguous and channels_last both work, no unfold, no copy); an image address
+  splits into a per-row part (which image, which patch) plus a per-column part (c, ph, pw);
+- uint8 images are converted and normalised in the load, x = (img / 255 − mean[c]) / std[c],
+  folded into a per-column scale and shift; float images get (img − mean[c]) / std[c] the same way;
+- the epilogue adds bias and pos_embed and writes token n at row prefix + n; the tile that holds
+  token 0 of an image also writes that image's CLS row, so there is no torch.cat.
+Dtypes: images uint8 / fp16 / bf16 / fp32; weight (the compute and output dtype) fp16 / bf16 / fp32;
+accumulation in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _configs():
+    """Autotune configs (BLOCK_M tokens x BLOCK_N features x BLOCK_K patch elements)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter would run every config; one small config keeps every mask in play.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4})]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (128, 128, 32, 4, 5),
+        (64, 64, 64, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M", "D", "K"])
+@triton.jit
+def _patch_embed_kernel(
+    img_ptr,     # [B, C, H, W] uint8 / fp16 / bf16 / fp32, any strides
+    w_ptr,       # [D, C, P, P] compute dtype, any strides
+    bias_ptr,    # [D]          (when HAS_BIAS)
+    cls_ptr,     # [D]          (when HAS_CLS; cls_token [1, 1, D] read by its last stride)
+    pos_ptr,     # [T, D]       (when HAS_POS; T = prefix + N)
+    mean_ptr,    # [C]          (when HAS_MEAN)
+    std_ptr,     # [C]          (when HAS_STD)
+    out_ptr,     # [B, T, D]    weight's dtype
+    M, D, K,     # M = B·N patch rows, D features, K = C·P·P
+    N_TOK, GRID_W,  # N = (H/P)·(W/P) patches per image, W/P patches per grid row
+    stride_ib, stride_ic, stride_ih, stride_iw,
+    stride_wd, stride_wc, stride_wh, stride_ww,
+    stride_bias, stride_cls, stride_pt, stride_pd, stride_mean, stride_std,
+    stride_ob, stride_ot, stride_od,
+    PATCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, IS_UINT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row tiles share the L2-resident image rows across feature tiles.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(D, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)     # patch rows b·N + n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)     # features d
+    mask_m = offs_m < M
+    mask_n = offs_n < D
+    b = (offs_m // N_TOK).to(tl.int64)                   # int64: b·stride_ib can pass 2^31
+    n = offs_m % N_TOK
+    gy = n // GRID_W
+    gx = n % GRID_W
+    a_row = b * stride_ib + (gy * PATCH).to(tl.int64) * stride_ih + (gx * PATCH).to(tl.int64) * stride_iw
+    w_row = offs_n * stride_wd
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = offs_k // (PATCH * PATCH)
+        ph = (offs_k // PATCH) % PATCH
+        pw = offs_k % PATCH
+        a_col = c * stride_ic + ph * stride_ih + pw * stride_iw
+        a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+        if IS_UINT8 or HAS_MEAN or HAS_STD:
+            # x = (img · u − mean) / std = img · scale + shift, with u = 1/255 for uint8 images.
+            scale = tl.full((BLOCK_K,), 1.0 / 255.0 if IS_UINT8 else 1.0, tl.float32)
+            shift = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            if HAS_MEAN:
+                shift = -tl.load(mean_ptr + c * stride_mean, mask=mask_k, other=0).to(tl.float32)
+            if HAS_STD:
+                inv_std = 1.0 / tl.load(std_ptr + c * stride_std, mask=mask_k, other=1).to(tl.float32)
+                scale = scale * inv_std
+                shift = shift * inv_std
+            # Padded columns (k >= K) load img 0, mean 0, std 1, so they stay 0.
+            a = a.to(tl.float32) * scale[None, :] + shift[None, :]
+        a = a.to(w_ptr.dtype.element_ty)
+        w_col = c * stride_wc + ph * stride_wh + pw * stride_ww
+        w = tl.load(w_ptr + w_col[:, None] + w_row[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)          # [BLOCK_M, BLOCK_N] fp32
+
+    prefix = 1 if HAS_CLS else 0
+    row = n + prefix                                                   # token row in the output
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
+    if HAS_POS:
+        pos = tl.load(pos_ptr + row[:, None] * stride_pt + offs_n[None, :] * stride_pd, mask=mask, other=0)
+        acc += pos.to(tl.float32)
+    out_b = b * stride_ob
+    out_offs = out_b[:, None] + row.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_od
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    if HAS_CLS:
+        # The row tile holding token 0 of image b also writes b's CLS row (row 0).
+        cls = tl.load(cls_ptr + offs_n * stride_cls, mask=mask_n, other=0).to(tl.float32)
+        if HAS_POS:
+            cls += tl.load(pos_ptr + offs_n * stride_pd, mask=mask_n, other=0).to(tl.float32)
+        cls_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cls[None, :]
+        cls_offs = out_b[:, None] + offs_n[None, :] * stride_od
+        tl.store(out_ptr + cls_offs, cls_tile.to(out_ptr.dtype.element_ty), mask=mask & (n == 0)[:, None])
+
+
+def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
+                mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the fused patch embedding (see the module docstring); arguments as
+    `vitfast.ops.patch_embed`, which validates them. images [B, C, H, W], weight [D, C, P, P],
+    bias [D], cls_token [1, 1, D] or [D], pos_embed [1, T, D] or [T, D], mean/std [C];
+    out: optional preallocated [B, T, D] in weight's dtype. Returns out."""
+    B, C, H, W = images.shape
+    D, Cw, P, Pw = weight.shape
+    if Cw != C or Pw != P or H % P or W % P:
+        raise ValueError(f"patch_embed: images {tuple(images.shape)} do not fit weight {tuple(weight.shape)}")
+    grid_w = W // P
+    n_tok = (H // P) * grid_w
+    T = n_tok + (1 if cls_token is not None else 0)
+    if pos_embed is not None:
+        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])            # (T, D), a view
+        if tuple(pos_embed.shape) != (T, D):
+            raise ValueError(f"patch_embed: pos_embed expected ({T}, {D}), got {tuple(pos_embed.shape)}")
+    for name, t, size in (("bias", bias, D), ("cls_token", cls_token, D), ("mean", mean, C), ("std", std, C)):
+        if t is not None and t.numel() != size:
+            raise ValueError(f"patch_embed: {name} expected {size} values, got shape {tuple(t.shape)}")
+    if out is None:
+        out = torch.empty((B, T, D), dtype=weight.dtype, device=images.device)
+    elif tuple(out.shape) != (B, T, D) or out.dtype != weight.dtype or out.device != images.device:
+        raise ValueError(f"patch_embed: out expected ({B}, {T}, {D}) {weight.dtype} on {images.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() == 0:
+        return out
+
+    vec = lambda t: t.reshape(-1) if t is not None else None             # [1, 1, D] / [C] -> 1-D views
+    cls_v, mean_v, std_v = vec(cls_token), vec(mean), vec(std)
+    stride0 = lambda t: t.stride(0) if t is not None else 0
+    dummy = weight   # stands in for absent optional tensors; never read (the HAS_* flag is off)
+    use_tf32 = weight.dtype == torch.float32 and images.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    M, K = B * n_tok, C * P * P
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+    _patch_embed_kernel[grid](
+        images, weight,
+        bias if bias is not None else dummy, cls_v if cls_v is not None else dummy,
+        pos_embed if pos_embed is not None else dummy,
+        mean_v if mean_v is not None else dummy, std_v if std_v is not None else dummy,
+        out,
+        M, D, K, n_tok, grid_w,
+        *images.stride(), *weight.stride(),
+        stride0(bias), stride0(cls_v),
+        pos_embed.stride(0) if pos_embed is not None else 0, pos_embed.stride(1) if pos_embed is not None else 0,
+        stride0(mean_v), stride0(std_v),
+        *out.stride(),
+        PATCH=P,
+        HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
+        HAS_MEAN=mean is not None, HAS_STD=std is not None, IS_UINT8=images.dtype == torch.uint8,
+        DOT_PRECISION="tf32" if use_tf32 else "ieee",
+    )
+    return out
