@@ -2,13 +2,10 @@
 
 from vitfast import ops, reference
 from vitfast.configs import CONFIGS
+from vitfast.convert import optimize
+from vitfast.model import VisionTransformer, create_model, list_models
 
 __version__ = "0.1.0"
 
-
-def list_models() -> list[str]:
-    """The timm model names vitfast has configurations for."""
-    return sorted(CONFIGS)
-
-
-__all__ = ["ops", "reference", "list_models", "CONFIGS", "__version__"]
+__all__ = ["ops", "reference", "VisionTransformer", "create_model", "list_models", "optimize", "CONFIGS",
+           "__version__"]

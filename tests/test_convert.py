@@ -1,0 +1,341 @@
+"""vitfast against the ViTs people use: Hugging Face on the CPU (fp32 vs HF in float64, bounded by
+HF's own fp32 error); timm and torchvision on a GPU (they need a CUDA build of torch). Covers
+`vitfast.optimize`, HF checkpoints loaded into `vitfast.VisionTransformer`, shared weights,
+training through the converted model, and the features that must be refused by name."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vitfast
+from vitfast import reference
+from vitfast.checkpoint import load_checkpoint
+from vitfast.convert import UnsupportedFeatureError
+from vitfast.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+F64 = torch.float64
+
+# The configs the issue asks for (token counts 17, 5, 7); HF layer_norm_eps stays at its default 1e-12.
+HF_CASES = {
+    "patch8": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+    "head_dim_80": dict(img_size=32, patch_size=16, embed_dim=160, depth=2, num_heads=2),
+    "non_square": dict(img_size=(48, 32), patch_size=16, embed_dim=96, depth=2, num_heads=3),
+}
+
+
+def hf_vit(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=10,
+           cls="ViTForImageClassification", model_kw=None, **config_kw):
+    """A random fp32 HF ViT (every weight perturbed, so none sits at its 0/1 init) in eval mode."""
+    cfg = transformers.ViTConfig(image_size=img_size, patch_size=patch_size, hidden_size=embed_dim,
+                                 num_hidden_layers=depth, num_attention_heads=num_heads,
+                                 intermediate_size=4 * embed_dim, num_labels=num_classes, **config_kw)
+    model = getattr(transformers, cls)(cfg, **(model_kw or {})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def hf_images(model, batch=2, size=None):
+    H, W = size or reference.to_2tuple(model.config.image_size)
+    return torch.randn(batch, 3, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face (CPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_vitfast_vit_with_hf_weights_equals_hf(case):
+    kw = HF_CASES[case]
+    hf = hf_vit(**kw)
+    hf64 = copy.deepcopy(hf).double()
+    model = vitfast.VisionTransformer(**kw, num_classes=10, norm_eps=hf.config.layer_norm_eps).eval()
+    load_checkpoint(model, hf.state_dict())
+    x = hf_images(hf)
+    with torch.no_grad():
+        assert_close(model(x), hf64(pixel_values=x.double()).logits, eager=hf(pixel_values=x).logits)
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_optimize_hf_classifier_equals_hf(case):
+    hf = hf_vit(**HF_CASES[case])
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x, labels = hf_images(hf), torch.tensor([3, 7])
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=xi, labels=labels, output_hidden_states=True)
+                           for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
+        assert type(out) is type(eager)
+        assert_close(out.logits, ref.logits, eager=eager.logits)
+        assert_close(out.loss, ref.loss, eager=eager.loss, name="loss")
+        assert len(out.hidden_states) == len(ref.hidden_states) == HF_CASES[case]["depth"] + 1
+        for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+            assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+        assert out.attentions is None
+        as_tuple = opt(x, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], out.logits)
+
+
+def test_optimize_hf_vit_model_with_pooler():
+    hf = hf_vit(embed_dim=48, num_heads=3, cls="ViTModel", model_kw=dict(add_pooling_layer=True))
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = hf_images(hf)
+    with torch.no_grad():
+        out, ref, eager = opt(x), hf64(x.double()), hf(x)
+        assert type(out).__name__ == "BaseModelOutputWithPooling"
+        assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
+        assert_close(out.pooler_output, ref.pooler_output, eager=eager.pooler_output, name="pooler_output")
+        assert len(opt(x, return_dict=False)) == 2
+
+
+def test_optimize_hf_interpolate_pos_encoding():
+    """HF resamples without antialias (unlike timm): the converted model follows HF's rule."""
+    hf = hf_vit(patch_size=8)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = hf_images(hf, size=(48, 40))
+    with torch.no_grad():
+        out = opt(x, interpolate_pos_encoding=True).logits
+        assert_close(out, hf64(x.double(), interpolate_pos_encoding=True).logits,
+                     eager=hf(x, interpolate_pos_encoding=True).logits)
+    with pytest.raises(ValueError, match="built for 32x32 images, got 48x40"):
+        opt(x)
+
+
+def test_optimize_hf_shares_weights_and_keeps_dtype_mode_and_grads_flags():
+    hf = hf_vit(depth=2).half()
+    hf.vit.layers[0].mlp.fc1.weight.requires_grad_(False)
+    opt = vitfast.optimize(hf)
+    core, layer = opt.vit.core, hf.vit.layers[0]
+    assert not opt.training and not core.training
+    assert core.blocks[0].attn.proj.weight is layer.attention.o_proj.weight
+    assert core.blocks[0].mlp.fc1.weight is layer.mlp.fc1.weight and not core.blocks[0].mlp.fc1.weight.requires_grad
+    assert core.pos_embed is hf.vit.embeddings.position_embeddings and opt.classifier is hf.classifier
+    qkv = torch.cat([layer.attention.q_proj.weight, layer.attention.k_proj.weight, layer.attention.v_proj.weight])
+    assert torch.equal(core.blocks[0].attn.qkv.weight, qkv)               # copied once, q/k/v rows in order
+    assert {p.dtype for p in opt.parameters()} == {torch.float16}
+    hf.train()
+    assert vitfast.optimize(hf).training
+
+
+def test_training_through_optimized_hf_matches_hf_gradients():
+    hf = hf_vit(embed_dim=48, depth=2, num_heads=3).train()          # dropout probabilities are 0
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x, labels = hf_images(hf), torch.tensor([1, 4])
+    opt(x, labels=labels).loss.backward()
+    hf64(x.double(), labels=labels).loss.backward()
+    eager = copy.deepcopy(hf)
+    eager.zero_grad()
+    eager(x, labels=labels).loss.backward()
+    ours = dict(hf.named_parameters())           # shared parameters carry the converted model's grads
+    for name, p in hf64.named_parameters():
+        if ".q_proj." in name or ".k_proj." in name or ".v_proj." in name:
+            continue                             # vitfast trains its packed copy of q/k/v: checked below
+        assert_close(ours[name].grad, p.grad, eager=dict(eager.named_parameters())[name].grad, name=f"grad {name}")
+    qkv_grad = opt.vit.core.blocks[1].attn.qkv.weight.grad
+    a64 = hf64.vit.layers[1].attention
+    assert_close(qkv_grad, torch.cat([a64.q_proj.weight.grad, a64.k_proj.weight.grad, a64.v_proj.weight.grad]))
+
+
+def test_hf_unsupported_features_are_named():
+    with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
+        vitfast.optimize(hf_vit(hidden_act="relu"))
+    with pytest.raises(UnsupportedFeatureError, match="Hugging Face ViTForMaskedImageModeling is not supported"):
+        vitfast.optimize(hf_vit(cls="ViTForMaskedImageModeling", num_classes=2, encoder_stride=16))
+    dropout = hf_vit(hidden_dropout_prob=0.1)
+    with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(hidden_dropout_prob\)"):
+        vitfast.optimize(copy.deepcopy(dropout).train())
+    opt = vitfast.optimize(dropout)              # eval: dropout is inactive, conversion is exact
+    x = hf_images(dropout)
+    opt.train()
+    with pytest.raises(ValueError, match=r"does not implement dropout p=0.1 \(hidden_dropout_prob\)"):
+        opt(x)
+    opt.eval()
+    with pytest.raises(UnsupportedFeatureError, match="output_attentions=True"):
+        opt(x, output_attentions=True)
+    with pytest.raises(UnsupportedFeatureError, match="attention_mask"):
+        opt(x, attention_mask=torch.ones(2, 5))
+    with pytest.raises(UnsupportedFeatureError, match="some_flag"):
+        opt(x, some_flag=True)
+    masked = vitfast.optimize(hf_vit(cls="ViTModel", model_kw=dict(use_mask_token=True)))
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+        masked(x, bool_masked_pos=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pixel_values: expected a tensor"):
+        opt()
+    with pytest.raises(ValueError, match="expected a timm VisionTransformer.*got torch.nn.modules.linear.Linear"):
+        vitfast.optimize(nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# timm's module tree, exercised on the CPU through vitfast.reference (which has timm's names)
+# --------------------------------------------------------------------------------------------
+class LayerScale(nn.Module):        # timm.layers.LayerScale's shape
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
+
+
+def timm_like(**kw):
+    return reference.VisionTransformer(**{**dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                                                 num_classes=5), **kw}).eval()
+
+
+def test_optimize_timm_tree_shares_parameters_and_matches():
+    src = timm_like(global_pool="avg")
+    src64 = copy.deepcopy(src).double()
+    opt = vitfast.optimize(src)
+    assert isinstance(opt, vitfast.VisionTransformer) and opt.global_pool == "avg"
+    assert all(a is b for a, b in zip(opt.parameters(), src.parameters()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(opt(x), src64(x.double()), eager=src(x))
+    assert vitfast.optimize(opt) is opt
+
+
+@pytest.mark.parametrize("feature, mutate", [
+    ("register tokens", lambda m: setattr(m, "num_reg_tokens", 4)),
+    ("layer-scale", lambda m: setattr(m.blocks[1], "ls1", LayerScale(32))),
+    ("qk-norm", lambda m: setattr(m.blocks[0].attn, "q_norm", nn.LayerNorm(16))),
+    ("no_embed_class", lambda m: setattr(m, "no_embed_class", True)),
+    ("no position embedding", lambda m: setattr(m, "pos_embed", None)),
+    ("norm_pre", lambda m: setattr(m, "norm_pre", nn.LayerNorm(32))),
+    (r"global_pool='map'", lambda m: setattr(m, "global_pool", "map")),
+    (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
+    (r"blocks.1.norm2: RMSNorm", lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
+    ("LayerNorms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
+])
+def test_timm_unsupported_features_are_named(feature, mutate):
+    model = timm_like()
+    mutate(model)
+    with pytest.raises(UnsupportedFeatureError, match=feature):
+        vitfast.optimize(model)
+
+
+def test_timm_drop_path_only_refused_in_train_mode():
+    model = timm_like()
+    model.blocks[0].drop_path1 = nn.Dropout(0.2)          # anything with a rate, as timm's DropPath
+    with pytest.raises(UnsupportedFeatureError, match=r"drop-path p=0.2 \(blocks.0.drop_path1\)"):
+        vitfast.optimize(copy.deepcopy(model).train())
+    opt = vitfast.optimize(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(opt(x), copy.deepcopy(model).double()(x.double()), eager=model(x))
+    with pytest.raises(ValueError, match="does not implement drop-path"):
+        opt.train()(x)
+
+
+# --------------------------------------------------------------------------------------------
+# timm and torchvision themselves (GPU machines, where CUDA torch builds of them are installed)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _perturb(model):
+    with torch.no_grad():       # timm / torchvision zero some biases and heads at init
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(global_pool="avg", class_token=False),
+    dict(dynamic_img_size=True),
+    dict(act_layer="gelu_tanh", qkv_bias=False),
+], ids=["token", "avg", "dynamic", "tanh_no_qkv_bias"])
+def test_optimize_timm_equals_timm(kw, no_tf32):
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    src = _perturb(TimmViT(img_size=64, patch_size=16, embed_dim=160, depth=2, num_heads=2, num_classes=10, **kw))
+    src = src.cuda().eval()
+    src64 = copy.deepcopy(src).double()
+    opt = vitfast.optimize(src)
+    # the timm state_dict also loads strictly into a vitfast model built with the same kwargs
+    built = vitfast.VisionTransformer(img_size=64, patch_size=16, embed_dim=160, depth=2, num_heads=2,
+                                      num_classes=10, **kw).cuda().eval()
+    built.load_state_dict(src.state_dict(), strict=True)
+    size = (96, 80) if kw.get("dynamic_img_size") else (64, 64)
+    x = torch.randn(2, 3, *size, device="cuda")
+    with torch.no_grad():
+        ref, eager = src64(x.double()), src(x)
+        assert_close(opt(x), ref, eager=eager)
+        assert_close(built(x), ref, eager=eager)
+        assert_close(opt.forward_features(x), src64.forward_features(x.double()), eager=src.forward_features(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_base_patch8_224"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
+    """vitfast in fp16/bf16 vs timm's fp32 output: error <= 2x timm's own error in that dtype."""
+    timm = pytest.importorskip("timm")
+    src = _perturb(timm.create_model(name, pretrained=False)).cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref32 = src(x)
+        low = src.to(dtype)
+        eager = low(x.to(dtype))
+        out = vitfast.optimize(low)(x.to(dtype))
+    assert out.dtype == dtype
+    assert_close(out, ref32, dtype=dtype, eager=eager)
+
+
+@pytest.mark.gpu
+def test_timm_unsupported_features_are_named_on_real_timm():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    base = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    for kw, feature in ((dict(reg_tokens=4), "register tokens"), (dict(qk_norm=True), "qk-norm"),
+                        (dict(init_values=1e-5), "layer-scale"), (dict(global_pool="map"), "global_pool='map'"),
+                        (dict(no_embed_class=True), "no_embed_class"), (dict(pre_norm=True), "pre_norm")):
+        with pytest.raises(UnsupportedFeatureError, match=feature):
+            vitfast.optimize(TimmViT(**base, **kw).eval())
+    with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(blocks.0.attn.attn_drop\)"):
+        vitfast.optimize(TimmViT(**base, attn_drop_rate=0.1).train())
+
+
+@pytest.mark.gpu
+def test_optimize_torchvision_equals_torchvision(tmp_path, no_tf32):
+    tv_models = pytest.importorskip("torchvision.models")
+    src = _perturb(tv_models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2,
+                                               hidden_dim=160, mlp_dim=640, num_classes=10)).cuda().eval()
+    src64 = copy.deepcopy(src).double()
+    opt = vitfast.optimize(src)
+    assert opt.blocks[0].attn.qkv.weight is src.encoder.layers.encoder_layer_0.self_attention.in_proj_weight
+    torch.save(src.state_dict(), tmp_path / "tv.pth")
+    loaded = vitfast.create_model("vit_base_patch16_224", img_size=64, embed_dim=160, depth=2, num_heads=2,
+                                  num_classes=10, checkpoint_path=tmp_path / "tv.pth").cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref, eager = src64(x.double()), src(x)
+        assert_close(opt(x), ref, eager=eager)
+        assert_close(loaded(x), ref, eager=eager)
+    with pytest.raises(UnsupportedFeatureError, match="representation_size"):
+        vitfast.optimize(tv_models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64, representation_size=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimize_torchvision_vit_b_16_low_precision_within_2x(dtype, no_tf32):
+    tv_models = pytest.importorskip("torchvision.models")
+    src = _perturb(tv_models.vit_b_16()).cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref32 = src(x)
+        low = src.to(dtype)
+        eager = low(x.to(dtype))
+        out = vitfast.optimize(low)(x.to(dtype))
+    assert_close(out, ref32, dtype=dtype, eager=eager)

@@ -1,0 +1,238 @@
+"""vitfast.VisionTransformer vs the float64 reference ViT: state_dict interchange, pooling variants,
+CLS attention maps, resampled position tables and their cache, uint8 input, gradients,
+torch.compile, bad inputs, the model zoo; CUDA-graph capture on a GPU."""
+
+import pytest
+import torch
+
+import vitfast
+from vitfast import layers, reference
+from vitfast.configs import CONFIGS
+from vitfast.testing import assert_close, rel_err
+
+F64 = torch.float64
+
+# Small models (Triton's interpreter runs every op on the CPU): token counts 17, 5, 7, 2.
+CASES = {
+    "token_patch8": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10),
+    "avg": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=7, global_pool="avg"),
+    "avg_no_class_token": dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                               global_pool="avg", class_token=False),
+    "tanh_gelu_eps_ratio": dict(img_size=(48, 32), patch_size=16, embed_dim=48, depth=1, num_heads=2, num_classes=4,
+                                act_layer="gelu_tanh", norm_eps=1e-12, mlp_ratio=2.5),
+    "features_only": dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                          global_pool=""),
+}
+
+
+def pair(**kw):
+    """A random vitfast model (fp32) and the reference with the same weights in fp32 and fp64."""
+    model = vitfast.VisionTransformer(**kw).eval()
+    with torch.no_grad():   # init leaves biases 0 and norms 1: make every weight count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = reference.VisionTransformer(**kw).eval()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    ref64 = reference.VisionTransformer(**kw).double().eval()
+    ref64.load_state_dict(model.state_dict(), strict=True)
+    return model, ref, ref64
+
+
+def images(kw, batch=2, size=None):
+    H, W = size or reference.to_2tuple(kw["img_size"])
+    return torch.randn(batch, 3, H, W)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equals_reference_and_state_dicts_interchange(case):
+    kw = CASES[case]
+    model, ref, ref64 = pair(**kw)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    x = images(kw)
+    with torch.no_grad():
+        out = model(x)
+        assert_close(out, ref64(x.double()), eager=ref(x))
+        assert_close(model.forward_features(x), ref64.forward_features(x.double()), eager=ref.forward_features(x))
+        # and back: the reference's state_dict reproduces the model exactly
+        again = vitfast.VisionTransformer(**kw).eval()
+        assert rel_err(again(x), out) > 1e-3
+        again.load_state_dict(ref.state_dict(), strict=True)
+        assert torch.equal(again(x), out)
+
+
+def test_forward_head_pre_logits_and_pool():
+    kw = CASES["avg"]
+    model, ref, ref64 = pair(**kw)
+    x = images(kw)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        t64 = ref64.forward_features(x.double())
+        assert_close(pooled, ref64.forward_head(t64, pre_logits=True))
+        assert_close(model.forward_head(tokens), ref64.forward_head(t64))
+
+
+def test_return_cls_attn_matches_reference_softmax_rows():
+    kw = CASES["token_patch8"]
+    model, _, ref64 = pair(**kw)
+    x = images(kw)
+    with torch.no_grad():
+        logits, attns = model(x, return_cls_attn=True)
+        assert torch.equal(logits, model(x))
+        # ground truth: each reference block's softmax row of query 0, in float64
+        pe = ref64.patch_embed
+        t = reference.patch_embed(x.double(), pe.proj.weight, pe.proj.bias, ref64.cls_token, ref64.pos_embed)
+        expected = []
+        for blk in ref64.blocks:
+            q, k, _ = reference.split_qkv(blk.attn.qkv(blk.norm1(t)), blk.attn.num_heads)
+            expected.append(reference.attention_probs(q, k, blk.attn.scale)[:, :, 0])
+            t = blk(t)
+    assert len(attns) == kw["depth"]
+    for a, e in zip(attns, expected):
+        assert a.shape == (2, kw["num_heads"], 17) and a.dtype == torch.float32
+        assert_close(a, e)
+
+
+def test_dynamic_img_size_resamples_once_and_follows_weight_updates(monkeypatch):
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5, dynamic_img_size=True)
+    model, ref, ref64 = pair(**kw)
+    calls = []
+    real = layers.resample_pos_embed
+    monkeypatch.setattr(layers, "resample_pos_embed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = images(kw, size=(48, 40))                                      # grid 6x5 instead of 4x4
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(model(x), ref64(x.double()), eager=ref(x))
+        assert calls == [(6, 5)]                                        # resampled once, then cached
+        model(images(kw))                                               # the native grid needs no table
+        assert calls == [(6, 5)]
+        # an in-place update (optimizer step, load_state_dict's copy) invalidates the cached table
+        for m in (model, ref, ref64):
+            m.pos_embed.mul_(-1.5)
+        assert_close(model(x), ref64(x.double()), eager=ref(x))
+        assert len(calls) == 2
+        other, ref_o, ref64_o = pair(**kw)
+        model.load_state_dict(other.state_dict())
+        assert_close(model(x), ref64_o(x.double()), eager=ref_o(x))
+        assert len(calls) == 3
+    # with gradients flowing to pos_embed the table is recomputed (and differentiated) every call
+    model(x).sum().backward()
+    model(x).sum().backward()
+    assert len(calls) == 5 and model.pos_embed.grad is not None
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24)], ids=["native", "resampled"])
+def test_gradients_match_reference(size):
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=6, dynamic_img_size=True)
+    model, ref, ref64 = pair(**kw)
+    model.train()
+    x = images(kw, size=size)
+    w = torch.randn(2, 6)
+    grads = {}
+    for name, m, dt in (("ours", model, torch.float32), ("eager", ref, torch.float32), ("ref", ref64, F64)):
+        xi = x.to(dt).detach().clone().requires_grad_(True)
+        (m(xi) * w.to(dt)).sum().backward()
+        grads[name] = {"images": xi.grad, **{k: p.grad for k, p in m.named_parameters()}}
+    assert set(grads["ours"]) == set(grads["ref"])
+    for k, g in grads["ours"].items():
+        assert_close(g, grads["ref"][k], eager=grads["eager"][k], name=f"grad of {k}")
+
+
+def test_uint8_images_with_fused_normalization():
+    kw = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    model, ref, ref64 = pair(**kw)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    model.set_input_normalization(mean, std)
+    img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    x64 = (img.double() / 255 - torch.tensor(mean, dtype=F64).view(1, 3, 1, 1)) / torch.tensor(std, dtype=F64).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        assert_close(model(img), ref64(x64), eager=ref(x64.float()))
+        # float pixels in [0, 1] take the same normalisation
+        assert_close(model(img.float() / 255), ref64(x64), eager=ref(x64.float()))
+    with pytest.raises(ValueError, match="mean: expected 3 values"):
+        model.set_input_normalization((0.5, 0.5), std)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the whole model (custom ops, no graph break). Backend
+    aot_eager: Dynamo + AOTAutograd, which is what `fullgraph` is about; inductor's CPU codegen
+    would only add minutes of C++ compilation."""
+    torch._dynamo.reset()
+    kw = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=5, dynamic_img_size=True)
+    model, ref, ref64 = pair(**kw)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = images(kw)
+    out = compiled(x)                                   # a training graph: gradients flow through it
+    assert_close(out, ref64(x.double()), eager=ref(x))
+    out.sum().backward()
+    ref64(x.double()).sum().backward()
+    assert_close(model.blocks[0].attn.qkv.weight.grad, ref64.blocks[0].attn.qkv.weight.grad)
+    x = images(kw, size=(48, 32))                       # another size: the resampled table is traced too
+    with torch.no_grad():
+        assert_close(compiled(x), ref64(x.double()), eager=ref(x))
+
+
+def test_bad_inputs_give_clear_errors():
+    model = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="built for 32x32 images, got 48x48; pass dynamic_img_size=True"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        model(torch.randn(1, 3, 40, 32))
+    with pytest.raises(ValueError, match="expected 3 channels, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D tensor"):
+        model(torch.randn(3, 32, 32))
+    no_cls = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                       class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="return_cls_attn: needs a model with a class token"):
+        no_cls(torch.randn(1, 3, 32, 32), return_cls_attn=True)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        vitfast.VisionTransformer(embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="global_pool must be"):
+        vitfast.VisionTransformer(global_pool="max")
+    with pytest.raises(ValueError, match="act_layer must be"):
+        vitfast.VisionTransformer(act_layer="relu")
+
+
+def test_model_zoo():
+    assert vitfast.list_models() == sorted(CONFIGS) and "vit_base_patch16_224" in vitfast.list_models()
+    with torch.device("meta"):
+        base = vitfast.create_model("vit_base_patch16_224")
+        ref = reference.create_model("vit_base_patch16_224")
+    assert sum(p.numel() for p in base.parameters()) == 86_567_656          # timm's count
+    assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    small = vitfast.create_model("vit_small_patch16_224", img_size=48, depth=1, num_classes=3)
+    assert small.patch_embed.grid_size == (3, 3) and len(small.blocks) == 1 and small.head.out_features == 3
+    assert small.blocks[0].attn.num_heads == 6 and small.embed_dim == 384
+    with pytest.raises(ValueError, match="unknown model name 'vit_nope'"):
+        vitfast.create_model("vit_nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_capture_and_replay(dtype):
+    kw = dict(img_size=224, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=10,
+              dynamic_img_size=True)
+    model, _, ref64 = pair(**kw)
+    model = model.cuda().to(dtype)
+    static = torch.randn(4, 3, 160, 192, device="cuda", dtype=dtype)     # resampled (and cached) position table
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            model(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(static)
+    for _ in range(2):
+        x = torch.randn_like(static)
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            eager = model(x)
+            expect = ref64(x.cpu().double())
+        assert rel_err(out, eager) < 1e-6
+        assert_close(out, expect, dtype=dtype)

@@ -1,0 +1,443 @@
+"""`vitfast.optimize(model)`: a timm, Hugging Face or torchvision ViT -> the same model on vitfast ops.
+
+- timm `VisionTransformer` (and `vitfast.reference.VisionTransformer`, which has timm's tree) ->
+  `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept).
+- HF `ViTModel` / `ViTForImageClassification` -> a module with HF's forward arguments that returns
+  HF's output object (`BaseModelOutputWithPooling` incl. the pooler, `ImageClassifierOutput` incl.
+  the loss when `labels` are given), or its tuple with `return_dict=False`.
+- torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
+
+Parameters are shared with the source model (the same `nn.Parameter` objects), except HF's separate
+q/k/v projections, which are concatenated once into timm's packed qkv. dtype, device, train/eval
+mode and requires_grad are kept. timm, transformers and torchvision are never imported: models are
+recognised by their class names and attributes.
+
+A feature vitfast does not implement raises `UnsupportedFeatureError` (a ValueError) naming it:
+register / distillation tokens, no_embed_class, pre-norm, layer-scale, qk-norm, attention pooling,
+non-GELU activations, conv stems, HF masks and attention outputs, ... Dropout and drop-path are
+no-ops in eval mode: converting a model that has them in train mode raises, and a converted model
+refuses to run forward in train mode (`VisionTransformer.train_only_features`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.checkpoint import hf_to_timm, torchvision_to_timm
+from vitfast.model import VisionTransformer
+from vitfast.reference import check_image_size, to_2tuple
+
+__all__ = ["optimize", "UnsupportedFeatureError"]
+
+
+class UnsupportedFeatureError(ValueError):
+    """The model uses a feature vitfast does not implement (named in the message)."""
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """timm / HF transformers / torchvision ViT -> a model with the same call signature and outputs
+    running on vitfast ops (see the module docstring). A `vitfast.VisionTransformer` is returned as is."""
+    if isinstance(model, VisionTransformer):
+        return model
+    cls = type(model)
+    if cls.__module__.startswith("transformers."):
+        if cls.__name__ in ("ViTModel", "ViTForImageClassification"):
+            return _from_hf(model)
+        raise UnsupportedFeatureError(f"model: Hugging Face {cls.__name__} is not supported (only ViTModel and "
+                                      "ViTForImageClassification)")
+    if all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
+        return _from_torchvision(model)
+    if all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
+        return _from_timm(model)
+    raise ValueError("model: expected a timm VisionTransformer, a Hugging Face ViTModel / ViTForImageClassification "
+                     f"or a torchvision VisionTransformer, got {cls.__module__}.{cls.__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the three sources
+# --------------------------------------------------------------------------------------------
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _drop_rate(m) -> float:
+    """Rate of a dropout-like module (nn.Dropout, timm DropPath / PatchDropout) or a float; NaN if unknown."""
+    if _is_identity(m):
+        return 0.0
+    if isinstance(m, (int, float)):
+        return float(m)
+    for attr in ("p", "drop_prob", "prob"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return float("nan")
+
+
+def _activation(act) -> str | None:
+    """vitfast's name for an activation module / name, or None when vitfast has no such epilogue."""
+    if act in ("gelu", "gelu_tanh"):
+        return act
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if type(act).__module__.startswith("timm."):       # timm.layers.activations' own classes
+        return {"GELU": "gelu", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+    return None
+
+
+class _Findings:
+    """Unsupported features (always an error) and train-only ones (dropout: an error in train mode)."""
+
+    def __init__(self, what: str):
+        self.what, self.unsupported, self.train_only = what, [], []
+
+    def need(self, ok: bool, feature: str) -> bool:
+        if not ok and feature not in self.unsupported:
+            self.unsupported.append(feature)
+        return ok
+
+    def dropout(self, m, where: str, kind: str = "dropout") -> None:
+        p = _drop_rate(m)
+        if p != p:
+            self.need(False, f"{where}: unknown module {type(m).__name__}")
+        elif p > 0:
+            self.train_only.append(f"{kind} p={p:g} ({where})")
+
+    def layer_norm_eps(self, m, where: str, dim: int) -> float | None:
+        ok = (isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (dim,) and m.weight is not None
+              and m.bias is not None)
+        self.need(ok, f"{where}: {type(m).__name__} (only LayerNorm with weight and bias)")
+        return m.eps if ok else None
+
+    def linear(self, m, where: str, bias: bool = True) -> bool:
+        ok = self.need(isinstance(m, nn.Linear), f"{where}: {type(m).__name__} (expected nn.Linear)")
+        return ok and self.need(m.bias is not None or not bias, f"{where} without bias")
+
+    def patchify(self, proj, where: str) -> bool:
+        ok = isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) and \
+            tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1
+        ok = self.need(ok, f"{where}: {type(proj).__name__} (expected a non-overlapping patchify Conv2d; "
+                           "conv stems are not supported)")
+        return ok and self.need(proj.bias is not None, f"{where} without bias (pre_norm=True, e.g. CLIP)")
+
+    def uniform(self, values: dict[str, set], where: str = "blocks") -> None:
+        for name, seen in values.items():
+            self.need(len(seen) <= 1, f"{where} differ in {name} ({sorted(map(str, seen))})")
+
+    def check(self, training: bool) -> None:
+        if self.unsupported:
+            raise UnsupportedFeatureError(f"optimize: this {self.what} uses features vitfast does not support: "
+                                          + "; ".join(self.unsupported))
+        if training and self.train_only:
+            raise UnsupportedFeatureError(
+                f"optimize: this {self.what} is in train mode with {_summary(self.train_only)}; vitfast does not "
+                "implement dropout / drop-path: call .eval() first (they are inactive in eval mode)")
+
+
+def _summary(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """A ratio r with int(dim * r) == hidden (the constructors' rule)."""
+    r = hidden / dim
+    return r if int(dim * r) == hidden else (hidden + 0.5) / dim
+
+
+def _build(cfg: dict, state: dict[str, Tensor], source, findings: _Findings) -> VisionTransformer:
+    """A vitfast VisionTransformer built on the meta device whose parameters become `state`'s
+    tensors (nn.Parameters are adopted as they are: shared with the source model)."""
+    tensors = list(state.values())
+    findings.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
+                  f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    findings.check(source.training)
+    with torch.device("meta"):
+        model = VisionTransformer(**cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise UnsupportedFeatureError(f"optimize: the {findings.what}'s weights do not map onto a vitfast ViT: "
+                                      f"missing {missing}, unexpected {unexpected}, shape mismatches {shapes}")
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        setattr(owner, attr, value)
+    model.train(source.training)
+    model.train_only_features = tuple(findings.train_only)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# timm
+# --------------------------------------------------------------------------------------------
+def _from_timm(model: nn.Module) -> VisionTransformer:
+    f = _Findings(f"{type(model).__name__}")
+    f.need(type(model).__name__ == "VisionTransformer", f"model class {type(model).__name__} (only timm's "
+                                                        "VisionTransformer)")
+    f.need(not getattr(model, "num_reg_tokens", 0) and getattr(model, "reg_token", None) is None,
+           f"register tokens (reg_tokens={getattr(model, 'num_reg_tokens', '?')})")
+    f.need(getattr(model, "dist_token", None) is None, "distillation token")
+    f.need(not getattr(model, "no_embed_class", False), "no_embed_class=True")
+    f.need(isinstance(model.pos_embed, Tensor), "no position embedding (pos_embed='none')")
+    gp = getattr(model, "global_pool", "token")
+    f.need(getattr(model, "attn_pool", None) is None and gp in ("token", "avg", ""), f"global_pool={gp!r}")
+    f.need(not (gp == "avg" and getattr(model, "pool_include_prefix", False)), "pool_include_prefix=True")
+    pe = model.patch_embed
+    f.patchify(getattr(pe, "proj", None), "patch_embed.proj")
+    f.need(_is_identity(getattr(pe, "norm", None)), "patch_embed.norm (embed_norm_layer)")
+    f.need(not getattr(pe, "dynamic_img_pad", False), "dynamic_img_pad=True")
+    f.need(getattr(pe, "img_size", None) is not None, "patch_embed without a fixed img_size")
+    f.need(_is_identity(getattr(model, "norm_pre", None)), "norm_pre (pre_norm=True, e.g. CLIP)")
+    f.dropout(getattr(model, "pos_drop", None), "pos_drop")
+    f.dropout(getattr(model, "patch_drop", None), "patch_drop", "patch dropout")
+    f.dropout(getattr(model, "head_drop", None), "head_drop")
+
+    dim = getattr(model, "embed_dim", None) or model.cls_token.shape[-1]
+    norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+    use_fc_norm = not _is_identity(fc_norm)
+    f.need(_is_identity(norm) == use_fc_norm, "final_norm=False" if _is_identity(norm) else "norm and fc_norm both")
+    eps = {f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim)}
+    head = model.head
+    if not _is_identity(head):
+        f.linear(head, "head")
+
+    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set()}
+    for i, blk in enumerate(model.blocks):
+        w = f"blocks.{i}"
+        if not f.need(type(blk).__name__ == "Block", f"{w}: block type {type(blk).__name__} (only timm's Block)"):
+            continue
+        f.need(_is_identity(getattr(blk, "ls1", None)) and _is_identity(getattr(blk, "ls2", None)),
+               "layer-scale (init_values)")
+        f.dropout(getattr(blk, "drop_path1", None), f"{w}.drop_path1", "drop-path")
+        f.dropout(getattr(blk, "drop_path2", None), f"{w}.drop_path2", "drop-path")
+        eps |= {f.layer_norm_eps(blk.norm1, f"{w}.norm1", dim), f.layer_norm_eps(blk.norm2, f"{w}.norm2", dim)}
+        attn, mlp = blk.attn, blk.mlp
+        if f.need(type(attn).__name__ == "Attention" and isinstance(getattr(attn, "qkv", None), nn.Linear),
+                  f"{w}.attn: {type(attn).__name__} (only timm's Attention with a packed qkv)"):
+            f.need(_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None)),
+                   "qk-norm")
+            f.need(_is_identity(getattr(attn, "norm", None)), "scale_attn_norm")
+            f.dropout(getattr(attn, "attn_drop", None), f"{w}.attn.attn_drop")
+            f.dropout(getattr(attn, "proj_drop", None), f"{w}.attn.proj_drop")
+            f.need(attn.qkv.out_features == 3 * dim and attn.qkv.in_features == dim, f"{w}.attn.qkv shape")
+            f.linear(attn.proj, f"{w}.attn.proj")
+            heads = attn.num_heads
+            f.need(dim % heads == 0 and abs(attn.scale - (dim // heads) ** -0.5) < 1e-12 * attn.scale + 1e-12,
+                   f"{w}.attn: attention scale {attn.scale} (only head_dim ** -0.5)")
+            seen["num_heads"].add(heads)
+            seen["qkv bias"].add(attn.qkv.bias is not None)
+        if f.need(type(mlp).__name__ == "Mlp", f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp, e.g. no SwiGLU)"):
+            act = _activation(getattr(mlp, "act", None))
+            f.need(act is not None, f"{w}.mlp.act: {type(getattr(mlp, 'act', None)).__name__} (only GELU, exact "
+                                    "or tanh)")
+            f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
+            f.linear(mlp.fc1, f"{w}.mlp.fc1")
+            f.linear(mlp.fc2, f"{w}.mlp.fc2")
+            f.dropout(getattr(mlp, "drop1", None), f"{w}.mlp.drop1")
+            f.dropout(getattr(mlp, "drop2", None), f"{w}.mlp.drop2")
+            seen["activation"].add(act)
+            seen["mlp hidden size"].add(getattr(mlp.fc1, "out_features", None))
+    f.uniform(seen)
+    f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
+    f.check(model.training)
+
+    proj, hidden = pe.proj, seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
+    cfg = dict(img_size=pe.img_size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
+               num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=dim,
+               depth=len(model.blocks), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
+               mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=seen["qkv bias"].pop() if seen["qkv bias"] else True,
+               class_token=getattr(model, "cls_token", None) is not None, global_pool=gp, fc_norm=use_fc_norm,
+               dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+               act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop())
+    out = _build(cfg, model.state_dict(keep_vars=True), model, f)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        if hasattr(model, attr):
+            setattr(out, attr, getattr(model, attr))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision
+# --------------------------------------------------------------------------------------------
+def _from_torchvision(model: nn.Module) -> VisionTransformer:
+    f = _Findings(f"torchvision {type(model).__name__}")
+    f.patchify(model.conv_proj, "conv_proj")
+    heads = model.heads
+    f.need(getattr(model, "representation_size", None) is None and not hasattr(heads, "pre_logits"),
+           "representation_size (pre-logits layer)")
+    head = getattr(heads, "head", None)
+    f.linear(head, "heads.head")
+    dim = model.class_token.shape[-1]
+    eps = {f.layer_norm_eps(model.encoder.ln, "encoder.ln", dim)}
+    f.dropout(getattr(model.encoder, "dropout", None), "encoder.dropout")
+    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set()}
+    for i, blk in enumerate(model.encoder.layers):
+        w = f"encoder.layers.{i}"
+        mha, mlp = blk.self_attention, blk.mlp
+        eps |= {f.layer_norm_eps(blk.ln_1, f"{w}.ln_1", dim), f.layer_norm_eps(blk.ln_2, f"{w}.ln_2", dim)}
+        f.dropout(getattr(blk, "dropout", None), f"{w}.dropout")
+        if f.need(isinstance(mha, nn.MultiheadAttention), f"{w}.self_attention: {type(mha).__name__}"):
+            f.need(mha.batch_first and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
+                   and mha.bias_k is None and not mha.add_zero_attn and mha.out_proj.bias is not None,
+                   f"{w}.self_attention: MultiheadAttention options (needs batch_first, bias, no add_bias_kv / "
+                   "add_zero_attn)")
+            f.dropout(mha.dropout, f"{w}.self_attention.dropout")
+            seen["num_heads"].add(mha.num_heads)
+        ok = isinstance(mlp, nn.Sequential) and len(mlp) == 5
+        if f.need(ok, f"{w}.mlp: {type(mlp).__name__} (expected Linear, GELU, Dropout, Linear, Dropout)"):
+            act = _activation(mlp[1])
+            f.need(act is not None, f"{w}.mlp.1: {type(mlp[1]).__name__} (only GELU)")
+            f.linear(mlp[0], f"{w}.mlp.0")
+            f.linear(mlp[3], f"{w}.mlp.3")
+            f.dropout(mlp[2], f"{w}.mlp.2")
+            f.dropout(mlp[4], f"{w}.mlp.4")
+            seen["activation"].add(act)
+            seen["mlp hidden size"].add(getattr(mlp[0], "out_features", None))
+    f.uniform(seen)
+    f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
+    f.check(model.training)
+
+    hidden = seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
+    cfg = dict(img_size=model.image_size, patch_size=tuple(model.conv_proj.kernel_size),
+               in_chans=model.conv_proj.in_channels, num_classes=head.out_features, embed_dim=dim,
+               depth=len(model.encoder.layers), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
+               mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=True, class_token=True, global_pool="token",
+               act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop())
+    return _build(cfg, torchvision_to_timm(model.state_dict(keep_vars=True)), model, f)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# --------------------------------------------------------------------------------------------
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _from_hf(model: nn.Module) -> nn.Module:
+    cfg = model.config
+    is_classifier = type(model).__name__ == "ViTForImageClassification"
+    base = model.vit if is_classifier else model
+    f = _Findings(f"Hugging Face {type(model).__name__}")
+    act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
+    f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size
+    f.need(getattr(cfg, "head_dim", None) in (None, dim // heads) and dim % heads == 0,
+           f"head_dim={getattr(cfg, 'head_dim', None)} with hidden_size={dim}, num_attention_heads={heads}")
+    f.dropout(cfg.hidden_dropout_prob, "hidden_dropout_prob")
+    f.dropout(cfg.attention_probs_dropout_prob, "attention_probs_dropout_prob")
+    classifier = model.classifier if is_classifier else None
+    if classifier is not None and not _is_identity(classifier):
+        f.linear(classifier, "classifier")
+
+    # The mask token only matters with bool_masked_pos, which the wrapper refuses.
+    state = {k: v for k, v in base.state_dict(keep_vars=True).items() if not k.endswith("embeddings.mask_token")}
+    state = {k: v for k, v in hf_to_timm(state).items() if not k.startswith("head.")}
+    patch = to_2tuple(cfg.patch_size)
+    vit_cfg = dict(img_size=to_2tuple(cfg.image_size), patch_size=patch, in_chans=cfg.num_channels, num_classes=0,
+                   embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
+                   mlp_ratio=_mlp_ratio(cfg.intermediate_size, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
+                   class_token=True, global_pool="token", act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps)
+    core = _build(vit_cfg, state, model, f)
+    vit = HFViTModel(cfg, core, getattr(base, "pooler", None)).train(model.training)
+    if not is_classifier:
+        return vit
+    loss_fn = getattr(model, "loss_function", None)
+    return HFViTForImageClassification(cfg, vit, classifier, loss_fn).train(model.training)
+
+
+def _hf_interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], old_grid: tuple[int, int]) -> Tensor:
+    """HF ViT's `interpolate_pos_encoding` rule (bicubic, no antialias, CLS row kept):
+    pos_embed [1, 1 + old cells, D] -> [1, 1 + grid cells, D]."""
+    D = pos_embed.shape[-1]
+    cells = pos_embed[:, 1:].reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)   # (1, D, gh, gw)
+    cells = F.interpolate(cells, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], cells.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
+
+
+class HFViTModel(nn.Module):
+    """Stands in for transformers' `ViTModel`: the same forward arguments, returns
+    `BaseModelOutputWithPooling` (last_hidden_state, pooler_output if the model has a pooler,
+    hidden_states with output_hidden_states=True). The transformer runs as `self.core`, a
+    `vitfast.VisionTransformer` without head; the pooler is HF's own module (dense + tanh)."""
+
+    def __init__(self, config, core: VisionTransformer, pooler: nn.Module | None):
+        super().__init__()
+        self.config, self.core, self.pooler = config, core, pooler
+
+    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
+        """-> (last_hidden_state [B, T, D], hidden_states tuple or None)."""
+        if pixel_values is None:
+            raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
+        core, pe = self.core, self.core.patch_embed
+        pos_embed = None
+        if interpolate_pos_encoding:
+            check_image_size(pixel_values, core.in_chans, pe.patch_size)
+            grid = pe.grid_for(pixel_values)
+            if grid != pe.grid_size:
+                pos_embed = _hf_interpolate_pos_embed(core.pos_embed, grid, pe.grid_size)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        tokens, _, hidden = core.forward_tokens(pixel_values, pos_embed=pos_embed,
+                                                return_hidden=bool(output_hidden_states))
+        return core.norm(tokens), (tuple(hidden) if output_hidden_states else None)
+
+    def refuse(self, bool_masked_pos=None, attention_mask=None, output_attentions=None, kwargs=None) -> None:
+        """Arguments HF's ViT takes that vitfast does not implement -> UnsupportedFeatureError naming them."""
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        bad = [name for name, v in (("bool_masked_pos (masked patches)", bool_masked_pos),
+                                    ("attention_mask", attention_mask),
+                                    ("output_attentions=True", output_attentions or None)) if v is not None]
+        bad += [f"{k}" for k in (kwargs or {})]
+        if bad:
+            raise UnsupportedFeatureError(f"optimized ViT: unsupported arguments {bad} (vitfast returns the CLS "
+                                          "attention only, via model.core(x, return_cls_attn=True))")
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
+        seq, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        pooled = self.pooler(seq) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
+        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
+            else out.to_tuple()
+
+
+class HFViTForImageClassification(nn.Module):
+    """Stands in for transformers' `ViTForImageClassification`: the same forward arguments, returns
+    `ImageClassifierOutput` (loss when labels are given, logits, hidden_states). `classifier` is HF's
+    own nn.Linear (shared), applied to the CLS token with `ops.linear`."""
+
+    def __init__(self, config, vit: HFViTModel, classifier: nn.Module, loss_function=None):
+        super().__init__()
+        self.config, self.vit, self.classifier = config, vit, classifier
+        self.loss_function = loss_function
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        self.vit.refuse(None, attention_mask, output_attentions, kwargs)
+        seq, hidden = self.vit.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        cls_token = seq[:, 0]                                                              # (B, D)
+        if isinstance(self.classifier, nn.Linear):
+            logits = ops.linear(cls_token, self.classifier.weight, self.classifier.bias)
+        else:
+            logits = self.classifier(cls_token)
+        loss = None
+        if labels is not None:
+            if self.loss_function is None:
+                raise UnsupportedFeatureError("labels: this transformers version has no model.loss_function; "
+                                              "compute the loss from the logits")
+            loss = self.loss_function(labels, logits, self.config)
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
+        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
+            else out.to_tuple()

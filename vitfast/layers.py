@@ -1,0 +1,150 @@
+"""ViT building blocks on vitfast ops, with timm's module tree and parameter names.
+
+`PatchEmbed(proj)`, `Attention(qkv, proj)`, `Mlp(fc1, fc2)`, `LayerNorm`, `Block(norm1, attn, norm2, mlp)`:
+the same state_dict keys as timm's (and `vitfast.reference`'s) modules, so checkpoints load as they
+are. Every tensor op goes through `vitfast.ops` (DESIGN.md §1 data flow):
+
+    h = norm1(x);  qkv = linear(h)                    # (B, T, 3C), timm's packed layout
+    a = attention_qkv(qkv)                            # (B, T, C), q/k/v read in place by strides
+    x = linear(a, proj, residual=x)                   # residual add in the GEMM epilogue
+    h = norm2(x);  x = linear(gelu(linear(h, fc1)), fc2, residual=x)
+
+No permute or contiguous copy sits between two ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.reference import resample_pos_embed, to_2tuple
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (weight/bias parameters, timm's eps default 1e-6) running `ops.layer_norm`."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-6, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+class PatchEmbed(nn.Module):
+    """Patchify + project + CLS row + position embedding in one `ops.patch_embed` call.
+
+    `proj` is the patchify Conv2d (timm's `patch_embed.proj`); its weight [D, C, P, P] is what the
+    op multiplies with. The position table belongs to the model (timm's `pos_embed`); this module
+    resamples it to the image's patch grid when the grid differs from the table's (bicubic,
+    antialiased, like timm) and caches the result per grid: the cache is used only when no
+    gradient flows to the table, and an entry is dropped when the table is replaced or modified
+    in place (its version counter moves) or `clear_cache()` is called.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+        super().__init__()
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self._pos_cache: dict[tuple[int, int], tuple] = {}
+
+    def clear_cache(self) -> None:
+        self._pos_cache.clear()
+
+    def grid_for(self, x: Tensor) -> tuple[int, int]:
+        return x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]
+
+    def pos_embed_for(self, pos_embed: Tensor, grid: tuple[int, int], src_grid: tuple[int, int],
+                      num_prefix_tokens: int) -> Tensor:
+        """pos_embed [1, prefix + src_grid cells, D] -> [1, prefix + grid cells, D]."""
+        if tuple(grid) == tuple(src_grid):
+            return pos_embed
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and pos_embed.requires_grad):
+            return resample_pos_embed(pos_embed, grid, src_grid, num_prefix_tokens)   # traced / differentiable
+        # The source tensor itself is kept in the entry: comparing by identity cannot be fooled by
+        # a reused address, and the version counter catches in-place updates (load_state_dict, optimizers).
+        stamp = (pos_embed._version, tuple(src_grid), num_prefix_tokens, torch.is_inference_mode_enabled())
+        hit = self._pos_cache.get(tuple(grid))
+        if hit is not None and hit[0] is pos_embed and hit[1] == stamp:
+            return hit[2]
+        with torch.no_grad():
+            table = resample_pos_embed(pos_embed, grid, src_grid, num_prefix_tokens)
+        self._pos_cache[tuple(grid)] = (pos_embed, stamp, table)
+        return table
+
+    def forward(self, x: Tensor, cls_token: Tensor | None = None, pos_embed: Tensor | None = None, *,
+                pos_embed_grid: tuple[int, int] | None = None, mean: Tensor | None = None,
+                std: Tensor | None = None) -> Tensor:
+        """images [B, C, H, W] (float, or uint8 normalised with mean/std) -> tokens [B, T, D].
+
+        cls_token [1, 1, D] or None; pos_embed [1, T', D] made for the patch grid `pos_embed_grid`
+        (default: this module's `grid_size`), resampled to the image's grid if that differs.
+        """
+        if pos_embed is not None:
+            prefix = 0 if cls_token is None else 1
+            pos_embed = self.pos_embed_for(pos_embed, self.grid_for(x), pos_embed_grid or self.grid_size, prefix)
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed,
+                               mean=mean, std=std)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False):
+        """x [B, T, C] -> proj(attention(qkv(x))) (+ residual) [B, T, C]; with return_cls_attn also
+        the softmax row of the CLS query, cls_attn [B, H, T] in fp32."""
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
+        if return_cls_attn:
+            out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True)
+            return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual), cls_attn
+        out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale)                       # (B, T, C)
+        return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual)
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x))) (+ residual); the activation ("gelu" exact or "gelu_tanh") runs in fc1's epilogue."""
+
+    def __init__(self, in_features: int, hidden_features: int, act: str = "gelu"):
+        super().__init__()
+        if act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"act must be 'gelu' or 'gelu_tanh', got {act!r}")
+        self.act = act
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation=self.act)    # (B, T, hidden)
+        return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)   # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)); both residual adds
+    happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_bias: bool = True, act: str = "gelu", eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, x: Tensor, return_cls_attn: bool = False):
+        """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn)."""
+        if return_cls_attn:
+            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True)
+            return self.mlp(self.norm2(x), residual=x), cls_attn
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)

@@ -1,0 +1,165 @@
+"""`VisionTransformer` on vitfast ops, the model zoo (`create_model`, `list_models`).
+
+The model has timm's constructor kwargs and state_dict keys (the same as
+`vitfast.reference.VisionTransformer`): timm state_dicts load with `strict=True`, and the reference
+model's state_dict loads into this one and back. Checkpoints in timm, Hugging Face or torchvision
+key layouts load through `create_model(name, checkpoint_path=...)` / `vitfast.checkpoint.load_checkpoint`.
+
+Not supported (timm features this model does not have): register tokens, no_embed_class,
+pre-norm (CLIP), layer-scale, qk-norm, attention pooling, dropout / drop-path. `vitfast.optimize`
+names them when it meets them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.configs import CONFIGS, get_config
+from vitfast.layers import Block, LayerNorm, PatchEmbed
+from vitfast.reference import check_image_size, init_weights
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer running on vitfast's kernels (timm's kwargs and state_dict keys).
+
+    images [B, in_chans, H, W] (float in any dtype, cast to the weights' dtype; or uint8, see
+    `set_input_normalization`) -> logits [B, num_classes] (pooled features if num_classes=0,
+    all tokens if global_pool="").
+    Images of another size than `img_size` need `dynamic_img_size=True`: the position embedding is
+    then resampled (bicubic, antialiased, like timm) once per image size and cached.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
+                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if act_layer not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"act_layer must be 'gelu' or 'gelu_tanh', got {act_layer!r}")
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.has_class_token = class_token
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        embed_len = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
+            for _ in range(depth)])
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
+        self.register_buffer("img_mean", None, persistent=False)
+        self.register_buffer("img_std", None, persistent=False)
+        # Features of a converted model that only matter in training (dropout, drop-path), named
+        # by vitfast.optimize: forward refuses to run in train mode while any is listed.
+        self.train_only_features: tuple[str, ...] = ()
+        self.register_load_state_dict_post_hook(_clear_pos_embed_cache)
+        init_weights(self)
+
+    def set_input_normalization(self, mean, std) -> VisionTransformer:
+        """Fuse `(x - mean) / std` per channel (mean/std in [0, 1] units, e.g. ImageNet's) into the
+        patch embedding. Images are then raw pixels: uint8 in 0..255 (divided by 255 in the kernel)
+        or float in [0, 1]. `set_input_normalization(None, None)` turns it off."""
+        dev = self.patch_embed.proj.weight.device
+        for name, v in (("img_mean", mean), ("img_std", std)):
+            t = None if v is None else torch.as_tensor(v, dtype=torch.float32, device=dev).reshape(-1)
+            if t is not None and t.numel() != self.in_chans:
+                raise ValueError(f"{name[4:]}: expected {self.in_chans} values (one per channel), got {t.numel()}")
+            setattr(self, name, t)
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    def forward_tokens(self, x: Tensor, *, pos_embed: Tensor | None = None, return_cls_attn: bool = False,
+                       return_hidden: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """images -> (tokens [B, T, D] before the final norm, per-layer cls_attn [B, H, T],
+        hidden states [embeddings, block 1 output, ...]). `pos_embed`: a table already made for the
+        images' patch grid (adapters with their own resampling rule pass it); default: the model's."""
+        if self.training and self.train_only_features:
+            raise ValueError("vitfast cannot train this converted model: it does not implement "
+                             f"{', '.join(self.train_only_features)}; call .eval() (those are inactive in eval)")
+        if return_cls_attn and not self.has_class_token:
+            raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
+        pe = self.patch_embed
+        fixed_size = not self.dynamic_img_size and pos_embed is None
+        check_image_size(x, self.in_chans, pe.patch_size, pe.img_size if fixed_size else None)
+        weight = pe.proj.weight
+        if x.dtype != torch.uint8 and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        grid = pe.grid_for(x) if pos_embed is not None else None
+        x = pe(x, self.cls_token, self.pos_embed if pos_embed is None else pos_embed, pos_embed_grid=grid,
+               mean=self.img_mean, std=self.img_std)                                          # (B, T, D)
+        cls_attns, hidden = [], [x] if return_hidden else []
+        for blk in self.blocks:
+            if return_cls_attn:
+                x, a = blk(x, return_cls_attn=True)
+                cls_attns.append(a)
+            else:
+                x = blk(x)
+            if return_hidden:
+                hidden.append(x)
+        return x, cls_attns, hidden
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
+        return self.norm(self.forward_tokens(x)[0])
+
+    def pool(self, x: Tensor) -> Tensor:
+        """tokens [B, T, D] -> [B, D] (CLS token or mean of the patch tokens), or x for global_pool=''."""
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """tokens [B, T, D] (after the final norm) -> logits [B, num_classes] (or pooled features)."""
+        x = self.fc_norm(self.pool(x))
+        if pre_logits or isinstance(self.head, nn.Identity):
+            return x
+        return ops.linear(x, self.head.weight, self.head.bias)
+
+    def forward(self, x: Tensor, return_cls_attn: bool = False):
+        """images [B, C, H, W] -> logits; with return_cls_attn=True -> (logits, [cls_attn [B, H, T]
+        fp32 per layer]): the softmax row of the CLS query in each block, from the attention kernel."""
+        tokens, cls_attns, _ = self.forward_tokens(x, return_cls_attn=return_cls_attn)
+        logits = self.forward_head(self.norm(tokens))
+        return (logits, cls_attns) if return_cls_attn else logits
+
+
+def _clear_pos_embed_cache(model: VisionTransformer, incompatible_keys) -> None:
+    model.patch_embed.clear_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Model zoo
+# --------------------------------------------------------------------------------------------
+def list_models() -> list[str]:
+    """The timm model names vitfast has configurations for (`vitfast.configs.CONFIGS`)."""
+    return sorted(CONFIGS)
+
+
+def create_model(name: str, *, checkpoint_path: str | os.PathLike | None = None, **kwargs) -> VisionTransformer:
+    """`VisionTransformer` for a timm model name (see `list_models()`), kwargs overriding the config.
+
+    checkpoint_path: a `.safetensors` or torch (`torch.load(weights_only=True)`) file in timm, Hugging
+    Face (either layout) or torchvision keys; a position table for another grid is resampled.
+    Without it the weights are randomly initialised (timm-like init).
+    """
+    model = VisionTransformer(**get_config(name, **kwargs))
+    if checkpoint_path is not None:
+        from vitfast.checkpoint import load_checkpoint
+        load_checkpoint(model, checkpoint_path)
+    return model
