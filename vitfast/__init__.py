@@ -3,6 +3,7 @@
 from vitfast import ops, reference
 from vitfast.configs import CONFIGS
 from vitfast.convert import optimize
+from vitfast.engine import InferenceEngine as InferenceEngine
 from vitfast.model import VisionTransformer, create_model, list_models
 
 __version__ = "0.1.0"

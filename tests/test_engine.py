@@ -1,0 +1,143 @@
+"""InferenceEngine: uint8 batches through the fused-normalisation pipeline equal the model's own
+forward, batch by batch (incl. a partial last batch), on CPU; CUDA graphs per bucket and the
+pinned / side-stream path on GPU."""
+
+import pytest
+import torch
+
+from vitfast import reference
+from vitfast.data import IMAGENET_MEAN, IMAGENET_STD
+from vitfast.engine import InferenceEngine, bucket_sizes
+from vitfast.model import VisionTransformer
+from vitfast.testing import assert_close
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+
+
+def tiny_models(**overrides):
+    """(vitfast model, float64 reference model) with the same weights."""
+    torch.manual_seed(0)
+    ref = reference.VisionTransformer(**{**TINY, **overrides}).eval()
+    model = VisionTransformer(**{**TINY, **overrides}).eval()
+    model.load_state_dict(ref.state_dict())
+    return model, ref.double()
+
+
+def images(n: int, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+
+
+def model_outputs(model, u8: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """The model's own forward on uint8 images with its fused input normalisation."""
+    model.set_input_normalization(IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        with torch.no_grad():
+            x = model.forward_features(u8)
+            return model.forward_head(x, pre_logits=pre_logits)
+    finally:
+        model.set_input_normalization(None, None)
+
+
+def reference_outputs(ref, u8: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    x = reference.normalize_images(u8, MEAN, STD, torch.float64)
+    with torch.no_grad():
+        return ref.forward_head(ref.forward_features(x), pre_logits=pre_logits)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(6) == [1, 2, 4, 6]
+
+
+def test_cpu_run_equals_model_batch_by_batch():
+    model, ref = tiny_models()
+    u8 = images(11)                                          # batches 4, 4 and a partial 3
+    engine = InferenceEngine(model, batch_size=4)
+    assert engine.device.type == "cpu" and engine.dtype == torch.float32
+    out = engine.run(u8)
+    assert out.shape == (11, TINY["num_classes"]) and out.dtype == torch.float32
+    for i in range(0, 11, 4):
+        assert torch.equal(out[i:i + 4], model_outputs(model, u8[i:i + 4])), f"batch at {i}"
+    assert_close(out, reference_outputs(ref, u8), torch.float32)
+
+
+def test_stream_splits_batches_and_keeps_order():
+    model, ref = tiny_models()
+    batches = [images(3), images(5), images(2)]             # with batch_size 4: 3 | 4, 1 | 2
+    engine = InferenceEngine(model, batch_size=4, output="both")
+    outs = list(engine.stream(iter(batches)))
+    assert [o[1].shape[0] for o in outs] == [3, 4, 1, 2]
+    u8 = torch.cat(batches)
+    feats, logits = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    assert_close(logits, reference_outputs(ref, u8), torch.float32, name="logits")
+    assert_close(feats, reference_outputs(ref, u8, pre_logits=True), torch.float32, name="embeddings")
+    emb = InferenceEngine(model, batch_size=4, output="embeddings").run(batches)
+    assert torch.equal(emb, feats)
+
+
+def test_avg_pool_model_and_custom_normalisation():
+    model, ref = tiny_models(global_pool="avg")
+    u8 = images(5)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    out = InferenceEngine(model, batch_size=2, mean=mean, std=std).run(u8)
+    x = reference.normalize_images(u8, torch.tensor(mean), torch.tensor(std), torch.float64)
+    with torch.no_grad():
+        assert_close(out, ref(x), torch.float32)
+
+
+def test_bad_inputs():
+    model, _ = tiny_models()
+    with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
+        InferenceEngine(model, batch_size=0)
+    with pytest.raises(ValueError, match="output: expected one of"):
+        InferenceEngine(model, batch_size=2, output="probs")
+    with pytest.raises(ValueError, match="mean: expected 3 values"):
+        InferenceEngine(model, batch_size=2, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="model: expected a timm-style ViT"):
+        InferenceEngine(torch.nn.Linear(2, 2), batch_size=2)
+    engine = InferenceEngine(model, batch_size=2)
+    with pytest.raises(ValueError, match=r"images: expected a uint8 tensor \[N, 3, H, W\], got torch.float32"):
+        engine.run(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="built for 32x32 images, got 48x48"):
+        engine.run(images(2, 48))
+    with pytest.raises(ValueError, match="expected every batch to hold"):
+        InferenceEngine(model, batch_size=2).run([images(2), images(2, 40)])
+    with pytest.raises(ValueError, match="at least one image"):
+        engine.run([])
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: graphs per bucket, pinned staging + side-stream copies
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_buckets_equal_eager(dtype):
+    model, ref = tiny_models()
+    model = model.cuda().to(dtype)
+    u8 = images(8 + 8 + 5 + 1)                              # full batches, then buckets 8 (for 5) and 1
+    engine = InferenceEngine(model, batch_size=8, dtype=dtype)
+    assert engine.use_graphs and engine.buckets == [1, 2, 4, 8]
+    out = engine.run(list(u8.split([8, 8, 5, 1])))
+    assert set(engine._graphs) == {8, 1}                    # the 5 ran padded in the 8 bucket
+    eager = torch.cat([model_outputs(model, b.cuda()).float() for b in u8.split([8, 8, 5, 1])])
+    want = reference_outputs(ref, u8)
+    assert_close(out, want, dtype, eager=eager)
+    again = engine.run(u8)                                   # 8, 8, then 6 padded into the 8 bucket
+    assert torch.equal(again[:16], out[:16])                 # the same graph on the same rows: bitwise
+    assert_close(again, want, dtype, eager=eager)
+
+
+@pytest.mark.gpu
+def test_cuda_pinned_side_stream_path_equals_device_input():
+    model, ref = tiny_models()
+    u8 = images(20)
+    graphs = InferenceEngine(model.cuda(), batch_size=8, dtype=torch.float32)
+    from_host = torch.cat(list(graphs.stream(u8.split(3))))            # CPU uint8: pinned + side stream
+    from_device = graphs.run(u8.cuda())                                 # already on the GPU: no staging
+    eager = InferenceEngine(model, batch_size=8, dtype=torch.float32, cuda_graphs=False).run(u8)
+    assert from_host.is_cuda
+    assert_close(from_host, reference_outputs(ref, u8), torch.float32)
+    torch.testing.assert_close(from_host, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_device, eager, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,257 @@
+"""High-throughput batch inference: `InferenceEngine`.
+
+Per batch, on CUDA:
+
+    host:        uint8 batch ──copy──> pinned staging[slot]              (slot = batch index % 2)
+    side stream: pinned[slot] ──H2D──> device staging[slot]          (overlaps the previous batch's compute)
+    main stream: device staging[slot] ──> graph input[:n] ──replay CUDA graph of bucket(n)──> outputs[:n]
+
+- uint8 images stay uint8 until the patch-embed kernel, which normalises ((x/255 - mean) / std) in
+  its load: no float image ever exists in memory.
+- One CUDA graph per batch-size bucket (powers of two up to batch_size, and batch_size itself); a
+  partial batch runs in the smallest bucket that holds it, the padding rows are trimmed. Graphs are
+  captured lazily on a bucket's first use, after a warm-up run (Triton compiles and autotunes there).
+- Double buffering: two pinned and two device staging buffers; CUDA events order the H2D copy of
+  batch i+1 after batch i-1 has consumed the same slot, and the host refills a pinned slot only
+  once its previous copy finished. The iterator runs one batch ahead, so while the caller handles
+  the outputs of batch i the GPU already works on batch i+1.
+
+On CPU the same pipeline runs eagerly: no staging, streams or graphs (padding would only cost time).
+Everything runs under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops, reference
+from vitfast.data import data_config
+from vitfast.model import create_model
+
+OUTPUTS = ("logits", "embeddings", "both")
+
+
+def load_model(name: str, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
+    """`vitfast.create_model(name, checkpoint_path=..., **kwargs)`, in eval mode."""
+    return create_model(name, checkpoint_path=checkpoint_path, **kwargs).eval()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def bucket_sizes(batch_size: int) -> list[int]:
+    """Powers of two below batch_size, and batch_size itself: [1, 2, 4, ..., batch_size]."""
+    sizes, b = [], 1
+    while b < batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [batch_size]
+
+
+class InferenceEngine:
+    """Batched ViT inference on uint8 images.
+
+    model: a timm-style ViT (`vitfast.VisionTransformer`; `patch_embed.proj`, `cls_token`,
+        `pos_embed`, `blocks`, `norm`, `forward_head(x, pre_logits)`, `head`). Its weights are cast
+        to `dtype` and moved to `device` once, in place.
+    batch_size: the largest batch run at once; larger inputs are split, smaller ones padded into a bucket.
+    dtype: compute dtype; default bfloat16 on CUDA, float32 on CPU.
+    device: default the model's device, else CUDA when available.
+    output: "logits" [N, num_classes], "embeddings" (pre-logits features [N, num_features]) or "both".
+    mean, std: per-channel normalisation in [0, 1] units; default the model's data config
+        (`vitfast.data.data_config`: its pretrained_cfg, else ImageNet's).
+    cuda_graphs: capture one CUDA graph per bucket (CUDA only).
+
+    Outputs are float32 tensors on `device`, one row per image, in input order.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, *, output: str = "logits",
+                 mean=None, std=None, cuda_graphs: bool = True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        for attr in ("patch_embed", "pos_embed", "blocks", "norm", "forward_head", "head"):
+            if not hasattr(model, attr):
+                raise ValueError(f"model: expected a timm-style ViT with a `{attr}` attribute, "
+                                 f"got {type(model).__name__}")
+        if device is None:
+            param = next(model.parameters())
+            device = param.device if param.device.type != "cpu" else (
+                "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = default_dtype(self.device) if dtype is None else dtype
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {self.dtype}")
+        self.batch_size, self.output = batch_size, output
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        cfg = data_config(model)
+        mean = cfg["mean"] if mean is None else mean
+        std = cfg["std"] if std is None else std
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(-1)
+        in_chans = model.patch_embed.proj.weight.shape[1]
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if t.numel() != in_chans:
+                raise ValueError(f"{name}: expected {in_chans} values (one per channel), got {t.numel()}")
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.buckets = bucket_sizes(batch_size) if self.device.type == "cuda" else []
+        self._image_shape: tuple[int, int, int] | None = None
+        self._pos_embed: Tensor | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # The forward pass on a uint8 batch on the device
+    # ----------------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images [B, 3, H, W] on the device -> (features [B, F], logits [B, K]), float32."""
+        m = self.model
+        proj = m.patch_embed.proj
+        x = ops.patch_embed(images, proj.weight, proj.bias, cls_token=getattr(m, "cls_token", None),
+                            pos_embed=self._pos_embed, mean=self.mean, std=self.std)   # (B, T, D)
+        x = m.norm(m.blocks(x))                                                       # (B, T, D)
+        feats = m.forward_head(x, pre_logits=True)                                    # (B, F)
+        logits = m.forward_head(x) if self.output != "embeddings" else feats          # (B, K); pool is cheap
+        return feats.float(), logits.float()
+
+    def _select(self, feats: Tensor, logits: Tensor):
+        if self.output == "logits":
+            return logits
+        if self.output == "embeddings":
+            return feats
+        return feats, logits
+
+    def _setup(self, shape: tuple[int, ...]) -> None:
+        """Fix the image shape on the first batch: resampled pos_embed, staging buffers."""
+        C, H, W = shape
+        m = self.model
+        P = m.patch_embed.proj.weight.shape[-2:]
+        reference.check_image_size(torch.empty(0, C, H, W, device="meta"), m.patch_embed.proj.weight.shape[1],
+                                   tuple(P), None if getattr(m, "dynamic_img_size", False)
+                                   else getattr(m.patch_embed, "img_size", None))
+        grid = (H // P[0], W // P[1])
+        old_grid = getattr(m.patch_embed, "grid_size", None)
+        self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), grid, old_grid,
+                                                       getattr(m, "num_prefix_tokens", 1))
+        self._image_shape = (C, H, W)
+        if self.device.type == "cuda":
+            n = (self.batch_size, C, H, W)
+            self._pinned = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._staged = [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self._graph_in = torch.zeros(n, dtype=torch.uint8, device=self.device)
+            self._copied = [torch.cuda.Event() for _ in range(2)]     # H2D into slot done
+            self._consumed = [torch.cuda.Event() for _ in range(2)]   # slot read by the main stream
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def _check_batch(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) \
+                else type(images).__name__
+            raise ValueError(f"images: expected a uint8 tensor [N, 3, H, W], got {got}")
+        if self._image_shape is None:
+            self._setup(tuple(images.shape[1:]))
+        elif tuple(images.shape[1:]) != self._image_shape:
+            raise ValueError(f"images: expected every batch to hold {self._image_shape} images (like the "
+                             f"first), got {tuple(images.shape[1:])}")
+
+    # ----------------------------------------------------------------------------------------
+    # CUDA: staging, streams, graphs
+    # ----------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _graph(self, bucket: int):
+        if bucket not in self._graphs:
+            x = self._graph_in[:bucket]
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):      # warm-up: Triton compiles/autotunes outside the capture
+                    self.forward(x)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outs = self.forward(x)
+            self._graphs[bucket] = (graph, outs)
+        return self._graphs[bucket]
+
+    def _launch_cuda(self, images: Tensor, slot: int):
+        """Queue one batch (n <= batch_size) on the GPU; returns its outputs (device tensors,
+        valid once the main stream reaches them)."""
+        n = images.shape[0]
+        main = torch.cuda.current_stream(self.device)
+        if images.device.type == "cuda":
+            staged = images                                  # already on the GPU: no staging
+        else:
+            self._copied[slot].synchronize()                 # the pinned slot's previous H2D is done
+            self._pinned[slot][:n].copy_(images)
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._consumed[slot])
+                self._staged[slot][:n].copy_(self._pinned[slot][:n], non_blocking=True)
+                self._copied[slot].record(self._copy_stream)
+            main.wait_event(self._copied[slot])
+            staged = self._staged[slot][:n]
+        if not self.use_graphs:
+            outs = self.forward(staged)
+            self._consumed[slot].record(main)
+            return outs
+        self._graph_in[:n].copy_(staged)
+        self._consumed[slot].record(main)
+        graph, (feats, logits) = self._graph(self._bucket(n))
+        graph.replay()
+        # clone: the next replay overwrites the graph's output buffers
+        return feats[:n].clone(), logits[:n].clone()
+
+    # ----------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------
+    def _batches(self, images) -> Iterator[Tensor]:
+        if isinstance(images, Tensor):
+            self._check_batch(images)
+            for i in range(0, images.shape[0], self.batch_size):
+                yield images[i:i + self.batch_size]
+            return
+        for batch in images:
+            self._check_batch(batch)
+            for i in range(0, batch.shape[0], self.batch_size):
+                yield batch[i:i + self.batch_size]
+
+    def stream(self, batches: Iterable[Tensor]) -> Iterator:
+        """Streaming API: uint8 batches [n, 3, H, W] in (a batch larger than batch_size is split);
+        yields the outputs (see `output`) of each run of at most batch_size images, in order, as
+        float32 device tensors. On CUDA the next batch is already queued when a result is yielded."""
+        slot, pending = 0, None
+        for batch in self._batches(batches):
+            if batch.shape[0] == 0:
+                continue
+            with torch.inference_mode():
+                if self.device.type == "cuda":
+                    outs = self._launch_cuda(batch, slot)
+                    slot ^= 1
+                else:
+                    outs = self.forward(batch.to(self.device))
+            if pending is not None:
+                yield self._select(*pending)
+            pending = outs
+        if pending is not None:
+            yield self._select(*pending)
+
+    def run(self, images) -> Tensor | tuple[Tensor, Tensor]:
+        """uint8 images [N, 3, H, W] (or an iterable of such batches) -> outputs for all N images."""
+        outs = list(self.stream([images] if isinstance(images, Tensor) else images))
+        if not outs:
+            raise ValueError("images: expected at least one image, got none")
+        if self.output == "both":
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
+    def __call__(self, images):
+        return self.run(images)
