@@ -92,14 +92,134 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
 # ============================================================================================
 # attention / attention_qkv  (kernels/attention.py)
 # ============================================================================================
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256
+
+
+def _attention_on_triton(t: Tensor) -> bool:
+    """fp16 / bf16 / fp32 go to the Triton kernel; float64 (never a fast path) to the reference, and
+    so does bf16 under the interpreter, whose bf16 tl.dot is wrong."""
+    if not use_triton(t) or t.dtype == torch.float64:
+        return False
+    return not (t.device.type == "cpu" and t.dtype == torch.bfloat16)
+
+
+def _check_unit_last(name: str, t: Tensor):
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        _fail(f"{name}: expected a unit-stride last dim, got strides {tuple(t.stride())}")
+
+
+def _check_head_dim(name: str, d: int):
+    if not 1 <= d <= _MAX_HEAD_DIM:
+        _fail(f"{name}: expected a head dim in [1, {_MAX_HEAD_DIM}], got {d}")
+
+
+def _attention_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) < float("inf"):
+        _fail(f"scale: expected a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+@torch.library.custom_op("vitfast::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    if _attention_on_triton(q):
+        from vitfast.kernels import attention as _attention_kernels
+
+        return _attention_kernels.attention(q, k, v, scale)
+    return reference.attention(q, k, v, scale).contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape)
+
+
+register_reference_autograd(_attention_op, reference.attention)
+
+
+def _attention_qkv_reference(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool):
+    """reference.attention_qkv with the custom op's outputs: always (out, cls_attn), cls_attn empty
+    when not asked for."""
+    if return_cls_attn:
+        out, cls_attn = reference.attention_qkv(qkv, num_heads, scale, True)
+        return out.contiguous(), cls_attn.contiguous()
+    out = reference.attention_qkv(qkv, num_heads, scale)
+    return out.contiguous(), qkv.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("vitfast::attention_qkv", mutates_args=())
+def _attention_qkv_op(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool) -> tuple[Tensor, Tensor]:
+    if _attention_on_triton(qkv):
+        from vitfast.kernels import attention as _attention_kernels
+
+        out, cls_attn = _attention_kernels.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn)
+        return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32)
+    return _attention_qkv_reference(qkv, num_heads, scale, return_cls_attn)
+
+
+@_attention_qkv_op.register_fake
+def _(qkv, num_heads, scale, return_cls_attn):
+    B, N, C3 = qkv.shape
+    cls_shape = (B, num_heads, N) if return_cls_attn else (0,)
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(cls_shape, dtype=torch.float32)
+
+
+register_reference_autograd(_attention_qkv_op, _attention_qkv_reference)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
-    """softmax(q kᵀ·scale) v. q, k, v [B, H, N, D] (any strides, last dim unit) -> [B, H, N, D]."""
-    return reference.attention(q, k, v, scale)
+    """softmax(q kᵀ·scale) v, flash-style (no N×N matrix in memory).
+
+    q [B, H, N_q, D], k and v [B, H, N_kv, D]: any strides with a unit-stride last dim (like
+    F.scaled_dot_product_attention), fp16 / bf16 / fp32 (float64 via the reference), one device,
+    D <= 256. scale defaults to D^-½. fp32 on CUDA uses tf32 when
+    torch.backends.cuda.matmul.allow_tf32 is set. Returns [B, H, N_q, D] in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t, _ATTENTION_DTYPES)
+        if t.dim() != 4:
+            _fail(f"{name}: expected 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
+        _check_unit_last(name, t)
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    B, H, _, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        _fail(f"k: expected [B, H, N_kv, D] = [{B}, {H}, N_kv, {D}] (B, H, D of q), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        _fail(f"v: expected shape {tuple(k.shape)} (like k), got {tuple(v.shape)}")
+    if k.shape[2] < 1:
+        _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
+    _check_head_dim("q", D)
+    return _attention_op(q, k, v, _attention_scale(scale, D))
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
-    """qkv [B, N, 3·C] -> out [B, N, C] (, cls_attn [B, H, N] fp32 with return_cls_attn)."""
-    return reference.attention_qkv(qkv, num_heads, scale, return_cls_attn)
+    """Attention straight from the packed qkv projection, read through strides (no copy).
+
+    qkv [B, N, 3·C] with timm's layout (qkv.reshape(B, N, 3, H, D)), unit-stride last dim,
+    fp16 / bf16 / fp32 (float64 via the reference). Returns out [B, N, C] in qkv's dtype, ready for
+    the output projection, and with return_cls_attn=True also cls_attn [B, H, N] fp32: the softmax
+    probabilities of query token 0 over all keys (computed in the kernel, no N×N matrix).
+    """
+    _check_float("qkv", qkv, _ATTENTION_DTYPES)
+    if qkv.dim() != 3:
+        _fail(f"qkv: expected 3 dims [B, N, 3*C], got shape {tuple(qkv.shape)}")
+    _check_unit_last("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        _fail(f"num_heads: expected a positive int, got {num_heads!r}")
+    if not isinstance(return_cls_attn, bool):
+        _fail(f"return_cls_attn: expected a bool, got {return_cls_attn!r}")
+    B, N, C3 = qkv.shape
+    if C3 == 0 or C3 % (3 * num_heads) != 0:
+        _fail(f"qkv: expected a last dim divisible by 3 * num_heads = {3 * num_heads}, got {C3}")
+    if N < 1:
+        _fail(f"qkv: expected at least one token, got shape {tuple(qkv.shape)}")
+    D = C3 // (3 * num_heads)
+    _check_head_dim("qkv", D)
+    out, cls_attn = _attention_qkv_op(qkv, num_heads, _attention_scale(scale, D), return_cls_attn)
+    return (out, cls_attn) if return_cls_attn else out
 
 
 # ============================================================================================

@@ -1,0 +1,276 @@
+"""Flash-style attention forward for ViT shapes: softmax(q kᵀ · scale) v without an N×N matrix.
+
+One program owns BLOCK_M query rows of one (batch, head) and streams the keys/values in blocks
+of BLOCK_N with an online softmax (running max m and sum l in fp32, `exp2` with scale·log2(e)
+folded into the scores), accumulating in fp32 and storing in the input dtype.
+
+- q, k, v and out are read/written through (batch, head, token) strides with a unit-stride head
+  dim, so the same kernel serves [B, H, N, D] tensors of any layout and the packed qkv projection
+  [B, N, 3·C] (timm layout: qkv.reshape(B, N, 3, H, D)) with no copy.
+- Any N: the last key block is masked (scores -> -inf), rows past N are neither read nor stored.
+- Head dims up to 256. The head dim is covered by two power-of-two column chunks (D_LO, D_HI):
+  80 = 64 + 16 and 96 = 64 + 32 exactly, so ViT-H's 80 spends no MMA work on padding; other
+  sizes pad the last chunk with masked lanes, which are never loaded.
+- RETURN_CLS: the program owning query row 0 also writes the softmax row of that query, [B, H, N]
+  fp32: it stores row 0's raw log2-domain scores while streaming, then rescales them in place with
+  the final max and sum, p = exp2(s - m) / l. Costs O(N) extra memory per head, never N².
+- fp16 / bf16 / fp32 inputs; fp32 dots use tf32 or ieee (`DOT_PRECISION`), as the caller decides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+LOG2E = math.log2(math.e)
+
+
+def attention_configs() -> list[triton.Config]:
+    """Autotune space (keyed on sequence lengths and head dim). Hopper likes BLOCK_M 128 with
+    BLOCK_N 64-128, 4-8 warps and 2-4 pipeline stages; BLOCK_M 64 helps short sequences fill the
+    machine. The interpreter gets one small config (it would otherwise run every config)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (2, 3)]
+    return configs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop key blocks much longer than the sequence, and for head dims > 128 all but the smallest
+    tiles (the others run out of shared memory)."""
+    n_kv, block_d = named_args["N_KV"], kwargs["D_LO"] + kwargs["D_HI"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n_kv))
+            and (block_d <= 128 or (c.kwargs["BLOCK_N"] == 64 and c.num_stages <= 2))]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, cols, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a [rows, cols] tile; rows masked only when asked, head-dim columns only past HEAD_DIM."""
+    if MASK_ROWS and MASK_COLS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _attention_block(
+    q_lo, q_hi,                 # [BLOCK_M, D_LO], [BLOCK_M, D_HI] this program's queries (q_hi unused if D_HI == 0)
+    acc_lo, acc_hi,             # fp32 running outputs, same shapes
+    m_i, l_i,                   # [BLOCK_M] fp32 running max (log2 domain) and sum
+    k_blk,                      # [BLOCK_N, D] this block's keys, rows stride_kn apart
+    v_blk,                      # [BLOCK_N, D] this block's values, rows stride_vn apart
+    cls_ptr,                    # [N_KV] fp32: this head's CLS row (raw scores while streaming)
+    stride_kn, stride_vn, start_n, N_KV, qk_scale, is_cls_program,
+    offs_m, offs_n, cols_lo, cols_hi,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, MASK_N: tl.constexpr,
+    RETURN_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
+    key_ok = (start_n + offs_n) < N_KV
+    # Offsets inside one block stay small (BLOCK_N rows); the block's base pointer carries the
+    # 64-bit part. Rebuilt each step rather than carried: a [BLOCK_N, D] tensor of pointers held
+    # across the loop costs ~2 x 64 registers per thread.
+    k_rows = k_blk + offs_n[:, None] * stride_kn
+    v_rows = v_blk + offs_n[:, None] * stride_vn
+    k = _load_tile(k_rows + cols_lo[None, :], key_ok, cols_lo, HEAD_DIM, MASK_N, D_LO > HEAD_DIM)
+    qk = tl.dot(q_lo, tl.trans(k), input_precision=DOT_PRECISION)
+    if D_HI > 0:
+        k = _load_tile(k_rows + cols_hi[None, :], key_ok, cols_hi, HEAD_DIM, MASK_N, D_LO + D_HI > HEAD_DIM)
+        qk = tl.dot(q_hi, tl.trans(k), qk, input_precision=DOT_PRECISION)
+    qk = qk * qk_scale                                                          # (BLOCK_M, BLOCK_N), log2 domain
+    if MASK_N:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    if RETURN_CLS:
+        if is_cls_program:
+            row0 = tl.sum(tl.where(offs_m[:, None] == 0, qk, 0.0), axis=0)    # (BLOCK_N,) scores of query 0
+            tl.store(cls_ptr + start_n + offs_n, row0, mask=key_ok)
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_tile(v_rows + cols_lo[None, :], key_ok, cols_lo, HEAD_DIM, MASK_N, D_LO > HEAD_DIM)
+    p = p.to(v.dtype)
+    acc_lo = tl.dot(p, v, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+    if D_HI > 0:
+        v = _load_tile(v_rows + cols_hi[None, :], key_ok, cols_hi, HEAD_DIM, MASK_N, D_LO + D_HI > HEAD_DIM)
+        acc_hi = tl.dot(p, v, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc_lo, acc_hi, m_new, l_i
+
+
+@triton.autotune(configs=attention_configs(), key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr,                      # [B, H, N_Q, D] by strides, head dim unit stride
+    k_ptr,                      # [B, H, N_KV, D] by strides, head dim unit stride
+    v_ptr,                      # [B, H, N_KV, D] by strides, head dim unit stride
+    out_ptr,                    # [B, H, N_Q, D] by strides, head dim unit stride
+    cls_ptr,                    # [B, H, N_KV] fp32 contiguous; touched only with RETURN_CLS
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N_Q, N_KV,
+    qk_scale,                   # scale · log2(e)
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs, query blocks of one head adjacent (they share
+    # K/V in L2); 1-D so that B·H is not capped at 65535 like a grid's y dimension.
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    # The head dim as two power-of-two column chunks, [0, D_LO) and [D_LO, D_LO + D_HI): 80 = 64 + 16
+    # and 96 = 64 + 32 are exact, so no MMA work is spent on padding (D_HI = 0: one chunk).
+    cols_lo = tl.arange(0, D_LO)
+    cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
+    row_ok = offs_m < N_Q
+
+    # int64 row offsets: a sequence-first layout can put N·stride past 2^31.
+    q_rows = q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+    q_lo = _load_tile(q_rows + cols_lo[None, :], row_ok, cols_lo, HEAD_DIM, True, D_LO > HEAD_DIM)
+    acc_lo = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
+    if D_HI > 0:
+        q_hi = _load_tile(q_rows + cols_hi[None, :], row_ok, cols_hi, HEAD_DIM, True, D_LO + D_HI > HEAD_DIM)
+    else:
+        q_hi = tl.zeros([BLOCK_M, 16], dtype=q_lo.dtype)
+    acc_hi = tl.zeros([BLOCK_M, D_HI if D_HI > 0 else 16], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    k_blk = k_ptr + off_b * stride_kb + off_h * stride_kh
+    v_blk = v_ptr + off_b * stride_vb + off_h * stride_vh
+    k_step = BLOCK_N * tl.cast(stride_kn, tl.int64)   # a stride of 1 arrives as a constexpr int
+    v_step = BLOCK_N * tl.cast(stride_vn, tl.int64)
+    cls_row = cls_ptr + pid_bh.to(tl.int64) * N_KV
+    is_cls_program = pid_m == 0
+
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_lo, acc_hi, m_i, l_i = _attention_block(
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, stride_kn, stride_vn, start_n, N_KV,
+            qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, DOT_PRECISION)
+        k_blk += k_step
+        v_blk += v_step
+    if n_full < N_KV:   # the last, partial key block
+        acc_lo, acc_hi, m_i, l_i = _attention_block(
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, stride_kn, stride_vn, n_full, N_KV,
+            qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, DOT_PRECISION)
+
+    out_rows = out_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_on
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_rows + cols_lo[None, :], (acc_lo / l_i[:, None]).to(out_ty),
+             mask=row_ok[:, None] & (cols_lo[None, :] < HEAD_DIM))
+    if D_HI > 0:
+        tl.store(out_rows + cols_hi[None, :], (acc_hi / l_i[:, None]).to(out_ty),
+                 mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
+
+    if RETURN_CLS:
+        if is_cls_program:
+            # Every key has been seen: turn query 0's raw scores into probabilities. The barrier makes
+            # the scores stored above (by whichever threads held them) visible to this pass.
+            m_0 = tl.sum(tl.where(offs_m == 0, m_i, 0.0), axis=0)
+            l_0 = tl.sum(tl.where(offs_m == 0, l_i, 0.0), axis=0)
+            tl.debug_barrier()
+            for start_n in range(0, N_KV, BLOCK_N):
+                key_ok = (start_n + offs_n) < N_KV
+                s = tl.load(cls_row + start_n + offs_n, mask=key_ok, other=float("-inf"))
+                tl.store(cls_row + start_n + offs_n, tl.math.exp2(s - m_0) / l_0, mask=key_ok)
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(D_LO, D_HI): the head dim as a power-of-two chunk plus a (masked) power-of-two remainder,
+    each at least 16 (tl.dot's minimum): 64 -> (64, 0), 80 -> (64, 16), 96 -> (64, 32), 8 -> (16, 0)."""
+    lo = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - lo
+    return lo, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _check_out(name: str, t: torch.Tensor, shape, dtype, device):
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name}: expected {tuple(shape)} {dtype} on {device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+              out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
+    head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
+    cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
+    Returns out. Arguments are assumed validated (vitfast.ops does it); only buffers are checked."""
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head dim <= {MAX_HEAD_DIM}, got {D}")
+    if out is None:
+        out = torch.empty((B, H, n_q, D), dtype=q.dtype, device=q.device)
+    _check_out("out", out, (B, H, n_q, D), q.dtype, q.device)
+    if D > 1 and out.stride(-1) != 1:
+        raise ValueError(f"out: expected a unit-stride last dim, got strides {out.stride()}")
+    if cls_attn is not None:
+        _check_out("cls_attn", cls_attn, (B, H, n_kv), torch.float32, q.device)
+        if not cls_attn.is_contiguous():
+            raise ValueError(f"cls_attn: expected a contiguous buffer, got strides {cls_attn.stride()}")
+    if out.numel() == 0:
+        return out
+    scale = D ** -0.5 if scale is None else float(scale)
+    precision = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    d_lo, d_hi = head_dim_chunks(D)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, cls_attn if cls_attn is not None else out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, n_q, n_kv, scale * LOG2E,
+        HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, DOT_PRECISION=precision,
+    )
+    return out
+
+
+def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views (no copy) of the packed projection qkv [B, N, 3·C] as q, k, v [B, H, N, D]."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+    return q, k, v
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, return_cls_attn: bool = False,
+                  out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
+    (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn: optional buffers."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv_heads(qkv, num_heads)
+    if out is None:
+        out = torch.empty((B, N, C), dtype=qkv.dtype, device=qkv.device)
+    _check_out("out", out, (B, N, C), qkv.dtype, qkv.device)
+    if return_cls_attn and cls_attn is None:
+        cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
+    out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
+    attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None)
+    return out, (cls_attn if return_cls_attn else None)

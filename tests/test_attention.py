@@ -1,0 +1,339 @@
+"""Flash-style attention (kernels/attention.py, vitfast.ops.attention / attention_qkv).
+
+Every result is compared with vitfast.reference in float64 and with eager PyTorch in the same
+dtype (DESIGN.md §4). Without CUDA the kernel runs in Triton's interpreter (fp32 and fp16; its bf16
+tl.dot is wrong, so bf16 runs on the GPU only).
+"""
+
+import pytest
+import torch
+
+import vitfast.ops as ops
+from vitfast import reference
+from vitfast.kernels import attention as attention_kernels
+from vitfast.testing import assert_close, poisoned
+
+INTERP_DTYPES = [torch.float32, torch.float16]
+
+# (B, H, N, D, layout): every N of {1, 2, 17, 50, 197, 257} and D of {16, 32, 64, 80, 96, 128},
+# B in {1, 2}, H in {1, 3}, over four memory layouts of q/k/v. The interpreter runs 32 x 32 tiles,
+# so 197 and 257 cover several query blocks, full key blocks and a partial last one.
+CASES = [
+    (1, 1, 1, 16, "contiguous"),
+    (2, 3, 2, 32, "bnhd"),
+    (1, 3, 17, 80, "sliced"),
+    (2, 1, 50, 96, "seq_first"),
+    (1, 3, 197, 64, "bnhd"),
+    (2, 3, 257, 128, "sliced"),
+    (1, 1, 257, 16, "seq_first"),
+    (2, 1, 197, 80, "contiguous"),
+    (1, 1, 17, 40, "sliced"),         # head dim 32 + 8 (second chunk masked)
+    (2, 1, 2, 8, "contiguous"),       # head dim below tl.dot's 16: masked lanes
+]
+
+
+def make_heads(B, H, N, D, layout, dtype, device="cpu", scale=1.0):
+    """A [B, H, N, D] tensor viewed out of the storage `layout` names (unit-stride last dim)."""
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+    if layout == "contiguous":
+        return randn(B, H, N, D)
+    if layout == "bnhd":              # the layout of a [B, N, C] projection split into heads
+        return randn(B, N, H, D).transpose(1, 2)
+    if layout == "seq_first":         # [N, B, H, D] storage
+        return randn(N, B, H, D).permute(1, 2, 0, 3)
+    if layout == "sliced":            # heads and head dims cut out of a NaN-filled bigger tensor, odd offset
+        t = torch.full((B, H + 1, N, D + 8), float("nan"), device=device, dtype=dtype)[:, 1:, :, 3:3 + D]
+        return t.copy_(randn(B, H, N, D))
+    raise AssertionError(layout)
+
+
+def out_buffer(shape, layout, dtype, device="cpu"):
+    """A NaN-filled output buffer; for "bnhd" a strided [B, N, H, D] one, as the qkv path writes."""
+    B, H, N, D = shape
+    if layout == "bnhd":
+        return poisoned((B, N, H, D), dtype, device).transpose(1, 2)
+    return poisoned(shape, dtype, device)
+
+
+def f64(*ts):
+    return [t.detach().to(torch.float64) for t in ts]
+
+
+def check_attention(q, k, v, out, dtype, scale=None):
+    ref = reference.attention(*f64(q, k, v), scale)
+    eager = reference.attention(q, k, v, scale)
+    assert_close(out, ref, dtype=dtype, eager=eager)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel launcher, poisoned outputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,N,D,layout", CASES)
+def test_attention_kernel(B, H, N, D, layout, dtype, device):
+    q, k, v = (make_heads(B, H, N, D, layout, dtype, device) for _ in range(3))
+    out = out_buffer((B, H, N, D), layout, dtype, device)
+    cls_attn = poisoned((B, H, N), torch.float32, device)
+    got = attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn)
+    assert got is out
+    check_attention(q, k, v, out, dtype)
+    probs = reference.attention_probs(*f64(q, k))[:, :, 0]                # (B, H, N)
+    assert_close(cls_attn, probs, dtype=dtype, eager=reference.attention_probs(q, k)[:, :, 0], name="cls_attn")
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_attention_kernel_cross_lengths_and_scale(dtype, device):
+    """N_q != N_kv (queries 17, keys 50) and an explicit scale."""
+    q = make_heads(2, 3, 17, 64, "bnhd", dtype, device)
+    k, v = (make_heads(2, 3, 50, 64, "sliced", dtype, device) for _ in range(2))
+    out = poisoned((2, 3, 17, 64), dtype, device)
+    attention_kernels.attention(q, k, v, 0.3, out=out)
+    check_attention(q, k, v, out, dtype, scale=0.3)
+
+
+def test_attention_kernel_large_logits_fp16(device):
+    """Inputs scaled x30 in fp16: scores in the thousands, exp2 must stay finite."""
+    q, k, v = (make_heads(2, 3, 197, 64, "contiguous", torch.float16, device, scale=30.0) for _ in range(3))
+    out = poisoned(q.shape, torch.float16, device)
+    attention_kernels.attention(q, k, v, out=out)
+    assert torch.isfinite(out).all()
+    check_attention(q, k, v, out, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# packed qkv path
+# --------------------------------------------------------------------------------------------
+QKV_CASES = [  # (B, N, H, D, padded): padded = qkv is a slice of a wider [B, N, 3C + 8] buffer
+    (1, 1, 1, 16, False),
+    (2, 17, 3, 32, True),
+    (1, 50, 3, 80, False),
+    (2, 197, 3, 64, True),
+    (1, 257, 1, 96, False),
+]
+
+
+def make_qkv(B, N, H, D, padded, dtype, device="cpu", scale=1.0):
+    """qkv [B, N, 3·H·D]; padded: a view into a [B, N, 3·H·D + 8] buffer whose extra columns are NaN
+    (a read past the head dim shows up)."""
+    C3 = 3 * H * D
+    qkv = torch.randn(B, N, C3, device=device, dtype=dtype) * scale
+    if not padded:
+        return qkv
+    buf = torch.full((B, N, C3 + 8), float("nan"), device=device, dtype=dtype)
+    buf[..., :C3] = qkv
+    return buf[..., :C3]
+
+
+def check_qkv(qkv, H, out, cls_attn, dtype):
+    ref_out, ref_cls = reference.attention_qkv(qkv.detach().double(), H, return_cls_attn=True)
+    eager_out, eager_cls = reference.attention_qkv(qkv.detach(), H, return_cls_attn=True)
+    assert_close(out, ref_out, dtype=dtype, eager=eager_out)
+    if cls_attn is not None:
+        assert_close(cls_attn, ref_cls, dtype=dtype, eager=eager_cls, name="cls_attn")
+        sums = cls_attn.double().sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5), f"cls_attn rows sum to {sums}"
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,H,D,padded", QKV_CASES)
+def test_attention_qkv_kernel(B, N, H, D, padded, dtype, device):
+    qkv = make_qkv(B, N, H, D, padded, dtype, device)
+    out = poisoned((B, N, H * D), dtype, device)
+    cls_attn = poisoned((B, H, N), torch.float32, device)
+    got, got_cls = attention_kernels.attention_qkv(qkv, H, return_cls_attn=True, out=out, cls_attn=cls_attn)
+    assert got is out and got_cls is cls_attn
+    check_qkv(qkv, H, out, cls_attn, dtype)
+
+
+def test_attention_qkv_reads_in_place():
+    """q, k, v are views of qkv's storage: the kernel reads the projection where it lies."""
+    qkv = make_qkv(2, 5, 3, 16, True, torch.float32)
+    for t in attention_kernels.qkv_heads(qkv, 3):
+        assert t.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+        assert t.shape == (2, 3, 5, 16) and t.stride(-1) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# public ops (custom ops: dispatch, fake impl, autograd)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_ops_attention(dtype, device):
+    q, k, v = (make_heads(2, 3, 50, 80, "bnhd", dtype, device) for _ in range(3))
+    out = ops.attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    check_attention(q, k, v, out, dtype)
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+def test_ops_attention_qkv(dtype, device):
+    qkv = make_qkv(2, 65, 3, 32, True, dtype, device)
+    out = ops.attention_qkv(qkv, 3)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 65, 96)
+    check_qkv(qkv, 3, out, None, dtype)
+    out2, cls_attn = ops.attention_qkv(qkv, 3, scale=0.2, return_cls_attn=True)
+    assert cls_attn.shape == (2, 3, 65) and cls_attn.dtype == torch.float32
+    ref_out, ref_cls = reference.attention_qkv(qkv.double(), 3, 0.2, return_cls_attn=True)
+    eager_out, eager_cls = reference.attention_qkv(qkv, 3, 0.2, return_cls_attn=True)
+    assert_close(out2, ref_out, dtype=dtype, eager=eager_out)
+    assert_close(cls_attn, ref_cls, dtype=dtype, eager=eager_cls, name="cls_attn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_ops_reference_dtypes_on_cpu(dtype):
+    """float64 (always) and bf16 on the CPU take the reference math, so they stay exact."""
+    q, k, v = (make_heads(1, 3, 17, 32, "bnhd", dtype) for _ in range(3))
+    out = ops.attention(q, k, v)
+    assert out.dtype == dtype
+    assert torch.equal(out, reference.attention(q, k, v))
+
+
+def test_opcheck():
+    q, k, v = (make_heads(1, 2, 5, 16, "bnhd", torch.float32) for _ in range(3))
+    torch.library.opcheck(torch.ops.vitfast.attention, (q, k, v, 0.25))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.vitfast.attention, (qg, kg, vg, 0.25))
+    qkv = make_qkv(1, 5, 2, 16, True, torch.float32)
+    for cls in (False, True):
+        torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv, 2, 0.25, cls))
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv.detach().requires_grad_(), 2, 0.25, True))
+
+
+def test_autograd_attention():
+    q, k, v = (make_heads(1, 2, 9, 16, "bnhd", torch.float32).requires_grad_() for _ in range(3))
+    g = torch.randn(1, 2, 9, 16)
+    grads = torch.autograd.grad((ops.attention(q, k, v) * g).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad((reference.attention(q64, k64, v64) * g.double()).sum(), (q64, k64, v64))
+    for name, got, want in zip("qkv", grads, ref):
+        assert_close(got, want, dtype=torch.float32, name=f"grad {name}")
+
+
+def test_autograd_attention_qkv_with_cls():
+    qkv = make_qkv(2, 9, 2, 16, False, torch.float32).requires_grad_()
+    g_out, g_cls = torch.randn(2, 9, 32), torch.randn(2, 2, 9)
+    out, cls_attn = ops.attention_qkv(qkv, 2, return_cls_attn=True)
+    (grad,) = torch.autograd.grad((out * g_out).sum() + (cls_attn * g_cls).sum(), qkv)
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref_out, ref_cls = reference.attention_qkv(qkv64, 2, return_cls_attn=True)
+    (want,) = torch.autograd.grad((ref_out * g_out.double()).sum() + (ref_cls * g_cls.double()).sum(), qkv64)
+    assert_close(grad, want, dtype=torch.float32, name="grad qkv")
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+def _heads(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+BAD_ATTENTION = [
+    ("k batch", lambda: ops.attention(_heads(2, 3, 5, 16), _heads(1, 3, 5, 16), _heads(1, 3, 5, 16)),
+     r"k: expected \[B, H, N_kv, D\] = \[2, 3, N_kv, 16\].*got \(1, 3, 5, 16\)"),
+    ("k head dim", lambda: ops.attention(_heads(1, 3, 5, 16), _heads(1, 3, 5, 32), _heads(1, 3, 5, 32)),
+     r"k: expected .*got \(1, 3, 5, 32\)"),
+    ("v length", lambda: ops.attention(_heads(1, 3, 5, 16), _heads(1, 3, 5, 16), _heads(1, 3, 6, 16)),
+     r"v: expected shape \(1, 3, 5, 16\) \(like k\), got \(1, 3, 6, 16\)"),
+    ("no keys", lambda: ops.attention(_heads(1, 3, 5, 16), _heads(1, 3, 0, 16), _heads(1, 3, 0, 16)),
+     r"k: expected at least one key token"),
+    ("3 dims", lambda: ops.attention(_heads(3, 5, 16), _heads(3, 5, 16), _heads(3, 5, 16)),
+     r"q: expected 4 dims \[B, H, N, D\], got shape \(3, 5, 16\)"),
+    ("head dim > 256", lambda: ops.attention(_heads(1, 1, 5, 257), _heads(1, 1, 5, 257), _heads(1, 1, 5, 257)),
+     r"q: expected a head dim in \[1, 256\], got 257"),
+    ("mixed dtypes", lambda: ops.attention(_heads(1, 1, 5, 16), _heads(1, 1, 5, 16, dtype=torch.float16),
+                                           _heads(1, 1, 5, 16)),
+     r"k: expected dtype torch.float32 \(like q\), got torch.float16"),
+    ("mixed devices", lambda: ops.attention(_heads(1, 1, 5, 16), _heads(1, 1, 5, 16, device="meta"),
+                                            _heads(1, 1, 5, 16)),
+     r"k: expected device cpu \(like q\), got meta"),
+    ("int dtype", lambda: ops.attention(*[torch.ones(1, 1, 5, 16, dtype=torch.int32)] * 3),
+     r"q: expected dtype in .*got torch.int32"),
+    ("strided last dim", lambda: ops.attention(_heads(1, 1, 16, 5).transpose(-1, -2), _heads(1, 1, 5, 16),
+                                               _heads(1, 1, 5, 16)),
+     r"q: expected a unit-stride last dim, got strides \(80, 80, 1, 5\)"),
+    ("nan scale", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, scale=float("nan")),
+     r"scale: expected a finite number or None, got nan"),
+]
+
+BAD_QKV = [
+    ("not divisible", lambda: ops.attention_qkv(_heads(1, 5, 50), 2),
+     r"qkv: expected a last dim divisible by 3 \* num_heads = 6, got 50"),
+    ("num_heads 0", lambda: ops.attention_qkv(_heads(1, 5, 48), 0), r"num_heads: expected a positive int, got 0"),
+    ("num_heads float", lambda: ops.attention_qkv(_heads(1, 5, 48), 2.0),
+     r"num_heads: expected a positive int, got 2.0"),
+    ("2 dims", lambda: ops.attention_qkv(_heads(5, 48), 1),
+     r"qkv: expected 3 dims \[B, N, 3\*C\], got shape \(5, 48\)"),
+    ("strided last dim", lambda: ops.attention_qkv(_heads(1, 48, 5).transpose(1, 2), 1),
+     r"qkv: expected a unit-stride last dim, got strides \(240, 1, 5\)"),
+    ("head dim > 256", lambda: ops.attention_qkv(_heads(1, 2, 3 * 300), 1),
+     r"qkv: expected a head dim in \[1, 256\], got 300"),
+    ("cls flag", lambda: ops.attention_qkv(_heads(1, 5, 48), 1, return_cls_attn="yes"),
+     r"return_cls_attn: expected a bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("call,match", [(c, m) for _, c, m in BAD_ATTENTION + BAD_QKV],
+                         ids=[n for n, _, _ in BAD_ATTENTION + BAD_QKV])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_kernel_rejects_wrong_buffers():
+    q = _heads(1, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"out: expected \(1, 2, 5, 16\) torch.float32"):
+        attention_kernels.attention(q, q, q, out=poisoned((1, 2, 5, 8), torch.float32))
+    with pytest.raises(ValueError, match=r"cls_attn: expected \(1, 2, 5\) torch.float32"):
+        attention_kernels.attention(q, q, q, cls_attn=poisoned((1, 2, 5), torch.float16))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bf16, long sequences, tf32, CUDA graphs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,D", [(197, 64), (577, 80), (1025, 64), (2305, 96), (4097, 80), (4097, 64)])
+def test_attention_gpu(N, D, dtype):
+    q, k, v = (make_heads(2, 3, N, D, "bnhd", dtype, "cuda") for _ in range(3))
+    out = out_buffer((2, 3, N, D), "bnhd", dtype, "cuda")
+    cls_attn = poisoned((2, 3, N), torch.float32, "cuda")
+    attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn)
+    check_attention(q, k, v, out, dtype)      # float64 reference, run on the GPU
+    probs = reference.attention_probs(*f64(q, k))[:, :, 0]
+    assert_close(cls_attn, probs, dtype=dtype, eager=reference.attention_probs(q, k)[:, :, 0], name="cls_attn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,H,D", [(197, 12, 64), (257, 16, 80), (4097, 16, 80)])
+def test_attention_qkv_gpu(N, H, D, dtype):
+    qkv = make_qkv(2, N, H, D, True, dtype, "cuda", scale=3.0)
+    out, cls_attn = ops.attention_qkv(qkv, H, return_cls_attn=True)
+    check_qkv(qkv, H, out, cls_attn, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_attention_fp32_gpu(allow_tf32, monkeypatch):
+    """fp32 follows torch.backends.cuda.matmul.allow_tf32 (assert_close picks the tf32 tolerance)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    q, k, v = (make_heads(2, 3, 257, 80, "sliced", torch.float32, "cuda") for _ in range(3))
+    out = ops.attention(q, k, v)
+    ref = reference.attention(*f64(q, k, v))
+    assert_close(out, ref, dtype=torch.float32, eager=reference.attention(q, k, v))
+
+
+@pytest.mark.gpu
+def test_attention_cuda_graph():
+    """No host sync in the launch: capture once (after autotuning), replay on new inputs."""
+    qkv = make_qkv(4, 197, 12, 64, False, torch.float16, "cuda")
+    ops.attention_qkv(qkv, 12, return_cls_attn=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, cls_attn = ops.attention_qkv(qkv, 12, return_cls_attn=True)
+    qkv.copy_(make_qkv(4, 197, 12, 64, False, torch.float16, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_qkv(qkv, 12, out, cls_attn, torch.float16)
