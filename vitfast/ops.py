@@ -225,17 +225,128 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
 # ============================================================================================
 # linear / mlp  (kernels/linear.py)
 # ============================================================================================
+def _check_linear(x, weight, bias, activation, residual) -> None:
+    _check_float("x", x)
+    if x.dim() < 1:
+        _fail("x: expected a tensor [..., K] with at least 1 dim, got a 0-d tensor")
+    _check_float("weight", weight)
+    _check_same("weight", weight, "x", x)
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        _fail(f"weight: expected shape (N, {K}) like nn.Linear (K = x.shape[-1]), got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_same("bias", bias, "x", x)
+        if tuple(bias.shape) != (N,):
+            _fail(f"bias: expected shape ({N},) (weight.shape[0]), got {tuple(bias.shape)}")
+    if activation not in reference.ACTIVATIONS:
+        _fail(f"activation: expected one of {reference.ACTIVATIONS}, got {activation!r}")
+    if residual is not None:
+        _check_float("residual", residual)
+        _check_same("residual", residual, "x", x)
+        if tuple(residual.shape) != (*x.shape[:-1], N):
+            _fail(f"residual: expected shape {(*x.shape[:-1], N)} (x.shape[:-1] + (N,)), got {tuple(residual.shape)}")
+
+
+# Dispatch on CUDA: key -> "triton" | "cublas", decided once per process by timing both.
+_LINEAR_PATHS: dict[tuple, str] = {}
+
+
+def _fastest_path(key, timers: dict, cache: dict, capturing: bool, default: str = "cublas") -> str:
+    """The path for `key`: the cached decision, else time every `timers[name]()` once (ms) and
+    cache the fastest (first wins ties). While a CUDA graph is being captured nothing may be
+    timed: return `default` without caching. The default is cuBLAS because a first Triton launch
+    would autotune (benchmark), which a capture cannot contain."""
+    if key not in cache:
+        if capturing:
+            return default
+        times = {name: timer() for name, timer in timers.items()}
+        cache[key] = min(times, key=times.get)
+    return cache[key]
+
+
+def _linear_cublas(x, weight, bias, activation, residual):
+    """cuBLAS GEMM with the bias in its epilogue, then the reference activation / residual (one
+    elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if activation is not None:
+        y = reference.gelu(y, "tanh" if activation == "gelu_tanh" else "none")
+    return y if residual is None else y.add_(residual)
+
+
+def _linear_key(x, weight, bias, activation, residual) -> tuple:
+    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue."""
+    from vitfast.kernels.linear import m_bucket
+
+    return (x.device.index, m_bucket(x.shape[:-1].numel()), weight.shape[0], weight.shape[1], x.dtype,
+            torch.backends.cuda.matmul.allow_tf32, bias is not None, activation, residual is not None)
+
+
+def _linear_cuda(x, weight, bias, activation, residual):
+    """Fastest correct path on CUDA: the fused Triton kernel or cuBLAS + elementwise epilogue,
+    per (M bucket, N, K, dtype, tf32, epilogue), decided on first use."""
+    from vitfast.kernels import linear as _linear_kernels
+    from vitfast.timing import bench
+
+    run = {"triton": lambda: _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual),
+           "cublas": lambda: _linear_cublas(x, weight, bias, activation, residual)}
+    timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=10, rep_ms=30)) for name, f in run.items()}
+    key = _linear_key(x, weight, bias, activation, residual)
+    return run[_fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())]()
+
+
+@torch.library.custom_op("vitfast::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+               residual: Tensor | None) -> Tensor:
+    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it runs the reference math.
+    if not use_triton(x) or x.dtype == torch.float64:
+        return reference.linear(x, weight, bias, activation, residual).contiguous()
+    if x.is_cuda:
+        return _linear_cuda(x, weight, bias, activation, residual)
+    from vitfast.kernels import linear as _linear_kernels  # Triton's interpreter on CPU tensors
+
+    return _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, activation, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+register_reference_autograd(_linear_op, reference.linear)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
            residual: Tensor | None = None) -> Tensor:
-    """act(x @ weightᵀ + bias) + residual. x [..., K], weight [N, K] -> [..., N]."""
-    return reference.linear(x, weight, bias, activation, residual)
+    """act(x @ weightᵀ + bias) + residual in one fused GEMM (the epilogue never re-reads memory).
+
+    x:          [..., K] fp16, bf16 or fp32 (fp64 on the reference path); any strides (read as
+                [M, K] rows without a copy when the leading dims flatten evenly).
+    weight:     [N, K] as nn.Linear stores it (read transposed through its strides, no copy).
+    bias:       [N] or None.
+    activation: None, "gelu" (exact erf, as timm / HF / torchvision) or "gelu_tanh".
+    residual:   [..., N] (x.shape[:-1] + (N,)) or None, added after the activation.
+    All tensors share x's dtype and device; fp32 follows torch.backends.cuda.matmul.allow_tf32.
+    Returns y [..., N] (contiguous) in x's dtype. On CUDA the first call per shape bucket times
+    the Triton kernel against cuBLAS + one elementwise pass and keeps the faster (never while a
+    CUDA graph is being captured: call once before capturing).
+    """
+    _check_linear(x, weight, bias, activation, residual)
+    return _linear_op(x, weight, bias, activation, residual)
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
         *, activation: str = "gelu", residual: Tensor | None = None) -> Tensor:
-    """fc2(act(fc1(x))) (+ residual): the ViT MLP. x [..., C] -> [..., C]."""
-    h = linear(x, fc1_weight, fc1_bias, activation=activation)
-    return linear(h, fc2_weight, fc2_bias, residual=residual)
+    """fc2(act(fc1(x))) (+ residual): the ViT MLP (timm's Mlp). x [..., C], fc1_weight [H, C],
+    fc1_bias [H], fc2_weight [C_out, H], fc2_bias [C_out], residual [..., C_out] -> [..., C_out]."""
+    _check_float("fc1_weight", fc1_weight)
+    _check_float("fc2_weight", fc2_weight)
+    if fc1_weight.dim() != 2 or fc2_weight.dim() != 2 or fc2_weight.shape[1] != fc1_weight.shape[0]:
+        _fail(f"fc2_weight: expected shape (C_out, H) with H = fc1_weight.shape[0] (fc1_weight "
+              f"{tuple(fc1_weight.shape)}), got {tuple(fc2_weight.shape)}")
+    h = linear(x, fc1_weight, fc1_bias, activation=activation)        # [..., H]
+    return linear(h, fc2_weight, fc2_bias, residual=residual)        # [..., C_out]
 
 
 # ============================================================================================

@@ -1,0 +1,231 @@
+"""Fused linear layer: y = act(x @ Wᵀ + b) (+ residual) in one Triton GEMM.
+
+The four ViT linears (qkv, proj + residual, fc1 + GELU, fc2 + residual) are ~96% of a ViT's flops.
+Bias, activation and residual are applied to the fp32 accumulator before the single store, so the
+epilogue never takes a separate pass over memory.
+
+    x [M, K] (any strides) @ W [N, K]ᵀ (nn.Linear's layout, read transposed by strides: no copy)
+    -> + b [N] -> activation (None | exact-erf GELU | tanh GELU) -> + residual [M, N] -> y [M, N]
+
+dtypes: fp16, bf16, fp32 (fp32 follows `torch.backends.cuda.matmul.allow_tf32`); fp32 accumulation.
+Tiles come from `linear_configs()` (Hopper-sized, autotuned per M bucket / N / K / dtype / epilogue);
+program order is grouped along M (GROUP_M) so neighbouring programs reuse W tiles in L2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# activation name -> the kernel's ACTIVATION constexpr
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def m_bucket(M: int) -> int:
+    """Autotune / dispatch bucket for the row count: the next power of two (>= 16), so a new batch
+    size re-uses the tuning of a nearby one instead of re-tuning."""
+    return max(16, triton.next_power_of_2(max(M, 1)))
+
+
+def linear_configs() -> list[triton.Config]:
+    """Autotune space. On Hopper (H100/H200) 128x128 and 128x256 output tiles with a K-tile of 64 keep
+    the tensor cores fed; 3-4 shared-memory stages hide global-memory latency; GROUP_M=8 swizzles the
+    program order for L2 reuse. The 64-wide tiles cover small M or N. Under Triton's interpreter one
+    small config (autotuning there would run every config on the CPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # GROUP_M=4 so the tests' M=394 (7 row tiles) exercises a full and a partial group.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
+        (128, 256, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (128, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in tiles]
+
+
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit the device's shared memory (fp32 with 128x256) or that are far
+    wider than the problem (N=37 does not need BLOCK_N=256)."""
+    x, M, N = named_args["x_ptr"], named_args["M"], named_args["N"]
+    if not x.is_cuda:
+        return configs
+    limit = _smem_limit(x.device) - 8 * 1024   # head-room: epilogue layout conversions use shared memory
+    m_cap, n_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(N))
+    smem = lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
+    kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+    return kept or [min(configs, key=smem)]
+
+
+@triton.autotune(configs=linear_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _linear_kernel(
+    x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk)
+    w_ptr,  # [N, K] weight as nn.Linear stores it; read as Wᵀ [K, N] through its strides
+    b_ptr,  # [N] bias (read only when HAS_BIAS)
+    r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
+    y_ptr,  # [M, N] output
+    M, N, K,
+    M_BUCKET,  # autotune key only (see m_bucket)
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_b,
+    stride_rm, stride_rn,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU
+    HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row tiles sweep all column tiles together, so the W tiles they
+    # share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows / columns past M / N wrap (% M, % N): their loads stay in bounds without an M/N mask and
+    # their results are never stored. int64 row offsets: M * stride_xm can pass 2^31.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk     # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn     # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K   # K tail: any K, e.g. 100
+        a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
+    # erf GELU or the residual), same stores.
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
+                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
+                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+
+
+@triton.jit
+def _linear_epilogue(
+    acc,     # [BM, BN] fp32 tile of x @ Wᵀ
+    offs_m,  # [BM] its rows
+    offs_n,  # [BN] its columns
+    M, N,
+    b_ptr,   # [N] bias
+    r_ptr,   # [M, N] residual
+    y_ptr,   # [M, N] output
+    stride_b, stride_rm, stride_rn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    """y = act(acc + b) (+ r) in fp32, one cast, one masked store."""
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 1:    # 0.5·a·(1 + erf(a/√2))
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:  # 0.5·a·(1 + tanh(u)) = a·sigmoid(2u), u = √(2/π)·(a + 0.044715·a³); stable for |u| large
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-2.0 * u))
+    offs_m64 = offs_m.to(tl.int64)
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str | None = None, residual: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ weightᵀ + bias) (+ residual) with the fused Triton kernel.
+
+    x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; activation None, "gelu"
+    (exact erf) or "gelu_tanh"; out: optional preallocated [..., N] output (must not overlap the
+    inputs). All tensors share x's dtype (fp16, bf16, fp32) and device. Returns y [..., N].
+
+    x is read as [M, K] rows through its strides: a view (no copy) whenever the leading dims
+    flatten evenly (contiguous or row-sliced inputs); otherwise `reshape` copies it once.
+    No host synchronisation: safe inside CUDA-graph capture once autotuned.
+    """
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation: expected one of {list(ACTIVATION_CODES)}, got {activation!r}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight: expected shape [N, {K}] (K = x.shape[-1]), got {list(weight.shape)}")
+    N = weight.shape[0]
+    lead = tuple(x.shape[:-1])
+    M = math.prod(lead)
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape [{N}], got {list(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != (*lead, N):
+        raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("out", out)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
+
+    x2 = x.reshape(M, K)                                                  # [M, K]
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (*lead, N):
+        raise ValueError(f"out: expected shape {[*lead, N]}, got {list(out.shape)}")
+    elif any(t is not None and t.data_ptr() == out.data_ptr() for t in (x, residual)):
+        raise ValueError("out: must not share memory with x or residual (autotuning re-runs the kernel)")
+    try:
+        y2 = out.view(M, N)                                               # [M, N]
+    except RuntimeError as e:
+        raise ValueError(f"out: expected a buffer viewable as [{M}, {N}], got strides {out.stride()}") from e
+    r2 = residual.reshape(M, N) if residual is not None else y2           # [M, N] (dummy when unused)
+    b = bias if bias is not None else y2                                   # [N] (dummy when unused)
+    if M == 0 or N == 0:
+        return out
+
+    fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _linear_kernel[grid](
+        x2, weight, b, r2, y2,
+        M, N, K, m_bucket(M),
+        x2.stride(0), x2.stride(1),
+        weight.stride(0), weight.stride(1),
+        b.stride(0),
+        r2.stride(0), r2.stride(1),
+        y2.stride(0), y2.stride(1),
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        HAS_RESIDUAL=residual is not None,
+        INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee",
+    )
+    return out

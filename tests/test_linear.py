@@ -1,0 +1,249 @@
+"""Fused linear (kernels/linear.py, vitfast.ops.linear / mlp) vs the float64 reference and eager
+PyTorch in the same dtype. On CPU the kernel runs in Triton's interpreter (fp32, fp16); bf16,
+tf32, large M, the cuBLAS/Triton dispatch and CUDA-graph capture run on a GPU."""
+
+import math
+
+import pytest
+import torch
+
+from vitfast import ops, reference
+from vitfast.kernels import linear as linear_kernels
+from vitfast.testing import assert_close, poisoned
+
+gpu = pytest.mark.gpu
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)]
+
+# (M, K, N, activation, bias, residual, layout of x). Every (M, (K, N)) pair of the issue appears
+# once; each activation, bias on/off, residual on/off and each layout appears several times.
+#   layout "2d": [M, K]; "3d": [B, T, K]; "sliced": [B, T, K] cut from a wider buffer (rows evenly
+#   strided: read in place) with a sliced weight too; "transposed": [B, T, K] from a [T, B, K]
+#   buffer (reshaped with a copy); "colmajor": [M, K] with stride 1 along M (stride_xk != 1).
+CASES = [
+    (1, 64, 192, None, False, False, "2d"),
+    (17, 96, 384, "gelu", True, False, "3d"),
+    (197, 192, 768, "gelu_tanh", True, True, "sliced"),
+    (394, 100, 37, "gelu", True, True, "transposed"),
+    (197, 64, 192, None, True, True, "3d"),              # proj: bias + residual
+    (17, 100, 37, "gelu_tanh", False, True, "colmajor"),
+    (394, 192, 768, "gelu", True, False, "2d"),          # fc1: bias + GELU
+    (1, 96, 384, None, True, True, "sliced"),
+    (394, 96, 384, None, True, True, "transposed"),      # fc2: bias + residual
+    (1, 100, 37, "gelu", True, False, "3d"),
+    (17, 192, 768, None, False, False, "colmajor"),
+    (197, 96, 384, "gelu_tanh", False, False, "2d"),
+    (17, 64, 192, "gelu", True, True, "sliced"),
+    (394, 64, 192, "gelu_tanh", False, True, "3d"),
+    (1, 192, 768, "gelu_tanh", True, True, "transposed"),
+    (197, 100, 37, None, True, False, "colmajor"),
+]
+
+
+def make_inputs(M, K, N, bias, residual, layout, dtype, device):
+    """x in `layout`, weight [N, K] (≈ unit-variance outputs), bias [N], residual x.shape[:-1] + (N,)."""
+    B = 2 if M % 2 == 0 else 1
+    T = M // B
+    if layout == "2d":
+        x = torch.randn(M, K)
+    elif layout == "3d":
+        x = torch.randn(B, T, K)
+    elif layout == "sliced":
+        x = torch.randn(B, T, K + 24)[..., 3:K + 3]            # (B, T, K), row stride K + 24
+    elif layout == "transposed":
+        x = torch.randn(T, B, K).transpose(0, 1)               # (B, T, K), not flattenable in place
+    else:
+        x = torch.randn(K, M).t()                              # (M, K), column-major
+    w = torch.randn(N, K + 8)[:, 8:] if layout == "sliced" else torch.randn(N, K)
+    w = w / math.sqrt(K)
+    b = torch.randn(N) * 0.5 if bias else None
+    r = torch.randn(*x.shape[:-1], N) if residual else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return cast(x), cast(w), cast(b), cast(r)
+
+
+def reference64(x, w, b, activation, r):
+    d = lambda t: None if t is None else t.detach().to("cpu", torch.float64)
+    return reference.linear(d(x), d(w), d(b), activation, d(r))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,activation,bias,residual,layout", CASES)
+def test_linear_kernel(M, K, N, activation, bias, residual, layout, dtype, device):
+    x, w, b, r = make_inputs(M, K, N, bias, residual, layout, dtype, device)
+    out = poisoned((*x.shape[:-1], N), dtype, device)
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    eager = reference.linear(x, w, b, activation, r)
+    assert_close(y, reference64(x, w, b, activation, r), dtype=dtype, eager=eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,activation,bias,residual,layout", [CASES[1], CASES[3], CASES[4]])
+def test_ops_linear(M, K, N, activation, bias, residual, layout, dtype, device):
+    x, w, b, r = make_inputs(M, K, N, bias, residual, layout, dtype, device)
+    y = ops.linear(x, w, b, activation=activation, residual=r)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, reference64(x, w, b, activation, r), dtype=dtype, eager=reference.linear(x, w, b, activation, r))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_mlp(activation, dtype, device):
+    C, H = 96, 384
+    x, w1, b1, _ = make_inputs(197, C, H, True, False, "3d", dtype, device)
+    _, w2, b2, _ = make_inputs(1, H, C, True, False, "2d", dtype, device)
+    r = torch.randn_like(x)
+    y = ops.mlp(x, w1, b1, w2, b2, activation=activation, residual=r)
+    d = lambda t: t.to("cpu", torch.float64)
+    ref = reference.linear(reference.linear(d(x), d(w1), d(b1), activation), d(w2), d(b2), None, d(r))
+    eager = reference.linear(reference.linear(x, w1, b1, activation), w2, b2, None, r)
+    assert_close(y, ref, dtype=dtype, eager=eager)
+
+
+def test_empty_k_is_bias_activation_residual(device):
+    """K = 0: the GEMM is all zeros, the epilogue still runs: gelu(b) + r."""
+    x, w, b, r = make_inputs(5, 0, 12, True, True, "2d", torch.float32, device)
+    y = linear_kernels.linear(x, w, b, activation="gelu", residual=r, out=poisoned((5, 12), torch.float32, device))
+    assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float32)
+
+
+def test_cublas_fallback_epilogue_matches_reference():
+    """The dispatch's non-Triton path (F.linear + reference epilogue), run on the CPU here."""
+    for activation, res in ((None, True), ("gelu", False), ("gelu_tanh", True)):
+        x, w, b, r = make_inputs(17, 64, 48, True, res, "3d", torch.float32, "cpu")
+        y = ops._linear_cublas(x, w, b, activation, r)
+        assert_close(y, reference64(x, w, b, activation, r), dtype=torch.float32)
+
+
+def test_fastest_path_times_once_and_never_while_capturing():
+    calls = []
+    timer = lambda name, ms: (lambda: calls.append(name) or ms)
+    cache = {}
+    timers = {"triton": timer("triton", 2.0), "cublas": timer("cublas", 1.0)}
+    assert ops._fastest_path("k", timers, cache, capturing=True) == "cublas"   # capture-safe default
+    assert calls == [] and cache == {}
+    assert ops._fastest_path("k", timers, cache, capturing=False) == "cublas"
+    assert ops._fastest_path("k", timers, cache, capturing=False) == "cublas"
+    assert sorted(calls) == ["cublas", "triton"]                              # timed once
+    assert ops._fastest_path("k", timers, cache, capturing=True) == "cublas"   # cached choice under capture
+    timers = {"triton": timer("triton", 1.0), "cublas": timer("cublas", 1.0)}
+    assert ops._fastest_path("tie", timers, cache, capturing=False) == "triton"
+
+
+def test_m_bucket():
+    assert [linear_kernels.m_bucket(m) for m in (0, 1, 16, 17, 197, 50432)] == [16, 16, 16, 32, 256, 65536]
+
+
+def _good(device="cpu", dtype=torch.float32):
+    return (torch.randn(2, 5, 16, dtype=dtype, device=device), torch.randn(8, 16, dtype=dtype, device=device),
+            torch.randn(8, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda x, w, b: dict(weight=torch.randn(8, 15)), r"weight: expected shape \(N, 16\).*got \(8, 15\)"),
+    (lambda x, w, b: dict(weight=torch.randn(16)), r"weight: expected shape \(N, 16\).*got \(16,\)"),
+    (lambda x, w, b: dict(bias=torch.randn(7)), r"bias: expected shape \(8,\).*got \(7,\)"),
+    (lambda x, w, b: dict(residual=torch.randn(2, 5, 7)), r"residual: expected shape \(2, 5, 8\).*got \(2, 5, 7\)"),
+    (lambda x, w, b: dict(residual=torch.randn(10, 8)), r"residual: expected shape \(2, 5, 8\).*got \(10, 8\)"),
+    (lambda x, w, b: dict(activation="relu"), r"activation: expected one of .*'gelu_tanh'.*got 'relu'"),
+    (lambda x, w, b: dict(weight=w.half()), r"weight: expected dtype torch.float32 \(like x\), got torch.float16"),
+    (lambda x, w, b: dict(bias=b.double()), r"bias: expected dtype torch.float32 \(like x\), got torch.float64"),
+    (lambda x, w, b: dict(weight=w.to("meta")), r"weight: expected device cpu \(like x\), got meta"),
+    (lambda x, w, b: dict(x=x.int()), r"x: expected dtype in .*got torch.int32"),
+    (lambda x, w, b: dict(x=torch.tensor(1.0)), r"x: expected a tensor \[..., K\]"),
+])
+def test_bad_input(change, match):
+    x, w, b = _good()
+    kw = dict(x=x, weight=w, bias=b, activation=None, residual=None)
+    kw.update(change(x, w, b))
+    with pytest.raises(ValueError, match=match):
+        ops.linear(kw.pop("x"), kw.pop("weight"), kw.pop("bias"), **kw)
+
+
+def test_bad_input_mlp_and_launcher():
+    x, w, b = _good()
+    with pytest.raises(ValueError, match=r"fc2_weight: expected shape \(C_out, H\) .*got \(16, 9\)"):
+        ops.mlp(x, w, b, torch.randn(16, 9), None)
+    with pytest.raises(ValueError, match=r"out: expected shape \[2, 5, 8\], got \[10, 8\]"):
+        linear_kernels.linear(x, w, b, out=torch.empty(10, 8))
+    with pytest.raises(ValueError, match=r"out: expected a buffer viewable as \[10, 8\]"):
+        linear_kernels.linear(x, w, b, out=torch.empty(8, 5, 2).permute(2, 1, 0))
+    with pytest.raises(ValueError, match=r"activation: expected one of .*got 'GELU'"):
+        linear_kernels.linear(x, w, b, activation="GELU")
+
+
+@pytest.mark.parametrize("bias,activation,residual", [(True, "gelu", True), (False, None, False)])
+def test_opcheck(bias, activation, residual, device):
+    x, w, b, r = make_inputs(6, 20, 12, bias, residual, "3d", torch.float32, device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(ops._linear_op, (x, w, b, activation, r))
+
+
+def test_autograd_matches_reference(device):
+    x, w, b, r = make_inputs(6, 20, 12, True, True, "3d", torch.float32, device)
+    leaves = [t.requires_grad_(True) for t in (x, w, b, r)]
+    g = torch.randn(*x.shape[:-1], 12, device=device)
+    grads = torch.autograd.grad(ops.linear(x, w, b, activation="gelu_tanh", residual=r), leaves, g)
+    leaves64 = [t.detach().to("cpu", torch.float64).requires_grad_(True) for t in leaves]
+    ref = reference.linear(leaves64[0], leaves64[1], leaves64[2], "gelu_tanh", leaves64[3])
+    grads64 = torch.autograd.grad(ref, leaves64, g.to("cpu", torch.float64))
+    for name, got, want in zip("x w b residual".split(), grads, grads64):
+        assert_close(got, want, dtype=torch.float32, name=f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------------ GPU
+VIT_B = [(768, 3072, "gelu", False), (3072, 768, None, True), (768, 2304, None, False), (768, 768, None, True)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N,activation,residual", VIT_B)
+def test_linear_kernel_large_m(K, N, activation, residual, dtype):
+    """ViT-B linears at batch 256 x 197 tokens (M = 50,432, tails in M); float64 reference on the GPU."""
+    x, w, b, r = make_inputs(256 * 197, K, N, True, residual, "3d", dtype, "cuda")
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=poisoned((256, 197, N), dtype, "cuda"))
+    d = lambda t: None if t is None else t.double()
+    ref = reference.linear(d(x), d(w), d(b), activation, d(r))
+    assert_close(y, ref, dtype=dtype, eager=reference.linear(x, w, b, activation, r))
+
+
+@gpu
+def test_linear_kernel_tf32():
+    x, w, b, r = make_inputs(197, 192, 768, True, True, "3d", torch.float32, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        y = linear_kernels.linear(x, w, b, activation="gelu", residual=r)
+        eager = reference.linear(x, w, b, "gelu", r)
+        assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float32, eager=eager)   # 'tf32' tolerance
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@gpu
+def test_dispatch_decides_once_and_captures_in_cuda_graph():
+    x, w, b, r = make_inputs(4 * 197, 256, 512, True, True, "3d", torch.float16, "cuda")
+    ref = reference64(x, w, b, None, r)
+    ops._LINEAR_PATHS.clear()
+    torch.nn.functional.linear(x, w, b)   # cuBLAS handle / workspace exist before the first capture
+    torch.cuda.synchronize()
+    # A new key while capturing: no timing, the capture-safe path.
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = ops.linear(x, w, b, residual=r)
+    assert not ops._LINEAR_PATHS
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y_graph, ref, dtype=torch.float16)
+    # Outside capture: timed once and cached; then the cached choice is captured and replayed.
+    y = ops.linear(x, w, b, residual=r)
+    assert len(ops._LINEAR_PATHS) == 1 and set(ops._LINEAR_PATHS.values()) <= {"triton", "cublas"}
+    assert_close(y, ref, dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = ops.linear(x, w, b, residual=r)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y_graph, reference64(x, w, b, None, r), dtype=torch.float16)
