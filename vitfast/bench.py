@@ -1,40 +1,742 @@
-"""Benchmark sweep (smoke version): reference ViT images/s over patch sizes on this machine."""
+"""`vitfast bench`: the patch-size sweep (32 -> 8) and the O(n²) attention study.
+
+For one model size and every configuration (image size S, patch size P -> T = 1 + (S/P)² tokens):
+
+- end-to-end forward time and images/s of each model backend, timed in the same run:
+    eager              the eager reference (`vitfast.reference`, plain softmax attention)
+    eager-sdpa         the same with `F.scaled_dot_product_attention` (`fused_attn=True`, timm's default path)
+    timm               timm's own VisionTransformer with the same weights (only where timm is importable)
+    compile            `torch.compile(mode="max-autotune")` of eager-sdpa (GPU; --no-compile skips it)
+    vitfast            `vitfast.model.VisionTransformer`
+    vitfast-cudagraph  vitfast replayed as one CUDA graph (GPU)
+- the ops of one block at that shape (patch_embed, layer_norm, linear_qkv, attention, linear_proj, mlp)
+  for three op backends: `eager` (vitfast.reference), `torch` (torch's fused op: SDPA, F.layer_norm,
+  F.linear, conv2d) and `vitfast` (vitfast.ops), with TFLOP/s (GEMM-like ops) or GB/s (layer_norm);
+- peak memory per measurement (torch.cuda.max_memory_allocated; null on CPU);
+- the attention study: attention time per image vs T, the log-log exponent fitted with
+  numpy.polyfit(log T, log ms_per_image, 1), and the share of end-to-end time spent in attention.
+
+Batch sizes are given for <= 785 tokens (224 px) and scaled down for more tokens (batch·T kept
+constant) to bound memory. Every time comes from `vitfast.timing.bench`. Writes `results.json`,
+`results.md` and PNG plots into --out; prints a summary table.
+"""
 
 from __future__ import annotations
 
 import argparse
-import time
+import gc
+import json
+import math
+import platform
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from vitfast import reference
+from vitfast import ops, reference
+from vitfast.configs import CONFIGS
+from vitfast.testing import rel_err
+from vitfast.timing import L2_BYTES, bench, gbps, rotating_inputs, tflops
+
+MODEL_SIZES = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
+               "large": "vit_large_patch16_224", "huge": "vit_huge_patch14_224"}
+# (image size, patch size): tokens 50, 197, 257, 785 at 224 px; 577, 2305 at 384; 1025, 4097 at 512.
+SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (384, 8), (512, 16), (512, 8)]
+CPU_SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (512, 16)]   # up to 1025 tokens
+QUICK_SWEEP = [(224, 32), (224, 16), (224, 8)]
+MODEL_BACKENDS = ("eager", "eager-sdpa", "timm", "compile", "vitfast", "vitfast-cudagraph")
+GPU_ONLY = ("compile", "vitfast-cudagraph")
+OPS = ("patch_embed", "layer_norm", "linear_qkv", "attention", "linear_proj", "mlp")
+# The op backend whose attention time each model backend spends (for the attention share).
+ATTENTION_OF = {"eager": "eager", "eager-sdpa": "torch", "timm": "torch", "vitfast": "vitfast",
+                "vitfast-cudagraph": "vitfast"}
+# The model backend each op backend runs inside (for an op's share of end-to-end time).
+MODEL_OF = {"eager": "eager", "vitfast": "vitfast"}
+BATCH_TOKENS = 785          # --batch-size holds up to this many tokens; above it the batch shrinks
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_NOTE = ("CUDA is not available: this is a CPU sweep of the eager reference vs vitfast's CPU path "
+            "(reference math / C++ LayerNorm). The Triton kernels need an NVIDIA GPU; these numbers say "
+            "nothing about their speed.")
+PEAK_MEM_NOTE = ("peak_mem_bytes = torch.cuda.max_memory_allocated over one call, with only that backend's "
+                 "weights (for an op: its operands), one input batch and the backend's own caches (CUDA graph "
+                 "/ compile pools) resident; null on CPU (no allocator statistics there)")
 
 
-def _time_ms(fn, warmup: int = 1, iters: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+@dataclass(frozen=True)
+class Config:
+    image_size: int
+    patch_size: int
+    batch: int
+
+    @property
+    def tokens(self) -> int:
+        return 1 + (self.image_size // self.patch_size) ** 2
+
+    @property
+    def label(self) -> str:
+        return f"P{self.patch_size}/{self.image_size}px"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vitfast bench", description=__doc__)
-    p.add_argument("--model-size", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--patch-sizes", default="32,16,8")
-    args = p.parse_args(argv)
-    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[args.model_size]
-    print(f"reference ViT-{args.model_size}, 224 px, batch {args.batch_size}, float32, {torch.get_num_threads()} "
-          f"CPU threads (torch {torch.__version__})")
-    print(f"{'patch':>5} {'tokens':>6} {'ms/batch':>9} {'images/s':>9}")
-    for P in (int(s) for s in args.patch_sizes.split(",")):
-        model = reference.VisionTransformer(patch_size=P, embed_dim=dims[0], num_heads=dims[1], depth=12).eval()
-        x = torch.randn(args.batch_size, 3, 224, 224)
+@dataclass(frozen=True)
+class Spec:
+    """The model being measured (timm's ViT kwargs)."""
+    size: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+    @property
+    def hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def kwargs(self, cfg: Config) -> dict:
+        return dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+
+
+def spec_for(size: str, depth: int | None = None) -> Spec:
+    """The Spec of a model size (tiny ... huge), from the named timm configurations."""
+    kw = CONFIGS[MODEL_SIZES[size]]
+    return Spec(size, kw["embed_dim"], depth or kw["depth"], kw["num_heads"], kw.get("mlp_ratio", 4.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vitfast bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=None,
+                   help="ViT size (default: base on GPU, tiny on CPU)")
+    p.add_argument("--depth", type=int, default=None, help="number of blocks (default: the model size's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"batch for <= {BATCH_TOKENS} tokens, scaled down above (default: 256 on GPU, 2 on CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--patch-sizes", type=_ints, default=None,
+                   help="comma-separated; with --image-sizes, the sweep becomes their product")
+    p.add_argument("--image-sizes", type=_ints, default=None, help="comma-separated (see --patch-sizes)")
+    p.add_argument("--backends", type=_names, default=None,
+                   help=f"model backends, comma-separated, from {','.join(MODEL_BACKENDS)} (default: all that "
+                        "can run here); the op backends follow (eager, torch, vitfast)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-op timings")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes per shape)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 3)")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="milliseconds of repetitions per measurement on GPU (do_bench median; default 200)")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: 224 px at patch 32/16/8, 1 rep on CPU / 50 ms on GPU, no torch.compile")
+    p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: steady on a shared machine, where two "
+                        "threads can run 20x slower; 0 keeps torch's own setting)")
+    return p.parse_args(argv)
+
+
+def sweep_configs(args, device: str) -> list[tuple[int, int]]:
+    """The (image size, patch size) pairs to measure. --patch-sizes / --image-sizes replace the
+    default list by their product (the one not given taken from the default list)."""
+    base = QUICK_SWEEP if args.quick else SWEEP if device == "cuda" else CPU_SWEEP
+    if args.patch_sizes is None and args.image_sizes is None:
+        return list(base)
+    images = args.image_sizes or sorted({s for s, _ in base})
+    patches = args.patch_sizes or sorted({p for _, p in base}, reverse=True)
+    pairs = [(s, p) for s in images for p in patches if p > 0 and s % p == 0]
+    if not pairs:
+        raise SystemExit(f"vitfast bench: no image size in {images} is divisible by a patch size in {patches}")
+    return pairs
+
+
+def batch_for(tokens: int, batch_size: int) -> int:
+    """The batch for `tokens` tokens: batch_size up to BATCH_TOKENS tokens, batch·tokens constant above."""
+    return max(1, min(batch_size, batch_size * BATCH_TOKENS // tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+def _timm_class():
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    return VisionTransformer
+
+
+def _free(device: str) -> None:
+    """Give a dropped model's GPU memory back before the next one is measured (gc breaks the reference
+    cycles of compiled / graphed models; it takes a while, so only on GPU)."""
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _peak_memory(fn, args, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*args)
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+class Timer:
+    """`vitfast.timing.bench` with this run's settings, plus warm-up and peak memory."""
+
+    def __init__(self, device: str, reps: int, rep_ms: float):
+        self.device, self.reps, self.rep_ms = device, reps, rep_ms
+
+    def measure(self, fn, make, first: list | None = None) -> tuple[float, int | None]:
+        """(median ms of fn(*inputs), peak bytes). `make()` builds one input set (`first`, if given,
+        is the first); on GPU the sets rotate over more than 2x the L2 size. On CPU `bench` makes
+        the one warm-up call."""
         with torch.inference_mode():
-            ms = _time_ms(lambda m=model, x=x: m(x))
-        print(f"{P:>5} {1 + (224 // P) ** 2:>6} {ms:>9.1f} {args.batch_size / ms * 1e3:>9.1f}")
-    return 0
+            first = list(make()) if first is None else first
+            for _ in range(2 if self.device == "cuda" else 0):   # compilation, autotuning happen here
+                fn(*first)
+            peak = _peak_memory(fn, first, self.device)
+            sets = [first]
+            if self.device == "cuda":
+                sets += rotating_inputs(make, min_bytes=2 * L2_BYTES)[1:]
+            ms = bench(fn, sets, device=self.device, rep_ms=self.rep_ms, cpu_reps=self.reps)
+        return ms, peak
+
+
+def _cuda_graph(fn, example):
+    """fn replayed as one CUDA graph: copy the input into the captured buffer, replay."""
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):                 # Triton compiles / autotunes outside the capture
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def replay(x):
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, device: str, dtype, example):
+    """A callable images -> logits for `backend`, with the weights `state`."""
+    kwargs = spec.kwargs(cfg)
+    if backend in ("eager", "eager-sdpa", "compile"):
+        with torch.device(device):
+            model = reference.VisionTransformer(**kwargs)
+        for m in model.modules():
+            if isinstance(m, reference.Attention):
+                m.fused_attn = backend != "eager"
+    elif backend == "timm":
+        with torch.device(device):
+            model = _timm_class()(**kwargs)
+    else:
+        from vitfast.model import VisionTransformer
+        with torch.device(device):
+            model = VisionTransformer(**kwargs)
+    model.load_state_dict(state, strict=True)
+    model = model.to(dtype).eval()
+    if backend == "compile":
+        return torch.compile(model, mode="max-autotune")
+    if backend == "vitfast-cudagraph":
+        return _cuda_graph(model, example)
+    return model
+
+
+def _sdpa_qkv(qkv, num_heads):
+    B, N, _ = qkv.shape
+    q, k, v = reference.split_qkv(qkv, num_heads)                                    # (B, H, N, D)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
+
+
+def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
+    """(make_inputs, {op backend: fn}, work) for one op of one block; work = {"flops": ..} or {"bytes": ..}."""
+    B, T, C, H, P, S = cfg.batch, cfg.tokens, spec.embed_dim, spec.num_heads, cfg.patch_size, cfg.image_size
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+    if op == "patch_embed":
+        w, b, cls, pos = rand(C, 3, P, P, scale=0.02), rand(C), rand(1, 1, C), rand(1, T, C)
+
+        def conv(x):
+            x = F.conv2d(x, w, b, stride=P).flatten(2).transpose(1, 2)                # (B, N, C)
+            return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + pos         # (B, T, C)
+        return (lambda: [rand(B, 3, S, S)],
+                {"eager": lambda x: reference.patch_embed(x, w, b, cls, pos), "torch": conv,
+                 "vitfast": lambda x: ops.patch_embed(x, w, b, cls_token=cls, pos_embed=pos)},
+                {"flops": 2 * B * (T - 1) * 3 * P * P * C})
+    if op == "layer_norm":
+        w, b = 1 + rand(C, scale=0.1), rand(C, scale=0.1)
+        return (lambda: [rand(B, T, C)],
+                {"eager": lambda x: reference.layer_norm(x, w, b, 1e-6),
+                 "torch": lambda x: F.layer_norm(x, (C,), w, b, 1e-6),
+                 "vitfast": lambda x: ops.layer_norm(x, w, b, 1e-6)},
+                {"bytes": 2 * B * T * C * torch.finfo(dtype).bits // 8})
+    if op == "attention":
+        return (lambda: [rand(B, T, 3 * C)],
+                {"eager": lambda x: reference.attention_qkv(x, H), "torch": lambda x: _sdpa_qkv(x, H),
+                 "vitfast": lambda x: ops.attention_qkv(x, H)},
+                {"flops": 4 * B * T * T * C})                       # q kᵀ and p v, 2·T·T·D each per head
+    if op in ("linear_qkv", "linear_proj"):
+        n_out, res = (3 * C, False) if op == "linear_qkv" else (C, True)
+        w, b = rand(n_out, C, scale=C ** -0.5), rand(n_out, scale=0.1)
+        make = (lambda: [rand(B, T, C), rand(B, T, C)]) if res else (lambda: [rand(B, T, C)])
+        return (make,
+                {"eager": lambda x, r=None: reference.linear(x, w, b, None, r),
+                 "torch": lambda x, r=None: F.linear(x, w, b) if r is None else F.linear(x, w, b) + r,
+                 "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r)},
+                {"flops": 2 * B * T * C * n_out})
+    if op == "mlp":
+        Hd = spec.hidden
+        w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
+        w2, b2 = rand(C, Hd, scale=Hd ** -0.5), rand(C, scale=0.1)
+        return (lambda: [rand(B, T, C), rand(B, T, C)],
+                {"eager": lambda x, r: reference.linear(reference.linear(x, w1, b1, "gelu"), w2, b2, None, r),
+                 "torch": lambda x, r: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) + r,
+                 "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation="gelu"), w2, b2, residual=r)},
+                {"flops": 4 * B * T * C * Hd})
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def model_flops(spec: Spec, cfg: Config) -> int:
+    """Forward FLOPs of one batch (matmuls only)."""
+    B, T, C, P = cfg.batch, cfg.tokens, spec.embed_dim, cfg.patch_size
+    block = 2 * T * C * 3 * C + 4 * T * T * C + 2 * T * C * C + 4 * T * C * spec.hidden
+    return B * (2 * (T - 1) * 3 * P * P * C + spec.depth * block + 2 * C * 1000)
+
+
+def _record(kind: str, cfg: Config, backend: str, dtype, **fields) -> dict:
+    r = dict(kind=kind, patch_size=cfg.patch_size, image_size=cfg.image_size, tokens=cfg.tokens, batch=cfg.batch,
+             backend=backend, dtype=str(dtype).replace("torch.", ""), ms=None, ms_per_image=None,
+             images_per_s=None, peak_mem_bytes=None, error=None)
+    r.update(fields)
+    return r
+
+
+def _error(e: BaseException) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    traceback.print_exc(file=sys.stderr)
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[str], timer: Timer, device: str,
+               dtype, progress) -> list[dict]:
+    """Model records for `backends` and op records for `op_backends` at one configuration.
+    Models are built under no_grad and called under inference_mode."""
+    records = []
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = reference.VisionTransformer(**spec.kwargs(cfg))
+    state = {k: v.to("cpu", dtype) for k, v in ref.state_dict().items()}   # off the GPU: not in the peaks
+    ref = ref.to(dtype).eval()
+    example = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+    try:
+        with torch.inference_mode():
+            expected = ref(example)                      # eager output: every backend is checked against it
+    except torch.cuda.OutOfMemoryError:
+        expected = None                                  # no check at this size; the backends still run
+    del ref
+    _free(device)
+    flops, shape = model_flops(spec, cfg), example.shape
+    for backend in backends:
+        progress.set_description(f"{cfg.label} {backend}")
+        fn = None
+        try:
+            fn = build_model_backend(backend, spec, cfg, state, device, dtype, example)
+            ms, peak = timer.measure(fn, lambda: [torch.randn(shape, device=device, dtype=dtype)], [example])
+            with torch.inference_mode():
+                err = None if expected is None else rel_err(fn(example), expected)
+            records.append(_record("model", cfg, backend, dtype, ms=ms, ms_per_image=ms / cfg.batch,
+                                   images_per_s=cfg.batch / ms * 1e3, tflops=tflops(flops, ms),
+                                   peak_mem_bytes=peak, rel_err_vs_eager=err))
+        except Exception as e:                          # one failing backend must not lose the sweep
+            records.append(_record("model", cfg, backend, dtype, error=_error(e)))
+        del fn
+        if backend == "compile":
+            torch._dynamo.reset()
+        _free(device)
+        progress.update()
+    del example, expected, state
+    _free(device)
+    for op in OPS:
+        for backend in op_backends:
+            progress.set_description(f"{cfg.label} {op} {backend}")
+            try:
+                make, fns, work = op_case(op, spec, cfg, device, dtype)
+                ms, peak = timer.measure(fns[backend], make)
+                rate = ({"tflops": tflops(work["flops"], ms)} if "flops" in work
+                        else {"gbps": gbps(work["bytes"], ms)})
+                records.append(_record("kernel", cfg, backend, dtype, op=op, ms=ms, ms_per_image=ms / cfg.batch,
+                                       peak_mem_bytes=peak, **rate))
+            except Exception as e:
+                records.append(_record("kernel", cfg, backend, dtype, op=op, error=_error(e)))
+            make = fns = None
+            progress.update()
+    add_shares(records, spec)
+    return records
+
+
+def add_shares(records: list[dict], spec: Spec) -> None:
+    """attention_share on model records (depth x attention ms / model ms, same config and batch) and
+    model_share on op records (calls per forward x op ms / model ms)."""
+    calls = {"patch_embed": 1, "layer_norm": 2 * spec.depth + 1, "linear_qkv": spec.depth, "attention": spec.depth,
+             "linear_proj": spec.depth, "mlp": spec.depth}
+    ms = {(r["kind"], r.get("op"), r["backend"]): r["ms"] for r in records if r["ms"] is not None}
+    for r in records:
+        if r["kind"] == "model":
+            attn = ms.get(("kernel", "attention", ATTENTION_OF.get(r["backend"])))
+            r["attention_share"] = spec.depth * attn / r["ms"] if attn and r["ms"] else None
+        else:
+            model = ms.get(("model", None, MODEL_OF.get(r["backend"])))
+            r["model_share"] = calls[r["op"]] * r["ms"] / model if model and r["ms"] else None
+
+
+# --------------------------------------------------------------------------------------------
+# The attention study: fitted exponents
+# --------------------------------------------------------------------------------------------
+def fit_exponent(records: list[dict], kind: str, backend: str, op: str | None = None) -> dict | None:
+    """Least-squares line log(ms_per_image) = exponent·log(tokens) + intercept over the measured
+    points of one backend (numpy.polyfit, natural logs); None with fewer than 2 distinct token counts."""
+    pts = sorted((r["tokens"], r["ms_per_image"]) for r in records
+                 if r["kind"] == kind and r["backend"] == backend and r.get("op") == op and r["ms"] is not None)
+    if len({n for n, _ in pts}) < 2:
+        return None
+    n, t = np.array(pts, dtype=np.float64).T
+    slope, intercept = np.polyfit(np.log(n), np.log(t), 1)
+    return {"exponent": float(slope), "intercept": float(intercept), "points": len(pts)}
+
+
+def fits(records: list[dict]) -> dict:
+    out = {"attention": {}, "model": {}}
+    for b in dict.fromkeys(r["backend"] for r in records):
+        if (f := fit_exponent(records, "kernel", b, "attention")) is not None:
+            out["attention"][b] = f
+        if (f := fit_exponent(records, "model", b)) is not None:
+            out["model"][b] = f
+    return out
+
+
+def main_attention_backend(fitted: dict) -> str | None:
+    return next((b for b in ("vitfast", "torch", "eager") if b in fitted["attention"]), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Output: JSON, Markdown, plots
+# --------------------------------------------------------------------------------------------
+def _fmt(v, spec: str = ".3g") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _mib(v) -> str:
+    return "–" if v is None else f"{v / 2**20:.0f}"
+
+
+def _configs(records):
+    return sorted({(r["tokens"], r["patch_size"], r["image_size"], r["batch"]) for r in records})
+
+
+def markdown(result: dict) -> str:
+    env, records, fitted = result["environment"], result["records"], result["fits"]
+    c = env["config"]
+    lines = [f"# vitfast bench: ViT-{c['model_size']} (dim {c['embed_dim']}, depth {c['depth']}, "
+             f"heads {c['num_heads']}), {c['dtype']}, {env['gpu']}", "",
+             f"{env['date']} · torch {env['torch']} · triton {env['triton']} · driver {env['driver']}", "",
+             f"Command: `{env['command']}`", ""]
+    lines += [f"> {n}" for n in env["notes"]] + [""]
+    models = [r for r in records if r["kind"] == "model"]
+    eager = {(r["tokens"], r["image_size"]): r["ms_per_image"] for r in models if r["backend"] == "eager"}
+    lines += ["## End to end", "",
+              "| patch | image | tokens | batch | backend | ms / batch | images/s | x eager | TFLOP/s | peak MiB "
+              "| attention share | rel err vs eager |", "|" + "---:|" * 12]
+    for r in sorted(models, key=lambda r: (r["tokens"], r["image_size"])):
+        base = eager.get((r["tokens"], r["image_size"]))
+        speed = base / r["ms_per_image"] if base and r["ms_per_image"] else None
+        share = None if r.get("attention_share") is None else f"{100 * r['attention_share']:.0f}%"
+        tail = (f"{_fmt(r['ms'])} | {_fmt(r['images_per_s'], '.1f')} | {_fmt(speed, '.2f')} | "
+                f"{_fmt(r.get('tflops'))} | {_mib(r['peak_mem_bytes'])} | {share or '–'} | "
+                f"{_fmt(r.get('rel_err_vs_eager'), '.1e')} |")
+        if r["error"]:
+            tail = f"{r['error']} |" + " – |" * 6
+        lines.append(f"| {r['patch_size']} | {r['image_size']} | {r['tokens']} | {r['batch']} | {r['backend']} "
+                     f"| {tail}")
+    attn = [r for r in records if r["kind"] == "kernel" and r["op"] == "attention"]
+    lines += ["", "## Attention vs tokens (the O(n²) study)", ""]
+    for b, f in fitted["attention"].items():
+        lines.append(f"- attention `{b}`: time per image ∝ N^{f['exponent']:.2f} (fit over {f['points']} points)")
+    for b, f in fitted["model"].items():
+        lines.append(f"- end to end `{b}`: time per image ∝ N^{f['exponent']:.2f}")
+    lines += ["", "| tokens | patch | image | backend | ms / batch | ms / image | TFLOP/s | share of end to end |",
+              "|" + "---:|" * 8]
+    shares = {(r["tokens"], r["image_size"], ATTENTION_OF.get(r["backend"])): r.get("attention_share")
+              for r in models if r["backend"] in ("eager", "eager-sdpa", "vitfast")}
+    for r in sorted(attn, key=lambda r: (r["tokens"], r["image_size"], r["backend"])):
+        share = shares.get((r["tokens"], r["image_size"], r["backend"]))
+        lines.append(f"| {r['tokens']} | {r['patch_size']} | {r['image_size']} | {r['backend']} | {_fmt(r['ms'])} | "
+                     f"{_fmt(r['ms_per_image'])} | {_fmt(r.get('tflops'))} | "
+                     f"{'–' if share is None else f'{100 * share:.0f}%'} |")
+    kernels = [r for r in records if r["kind"] == "kernel"]
+    if kernels:
+        lines += ["", "## Ops of one block (share = calls per forward x op time / end-to-end time)", "",
+                  "| tokens | patch | image | op | backend | ms | TFLOP/s | GB/s | x eager | share of model |",
+                  "|" + "---:|" * 10]
+        eager_op = {(r["tokens"], r["image_size"], r["op"]): r["ms"] for r in kernels if r["backend"] == "eager"}
+        for r in sorted(kernels, key=lambda r: (r["tokens"], r["image_size"], OPS.index(r["op"]), r["backend"])):
+            base = eager_op.get((r["tokens"], r["image_size"], r["op"]))
+            speed = base / r["ms"] if base and r["ms"] else None
+            share = None if r.get("model_share") is None else f"{100 * r['model_share']:.0f}%"
+            lines.append(f"| {r['tokens']} | {r['patch_size']} | {r['image_size']} | {r['op']} | {r['backend']} | "
+                         f"{r['error'] or _fmt(r['ms'])} | {_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
+                         f"{_fmt(speed, '.2f')} | {share or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """images/s per configuration and backend, then attention ms/image per token count."""
+    records = result["records"]
+    models = [r for r in records if r["kind"] == "model"]
+    backends = list(dict.fromkeys(r["backend"] for r in models))
+    head = f"{'config':<14}{'tokens':>7}{'batch':>6}" + "".join(f"{b:>19}" for b in backends)
+    lines = ["images/s (end to end):", head]
+    for tokens, patch, image, batch in _configs(models):
+        row = {r["backend"]: r for r in models if (r["tokens"], r["image_size"]) == (tokens, image)}
+        cells = "".join(f"{_fmt(row[b]['images_per_s'], '.1f') if b in row and not row[b]['error'] else 'n/a':>19}"
+                        for b in backends)
+        lines.append(f"{f'P{patch}/{image}px':<14}{tokens:>7}{batch:>6}{cells}")
+    attn = [r for r in records if r["kind"] == "kernel" and r["op"] == "attention"]
+    if attn:
+        abk = list(dict.fromkeys(r["backend"] for r in attn))
+        lines += ["", "attention ms per image:", f"{'tokens':>7}" + "".join(f"{b:>12}" for b in abk)]
+        for tokens in sorted({r["tokens"] for r in attn}):
+            row = {r["backend"]: r["ms_per_image"] for r in attn if r["tokens"] == tokens}
+            lines.append(f"{tokens:>7}" + "".join(f"{_fmt(row.get(b), '.4g'):>12}" for b in abk))
+    e = result["attention_exponent"]
+    lines.append("")
+    lines.append("fitted attention exponent: " + ("n/a (fewer than 2 token counts)" if e is None else
+                 f"time ∝ N^{e:.2f} ({result['attention_fit_backend']})"))
+    return "\n".join(lines)
+
+
+def plots(result: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, fitted, env = result["records"], result["fits"], result["environment"]
+    title = f"ViT-{env['config']['model_size']} {env['config']['dtype']}, {env['gpu']}"
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (b, f) in enumerate(fitted["attention"].items()):
+        pts = sorted((r["tokens"], r["ms_per_image"]) for r in records if r["kind"] == "kernel"
+                     and r["op"] == "attention" and r["backend"] == b and r["ms"] is not None)
+        n = np.array([p[0] for p in pts], dtype=float)
+        color = f"C{i}"
+        ax.loglog(n, [p[1] for p in pts], "o", color=color, label=f"{b} (measured)")
+        grid = np.geomspace(n.min(), n.max(), 50)
+        ax.loglog(grid, np.exp(f["intercept"]) * grid ** f["exponent"], "-", color=color,
+                  label=f"{b} fit: slope {f['exponent']:.2f}")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("attention ms per image")
+    ax.set_title(f"Attention time vs N (log-log): {title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if fitted["attention"]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "attention_vs_tokens.png", dpi=120)
+    plt.close(fig)
+    written.append("attention_vs_tokens.png")
+
+    models = [r for r in records if r["kind"] == "model"]
+    configs = _configs(models)
+    backends = list(dict.fromkeys(r["backend"] for r in models))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(configs)), 5))
+    width = 0.8 / max(1, len(backends))
+    for i, b in enumerate(backends):
+        vals = []
+        for tokens, _, image, _ in configs:
+            r = next((r for r in models if (r["tokens"], r["image_size"], r["backend"]) == (tokens, image, b)), None)
+            vals.append(r["images_per_s"] if r and r["images_per_s"] else 0.0)
+        ax.bar(np.arange(len(configs)) + (i - (len(backends) - 1) / 2) * width, vals, width, label=b)
+    ax.set_xticks(np.arange(len(configs)), [f"P{p}/{s}\n{t} tok" for t, p, s, _ in configs], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("images/s")
+    ax.set_title(f"End-to-end throughput: {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "images_per_s.png", dpi=120)
+    plt.close(fig)
+    written.append("images_per_s.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, b in enumerate(backends):
+        pts = sorted((r["tokens"], r["attention_share"]) for r in models
+                     if r["backend"] == b and r.get("attention_share") is not None)
+        if pts:
+            ax.semilogx([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=f"C{i}", label=b)
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("% of end-to-end time in attention")
+    ax.set_title(f"Attention share of the forward pass: {title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "attention_share.png", dpi=120)
+    plt.close(fig)
+    written.append("attention_share.png")
+    return written
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(argv, device: str, config: dict, notes: list[str]) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = device == "cuda"
+    return {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "device": device,
+            "driver": _driver_version() if cuda else None, "cuda": torch.version.cuda if cuda else None,
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["vitfast bench", *argv]),
+            "triton_interpret": ops.INTERPRET, "timing": ("triton.testing.do_bench median, CUDA events, L2 flushed, "
+                                                          "inputs rotated over > 2x L2" if cuda else
+                                                          "median of time.perf_counter after warm-up"),
+            "peak_mem": PEAK_MEM_NOTE, "notes": notes, "config": config}
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vitfast bench: --device cuda, but CUDA is not available")
+    gpu = device == "cuda"
+    size = args.model_size or ("base" if gpu else "tiny")
+    spec = spec_for(size, args.depth)
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    batch_size = args.batch_size or (256 if gpu else 2)
+    reps = args.reps or (1 if args.quick else 3)
+    rep_ms = args.rep_ms or (50 if args.quick else 200)
+    if min(batch_size, reps, spec.depth) < 1:
+        raise SystemExit("vitfast bench: --batch-size, --reps and --depth must be >= 1")
+
+    threads = 1 if args.threads is None and not gpu else args.threads
+    if threads:
+        torch.set_num_threads(threads)
+    notes = [] if gpu else [CPU_NOTE]
+    if ops.INTERPRET and not gpu:
+        notes.append("TRITON_INTERPRET=1: vitfast's ops run in Triton's interpreter on CPU (slow by design).")
+    requested = args.backends or list(MODEL_BACKENDS)
+    unknown = [b for b in requested if b not in MODEL_BACKENDS]
+    if unknown:
+        raise SystemExit(f"vitfast bench: unknown backend(s) {unknown}; expected some of {list(MODEL_BACKENDS)}")
+    backends = []
+    for b in MODEL_BACKENDS:
+        if b not in requested:
+            continue
+        if b in GPU_ONLY and not gpu:
+            notes.append(f"backend {b} skipped: it needs CUDA")
+        elif b == "compile" and (args.no_compile or args.quick):
+            notes.append("backend compile skipped (--no-compile / --quick)")
+        elif b == "timm" and _timm_class() is None:
+            if args.backends:
+                notes.append("backend timm skipped: timm is not installed")
+        else:
+            backends.append(b)
+    op_backends = [] if args.no_kernels else [
+        b for b, on in (("eager", "eager" in backends), ("torch", {"eager-sdpa", "timm"} & set(backends)),
+                        ("vitfast", {"vitfast", "vitfast-cudagraph"} & set(backends))) if on]
+    configs = [Config(s, p, batch_for(1 + (s // p) ** 2, batch_size)) for s, p in sweep_configs(args, device)]
+    configs.sort(key=lambda c: (c.tokens, c.image_size))
+
+    config = {"model_size": size, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
+              "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+              "batch_tokens": BATCH_TOKENS, "backends": backends, "op_backends": op_backends,
+              "configs": [dict(image_size=c.image_size, patch_size=c.patch_size, tokens=c.tokens, batch=c.batch)
+                          for c in configs],
+              "reps": reps if not gpu else None, "rep_ms": rep_ms if gpu else None}
+    env = environment(argv, device, config, notes)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"vitfast bench: ViT-{size} (dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}) "
+          f"{config['dtype']} on {env['gpu']}; {len(configs)} configurations x backends {backends}; "
+          f"ops: {op_backends or 'skipped'}")
+
+    from tqdm import tqdm
+
+    timer = Timer(device, reps, rep_ms)
+    records: list[dict] = []
+    total = len(configs) * (len(backends) + len(OPS) * len(op_backends))
+    with torch.no_grad(), tqdm(total=total, file=sys.stderr, disable=None, unit="run") as progress:
+        for cfg in configs:
+            records += run_config(cfg, spec, backends, op_backends, timer, device, dtype, progress)
+
+    fitted = fits(records)
+    main_b = main_attention_backend(fitted)
+    result = {"environment": env, "attention_exponent": fitted["attention"][main_b]["exponent"] if main_b else None,
+              "attention_fit_backend": main_b, "fits": fitted, "records": records}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
+    (out / "results.md").write_text(markdown(result))
+    pngs = plots(result, out)
+    print()
+    print(summary(result))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(out / p) for p in pngs))
+    failed = [r for r in records if r["error"] and r["error"] != "out of memory"]
+    for r in failed:
+        print(f"error: {r['backend']} {r.get('op') or 'model'} at {r['tokens']} tokens: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _finite(v):
+    """JSON has no inf/NaN: they become null (an inf rel_err means a non-finite output)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -190,18 +190,28 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True):
+    """timm's Attention. `fused_attn` (as in timm): False = the plain softmax math above (the
+    default, the ground truth); True = F.scaled_dot_product_attention, the path timm takes by default."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True, fused_attn=False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(attention_qkv(self.qkv(x), self.num_heads, self.scale))
+        qkv = self.qkv(x)                                                          # (B, N, 3C)
+        if not self.fused_attn:
+            return self.proj(attention_qkv(qkv, self.num_heads, self.scale))
+        B, N, _ = x.shape
+        q, k, v = split_qkv(qkv, self.num_heads)                                   # (B, H, N, D) each
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)           # (B, H, N, D)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))                   # (B, N, C)
 
 
 class Mlp(nn.Module):

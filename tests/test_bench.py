@@ -1,0 +1,160 @@
+"""`vitfast bench` on the CPU: the output files and their schema, the fitted attention exponent, the
+sweep and batch rules, and the `fused_attn` (SDPA) baseline of the reference model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vitfast import bench, ops, reference
+from vitfast.testing import assert_close
+
+# 64 px at patch 32 / 16 / 8: 5, 17 and 65 tokens, one block.
+ARGS = ["--model-size", "tiny", "--depth", "1", "--batch-size", "2", "--image-sizes", "64",
+        "--patch-sizes", "32,16,8", "--reps", "1"]
+CONFIGS = [(64, 32, 5), (64, 16, 17), (64, 8, 65)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    # Like `make bench` on a CPU machine: vitfast's CPU path, not Triton's interpreter (the kernels
+    # have their own tests; timing them in the interpreter would take minutes).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "INTERPRET", False)
+        rc = bench.main([*ARGS, "--out", str(out)])
+    return rc, out, json.loads((out / "results.json").read_text())
+
+
+def test_exit_code_and_environment(run):
+    rc, _, result = run
+    assert rc == 0
+    env = result["environment"]
+    for key in ("gpu", "driver", "torch", "triton", "date", "config", "command", "notes"):
+        assert key in env, key
+    assert env["gpu"] == "cpu" and env["torch"] == torch.__version__
+    assert any("need an NVIDIA GPU" in n for n in env["notes"])
+    cfg = env["config"]
+    assert (cfg["model_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == ("tiny", 192, 1, 3)
+    assert [(c["image_size"], c["patch_size"], c["tokens"]) for c in cfg["configs"]] == CONFIGS
+
+
+def test_records_schema_and_values(run):
+    _, _, result = run
+    records = result["records"]
+    assert all(r["error"] is None for r in records), [r for r in records if r["error"]]
+    models = [r for r in records if r["kind"] == "model"]
+    kernels = [r for r in records if r["kind"] == "kernel"]
+    # On CPU: eager, eager + SDPA and vitfast, each at every configuration.
+    assert sorted((r["image_size"], r["patch_size"], r["tokens"], r["backend"]) for r in models) == sorted(
+        (s, p, t, b) for s, p, t in CONFIGS for b in ("eager", "eager-sdpa", "vitfast"))
+    assert {(r["op"], r["backend"]) for r in kernels} == {(o, b) for o in bench.OPS for b in ("eager", "torch",
+                                                                                                "vitfast")}
+    for r in records:
+        assert r["tokens"] == 1 + (r["image_size"] // r["patch_size"]) ** 2
+        assert r["batch"] == 2 and r["dtype"] == "float32"
+        assert r["ms"] > 0 and math.isclose(r["ms_per_image"], r["ms"] / r["batch"])
+        assert r["peak_mem_bytes"] is None            # no allocator statistics on CPU
+    for r in models:
+        assert math.isclose(r["images_per_s"], r["batch"] / r["ms"] * 1e3)
+        assert r["tflops"] > 0 and 0 < r["attention_share"]
+        # Every backend computes the same logits as the eager reference (fp32).
+        assert r["rel_err_vs_eager"] <= (0 if r["backend"] == "eager" else 1e-5)
+    for r in kernels:
+        assert (r["gbps"] > 0) if r["op"] == "layer_norm" else (r["tflops"] > 0)
+        # The op time of eager / vitfast against their own end-to-end time.
+        assert (r["model_share"] is None) == (r["backend"] == "torch")
+    flops = {r["tokens"]: r["tflops"] * r["ms"] * 1e9 for r in kernels if (r["op"], r["backend"]) == ("attention",
+                                                                                                        "eager")}
+    for t, f in flops.items():       # 4·B·N²·C
+        assert math.isclose(f, 4 * 2 * t * t * 192, rel_tol=1e-9)
+
+
+def test_exponent_is_the_fit_of_the_recorded_attention_points(run):
+    _, _, result = run
+    backend = result["attention_fit_backend"]
+    assert backend == "vitfast"
+    pts = [(r["tokens"], r["ms_per_image"]) for r in result["records"]
+           if r["kind"] == "kernel" and r["op"] == "attention" and r["backend"] == backend]
+    assert sorted(n for n, _ in pts) == [5, 17, 65]
+    n, t = np.array(pts, dtype=np.float64).T
+    slope, intercept = np.polyfit(np.log(n), np.log(t), 1)
+    assert result["attention_exponent"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
+    fit = result["fits"]["attention"][backend]
+    assert fit["intercept"] == pytest.approx(intercept, rel=1e-9, abs=1e-12) and fit["points"] == 3
+    assert set(result["fits"]["attention"]) == {"eager", "torch", "vitfast"}
+
+
+def test_files_table_and_plots(run):
+    _, out, result = run
+    for name in ("attention_vs_tokens.png", "images_per_s.png", "attention_share.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, name
+    table = (out / "results.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    for s, p, t in CONFIGS:
+        for b in ("eager", "eager-sdpa", "vitfast"):
+            assert [str(p), str(s), str(t), "2", b] in [row[:5] for row in rows], (s, p, b)
+        for op in bench.OPS:
+            assert [str(t), str(p), str(s), op, "vitfast"] in [row[:5] for row in rows], (s, p, op)
+    assert f"N^{result['attention_exponent']:.2f}" in table
+    assert "need an NVIDIA GPU" in table
+
+
+def test_fit_exponent_recovers_a_power_law():
+    recs = [dict(kind="kernel", op="attention", backend="x", tokens=n, ms=1.0, ms_per_image=3e-4 * n ** 2.0)
+            for n in (50, 197, 785, 4097)]
+    recs.append(dict(kind="kernel", op="attention", backend="x", tokens=9, ms=None, ms_per_image=None))  # failed
+    fit = bench.fit_exponent(recs, "kernel", "x", "attention")
+    assert fit["exponent"] == pytest.approx(2.0, abs=1e-12) and fit["points"] == 4
+    assert fit["intercept"] == pytest.approx(math.log(3e-4), abs=1e-10)
+    assert bench.fit_exponent(recs[:1], "kernel", "x", "attention") is None
+
+
+def test_attention_share():
+    spec = bench.Spec("tiny", 192, 12, 3, 4.0)
+    recs = [dict(kind="model", op=None, backend="vitfast", ms=10.0),
+            dict(kind="kernel", op="attention", backend="vitfast", ms=0.25),
+            dict(kind="kernel", op="layer_norm", backend="vitfast", ms=0.01),
+            dict(kind="kernel", op="attention", backend="torch", ms=0.5)]
+    bench.add_shares(recs, spec)
+    assert recs[0]["attention_share"] == pytest.approx(12 * 0.25 / 10)
+    assert recs[2]["model_share"] == pytest.approx(25 * 0.01 / 10)      # 2 per block + the final norm
+    assert recs[3]["model_share"] is None
+
+
+def test_sweep_and_batch_rules():
+    gpu = bench.parse_args([])
+    pairs = bench.sweep_configs(gpu, "cuda")
+    assert sorted(1 + (s // p) ** 2 for s, p in pairs) == [50, 197, 257, 577, 785, 1025, 2305, 4097]
+    assert all(s % p == 0 for s, p in pairs)
+    # --patch-sizes alone: the default image sizes, only where they divide.
+    assert bench.sweep_configs(bench.parse_args(["--patch-sizes", "14"]), "cuda") == [(224, 14)]
+    assert bench.sweep_configs(bench.parse_args(["--image-sizes", "384", "--patch-sizes", "16,14,8"]),
+                               "cpu") == [(384, 16), (384, 8)]
+    assert [bench.batch_for(t, 256) for t in (50, 785, 1025, 4097)] == [256, 256, 196, 49]
+    assert bench.batch_for(4097, 2) == 1
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "eager,nonsense"])
+    with pytest.raises(SystemExit):
+        bench.main(["--patch-sizes", "x"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_attn_matches_the_plain_reference(dtype):
+    """The eager + SDPA baseline (`fused_attn=True`, timm's default) against the plain softmax math."""
+    model = reference.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                        num_classes=10).to(torch.float64).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref64 = model(x)
+        eager = model.to(dtype)(x.to(dtype))
+        for m in model.modules():
+            if isinstance(m, reference.Attention):
+                m.fused_attn = True
+        fused = model(x.to(dtype))
+    assert_close(fused, ref64, dtype=dtype, eager=eager, name="fused_attn")
