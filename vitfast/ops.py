@@ -72,21 +72,105 @@ def register_reference_autograd(op, reference_fn):
                        if pairs and wrt else [None] * len(wrt))
         return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
 
-    op.register_autograd(backward, setup_context=_setup_reference_backward)
+    torch.library.register_autograd(op, backward, setup_context=_setup_reference_backward)  # op or "ns::name"
 
 
 # ============================================================================================
 # layer_norm / add_layer_norm  (csrc/, vitfast._C)
 # ============================================================================================
+# The ops are defined in C++ (csrc/ops.cpp: CPU and CUDA kernels, TORCH_CHECKs); importing the
+# extension registers torch.ops.vitfast.layer_norm / add_layer_norm. Here: fake impls, autograd,
+# and the argument checks of the public functions.
+try:
+    from vitfast import _C  # noqa: F401
+    _C_ERROR = None
+except (ImportError, OSError) as _e:  # not built, or built against another torch
+    _C_ERROR = _e
+
+_LAYER_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _require_extension():
+    if _C_ERROR is not None:
+        raise RuntimeError(f"vitfast._C (the C++/CUDA LayerNorm extension) could not be loaded: {_C_ERROR}. "
+                           "Build it in the vitfast checkout with `pip install --no-build-isolation -e .`")
+
+
+def _check_layer_norm(x, residual, weight, bias, eps) -> None:
+    _check_float("x", x, _LAYER_NORM_DTYPES)
+    if x.dim() < 1:
+        _fail("x: expected at least 1 dim [..., C], got a 0-dim tensor")
+    if x.is_cuda and x.dtype == torch.float64:
+        _fail("x: expected dtype torch.float16, torch.bfloat16 or torch.float32 on CUDA, got torch.float64")
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_float(name, t, _LAYER_NORM_DTYPES)
+        if t.dim() != 1 or t.shape[0] != C:
+            _fail(f"{name}: expected shape ({C},) (the last dim of x {tuple(x.shape)}), got {tuple(t.shape)}")
+        if t.device != x.device:
+            _fail(f"{name}: expected device {x.device} (like x), got {t.device}")
+    if weight.dtype not in (torch.float32, x.dtype):
+        _fail(f"weight: expected dtype {x.dtype} (like x){'' if x.dtype == torch.float32 else ' or torch.float32'}"
+              f", got {weight.dtype}")
+    _check_same("bias", bias, "weight", weight)
+    if residual is not None:
+        _check_float("residual", residual, _LAYER_NORM_DTYPES)
+        _check_same("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            _fail(f"residual: expected shape {tuple(x.shape)} (like x), got {tuple(residual.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        _fail(f"eps: expected a finite number >= 0, got {eps!r}")
+
+
+def _layer_norm_backward_math(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """The op's forward as reference math, in fp32 (fp64 for fp64 x) for accurate gradients, with
+    the op's output dtype (x's)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return reference.layer_norm(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
+
+
+def _add_layer_norm_backward_math(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y, s = reference.add_layer_norm(x.to(acc), residual.to(acc), weight.to(acc), bias.to(acc), eps)
+    return y.to(x.dtype), s.to(x.dtype)
+
+
+if _C_ERROR is None:
+    @torch.library.register_fake("vitfast::layer_norm")
+    def _layer_norm_fake(x, weight, bias, eps):
+        return x.new_empty(x.shape)  # contiguous, like the C++ op
+
+    @torch.library.register_fake("vitfast::add_layer_norm")
+    def _add_layer_norm_fake(x, residual, weight, bias, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    register_reference_autograd("vitfast::layer_norm", _layer_norm_backward_math)
+    register_reference_autograd("vitfast::add_layer_norm", _add_layer_norm_backward_math)
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the last dim. x [..., C], weight/bias [C] -> y [..., C] in x's dtype."""
-    return reference.layer_norm(x, weight, bias, eps)
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var).
+
+    x [..., C] float16 / bfloat16 / float32 (float64 on the CPU), any strides (a non-contiguous x is
+    copied once); weight, bias [C] in x's dtype or float32, on x's device. Statistics in fp32.
+    Returns y [..., C], contiguous, in x's dtype. CUDA kernel on CUDA tensors, C++ kernel on CPU.
+    """
+    _check_layer_norm(x, None, weight, bias, eps)
+    _require_extension()
+    return torch.ops.vitfast.layer_norm(x, weight, bias, float(eps))
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
                    eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """(layer_norm(x + residual), x + residual) in one pass. x, residual [..., C]."""
-    return reference.add_layer_norm(x, residual, weight, bias, eps)
+    """The pre-LN residual step in one pass: s = x + residual, returns (layer_norm(s), s).
+
+    x, residual [..., C] of one dtype and device; weight, bias [C] as in `layer_norm`. s is rounded
+    to x's dtype before it is normalized (as eager `F.layer_norm(x + residual)` does). Both outputs
+    contiguous, in x's dtype.
+    """
+    _check_layer_norm(x, residual, weight, bias, eps)
+    _require_extension()
+    return torch.ops.vitfast.add_layer_norm(x, residual, weight, bias, float(eps))
 
 
 # ============================================================================================

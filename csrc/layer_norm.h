@@ -1,0 +1,53 @@
+// LayerNorm kernels of vitfast._C: the raw-pointer interface between the torch binding
+// (ops.cpp) and the kernels (layer_norm_kernel.cu, layer_norm_cpu.cpp). No torch types here, so
+// the CUDA file compiles with bare nvcc.
+//
+// Both kernels compute, per row of `cols` contiguous elements,
+//     s = x + residual                  (add_layer_norm only; rounded to x's dtype and written out)
+//     y = (s - mean) / sqrt(var + eps) * weight + bias      (biased variance, like torch)
+// with statistics in fp32 (fp64 for float64 on the CPU): a corrected two-pass over the row.
+//
+// Supported dtypes: x / residual / y / s in {float32, float16, bfloat16} (CUDA; float64 too on the
+// CPU); weight and bias both float32 or both x's dtype. All tensors contiguous, rows * cols elements.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(VITFAST_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+enum vitfast_dtype : int {
+  VITFAST_FLOAT32 = 0,
+  VITFAST_FLOAT16 = 1,
+  VITFAST_BFLOAT16 = 2,
+  VITFAST_FLOAT64 = 3,  // CPU only
+};
+
+#if defined(__CUDACC__) || defined(VITFAST_WITH_CUDA)
+// Launches on `stream`; never synchronizes (CUDA-graph safe). residual and sum_out are null for
+// plain layer_norm. Returns cudaSuccess, cudaErrorInvalidValue for an unsupported dtype pair, or the
+// launch error.
+extern "C" cudaError_t vitfast_layer_norm_cuda(int x_dtype, int w_dtype,
+                                               const void* x,         // [rows, cols]
+                                               const void* residual,  // [rows, cols] or null
+                                               const void* weight,    // [cols]
+                                               const void* bias,      // [cols]
+                                               void* y,               // [rows, cols]
+                                               void* sum_out,         // [rows, cols] or null
+                                               int64_t rows, int64_t cols, double eps,
+                                               cudaStream_t stream);
+#endif
+
+namespace vitfast {
+// CPU kernel (at::parallel_for over rows). Same contract as the CUDA launcher; returns false for an
+// unsupported dtype pair.
+bool layer_norm_cpu(int x_dtype, int w_dtype,
+                    const void* x,         // [rows, cols]
+                    const void* residual,  // [rows, cols] or null
+                    const void* weight,    // [cols]
+                    const void* bias,      // [cols]
+                    void* y,               // [rows, cols]
+                    void* sum_out,         // [rows, cols] or null
+                    int64_t rows, int64_t cols, double eps);
+}  // namespace vitfast

@@ -1,0 +1,121 @@
+// LayerNorm and fused residual-add + LayerNorm on the CPU: the same contract as the CUDA launcher
+// (layer_norm.h), so every vitfast op works without a GPU.
+//
+// Dtypes: x / residual / y / s in float32, float64, float16, bfloat16; weight and bias in float32 or
+// x's dtype. Statistics in float (double for float64), corrected two-pass over a per-thread row
+// buffer: with m the pass-1 mean and shift = Σ(x - m) / n, var = Σ(x - m)² / n - shift² and
+// y = ((x - m) - shift) * rstd * w + b (accurate for rows far from zero; see layer_norm_kernel.cu).
+// Rows are split across threads with at::parallel_for.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "layer_norm.h"
+
+namespace vitfast {
+namespace {
+
+// x86-64 Linux: the row loops are compiled for AVX2 and for the baseline ISA; the loader picks one.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define VITFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VITFAST_CPU_CLONES
+#endif
+
+constexpr int64_t kGrainElements = 32768;  // elements per parallel task, at least one row
+
+// Rows [begin, end). buf: cols Acc of scratch for the row when it is not already in Acc.
+template <typename T, typename W, typename Acc>
+VITFAST_CPU_CLONES void normalize_rows(const T* x,         // [rows, cols]
+                                       const T* residual,  // [rows, cols] or null
+                                       const W* weight,    // [cols]
+                                       const W* bias,      // [cols]
+                                       T* y,               // [rows, cols]
+                                       T* sum_out,         // [rows, cols] or null
+                                       int64_t begin, int64_t end, int64_t cols, Acc eps, Acc* buf) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * cols;
+    const Acc* v = buf;  // the row in Acc, read by both statistics passes and the output pass
+    if (residual != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) {
+        // s is rounded to T before it is normalized, as the reference (and the CUDA kernel) do.
+        const T s = static_cast<T>(static_cast<Acc>(x[base + c]) + static_cast<Acc>(residual[base + c]));
+        sum_out[base + c] = s;
+        buf[c] = static_cast<Acc>(s);
+      }
+    } else if constexpr (std::is_same_v<T, Acc>) {
+      v = x + base;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) buf[c] = static_cast<Acc>(x[base + c]);
+    }
+    const Acc n = static_cast<Acc>(cols);
+    // The simd reductions sum in vector-width partial sums (built with -fopenmp-simd; a plain
+    // sequential sum elsewhere): vectorized, and shorter rounding chains than one accumulator.
+    Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) sum += v[c];
+    const Acc m = sum / n;
+    Acc dev = 0, dev2 = 0;
+#pragma omp simd reduction(+ : dev, dev2)
+    for (int64_t c = 0; c < cols; ++c) {
+      const Acc d = v[c] - m;
+      dev += d;
+      dev2 += d * d;
+    }
+    const Acc shift = dev / n;
+    const Acc var = std::max(dev2 / n - shift * shift, Acc(0));
+    const Acc rstd = Acc(1) / std::sqrt(var + eps);
+    for (int64_t c = 0; c < cols; ++c) {
+      const Acc out = ((v[c] - m) - shift) * rstd * static_cast<Acc>(weight[c]) + static_cast<Acc>(bias[c]);
+      y[base + c] = static_cast<T>(out);
+    }
+  }
+}
+
+template <typename T, typename W, typename Acc>
+void layer_norm_rows(const T* x, const T* residual, const W* weight, const W* bias, T* y, T* sum_out,
+                     int64_t rows, int64_t cols, Acc eps) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(cols);
+    normalize_rows(x, residual, weight, bias, y, sum_out, begin, end, cols, eps, buf.data());
+  });
+}
+
+template <typename T, typename W>
+void run(const void* x, const void* residual, const void* weight, const void* bias, void* y, void* sum_out,
+         int64_t rows, int64_t cols, double eps) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  layer_norm_rows<T, W, Acc>(static_cast<const T*>(x), static_cast<const T*>(residual),
+                             static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
+                             static_cast<T*>(sum_out), rows, cols, static_cast<Acc>(eps));
+}
+
+}  // namespace
+
+bool layer_norm_cpu(int x_dtype, int w_dtype, const void* x, const void* residual, const void* weight,
+                    const void* bias, void* y, void* sum_out, int64_t rows, int64_t cols, double eps) {
+  if ((residual == nullptr) != (sum_out == nullptr) || rows < 0 || cols < 0) return false;
+  if (rows == 0 || cols == 0) return true;
+  const bool w32 = w_dtype == VITFAST_FLOAT32;
+  const bool same = w_dtype == x_dtype;
+  decltype(&run<float, float>) fn = nullptr;
+  if (x_dtype == VITFAST_FLOAT32 && w32) fn = run<float, float>;
+  if (x_dtype == VITFAST_FLOAT64 && same) fn = run<double, double>;
+  if (x_dtype == VITFAST_FLOAT64 && w32) fn = run<double, float>;
+  if (x_dtype == VITFAST_FLOAT16 && same) fn = run<c10::Half, c10::Half>;
+  if (x_dtype == VITFAST_FLOAT16 && w32) fn = run<c10::Half, float>;
+  if (x_dtype == VITFAST_BFLOAT16 && same) fn = run<c10::BFloat16, c10::BFloat16>;
+  if (x_dtype == VITFAST_BFLOAT16 && w32) fn = run<c10::BFloat16, float>;
+  if (fn == nullptr) return false;
+  fn(x, residual, weight, bias, y, sum_out, rows, cols, eps);
+  return true;
+}
+
+}  // namespace vitfast

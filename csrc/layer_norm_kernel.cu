@@ -1,0 +1,365 @@
+// LayerNorm and fused residual-add + LayerNorm for CUDA. Pure CUDA (no torch headers): it compiles
+// with bare nvcc, and ops.cpp calls the C-ABI launcher at the bottom with raw pointers.
+//
+// Dtypes: x / residual / y / s in float32, float16, bfloat16; weight and bias in float32 or x's
+// dtype. Statistics in fp32, corrected two-pass over the row held in registers (never E[x²] - E[x]²):
+// pass 1 gives an approximate mean m; pass 2 sums d = x - m and d², then shift = Σd / n (mean =
+// m + shift) and var = Σd² / n - shift², and y = ((x - m) - shift) * rstd * w + b. This stays
+// accurate for rows far from zero (mean 1e3, std 1), where even rounding the mean to fp32 would not.
+//
+// Three paths, chosen by the launcher from the row length `cols`:
+//   cols <= 1024    one warp per row, 4 rows per block, the row cached in registers;
+//   cols <= 16384   one block (<= 512 threads) per row, the row cached in registers;
+//   larger          one block per row, re-reading the row from global memory (L2-resident).
+// Each thread moves 16-byte vectors when every pointer is 16-byte aligned and cols is a multiple
+// of the vector width, else single elements. Rows are independent: no atomics, no host sync.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "layer_norm.h"
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kRowsPerWarpBlock = 4;                      // warp-per-row kernel: 4 warps = 4 rows per block
+constexpr int kWarpRowMaxCols = 1024;                     // longest row a single warp caches
+constexpr int kMaxBlockThreads = 512;                     // block-per-row kernels: at most 16 warps
+constexpr int kMaxWarps = kMaxBlockThreads / kWarpSize;
+constexpr int64_t kMaxGrid = int64_t(1) << 30;            // larger problems loop over rows (grid-stride)
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N consecutive elements at p, as floats. N > 1: p is 16-byte aligned and N elements are a whole
+// number of 16-byte vectors.
+template <int N, typename U>
+__device__ __forceinline__ void load(const U* __restrict__ p, float (&out)[N]) {
+  if constexpr (N == 1) {
+    out[0] = to_float(p[0]);
+  } else {
+    constexpr int kPer = 16 / sizeof(U);
+    static_assert(N % kPer == 0, "vector loads move whole 16-byte vectors");
+#pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[k];
+      U e[kPer];
+      memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[k * kPer + j] = to_float(e[j]);
+    }
+  }
+}
+
+template <int N, typename U>
+__device__ __forceinline__ void store(U* __restrict__ p, const float (&in)[N]) {
+  if constexpr (N == 1) {
+    p[0] = from_float<U>(in[0]);
+  } else {
+    constexpr int kPer = 16 / sizeof(U);
+    static_assert(N % kPer == 0, "vector stores move whole 16-byte vectors");
+#pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+      U e[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) e[j] = from_float<U>(in[k * kPer + j]);
+      uint4 raw;
+      memcpy(&raw, e, sizeof(raw));
+      reinterpret_cast<uint4*>(p)[k] = raw;
+    }
+  }
+}
+
+// Sums each of the N values v over the threads of a row: the warp (BLOCK false) or the block
+// (BLOCK true). Every thread gets the same sums. red: [kMaxWarps][N] floats of shared memory; each
+// reduction of a row uses its own array, so two __syncthreads per row are enough (see
+// layer_norm_kernel).
+template <bool BLOCK, int N>
+__device__ __forceinline__ void row_sum(float (&v)[N], float (*red)[N]) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+  }
+  if constexpr (BLOCK) {
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) red[warp][k] = v[k];
+    }
+    __syncthreads();
+    const int nwarps = blockDim.x / kWarpSize;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      v[k] = 0.f;
+      for (int w = 0; w < nwarps; ++w) v[k] += red[w][k];
+    }
+  }
+}
+
+// (shift, rstd) from the pass-2 sums {Σ(x - m), Σ(x - m)²} over n elements; the mean is m + shift.
+__device__ __forceinline__ void finish_stats(const float (&dev)[2], int64_t n, float eps, float& shift, float& rstd) {
+  shift = dev[0] / n;
+  rstd = rsqrtf(fmaxf(dev[1] / n - shift * shift, 0.f) + eps);
+}
+
+// Register-cached LayerNorm. A row is handled by blockDim.x threads: one warp (BLOCK false,
+// blockDim = (32, kRowsPerWarpBlock), row = warp) or the whole block (BLOCK true, blockDim.x a
+// multiple of 32, <= kMaxBlockThreads). Thread t owns the V-element vectors t, t + blockDim.x, ...
+// (ITERS of them, masked past cols), so ITERS * V >= cols / blockDim.x.
+template <typename T, typename W, bool ADD, int V, int ITERS, bool BLOCK>
+__global__ void __launch_bounds__(BLOCK ? kMaxBlockThreads : kWarpSize * kRowsPerWarpBlock)
+layer_norm_kernel(const T* __restrict__ x,         // [rows, cols]
+                  const T* __restrict__ residual,  // [rows, cols] (ADD) or null
+                  const W* __restrict__ weight,    // [cols]
+                  const W* __restrict__ bias,      // [cols]
+                  T* __restrict__ y,               // [rows, cols]
+                  T* __restrict__ sum_out,         // [rows, cols] (ADD) or null
+                  int64_t rows, int cols, float eps) {
+  __shared__ float red_sum[BLOCK ? kMaxWarps : 1][1];
+  __shared__ float red_dev[BLOCK ? kMaxWarps : 1][2];
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t first = BLOCK ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t step = BLOCK ? int64_t(gridDim.x) : int64_t(gridDim.x) * blockDim.y;
+
+  for (int64_t row = first; row < rows; row += step) {
+    const int64_t base = row * cols;
+    float v[ITERS][V];
+    float sum[1] = {0.f};
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int col = (tid + i * nthreads) * V;
+      if (col < cols) {
+        load<V>(x + base + col, v[i]);
+        if constexpr (ADD) {
+          float r[V];
+          load<V>(residual + base + col, r);
+          // Normalize s as stored in T, so y == LN(returned s) exactly as the reference computes it.
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[i][j] = to_float(from_float<T>(v[i][j] + r[j]));
+          store<V>(sum_out + base + col, v[i]);
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) sum[0] += v[i][j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[i][j] = 0.f;
+      }
+    }
+    row_sum<BLOCK>(sum, red_sum);
+    const float m = sum[0] / cols;
+
+    float dev[2] = {0.f, 0.f};  // Σ(x - m), Σ(x - m)²
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int col = (tid + i * nthreads) * V;
+      if (col < cols) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = v[i][j] - m;
+          dev[0] += d;
+          dev[1] += d * d;
+        }
+      }
+    }
+    row_sum<BLOCK>(dev, red_dev);
+    float shift, rstd;
+    finish_stats(dev, cols, eps, shift, rstd);
+
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int col = (tid + i * nthreads) * V;
+      if (col < cols) {
+        float w[V], b[V];
+        load<V>(weight + col, w);
+        load<V>(bias + col, b);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[i][j] = ((v[i][j] - m) - shift) * rstd * w[j] + b[j];
+        store<V>(y + base + col, v[i]);
+      }
+    }
+    // No barrier needed before the next row: a thread writes red_sum again only after every
+    // thread passed the barrier in the red_dev reduction, i.e. finished reading red_sum (and
+    // likewise for red_dev with the next row's red_sum barrier).
+  }
+}
+
+// Rows too long to cache in registers: three passes over global memory (the row is L2-resident
+// after the first). Thread t owns elements t, t + blockDim.x, ... in every pass, so with ADD it
+// re-reads the s it wrote itself.
+template <typename T, typename W, bool ADD>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+layer_norm_wide_kernel(const T* __restrict__ x,         // [rows, cols]
+                       const T* __restrict__ residual,  // [rows, cols] (ADD) or null
+                       const W* __restrict__ weight,    // [cols]
+                       const W* __restrict__ bias,      // [cols]
+                       T* __restrict__ y,               // [rows, cols]
+                       T* sum_out,                      // [rows, cols] (ADD) or null; re-read
+                       int64_t rows, int64_t cols, float eps) {
+  __shared__ float red_sum[kMaxWarps][1];
+  __shared__ float red_dev[kMaxWarps][2];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t base = row * cols;
+    float sum[1] = {0.f};
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      float v = to_float(x[base + c]);
+      if constexpr (ADD) {
+        const T s = from_float<T>(v + to_float(residual[base + c]));
+        sum_out[base + c] = s;
+        v = to_float(s);
+      }
+      sum[0] += v;
+    }
+    row_sum<true>(sum, red_sum);
+    const float m = sum[0] / cols;
+    const T* src = ADD ? sum_out : x;
+
+    float dev[2] = {0.f, 0.f};
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const float d = to_float(src[base + c]) - m;
+      dev[0] += d;
+      dev[1] += d * d;
+    }
+    row_sum<true>(dev, red_dev);
+    float shift, rstd;
+    finish_stats(dev, cols, eps, shift, rstd);
+
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const float v = ((to_float(src[base + c]) - m) - shift) * rstd;
+      y[base + c] = from_float<T>(v * to_float(weight[c]) + to_float(bias[c]));
+    }
+  }
+}
+
+struct Problem {
+  const void* x;
+  const void* residual;
+  const void* weight;
+  const void* bias;
+  void* y;
+  void* sum_out;
+  int64_t rows;
+  int64_t cols;
+  float eps;
+  cudaStream_t stream;
+};
+
+template <typename T, typename W, bool ADD, int V, bool BLOCK, int ITERS>
+cudaError_t launch_cached(const Problem& p, dim3 grid, dim3 block) {
+  layer_norm_kernel<T, W, ADD, V, ITERS, BLOCK><<<grid, block, 0, p.stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
+      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.rows,
+      static_cast<int>(p.cols), p.eps);
+  return cudaGetLastError();
+}
+
+// Launches with the smallest ITERS in (I, Rest...) that is >= iters (the caller ensures one is).
+template <typename T, typename W, bool ADD, int V, bool BLOCK, int I, int... Rest>
+cudaError_t launch_iters(int iters, const Problem& p, dim3 grid, dim3 block) {
+  if constexpr (sizeof...(Rest) > 0) {
+    if (iters > I) return launch_iters<T, W, ADD, V, BLOCK, Rest...>(iters, p, grid, block);
+  }
+  return launch_cached<T, W, ADD, V, BLOCK, I>(p, grid, block);
+}
+
+template <int... Is>
+struct IterList {};
+
+// Vectors cached per thread, by vector width. ITERS * V <= 32 floats of row data per thread keeps
+// every instantiation spill-free on sm_90 (checked by tests/test_csrc_compile.py).
+template <int V>
+struct Iters;
+template <>
+struct Iters<8> { using type = IterList<1, 2, 3, 4>; };        // 16-bit dtypes, 16-byte vectors
+template <>
+struct Iters<4> { using type = IterList<1, 2, 3, 4, 6, 8>; };  // float32, 16-byte vectors
+template <>
+struct Iters<1> { using type = IterList<2, 8, 32>; };          // scalar fallback
+
+template <typename T, typename W, bool ADD>
+cudaError_t launch_wide(const Problem& p) {
+  const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxGrid)));
+  layer_norm_wide_kernel<T, W, ADD><<<grid, kMaxBlockThreads, 0, p.stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
+      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.rows, p.cols, p.eps);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W, bool ADD, int V, int... Is>
+cudaError_t launch_rows(const Problem& p, IterList<Is...>) {
+  const int64_t vectors = (p.cols + V - 1) / V;  // V-element vectors per row
+  if (p.cols <= kWarpRowMaxCols) {
+    const int iters = static_cast<int>((vectors + kWarpSize - 1) / kWarpSize);
+    const int64_t blocks = (p.rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
+    const dim3 grid(static_cast<unsigned>(std::min(blocks, kMaxGrid)));
+    return launch_iters<T, W, ADD, V, false, Is...>(iters, p, grid, dim3(kWarpSize, kRowsPerWarpBlock));
+  }
+  // Block per row: the fewest vectors per thread that fit in kMaxBlockThreads threads.
+  for (int iters : {Is...}) {
+    const int64_t threads = ((vectors + iters - 1) / iters + kWarpSize - 1) / kWarpSize * kWarpSize;
+    if (threads <= kMaxBlockThreads) {
+      const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxGrid)));
+      return launch_iters<T, W, ADD, V, true, Is...>(iters, p, grid, dim3(static_cast<unsigned>(threads)));
+    }
+  }
+  return launch_wide<T, W, ADD>(p);
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T, typename W, bool ADD>
+cudaError_t launch_typed(const Problem& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectorized = p.cols % kVec == 0 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.bias) &&
+                          aligned16(p.y) && (!ADD || (aligned16(p.residual) && aligned16(p.sum_out)));
+  if (vectorized) return launch_rows<T, W, ADD, kVec>(p, typename Iters<kVec>::type{});
+  return launch_rows<T, W, ADD, 1>(p, typename Iters<1>::type{});
+}
+
+template <typename T, typename W>
+cudaError_t launch(const Problem& p) {
+  return p.residual != nullptr ? launch_typed<T, W, true>(p) : launch_typed<T, W, false>(p);
+}
+
+}  // namespace
+
+extern "C" cudaError_t vitfast_layer_norm_cuda(int x_dtype, int w_dtype, const void* x, const void* residual,
+                                               const void* weight, const void* bias, void* y, void* sum_out,
+                                               int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+  if ((residual == nullptr) != (sum_out == nullptr) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const Problem p{x, residual, weight, bias, y, sum_out, rows, cols, static_cast<float>(eps), stream};
+  switch (x_dtype) {
+    case VITFAST_FLOAT32:
+      if (w_dtype == VITFAST_FLOAT32) return launch<float, float>(p);
+      break;
+    case VITFAST_FLOAT16:
+      if (w_dtype == VITFAST_FLOAT16) return launch<__half, __half>(p);
+      if (w_dtype == VITFAST_FLOAT32) return launch<__half, float>(p);
+      break;
+    case VITFAST_BFLOAT16:
+      if (w_dtype == VITFAST_BFLOAT16) return launch<__nv_bfloat16, __nv_bfloat16>(p);
+      if (w_dtype == VITFAST_FLOAT32) return launch<__nv_bfloat16, float>(p);
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,202 @@
+// vitfast._C: the torch binding of the LayerNorm kernels. Argument checks and registration only;
+// the math lives in layer_norm_kernel.cu (CUDA) and layer_norm_cpu.cpp (CPU).
+//
+//   vitfast::layer_norm(x [..., C], weight [C], bias [C], eps) -> y [..., C]
+//   vitfast::add_layer_norm(x, residual [..., C], weight, bias, eps) -> (y, s = x + residual)
+//   .out overloads of both write into caller-provided contiguous buffers (used by the tests to pass
+//   NaN-poisoned outputs; eager only, no autograd).
+//
+// Outputs are contiguous, in x's dtype. Non-contiguous inputs are accepted and copied to contiguous
+// ones first (one extra read and write of that input). The fake (meta) implementations and
+// autograd are registered from Python, in vitfast/ops.py. `import vitfast._C` registers the ops.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#ifdef VITFAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "layer_norm.h"
+
+namespace vitfast {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return VITFAST_FLOAT32;
+    case at::kHalf:
+      return VITFAST_FLOAT16;
+    case at::kBFloat16:
+      return VITFAST_BFLOAT16;
+    case at::kDouble:
+      return VITFAST_FLOAT64;
+    default:
+      return -1;
+  }
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                  const at::Tensor& bias, double eps) {
+  TORCH_CHECK(dtype_code(x.scalar_type()) >= 0, op,
+              ": x: expected dtype Float, Half, BFloat16 (or Double on the CPU), got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), op, ": x: expected a CPU or CUDA tensor, got device ",
+              x.device());
+  TORCH_CHECK(!(x.is_cuda() && x.scalar_type() == at::kDouble), op,
+              ": x: expected dtype Float, Half or BFloat16 on CUDA, got Double");
+  TORCH_CHECK(x.dim() >= 1, op, ": x: expected at least 1 dimension [..., C], got a 0-dim tensor");
+  const int64_t cols = x.size(-1);
+  const auto check_param = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == cols, op, ": ", name, ": expected shape [", cols,
+                "] (the last dim of x ", x.sizes(), "), got ", t.sizes());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, ": expected device ", x.device(), " (like x), got ",
+                t.device());
+  };
+  check_param("weight", weight);
+  check_param("bias", bias);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type(), op,
+              ": weight: expected dtype ", x.scalar_type(), " (like x)",
+              x.scalar_type() == at::kFloat ? "" : " or Float", ", got ", weight.scalar_type());
+  TORCH_CHECK(bias.scalar_type() == weight.scalar_type(), op, ": bias: expected dtype ", weight.scalar_type(),
+              " (like weight), got ", bias.scalar_type());
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual: expected shape ", x.sizes(), " (like x), got ",
+                residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual: expected dtype ", x.scalar_type(),
+                " (like x), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == x.device(), op, ": residual: expected device ", x.device(),
+                " (like x), got ", residual->device());
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps: expected a finite value >= 0, got ", eps);
+}
+
+void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": ", name, ": expected shape ", x.sizes(), " (like x), got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, ": expected dtype ", x.scalar_type(),
+              " (like x), got ", out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": ", name, ": expected device ", x.device(), " (like x), got ",
+              out.device());
+  TORCH_CHECK(out.is_contiguous(), op, ": ", name, ": expected a contiguous tensor, got strides ", out.strides());
+  at::assert_no_overlap(out, x);
+}
+
+// Runs the kernel into the contiguous outputs y (and sum_out for add_layer_norm).
+void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, const at::Tensor& weight_in,
+         const at::Tensor& bias_in, double eps, at::Tensor& y, at::Tensor* sum_out) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = residual_in != nullptr ? residual_in->contiguous() : at::Tensor();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.contiguous();
+  const int64_t cols = x.size(-1);
+  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
+  const int x_dtype = dtype_code(x.scalar_type());
+  const int w_dtype = dtype_code(weight.scalar_type());
+  const void* residual_ptr = residual.defined() ? residual.const_data_ptr() : nullptr;
+  void* sum_ptr = sum_out != nullptr ? sum_out->data_ptr() : nullptr;
+  if (x.is_cuda()) {
+#ifdef VITFAST_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+    const cudaError_t err =
+        vitfast_layer_norm_cuda(x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(),
+                                bias.const_data_ptr(), y.data_ptr(), sum_ptr, rows, cols, eps, stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
+                "CUDA-enabled torch: pip install --no-build-isolation -e .");
+#endif
+  } else {
+    const bool ok = layer_norm_cpu(x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(),
+                                   bias.const_data_ptr(), y.data_ptr(), sum_ptr, rows, cols, eps);
+    TORCH_CHECK(ok, op, ": unsupported dtypes: x ", x.scalar_type(), ", weight ", weight.scalar_type());
+  }
+}
+
+at::Tensor empty_like_contiguous(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  constexpr const char* op = "vitfast::layer_norm";
+  check_inputs(op, x, nullptr, weight, bias, eps);
+  at::Tensor y = empty_like_contiguous(x);
+  run(op, x, nullptr, weight, bias, eps, y, nullptr);
+  return y;
+}
+
+at::Tensor& layer_norm_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                           at::Tensor& out) {
+  constexpr const char* op = "vitfast::layer_norm.out";
+  check_inputs(op, x, nullptr, weight, bias, eps);
+  check_out(op, "out", out, x);
+  run(op, x, nullptr, weight, bias, eps, out, nullptr);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  constexpr const char* op = "vitfast::add_layer_norm";
+  check_inputs(op, x, &residual, weight, bias, eps);
+  at::Tensor y = empty_like_contiguous(x);
+  at::Tensor s = empty_like_contiguous(x);
+  run(op, x, &residual, weight, bias, eps, y, &s);
+  return {y, s};
+}
+
+std::tuple<at::Tensor&, at::Tensor&> add_layer_norm_out(const at::Tensor& x, const at::Tensor& residual,
+                                                        const at::Tensor& weight, const at::Tensor& bias,
+                                                        double eps, at::Tensor& out, at::Tensor& sum_out) {
+  constexpr const char* op = "vitfast::add_layer_norm.out";
+  check_inputs(op, x, &residual, weight, bias, eps);
+  check_out(op, "out", out, x);
+  check_out(op, "sum_out", sum_out, x);
+  at::assert_no_overlap(out, residual);
+  at::assert_no_overlap(sum_out, residual);
+  at::assert_no_overlap(out, sum_out);
+  run(op, x, &residual, weight, bias, eps, out, &sum_out);
+  return {out, sum_out};
+}
+
+}  // namespace
+}  // namespace vitfast
+
+TORCH_LIBRARY(vitfast, m) {
+  // The fake implementations and autograd formulas are registered in this Python module.
+  m.set_python_module("vitfast.ops");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+  m.def("layer_norm.out(Tensor x, Tensor weight, Tensor bias, float eps, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "add_layer_norm.out(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, *, Tensor(a!) out, "
+      "Tensor(b!) sum_out) -> (Tensor(a!), Tensor(b!))");
+}
+
+TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
+  m.impl("layer_norm", &vitfast::layer_norm);
+  m.impl("layer_norm.out", &vitfast::layer_norm_out);
+  m.impl("add_layer_norm", &vitfast::add_layer_norm);
+  m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
+}
+
+#ifdef VITFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
+  m.impl("layer_norm", &vitfast::layer_norm);
+  m.impl("layer_norm.out", &vitfast::layer_norm_out);
+  m.impl("add_layer_norm", &vitfast::add_layer_norm);
+  m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
+}
+#endif
+
+// `import vitfast._C` loads this library, which runs the registrations above. The module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "vitfast's LayerNorm ops, registered as torch.ops.vitfast",
+                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,346 @@
+"""vitfast.ops.layer_norm / add_layer_norm (the vitfast._C extension: csrc/) against the float64
+reference and eager F.layer_norm in the same dtype.
+
+On a CPU-only machine these run the C++ CPU kernel; with CUDA the `device` fixture sends the same
+tables through the CUDA kernels, whose launcher picks a path by row length: warp per row (C <= 1024),
+block per row (C <= 16384), or the wide kernel (re-reads the row), each with 16-byte vectors when
+aligned and C a multiple of the vector width, else scalar. The shapes below cover every path.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitfast import ops, reference
+from vitfast.testing import assert_close, poisoned
+
+EPS = 1e-6
+HAS_CUDA = torch.cuda.is_available()
+
+# Every hidden size of the issue (1, 7, 192, 768, 1023, 1280, 8193) and row count (0, 1, 3, 197,
+# 4099), paired so each appears; 3-D shapes are the [B, T, C] token layout.
+SHAPES = [(0, 768), (1, 1), (3, 7), (197, 192), (4099, 768), (197, 1023), (1, 197, 1280), (2, 3, 8193)]
+# Boundaries of the CUDA launcher's paths (warp/block at 1024, block/wide at 16384), vector and scalar.
+PATH_SHAPES = [(5, 1024), (5, 1025), (3, 1032), (2, 16384), (2, 16385), (2, 20000)]
+# (x dtype, weight/bias dtype): same dtype, or fp32 parameters with 16-bit activations.
+DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
+          (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+def _id(v):
+    return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None
+
+
+def make_inputs(shape, dtype, wdtype, device, residual=False):
+    """x with a non-zero mean and scale (so both statistics matter); weight around 1, bias around 0."""
+    C = shape[-1]
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(C, device=device)).to(wdtype)
+    b = (0.5 * torch.randn(C, device=device)).to(wdtype)
+    if not residual:
+        return x, w, b
+    r = torch.randn(shape, device=device).to(dtype)
+    return x, r, w, b
+
+
+def ref_layer_norm(x, w, b):
+    return reference.layer_norm(x.double(), w.double(), b.double(), EPS)
+
+
+def eager_layer_norm(x, w, b):
+    """F.layer_norm in x's dtype (eager takes fp32 parameters with 16-bit x, not with float64 x)."""
+    if x.dtype == torch.float64:
+        w, b = w.double(), b.double()
+    return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+
+
+def check_layer_norm(y, x, w, b, dtype):
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert_close(y, ref_layer_norm(x, w, b), dtype=dtype, eager=eager_layer_norm(x, w, b), name="y")
+
+
+def check_add_layer_norm(y, s, x, r, w, b, dtype):
+    assert y.shape == s.shape == x.shape and y.dtype == s.dtype == x.dtype
+    s_eager = x + r
+    s64 = x.double() + r.double()
+    assert_close(s, s64, dtype=dtype, eager=s_eager, name="s")
+    assert_close(y, ref_layer_norm(s64, w, b), dtype=dtype, eager=eager_layer_norm(s_eager, w, b), name="y")
+
+
+# --------------------------------------------------------------------------------------------
+# values
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,wdtype", DTYPES, ids=_id)
+def test_layer_norm(shape, dtype, wdtype, device):
+    x, w, b = make_inputs(shape, dtype, wdtype, device)
+    check_layer_norm(ops.layer_norm(x, w, b, EPS), x, w, b, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,wdtype", DTYPES, ids=_id)
+def test_add_layer_norm(shape, dtype, wdtype, device):
+    x, r, w, b = make_inputs(shape, dtype, wdtype, device, residual=True)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    check_add_layer_norm(y, s, x, r, w, b, dtype)
+
+
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_kernel_path_boundaries(shape, dtype, device):
+    x, r, w, b = make_inputs(shape, dtype, torch.float32, device, residual=True)
+    check_layer_norm(ops.layer_norm(x, w, b, EPS), x, w, b, dtype)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    check_add_layer_norm(y, s, x, r, w, b, dtype)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float32], ids=_id)
+@pytest.mark.parametrize("shape", [(1, 1), (197, 192), (3, 8193)], ids=str)
+def test_float64_cpu(shape, wdtype):
+    """float64 is CPU-only; it accumulates in double, so it matches the reference to ~1e-12."""
+    x, r, w, b = make_inputs(shape, torch.float64, wdtype, "cpu", residual=True)
+    check_layer_norm(ops.layer_norm(x, w, b, EPS), x, w, b, torch.float64)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    check_add_layer_norm(y, s, x, r, w, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_id)
+@pytest.mark.parametrize("shape", [(197, 768), (3, 8193)], ids=str)
+def test_large_mean_small_variance(shape, dtype, device):
+    """Rows far from zero: E[x²] - E[x]² in fp32 would lose the variance (~4 next to ~1e6), and even
+    the mean rounded to fp32 is off by ~3e-5 (eager's fp32 error here is ~1.6e-5). The corrected
+    two-pass statistics keep fp32 results at ~1e-7."""
+    x, w, b = make_inputs(shape, torch.float32, torch.float32, device)
+    x = (x + 1000.0).to(dtype)
+    y = ops.layer_norm(x, w, b, EPS)
+    check_layer_norm(y, x, w, b, dtype)
+    if dtype == torch.float32:
+        assert_close(y, ref_layer_norm(x, w, b), tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_non_contiguous_inputs(dtype, device):
+    """Transposed [T, B, C] activations, a strided last dim, a strided weight: copied to contiguous
+    inside the op; outputs are contiguous."""
+    base = torch.randn(197, 2, 2 * 192, device=device).to(dtype)
+    x = base.transpose(0, 1)[..., ::2]                          # [2, 197, 192], strides (384, 768, 2)
+    r = torch.randn(2, 192, 197, device=device).to(dtype).transpose(1, 2)  # [2, 197, 192]
+    w = torch.randn(2 * 192, device=device)[::2]
+    b = torch.randn(192, device=device)
+    assert not x.is_contiguous() and not r.is_contiguous() and not w.is_contiguous()
+    y = ops.layer_norm(x, w, b, EPS)
+    assert y.is_contiguous()
+    check_layer_norm(y, x, w, b, dtype)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    assert y.is_contiguous() and s.is_contiguous()
+    check_add_layer_norm(y, s, x, r, w, b, dtype)
+
+
+@pytest.mark.parametrize("dtype,wdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(3, 7), (197, 768), (2, 8193)], ids=str)
+def test_poisoned_outputs(shape, dtype, wdtype, device):
+    """The functional ops allocate their outputs, so NaN-poisoning goes through the .out overloads,
+    which run the same C++ code writing into caller buffers: any element the kernel skips stays NaN."""
+    x, r, w, b = make_inputs(shape, dtype, wdtype, device, residual=True)
+    out = poisoned(shape, dtype, device)
+    got = torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    check_layer_norm(out, x, w, b, dtype)
+
+    out, sum_out = poisoned(shape, dtype, device), poisoned(shape, dtype, device)
+    torch.ops.vitfast.add_layer_norm.out(x, r, w, b, EPS, out=out, sum_out=sum_out)
+    check_add_layer_norm(out, sum_out, x, r, w, b, dtype)
+
+
+def test_cpu_rows_split_across_threads():
+    """conftest pins one thread; with two, at::parallel_for splits the rows. Rows are independent,
+    so the results are bitwise the same."""
+    x, r, w, b = make_inputs((4099, 192), torch.float32, torch.float32, "cpu", residual=True)
+    one = ops.add_layer_norm(x, r, w, b, EPS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = ops.add_layer_norm(x, r, w, b, EPS)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(two, one):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    check_add_layer_norm(*two, x, r, w, b, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# torch integration: opcheck, autograd, torch.compile
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_opcheck(requires_grad, transposed, device):
+    x, r, w, b = make_inputs((2, 5, 24), torch.float32, torch.float32, device, residual=True)
+    if transposed:
+        x, r = x.transpose(0, 1), r.transpose(0, 1)
+    for t in (x, r, w, b):
+        t.requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.vitfast.layer_norm.default, (x, w, b, EPS))
+    torch.library.opcheck(torch.ops.vitfast.add_layer_norm.default, (x, r, w, b, EPS))
+
+
+def test_gradients_float64():
+    x, r, w, b = make_inputs((3, 4, 10), torch.float64, torch.float64, "cpu", residual=True)
+    for t in (x, r, w, b):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, w, b, EPS), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), (x, r, w, b))
+
+
+def test_gradients_match_reference(device):
+    """Backward (reference math in fp32) of a bf16 forward with fp32 parameters."""
+    x, r, w, b = make_inputs((17, 192), torch.bfloat16, torch.float32, device, residual=True)
+    gy, gs = torch.randn_like(x), torch.randn_like(x)
+    leaves = [t.detach().requires_grad_(True) for t in (x, r, w, b)]
+    y, s = ops.add_layer_norm(*leaves, EPS)
+    got = torch.autograd.grad((y, s), leaves, (gy, gs))
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, r, w, b)]
+    y64, s64 = reference.add_layer_norm(*leaves64, EPS)
+    want = torch.autograd.grad((y64, s64), leaves64, (gy.double(), gs.double()))
+    for name, leaf, g, g64 in zip(("x", "residual", "weight", "bias"), leaves, got, want):
+        assert g.dtype == leaf.dtype
+        assert_close(g, g64, dtype=torch.bfloat16, name=f"grad {name}")
+
+
+def test_torch_compile_fullgraph_cpu():
+    """Fake impls let dynamo/inductor trace both ops without graph breaks; results match eager."""
+    x, r, w, b = make_inputs((2, 17, 64), torch.float32, torch.float32, "cpu", residual=True)
+
+    def block(x, r, w, b):
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+        return ops.layer_norm(s, w, b, EPS), y
+
+    compiled = torch.compile(block, fullgraph=True)
+    for got, want in zip(compiled(x, r, w, b), block(x, r, w, b)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+BAD_INPUT = {  # id: (call on x [4, 16], residual, weight [16], bias [16]; message regex)
+    "weight_size": (lambda x, r, w, b: ops.layer_norm(x, w[:15], b), r"weight: expected shape \(16,\) .*got \(15,\)"),
+    "bias_size": (lambda x, r, w, b: ops.layer_norm(x, w, b[:15]), r"bias: expected shape \(16,\) .*got \(15,\)"),
+    "weight_2d": (lambda x, r, w, b: ops.layer_norm(x, w.view(4, 4), b),
+                  r"weight: expected shape \(16,\) .*got \(4, 4\)"),
+    "int_x": (lambda x, r, w, b: ops.layer_norm(x.int(), w, b), r"x: expected dtype in .*got torch.int32"),
+    "int_weight": (lambda x, r, w, b: ops.layer_norm(x, w.long(), b), r"weight: expected dtype in .*got torch.int64"),
+    "half_weight": (lambda x, r, w, b: ops.layer_norm(x, w.half(), b.half()),
+                    r"weight: expected dtype torch.float32 \(like x\), got torch.float16"),
+    "bias_dtype": (lambda x, r, w, b: ops.layer_norm(x, w, b.double()),
+                   r"bias: expected dtype torch.float32 \(like weight\), got torch.float64"),
+    "0dim_x": (lambda x, r, w, b: ops.layer_norm(x[0, 0], w[:1], b[:1]), r"x: expected at least 1 dim"),
+    "negative_eps": (lambda x, r, w, b: ops.layer_norm(x, w, b, -1.0), r"eps: expected a finite number >= 0, got -1.0"),
+    "nan_eps": (lambda x, r, w, b: ops.layer_norm(x, w, b, float("nan")), r"eps: expected a finite number >= 0"),
+    "weight_device": (lambda x, r, w, b: ops.layer_norm(x, w.to("meta"), b),
+                      r"weight: expected device .* \(like x\), got meta"),
+    "residual_shape": (lambda x, r, w, b: ops.add_layer_norm(x, r[:3], w, b),
+                       r"residual: expected shape \(4, 16\) .*got \(3, 16\)"),
+    "residual_dtype": (lambda x, r, w, b: ops.add_layer_norm(x, r.half(), w, b),
+                       r"residual: expected dtype torch.float32 \(like x\), got torch.float16"),
+    "residual_device": (lambda x, r, w, b: ops.add_layer_norm(x, r.to("meta"), w, b),
+                        r"residual: expected device .*got meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_public(case, device):
+    call, msg = BAD_INPUT[case]
+    with pytest.raises(ValueError, match=msg):
+        call(*make_inputs((4, 16), torch.float32, torch.float32, device, residual=True))
+
+
+def test_bad_input_cpp_checks(device):
+    """The C++ op's own TORCH_CHECKs (for callers of torch.ops.vitfast.* directly)."""
+    x, r, w, b = make_inputs((4, 16), torch.float32, torch.float32, device, residual=True)
+    op, add_op = torch.ops.vitfast.layer_norm, torch.ops.vitfast.add_layer_norm
+    cases = [
+        (lambda: op(x, w[:15], b, EPS), r"vitfast::layer_norm: weight: expected shape \[16\] .*got \[15\]"),
+        (lambda: op(x.int(), w, b, EPS), r"x: expected dtype Float, Half, BFloat16 .*got Int"),
+        (lambda: op(x, w.half(), b.half(), EPS), r"weight: expected dtype Float \(like x\), got Half"),
+        (lambda: op(x.half(), w.double(), b.double(), EPS), r"weight: expected dtype Half \(like x\) or Float, got"),
+        (lambda: op(x, w, b.double(), EPS), r"bias: expected dtype Float \(like weight\), got Double"),
+        (lambda: op(x, w, b, -1.0), r"eps: expected a finite value >= 0"),
+        (lambda: add_op(x, r[:3], w, b, EPS), r"residual: expected shape \[4, 16\] .*got \[3, 16\]"),
+        (lambda: torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=torch.empty(4, 15, device=device)),
+         r"out: expected shape \[4, 16\] .*got \[4, 15\]"),
+        (lambda: torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=torch.empty(16, 4, device=device).t()),
+         r"out: expected a contiguous tensor"),
+        (lambda: torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=x), r"unsupported operation"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+
+
+@pytest.mark.gpu
+def test_mixed_devices_gpu():
+    x, w, b = make_inputs((4, 16), torch.float32, torch.float32, "cuda")
+    with pytest.raises(ValueError, match=r"weight: expected device cuda:0 \(like x\), got cpu"):
+        ops.layer_norm(x, w.cpu(), b)
+    with pytest.raises(ValueError, match=r"x: expected dtype .* on CUDA, got torch.float64"):
+        ops.layer_norm(x.double(), w.double(), b.double())
+    with pytest.raises(RuntimeError, match=r"weight: expected device cuda:0 \(like x\), got cpu"):
+        torch.ops.vitfast.layer_norm(x, w.cpu(), b, EPS)
+
+
+def test_missing_extension_message(monkeypatch):
+    monkeypatch.setattr(ops, "_C_ERROR", ImportError("No module named 'vitfast._C'"))
+    x, w, b = make_inputs((2, 8), torch.float32, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation -e \."):
+        ops.layer_norm(x, w, b)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: ViT-B shapes, unaligned pointers, streams and CUDA graphs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256 * 197, 768), (64 * 785, 768)], ids=str)
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float32)], ids=_id)
+def test_vit_shapes_gpu(shape, dtype, wdtype):
+    x, r, w, b = make_inputs(shape, dtype, wdtype, "cuda", residual=True)
+    out = poisoned(shape, dtype, "cuda")
+    torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=out)
+    check_layer_norm(out, x, w, b, dtype)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    check_add_layer_norm(y, s, x, r, w, b, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [192, 768, 1280, 8192], ids=str)
+def test_unaligned_pointers_gpu(cols):
+    """x starting 2 bytes into an allocation: contiguous (so not copied) but not 16-byte aligned,
+    which must take the scalar path instead of misaligned vector loads."""
+    rows = 33
+    x = torch.randn(rows * cols + 1, device="cuda").to(torch.bfloat16)[1:].view(rows, cols)
+    assert x.data_ptr() % 16 != 0
+    _, r, w, b = make_inputs((rows, cols), torch.bfloat16, torch.float32, "cuda", residual=True)
+    check_layer_norm(ops.layer_norm(x, w, b, EPS), x, w, b, torch.bfloat16)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_side_stream_and_cuda_graph_gpu():
+    """The kernels launch on the current stream without host syncs, so they run on a side stream
+    and can be captured in a CUDA graph and replayed on new data."""
+    x, r, w, b = make_inputs((197, 768), torch.bfloat16, torch.float32, "cuda", residual=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    torch.cuda.current_stream().wait_stream(stream)
+    check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    x.copy_(torch.randn_like(x) * 3 - 1)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
