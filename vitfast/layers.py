@@ -15,13 +15,16 @@ No permute or contiguous copy sits between two ops.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vitfast import ops
-from vitfast.reference import resample_pos_embed, to_2tuple
+from vitfast import ops, reference
+from vitfast.reference import resample_pos_embed
+
+# Each layer subclasses its `vitfast.reference` twin: the same constructor, parameters and
+# state_dict keys; only forward changes (vitfast ops instead of the reference math).
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(reference.LayerNorm):
     """nn.LayerNorm (weight/bias parameters, timm's eps default 1e-6) running `ops.layer_norm`."""
 
     def __init__(self, normalized_shape, eps: float = 1e-6, **kwargs):
@@ -31,7 +34,7 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(reference.PatchEmbed):
     """Patchify + project + CLS row + position embedding in one `ops.patch_embed` call.
 
     `proj` is the patchify Conv2d (timm's `patch_embed.proj`); its weight [D, C, P, P] is what the
@@ -43,11 +46,7 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
-        super().__init__()
-        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, bias=bias)
         self._pos_cache: dict[tuple[int, int], tuple] = {}
 
     def clear_cache(self) -> None:
@@ -89,18 +88,8 @@ class PatchEmbed(nn.Module):
                                mean=mean, std=std)
 
 
-class Attention(nn.Module):
+class Attention(reference.Attention):
     """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False):
         """x [B, T, C] -> proj(attention(qkv(x))) (+ residual) [B, T, C]; with return_cls_attn also
@@ -113,33 +102,19 @@ class Attention(nn.Module):
         return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual)
 
 
-class Mlp(nn.Module):
+class Mlp(reference.Mlp):
     """fc2(act(fc1(x))) (+ residual); the activation ("gelu" exact or "gelu_tanh") runs in fc1's epilogue."""
-
-    def __init__(self, in_features: int, hidden_features: int, act: str = "gelu"):
-        super().__init__()
-        if act not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"act must be 'gelu' or 'gelu_tanh', got {act!r}")
-        self.act = act
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation=self.act)    # (B, T, hidden)
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)   # (B, T, C)
 
 
-class Block(nn.Module):
+class Block(reference.Block):
     """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)); both residual adds
     happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_bias: bool = True, act: str = "gelu", eps: float = 1e-6):
-        super().__init__()
-        self.norm1 = LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
-        self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+    norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
 
     def forward(self, x: Tensor, return_cls_attn: bool = False):
         """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn)."""

@@ -17,15 +17,17 @@ import os
 import torch
 from torch import Tensor, nn
 
-from vitfast import ops
+from vitfast import ops, reference
 from vitfast.configs import CONFIGS, get_config
 from vitfast.layers import Block, LayerNorm, PatchEmbed
-from vitfast.reference import check_image_size, init_weights
+from vitfast.reference import check_image_size
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(reference.VisionTransformer):
     """Vision Transformer running on vitfast's kernels (timm's kwargs and state_dict keys).
 
+    The constructor, parameters and keys are `vitfast.reference.VisionTransformer`'s (it builds the
+    same tree from the kernel-backed layers of `vitfast.layers`); forward runs vitfast ops.
     images [B, in_chans, H, W] (float in any dtype, cast to the weights' dtype; or uint8, see
     `set_input_normalization`) -> logits [B, num_classes] (pooled features if num_classes=0,
     all tokens if global_pool="").
@@ -33,33 +35,16 @@ class VisionTransformer(nn.Module):
     then resampled (bicubic, antialiased, like timm) once per image size and cached.
     """
 
+    embed_layer, block_layer, norm_layer = PatchEmbed, Block, LayerNorm
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6):
-        super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True")
-        if act_layer not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"act_layer must be 'gelu' or 'gelu_tanh', got {act_layer!r}")
-        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
-        self.embed_dim = self.num_features = embed_dim
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                         qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
+                         dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps)
         self.has_class_token = class_token
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.dynamic_img_size = dynamic_img_size
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        embed_len = self.patch_embed.num_patches + self.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
-            for _ in range(depth)])
-        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)
         self.register_buffer("img_std", None, persistent=False)
@@ -67,7 +52,6 @@ class VisionTransformer(nn.Module):
         # by vitfast.optimize: forward refuses to run in train mode while any is listed.
         self.train_only_features: tuple[str, ...] = ()
         self.register_load_state_dict_post_hook(_clear_pos_embed_cache)
-        init_weights(self)
 
     def set_input_normalization(self, mean, std) -> VisionTransformer:
         """Fuse `(x - mean) / std` per channel (mean/std in [0, 1] units, e.g. ImageNet's) into the
@@ -115,14 +99,6 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
         return self.norm(self.forward_tokens(x)[0])
-
-    def pool(self, x: Tensor) -> Tensor:
-        """tokens [B, T, D] -> [B, D] (CLS token or mean of the patch tokens), or x for global_pool=''."""
-        if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        if self.global_pool == "token":
-            return x[:, 0]
-        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """tokens [B, T, D] (after the final norm) -> logits [B, num_classes] (or pooled features)."""

@@ -217,6 +217,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features, act="gelu"):
         super().__init__()
+        if act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"act must be 'gelu' or 'gelu_tanh', got {act!r}")
         self.act = act
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, in_features)
@@ -231,12 +233,16 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Block(nn.Module):
+    # The layer classes are attributes so that vitfast.layers.Block builds the same tree from its
+    # own (kernel-backed) layers.
+    norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
+
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6):
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
-        self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.norm1 = self.norm_layer(dim, eps=eps)
+        self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.norm2 = self.norm_layer(dim, eps=eps)
+        self.mlp = self.mlp_layer(dim, int(dim * mlp_ratio), act=act)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -250,6 +256,9 @@ class VisionTransformer(nn.Module):
     Images of another size than `img_size` need `dynamic_img_size=True` (the position embedding
     is then resampled bicubically, like timm).
     """
+
+    # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
+    embed_layer, block_layer, norm_layer = PatchEmbed, Block, LayerNorm
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
@@ -267,15 +276,15 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = self.embed_layer(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         embed_len = self.patch_embed.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
+            self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
             for _ in range(depth)])
-        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.norm = self.norm_layer(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = self.norm_layer(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self)
 
