@@ -78,7 +78,9 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor* residua
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps: expected a finite value >= 0, got ", eps);
 }
 
-void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& x) {
+// out must not overlap any input: other threads still read x, weight and bias while it is written.
+void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+               const at::Tensor& bias) {
   TORCH_CHECK(out.sizes() == x.sizes(), op, ": ", name, ": expected shape ", x.sizes(), " (like x), got ",
               out.sizes());
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, ": expected dtype ", x.scalar_type(),
@@ -87,6 +89,8 @@ void check_out(const char* op, const char* name, const at::Tensor& out, const at
               out.device());
   TORCH_CHECK(out.is_contiguous(), op, ": ", name, ": expected a contiguous tensor, got strides ", out.strides());
   at::assert_no_overlap(out, x);
+  at::assert_no_overlap(out, weight);
+  at::assert_no_overlap(out, bias);
 }
 
 // Runs the kernel into the contiguous outputs y (and sum_out for add_layer_norm).
@@ -135,7 +139,7 @@ at::Tensor& layer_norm_out(const at::Tensor& x, const at::Tensor& weight, const 
                            at::Tensor& out) {
   constexpr const char* op = "vitfast::layer_norm.out";
   check_inputs(op, x, nullptr, weight, bias, eps);
-  check_out(op, "out", out, x);
+  check_out(op, "out", out, x, weight, bias);
   run(op, x, nullptr, weight, bias, eps, out, nullptr);
   return out;
 }
@@ -155,8 +159,8 @@ std::tuple<at::Tensor&, at::Tensor&> add_layer_norm_out(const at::Tensor& x, con
                                                         double eps, at::Tensor& out, at::Tensor& sum_out) {
   constexpr const char* op = "vitfast::add_layer_norm.out";
   check_inputs(op, x, &residual, weight, bias, eps);
-  check_out(op, "out", out, x);
-  check_out(op, "sum_out", sum_out, x);
+  check_out(op, "out", out, x, weight, bias);
+  check_out(op, "sum_out", sum_out, x, weight, bias);
   at::assert_no_overlap(out, residual);
   at::assert_no_overlap(sum_out, residual);
   at::assert_no_overlap(out, sum_out);
@@ -185,14 +189,14 @@ TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
   m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
 }
 
-#ifdef VITFAST_WITH_CUDA
+// Registered even without VITFAST_WITH_CUDA, so CUDA tensors reach the clear "built without CUDA"
+// error in run() instead of the dispatcher's generic "could not run ... with the 'CUDA' backend".
 TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
   m.impl("layer_norm", &vitfast::layer_norm);
   m.impl("layer_norm.out", &vitfast::layer_norm_out);
   m.impl("add_layer_norm", &vitfast::add_layer_norm);
   m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
 }
-#endif
 
 // `import vitfast._C` loads this library, which runs the registrations above. The module itself is empty.
 PyMODINIT_FUNC PyInit__C(void) {

@@ -1,13 +1,17 @@
 """Every CUDA source in csrc/ compiles with bare nvcc (no torch headers) for sm_90, and ptxas -v
-reports no register spills in any kernel. Needs nvcc, not a GPU: nothing is run."""
+reports no register spills in any kernel; the CUDA branch of csrc/ops.cpp (VITFAST_WITH_CUDA)
+compiles with the host compiler against torch's c10/cuda headers. Needs nvcc, not a GPU: nothing
+is run."""
 
 import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
+import torch.utils.cpp_extension as cpp_extension
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -74,9 +78,11 @@ ptxas info    : Used 31 registers, used 1 barriers, 128 bytes smem"""
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
 def test_compiles_for_sm90_without_spills(source, tmp_path):
-    # The flags setup.py passes to nvcc, for sm_90 only.
-    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"), "-O3", "-std=c++17",
-           "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", "-I", str(CSRC)]
+    # The flags of a setup.py build (torch's BuildExtension adds COMMON_NVCC_FLAGS, which forbid
+    # implicit half/bf16 conversions), for sm_90 only.
+    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"), *cpp_extension.COMMON_NVCC_FLAGS,
+           "-DVITFAST_WITH_CUDA=1", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+           "-I", str(CSRC)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-6000:]}"
@@ -86,3 +92,37 @@ def test_compiles_for_sm90_without_spills(source, tmp_path):
     assert not spilling, (f"{len(spilling)} of {len(kernels)} kernels in {source.name} spill registers "
                           "(registers, spill store bytes, spill load bytes):\n"
                           + "\n".join(f"  {n}: {k}" for n, k in sorted(spilling.items())))
+
+
+def _cuda_include():
+    """The CUDA toolkit's include directory (cuda_runtime.h), or None; nvcc may be a wrapper script."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             Path(NVCC).resolve().parents[1] if NVCC else None, "/usr/local/cuda"]
+    return next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").is_file()), None)
+
+
+def _host_compiler():
+    return next((found for name in ("c++", "g++", "clang++") if (found := shutil.which(name))), None)
+
+
+@needs_nvcc
+@pytest.mark.skipif(_host_compiler() is None, reason="no host C++ compiler (c++, g++, clang++) on PATH")
+def test_ops_cpp_cuda_branch_compiles():
+    """ops.cpp with -DVITFAST_WITH_CUDA (device guard, current stream, the launcher's C ABI, the CUDA
+    registrations) against the installed torch's headers and the CUDA toolkit's, as setup.py's CUDA
+    build compiles it. A CPU-only torch ships c10/cuda without its generated
+    cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips (it only sets export macros)."""
+    torch_includes = [Path(p) for p in cpp_extension.include_paths()]
+    if not (torch_includes[0] / "c10" / "cuda" / "CUDAGuard.h").is_file():
+        pytest.skip("the installed torch ships no c10/cuda headers")
+    cuda_include = _cuda_include()
+    if cuda_include is None:
+        pytest.skip("no CUDA toolkit include directory with cuda_runtime.h (CUDA_HOME, CUDA_PATH, /usr/local/cuda)")
+    cmd = [_host_compiler(), "-fsyntax-only", str(CSRC / "ops.cpp"), "-std=c++17", "-DVITFAST_WITH_CUDA=1",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-I", str(CSRC),
+           "-I", sysconfig.get_paths()["include"]]
+    cmd += [arg for p in [*torch_includes, cuda_include] for arg in ("-isystem", str(p))]
+    if not (torch_includes[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
+        cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"

@@ -48,10 +48,11 @@ def ref_layer_norm(x, w, b):
 
 
 def eager_layer_norm(x, w, b):
-    """F.layer_norm in x's dtype (eager takes fp32 parameters with 16-bit x, not with float64 x)."""
-    if x.dtype == torch.float64:
-        w, b = w.double(), b.double()
-    return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+    """F.layer_norm with the output in x's dtype. Parameters of another dtype (fp32 with 16-bit x,
+    float64 x with fp32): computed in the wider dtype, then rounded to x's, which is what eager
+    code must do, since CUDA's F.layer_norm rejects parameters of a dtype other than x's."""
+    acc = torch.promote_types(x.dtype, w.dtype)
+    return F.layer_norm(x.to(acc), (x.shape[-1],), w.to(acc), b.to(acc), EPS).to(x.dtype)
 
 
 def check_layer_norm(y, x, w, b, dtype):
@@ -271,6 +272,8 @@ def test_bad_input_cpp_checks(device):
         (lambda: torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=torch.empty(16, 4, device=device).t()),
          r"out: expected a contiguous tensor"),
         (lambda: torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=x), r"unsupported operation"),
+        (lambda: torch.ops.vitfast.layer_norm.out(x[0], w, b, EPS, out=w), r"unsupported operation"),
+        (lambda: add_op.out(x[0], r[0], w, b, EPS, out=torch.empty_like(w), sum_out=b), r"unsupported operation"),
     ]
     for call, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
@@ -311,36 +314,90 @@ def test_vit_shapes_gpu(shape, dtype, wdtype):
     check_add_layer_norm(y, s, x, r, w, b, dtype)
 
 
+def _misaligned(t):
+    """A copy of t starting one element (2 or 4 bytes) past a 16-byte boundary: contiguous, so the op
+    does not copy it again, but not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("cols", [192, 768, 1280, 8192], ids=str)
-def test_unaligned_pointers_gpu(cols):
-    """x starting 2 bytes into an allocation: contiguous (so not copied) but not 16-byte aligned,
-    which must take the scalar path instead of misaligned vector loads."""
+@pytest.mark.parametrize("misaligned", ["none", "x", "residual", "weight", "bias", "out", "sum_out"])
+@pytest.mark.parametrize("cols", [196, 768, 1280, 8192], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)
+def test_unaligned_pointers_gpu(dtype, cols, misaligned):
+    """16-byte vectors need every pointer 16-byte aligned and rows a whole number of vectors. One
+    tensor at a time is misaligned (see _misaligned), which must take the scalar path instead of
+    misaligned vector accesses; cols 196 in bf16: aligned pointers but rows of 392 bytes."""
     rows = 33
-    x = torch.randn(rows * cols + 1, device="cuda").to(torch.bfloat16)[1:].view(rows, cols)
-    assert x.data_ptr() % 16 != 0
-    _, r, w, b = make_inputs((rows, cols), torch.bfloat16, torch.float32, "cuda", residual=True)
-    check_layer_norm(ops.layer_norm(x, w, b, EPS), x, w, b, torch.bfloat16)
-    y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    x, r, w, b = make_inputs((rows, cols), dtype, torch.float32, "cuda", residual=True)
+    tensors = {"x": x, "residual": r, "weight": w, "bias": b,
+               "out": poisoned(x.shape, dtype, "cuda"), "sum_out": poisoned(x.shape, dtype, "cuda")}
+    if misaligned != "none":
+        tensors[misaligned] = _misaligned(tensors[misaligned])
+    x, r, w, b, out, sum_out = tensors.values()
+    torch.ops.vitfast.layer_norm.out(x, w, b, EPS, out=out)
+    check_layer_norm(out, x, w, b, dtype)
+    out.fill_(float("nan"))
+    torch.ops.vitfast.add_layer_norm.out(x, r, w, b, EPS, out=out, sum_out=sum_out)
+    check_add_layer_norm(out, sum_out, x, r, w, b, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4 * 65535 + 5, 64), (65535 + 7, 1032)], ids=str)
+def test_more_than_65535_blocks_gpu(shape):
+    """Grids beyond gridDim.y/z's 65535 limit on gridDim.x: warp per row (4 rows per block) and
+    block per row; every row written (poisoned outputs)."""
+    x, r, w, b = make_inputs(shape, torch.bfloat16, torch.float32, "cuda", residual=True)
+    out, sum_out = poisoned(shape, torch.bfloat16, "cuda"), poisoned(shape, torch.bfloat16, "cuda")
+    torch.ops.vitfast.add_layer_norm.out(x, r, w, b, EPS, out=out, sum_out=sum_out)
+    check_add_layer_norm(out, sum_out, x, r, w, b, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (tensors off the current one)")
+def test_tensors_on_second_device_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the op's device guard launches on cuda:1."""
+    x, r, w, b = make_inputs((197, 768), torch.bfloat16, torch.bfloat16, "cuda:1", residual=True)
+    with torch.cuda.device(0):
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+    assert y.device == s.device == x.device
     check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
 
 
 @pytest.mark.gpu
 def test_side_stream_and_cuda_graph_gpu():
     """The kernels launch on the current stream without host syncs, so they run on a side stream
-    and can be captured in a CUDA graph and replayed on new data."""
+    and can be captured in a CUDA graph (a launch on another stream would fail the capture) and
+    replayed on new data."""
     x, r, w, b = make_inputs((197, 768), torch.bfloat16, torch.float32, "cuda", residual=True)
+
+    def block():
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+        return y, s, ops.layer_norm(s, w, b, EPS)
+
+    def check(y, s, z):
+        check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
+        check_layer_norm(z, s, w, b, torch.bfloat16)
+
+    # Side stream, which is also the warm-up torch.cuda.graph asks for before a capture.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+        for _ in range(2):
+            outs = block()
     torch.cuda.current_stream().wait_stream(stream)
-    check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
+    check(*outs)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, s = ops.add_layer_norm(x, r, w, b, EPS)
-    x.copy_(torch.randn_like(x) * 3 - 1)
-    graph.replay()
-    torch.cuda.synchronize()
-    check_add_layer_norm(y, s, x, r, w, b, torch.bfloat16)
+        outs = block()
+    for scale in (3.0, 0.5):
+        x.copy_(torch.randn_like(x) * scale - 1)
+        r.copy_(torch.randn_like(r) * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(*outs)
