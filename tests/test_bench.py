@@ -11,9 +11,10 @@ import torch
 from vitfast import bench, ops, reference
 from vitfast.testing import assert_close
 
-# 64 px at patch 32 / 16 / 8: 5, 17 and 65 tokens, one block.
+# 64 px at patch 32 / 16 / 8: 5, 17 and 65 tokens, one block. The CPU sweep on every machine (a GPU
+# machine would default to cuda, bf16 and the GPU-only backends).
 ARGS = ["--model-size", "tiny", "--depth", "1", "--batch-size", "2", "--image-sizes", "64",
-        "--patch-sizes", "32,16,8", "--reps", "1"]
+        "--patch-sizes", "32,16,8", "--reps", "1", "--device", "cpu"]
 CONFIGS = [(64, 32, 5), (64, 16, 17), (64, 8, 65)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -241,6 +241,13 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+# Ceilings for a whole 12-block ViT-B in low precision vs its fp32 output. The per-op ceilings of
+# DESIGN.md §4 do not bound a deep model: the eager reference ViT-B/16 (these init scales) is already
+# ~1.6e-2 off in bf16 and ~2e-3 in fp16. The bound that matters is err <= 2x the source model's own
+# error in that dtype (+ floor), checked by assert_close's `eager`.
+MODEL_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
 def _perturb(model):
     with torch.no_grad():       # timm / torchvision zero some biases and heads at init
         for p in model.parameters():
@@ -289,7 +296,7 @@ def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
         eager = low(x.to(dtype))
         out = vitfast.optimize(low)(x.to(dtype))
     assert out.dtype == dtype
-    assert_close(out, ref32, dtype=dtype, eager=eager)
+    assert_close(out, ref32, dtype=dtype, eager=eager, tol=MODEL_TOL[dtype])
 
 
 @pytest.mark.gpu
@@ -338,4 +345,5 @@ def test_optimize_torchvision_vit_b_16_low_precision_within_2x(dtype, no_tf32):
         low = src.to(dtype)
         eager = low(x.to(dtype))
         out = vitfast.optimize(low)(x.to(dtype))
-    assert_close(out, ref32, dtype=dtype, eager=eager)
+    assert out.dtype == dtype
+    assert_close(out, ref32, dtype=dtype, eager=eager, tol=MODEL_TOL[dtype])

@@ -9,15 +9,15 @@ from vitfast import reference
 from vitfast.data import IMAGENET_MEAN, IMAGENET_STD
 from vitfast.engine import InferenceEngine, bucket_sizes
 from vitfast.model import VisionTransformer
-from vitfast.testing import assert_close
+from vitfast.testing import assert_close, rel_err
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
 
-def tiny_models(**overrides):
+def tiny_models(seed: int = 0, **overrides):
     """(vitfast model, float64 reference model) with the same weights."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ref = reference.VisionTransformer(**{**TINY, **overrides}).eval()
     model = VisionTransformer(**{**TINY, **overrides}).eval()
     model.load_state_dict(ref.state_dict())
@@ -54,7 +54,7 @@ def test_bucket_sizes():
 def test_cpu_run_equals_model_batch_by_batch():
     model, ref = tiny_models()
     u8 = images(11)                                          # batches 4, 4 and a partial 3
-    engine = InferenceEngine(model, batch_size=4)
+    engine = InferenceEngine(model, batch_size=4, device="cpu")
     assert engine.device.type == "cpu" and engine.dtype == torch.float32
     out = engine.run(u8)
     assert out.shape == (11, TINY["num_classes"]) and out.dtype == torch.float32
@@ -66,14 +66,14 @@ def test_cpu_run_equals_model_batch_by_batch():
 def test_stream_splits_batches_and_keeps_order():
     model, ref = tiny_models()
     batches = [images(3), images(5), images(2)]             # with batch_size 4: 3 | 4, 1 | 2
-    engine = InferenceEngine(model, batch_size=4, output="both")
+    engine = InferenceEngine(model, batch_size=4, device="cpu", output="both")
     outs = list(engine.stream(iter(batches)))
     assert [o[1].shape[0] for o in outs] == [3, 4, 1, 2]
     u8 = torch.cat(batches)
     feats, logits = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     assert_close(logits, reference_outputs(ref, u8), torch.float32, name="logits")
     assert_close(feats, reference_outputs(ref, u8, pre_logits=True), torch.float32, name="embeddings")
-    emb = InferenceEngine(model, batch_size=4, output="embeddings").run(batches)
+    emb = InferenceEngine(model, batch_size=4, device="cpu", output="embeddings").run(batches)
     assert torch.equal(emb, feats)
 
 
@@ -81,7 +81,7 @@ def test_avg_pool_model_and_custom_normalisation():
     model, ref = tiny_models(global_pool="avg")
     u8 = images(5)
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    out = InferenceEngine(model, batch_size=2, mean=mean, std=std).run(u8)
+    out = InferenceEngine(model, batch_size=2, device="cpu", mean=mean, std=std).run(u8)
     x = reference.normalize_images(u8, torch.tensor(mean), torch.tensor(std), torch.float64)
     with torch.no_grad():
         assert_close(out, ref(x), torch.float32)
@@ -94,18 +94,33 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="output: expected one of"):
         InferenceEngine(model, batch_size=2, output="probs")
     with pytest.raises(ValueError, match="mean: expected 3 values"):
-        InferenceEngine(model, batch_size=2, mean=(0.5, 0.5))
+        InferenceEngine(model, batch_size=2, device="cpu", mean=(0.5, 0.5))
     with pytest.raises(ValueError, match="model: expected a timm-style ViT"):
         InferenceEngine(torch.nn.Linear(2, 2), batch_size=2)
-    engine = InferenceEngine(model, batch_size=2)
+    engine = InferenceEngine(model, batch_size=2, device="cpu")
     with pytest.raises(ValueError, match=r"images: expected a uint8 tensor \[N, 3, H, W\], got torch.float32"):
         engine.run(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="built for 32x32 images, got 48x48"):
         engine.run(images(2, 48))
     with pytest.raises(ValueError, match="expected every batch to hold"):
-        InferenceEngine(model, batch_size=2).run([images(2), images(2, 40)])
+        InferenceEngine(model, batch_size=2, device="cpu").run([images(2), images(2, 40)])
     with pytest.raises(ValueError, match="at least one image"):
         engine.run([])
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weights_loaded_after_the_first_run_are_used(dev):
+    """New weights loaded in place after a run: the resampled position table is made again (and on
+    CUDA the graphs are captured again), so the outputs follow the new weights."""
+    model, _ = tiny_models(dynamic_img_size=True)
+    u8 = images(3, size=40)                                  # grid 5x5: the 4x4 table is resampled
+    engine = InferenceEngine(model, batch_size=4, dtype=torch.float32, device=dev)
+    first = engine.run(u8)
+    other, other_ref = tiny_models(seed=1, dynamic_img_size=True)
+    model.load_state_dict(other.state_dict())
+    out = engine.run(u8)
+    assert rel_err(out, first) > 1e-2                        # the new weights do change the outputs
+    assert_close(out, reference_outputs(other_ref, u8), torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

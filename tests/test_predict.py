@@ -77,9 +77,11 @@ def workdir(tmp_path_factory):
     return root, ckpt, corrupt
 
 
-def predict_args(root, ckpt, out: str, *extra) -> list[str]:
+def predict_args(root, ckpt, out: str, *extra, device: str = "cpu") -> list[str]:
+    """CLI arguments; the device is explicit (without it a GPU machine would pick cuda and bf16)."""
     return [str(root / "imgs"), *MODEL_ARGS, "--checkpoint", str(ckpt), "--batch-size", str(BATCH),
-            "--topk", str(TOPK), "--labels", str(root / "labels.txt"), "--output", out, "--no-progress", *extra]
+            "--topk", str(TOPK), "--labels", str(root / "labels.txt"), "--output", out, "--no-progress",
+            "--device", device, *extra]
 
 
 def read_jsonl(path):
@@ -235,6 +237,27 @@ def test_torchrun_two_processes_equal_one(workdir, full_run):
     assert f"{N_GOOD} images predicted, 0 already done, {len(corrupt)} skipped" in proc.stderr
 
 
+@pytest.mark.gpu
+def test_predict_on_cuda_equals_the_cpu_run(workdir, full_run, tmp_path):
+    """The CUDA pipeline in fp32 (pinned DataLoader batches from 2 workers, side-stream copies, CUDA
+    graphs of buckets 8 and 4 captured while the loader's pin-memory thread runs) gives the CPU
+    run's top-k, probabilities and embeddings."""
+    root, ckpt, _ = workdir
+    full_out, full_emb, _ = full_run
+    out, emb = tmp_path / "cuda.jsonl", tmp_path / "cuda.npy"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = predict.main(predict_args(root, ckpt, str(out), "--embeddings", str(emb), "--workers", "2",
+                                       "--dtype", "float32", device="cuda"))
+    assert rc == 0, err.getvalue()
+    one, got = read_jsonl(full_out), read_jsonl(out)
+    assert [r["path"] for r in got] == [r["path"] for r in one]
+    assert [r["indices"] for r in got] == [r["indices"] for r in one]
+    torch.testing.assert_close(torch.tensor([r["probs"] for r in got]), torch.tensor([r["probs"] for r in one]),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(emb), np.load(full_emb), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--topk", "9"], "--topk: expected 1..5"),
     (["--batch-size", "0"], "--batch-size: expected a positive int, got 0"),
@@ -250,7 +273,7 @@ def test_predict_bad_arguments(workdir, tmp_path, capsys, extra, message):
 
 def test_predict_missing_inputs(workdir, tmp_path, capsys):
     root, ckpt, _ = workdir
-    args = [*MODEL_ARGS, "--output", str(tmp_path / "o.jsonl")]
+    args = [*MODEL_ARGS, "--output", str(tmp_path / "o.jsonl"), "--device", "cpu"]
     assert predict.main([str(root / "imgs"), *args, "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "--checkpoint: file" in capsys.readouterr().err
     assert predict.main([str(tmp_path / "nothing_here"), *args, "--checkpoint", str(ckpt)]) == 2

@@ -60,7 +60,7 @@ ATTENTION_OF = {"eager": "eager", "eager-sdpa": "torch", "timm": "torch", "vitfa
 MODEL_OF = {"eager": "eager", "vitfast": "vitfast"}
 BATCH_TOKENS = 785          # --batch-size holds up to this many tokens; above it the batch shrinks
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CPU_NOTE = ("CUDA is not available: this is a CPU sweep of the eager reference vs vitfast's CPU path "
+CPU_NOTE = ("{why}: this is a CPU sweep of the eager reference vs vitfast's CPU path "
             "(reference math / C++ LayerNorm). The Triton kernels need an NVIDIA GPU; these numbers say "
             "nothing about their speed.")
 PEAK_MEM_NOTE = ("peak_mem_bytes = torch.cuda.max_memory_allocated over one call, with only that backend's "
@@ -661,7 +661,8 @@ def main(argv=None) -> int:
     threads = 1 if args.threads is None and not gpu else args.threads
     if threads:
         torch.set_num_threads(threads)
-    notes = [] if gpu else [CPU_NOTE]
+    notes = [] if gpu else [CPU_NOTE.format(why="--device cpu" if torch.cuda.is_available() else
+                                            "CUDA is not available")]
     if ops.INTERPRET and not gpu:
         notes.append("TRITON_INTERPRET=1: vitfast's ops run in Triton's interpreter on CPU (slow by design).")
     requested = args.backends or list(MODEL_BACKENDS)

@@ -10,7 +10,11 @@ Per batch, on CUDA:
   its load: no float image ever exists in memory.
 - One CUDA graph per batch-size bucket (powers of two up to batch_size, and batch_size itself); a
   partial batch runs in the smallest bucket that holds it, the padding rows are trimmed. Graphs are
-  captured lazily on a bucket's first use, after a warm-up run (Triton compiles and autotunes there).
+  captured lazily on a bucket's first use, after a warm-up run of the same shape (Triton compiles and
+  autotunes there, `ops.linear` picks cuBLAS or Triton there). Capture uses the "thread_local" error
+  mode: a DataLoader's pin-memory thread allocating pinned memory meanwhile must not break it. The
+  graphs read the parameters' memory: when a parameter is moved or replaced, or the position table
+  changes, the graphs are dropped and captured again (and the resampled table recomputed).
 - Double buffering: two pinned and two device staging buffers; CUDA events order the H2D copy of
   batch i+1 after batch i-1 has consumed the same slot, and the host refills a pinned slot only
   once its previous copy finished. The iterator runs one batch ahead, so while the caller handles
@@ -91,20 +95,22 @@ class InferenceEngine:
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {self.dtype}")
         self.batch_size, self.output = batch_size, output
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         cfg = data_config(model)
         mean = cfg["mean"] if mean is None else mean
         std = cfg["std"] if std is None else std
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(-1)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(-1)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1).to(self.device)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1).to(self.device)
         in_chans = model.patch_embed.proj.weight.shape[1]
         for name, t in (("mean", self.mean), ("std", self.std)):
             if t.numel() != in_chans:
                 raise ValueError(f"{name}: expected {in_chans} values (one per channel), got {t.numel()}")
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()   # checked first: no half-done move
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = bucket_sizes(batch_size) if self.device.type == "cuda" else []
         self._image_shape: tuple[int, int, int] | None = None
+        self._grid: tuple[int, int] | None = None
         self._pos_embed: Tensor | None = None
+        self._stamp: tuple | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -136,20 +142,39 @@ class InferenceEngine:
         reference.check_image_size(torch.empty(0, C, H, W, device="meta"), m.patch_embed.proj.weight.shape[1],
                                    tuple(P), None if getattr(m, "dynamic_img_size", False)
                                    else getattr(m.patch_embed, "img_size", None))
-        grid = (H // P[0], W // P[1])
-        old_grid = getattr(m.patch_embed, "grid_size", None)
-        self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), grid, old_grid,
-                                                       getattr(m, "num_prefix_tokens", 1))
+        self._grid = (H // P[0], W // P[1])
+        self._refresh()
         self._image_shape = (C, H, W)
         if self.device.type == "cuda":
             n = (self.batch_size, C, H, W)
-            self._pinned = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._staged = [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            self._graph_in = torch.zeros(n, dtype=torch.uint8, device=self.device)
-            self._copied = [torch.cuda.Event() for _ in range(2)]     # H2D into slot done
-            self._consumed = [torch.cuda.Event() for _ in range(2)]   # slot read by the main stream
-            self._copy_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.device(self.device):    # streams, events and pinned memory of this device
+                self._pinned = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                self._staged = [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(2)]
+                self._graph_in = torch.zeros(n, dtype=torch.uint8, device=self.device)
+                self._copied = [torch.cuda.Event() for _ in range(2)]     # H2D into slot done
+                self._consumed = [torch.cuda.Event() for _ in range(2)]   # slot read by the main stream
+                self._copy_stream = torch.cuda.Stream(self.device)
+                # warm-up and capture; torch.cuda.graph's default capture stream lives on whichever
+                # device was current when it was first used
+                self._capture_stream = torch.cuda.Stream(self.device)
+                self._pool = torch.cuda.graph_pool_handle()
+
+    def _weights_stamp(self) -> tuple:
+        """Where the parameters live and the position table's version: graphs read the parameters'
+        memory, and `_pos_embed` may be a resampled copy of the table."""
+        return tuple(p.data_ptr() for p in self.model.parameters()), self.model.pos_embed._version
+
+    def _refresh(self) -> None:
+        """(Re)make the position table for the image grid and drop graphs captured on old weights."""
+        m = self.model
+        if self._graphs:     # a new pool: the old one is released with its graphs and may not be reused
+            self._graphs.clear()
             self._pool = torch.cuda.graph_pool_handle()
+        with torch.no_grad():
+            self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), self._grid,
+                                                           getattr(m.patch_embed, "grid_size", None),
+                                                           getattr(m, "num_prefix_tokens", 1))
+        self._stamp = self._weights_stamp()
 
     def _check_batch(self, images: Tensor) -> None:
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -171,25 +196,25 @@ class InferenceEngine:
     def _graph(self, bucket: int):
         if bucket not in self._graphs:
             x = self._graph_in[:bucket]
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            side, main = self._capture_stream, torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
             with torch.cuda.stream(side):
-                for _ in range(2):      # warm-up: Triton compiles/autotunes outside the capture
+                for _ in range(2):      # warm-up on this very shape: compile, autotune, linear path choice
                     self.forward(x)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 outs = self.forward(x)
             self._graphs[bucket] = (graph, outs)
         return self._graphs[bucket]
 
     def _launch_cuda(self, images: Tensor, slot: int):
         """Queue one batch (n <= batch_size) on the GPU; returns its outputs (device tensors,
-        valid once the main stream reaches them)."""
+        valid once the main stream reaches them). Runs with self.device as the current device."""
         n = images.shape[0]
         main = torch.cuda.current_stream(self.device)
         if images.device.type == "cuda":
-            staged = images                                  # already on the GPU: no staging
+            staged = images.to(self.device)                  # already on a GPU: no staging
         else:
             self._copied[slot].synchronize()                 # the pinned slot's previous H2D is done
             self._pinned[slot][:n].copy_(images)
@@ -207,8 +232,10 @@ class InferenceEngine:
         self._consumed[slot].record(main)
         graph, (feats, logits) = self._graph(self._bucket(n))
         graph.replay()
-        # clone: the next replay overwrites the graph's output buffers
-        return feats[:n].clone(), logits[:n].clone()
+        # clone (on the main stream, right after the replay): the next replay of any bucket may
+        # overwrite these buffers (one memory pool for all buckets)
+        return (feats[:n].clone() if self.output != "logits" else None,
+                logits[:n].clone() if self.output != "embeddings" else None)
 
     # ----------------------------------------------------------------------------------------
     # Public API
@@ -232,9 +259,12 @@ class InferenceEngine:
         for batch in self._batches(batches):
             if batch.shape[0] == 0:
                 continue
+            if self._weights_stamp() != self._stamp:     # weights moved / replaced, or pos_embed updated
+                self._refresh()
             with torch.inference_mode():
                 if self.device.type == "cuda":
-                    outs = self._launch_cuda(batch, slot)
+                    with torch.cuda.device(self.device):  # Triton and the extension launch on the current device
+                        outs = self._launch_cuda(batch, slot)
                     slot ^= 1
                 else:
                     outs = self.forward(batch.to(self.device))

@@ -42,7 +42,8 @@ class PatchEmbed(reference.PatchEmbed):
     resamples it to the image's patch grid when the grid differs from the table's (bicubic,
     antialiased, like timm) and caches the result per grid: the cache is used only when no
     gradient flows to the table, and an entry is dropped when the table is replaced or modified
-    in place (its version counter moves) or `clear_cache()` is called.
+    in place (its version counter moves) or `clear_cache()` is called. A CUDA graph captured on
+    a resampled table reads the cached tensor itself: capture again after changing `pos_embed`.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
@@ -64,7 +65,10 @@ class PatchEmbed(reference.PatchEmbed):
             return resample_pos_embed(pos_embed, grid, src_grid, num_prefix_tokens)   # traced / differentiable
         # The source tensor itself is kept in the entry: comparing by identity cannot be fooled by
         # a reused address, and the version counter catches in-place updates (load_state_dict, optimizers).
-        stamp = (pos_embed._version, tuple(src_grid), num_prefix_tokens, torch.is_inference_mode_enabled())
+        # Module.to / .cuda() / .half() keep the Parameter and its version but swap its data: the
+        # data pointer, dtype and device catch that.
+        stamp = (pos_embed._version, pos_embed.data_ptr(), pos_embed.dtype, pos_embed.device, tuple(src_grid),
+                 num_prefix_tokens, torch.is_inference_mode_enabled())
         hit = self._pos_cache.get(tuple(grid))
         if hit is not None and hit[0] is pos_embed and hit[1] == stamp:
             return hit[2]
