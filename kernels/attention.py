@@ -33,23 +33,47 @@ LOG2E = math.log2(math.e)
 def attention_configs() -> list[triton.Config]:
     """Autotune space (keyed on sequence lengths and head dim). Hopper likes BLOCK_M 128 with
     BLOCK_N 64-128, 4-8 warps and 2-4 pipeline stages; BLOCK_M 64 helps short sequences fill the
-    machine. The interpreter gets one small config (it would otherwise run every config)."""
+    machine. The last tile (64 x 32 on 8 warps) is the one that fits shared memory and registers for
+    fp32 with head dims above ~144. `_prune_configs` drops, per call, the tiles that cannot run or
+    spill. The interpreter gets one small config (it would otherwise run every config)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
     configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (2, 3)]
+    configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
     return configs
 
 
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+# Per-thread fp32 words (see `_prune_configs`) above which sm_90 compiles of this kernel spill registers.
+_MAX_WORDS_PER_THREAD = 192
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop key blocks much longer than the sequence, and for head dims > 128 all but the smallest
-    tiles (the others run out of shared memory)."""
-    n_kv, block_d = named_args["N_KV"], kwargs["D_LO"] + kwargs["D_HI"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n_kv))
-            and (block_d <= 128 or (c.kwargs["BLOCK_N"] == 64 and c.num_stages <= 2))]
-    return keep or configs[:1]
+    """Keep the tiles that fit the device's shared memory, do not spill registers and do not use key
+    blocks much longer than the sequence; if none is left, the one needing the fewest registers among
+    those that fit. Both estimates match sm_90 compiles (Triton 3.x, `ptxas -v`):
+    - shared memory: the q tile plus num_stages buffers of k and v tiles, elt·D·(BLOCK_M + 2·stages·BLOCK_N)
+      bytes with D the padded head dim (fp32 with D=128 and 3 stages needs 256 KiB: cannot launch);
+    - registers: fp32 scores and accumulator plus operands in the input dtype,
+      (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
+      compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
+      spills for every D >= 32). fp32 with ieee dots runs on FMA units and spills with any tile."""
+    q, n_kv = named_args["q_ptr"], named_args["N_KV"]
+    elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
+    smem = lambda c: elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
+    words = lambda c: ((c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_d)) * (1 + elt / 4)
+                       / (32 * c.num_warps))
+    limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
+    fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
+    keep = [c for c in fits
+            if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n_kv))]
+    return keep or [min(fits, key=words)]
 
 
 @triton.jit
@@ -81,11 +105,11 @@ def _attention_block(
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
     key_ok = (start_n + offs_n) < N_KV
-    # Offsets inside one block stay small (BLOCK_N rows); the block's base pointer carries the
-    # 64-bit part. Rebuilt each step rather than carried: a [BLOCK_N, D] tensor of pointers held
-    # across the loop costs ~2 x 64 registers per thread.
-    k_rows = k_blk + offs_n[:, None] * stride_kn
-    v_rows = v_blk + offs_n[:, None] * stride_vn
+    # Row offsets from the block's base pointer, in int64: a sequence-first layout has token strides
+    # of B·H·D, and BLOCK_N of them can pass 2^31. Rebuilt each step rather than carried: a
+    # [BLOCK_N, D] tensor of pointers held across the loop costs ~2 x 64 registers per thread.
+    k_rows = k_blk + offs_n[:, None].to(tl.int64) * stride_kn
+    v_rows = v_blk + offs_n[:, None].to(tl.int64) * stride_vn
     k = _load_tile(k_rows + cols_lo[None, :], key_ok, cols_lo, HEAD_DIM, MASK_N, D_LO > HEAD_DIM)
     qk = tl.dot(q_lo, tl.trans(k), input_precision=DOT_PRECISION)
     if D_HI > 0:

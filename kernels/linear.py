@@ -59,15 +59,20 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit the device's shared memory (fp32 with 128x256) or that are far
-    wider than the problem (N=37 does not need BLOCK_N=256)."""
+    """Drop tiles that cannot fit the device's shared memory (fp32 with 128x256), that are far
+    wider than the problem (N=37 does not need BLOCK_N=256), or, for fp32 with ieee dots (FMA
+    units, no tensor cores), that hold more than 64 accumulator values per thread: those spill
+    tens of KiB on sm_90 (128x256 on 8 warps, 128x128 on 4)."""
     x, M, N = named_args["x_ptr"], named_args["M"], named_args["N"]
     if not x.is_cuda:
         return configs
     limit = _smem_limit(x.device) - 8 * 1024   # head-room: epilogue layout conversions use shared memory
     m_cap, n_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(N))
     smem = lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
-    kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+    fma = x.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
+    acc_per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+    kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
+            and not (fma and acc_per_thread(c) > 64)]
     return kept or [min(configs, key=smem)]
 
 
@@ -114,8 +119,12 @@ def _linear_kernel(
     # their results are never stored. int64 row offsets: M * stride_xm can pass 2^31.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk     # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn     # [BLOCK_K, BLOCK_N]
+    # K offsets and steps in int64 too: a column-major x has stride_xk = M, and BLOCK_K · M can pass 2^31.
+    stride_xk64 = tl.cast(stride_xk, tl.int64)   # a stride of 1 arrives as a constexpr int
+    stride_wk64 = tl.cast(stride_wk, tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k64[None, :] * stride_xk64     # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k64[:, None] * stride_wk64 + cols[None, :] * stride_wn     # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -123,8 +132,8 @@ def _linear_kernel(
         a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk64
+        w_ptrs += BLOCK_K * stride_wk64
 
     # Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
     # erf GELU or the residual), same stores.
@@ -159,12 +168,14 @@ def _linear_epilogue(
     elif ACTIVATION == 2:  # 0.5·a·(1 + tanh(u)) = a·sigmoid(2u), u = √(2/π)·(a + 0.044715·a³); stable for |u| large
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = acc / (1.0 + tl.exp(-2.0 * u))
-    offs_m64 = offs_m.to(tl.int64)
+    # int64 row and column offsets: M · stride_rm can pass 2^31, and so can N · stride_rn for a
+    # column-major residual (residual.reshape keeps its strides).
+    offs_m64, offs_n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+        r = tl.load(r_ptr + offs_m64[:, None] * stride_rm + offs_n64[None, :] * stride_rn, mask=mask, other=0.0)
         acc += r.to(tl.float32)
-    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 

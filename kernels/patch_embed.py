@@ -29,12 +29,13 @@ def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter would run every config; one small config keeps every mask in play.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4})]
+    # (64, 128, 64) on 4 warps is left out: within the register estimate of _prune_configs, yet its
+    # im2col addressing spills at P = 14 (160-290 bytes on sm_90).
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
         (128, 128, 64, 4, 4),
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (128, 128, 32, 4, 5),
         (64, 64, 64, 4, 4),
@@ -43,8 +44,43 @@ def _configs():
             for bm, bn, bk, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["M", "D", "K"])
-@triton.jit
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit the device's shared memory or that spill registers; if none is
+    left, the one needing the fewest registers among those that fit. Both estimates match sm_90
+    compiles (Triton 3.x, `ptxas -v`):
+    - shared memory: num_stages − 1 buffers of the weight tile and of the raw image tile, plus one
+      converted image tile when the load converts (uint8, normalisation, or a dtype other than the
+      weight's): fp64 images with 128 x 128 x 64 tiles on 4 stages need 256 KiB and cannot launch;
+    - registers: the fp32 accumulator plus the int64 im2col addresses of the image tile,
+      (BLOCK_M·BLOCK_N + 2·BLOCK_M·BLOCK_K) / (32·num_warps) words per thread; at 192 and above the
+      compile spills (128 x 128 x 64 on 4 warps: 256 words, spills 120-870 bytes at P = 14 and 16)."""
+    img, w = named_args["img_ptr"], named_args["w_ptr"]
+    convert = img.dtype != w.dtype or kwargs["IS_UINT8"] or kwargs["HAS_MEAN"] or kwargs["HAS_STD"]
+
+    def smem(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        buffers = (c.num_stages - 1) * (bn * bk * w.element_size() + bm * bk * img.element_size())
+        return buffers + (bm * bk * w.element_size() if convert else 0)
+
+    def words(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (bm * bn + 2 * bm * bk) / (32 * c.num_warps)
+
+    limit = _smem_limit(w.device) - 4 * 1024 if w.is_cuda else float("inf")
+    fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
+    return [c for c in fits if words(c) < 192] or [min(fits, key=words)]
+
+
+# Keyed on a power-of-two bucket of M (= B·N), not M: a new batch size re-uses the tuning of a nearby
+# one instead of re-tuning (a re-tune benchmarks, which a CUDA-graph capture cannot contain).
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "K", "PATCH", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _patch_embed_kernel(
     img_ptr,     # [B, C, H, W] uint8 / fp16 / bf16 / fp32, any strides
     w_ptr,       # [D, C, P, P] compute dtype, any strides
@@ -55,6 +91,7 @@ def _patch_embed_kernel(
     std_ptr,     # [C]          (when HAS_STD)
     out_ptr,     # [B, T, D]    weight's dtype
     M, D, K,     # M = B·N patch rows, D features, K = C·P·P
+    M_BUCKET,    # autotune key only: next power of two of M
     N_TOK, GRID_W,  # N = (H/P)·(W/P) patches per image, W/P patches per grid row
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wd, stride_wc, stride_wh, stride_ww,
@@ -94,7 +131,8 @@ def _patch_embed_kernel(
         c = offs_k // (PATCH * PATCH)
         ph = (offs_k // PATCH) % PATCH
         pw = offs_k % PATCH
-        a_col = c * stride_ic + ph * stride_ih + pw * stride_iw
+        # int64: in a batch-inner view (e.g. CNHW storage) a channel stride holds B, and c times it can pass 2^31.
+        a_col = c.to(tl.int64) * stride_ic + ph.to(tl.int64) * stride_ih + pw.to(tl.int64) * stride_iw
         a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         if IS_UINT8 or HAS_MEAN or HAS_STD:
             # x = (img · u − mean) / std = img · scale + shift, with u = 1/255 for uint8 images.
@@ -178,7 +216,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         pos_embed if pos_embed is not None else dummy,
         mean_v if mean_v is not None else dummy, std_v if std_v is not None else dummy,
         out,
-        M, D, K, n_tok, grid_w,
+        M, D, K, triton.next_power_of_2(M), n_tok, grid_w,
         *images.stride(), *weight.stride(),
         stride0(bias), stride0(cls_v),
         pos_embed.stride(0) if pos_embed is not None else 0, pos_embed.stride(1) if pos_embed is not None else 0,

@@ -29,6 +29,9 @@ CASES = [
     (2, 1, 197, 80, "contiguous"),
     (1, 1, 17, 40, "sliced"),         # head dim 32 + 8 (second chunk masked)
     (2, 1, 2, 8, "contiguous"),       # head dim below tl.dot's 16: masked lanes
+    (1, 2, 3, 1, "bnhd"),             # head dim 1: one 16-wide chunk, 15 lanes masked
+    (1, 1, 17, 144, "seq_first"),     # 128 + 16: the second chunk at tl.dot's minimum
+    (1, 1, 5, 200, "sliced"),         # 128 + 128 with 56 lanes masked (beyond ViT sizes, accepted up to 256)
 ]
 
 
@@ -100,6 +103,52 @@ def test_attention_kernel_large_logits_fp16(device):
     attention_kernels.attention(q, k, v, out=out)
     assert torch.isfinite(out).all()
     check_attention(q, k, v, out, torch.float16)
+
+
+def test_head_dim_chunks_reach_tl_dot_at_16_or_more():
+    """Every accepted head dim splits into power-of-two chunks of >= 16 (tl.dot's minimum on the GPU,
+    which the interpreter does not enforce) that cover it."""
+    for d in range(1, attention_kernels.MAX_HEAD_DIM + 1):
+        lo, hi = attention_kernels.head_dim_chunks(d)
+        assert lo >= 16 and lo & (lo - 1) == 0, (d, lo, hi)
+        assert hi == 0 or (hi >= 16 and hi & (hi - 1) == 0), (d, lo, hi)
+        assert d <= lo + hi <= attention_kernels.MAX_HEAD_DIM, (d, lo, hi)
+
+
+class _FakeCudaTensor:
+    """What `_prune_configs` reads of q on a GPU: is_cuda, device, element_size()."""
+    is_cuda, device = True, "cuda:0"
+
+    def __init__(self, elt):
+        self.elt = elt
+
+    def element_size(self):
+        return self.elt
+
+
+@pytest.mark.parametrize("elt,head_dim,must_drop,must_keep", [
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
+    (2, 64, [(128, 128, 4, 2)], [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]),
+    (2, 80, [(128, 64, 4, 2), (128, 128, 4, 2)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)]),
+    (2, 128, [(128, 64, 4, 2), (128, 128, 8, 4)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]),
+    (2, 256, [(128, 64, 4, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    (4, 64, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
+    (4, 128, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
+    (4, 256, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+])
+def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(elt, head_dim, must_drop, must_keep, monkeypatch):
+    """On an H100/H200 (227 KiB of shared memory per block): tiles that spill registers (bf16 D=80 with
+    BLOCK_M 128 on 4 warps) or need more shared memory than there is (fp32 D=128 with 3 stages) are
+    dropped, and every head dim keeps at least one tile that runs (fp32 D=256: 64 x 32 on 8 warps)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = attention_kernels.attention_configs()                 # the GPU autotune space
+    monkeypatch.setattr(attention_kernels, "_smem_limit", lambda device: 232448)
+    d_lo, d_hi = attention_kernels.head_dim_chunks(head_dim)
+    kept = attention_kernels._prune_configs(configs, {"q_ptr": _FakeCudaTensor(elt), "N_KV": 197},
+                                            D_LO=d_lo, D_HI=d_hi)
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+    assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
+    assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +371,35 @@ def test_attention_fp32_gpu(allow_tf32, monkeypatch):
     out = ops.attention(q, k, v)
     ref = reference.attention(*f64(q, k, v))
     assert_close(out, ref, dtype=torch.float32, eager=reference.attention(q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", [1, 8, 40, 144, 200, 256])
+def test_attention_gpu_head_dims(D, dtype, monkeypatch):
+    """Head dims outside the ViT sizes: below tl.dot's 16 (padded chunk), a 16-wide second chunk (144),
+    and up to 256, where fp32 needs the 64 x 32 tile to fit shared memory. With the CLS row."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    q, k, v = (make_heads(2, 3, 197, D, "sliced", dtype, "cuda") for _ in range(3))
+    out = poisoned((2, 3, 197, D), dtype, "cuda")
+    cls_attn = poisoned((2, 3, 197), torch.float32, "cuda")
+    attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn)
+    check_attention(q, k, v, out, dtype)
+    probs = reference.attention_probs(*f64(q, k))[:, :, 0]
+    assert_close(cls_attn, probs, dtype=dtype, eager=reference.attention_probs(q, k)[:, :, 0], name="cls_attn")
+
+
+@pytest.mark.gpu
+def test_attention_gpu_int64_key_offsets():
+    """Sequence-first storage [N, B·H, D] with 2^20 heads of 64: the token stride is 2^26, so keys 32..39
+    sit past int32 offsets from their block's base (BLOCK_N of them span > 2^31 elements)."""
+    N, BH, D = 40, 2**20, 64
+    q, k, v = (torch.randn(N, 1, BH, D, dtype=torch.float16, device="cuda").permute(1, 2, 0, 3) for _ in range(3))
+    out = attention_kernels.attention(q, k, v)                        # (1, BH, N, D)
+    for heads in (slice(0, 2), slice(BH - 2, BH)):
+        sub = [t[:, heads] for t in (q, k, v)]
+        assert_close(out[:, heads], reference.attention(*f64(*sub)), dtype=torch.float16,
+                     eager=reference.attention(*sub))
 
 
 @pytest.mark.gpu

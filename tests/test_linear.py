@@ -134,6 +134,36 @@ def test_m_bucket():
     assert [linear_kernels.m_bucket(m) for m in (0, 1, 16, 17, 197, 50432)] == [16, 16, 16, 32, 256, 65536]
 
 
+class _FakeCudaTensor:
+    """What `_prune_configs` reads of x on a GPU: dtype, is_cuda, device, element_size()."""
+    is_cuda, device = True, "cuda:0"
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def element_size(self):
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype,precision,must_drop,must_keep", [
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
+    (torch.float32, "ieee", [(128, 256, 8, 3), (128, 128, 4, 4)], [(128, 128, 8, 3), (64, 64, 4, 4)]),
+    (torch.float32, "tf32", [(128, 256, 8, 4)], [(128, 128, 8, 3)]),
+    (torch.bfloat16, "tf32", [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+])
+def test_prune_configs(dtype, precision, must_drop, must_keep, monkeypatch):
+    """On an H100/H200 (227 KiB of shared memory per block): fp32 drops the tiles that cannot fit, and
+    with ieee dots (FMA, no tensor cores) also those that spill; bf16 keeps the large tiles."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = linear_kernels.linear_configs()                        # the GPU autotune space
+    monkeypatch.setattr(linear_kernels, "_smem_limit", lambda device: 232448)
+    kept = linear_kernels._prune_configs(configs, {"x_ptr": _FakeCudaTensor(dtype), "M": 1576, "N": 3072},
+                                         INPUT_PRECISION=precision)
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+    assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
+    assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
+
+
 def _good(device="cpu", dtype=torch.float32):
     return (torch.randn(2, 5, 16, dtype=dtype, device=device), torch.randn(8, 16, dtype=dtype, device=device),
             torch.randn(8, dtype=dtype, device=device))
@@ -206,6 +236,22 @@ def test_linear_kernel_large_m(K, N, activation, residual, dtype):
     d = lambda t: None if t is None else t.double()
     ref = reference.linear(d(x), d(w), d(b), activation, d(r))
     assert_close(y, ref, dtype=dtype, eager=reference.linear(x, w, b, activation, r))
+
+
+@gpu
+def test_linear_kernel_int64_column_offsets():
+    """Column-major x and residual with M = 2^25 + 3 rows: one BLOCK_K step along K moves 64·M > 2^31
+    elements, and column n of the residual sits n·M elements in (> 2^31 from n = 64). Rows at both ends
+    against the float64 reference."""
+    M, K, N = 2**25 + 3, 96, 80
+    x = torch.randn(K, M, dtype=torch.float16, device="cuda").t()        # (M, K), stride_xk = M
+    w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).half()
+    b = torch.randn(N, dtype=torch.float16, device="cuda")
+    r = torch.randn(N, M, dtype=torch.float16, device="cuda").t()        # (M, N), stride_rn = M
+    y = linear_kernels.linear(x, w, b, residual=r)
+    for rows in (slice(0, 64), slice(M - 64, M)):
+        args = (x[rows], w, b, None, r[rows])
+        assert_close(y[rows], reference64(*args), dtype=torch.float16, eager=reference.linear(*args))
 
 
 @gpu

@@ -180,6 +180,54 @@ def test_patch_embed_bad_input(kwargs, match):
         ops.patch_embed(images, weight, bias, **kwargs)
 
 
+def test_patch_embed_batch_inner_layout(device):
+    """Images viewed out of [C, B, H, W] storage (channel stride B·H·W, batch stride H·W): the kernel reads
+    them by strides, no copy."""
+    images, weight, bias, cls_token, pos_embed, mean, std = make_inputs(2, 3, 32, 32, 16, 40, "u8_fp32", True, True,
+                                                                        device=device)
+    images = images.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    assert images.stride() == (32 * 32, 2 * 32 * 32, 32, 1)
+    check((images, weight, bias, cls_token, pos_embed, mean, std), device)
+
+
+class _FakeCudaTensor:
+    """What `_prune_configs` reads of a tensor on a GPU: dtype, is_cuda, device, element_size()."""
+    is_cuda, device = True, "cuda:0"
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def element_size(self):
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+@pytest.mark.parametrize("img_dtype,w_dtype,flags,must_drop,must_keep", [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
+    (torch.uint8, torch.bfloat16, (True, True, True), [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3)],
+     [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]),
+    (torch.bfloat16, torch.bfloat16, (False, False, False), [(128, 256, 64, 8, 3), (128, 128, 32, 4, 5)],
+     [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]),
+    (torch.float64, torch.bfloat16, (False, False, False), [(128, 128, 64, 4, 4)], [(64, 64, 64, 4, 4)]),
+])
+def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(img_dtype, w_dtype, flags, must_drop, must_keep,
+                                                             monkeypatch):
+    """On an H100/H200 (227 KiB of shared memory per block) the tiles that spill or cannot launch are
+    dropped, and the autotune key is a bucket of M (a new batch size in the bucket does not re-tune)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = patch_embed_kernels._configs()                         # the GPU autotune space
+    monkeypatch.setattr(patch_embed_kernels, "_smem_limit", lambda device: 232448)
+    is_uint8, has_mean, has_std = flags
+    kept = patch_embed_kernels._prune_configs(
+        configs, {"img_ptr": _FakeCudaTensor(img_dtype), "w_ptr": _FakeCudaTensor(w_dtype)},
+        IS_UINT8=is_uint8, HAS_MEAN=has_mean, HAS_STD=has_std)
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+             for c in kept}
+    assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
+    assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
+    assert "M" not in patch_embed_kernels._patch_embed_kernel.keys
+    assert "M_BUCKET" in patch_embed_kernels._patch_embed_kernel.keys
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: bf16 (not in the interpreter), 224 px batches, tf32, int64 image offsets
 # ---------------------------------------------------------------------------------------------
@@ -207,3 +255,17 @@ def test_patch_embed_gpu_int64_image_offsets():
     out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     tail = (images[-3:], weight, bias, cls_token, pos_embed, mean, std)
     assert_close(out[-3:], reference64(*tail), dtype=torch.bfloat16, eager=reference.patch_embed(*tail))
+
+
+@pytest.mark.gpu
+def test_patch_embed_gpu_int64_channel_offsets():
+    """Images viewed out of a [C, B, H, W] uint8 buffer of 3 GiB: channel 2 starts 2·B·H·W > 2^31
+    elements in, so the per-column (channel) part of the image address needs int64 too."""
+    B = 2**30 // (224 * 224) + 2
+    _, weight, bias, cls_token, pos_embed, mean, std = make_inputs(1, 3, 224, 224, 16, 32, "u8_bf16", True, True,
+                                                                   device="cuda")
+    images = torch.randint(0, 256, (3, B, 224, 224), dtype=torch.uint8, device="cuda").permute(1, 0, 2, 3)
+    out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+    for imgs in (slice(0, 2), slice(B - 2, B)):
+        sub = (images[imgs], weight, bias, cls_token, pos_embed, mean, std)
+        assert_close(out[imgs], reference64(*sub), dtype=torch.bfloat16, eager=reference.patch_embed(*sub))

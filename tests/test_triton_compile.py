@@ -1,0 +1,286 @@
+"""Every Triton kernel compiles ahead of time for Hopper (sm_90a) in its production configs, with
+no register spills and with the bf16 / fp16 dots lowered to Hopper's warpgroup tensor-core MMA
+(`wgmma.mma_async`, never the Ampere-style `mma.sync`). Needs Triton's CUDA backend and the ptxas
+bundled with it, not a GPU: nothing is run.
+
+How a case is compiled: the real launcher (`attention_qkv`, `linear`, `patch_embed`) is called on
+CPU tensors with the autotuner's `run` intercepted, so the kernel receives exactly the arguments a
+ViT forward passes (strides equal to 1 become constexprs, 16-divisible ints and pointers get
+divisibility hints, as on the device). The autotuner's own prune function, run as on an H100 / H200,
+says which configs it keeps; each case compiles every one of them with `triton.compile` for
+GPUTarget("cuda", 90, 32), so a config the autotuner could pick on the device is never left
+out. Registers and spills come from the `ptxas -v` log Triton writes.
+
+All compilation happens in one subprocess (one Triton import, ~1 s) without TRITON_INTERPRET,
+which conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter
+objects. Identical compilations (same signature, constants, hints and options) are done once.
+"""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in the subprocess: reads a JSON list of cases on stdin, prints one JSON object on stdout:
+# {"skip": reason} or {"results": {case id: {...}}}.
+_COMPILE_SCRIPT = r'''
+import contextlib, io, json, os, re, sys, time, traceback, warnings
+from unittest import mock
+
+warnings.filterwarnings("ignore")
+
+def unavailable():
+    try:
+        import triton
+        from triton.backends import backends
+        if "nvidia" not in backends:
+            return f"Triton {triton.__version__} has no CUDA backend"
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+        if not (ptxas and os.path.isfile(ptxas) and os.access(ptxas, os.X_OK)):
+            return f"Triton's bundled ptxas for sm_90 not found ({ptxas!r})"
+    except Exception as e:  # no triton, or a backend that cannot locate its tools
+        return f"Triton's CUDA backend / bundled ptxas is not usable: {type(e).__name__}: {e}"
+    return None
+
+reason = unavailable()
+if reason:
+    print(json.dumps({"skip": reason}))
+    sys.exit(0)
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from vitfast.kernels import attention, linear, patch_embed
+
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
+triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by Triton after each compile
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "uint8": torch.uint8}
+
+
+def launch_attention(c):
+    dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
+    qkv = torch.empty(2, N, 3 * H * D, dtype=dt)          # (B, N, 3C), the packed projection (never touched)
+    return attention._attention_fwd_kernel, lambda: attention.attention_qkv(qkv, H, return_cls_attn=c["cls"])
+
+
+def launch_linear(c):
+    dt, K, N = DTYPES[c["dtype"]], c["k"], c["n"]
+    x = torch.empty(8, 197, K, dtype=dt)                  # (B, T, K)
+    w, b = torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
+    r = torch.empty(8, 197, N, dtype=dt) if c["residual"] else None
+    return linear._linear_kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r)
+
+
+def launch_patch_embed(c):
+    P, D, img_dt, w_dt = c["patch"], 768, DTYPES[c["image"]], DTYPES[c["weight"]]
+    T = (224 // P) ** 2 + 1
+    images = torch.empty(8, 3, 224, 224, dtype=img_dt)   # (B, C, H, W)
+    w = torch.empty(D, 3, P, P, dtype=w_dt)
+    b, cls, pos = torch.empty(D, dtype=w_dt), torch.empty(1, 1, D, dtype=w_dt), torch.empty(1, T, D, dtype=w_dt)
+    # uint8 images are normalised in the kernel (the engine's path); float images arrive normalised.
+    mean, std = (torch.empty(3), torch.empty(3)) if img_dt == torch.uint8 else (None, None)
+    return patch_embed._patch_embed_kernel, lambda: patch_embed.patch_embed(images, w, b, cls, pos, mean, std)
+
+
+LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed}
+
+
+HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
+MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed}
+
+
+class OnHopper:
+    """A tensor argument as a prune function sees it on an H100 / H200."""
+    is_cuda, device = True, torch.device("cuda", 0)
+
+    def __init__(self, t):
+        self._t = t
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def capture(kernel, tuner, launch):
+    """The launcher's arguments to the kernel and the configs the autotuner's prune keeps for them
+    on an H100 / H200 (tensor arguments seen as CUDA tensors, the device's shared-memory limit)."""
+    calls = []
+    with mock.patch.object(tuner, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)), create=True):
+        launch()
+    (args, kwargs), = calls
+    tuner.nargs = {n: OnHopper(a) if isinstance(a, torch.Tensor) else a for n, a in zip(tuner.arg_names, args)}
+    with mock.patch.object(MODULES[kernel], "_smem_limit", lambda device: HOPPER_SMEM):
+        kept = tuner.prune_configs(kwargs)
+    tuner.nargs = None
+    return args, kwargs, kept
+
+
+def compile_config(jit, args, kwargs, config, done):
+    all_kwargs = {**kwargs, **config.all_kwargs()}
+    binder = create_function_from_signature(jit.signature, jit.params, BACKEND)
+    bound, specialization, options = binder(*args, **all_kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(BACKEND, all_kwargs, bound, specialization, options)
+    key = repr((jit.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
+                sorted(options.__dict__.items())))
+    if key in done:
+        return done[key]
+    t0 = time.time()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
+                                    options=options.__dict__)
+    except Exception as e:
+        done[key] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
+        return done[key]
+    ptx, text = kernel.asm["ptx"], log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    done[key] = {
+        "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+        "target": (re.findall(r"^\.target\s+(\S+)", ptx, re.M) or ["?"])[0],
+        "regs": int(regs[-1]) if regs else None,
+        "spill_stores": sum(int(s) for s, _ in spills) if spills else None,
+        "spill_loads": sum(int(l) for _, l in spills) if spills else None,
+        "shared": kernel.metadata.shared,
+        "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
+        "n_wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        "n_mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "seconds": round(time.time() - t0, 2),
+    }
+    return done[key]
+
+
+def main():
+    variants = json.load(sys.stdin)
+    results, done = {}, {}
+    for v in variants:
+        try:
+            tuner, launch = LAUNCHERS[v["kernel"]](v["launch"])
+            args, kwargs, kept = capture(v["kernel"], tuner, launch)
+            res = {"kept": {}}
+            for config in kept:
+                res["kept"][str(tuner.configs.index(config))] = {
+                    "config": str(config), **compile_config(tuner.fn, args, kwargs, config, done)}
+        except Exception:
+            res = {"error": traceback.format_exc()[-3000:]}
+        results[v["id"]] = res
+    print(json.dumps({"results": results}))
+
+
+main()
+'''
+
+HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
+
+
+def _variant(kernel, name, dot, launch):
+    """One launch of a kernel at a ViT shape; the test compiles every config the prune keeps for it."""
+    case = {"id": f"{kernel}-{name}", "kernel": kernel, "dot": dot, "launch": launch}
+    return pytest.param(case, id=case["id"])
+
+
+def _cases():
+    cases = []
+    # Attention: ViT-B/L (64), ViT-H (80) and 128-wide heads, with and without the CLS row, at N=197
+    # (the configs kept and their code are the same at N=4097: only N_KV's value differs).
+    for head_dim, heads in ((64, 12), (80, 16), (128, 16)):
+        for cls in (False, True):
+            cases.append(_variant("attention", f"bf16-d{head_dim}-{'cls' if cls else 'nocls'}", "bf16", {
+                "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "cls": cls}))
+    cases.append(_variant("attention", "fp16-d64-nocls", "f16",
+                          {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False}))
+    # Linear: the ViT-B/16 linears, one per epilogue: qkv (none), fc1 (gelu, gelu_tanh), fc2 (+ residual).
+    for epilogue, k, n, activation, residual in (("none", 768, 2304, None, False),
+                                                 ("gelu", 768, 3072, "gelu", False),
+                                                 ("gelu_tanh", 768, 3072, "gelu_tanh", False),
+                                                 ("residual", 3072, 768, None, True)):
+        cases.append(_variant("linear", f"bf16-{epilogue}", "bf16", {
+            "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual}))
+    cases.append(_variant("linear", "fp16-gelu", "f16",
+                          {"dtype": "fp16", "k": 768, "n": 3072, "activation": "gelu", "residual": False}))
+    # Patch embedding at 224 px, bf16 weight: uint8 images (normalised in the kernel, the engine's
+    # path) and bf16 images (already normalised), ViT-*/16 and ViT-*/14.
+    for image, patch in (("uint8", 16), ("uint8", 14), ("bf16", 16), ("bf16", 14)):
+        cases.append(_variant("patch_embed", f"{image}-p{patch}", "bf16",
+                              {"image": image, "weight": "bf16", "patch": patch}))
+    return cases
+
+
+CASES = _cases()
+
+
+def _compile_all(cache_dir: Path) -> dict:
+    """Run the compile script over every case: {"skip": reason} or {"results": {case id: result}}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)  # fresh: a cache hit would skip ptxas and its register report
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cases = [p.values[0] for p in CASES]
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(cases), capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, f"compile subprocess failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{case id: result} for every case. Under pytest-xdist the workers share one compilation (the
+    first to take the lock compiles, the others read its results) instead of each paying for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent  # this run's directory, common to its workers
+        with open(shared / "triton_compile.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = shared / "triton_compile.json"
+            if not done.is_file():
+                done.write_text(json.dumps(_compile_all(tmp_path_factory.mktemp("triton_cache"))))
+            out = json.loads(done.read_text())
+    else:
+        out = _compile_all(tmp_path_factory.mktemp("triton_cache"))
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out["results"]
+
+
+def test_case_ids_are_unique():
+    ids = [p.id for p in CASES]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kept_configs_compile_for_sm90_with_wgmma_and_no_spills(case, compiled):
+    """Every config the autotuner may pick for this ViT shape: compiles for sm_90a, fits Hopper's
+    shared memory, runs its dots on warpgroup MMA (wgmma) in the kernel's dtype, spills nothing."""
+    res = compiled[case["id"]]
+    assert "error" not in res, f"{case['id']}: launch capture failed:\n{res['error']}"
+    assert res["kept"], f"{case['id']}: the autotuner's prune keeps no config"
+    dot = f".{case['dot']}.{case['dot']}"
+    problems = []
+    for idx, r in sorted(res["kept"].items(), key=lambda kv: int(kv[0])):
+        what = f"config #{idx} ({r['config']})"
+        if "error" in r:
+            problems.append(f"{what} failed to compile for sm_90:\n{r['error']}")
+            continue
+        if r["target"] != "sm_90a":
+            problems.append(f"{what}: the PTX targets {r['target']}, expected sm_90a")
+        if r["regs"] is None or r["spill_stores"] is None:
+            problems.append(f"{what}: ptxas -v reported nothing")
+            continue
+        if r["shared"] > HOPPER_SMEM:
+            problems.append(f"{what} needs {r['shared']} bytes of shared memory, at most {HOPPER_SMEM}")
+        if r["n_wgmma"] == 0 or r["n_mma_sync"] != 0 or not all(op.endswith(dot) for op in r["wgmma"]):
+            problems.append(f"{what}: expected {dot} wgmma.mma_async for the dots, found {r['wgmma']} "
+                            f"and {r['n_mma_sync']} mma.sync")
+        if (r["spill_stores"], r["spill_loads"]) != (0, 0):
+            problems.append(f"{what} spills {r['spill_stores']} bytes stores / {r['spill_loads']} bytes loads "
+                            f"({r['regs']} registers/thread)")
+    assert not problems, f"{case['id']} (launch {case['launch']}):\n" + "\n".join(problems)
