@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import smem_limit as _smem_limit
+
 MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
 
@@ -44,10 +46,6 @@ def attention_configs() -> list[triton.Config]:
     configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
     return configs
 
-
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 # Per-thread fp32 words (see `_prune_configs`) above which sm_90 compiles of this kernel spill registers.

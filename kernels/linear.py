@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import smem_limit as _smem_limit
+
 # activation name -> the kernel's ACTIVATION constexpr
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -52,10 +54,6 @@ def linear_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in tiles]
 
-
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import smem_limit as _smem_limit
+
 
 def _configs():
     """Autotune configs (BLOCK_M tokens x BLOCK_N features x BLOCK_K patch elements)."""
@@ -43,10 +45,6 @@ def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
-
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):

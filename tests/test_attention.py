@@ -11,7 +11,7 @@ import torch
 import vitfast.ops as ops
 from vitfast import reference
 from vitfast.kernels import attention as attention_kernels
-from vitfast.testing import assert_close, poisoned
+from vitfast.testing import FakeCudaTensor, assert_close, poisoned
 
 INTERP_DTYPES = [torch.float32, torch.float16]
 
@@ -115,28 +115,18 @@ def test_head_dim_chunks_reach_tl_dot_at_16_or_more():
         assert d <= lo + hi <= attention_kernels.MAX_HEAD_DIM, (d, lo, hi)
 
 
-class _FakeCudaTensor:
-    """What `_prune_configs` reads of q on a GPU: is_cuda, device, element_size()."""
-    is_cuda, device = True, "cuda:0"
 
-    def __init__(self, elt):
-        self.elt = elt
-
-    def element_size(self):
-        return self.elt
-
-
-@pytest.mark.parametrize("elt,head_dim,must_drop,must_keep", [
+@pytest.mark.parametrize("dtype,head_dim,must_drop,must_keep", [
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
-    (2, 64, [(128, 128, 4, 2)], [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]),
-    (2, 80, [(128, 64, 4, 2), (128, 128, 4, 2)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)]),
-    (2, 128, [(128, 64, 4, 2), (128, 128, 8, 4)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]),
-    (2, 256, [(128, 64, 4, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
-    (4, 64, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
-    (4, 128, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
-    (4, 256, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    (torch.bfloat16, 64, [(128, 128, 4, 2)], [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]),
+    (torch.bfloat16, 80, [(128, 64, 4, 2), (128, 128, 4, 2)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)]),
+    (torch.bfloat16, 128, [(128, 64, 4, 2), (128, 128, 8, 4)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]),
+    (torch.bfloat16, 256, [(128, 64, 4, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    (torch.float32, 64, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
+    (torch.float32, 128, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
+    (torch.float32, 256, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
 ])
-def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(elt, head_dim, must_drop, must_keep, monkeypatch):
+def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, must_drop, must_keep, monkeypatch):
     """On an H100/H200 (227 KiB of shared memory per block): tiles that spill registers (bf16 D=80 with
     BLOCK_M 128 on 4 warps) or need more shared memory than there is (fp32 D=128 with 3 stages) are
     dropped, and every head dim keeps at least one tile that runs (fp32 D=256: 64 x 32 on 8 warps)."""
@@ -144,7 +134,7 @@ def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(elt, head_dim, must
     configs = attention_kernels.attention_configs()                 # the GPU autotune space
     monkeypatch.setattr(attention_kernels, "_smem_limit", lambda device: 232448)
     d_lo, d_hi = attention_kernels.head_dim_chunks(head_dim)
-    kept = attention_kernels._prune_configs(configs, {"q_ptr": _FakeCudaTensor(elt), "N_KV": 197},
+    kept = attention_kernels._prune_configs(configs, {"q_ptr": FakeCudaTensor(dtype), "N_KV": 197},
                                             D_LO=d_lo, D_HI=d_hi)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"

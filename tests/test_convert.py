@@ -282,13 +282,8 @@ def test_optimize_timm_equals_timm(kw, no_tf32):
         assert_close(opt.forward_features(x), src64.forward_features(x.double()), eager=src.forward_features(x))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_base_patch8_224"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
-    """vitfast in fp16/bf16 vs timm's fp32 output: error <= 2x timm's own error in that dtype."""
-    timm = pytest.importorskip("timm")
-    src = _perturb(timm.create_model(name, pretrained=False)).cuda().eval()
+def _assert_low_precision_within_2x(src, dtype):
+    """optimize(src) in `dtype` vs src's fp32 output: error <= 2x src's own error in that dtype."""
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.no_grad():
         ref32 = src(x)
@@ -297,6 +292,15 @@ def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
         out = vitfast.optimize(low)(x.to(dtype))
     assert out.dtype == dtype
     assert_close(out, ref32, dtype=dtype, eager=eager, tol=MODEL_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_base_patch8_224"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
+    """vitfast in fp16/bf16 vs timm's fp32 output: error <= 2x timm's own error in that dtype."""
+    timm = pytest.importorskip("timm")
+    _assert_low_precision_within_2x(_perturb(timm.create_model(name, pretrained=False)).cuda().eval(), dtype)
 
 
 @pytest.mark.gpu
@@ -338,12 +342,4 @@ def test_optimize_torchvision_equals_torchvision(tmp_path, no_tf32):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_optimize_torchvision_vit_b_16_low_precision_within_2x(dtype, no_tf32):
     tv_models = pytest.importorskip("torchvision.models")
-    src = _perturb(tv_models.vit_b_16()).cuda().eval()
-    x = torch.randn(2, 3, 224, 224, device="cuda")
-    with torch.no_grad():
-        ref32 = src(x)
-        low = src.to(dtype)
-        eager = low(x.to(dtype))
-        out = vitfast.optimize(low)(x.to(dtype))
-    assert out.dtype == dtype
-    assert_close(out, ref32, dtype=dtype, eager=eager, tol=MODEL_TOL[dtype])
+    _assert_low_precision_within_2x(_perturb(tv_models.vit_b_16()).cuda().eval(), dtype)

@@ -9,7 +9,7 @@ import torch
 
 from vitfast import ops, reference
 from vitfast.kernels import linear as linear_kernels
-from vitfast.testing import assert_close, poisoned
+from vitfast.testing import FakeCudaTensor, assert_close, poisoned
 
 gpu = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)]
@@ -134,16 +134,6 @@ def test_m_bucket():
     assert [linear_kernels.m_bucket(m) for m in (0, 1, 16, 17, 197, 50432)] == [16, 16, 16, 32, 256, 65536]
 
 
-class _FakeCudaTensor:
-    """What `_prune_configs` reads of x on a GPU: dtype, is_cuda, device, element_size()."""
-    is_cuda, device = True, "cuda:0"
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def element_size(self):
-        return torch.empty(0, dtype=self.dtype).element_size()
-
 
 @pytest.mark.parametrize("dtype,precision,must_drop,must_keep", [
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
@@ -157,7 +147,7 @@ def test_prune_configs(dtype, precision, must_drop, must_keep, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = linear_kernels.linear_configs()                        # the GPU autotune space
     monkeypatch.setattr(linear_kernels, "_smem_limit", lambda device: 232448)
-    kept = linear_kernels._prune_configs(configs, {"x_ptr": _FakeCudaTensor(dtype), "M": 1576, "N": 3072},
+    kept = linear_kernels._prune_configs(configs, {"x_ptr": FakeCudaTensor(dtype), "M": 1576, "N": 3072},
                                          INPUT_PRECISION=precision)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"

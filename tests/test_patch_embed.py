@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitfast import ops, reference
 from vitfast.kernels import patch_embed as patch_embed_kernels
-from vitfast.testing import assert_close, poisoned
+from vitfast.testing import FakeCudaTensor, assert_close, poisoned
 
 MEAN = (0.485, 0.456, 0.406)   # timm's ImageNet data config
 STD = (0.229, 0.224, 0.225)
@@ -190,16 +190,6 @@ def test_patch_embed_batch_inner_layout(device):
     check((images, weight, bias, cls_token, pos_embed, mean, std), device)
 
 
-class _FakeCudaTensor:
-    """What `_prune_configs` reads of a tensor on a GPU: dtype, is_cuda, device, element_size()."""
-    is_cuda, device = True, "cuda:0"
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def element_size(self):
-        return torch.empty(0, dtype=self.dtype).element_size()
-
 
 @pytest.mark.parametrize("img_dtype,w_dtype,flags,must_drop,must_keep", [
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
@@ -218,7 +208,7 @@ def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(img_dtype, w_dtype,
     monkeypatch.setattr(patch_embed_kernels, "_smem_limit", lambda device: 232448)
     is_uint8, has_mean, has_std = flags
     kept = patch_embed_kernels._prune_configs(
-        configs, {"img_ptr": _FakeCudaTensor(img_dtype), "w_ptr": _FakeCudaTensor(w_dtype)},
+        configs, {"img_ptr": FakeCudaTensor(img_dtype), "w_ptr": FakeCudaTensor(w_dtype)},
         IS_UINT8=is_uint8, HAS_MEAN=has_mean, HAS_STD=has_std)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
              for c in kept}

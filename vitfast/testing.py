@@ -74,3 +74,15 @@ def poisoned(shape, dtype: torch.dtype, device="cpu") -> Tensor:
     else:
         t.fill_(-1)
     return t
+
+
+class FakeCudaTensor:
+    """What a kernel's autotune prune reads of a tensor on a GPU (dtype, is_cuda, device,
+    element_size()), for testing the prunes on a machine without one."""
+    is_cuda, device = True, "cuda:0"
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
