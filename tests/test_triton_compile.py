@@ -45,6 +45,13 @@ def unavailable():
         ptxas = get_ptxas(90).path
         if not (ptxas and os.path.isfile(ptxas) and os.access(ptxas, os.X_OK)):
             return f"Triton's bundled ptxas for sm_90 not found ({ptxas!r})"
+        # The compile below drives Triton's launcher internals (those of Triton 3.9, which the
+        # project pins): another Triton (e.g. the one a CUDA torch brings) may not have them.
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+        if not hasattr(JITFunction, "_pack_args") or not hasattr(getattr(triton, "knobs", None), "nvidia"):
+            return f"Triton {triton.__version__} lacks the 3.9 internals this ahead-of-time compile uses"
+    except ImportError as e:
+        return f"Triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks what this check uses: {e}"
     except Exception as e:  # no triton, or a backend that cannot locate its tools
         return f"Triton's CUDA backend / bundled ptxas is not usable: {type(e).__name__}: {e}"
     return None

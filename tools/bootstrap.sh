@@ -17,10 +17,12 @@ pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
-# Everything below leaves the installed torch alone (none of these require torch).
+# Everything below leaves the installed torch alone (none of these require torch). triton is pinned
+# to the version the kernels are checked with; a triton already present (e.g. the one a CUDA torch
+# brings) is kept.
 missing=$("$VPY" - <<'PY'
 import importlib.util
-need = {"triton": "triton", "numpy": "numpy", "pytest": "pytest",
+need = {"triton": "triton==3.9.0", "numpy": "numpy", "pytest": "pytest",
         "pytest_benchmark": "pytest-benchmark", "pybind11": "pybind11", "ninja": "ninja",
         "transformers": "transformers", "safetensors": "safetensors", "ruff": "ruff",
         "setuptools": "setuptools", "wheel": "wheel", "xdist": "pytest-xdist", "PIL": "pillow",
