@@ -2,7 +2,9 @@
 
 Per layer (ViT-B C=768, ViT-L C=1024; bf16 and fp16), TFLOP/s (2·M·N·K per call) of
   vitfast   `vitfast.ops.linear`: the dispatched path (fused Triton kernel or cuBLAS + epilogue)
-  triton    the fused Triton kernel alone (`vitfast.kernels.linear.linear`)
+  triton    the fused Triton kernel alone (`vitfast.kernels.linear.linear`), one program per tile
+  persist.  its persistent variant (one program per SM looping over tiles)
+  tma       the persistent variant with TMA descriptor loads (compute capability >= 9 only)
   cublas    `F.linear` alone (GEMM + bias, no activation / residual): the ceiling to match
   eager     `F.linear` then GELU then the residual add, as a plain PyTorch ViT runs it
 and the full MLP (fc1 + GELU, fc2 + residual): `vitfast.ops.mlp` vs eager.
@@ -56,7 +58,11 @@ def linear_impls(activation):
     if HAS_CUDA:
         from vitfast.kernels import linear as linear_kernels
 
-        impls["triton"] = lambda x, w, b, r: linear_kernels.linear(x, w, b, activation=activation, residual=r)
+        for name, variant in (("triton", "tiled"), ("persistent", "persistent"), ("tma", "tma")):
+            if variant == "tma" and torch.cuda.get_device_capability()[0] < 9:
+                continue
+            impls[name] = (lambda x, w, b, r, v=variant:
+                           linear_kernels.linear(x, w, b, activation=activation, residual=r, variant=v))
     return impls
 
 
@@ -82,9 +88,9 @@ def main():
     print(f"# bench_linear  {props}  torch {torch.__version__}  {datetime.date.today()}  M = {M}")
     if not HAS_CUDA:
         print("No CUDA device: the Triton kernels need an NVIDIA GPU. This tiny CPU run times the reference path.")
-    print("\n| model | layer | dtype | K -> N | epilogue | vitfast ms | vitfast TF/s | triton TF/s | cuBLAS TF/s "
-          "| eager TF/s | vitfast / cuBLAS | path |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | layer | dtype | K -> N | epilogue | vitfast ms | vitfast TF/s | triton TF/s | persistent TF/s "
+          "| tma TF/s | cuBLAS TF/s | eager TF/s | vitfast / cuBLAS | path |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, C in WIDTHS.items():
         for dtype in DTYPES:
             dt = str(dtype).removeprefix("torch.")
@@ -94,15 +100,18 @@ def main():
                 flops = 2.0 * M * N * K
                 tf = {impl: f"{tflops(flops, t):.3g}" for impl, t in ms.items()}
                 epi = "+".join(["bias"] + (["gelu"] if act else []) + (["residual"] if res else []))
-                path = ops._LINEAR_PATHS.get(ops._linear_key(*inputs[0][:3], act, inputs[0][3]), "-")
+                x, w, b, r = inputs[0]
+                key = ops._linear_key(x, w, b, act, r, ops._linear_tma_ok(x, w)) if HAS_CUDA else None
+                path = ops._LINEAR_PATHS.get(key, "-")
                 print(f"| {model} | {name} | {dt} | {K} -> {N} | {epi} | {ms['vitfast']:.3f} | {tf['vitfast']} "
-                      f"| {tf.get('triton', '-')} | {tf['cublas']} | {tf['eager']} "
+                      f"| {tf.get('triton', '-')} | {tf.get('persistent', '-')} | {tf.get('tma', '-')} "
+                      f"| {tf['cublas']} | {tf['eager']} "
                       f"| {ms['cublas'] / ms['vitfast']:.2f} | {path} |")
             inputs = rotating_inputs(partial(make_mlp, C, dtype))
             ms = {impl: _time(fn, inputs) for impl, fn in MLP_IMPLS.items()}
             flops = 2 * 2.0 * M * C * 4 * C
             print(f"| {model} | mlp | {dt} | {C} -> {4 * C} -> {C} | gelu, +residual | {ms['vitfast']:.3f} "
-                  f"| {tflops(flops, ms['vitfast']):.3g} | - | - | {tflops(flops, ms['eager']):.3g} "
+                  f"| {tflops(flops, ms['vitfast']):.3g} | - | - | - | - | {tflops(flops, ms['eager']):.3g} "
                   f"| - | - |")
 
 
@@ -112,13 +121,13 @@ CASES = [pytest.param(C, dtype, layer, id=f"{model}-{str(dtype).removeprefix('to
 
 
 @pytest.mark.benchmark(group="linear", timer=sync_timer)
-@pytest.mark.parametrize("impl", ["vitfast", "triton", "cublas", "eager"])
+@pytest.mark.parametrize("impl", ["vitfast", "triton", "persistent", "tma", "cublas", "eager"])
 @pytest.mark.parametrize("C,dtype,layer", CASES)
 def test_linear(benchmark, C, dtype, layer, impl):
     name, K, N, act, res = layer
     fns = linear_impls(act)
     if impl not in fns:
-        pytest.skip("the Triton kernel needs an NVIDIA GPU")
+        pytest.skip("the Triton kernels need an NVIDIA GPU (TMA: compute capability >= 9)")
     fn, args = fns[impl], make_linear(K, N, res, dtype)
     fn(*args)   # compile / autotune / dispatch decision outside the timed rounds
     benchmark(fn, *args)

@@ -10,6 +10,12 @@ epilogue never takes a separate pass over memory.
 dtypes: fp16, bf16, fp32 (fp32 follows `torch.backends.cuda.matmul.allow_tf32`); fp32 accumulation.
 Tiles come from `linear_configs()` (Hopper-sized, autotuned per M bucket / N / K / dtype / epilogue);
 program order is grouped along M (GROUP_M) so neighbouring programs reuse W tiles in L2.
+
+Three variants share the tile GEMM helpers and one epilogue (`_linear_store_tile`):
+    "tiled"       `_linear_kernel`, one program per output tile;
+    "persistent"  `_linear_persistent_kernel`, min(#SMs, #tiles) programs looping over the tiles;
+    "tma"         the persistent kernel loading x / W tiles through device-side tensor descriptors
+                  (Hopper TMA; `tma_eligible` says when, the launcher sets Triton's scratch allocator).
 """
 
 from __future__ import annotations
@@ -60,7 +66,10 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles that cannot fit the device's shared memory (fp32 with 128x256), that are far
     wider than the problem (N=37 does not need BLOCK_N=256), or, for fp32 with ieee dots (FMA
     units, no tensor cores), that hold more than 64 accumulator values per thread: those spill
-    tens of KiB on sm_90 (128x256 on 8 warps, 128x128 on 4)."""
+    tens of KiB on sm_90 (128x256 on 8 warps, 128x128 on 4). The persistent kernel with pointer
+    loads (not TMA) also spills 128x128 on 4 warps (its flattened tile loop keeps the next tile's
+    addresses live through the epilogue): it keeps more than 64 accumulator values per thread only
+    on 8 warps."""
     x, M, N = named_args["x_ptr"], named_args["M"], named_args["N"]
     if not x.is_cuda:
         return configs
@@ -69,9 +78,115 @@ def _prune_configs(configs, named_args, **kwargs):
     smem = lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
     fma = x.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
     acc_per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+    persistent_pointers = kwargs.get("USE_TMA", True) is False
     kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
-            and not (fma and acc_per_thread(c) > 64)]
+            and not (fma and acc_per_thread(c) > 64)
+            and not (persistent_pointers and acc_per_thread(c) > 64 and c.num_warps < 8)]
     return kept or [min(configs, key=smem)]
+
+
+@triton.jit
+def _linear_tile_coords(
+    tile,  # linear index of the output tile, in grouped order
+    M, N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """(pid_m, pid_n) of `tile`. Grouped order: GROUP_M row tiles sweep all column tiles together, so
+    the W tiles they share stay in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _linear_tile_gemm(
+    x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk)
+    w_ptr,  # [N, K] weight; read as Wᵀ [K, N] through its strides
+    pid_m, pid_n,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of x @ Wᵀ, loaded through pointers."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows / columns past M / N wrap (% M, % N): their loads stay in bounds without an M/N mask and
+    # their results are never stored. int64 row offsets: M * stride_xm can pass 2^31.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    # K offsets and steps in int64 too: a column-major x has stride_xk = M, and BLOCK_K · M can pass 2^31.
+    stride_xk64 = tl.cast(stride_xk, tl.int64)   # a stride of 1 arrives as a constexpr int
+    stride_wk64 = tl.cast(stride_wk, tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k64[None, :] * stride_xk64     # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k64[:, None] * stride_wk64 + cols[None, :] * stride_wn     # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K   # K tail: any K, e.g. 100
+        a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk64
+        w_ptrs += BLOCK_K * stride_wk64
+    return acc
+
+
+@triton.jit
+def _linear_tile_gemm_tma(
+    x_desc,  # [M, K] tensor descriptor, blocks [BLOCK_M, BLOCK_K]
+    w_desc,  # [N, K] tensor descriptor, blocks [BLOCK_N, BLOCK_K]
+    pid_m, pid_n, K,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The same tile with TMA loads: the copy engine zero-fills what lies past M, N or K, so no masks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])   # [BLOCK_M, BLOCK_K]
+        b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])   # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_store_tile(
+    acc,     # [BLOCK_M, BLOCK_N] fp32 tile (pid_m, pid_n) of x @ Wᵀ
+    pid_m, pid_n,
+    M, N,
+    b_ptr,   # [N] bias
+    r_ptr,   # [M, N] residual
+    y_ptr,   # [M, N] output
+    stride_b, stride_rm, stride_rn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
+    erf GELU or the residual), same stores."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
+                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
+                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
 
 
 @triton.autotune(configs=linear_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
@@ -99,48 +214,57 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped program order: GROUP_M row tiles sweep all column tiles together, so the W tiles they
-    # share stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    """One program per output tile (variant "tiled")."""
+    pid_m, pid_n = _linear_tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn, stride_ym,
+                       stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows / columns past M / N wrap (% M, % N): their loads stay in bounds without an M/N mask and
-    # their results are never stored. int64 row offsets: M * stride_xm can pass 2^31.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    # K offsets and steps in int64 too: a column-major x has stride_xk = M, and BLOCK_K · M can pass 2^31.
-    stride_xk64 = tl.cast(stride_xk, tl.int64)   # a stride of 1 arrives as a constexpr int
-    stride_wk64 = tl.cast(stride_wk, tl.int64)
-    offs_k64 = offs_k.to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k64[None, :] * stride_xk64     # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_k64[:, None] * stride_wk64 + cols[None, :] * stride_wn     # [BLOCK_K, BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K   # K tail: any K, e.g. 100
-        a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk64
-        w_ptrs += BLOCK_K * stride_wk64
-
-    # Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
-    # erf GELU or the residual), same stores.
-    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
-                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
-    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
-                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+@triton.autotune(configs=linear_configs(),
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _linear_persistent_kernel(
+    x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk); with USE_TMA stride_xk == 1, rows 16-byte aligned
+    w_ptr,  # [N, K] weight as nn.Linear stores it; with USE_TMA stride_wk == 1, rows 16-byte aligned
+    b_ptr,  # [N] bias (read only when HAS_BIAS)
+    r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
+    y_ptr,  # [M, N] output
+    M, N, K,
+    M_BUCKET,  # autotune key only (see m_bucket)
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_b,
+    stride_rm, stride_rn,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU
+    HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
+    USE_TMA: tl.constexpr,          # x / W tiles through device-side tensor descriptors (Hopper TMA)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Variants "persistent" and "tma": min(#SMs, #tiles) programs, each looping over the output tiles
+    pid, pid + #programs, ... in grouped order. One launch wave, and the flattened loop lets the next
+    tile's loads overlap this tile's epilogue."""
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _linear_tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if USE_TMA:
+            acc = _linear_tile_gemm_tma(x_desc, w_desc, pid_m, pid_n, K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn, stride_ym,
+                           stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -177,14 +301,53 @@ def _linear_epilogue(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+VARIANTS = ("tiled", "persistent", "tma")
+
+
+def _num_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM on a GPU; 3 under the interpreter, so that small
+    test problems give each program several tiles."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def tma_eligible(x: torch.Tensor, weight: torch.Tensor, capability: tuple[int, int] | None) -> bool:
+    """Whether the "tma" variant can read x [..., K] and weight [N, K]: a TMA-capable GPU (compute
+    capability >= 9; `capability` None = Triton's interpreter, which emulates the descriptors), a
+    unit stride along K, 16-byte aligned base pointers and row strides, M, N, K in [1, 2^31)."""
+    if capability is not None and capability[0] < 9:
+        return False
+    K, size = x.shape[-1], x.element_size()
+    M = x.numel() // K if K else 0
+    if not (0 < M < 2**31 and 0 < K < 2**31 and 0 < weight.shape[0] < 2**31):
+        return False
+    try:
+        x2 = x.view(M, K)                            # what the launcher reads in place
+    except RuntimeError:                             # the launcher copies x: contiguous, fresh allocation
+        x2 = None
+    views = [(weight.data_ptr(), weight.stride())] + ([] if x2 is None else [(x2.data_ptr(), x2.stride())])
+    if x2 is None and (K * size) % 16:
+        return False
+    return all(ptr % 16 == 0 and (stride[1] == 1 or K == 1) and (stride[0] * size) % 16 == 0
+               for ptr, stride in views)
+
+
+def _tma_allocator(device: torch.device):
+    """Triton's allocator for the global scratch the "tma" variant writes its tensor descriptors to
+    (128 bytes per descriptor and program): a torch allocation on the launch's device and current
+    stream, so stream-ordered, and taken from the graph's private pool while a CUDA graph is captured."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            activation: str | None = None, residual: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, variant: str = "tiled") -> torch.Tensor:
     """act(x @ weightᵀ + bias) (+ residual) with the fused Triton kernel.
 
     x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; activation None, "gelu"
     (exact erf) or "gelu_tanh"; out: optional preallocated [..., N] output (must not overlap the
     inputs). All tensors share x's dtype (fp16, bf16, fp32) and device. Returns y [..., N].
+    variant: "tiled" (one program per output tile), "persistent" (one program per SM looping over
+    tiles) or "tma" (persistent with Hopper TMA loads; needs `tma_eligible`, else ValueError).
 
     x is read as [M, K] rows through its strides: a view (no copy) whenever the leading dims
     flatten evenly (contiguous or row-sliced inputs); otherwise `reshape` copies it once.
@@ -192,6 +355,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation: expected one of {list(ACTIVATION_CODES)}, got {activation!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K:
         raise ValueError(f"weight: expected shape [N, {K}] (K = x.shape[-1]), got {list(weight.shape)}")
@@ -205,6 +370,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("out", out)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    if variant == "tma" and M * N > 0 and not tma_eligible(x, weight, capability):
+        raise ValueError(f"variant: 'tma' needs compute capability >= 9 (got {capability}), unit stride along K, "
+                         f"16-byte aligned pointers and row strides, 0 < M, N, K < 2^31; got x {list(x.shape)} "
+                         f"strides {x.stride()}, weight {list(weight.shape)} strides {weight.stride()}, {x.dtype}")
 
     x2 = x.reshape(M, K)                                                  # [M, K]
     if out is None:
@@ -223,8 +393,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out
 
     fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _linear_kernel[grid](
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    if variant == "tiled":
+        kernel, grid, extra = _linear_kernel, lambda meta: (tiles(meta),), {}
+    else:
+        programs = _num_programs(x.device)
+        kernel, grid, extra = _linear_persistent_kernel, lambda meta: (min(programs, tiles(meta)),), {
+            "USE_TMA": variant == "tma"}
+        if variant == "tma":
+            triton.set_allocator(_tma_allocator(x.device))
+    kernel[grid](
         x2, weight, b, r2, y2,
         M, N, K, m_bucket(M),
         x2.stride(0), x2.stride(1),
@@ -236,5 +414,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ACTIVATION=ACTIVATION_CODES[activation],
         HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee",
+        **extra,
     )
     return out

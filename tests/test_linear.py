@@ -1,6 +1,7 @@
 """Fused linear (kernels/linear.py, vitfast.ops.linear / mlp) vs the float64 reference and eager
-PyTorch in the same dtype. On CPU the kernel runs in Triton's interpreter (fp32, fp16); bf16,
-tf32, large M, the cuBLAS/Triton dispatch and CUDA-graph capture run on a GPU."""
+PyTorch in the same dtype. On CPU the kernels run in Triton's interpreter (fp32, fp16), all three
+variants (tiled, persistent, TMA descriptors: the interpreter emulates them); bf16, tf32, large M,
+the cuBLAS/Triton dispatch and CUDA-graph capture run on a GPU."""
 
 import math
 
@@ -18,7 +19,9 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)]
 # once; each activation, bias on/off, residual on/off and each layout appears several times.
 #   layout "2d": [M, K]; "3d": [B, T, K]; "sliced": [B, T, K] cut from a wider buffer (rows evenly
 #   strided: read in place) with a sliced weight too; "transposed": [B, T, K] from a [T, B, K]
-#   buffer (reshaped with a copy); "colmajor": [M, K] with stride 1 along M (stride_xk != 1).
+#   buffer (reshaped with a copy); "colmajor": [M, K] with stride 1 along M (stride_xk != 1);
+#   "padded": [B, T, K] rows of a [B, T, K rounded up to 8] buffer, weight likewise (what TMA needs
+#   for K = 100 in fp16: 16-byte aligned row strides).
 CASES = [
     (1, 64, 192, None, False, False, "2d"),
     (17, 96, 384, "gelu", True, False, "3d"),
@@ -40,25 +43,35 @@ CASES = [
 
 
 def make_inputs(M, K, N, bias, residual, layout, dtype, device):
-    """x in `layout`, weight [N, K] (≈ unit-variance outputs), bias [N], residual x.shape[:-1] + (N,)."""
+    """x in `layout`, weight [N, K] (≈ unit-variance outputs), bias [N], residual x.shape[:-1] + (N,).
+    Buffers are cast to dtype / device before the layout's view is taken (a cast of a strided view
+    would return a contiguous copy)."""
     B = 2 if M % 2 == 0 else 1
     T = M // B
-    if layout == "2d":
-        x = torch.randn(M, K)
-    elif layout == "3d":
-        x = torch.randn(B, T, K)
-    elif layout == "sliced":
-        x = torch.randn(B, T, K + 24)[..., 3:K + 3]            # (B, T, K), row stride K + 24
-    elif layout == "transposed":
-        x = torch.randn(T, B, K).transpose(0, 1)               # (B, T, K), not flattenable in place
-    else:
-        x = torch.randn(K, M).t()                              # (M, K), column-major
-    w = torch.randn(N, K + 8)[:, 8:] if layout == "sliced" else torch.randn(N, K)
-    w = w / math.sqrt(K)
-    b = torch.randn(N) * 0.5 if bias else None
-    r = torch.randn(*x.shape[:-1], N) if residual else None
+    Kp = -(-K // 8) * 8                                        # K rounded up to 8 ("padded")
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-    return cast(x), cast(w), cast(b), cast(r)
+    if layout == "2d":
+        x = cast(torch.randn(M, K))
+    elif layout == "3d":
+        x = cast(torch.randn(B, T, K))
+    elif layout == "sliced":
+        x = cast(torch.randn(B, T, K + 24))[..., 3:K + 3]      # (B, T, K), row stride K + 24
+    elif layout == "padded":
+        x = cast(torch.randn(B, T, Kp))[..., :K]               # (B, T, K), row stride Kp
+    elif layout == "transposed":
+        x = cast(torch.randn(T, B, K)).transpose(0, 1)         # (B, T, K), not flattenable in place
+    else:
+        x = cast(torch.randn(K, M)).t()                        # (M, K), column-major
+    scale = 1 / math.sqrt(max(K, 1))
+    if layout == "sliced":
+        w = cast(torch.randn(N, K + 8) * scale)[:, 8:]         # (N, K), base 8 elements in
+    elif layout == "padded":
+        w = cast(torch.randn(N, Kp) * scale)[:, :K]            # (N, K), row stride Kp
+    else:
+        w = cast(torch.randn(N, K) * scale)
+    b = cast(torch.randn(N) * 0.5) if bias else None
+    r = cast(torch.randn(*x.shape[:-1], N)) if residual else None
+    return x, w, b, r
 
 
 def reference64(x, w, b, activation, r):
@@ -66,15 +79,66 @@ def reference64(x, w, b, activation, r):
     return reference.linear(d(x), d(w), d(b), activation, d(r))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N,activation,bias,residual,layout", CASES)
-def test_linear_kernel(M, K, N, activation, bias, residual, layout, dtype, device):
+# Cases the "tma" variant can read (unit stride along K, 16-byte aligned rows): every M, K (100 via
+# "padded"), N and epilogue of CASES; the M / N / K tails come from the descriptors' zero fill.
+TMA_CASES = [
+    (1, 64, 192, None, False, False, "2d"),
+    (17, 100, 37, "gelu_tanh", False, True, "padded"),
+    (197, 192, 768, "gelu_tanh", True, True, "3d"),
+    (394, 100, 37, "gelu", True, True, "padded"),
+    (394, 96, 384, None, True, True, "transposed"),      # fc2: bias + residual (x copied by reshape)
+    (197, 64, 192, "gelu", True, False, "2d"),           # fc1: bias + GELU
+]
+
+
+def check_kernel(M, K, N, activation, bias, residual, layout, dtype, device, variant):
     x, w, b, r = make_inputs(M, K, N, bias, residual, layout, dtype, device)
     out = poisoned((*x.shape[:-1], N), dtype, device)
-    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=out)
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=out, variant=variant)
     assert y.data_ptr() == out.data_ptr()
     eager = reference.linear(x, w, b, activation, r)
     assert_close(y, reference64(x, w, b, activation, r), dtype=dtype, eager=eager)
+
+
+@pytest.mark.parametrize("variant", ["tiled", "persistent"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,activation,bias,residual,layout", CASES)
+def test_linear_kernel(M, K, N, activation, bias, residual, layout, dtype, device, variant):
+    check_kernel(M, K, N, activation, bias, residual, layout, dtype, device, variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,activation,bias,residual,layout", TMA_CASES)
+def test_linear_kernel_tma(M, K, N, activation, bias, residual, layout, dtype, device):
+    """The persistent kernel with TMA descriptor loads (Triton's interpreter emulates them on the CPU;
+    on a GPU these run only with compute capability >= 9)."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    check_kernel(M, K, N, activation, bias, residual, layout, dtype, device, "tma")
+
+
+def test_tma_eligible():
+    """TMA reads x [M, K] and W [N, K] with a unit stride along K from 16-byte aligned bases and row
+    strides, on compute capability >= 9 (None: the interpreter)."""
+    eligible = lambda layout, K=64, dtype=torch.float16, cap=(9, 0): linear_kernels.tma_eligible(
+        *make_inputs(17 if layout != "transposed" else 18, K, 48, False, False, layout, dtype, "cpu")[:2], cap)
+    assert eligible("2d") and eligible("3d") and eligible("2d", cap=None) and eligible("padded", K=100)
+    assert eligible("transposed")                          # copied by the launcher's reshape: contiguous
+    assert not eligible("2d", cap=(8, 0))                  # Ampere: no TMA
+    assert not eligible("colmajor")                        # stride 1 along M, not K
+    assert not eligible("sliced")                          # base 3 elements (6 bytes) into the buffer
+    assert not eligible("3d", K=100)                       # row stride 200 bytes
+    assert eligible("3d", K=100, dtype=torch.float32)      # row stride 400 bytes
+    assert not eligible("transposed", K=100)               # the copy's rows: 200 bytes
+    assert not eligible("2d", K=0)
+
+
+def test_launcher_variant_errors():
+    x, w, b, _ = make_inputs(17, 100, 37, True, False, "3d", torch.float16, "cpu")
+    with pytest.raises(ValueError, match=r"variant: 'tma' needs .*16-byte aligned.*strides \(100, 1\)"):
+        linear_kernels.linear(x, w, b, variant="tma")
+    with pytest.raises(ValueError, match=r"variant: expected one of \['tiled', 'persistent', 'tma'\], got 'fast'"):
+        linear_kernels.linear(x, w, b, variant="fast")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,10 +164,12 @@ def test_mlp(activation, dtype, device):
     assert_close(y, ref, dtype=dtype, eager=eager)
 
 
-def test_empty_k_is_bias_activation_residual(device):
+@pytest.mark.parametrize("variant", ["tiled", "persistent"])
+def test_empty_k_is_bias_activation_residual(variant, device):
     """K = 0: the GEMM is all zeros, the epilogue still runs: gelu(b) + r."""
     x, w, b, r = make_inputs(5, 0, 12, True, True, "2d", torch.float32, device)
-    y = linear_kernels.linear(x, w, b, activation="gelu", residual=r, out=poisoned((5, 12), torch.float32, device))
+    y = linear_kernels.linear(x, w, b, activation="gelu", residual=r, out=poisoned((5, 12), torch.float32, device),
+                              variant=variant)
     assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float32)
 
 
@@ -130,25 +196,42 @@ def test_fastest_path_times_once_and_never_while_capturing():
     assert ops._fastest_path("tie", timers, cache, capturing=False) == "triton"
 
 
+def test_linear_candidates():
+    """What the CUDA dispatch times once per key: the TMA form only where eligible, the persistent forms
+    not for fp32 ieee; cuBLAS last (ties go to the earlier path); every Triton path maps to a variant."""
+    assert ops._linear_candidates(tma_ok=True, fp32_ieee=False) == ("triton", "triton-persistent", "triton-tma",
+                                                                     "cublas")
+    assert ops._linear_candidates(tma_ok=False, fp32_ieee=False) == ("triton", "triton-persistent", "cublas")
+    for tma_ok in (True, False):   # FMA dots: the persistent forms spill on sm_90
+        assert ops._linear_candidates(tma_ok=tma_ok, fp32_ieee=True) == ("triton", "cublas")
+    assert set(ops._LINEAR_VARIANTS) == {"triton", "triton-persistent", "triton-tma"}
+    assert set(ops._LINEAR_VARIANTS.values()) == set(linear_kernels.VARIANTS)
+
+
 def test_m_bucket():
     assert [linear_kernels.m_bucket(m) for m in (0, 1, 16, 17, 197, 50432)] == [16, 16, 16, 32, 256, 65536]
 
 
 
-@pytest.mark.parametrize("dtype,precision,must_drop,must_keep", [
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
-    (torch.float32, "ieee", [(128, 256, 8, 3), (128, 128, 4, 4)], [(128, 128, 8, 3), (64, 64, 4, 4)]),
-    (torch.float32, "tf32", [(128, 256, 8, 4)], [(128, 128, 8, 3)]),
-    (torch.bfloat16, "tf32", [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+@pytest.mark.parametrize("dtype,precision,use_tma,must_drop,must_keep", [
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v). use_tma None:
+    # the tiled kernel; False / True: the persistent kernel with pointer / TMA loads.
+    (torch.float32, "ieee", None, [(128, 256, 8, 3), (128, 128, 4, 4)], [(128, 128, 8, 3), (64, 64, 4, 4)]),
+    (torch.float32, "tf32", None, [(128, 256, 8, 4)], [(128, 128, 8, 3)]),
+    (torch.bfloat16, "tf32", None, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+    (torch.bfloat16, "tf32", False, [(128, 128, 4, 4)], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 64, 4, 4)]),
+    (torch.bfloat16, "tf32", True, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
 ])
-def test_prune_configs(dtype, precision, must_drop, must_keep, monkeypatch):
+def test_prune_configs(dtype, precision, use_tma, must_drop, must_keep, monkeypatch):
     """On an H100/H200 (227 KiB of shared memory per block): fp32 drops the tiles that cannot fit, and
-    with ieee dots (FMA, no tensor cores) also those that spill; bf16 keeps the large tiles."""
+    with ieee dots (FMA, no tensor cores) also those that spill; bf16 keeps the large tiles, except
+    128x128 on 4 warps in the persistent kernel with pointer loads (it spills there)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = linear_kernels.linear_configs()                        # the GPU autotune space
     monkeypatch.setattr(linear_kernels, "_smem_limit", lambda device: 232448)
+    flags = {} if use_tma is None else {"USE_TMA": use_tma}
     kept = linear_kernels._prune_configs(configs, {"x_ptr": FakeCudaTensor(dtype), "M": 1576, "N": 3072},
-                                         INPUT_PRECISION=precision)
+                                         INPUT_PRECISION=precision, **flags)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
     assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
@@ -217,12 +300,17 @@ VIT_B = [(768, 3072, "gelu", False), (3072, 768, None, True), (768, 2304, None, 
 
 
 @gpu
+@pytest.mark.parametrize("variant", linear_kernels.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K,N,activation,residual", VIT_B)
-def test_linear_kernel_large_m(K, N, activation, residual, dtype):
-    """ViT-B linears at batch 256 x 197 tokens (M = 50,432, tails in M); float64 reference on the GPU."""
+def test_linear_kernel_large_m(K, N, activation, residual, dtype, variant):
+    """ViT-B linears at batch 256 x 197 tokens (M = 50,432, tails in M), each variant (TMA on compute
+    capability >= 9); float64 reference on the GPU."""
+    if variant == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
     x, w, b, r = make_inputs(256 * 197, K, N, True, residual, "3d", dtype, "cuda")
-    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=poisoned((256, 197, N), dtype, "cuda"))
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, out=poisoned((256, 197, N), dtype, "cuda"),
+                              variant=variant)
     d = lambda t: None if t is None else t.double()
     ref = reference.linear(d(x), d(w), d(b), activation, d(r))
     assert_close(y, ref, dtype=dtype, eager=reference.linear(x, w, b, activation, r))
@@ -274,7 +362,8 @@ def test_dispatch_decides_once_and_captures_in_cuda_graph():
     assert_close(y_graph, ref, dtype=torch.float16)
     # Outside capture: timed once and cached; then the cached choice is captured and replayed.
     y = ops.linear(x, w, b, residual=r)
-    assert len(ops._LINEAR_PATHS) == 1 and set(ops._LINEAR_PATHS.values()) <= {"triton", "cublas"}
+    assert len(ops._LINEAR_PATHS) == 1
+    assert set(ops._LINEAR_PATHS.values()) <= set(ops._linear_candidates(ops._linear_tma_ok(x, w), False))
     assert_close(y, ref, dtype=torch.float16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -283,3 +372,22 @@ def test_dispatch_decides_once_and_captures_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y_graph, reference64(x, w, b, None, r), dtype=torch.float16)
+
+
+@gpu
+def test_tma_variant_captures_in_cuda_graph():
+    """The descriptor scratch comes from torch's allocator (the graph's pool while capturing): a captured
+    "tma" launch replays correctly on new inputs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    x, w, b, r = make_inputs(4 * 197, 256, 512, True, True, "3d", torch.float16, "cuda")
+    run = lambda: linear_kernels.linear(x, w, b, activation="gelu", residual=r, variant="tma")
+    run()                                                       # autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float16, eager=reference.linear(x, w, b, "gelu", r))

@@ -86,7 +86,9 @@ def launch_linear(c):
     x = torch.empty(8, 197, K, dtype=dt)                  # (B, T, K)
     w, b = torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
     r = torch.empty(8, 197, N, dtype=dt) if c["residual"] else None
-    return linear._linear_kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r)
+    variant = c.get("variant", "tiled")   # "persistent" / "tma" (TMA descriptors) share one persistent kernel
+    kernel = linear._linear_kernel if variant == "tiled" else linear._linear_persistent_kernel
+    return kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r, variant=variant)
 
 
 def launch_patch_embed(c):
@@ -216,6 +218,14 @@ def _cases():
             "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual}))
     cases.append(_variant("linear", "fp16-gelu", "f16",
                           {"dtype": "fp16", "k": 768, "n": 3072, "activation": "gelu", "residual": False}))
+    # The persistent variant (one program per SM looping over tiles) and its TMA-descriptor form: fc1 (gelu)
+    # and fc2 (+ residual), the heaviest epilogues.
+    for variant in ("persistent", "tma"):
+        for epilogue, k, n, activation, residual in (("gelu", 768, 3072, "gelu", False),
+                                                     ("residual", 3072, 768, None, True)):
+            cases.append(_variant("linear", f"{variant}-bf16-{epilogue}", "bf16", {
+                "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual,
+                "variant": variant}))
     # Patch embedding at 224 px, bf16 weight: uint8 images (normalised in the kernel, the engine's
     # path) and bf16 images (already normalised), ViT-*/16 and ViT-*/14.
     for image, patch in (("uint8", 16), ("uint8", 14), ("bf16", 16), ("bf16", 14)):

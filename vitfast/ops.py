@@ -333,8 +333,10 @@ def _check_linear(x, weight, bias, activation, residual) -> None:
             _fail(f"residual: expected shape {(*x.shape[:-1], N)} (x.shape[:-1] + (N,)), got {tuple(residual.shape)}")
 
 
-# Dispatch on CUDA: key -> "triton" | "cublas", decided once per process by timing both.
+# Dispatch on CUDA: key -> one of _linear_candidates(...), decided once per process by timing them.
 _LINEAR_PATHS: dict[tuple, str] = {}
+# Dispatch path -> the Triton launcher's variant.
+_LINEAR_VARIANTS = {"triton": "tiled", "triton-persistent": "persistent", "triton-tma": "tma"}
 
 
 def _fastest_path(key, timers: dict, cache: dict, capturing: bool, default: str = "cublas") -> str:
@@ -350,6 +352,16 @@ def _fastest_path(key, timers: dict, cache: dict, capturing: bool, default: str 
     return cache[key]
 
 
+def _linear_candidates(tma_ok: bool, fp32_ieee: bool) -> tuple[str, ...]:
+    """The paths timed for one dispatch key: the fused Triton kernel (one program per tile), its
+    persistent form, its TMA form when the GPU and the operands allow it (`tma_eligible`), and
+    cuBLAS + one elementwise pass. fp32 with ieee dots (FMA, no tensor cores) keeps only the tiled
+    kernel: the persistent forms spill registers there on sm_90."""
+    if fp32_ieee:
+        return ("triton", "cublas")
+    return ("triton", "triton-persistent", *(("triton-tma",) if tma_ok else ()), "cublas")
+
+
 def _linear_cublas(x, weight, bias, activation, residual):
     """cuBLAS GEMM with the bias in its epilogue, then the reference activation / residual (one
     elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
@@ -359,24 +371,35 @@ def _linear_cublas(x, weight, bias, activation, residual):
     return y if residual is None else y.add_(residual)
 
 
-def _linear_key(x, weight, bias, activation, residual) -> tuple:
-    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue."""
+def _linear_key(x, weight, bias, activation, residual, tma_ok: bool) -> tuple:
+    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (which
+    depends on alignment and strides, so a cached "triton-tma" never meets operands it cannot read)."""
     from vitfast.kernels.linear import m_bucket
 
     return (x.device.index, m_bucket(x.shape[:-1].numel()), weight.shape[0], weight.shape[1], x.dtype,
-            torch.backends.cuda.matmul.allow_tf32, bias is not None, activation, residual is not None)
+            torch.backends.cuda.matmul.allow_tf32, bias is not None, activation, residual is not None, tma_ok)
+
+
+def _linear_tma_ok(x, weight) -> bool:
+    from vitfast.kernels import linear as _linear_kernels
+
+    return _linear_kernels.tma_eligible(x, weight, torch.cuda.get_device_capability(x.device))
 
 
 def _linear_cuda(x, weight, bias, activation, residual):
-    """Fastest correct path on CUDA: the fused Triton kernel or cuBLAS + elementwise epilogue,
-    per (M bucket, N, K, dtype, tf32, epilogue), decided on first use."""
+    """Fastest correct path on CUDA among _linear_candidates, per (M bucket, N, K, dtype, tf32,
+    epilogue, TMA eligibility), decided on first use."""
     from vitfast.kernels import linear as _linear_kernels
     from vitfast.timing import bench
 
-    run = {"triton": lambda: _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual),
-           "cublas": lambda: _linear_cublas(x, weight, bias, activation, residual)}
+    tma_ok = _linear_tma_ok(x, weight)
+    candidates = _linear_candidates(tma_ok, x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    fused = lambda variant: _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual,
+                                                   variant=variant)
+    run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v)) for name in candidates[:-1]}
+    run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual)
     timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=10, rep_ms=30)) for name, f in run.items()}
-    key = _linear_key(x, weight, bias, activation, residual)
+    key = _linear_key(x, weight, bias, activation, residual, tma_ok)
     return run[_fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())]()
 
 
