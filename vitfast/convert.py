@@ -22,13 +22,12 @@ refuses to run forward in train mode (`VisionTransformer.train_only_features`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.checkpoint import hf_to_timm, torchvision_to_timm
 from vitfast.model import VisionTransformer
-from vitfast.reference import check_image_size, to_2tuple
+from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
 
 __all__ = ["optimize", "UnsupportedFeatureError"]
 
@@ -351,15 +350,6 @@ def _from_hf(model: nn.Module) -> nn.Module:
     return HFViTForImageClassification(cfg, vit, classifier, loss_fn).train(model.training)
 
 
-def _hf_interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], old_grid: tuple[int, int]) -> Tensor:
-    """HF ViT's `interpolate_pos_encoding` rule (bicubic, no antialias, CLS row kept):
-    pos_embed [1, 1 + old cells, D] -> [1, 1 + grid cells, D]."""
-    D = pos_embed.shape[-1]
-    cells = pos_embed[:, 1:].reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)   # (1, D, gh, gw)
-    cells = F.interpolate(cells, size=tuple(grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos_embed[:, :1], cells.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
-
-
 class HFViTModel(nn.Module):
     """Stands in for transformers' `ViTModel`: the same forward arguments, returns
     `BaseModelOutputWithPooling` (last_hidden_state, pooler_output if the model has a pooler,
@@ -380,7 +370,7 @@ class HFViTModel(nn.Module):
             check_image_size(pixel_values, core.in_chans, pe.patch_size)
             grid = pe.grid_for(pixel_values)
             if grid != pe.grid_size:
-                pos_embed = _hf_interpolate_pos_embed(core.pos_embed, grid, pe.grid_size)
+                pos_embed = resample_pos_embed(core.pos_embed, grid, pe.grid_size, antialias=False)  # HF's rule
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         tokens, _, hidden = core.forward_tokens(pixel_values, pos_embed=pos_embed,

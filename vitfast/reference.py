@@ -134,9 +134,11 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: 
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
-                       num_prefix_tokens: int = 1) -> Tensor:
-    """Resize the grid part of pos_embed [1, prefix + gh·gw, D] to `new_grid` (bicubic with
-    antialias, as timm's `resample_abs_pos_embed`); the prefix (CLS) rows are kept as they are."""
+                       num_prefix_tokens: int = 1, antialias: bool = True) -> Tensor:
+    """Resize the grid part of pos_embed [1, prefix + gh·gw, D] to `new_grid`, bicubic; the prefix
+    (CLS) rows are kept as they are. antialias=True is timm's `resample_abs_pos_embed`;
+    antialias=False is HF ViT's `interpolate_pos_encoding` (they differ: torch's antialiased
+    bicubic is PIL's filter, a = -0.5, the plain one uses a = -0.75)."""
     n = pos_embed.shape[1] - num_prefix_tokens
     if old_grid is None:
         side = math.isqrt(n)
@@ -149,7 +151,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: t
     D = pos_embed.shape[-1]
     work_dtype = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
     grid = grid.to(work_dtype).reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)    # (1, D, gh, gw)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
