@@ -1,6 +1,18 @@
-"""Triton kernels, one file per op (installed as `vitfast.kernels`)."""
+"""Triton kernels, one file per op (installed as `vitfast.kernels`), and what their launchers and
+autotuners share: the device's shared-memory limit, the TF32 setting, the autotune budget and the
+guard that keeps autotuning out of CUDA-graph captures."""
+
+from __future__ import annotations
+
+import os
 
 import torch
+
+# VITFAST_AUTOTUNE=quick: every autotuner keeps only the first config its prune keeps and runs it
+# once, untimed (a new shape costs one compile, no benchmark), and ops.linear times its paths
+# briefly. For test runs on a GPU, where correctness matters and tuning time does not pay.
+AUTOTUNE_ENV = "VITFAST_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "quick")
 
 
 def smem_limit(device: torch.device) -> int:
@@ -8,3 +20,56 @@ def smem_limit(device: torch.device) -> int:
     autotune prunes of every kernel drop tiles that need more."""
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32 (torch's setting, read through whichever API it has).
+
+    torch >= 2.9 has `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee" or "none", which
+    reads back the effective value of either API); reading the legacy `allow_tf32` after the new
+    API was used raises "mix of the legacy and new APIs", so it is read only on older torch."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def autotune_mode() -> str:
+    """"full" (default) or "quick", from VITFAST_AUTOTUNE, read at every new autotune key."""
+    mode = os.environ.get(AUTOTUNE_ENV, "full").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV}: expected one of {AUTOTUNE_MODES}, got {mode!r}")
+    return mode
+
+
+def budgeted(prune):
+    """An autotune prune (`early_config_prune`) that keeps only its first config in quick mode."""
+    def prune_for_mode(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        return kept[:1] if autotune_mode() == "quick" else kept
+    prune_for_mode.__wrapped__ = prune
+    return prune_for_mode
+
+
+class CaptureAutotuneError(RuntimeError):
+    """A kernel met a shape it has not been tuned for while a CUDA graph was being captured."""
+
+
+def autotune_bench(kernel: str):
+    """The `do_bench` of `kernel`'s autotuner: Triton's benchmarker, except
+    - inside a CUDA-graph capture, where benchmarking would break the capture: it raises
+      CaptureAutotuneError, which names the kernel and says to run the shape once first;
+    - in quick mode, where the prune keeps one config: one run (compile and launch), no timing."""
+    def do_bench(kernel_call, quantiles):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise CaptureAutotuneError(
+                f"vitfast.kernels.{kernel}: a new shape reached the kernel during CUDA-graph capture, where it "
+                f"cannot be autotuned; run the model (or op) once on this shape before capturing")
+        if autotune_mode() == "quick":
+            kernel_call()
+            return [0.0] * len(quantiles) if quantiles else 0.0
+        import triton.testing
+
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    return do_bench

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 MAX_HEAD_DIM = 256
@@ -57,14 +58,20 @@ def _prune_configs(configs, named_args, **kwargs):
     blocks much longer than the sequence; if none is left, the one needing the fewest registers among
     those that fit. Both estimates match sm_90 compiles (Triton 3.x, `ptxas -v`):
     - shared memory: the q tile plus num_stages buffers of k and v tiles, elt·D·(BLOCK_M + 2·stages·BLOCK_N)
-      bytes with D the padded head dim (fp32 with D=128 and 3 stages needs 256 KiB: cannot launch);
+      bytes with D the padded head dim (fp32 with D=128 and 3 stages needs 256 KiB: cannot launch), and
+      with RETURN_CLS the scratch of the cross-warp column sum that extracts query 0's scores,
+      4·BLOCK_N·min(num_warps, BLOCK_M/16) bytes (bf16 D=128 128 x 128 on 8 warps, 3 stages: 233,472 bytes,
+      over the 232,448 an sm_90 block may have);
     - registers: fp32 scores and accumulator plus operands in the input dtype,
       (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
       compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
       spills for every D >= 32). fp32 with ieee dots runs on FMA units and spills with any tile."""
     q, n_kv = named_args["q_ptr"], named_args["N_KV"]
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
-    smem = lambda c: elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
+    cls_scratch = lambda c: (4 * c.kwargs["BLOCK_N"] * min(c.num_warps, c.kwargs["BLOCK_M"] // 16)
+                             if kwargs["RETURN_CLS"] else 0)
+    smem = lambda c: (elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
+                      + cls_scratch(c))
     words = lambda c: ((c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_d)) * (1 + elt / 4)
                        / (32 * c.num_warps))
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
@@ -134,7 +141,8 @@ def _attention_block(
 
 
 @triton.autotune(configs=attention_configs(), key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
+                 do_bench=autotune_bench("attention"))
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr,                      # [B, H, N_Q, D] by strides, head dim unit stride
@@ -258,7 +266,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
-    precision = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)
     _attention_fwd_kernel[grid](

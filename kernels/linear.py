@@ -7,7 +7,7 @@ epilogue never takes a separate pass over memory.
     x [M, K] (any strides) @ W [N, K]ᵀ (nn.Linear's layout, read transposed by strides: no copy)
     -> + b [N] -> activation (None | exact-erf GELU | tanh GELU) -> + residual [M, N] -> y [M, N]
 
-dtypes: fp16, bf16, fp32 (fp32 follows `torch.backends.cuda.matmul.allow_tf32`); fp32 accumulation.
+dtypes: fp16, bf16, fp32 (fp32 uses TF32 when torch allows it: `vitfast.kernels.tf32_enabled`); fp32 accumulation.
 Tiles come from `linear_configs()` (Hopper-sized, autotuned per M bucket / N / K / dtype / epilogue);
 program order is grouped along M (GROUP_M) so neighbouring programs reuse W tiles in L2.
 
@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 # activation name -> the kernel's ACTIVATION constexpr
@@ -189,8 +190,10 @@ def _linear_store_tile(
                      stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
 
 
-@triton.autotune(configs=linear_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=linear_configs(),
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
+                 do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _linear_kernel(
     x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk)
@@ -223,8 +226,9 @@ def _linear_kernel(
 
 
 @triton.autotune(configs=linear_configs(),
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "USE_TMA"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
+                 do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _linear_persistent_kernel(
     x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk); with USE_TMA stride_xk == 1, rows 16-byte aligned
@@ -392,7 +396,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if M == 0 or N == 0:
         return out
 
-    fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and tf32_enabled()
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
     if variant == "tiled":
         kernel, grid, extra = _linear_kernel, lambda meta: (tiles(meta),), {}

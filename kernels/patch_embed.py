@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 
@@ -76,8 +77,13 @@ def _prune_configs(configs, named_args, **kwargs):
 
 # Keyed on a power-of-two bucket of M (= B·N), not M: a new batch size re-uses the tuning of a nearby
 # one instead of re-tuning (a re-tune benchmarks, which a CUDA-graph capture cannot contain).
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "K", "PATCH", "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+# The flags are in the key too: normalising in the load (IS_UINT8, HAS_MEAN, HAS_STD) adds a converted
+# tile to the shared memory the prune counts, and the epilogue flags change the registers.
+@triton.autotune(configs=_configs(),
+                 key=["M_BUCKET", "D", "K", "PATCH", "HAS_BIAS", "HAS_CLS", "HAS_POS", "HAS_MEAN", "HAS_STD",
+                      "IS_UINT8", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
+                 do_bench=autotune_bench("patch_embed"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _patch_embed_kernel(
     img_ptr,     # [B, C, H, W] uint8 / fp16 / bf16 / fp32, any strides
@@ -205,7 +211,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cls_v, mean_v, std_v = vec(cls_token), vec(mean), vec(std)
     stride0 = lambda t: t.stride(0) if t is not None else 0
     dummy = weight   # stands in for absent optional tensors; never read (the HAS_* flag is off)
-    use_tf32 = weight.dtype == torch.float32 and images.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    use_tf32 = weight.dtype == torch.float32 and images.is_cuda and tf32_enabled()
     M, K = B * n_tok, C * P * P
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     _patch_embed_kernel[grid](

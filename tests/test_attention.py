@@ -11,7 +11,7 @@ import torch
 import vitfast.ops as ops
 from vitfast import reference
 from vitfast.kernels import attention as attention_kernels
-from vitfast.testing import FakeCudaTensor, assert_close, poisoned
+from vitfast.testing import FakeCudaTensor, assert_close, matmul_tf32, poisoned
 
 INTERP_DTYPES = [torch.float32, torch.float16]
 
@@ -116,17 +116,24 @@ def test_head_dim_chunks_reach_tl_dot_at_16_or_more():
 
 
 
-@pytest.mark.parametrize("dtype,head_dim,must_drop,must_keep", [
+@pytest.mark.parametrize("dtype,head_dim,cls,must_drop,must_keep", [
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v):
-    (torch.bfloat16, 64, [(128, 128, 4, 2)], [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]),
-    (torch.bfloat16, 80, [(128, 64, 4, 2), (128, 128, 4, 2)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)]),
-    (torch.bfloat16, 128, [(128, 64, 4, 2), (128, 128, 8, 4)], [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]),
-    (torch.bfloat16, 256, [(128, 64, 4, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
-    (torch.float32, 64, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
-    (torch.float32, 128, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
-    (torch.float32, 256, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    (torch.bfloat16, 64, False, [(128, 128, 4, 2)],
+     [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]),
+    (torch.bfloat16, 80, False, [(128, 64, 4, 2), (128, 128, 4, 2)],
+     [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)]),
+    (torch.bfloat16, 128, False, [(128, 64, 4, 2), (128, 128, 8, 4)],
+     [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]),
+    # The CLS row's column sum needs 4 KiB of scratch with 128 x 128 on 8 warps: 233,472 bytes at 3 stages
+    # (Triton 3.6 compile), over the 232,448 a block may have.
+    (torch.bfloat16, 128, True, [(128, 128, 8, 3), (128, 128, 8, 4)], [(128, 64, 8, 2), (128, 128, 8, 2)]),
+    (torch.bfloat16, 256, False, [(128, 64, 4, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    (torch.float32, 64, False, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
+    (torch.float32, 128, False, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
+    (torch.float32, 256, False, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
 ])
-def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, must_drop, must_keep, monkeypatch):
+def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, cls, must_drop, must_keep,
+                                                              monkeypatch):
     """On an H100/H200 (227 KiB of shared memory per block): tiles that spill registers (bf16 D=80 with
     BLOCK_M 128 on 4 warps) or need more shared memory than there is (fp32 D=128 with 3 stages) are
     dropped, and every head dim keeps at least one tile that runs (fp32 D=256: 64 x 32 on 8 warps)."""
@@ -135,7 +142,7 @@ def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, mu
     monkeypatch.setattr(attention_kernels, "_smem_limit", lambda device: 232448)
     d_lo, d_hi = attention_kernels.head_dim_chunks(head_dim)
     kept = attention_kernels._prune_configs(configs, {"q_ptr": FakeCudaTensor(dtype), "N_KV": 197},
-                                            D_LO=d_lo, D_HI=d_hi)
+                                            D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
     assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
@@ -354,29 +361,29 @@ def test_attention_qkv_gpu(N, H, D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_attention_fp32_gpu(allow_tf32, monkeypatch):
-    """fp32 follows torch.backends.cuda.matmul.allow_tf32 (assert_close picks the tf32 tolerance)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+def test_attention_fp32_gpu(allow_tf32):
+    """fp32 follows torch's TF32 setting for matmuls (assert_close picks the tf32 tolerance)."""
     q, k, v = (make_heads(2, 3, 257, 80, "sliced", torch.float32, "cuda") for _ in range(3))
-    out = ops.attention(q, k, v)
-    ref = reference.attention(*f64(q, k, v))
-    assert_close(out, ref, dtype=torch.float32, eager=reference.attention(q, k, v))
+    with matmul_tf32(allow_tf32):
+        out = ops.attention(q, k, v)
+        ref = reference.attention(*f64(q, k, v))
+        assert_close(out, ref, dtype=torch.float32, eager=reference.attention(q, k, v))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [1, 8, 40, 144, 200, 256])
-def test_attention_gpu_head_dims(D, dtype, monkeypatch):
+def test_attention_gpu_head_dims(D, dtype):
     """Head dims outside the ViT sizes: below tl.dot's 16 (padded chunk), a 16-wide second chunk (144),
     and up to 256, where fp32 needs the 64 x 32 tile to fit shared memory. With the CLS row."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     q, k, v = (make_heads(2, 3, 197, D, "sliced", dtype, "cuda") for _ in range(3))
     out = poisoned((2, 3, 197, D), dtype, "cuda")
     cls_attn = poisoned((2, 3, 197), torch.float32, "cuda")
-    attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn)
-    check_attention(q, k, v, out, dtype)
-    probs = reference.attention_probs(*f64(q, k))[:, :, 0]
-    assert_close(cls_attn, probs, dtype=dtype, eager=reference.attention_probs(q, k)[:, :, 0], name="cls_attn")
+    with matmul_tf32(True):
+        attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn)
+        check_attention(q, k, v, out, dtype)
+        probs = reference.attention_probs(*f64(q, k))[:, :, 0]
+        assert_close(cls_attn, probs, dtype=dtype, eager=reference.attention_probs(q, k)[:, :, 0], name="cls_attn")
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import torch
 
 from vitfast import ops, reference
 from vitfast.kernels import linear as linear_kernels
-from vitfast.testing import FakeCudaTensor, assert_close, poisoned
+from vitfast.testing import FakeCudaTensor, assert_close, matmul_tf32, poisoned
 
 gpu = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)]
@@ -335,14 +335,10 @@ def test_linear_kernel_int64_column_offsets():
 @gpu
 def test_linear_kernel_tf32():
     x, w, b, r = make_inputs(197, 192, 768, True, True, "3d", torch.float32, "cuda")
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with matmul_tf32(True):
         y = linear_kernels.linear(x, w, b, activation="gelu", residual=r)
         eager = reference.linear(x, w, b, "gelu", r)
         assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float32, eager=eager)   # 'tf32' tolerance
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @gpu

@@ -258,8 +258,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
 
     q [B, H, N_q, D], k and v [B, H, N_kv, D]: any strides with a unit-stride last dim (like
     F.scaled_dot_product_attention), fp16 / bf16 / fp32 (float64 via the reference), one device,
-    D <= 256. scale defaults to D^-½. fp32 on CUDA uses tf32 when
-    torch.backends.cuda.matmul.allow_tf32 is set. Returns [B, H, N_q, D] in q's dtype.
+    D <= 256. scale defaults to D^-½. fp32 on CUDA uses tf32 when torch allows it for matmuls
+    (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, or the legacy `allow_tf32`). Returns
+    [B, H, N_q, D] in q's dtype.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t, _ATTENTION_DTYPES)
@@ -371,13 +372,13 @@ def _linear_cublas(x, weight, bias, activation, residual):
     return y if residual is None else y.add_(residual)
 
 
-def _linear_key(x, weight, bias, activation, residual, tma_ok: bool) -> tuple:
+def _linear_key(x, weight, bias, activation, residual, tma_ok: bool, tf32: bool) -> tuple:
     """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (which
     depends on alignment and strides, so a cached "triton-tma" never meets operands it cannot read)."""
     from vitfast.kernels.linear import m_bucket
 
     return (x.device.index, m_bucket(x.shape[:-1].numel()), weight.shape[0], weight.shape[1], x.dtype,
-            torch.backends.cuda.matmul.allow_tf32, bias is not None, activation, residual is not None, tma_ok)
+            tf32, bias is not None, activation, residual is not None, tma_ok)
 
 
 def _linear_tma_ok(x, weight) -> bool:
@@ -389,17 +390,20 @@ def _linear_tma_ok(x, weight) -> bool:
 def _linear_cuda(x, weight, bias, activation, residual):
     """Fastest correct path on CUDA among _linear_candidates, per (M bucket, N, K, dtype, tf32,
     epilogue, TMA eligibility), decided on first use."""
+    from vitfast.kernels import autotune_mode, tf32_enabled
     from vitfast.kernels import linear as _linear_kernels
     from vitfast.timing import bench
 
-    tma_ok = _linear_tma_ok(x, weight)
-    candidates = _linear_candidates(tma_ok, x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    tma_ok, tf32 = _linear_tma_ok(x, weight), tf32_enabled()
+    candidates = _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)
     fused = lambda variant: _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual,
                                                    variant=variant)
     run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v)) for name in candidates[:-1]}
     run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual)
-    timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=10, rep_ms=30)) for name, f in run.items()}
-    key = _linear_key(x, weight, bias, activation, residual, tma_ok)
+    warmup_ms, rep_ms = (1, 3) if autotune_mode() == "quick" else (10, 30)
+    timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=warmup_ms, rep_ms=rep_ms))
+              for name, f in run.items()}
+    key = _linear_key(x, weight, bias, activation, residual, tma_ok, tf32)
     return run[_fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())]()
 
 
@@ -434,7 +438,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     bias:       [N] or None.
     activation: None, "gelu" (exact erf, as timm / HF / torchvision) or "gelu_tanh".
     residual:   [..., N] (x.shape[:-1] + (N,)) or None, added after the activation.
-    All tensors share x's dtype and device; fp32 follows torch.backends.cuda.matmul.allow_tf32.
+    All tensors share x's dtype and device; fp32 uses tf32 when torch allows it for matmuls.
     Returns y [..., N] (contiguous) in x's dtype. On CUDA the first call per shape bucket times
     the Triton kernel against cuBLAS + one elementwise pass and keeps the faster (never while a
     CUDA graph is being captured: call once before capturing).
