@@ -3,6 +3,8 @@ sweep and batch rules, and the `fused_attn` (SDPA) baseline of the reference mod
 
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -159,3 +161,51 @@ def test_fused_attn_matches_the_plain_reference(dtype):
                 m.fused_attn = True
         fused = model(x.to(dtype))
     assert_close(fused, ref64, dtype=dtype, eager=eager, name="fused_attn")
+
+
+def test_timm_is_a_gpu_backend_even_where_timm_is_installed(monkeypatch):
+    """A CPU run lists the same backends whether timm is importable or not; on a GPU timm joins."""
+    fake = types.ModuleType("timm.models.vision_transformer")
+    fake.VisionTransformer = reference.VisionTransformer
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    monkeypatch.setitem(sys.modules, "timm.models", types.ModuleType("timm.models"))
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", fake)
+    assert bench._timm_class() is reference.VisionTransformer
+    cpu, notes = bench.select_backends(bench.parse_args(ARGS), gpu=False)
+    assert cpu == ["eager", "eager-sdpa", "vitfast"] and not any("timm" in n for n in notes)
+    gpu, _ = bench.select_backends(bench.parse_args([]), gpu=True)
+    assert gpu == ["eager", "eager-sdpa", "timm", "vitfast", "vitfast-cudagraph", "compile"]
+    _, notes = bench.select_backends(bench.parse_args(["--backends", "timm,vitfast"]), gpu=False)
+    assert "backend timm skipped: it needs CUDA" in notes
+
+
+def test_attention_sweep_is_what_the_exponent_is_fitted_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    args = ["--model-size", "tiny", "--depth", "1", "--batch-size", "2", "--image-sizes", "64", "--patch-sizes",
+            "32", "--reps", "1", "--device", "cpu", "--backends", "eager-sdpa,vitfast",
+            "--attention-tokens", "65,5,17,33", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    sweep = [r for r in result["records"] if r["kind"] == "attention"]
+    assert sorted((r["tokens"], r["backend"]) for r in sweep) == [(n, b) for n in (5, 17, 33, 65)
+                                                                  for b in ("torch", "vitfast")]
+    for r in sweep:
+        assert r["error"] is None and r["batch"] == 2 and r["ms"] > 0
+        assert math.isclose(r["tflops"] * r["ms"] * 1e9, 4 * 2 * r["tokens"] ** 2 * 192, rel_tol=1e-9)
+    pts = sorted((r["tokens"], r["ms_per_image"]) for r in sweep if r["backend"] == "vitfast")
+    n, t = np.array(pts, dtype=np.float64).T
+    assert result["fits"]["attention"]["vitfast"]["exponent"] == pytest.approx(np.polyfit(np.log(n), np.log(t), 1)[0])
+    assert result["fits"]["attention"]["vitfast"]["points"] == 4
+    assert "## Attention alone" in (tmp_path / "results.md").read_text()
+
+
+def test_time_budget_skips_what_is_left_and_still_writes_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    args = [*ARGS, "--time-budget", "0", "--attention-tokens", "5,17", "--out", str(tmp_path)]
+    assert bench.main(args) == 0                      # skipped is not failed
+    result = json.loads((tmp_path / "results.json").read_text())
+    records = result["records"]
+    assert len(records) == 3 * (3 + 3 * len(bench.OPS)) + 2 * 3
+    assert all(r["error"] == bench.SKIPPED and r["ms"] is None for r in records)
+    assert result["environment"]["config"]["time_budget_s"] == 0
+    assert bench.SKIPPED in (tmp_path / "results.md").read_text()

@@ -5,20 +5,23 @@ For one model size and every configuration (image size S, patch size P -> T = 1 
 - end-to-end forward time and images/s of each model backend, timed in the same run:
     eager              the eager reference (`vitfast.reference`, plain softmax attention)
     eager-sdpa         the same with `F.scaled_dot_product_attention` (`fused_attn=True`, timm's default path)
-    timm               timm's own VisionTransformer with the same weights (only where timm is importable)
-    compile            `torch.compile(mode="max-autotune")` of eager-sdpa (GPU; --no-compile skips it)
+    timm               timm's own VisionTransformer with the same weights (GPU, where timm is importable)
     vitfast            `vitfast.model.VisionTransformer`
     vitfast-cudagraph  vitfast replayed as one CUDA graph (GPU)
+    compile            `torch.compile` of eager-sdpa, mode max-autotune (--compile-mode; GPU; --no-compile skips it)
 - the ops of one block at that shape (patch_embed, layer_norm, linear_qkv, attention, linear_proj, mlp)
   for three op backends: `eager` (vitfast.reference), `torch` (torch's fused op: SDPA, F.layer_norm,
   F.linear, conv2d) and `vitfast` (vitfast.ops), with TFLOP/s (GEMM-like ops) or GB/s (layer_norm);
 - peak memory per measurement (torch.cuda.max_memory_allocated; null on CPU);
 - the attention study: attention time per image vs T, the log-log exponent fitted with
-  numpy.polyfit(log T, log ms_per_image, 1), and the share of end-to-end time spent in attention.
+  numpy.polyfit(log T, log ms_per_image, 1), and the share of end-to-end time spent in attention;
+  --attention-tokens adds attention-only points at more token counts (the fit then uses those).
 
 Batch sizes are given for <= 785 tokens (224 px) and scaled down for more tokens (batch·T kept
 constant) to bound memory. Every time comes from `vitfast.timing.bench`. Writes `results.json`,
-`results.md` and PNG plots into --out; prints a summary table.
+`results.md` (both rewritten after each configuration) and PNG plots into --out; prints a summary
+table. --time-budget stops starting measurements once that many seconds have passed (the ones left
+are recorded as skipped), so that a run in a time box still writes its results.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import math
 import platform
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -50,8 +55,12 @@ MODEL_SIZES = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224",
 SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (384, 8), (512, 16), (512, 8)]
 CPU_SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (512, 16)]   # up to 1025 tokens
 QUICK_SWEEP = [(224, 32), (224, 16), (224, 8)]
-MODEL_BACKENDS = ("eager", "eager-sdpa", "timm", "compile", "vitfast", "vitfast-cudagraph")
-GPU_ONLY = ("compile", "vitfast-cudagraph")
+MODEL_BACKENDS = ("eager", "eager-sdpa", "timm", "vitfast", "vitfast-cudagraph", "compile")
+# timm is GPU-only: on a CPU machine it could only be a CPU build beside a CPU torch, which the sweep
+# does not compare (and a CPU run must give the same backends whether timm is installed or not).
+GPU_ONLY = ("timm", "compile", "vitfast-cudagraph")
+COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
+SKIPPED = "skipped (time budget)"
 OPS = ("patch_embed", "layer_norm", "linear_qkv", "attention", "linear_proj", "mlp")
 # The op backend whose attention time each model backend spends (for the attention share).
 ATTENTION_OF = {"eager": "eager", "eager-sdpa": "torch", "timm": "torch", "vitfast": "vitfast",
@@ -138,6 +147,13 @@ def parse_args(argv) -> argparse.Namespace:
                         "can run here); the op backends follow (eager, torch, vitfast)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-op timings")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes per shape)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="max-autotune",
+                   help="torch.compile mode of the compile backend (default max-autotune)")
+    p.add_argument("--attention-tokens", type=_ints, default=None,
+                   help="comma-separated token counts for attention-only timings (batch scaled like the sweep), "
+                        "e.g. 50,197,577,1025,2305,4097; the attention exponent is then fitted on these")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds after which no new measurement starts (the rest are recorded as skipped)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 3)")
     p.add_argument("--rep-ms", type=float, default=None,
                    help="milliseconds of repetitions per measurement on GPU (do_bench median; default 200)")
@@ -200,10 +216,14 @@ def _peak_memory(fn, args, device: str) -> int | None:
 
 
 class Timer:
-    """`vitfast.timing.bench` with this run's settings, plus warm-up and peak memory."""
+    """`vitfast.timing.bench` with this run's settings, plus warm-up, peak memory and the time budget
+    (`deadline`: a `time.monotonic()` value after which no measurement starts; None: no budget)."""
 
-    def __init__(self, device: str, reps: int, rep_ms: float):
-        self.device, self.reps, self.rep_ms = device, reps, rep_ms
+    def __init__(self, device: str, reps: int, rep_ms: float, deadline: float | None = None):
+        self.device, self.reps, self.rep_ms, self.deadline = device, reps, rep_ms, deadline
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def measure(self, fn, make, first: list | None = None) -> tuple[float, int | None]:
         """(median ms of fn(*inputs), peak bytes). `make()` builds one input set (`first`, if given,
@@ -241,7 +261,8 @@ def _cuda_graph(fn, example):
     return replay
 
 
-def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, device: str, dtype, example):
+def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, device: str, dtype, example,
+                        compile_mode: str = "max-autotune"):
     """A callable images -> logits for `backend`, with the weights `state`."""
     kwargs = spec.kwargs(cfg)
     if backend in ("eager", "eager-sdpa", "compile"):
@@ -260,7 +281,7 @@ def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, devi
     model.load_state_dict(state, strict=True)
     model = model.to(dtype).eval()
     if backend == "compile":
-        return torch.compile(model, mode="max-autotune")
+        return torch.compile(model, mode=compile_mode)
     if backend == "vitfast-cudagraph":
         return _cuda_graph(model, example)
     return model
@@ -345,10 +366,14 @@ def _error(e: BaseException) -> str:
 
 
 def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[str], timer: Timer, device: str,
-               dtype, progress) -> list[dict]:
+               dtype, progress, compile_mode: str = "max-autotune") -> list[dict]:
     """Model records for `backends` and op records for `op_backends` at one configuration.
     Models are built under no_grad and called under inference_mode."""
     records = []
+    if timer.expired():
+        progress.update(len(backends) + len(OPS) * len(op_backends))
+        return ([_record("model", cfg, b, dtype, error=SKIPPED) for b in backends]
+                + [_record("kernel", cfg, b, dtype, op=op, error=SKIPPED) for op in OPS for b in op_backends])
     torch.manual_seed(0)
     with torch.device(device):
         ref = reference.VisionTransformer(**spec.kwargs(cfg))
@@ -366,8 +391,12 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
     for backend in backends:
         progress.set_description(f"{cfg.label} {backend}")
         fn = None
+        if timer.expired():
+            records.append(_record("model", cfg, backend, dtype, error=SKIPPED))
+            progress.update()
+            continue
         try:
-            fn = build_model_backend(backend, spec, cfg, state, device, dtype, example)
+            fn = build_model_backend(backend, spec, cfg, state, device, dtype, example, compile_mode)
             ms, peak = timer.measure(fn, lambda: [torch.randn(shape, device=device, dtype=dtype)], [example])
             with torch.inference_mode():
                 err = None if expected is None else rel_err(fn(example), expected)
@@ -386,6 +415,10 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
     for op in OPS:
         for backend in op_backends:
             progress.set_description(f"{cfg.label} {op} {backend}")
+            if timer.expired():
+                records.append(_record("kernel", cfg, backend, dtype, op=op, error=SKIPPED))
+                progress.update()
+                continue
             try:
                 make, fns, work = op_case(op, spec, cfg, device, dtype)
                 ms, peak = timer.measure(fns[backend], make)
@@ -398,6 +431,34 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
             make = fns = None
             progress.update()
     add_shares(records, spec)
+    return records
+
+
+def run_attention_sweep(tokens: list[int], spec: Spec, batch_size: int, op_backends: list[str], timer: Timer,
+                        device: str, dtype, progress) -> list[dict]:
+    """Attention-only records (kind "attention") at each token count in `tokens`, for the op backends,
+    with the sweep's batch rule (batch·tokens constant above BATCH_TOKENS)."""
+    records = []
+    for n in tokens:
+        cfg = SimpleNamespace(tokens=n, batch=batch_for(n, batch_size), patch_size=None, image_size=None)
+        for backend in op_backends:
+            progress.set_description(f"attention N={n} {backend}")
+            if timer.expired():
+                records.append(_record("attention", cfg, backend, dtype, op="attention", error=SKIPPED))
+                progress.update()
+                continue
+            make = fns = None
+            try:
+                make, fns, work = op_case("attention", spec, cfg, device, dtype)
+                ms, peak = timer.measure(fns[backend], make)
+                records.append(_record("attention", cfg, backend, dtype, op="attention", ms=ms,
+                                       ms_per_image=ms / cfg.batch, peak_mem_bytes=peak,
+                                       tflops=tflops(work["flops"], ms)))
+            except Exception as e:
+                records.append(_record("attention", cfg, backend, dtype, op="attention", error=_error(e)))
+            make = fns = None
+            _free(device)
+            progress.update()
     return records
 
 
@@ -431,10 +492,17 @@ def fit_exponent(records: list[dict], kind: str, backend: str, op: str | None = 
     return {"exponent": float(slope), "intercept": float(intercept), "points": len(pts)}
 
 
+def attention_kind(records: list[dict]) -> str:
+    """The records the attention study is read from: the attention-only sweep ("attention") when the
+    run has one, else the per-configuration op timings ("kernel")."""
+    return "attention" if any(r["kind"] == "attention" for r in records) else "kernel"
+
+
 def fits(records: list[dict]) -> dict:
     out = {"attention": {}, "model": {}}
+    kind = attention_kind(records)
     for b in dict.fromkeys(r["backend"] for r in records):
-        if (f := fit_exponent(records, "kernel", b, "attention")) is not None:
+        if (f := fit_exponent(records, kind, b, "attention")) is not None:
             out["attention"][b] = f
         if (f := fit_exponent(records, "model", b)) is not None:
             out["model"][b] = f
@@ -499,6 +567,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['tokens']} | {r['patch_size']} | {r['image_size']} | {r['backend']} | {_fmt(r['ms'])} | "
                      f"{_fmt(r['ms_per_image'])} | {_fmt(r.get('tflops'))} | "
                      f"{'–' if share is None else f'{100 * share:.0f}%'} |")
+    sweep = [r for r in records if r["kind"] == "attention"]
+    if sweep:
+        lines += ["", "## Attention alone (--attention-tokens; the exponents above are fitted on these)", "",
+                  "| tokens | batch | backend | ms / batch | ms / image | TFLOP/s | peak MiB |", "|" + "---:|" * 7]
+        for r in sorted(sweep, key=lambda r: (r["tokens"], r["backend"])):
+            cells = (f"{_fmt(r['ms'])} | {_fmt(r['ms_per_image'])} | {_fmt(r.get('tflops'))} | "
+                     f"{_mib(r['peak_mem_bytes'])} |") if not r["error"] else f"{r['error']} | – | – | – |"
+            lines.append(f"| {r['tokens']} | {r['batch']} | {r['backend']} | {cells}")
     kernels = [r for r in records if r["kind"] == "kernel"]
     if kernels:
         lines += ["", "## Ops of one block (share = calls per forward x op time / end-to-end time)", "",
@@ -527,7 +603,7 @@ def summary(result: dict) -> str:
         cells = "".join(f"{_fmt(row[b]['images_per_s'], '.1f') if b in row and not row[b]['error'] else 'n/a':>19}"
                         for b in backends)
         lines.append(f"{f'P{patch}/{image}px':<14}{tokens:>7}{batch:>6}{cells}")
-    attn = [r for r in records if r["kind"] == "kernel" and r["op"] == "attention"]
+    attn = [r for r in records if r["kind"] == attention_kind(records) and r["op"] == "attention"]
     if attn:
         abk = list(dict.fromkeys(r["backend"] for r in attn))
         lines += ["", "attention ms per image:", f"{'tokens':>7}" + "".join(f"{b:>12}" for b in abk)]
@@ -552,7 +628,7 @@ def plots(result: dict, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (b, f) in enumerate(fitted["attention"].items()):
-        pts = sorted((r["tokens"], r["ms_per_image"]) for r in records if r["kind"] == "kernel"
+        pts = sorted((r["tokens"], r["ms_per_image"]) for r in records if r["kind"] == attention_kind(records)
                      and r["op"] == "attention" and r["backend"] == b and r["ms"] is not None)
         n = np.array([p[0] for p in pts], dtype=float)
         color = f"C{i}"
@@ -576,14 +652,17 @@ def plots(result: dict, out: Path) -> list[str]:
     backends = list(dict.fromkeys(r["backend"] for r in models))
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(configs)), 5))
     width = 0.8 / max(1, len(backends))
+    measured = False
     for i, b in enumerate(backends):
         vals = []
         for tokens, _, image, _ in configs:
             r = next((r for r in models if (r["tokens"], r["image_size"], r["backend"]) == (tokens, image, b)), None)
             vals.append(r["images_per_s"] if r and r["images_per_s"] else 0.0)
+        measured |= any(v > 0 for v in vals)
         ax.bar(np.arange(len(configs)) + (i - (len(backends) - 1) / 2) * width, vals, width, label=b)
     ax.set_xticks(np.arange(len(configs)), [f"P{p}/{s}\n{t} tok" for t, p, s, _ in configs], fontsize=8)
-    ax.set_yscale("log")
+    if measured:                     # a run whose time budget ran out may have measured nothing
+        ax.set_yscale("log")
     ax.set_ylabel("images/s")
     ax.set_title(f"End-to-end throughput: {title}", fontsize=9)
     ax.legend(fontsize=8)
@@ -665,16 +744,81 @@ def main(argv=None) -> int:
                                             "CUDA is not available")]
     if ops.INTERPRET and not gpu:
         notes.append("TRITON_INTERPRET=1: vitfast's ops run in Triton's interpreter on CPU (slow by design).")
+    backends, backend_notes = select_backends(args, gpu)
+    notes += backend_notes
+    op_backends = [] if args.no_kernels else [
+        b for b, on in (("eager", "eager" in backends), ("torch", {"eager-sdpa", "timm"} & set(backends)),
+                        ("vitfast", {"vitfast", "vitfast-cudagraph"} & set(backends))) if on]
+    configs = [Config(s, p, batch_for(1 + (s // p) ** 2, batch_size)) for s, p in sweep_configs(args, device)]
+    configs.sort(key=lambda c: (c.tokens, c.image_size))
+    attention_tokens = sorted(set(args.attention_tokens or []))
+    if any(n < 1 for n in attention_tokens):
+        raise SystemExit(f"vitfast bench: --attention-tokens must be >= 1, got {args.attention_tokens}")
+    if attention_tokens and not op_backends:
+        raise SystemExit("vitfast bench: --attention-tokens needs op backends (not --no-kernels)")
+
+    config = {"model_size": size, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
+              "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+              "batch_tokens": BATCH_TOKENS, "backends": backends, "op_backends": op_backends,
+              "configs": [dict(image_size=c.image_size, patch_size=c.patch_size, tokens=c.tokens, batch=c.batch)
+                          for c in configs],
+              "attention_tokens": attention_tokens, "compile_mode": args.compile_mode if "compile" in backends
+              else None, "time_budget_s": args.time_budget,
+              "reps": reps if not gpu else None, "rep_ms": rep_ms if gpu else None}
+    env = environment(argv, device, config, notes)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"vitfast bench: ViT-{size} (dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}) "
+          f"{config['dtype']} on {env['gpu']}; {len(configs)} configurations x backends {backends}; "
+          f"ops: {op_backends or 'skipped'}" + (f"; attention alone at N = {attention_tokens}"
+                                                 if attention_tokens else ""))
+
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    timer = Timer(device, reps, rep_ms, deadline)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    total = len(configs) * (len(backends) + len(OPS) * len(op_backends)) + len(attention_tokens) * len(op_backends)
+    with torch.no_grad(), _progress(total) as progress:
+        for cfg in configs:
+            records += run_config(cfg, spec, backends, op_backends, timer, device, dtype, progress, args.compile_mode)
+            write_results(assemble(env, records), out)      # a run cut short still leaves its results
+        for n in attention_tokens:
+            records += run_attention_sweep([n], spec, batch_size, op_backends, timer, device, dtype, progress)
+            write_results(assemble(env, records), out)
+    result = assemble(env, records)
+    write_results(result, out)
+    try:
+        pngs = plots(result, out)
+    except ImportError as e:        # matplotlib is optional
+        pngs = []
+        print(f"note: no plots ({e})")
+    print()
+    print(summary(result))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {out / p}" for p in pngs))
+    skipped = sum(r["error"] == SKIPPED for r in records)
+    if skipped:
+        print(f"note: {skipped} measurements skipped: the time budget of {args.time_budget} s ran out")
+    failed = [r for r in records if r["error"] and r["error"] not in ("out of memory", SKIPPED)]
+    for r in failed:
+        print(f"error: {r['backend']} {r.get('op') or 'model'} at {r['tokens']} tokens: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def select_backends(args, gpu: bool) -> tuple[list[str], list[str]]:
+    """(model backends to run, notes on the ones left out): the requested ones (default: all) that can run
+    on this device. GPU-only backends are left out on a CPU run whether or not their packages exist."""
     requested = args.backends or list(MODEL_BACKENDS)
     unknown = [b for b in requested if b not in MODEL_BACKENDS]
     if unknown:
         raise SystemExit(f"vitfast bench: unknown backend(s) {unknown}; expected some of {list(MODEL_BACKENDS)}")
-    backends = []
+    backends, notes = [], []
     for b in MODEL_BACKENDS:
         if b not in requested:
             continue
         if b in GPU_ONLY and not gpu:
-            notes.append(f"backend {b} skipped: it needs CUDA")
+            if args.backends or b != "timm":
+                notes.append(f"backend {b} skipped: it needs CUDA")
         elif b == "compile" and (args.no_compile or args.quick):
             notes.append("backend compile skipped (--no-compile / --quick)")
         elif b == "timm" and _timm_class() is None:
@@ -682,50 +826,44 @@ def main(argv=None) -> int:
                 notes.append("backend timm skipped: timm is not installed")
         else:
             backends.append(b)
-    op_backends = [] if args.no_kernels else [
-        b for b, on in (("eager", "eager" in backends), ("torch", {"eager-sdpa", "timm"} & set(backends)),
-                        ("vitfast", {"vitfast", "vitfast-cudagraph"} & set(backends))) if on]
-    configs = [Config(s, p, batch_for(1 + (s // p) ** 2, batch_size)) for s, p in sweep_configs(args, device)]
-    configs.sort(key=lambda c: (c.tokens, c.image_size))
+    return backends, notes
 
-    config = {"model_size": size, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
-              "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
-              "batch_tokens": BATCH_TOKENS, "backends": backends, "op_backends": op_backends,
-              "configs": [dict(image_size=c.image_size, patch_size=c.patch_size, tokens=c.tokens, batch=c.batch)
-                          for c in configs],
-              "reps": reps if not gpu else None, "rep_ms": rep_ms if gpu else None}
-    env = environment(argv, device, config, notes)
-    for n in notes:
-        print(f"note: {n}")
-    print(f"vitfast bench: ViT-{size} (dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}) "
-          f"{config['dtype']} on {env['gpu']}; {len(configs)} configurations x backends {backends}; "
-          f"ops: {op_backends or 'skipped'}")
 
-    from tqdm import tqdm
-
-    timer = Timer(device, reps, rep_ms)
-    records: list[dict] = []
-    total = len(configs) * (len(backends) + len(OPS) * len(op_backends))
-    with torch.no_grad(), tqdm(total=total, file=sys.stderr, disable=None, unit="run") as progress:
-        for cfg in configs:
-            records += run_config(cfg, spec, backends, op_backends, timer, device, dtype, progress)
-
+def assemble(env: dict, records: list[dict]) -> dict:
+    """The result document: environment, fitted exponents and every record."""
     fitted = fits(records)
     main_b = main_attention_backend(fitted)
-    result = {"environment": env, "attention_exponent": fitted["attention"][main_b]["exponent"] if main_b else None,
-              "attention_fit_backend": main_b, "fits": fitted, "records": records}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return {"environment": env, "attention_exponent": fitted["attention"][main_b]["exponent"] if main_b else None,
+            "attention_fit_backend": main_b, "fits": fitted, "records": records}
+
+
+def write_results(result: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
     (out / "results.md").write_text(markdown(result))
-    pngs = plots(result, out)
-    print()
-    print(summary(result))
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(out / p) for p in pngs))
-    failed = [r for r in records if r["error"] and r["error"] != "out of memory"]
-    for r in failed:
-        print(f"error: {r['backend']} {r.get('op') or 'model'} at {r['tokens']} tokens: {r['error']}", file=sys.stderr)
-    return 1 if failed else 0
+
+
+class _NoProgress:
+    """Stands in for tqdm (optional) when it is not installed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_description(self, text):
+        pass
+
+    def update(self, n=1):
+        pass
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, file=sys.stderr, disable=None, unit="run")
 
 
 def _finite(v):
