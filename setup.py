@@ -2,7 +2,11 @@
 `vitfast._C` from `csrc/`.
 
 The extension is C++-only where the installed torch has no CUDA, and a CUDA build where it has
-(sm_80 and sm_90 by default; set VITFAST_CUDA_ARCHS="90" or "80;86;90" to choose). Build with
+(sm_80 and sm_90 by default; set VITFAST_CUDA_ARCHS="90" or "80;86;90" to choose). A torch with
+CUDA but no CUDA compiler (nvcc, found through CUDA_HOME or PATH) stops the build with an error:
+the LayerNorm ops would otherwise have no CUDA kernel; VITFAST_NO_CUDA=1 builds the CPU-only
+extension on purpose, and VITFAST_NO_EXTENSION=1 installs the Python package alone (what the
+ahead-of-time compile check of the Triton kernels needs). Build with
 `pip install --no-build-isolation -e .` so it compiles against the torch already installed.
 """
 
@@ -15,7 +19,7 @@ from setuptools import setup
 
 def _extensions():
     cpp = sorted(glob.glob("csrc/*.cpp"))
-    if not cpp:
+    if not cpp or os.environ.get("VITFAST_NO_EXTENSION", "0") == "1":
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -26,8 +30,12 @@ def _extensions():
         # at::parallel_for runs threads only in code compiled with OpenMP; the loader reuses torch's libgomp.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-                 and os.environ.get("VITFAST_NO_CUDA", "0") != "1")
+    with_cuda = torch.version.cuda is not None and os.environ.get("VITFAST_NO_CUDA", "0") != "1"
+    if with_cuda and CUDA_HOME is None:
+        raise SystemExit(f"vitfast: torch {torch.__version__} is built with CUDA {torch.version.cuda}, but no CUDA "
+                         "compiler was found (set CUDA_HOME, or put nvcc on PATH); without it the LayerNorm "
+                         "extension would have no CUDA kernel. Set VITFAST_NO_CUDA=1 to build the CPU-only "
+                         "extension anyway.")
     if with_cuda:
         archs = [a for a in os.environ.get("VITFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]

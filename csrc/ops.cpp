@@ -198,9 +198,20 @@ TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
   m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
 }
 
-// `import vitfast._C` loads this library, which runs the registrations above. The module itself is empty.
+// `import vitfast._C` loads this library, which runs the registrations above. The module holds one
+// constant, WITH_CUDA: 1 when the CUDA kernels are compiled in (`make gpu` checks it after its build).
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "vitfast's LayerNorm ops, registered as torch.ops.vitfast",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+#ifdef VITFAST_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -11,9 +11,12 @@ says which configs it keeps; each case compiles every one of them with `triton.c
 GPUTarget("cuda", 90, 32), so a config the autotuner could pick on the device is never left
 out. Registers and spills come from the `ptxas -v` log Triton writes.
 
-All compilation happens in one subprocess (one Triton import, ~1 s) without TRITON_INTERPRET,
-which conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter
-objects. Identical compilations (same signature, constants, hints and options) are done once.
+Compilation happens in subprocesses (one Triton import each, ~1 s) without TRITON_INTERPRET, which
+conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter objects, and
+without VITFAST_AUTOTUNE (its quick mode would keep one config). Outside pytest-xdist the cases are
+split over up to 4 processes. Identical compilations (same signature, constants, hints and options)
+are done once per process. The check runs under the Triton the project pins and, through
+`make compile-check-oldest`, under the oldest Triton vitfast supports (3.6).
 """
 
 import fcntl
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,11 +49,11 @@ def unavailable():
         ptxas = get_ptxas(90).path
         if not (ptxas and os.path.isfile(ptxas) and os.access(ptxas, os.X_OK)):
             return f"Triton's bundled ptxas for sm_90 not found ({ptxas!r})"
-        # The compile below drives Triton's launcher internals (those of Triton 3.9, which the
-        # project pins): another Triton (e.g. the one a CUDA torch brings) may not have them.
+        # The compile below drives Triton's launcher internals (those of Triton 3.6 to 3.9, the
+        # versions vitfast supports): another Triton may not have them.
         from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
         if not hasattr(JITFunction, "_pack_args") or not hasattr(getattr(triton, "knobs", None), "nvidia"):
-            return f"Triton {triton.__version__} lacks the 3.9 internals this ahead-of-time compile uses"
+            return f"Triton {triton.__version__} lacks the 3.6-3.9 internals this ahead-of-time compile uses"
     except ImportError as e:
         return f"Triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks what this check uses: {e}"
     except Exception as e:  # no triton, or a backend that cannot locate its tools
@@ -237,16 +241,30 @@ def _cases():
 CASES = _cases()
 
 
-def _compile_all(cache_dir: Path) -> dict:
-    """Run the compile script over every case: {"skip": reason} or {"results": {case id: result}}."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _compile_all(cache_dir: Path, shards: int = 1) -> dict:
+    """Run the compile script over every case, the cases split over `shards` concurrent processes:
+    {"skip": reason} or {"results": {case id: result}}."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VITFAST_AUTOTUNE")}
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # fresh: a cache hit would skip ptxas and its register report
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cases = [p.values[0] for p in CASES]
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(cases), capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=900)
-    assert proc.returncode == 0, f"compile subprocess failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # stderr to files: a shard must never block on a full pipe while another one's output is read.
+    errs = [tempfile.TemporaryFile("w+") for _ in range(shards)]
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=err, text=True, cwd=ROOT, env=env) for err in errs]
+    for i, proc in enumerate(procs):           # every shard gets its cases before any is waited for
+        proc.stdin.write(json.dumps(cases[i::shards]))
+        proc.stdin.close()
+    outs = [(proc.stdout.read(), proc.wait(timeout=900)) for proc in procs]
+    results = {}
+    for (stdout, rc), err in zip(outs, errs):
+        err.seek(0)
+        assert rc == 0, f"compile subprocess failed (rc {rc}):\n{err.read()[-6000:]}"
+        out = json.loads(stdout.strip().splitlines()[-1])
+        if "skip" in out:
+            return out
+        results.update(out["results"])
+    return {"results": results}
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +280,7 @@ def compiled(tmp_path_factory):
                 done.write_text(json.dumps(_compile_all(tmp_path_factory.mktemp("triton_cache"))))
             out = json.loads(done.read_text())
     else:
-        out = _compile_all(tmp_path_factory.mktemp("triton_cache"))
+        out = _compile_all(tmp_path_factory.mktemp("triton_cache"), shards=min(4, len(os.sched_getaffinity(0))))
     if "skip" in out:
         pytest.skip(out["skip"])
     return out["results"]

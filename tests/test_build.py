@@ -1,0 +1,157 @@
+"""The build and the one GPU command, on a machine without a GPU: setup.py refuses a CUDA torch with no
+CUDA compiler, vitfast._C says whether its CUDA kernels are compiled in, and `make gpu`
+(tools/gpu.py) stops after the build without CUDA, reports each step, keeps to its six files, and
+its pytest plugin stops starting tests at the deadline and reports every test."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"vitfast_tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_tool = _load_tool("gpu")
+
+# setup.py run as `setup.py --version` with torch made to look like a CUDA build and CUDA_HOME unset.
+_SETUP_WITH_CUDA_TORCH_NO_NVCC = """
+import runpy, sys, torch, torch.utils.cpp_extension as ce
+torch.version.cuda, ce.CUDA_HOME = "13.0", None
+sys.argv = ["setup.py", "--version"]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def _setup(env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITFAST_")}
+    return subprocess.run([sys.executable, "-c", _SETUP_WITH_CUDA_TORCH_NO_NVCC], cwd=ROOT, capture_output=True,
+                          text=True, env={**env, **env_extra}, timeout=120)
+
+
+def test_setup_refuses_cuda_torch_without_a_cuda_compiler():
+    proc = _setup({})
+    assert proc.returncode != 0
+    assert "built with CUDA 13.0, but no CUDA compiler was found" in proc.stderr
+    assert "VITFAST_NO_CUDA=1" in proc.stderr
+    proc = _setup({"VITFAST_NO_CUDA": "1"})           # the CPU-only extension, asked for
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0.1.0"
+
+
+def test_extension_says_whether_its_cuda_kernels_are_compiled_in():
+    from vitfast import _C
+    if torch.version.cuda is None:
+        assert _C.WITH_CUDA == 0
+    else:
+        assert _C.WITH_CUDA in (0, 1)
+
+
+@pytest.mark.gpu
+def test_extension_has_its_cuda_kernels_on_a_gpu_machine():
+    from vitfast import _C
+    assert _C.WITH_CUDA == 1
+
+
+# --------------------------------------------------------------------------------------------
+# tools/gpu.py
+# --------------------------------------------------------------------------------------------
+def test_gpu_run_stops_after_the_build_without_cuda(tmp_path, monkeypatch, capsys):
+    """What `unshare -n make gpu` does on a CPU machine, with the build step stubbed (a real build here
+    would replace the extension other tests have loaded)."""
+    built = []
+    monkeypatch.setattr(gpu_tool, "build", lambda run, env: built.append(env) or run.step("build", "ok", 0.0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "results"
+    assert gpu_tool.main(["--out", str(out)]) == gpu_tool.NO_CUDA
+    assert built and built[0]["cuda_available"] is False and built[0]["torch"] == torch.__version__
+    result = json.loads((out / "results.json").read_text())
+    assert [(s["step"], s["status"]) for s in result["steps"]] == [("modules", "ok"), ("build", "ok"),
+                                                                   ("gpu", "skipped")]
+    assert "CUDA is not available" in result["steps"][-1]["detail"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "results.json", "results.md"]
+    text = capsys.readouterr().out
+    assert "gpu       skipped" in text and "smoke, tests and bench need an NVIDIA GPU" in text
+    assert "| build | ok |" in (out / "results.md").read_text()
+
+
+def test_gpu_run_names_missing_required_modules(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_tool.REQUIRED, "vitfast_no_such_module", "no-such-package")
+    assert gpu_tool.main(["--out", str(tmp_path)]) == 2
+    step = json.loads((tmp_path / "results.json").read_text())["steps"][0]
+    assert step["step"] == "modules" and step["status"] == "failed"
+    assert "lacks required modules: no-such-package" in step["detail"]
+
+
+def test_results_markdown_holds_every_step_and_section():
+    result = {"environment": {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0"},
+              "steps": [{"step": "smoke", "status": "failed", "seconds": 41.2, "detail": "not passing: attention"}],
+              "smoke": [{"op": "attention", "shape": "[8,12,197,64]", "rel_err": 3.1e-2, "eager_err": 4e-3,
+                         "bound": 1.6e-2, "first_ms": 812.0, "ms": 0.2, "status": "FAIL", "error": None},
+                        {"op": "linear qkv", "shape": "[8,197,768]", "status": "ERROR", "error": "RuntimeError: x"}],
+              "tests": {"passed": 3, "failed": 1, "error": 0, "skipped": 2, "not run": 5,
+                        "failures": ["tests/test_linear.py::test_x[1]"]},
+              "bench": {"markdown": "# title\n\n## End to end\n\n| a |\n", "records": [], "attention_exponent": None}}
+    md = gpu_tool.markdown(result)
+    assert "| smoke | failed | 41 | not passing: attention |" in md
+    assert "| attention | [8,12,197,64] | 3.10e-02 | 4.00e-03 | 1.6e-02 | 812.0 | 0.20 | FAIL |" in md
+    assert "| linear qkv | [8,197,768] | RuntimeError: x | | | | | ERROR |" in md
+    assert "3 passed, 1 failed, 0 error, 2 skipped, 5 not run" in md
+    assert "- failed: `tests/test_linear.py::test_x[1]`" in md
+    assert "### End to end" in md and "# title" not in md
+
+
+_PLUGIN_TESTS = textwrap.dedent("""
+    import pytest
+
+    def test_passes():
+        assert 1 + 1 == 2
+
+    def test_fails():
+        assert 1 + 1 == 3, "arithmetic is broken"
+
+    @pytest.mark.skip(reason="not here")
+    def test_skipped():
+        pass
+
+    def test_last():
+        pass
+""")
+
+
+@pytest.mark.parametrize("deadline_passed", [False, True])
+def test_pytest_plugin_reports_every_test_and_stops_at_the_deadline(tmp_path, deadline_passed):
+    (tmp_path / "test_sample.py").write_text(_PLUGIN_TESTS)
+    report = tmp_path / "tests.txt"
+    env = {**os.environ, "VITFAST_TEST_REPORT": str(report), "PYTHONPATH": str(ROOT / "tools"),
+           "VITFAST_TEST_DEADLINE": str(time.time() + (-1 if deadline_passed else 3600))}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "gpu_pytest", "-p", "no:cacheprovider", "-q",
+                           "-p", "no:xdist", str(tmp_path / "test_sample.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = report.read_text().splitlines()
+    outcomes = [(ln.split()[0], ln.split()[1].split("::")[1]) for ln in lines]
+    if deadline_passed:
+        assert proc.returncode == 0, proc.stdout[-2000:]     # nothing ran, nothing failed
+        assert outcomes == [("NOT-RUN", t) for t in ("test_passes", "test_fails", "test_skipped", "test_last")]
+    else:
+        assert proc.returncode == 1
+        assert outcomes == [("PASSED", "test_passes"), ("FAILED", "test_fails"), ("SKIPPED", "test_skipped"),
+                            ("PASSED", "test_last")]
+        assert "arithmetic is broken" in lines[1]
+    counts = gpu_tool.read_test_report(report)
+    assert (counts["passed"], counts["failed"], counts["skipped"], counts["not run"]) == (
+        (0, 0, 0, 4) if deadline_passed else (2, 1, 1, 0))
+    assert counts["failures"] == ([] if deadline_passed else ["test_sample.py::test_fails"])

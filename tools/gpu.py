@@ -1,0 +1,356 @@
+"""`make gpu`: the whole GPU check in one command, on the Python at hand, offline, in a time box.
+
+Runs with the interpreter that runs this script (`make gpu` uses `python3` on PATH, or PYTHON=...) and
+the packages it already has: no virtual environment is made and nothing is downloaded or installed
+except vitfast itself (an editable install, built offline). Steps, each with a deadline; a step that
+fails or runs out of time does not stop the later ones:
+
+  modules  the required imports resolve (a missing one is named and the run stops); optional ones listed
+  build    `pip install --no-index --no-deps --no-build-isolation -e .` with CUDA for this GPU's
+           architecture, then `import vitfast._C` and its CUDA kernels registered.
+           Without CUDA the run stops here with status 3: the offline dry run of a CPU machine.
+  smoke    `vitfast smoke`: every op once at ViT-B/16 bf16 shapes against the reference
+  tests    the `gpu`-marked tests in one process (one GPU), autotuning cut to one config per shape
+           (VITFAST_AUTOTUNE=quick); tests not started by the deadline are listed as not run
+  bench    ViT-B/16 and ViT-B/8, batch 256, bf16, end to end: timm (eager, SDPA), torch.compile,
+           vitfast with and without its CUDA graph; per-op TFLOP/s and GB/s; attention alone over N
+
+Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
+tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
+The run ends with a summary table. Exit status 0 when every step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"torch": "torch", "triton": "triton", "numpy": "numpy", "pytest": "pytest",
+            "setuptools": "setuptools", "pip": "pip"}
+OPTIONAL = {"xdist": "pytest-xdist", "tqdm": "tqdm", "matplotlib": "matplotlib", "timm": "timm",
+            "torchvision": "torchvision", "transformers": "transformers", "safetensors": "safetensors",
+            "PIL": "pillow", "ninja": "ninja", "pytest_benchmark": "pytest-benchmark", "ruff": "ruff"}
+# Kernels first, the other test files after them: when the time box cuts the tests short, what is left
+# out is the slow model-level tail.
+FIRST_TEST_FILES = ["test_attention.py", "test_linear.py", "test_patch_embed.py", "test_layer_norm.py",
+                    "test_model.py", "test_engine.py"]
+ATTENTION_TOKENS = "50,197,257,577,785,1025,2305,4097"
+PLOTS = ("attention_vs_tokens.png", "images_per_s.png")
+NO_CUDA = 3   # exit status of a run that stopped after the build because CUDA is not available
+
+
+class Run:
+    """The output folder, the log, the deadlines and the results of one `make gpu`."""
+
+    def __init__(self, out: Path, budget: float, bench_seconds: float):
+        self.out, self.budget, self.bench_seconds = out, budget, bench_seconds
+        self.start = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("gpu.log", "tests.txt", "results.json", "results.md", *PLOTS):   # no stale files
+            (self.out / name).unlink(missing_ok=True)
+        self.log = open(self.out / "gpu.log", "w", buffering=1)
+        self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None}
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+
+    def step(self, name: str, status: str, t0: float, detail: str = "") -> bool:
+        seconds = round(time.monotonic() - t0, 1)
+        self.result["steps"].append({"step": name, "status": status, "seconds": seconds, "detail": detail})
+        self.say(f"== {name}: {status} in {seconds:.0f} s{': ' + detail if detail else ''}")
+        self.write()
+        return status == "ok"
+
+    def run(self, cmd: list[str], seconds: float, env: dict | None = None) -> tuple[int | None, str]:
+        """Run cmd in ROOT, its output streamed to the console and the log; killed (its whole process
+        group) after `seconds`. Returns (exit status, or None when killed; the output's last 4000 chars)."""
+        self.say(f"$ {' '.join(cmd)}    (time box {seconds:.0f} s)")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        tail: list[str] = []
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                self.log.write(line)
+                tail.append(line)
+                del tail[:-200]
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        reader.join(timeout=10)
+        sys.stdout.flush()
+        return rc, "".join(tail)[-4000:]
+
+    def write(self) -> None:
+        """results.json and results.md as they stand (rewritten after every step)."""
+        (self.out / "results.json").write_text(json.dumps(self.result, indent=1, default=str) + "\n")
+        (self.out / "results.md").write_text(markdown(self.result))
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+def check_modules(run: Run) -> bool:
+    t0 = time.monotonic()
+    missing = [pkg for mod, pkg in REQUIRED.items() if importlib.util.find_spec(mod) is None]
+    absent = [pkg for mod, pkg in OPTIONAL.items() if importlib.util.find_spec(mod) is None]
+    run.result["environment"]["optional_missing"] = absent
+    if absent:
+        run.say(f"optional, not installed (the parts that use them are skipped): {', '.join(absent)}")
+    if missing:
+        return run.step("modules", "failed", t0, f"{sys.executable} lacks required modules: {', '.join(missing)}; "
+                                                 "install them into this environment, then run again")
+    return run.step("modules", "ok", t0, f"{sys.executable}")
+
+
+def environment(run: Run) -> dict:
+    import torch
+    import triton
+
+    env = run.result["environment"]
+    env.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+               executable=sys.executable, torch=torch.__version__, torch_cuda=torch.version.cuda,
+               triton=triton.__version__, cuda_available=torch.cuda.is_available(), cpus=os.cpu_count())
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        env["driver"] = _command_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    env["nvcc"] = _command_line(["nvcc", "--version"], last=True)
+    return env
+
+
+def _command_line(cmd: list[str], last: bool = False) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return (lines[-1] if last else lines[0]).strip() if out.returncode == 0 and lines else None
+
+
+def build(run: Run, env: dict) -> bool:
+    t0 = time.monotonic()
+    build_env = {"MAX_JOBS": str(os.cpu_count() or 4)}
+    if env.get("capability"):
+        build_env["VITFAST_CUDA_ARCHS"] = env["capability"].replace(".", "")   # this GPU only: half the build
+    rc, tail = run.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                        "--disable-pip-version-check", "-e", "."], min(240.0, run.left()), build_env)
+    if rc != 0:
+        return run.step("build", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    rc, tail = run.run([sys.executable, "-c", "import torch, vitfast._C as C; print('WITH_CUDA', C.WITH_CUDA)"], 60)
+    if rc != 0:
+        return run.step("build", "failed", t0, "vitfast._C does not import: " + _last_error(tail))
+    with_cuda = "WITH_CUDA 1" in tail
+    if env["torch_cuda"] and not with_cuda:
+        return run.step("build", "failed", t0, "vitfast._C was built without its CUDA kernels although torch has CUDA")
+    return run.step("build", "ok", t0, "vitfast._C imports" + (", with its CUDA kernels" if with_cuda
+                                                               else " (CPU kernels only: torch has no CUDA)"))
+
+
+def _last_error(tail: str) -> str:
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "error" in ln.lower()] or lines
+    return hits[-1][:300] if hits else "no output"
+
+
+def smoke(run: Run) -> bool:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "smoke.json"
+        rc, tail = run.run([sys.executable, "-m", "vitfast", "smoke", "--json", str(path)],
+                           min(150.0, max(30.0, run.left() - run.bench_seconds - 60)), {"VITFAST_AUTOTUNE": "quick"})
+        rows = json.loads(path.read_text()) if path.is_file() else None
+    run.result["smoke"] = rows
+    if rc is None:
+        return run.step("smoke", "timeout", t0)
+    bad = [r["op"] for r in rows or [] if r["status"] != "PASS"]
+    if rc != 0 or rows is None:
+        return run.step("smoke", "failed", t0, f"not passing: {', '.join(bad)}" if bad else _last_error(tail))
+    return run.step("smoke", "ok", t0, f"{len(rows)}/{len(rows)} pass")
+
+
+def tests(run: Run) -> bool:
+    t0 = time.monotonic()
+    seconds = max(30.0, run.left() - run.bench_seconds)
+    report = run.out / "tests.txt"
+    env = {"VITFAST_AUTOTUNE": "quick", "VITFAST_TEST_DEADLINE": str(time.time() + seconds),
+           "VITFAST_TEST_REPORT": str(report),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tools"), os.environ.get("PYTHONPATH")]))}
+    rest = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name not in FIRST_TEST_FILES)
+    files = [f"tests/{f}" for f in FIRST_TEST_FILES + rest if (ROOT / "tests" / f).is_file()]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:xdist", "-p", "no:cacheprovider", "-p",
+           "gpu_pytest", "-q", "-rfE", "--tb=short", "--durations=15", *files]
+    rc, _ = run.run(cmd, seconds + 45, env)                  # the plugin stops starting tests at `seconds`
+    counts = read_test_report(report)
+    run.result["tests"] = counts
+    detail = ", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "error", "skipped", "not run") if counts[k])
+    if rc is None:
+        return run.step("tests", "timeout", t0, detail + " (killed in a running test)")
+    return run.step("tests", "ok" if rc == 0 and not counts["failed"] and not counts["error"] else "failed",
+                    t0, detail or "no test ran")
+
+
+def read_test_report(path: Path) -> dict:
+    """Counts per outcome and the failing test ids from tests.txt (written by tools/gpu_pytest.py)."""
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not run": 0, "failures": []}
+    if not path.is_file():
+        return counts
+    for line in path.read_text().splitlines():
+        outcome, _, rest = line.partition(" ")
+        key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
+               "NOT-RUN": "not run"}.get(outcome)
+        if key:
+            counts[key] += 1
+            if key in ("failed", "error"):
+                counts["failures"].append(rest.split(" ")[0])
+    return counts
+
+
+def bench(run: Run, args) -> bool:
+    t0 = time.monotonic()
+    seconds = max(30.0, run.left() - 15)
+    with tempfile.TemporaryDirectory() as tmp:
+        timm = importlib.util.find_spec("timm") is not None
+        cmd = [sys.executable, "-m", "vitfast", "bench", "--model-size", "base", "--batch-size", "256",
+               "--dtype", "bf16", "--image-sizes", "224", "--patch-sizes", "16,8",
+               "--backends", f"{'timm' if timm else 'eager-sdpa'},vitfast,vitfast-cudagraph,compile",
+               "--compile-mode", args.compile_mode, "--rep-ms", "50", "--attention-tokens", ATTENTION_TOKENS,
+               "--time-budget", f"{max(10.0, seconds - 75):.0f}", "--out", tmp, *args.bench_args]
+        rc, tail = run.run(cmd, seconds)
+        out = Path(tmp)
+        result = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+        if result is not None:
+            result["markdown"] = (out / "results.md").read_text()
+        for name in PLOTS:
+            if (out / name).is_file():
+                shutil.copy(out / name, run.out / name)
+    run.result["bench"] = result
+    if result is None:
+        return run.step("bench", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    records = result["records"]
+    done = sum(r["ms"] is not None for r in records)
+    skipped = sum(str(r["error"]).startswith("skipped") for r in records)
+    failed = sum(bool(r["error"]) and not str(r["error"]).startswith("skipped") for r in records)
+    detail = f"{done} measured, {failed} failed, {skipped} skipped (time budget)"
+    status = "timeout" if rc is None else "ok" if rc == 0 and not failed else "failed"
+    return run.step("bench", status, t0, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def _fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# make gpu: {env.get('gpu', 'no GPU')}", "",
+             f"{env.get('date', '?')} · torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}) · "
+             f"triton {env.get('triton', '?')} · driver {env.get('driver')} · nvcc {env.get('nvcc')} · "
+             f"Python {env.get('python', '?')}", "",
+             "| step | status | seconds | detail |", "|---|---|---:|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['detail']} |" for s in result["steps"]]
+    if result["smoke"]:
+        lines += ["", "## Smoke (each op once vs the float64 reference; model rows vs float32)", "",
+                  "| op | shape | rel err | eager rel err | bound | first ms | ms | verdict |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in result["smoke"]:
+            if r["status"] == "ERROR":
+                lines.append(f"| {r['op']} | {r['shape']} | {r['error']} | | | | | ERROR |")
+                continue
+            lines.append(f"| {r['op']} | {r['shape']} | {_fmt(r['rel_err'], '.2e')} | {_fmt(r['eager_err'], '.2e')} | "
+                         f"{_fmt(r['bound'], '.1e')} | {_fmt(r['first_ms'], '.1f')} | {_fmt(r['ms'], '.2f')} | "
+                         f"{r['status']} |")
+    t = result["tests"]
+    if t:
+        lines += ["", "## GPU tests (`pytest -m gpu`, VITFAST_AUTOTUNE=quick; one line per test in tests.txt)", "",
+                  ", ".join(f"{t[k]} {k}" for k in ("passed", "failed", "error", "skipped", "not run"))]
+        lines += [f"- failed: `{f}`" for f in t["failures"]]
+    if result["bench"]:
+        body = result["bench"]["markdown"].split("\n", 1)[1] if "\n" in result["bench"]["markdown"] else ""
+        lines += ["", "## Benchmark (`vitfast bench`)", body.replace("\n## ", "\n### ")]
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    env = result["environment"]
+    lines = ["", f"make gpu on {env.get('gpu', 'no GPU')} · torch {env.get('torch')} · triton {env.get('triton')}",
+             f"{'step':<10}{'status':<10}{'seconds':>8}  detail"]
+    lines += [f"{s['step']:<10}{s['status']:<10}{s['seconds']:>8.0f}  {s['detail']}" for s in result["steps"]]
+    b = result["bench"]
+    if b:
+        models = [r for r in b["records"] if r["kind"] == "model" and r["images_per_s"]]
+        for r in models:
+            lines.append(f"  P{r['patch_size']} {r['tokens']} tokens batch {r['batch']} {r['backend']:<18} "
+                         f"{r['images_per_s']:10.1f} images/s")
+        if b.get("attention_exponent") is not None:
+            lines.append(f"  attention time ∝ N^{b['attention_exponent']:.2f} ({b['attention_fit_backend']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu-results", help="output folder (default gpu-results/)")
+    p.add_argument("--budget", type=float, default=530, help="seconds for the whole run (default 530)")
+    p.add_argument("--bench-seconds", type=float, default=200,
+                   help="seconds kept for the benchmark step at the end (default 200)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
+                        "graphs, no GEMM autotuning, which would not fit the time box)")
+    p.add_argument("--bench-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra arguments for `vitfast bench` (last on the command line)")
+    args = p.parse_args(argv)
+    run = Run(Path(args.out), args.budget, args.bench_seconds)
+    run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
+    if not check_modules(run):
+        run.say(summary(run.result))
+        return 2
+    env = environment(run)
+    run.say(f"torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, "
+            f"GPU {env.get('gpu', 'none')}, nvcc {env.get('nvcc')}")
+    built = build(run, env)
+    if not env["cuda_available"]:
+        run.step("gpu", "skipped", time.monotonic(),
+                 f"CUDA is not available (torch {env['torch']}, CUDA {env['torch_cuda']}): the build "
+                 f"{'passed' if built else 'FAILED'}; smoke, tests and bench need an NVIDIA GPU")
+        run.say(summary(run.result))
+        return NO_CUDA
+    ok = built
+    ok &= smoke(run)
+    ok &= tests(run)
+    ok &= bench(run, args)
+    run.write()
+    run.say(summary(run.result))
+    run.say(f"\nmake gpu: {'all steps passed' if ok else 'some steps did not pass'} in "
+            f"{time.monotonic() - run.start:.0f} s; files in {run.out}/: "
+            + ", ".join(sorted(f.name for f in run.out.iterdir())))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
