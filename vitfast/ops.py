@@ -4,8 +4,9 @@ Each op is a registered torch custom op (`torch.library`): input validation, dev
 a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd
 (backward may use the reference math). Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
-- CPU tensors  -> the reference math (`vitfast.reference`) and the C++ CPU LayerNorm, or, when
-  TRITON_INTERPRET=1 was set before import, the Triton kernels in Triton's interpreter.
+- CPU tensors  -> torch's fastest CPU kernels (`vitfast.reference.torch_*`: SDPA, F.linear, F.conv2d)
+  and the C++ CPU LayerNorm, or, when TRITON_INTERPRET=1 was set before import, the Triton kernels
+  in Triton's interpreter. float64 (no kernel) takes the same torch path on any device.
 Bad input raises ValueError naming the argument, what was expected and what came.
 """
 
@@ -212,7 +213,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         from vitfast.kernels import attention as _attention_kernels
 
         return _attention_kernels.attention(q, k, v, scale)
-    return reference.attention(q, k, v, scale).contiguous()
+    return reference.torch_attention(q, k, v, scale).contiguous()
 
 
 @_attention_op.register_fake
@@ -223,13 +224,14 @@ def _(q, k, v, scale):
 register_reference_autograd(_attention_op, reference.attention)
 
 
-def _attention_qkv_reference(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool):
-    """reference.attention_qkv with the custom op's outputs: always (out, cls_attn), cls_attn empty
-    when not asked for."""
+def _attention_qkv_reference(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
+                             attend=reference.attention_qkv):
+    """`attend` (reference.attention_qkv, or torch's SDPA version) with the custom op's outputs: always
+    (out, cls_attn), cls_attn empty when not asked for."""
     if return_cls_attn:
-        out, cls_attn = reference.attention_qkv(qkv, num_heads, scale, True)
+        out, cls_attn = attend(qkv, num_heads, scale, True)
         return out.contiguous(), cls_attn.contiguous()
-    out = reference.attention_qkv(qkv, num_heads, scale)
+    out = attend(qkv, num_heads, scale)
     return out.contiguous(), qkv.new_empty(0, dtype=torch.float32)
 
 
@@ -240,7 +242,7 @@ def _attention_qkv_op(qkv: Tensor, num_heads: int, scale: float, return_cls_attn
 
         out, cls_attn = _attention_kernels.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn)
         return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32)
-    return _attention_qkv_reference(qkv, num_heads, scale, return_cls_attn)
+    return _attention_qkv_reference(qkv, num_heads, scale, return_cls_attn, reference.torch_attention_qkv)
 
 
 @_attention_qkv_op.register_fake
@@ -410,9 +412,9 @@ def _linear_cuda(x, weight, bias, activation, residual):
 @torch.library.custom_op("vitfast::linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                residual: Tensor | None) -> Tensor:
-    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it runs the reference math.
+    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if not use_triton(x) or x.dtype == torch.float64:
-        return reference.linear(x, weight, bias, activation, residual).contiguous()
+        return reference.torch_linear(x, weight, bias, activation, residual).contiguous()
     if x.is_cuda:
         return _linear_cuda(x, weight, bias, activation, residual)
     from vitfast.kernels import linear as _linear_kernels  # Triton's interpreter on CPU tensors
@@ -514,12 +516,12 @@ def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) ->
 @torch.library.custom_op("vitfast::patch_embed", mutates_args=())
 def _patch_embed_op(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
                     pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None) -> Tensor:
-    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it runs the reference math.
+    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if use_triton(images) and weight.dtype != torch.float64:
         from vitfast.kernels import patch_embed as _patch_embed_kernels
 
         return _patch_embed_kernels.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
-    return reference.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
+    return reference.torch_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std).contiguous()
 
 
 @_patch_embed_op.register_fake

@@ -133,6 +133,56 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: 
     return x
 
 
+# --------------------------------------------------------------------------------------------
+# The same ops through torch's fused kernels (F.layer_norm, F.scaled_dot_product_attention,
+# F.linear, F.conv2d): what a user of eager PyTorch writes, as timm runs it. They are the `torch`
+# baseline of `vitfast bench` (`VisionTransformer.use_torch_ops`) and vitfast's path for CPU
+# tensors. Same arguments and results as the plain functions above.
+# --------------------------------------------------------------------------------------------
+def torch_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-6) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
+                        return_cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra."""
+    B, N, _ = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
+    if return_cls_attn:
+        return out, attention_probs(q[:, :, :1], k, scale)[:, :, 0].float()              # (B, H, N)
+    return out
+
+
+def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+                 residual: Tensor | None = None) -> Tensor:
+    """F.linear (the bias in the GEMM), F.gelu, and the residual added in place into the fresh output."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    y = F.linear(x, weight, bias)
+    if activation is not None:
+        y = gelu(y, "tanh" if activation == "gelu_tanh" else "none")
+    return y if residual is None else y.add_(residual)
+
+
+def torch_patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None = None,
+                      pos_embed: Tensor | None = None, mean: Tensor | None = None,
+                      std: Tensor | None = None) -> Tensor:
+    """`patch_embed` with the patchify projection as F.conv2d (stride = kernel = P)."""
+    B, D, P = images.shape[0], weight.shape[0], weight.shape[-1]
+    x = normalize_images(images, mean, std, weight.dtype)
+    x = F.conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2)                  # (B, N, D)
+    if cls_token is not None:
+        x = torch.cat([cls_token.reshape(1, 1, D).expand(B, 1, D).to(x.dtype), x], dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, -1, D)
+    return x
+
+
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
                        num_prefix_tokens: int = 1, antialias: bool = True) -> Tensor:
     """Resize the grid part of pos_embed [1, prefix + gh·gw, D] to `new_grid`, bicubic; the prefix
@@ -208,12 +258,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)                                                          # (B, N, 3C)
-        if not self.fused_attn:
-            return self.proj(attention_qkv(qkv, self.num_heads, self.scale))
-        B, N, _ = x.shape
-        q, k, v = split_qkv(qkv, self.num_heads)                                   # (B, H, N, D) each
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)           # (B, H, N, D)
-        return self.proj(out.transpose(1, 2).reshape(B, N, -1))                   # (B, N, C)
+        attend = torch_attention_qkv if self.fused_attn else attention_qkv
+        return self.proj(attend(qkv, self.num_heads, self.scale))                 # (B, N, C)
 
 
 class Mlp(nn.Module):
@@ -222,16 +268,20 @@ class Mlp(nn.Module):
         if act not in ("gelu", "gelu_tanh"):
             raise ValueError(f"act must be 'gelu' or 'gelu_tanh', got {act!r}")
         self.act = act
+        self.fused = False      # True: torch_linear (F.linear, F.gelu)
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(linear(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
+        lin = torch_linear if self.fused else linear
+        return lin(lin(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
 
 
 class LayerNorm(nn.LayerNorm):
+    fused = False               # True: F.layer_norm
+
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        return (torch_layer_norm if self.fused else layer_norm)(x, self.weight, self.bias, self.eps)
 
 
 class Block(nn.Module):
@@ -276,6 +326,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
+        self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
         self.patch_embed = self.embed_layer(img_size, patch_size, in_chans, embed_dim)
@@ -300,9 +351,22 @@ class VisionTransformer(nn.Module):
         pe = self.patch_embed
         check_image_size(x, self.in_chans, pe.patch_size, None if self.dynamic_img_size else pe.img_size)
         w = pe.proj.weight
-        x = patch_embed(x.to(w.dtype), w, pe.proj.bias, self.cls_token, self._pos_embed_for(*x.shape[-2:]))
+        embed = torch_patch_embed if self.fused else patch_embed
+        x = embed(x.to(w.dtype), w, pe.proj.bias, self.cls_token, self._pos_embed_for(*x.shape[-2:]))
         x = self.blocks(x)
         return self.norm(x)
+
+    def use_torch_ops(self, on: bool = True) -> VisionTransformer:
+        """Run on torch's fused ops (F.conv2d patchify, F.layer_norm, SDPA, F.linear + F.gelu) instead of
+        the plain math: the model a user of eager PyTorch runs (timm's own forward), the `torch`
+        baseline of `vitfast bench`. Off (the default) is the ground truth."""
+        self.fused = on
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_attn = on
+            elif isinstance(m, (LayerNorm, Mlp)):
+                m.fused = on
+        return self
 
     def pool(self, x: Tensor) -> Tensor:
         if self.global_pool == "avg":
