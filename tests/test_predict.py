@@ -239,9 +239,9 @@ def test_torchrun_two_processes_equal_one(workdir, full_run):
 
 @pytest.mark.gpu
 def test_predict_on_cuda_equals_the_cpu_run(workdir, full_run, tmp_path):
-    """The CUDA pipeline in fp32 (pinned DataLoader batches from 2 workers, side-stream copies, CUDA
-    graphs of buckets 8 and 4 captured while the loader's pin-memory thread runs) gives the CPU
-    run's top-k, probabilities and embeddings."""
+    """The CUDA pipeline in fp32 (pinned DataLoader batches from 2 workers, side-stream copies, a
+    bucket's first batch eager and its CUDA graph captured at its second, while the loader's pin-memory
+    thread runs) gives the CPU run's top-k, probabilities and embeddings."""
     root, ckpt, _ = workdir
     full_out, full_emb, _ = full_run
     out, emb = tmp_path / "cuda.jsonl", tmp_path / "cuda.npy"

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.checkpoint import hf_to_timm, torchvision_to_timm
+from vitfast.graphs import CUDAGraphRunner
 from vitfast.model import VisionTransformer
 from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
 
@@ -36,23 +37,37 @@ class UnsupportedFeatureError(ValueError):
     """The model uses a feature vitfast does not implement (named in the message)."""
 
 
-def optimize(model: nn.Module) -> nn.Module:
+def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     """timm / HF transformers / torchvision ViT -> a model with the same call signature and outputs
-    running on vitfast ops (see the module docstring). A `vitfast.VisionTransformer` is returned as is."""
+    running on vitfast ops (see the module docstring). A `vitfast.VisionTransformer` is returned as is.
+
+    cuda_graphs: None (default) or True: the returned model's forward replays CUDA graphs on CUDA in
+    eval mode when no gradient is recorded (the first call with new input shapes runs eagerly, the
+    second is captured; see vitfast.graphs); anything else runs eagerly. False: always eager.
+    The runner is the model's `cuda_graphs` attribute."""
+    if cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs: expected None, True or False, got {cuda_graphs!r}")
     if isinstance(model, VisionTransformer):
-        return model
-    cls = type(model)
-    if cls.__module__.startswith("transformers."):
-        if cls.__name__ in ("ViTModel", "ViTForImageClassification"):
-            return _from_hf(model)
-        raise UnsupportedFeatureError(f"model: Hugging Face {cls.__name__} is not supported (only ViTModel and "
-                                      "ViTForImageClassification)")
-    if all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
-        return _from_torchvision(model)
-    if all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
-        return _from_timm(model)
-    raise ValueError("model: expected a timm VisionTransformer, a Hugging Face ViTModel / ViTForImageClassification "
-                     f"or a torchvision VisionTransformer, got {cls.__module__}.{cls.__name__}")
+        out = model
+    elif type(model).__module__.startswith("transformers."):
+        if type(model).__name__ not in ("ViTModel", "ViTForImageClassification"):
+            raise UnsupportedFeatureError(f"model: Hugging Face {type(model).__name__} is not supported (only "
+                                          "ViTModel and ViTForImageClassification)")
+        out = _from_hf(model)
+    elif all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
+        out = _from_torchvision(model)
+    elif all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
+        out = _from_timm(model)
+    else:
+        raise ValueError("model: expected a timm VisionTransformer, a Hugging Face ViTModel / "
+                         f"ViTForImageClassification or a torchvision VisionTransformer, got "
+                         f"{type(model).__module__}.{type(model).__name__}")
+    # Graphs on the outermost module only: the modules it wraps run inside its graph.
+    for m in out.modules():
+        if isinstance(getattr(m, "cuda_graphs", None), CUDAGraphRunner):
+            m.cuda_graphs = CUDAGraphRunner(False)
+    out.cuda_graphs = CUDAGraphRunner(cuda_graphs)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +374,7 @@ class HFViTModel(nn.Module):
     def __init__(self, config, core: VisionTransformer, pooler: nn.Module | None):
         super().__init__()
         self.config, self.core, self.pooler = config, core, pooler
+        self.cuda_graphs = CUDAGraphRunner()
 
     def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
         """-> (last_hidden_state [B, T, D], hidden_states tuple or None)."""
@@ -391,9 +407,13 @@ class HFViTModel(nn.Module):
 
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
         seq, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
         pooled = self.pooler(seq) if self.pooler is not None else None
         out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
@@ -410,12 +430,19 @@ class HFViTForImageClassification(nn.Module):
         super().__init__()
         self.config, self.vit, self.classifier = config, vit, classifier
         self.loss_function = loss_function
+        self.cuda_graphs = CUDAGraphRunner()
 
     def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, attention_mask=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self.vit.refuse(None, attention_mask, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, labels,
+                                interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, labels=None, interpolate_pos_encoding=None, output_hidden_states=None,
+                 return_dict=None):
         from transformers.modeling_outputs import ImageClassifierOutput
 
-        self.vit.refuse(None, attention_mask, output_attentions, kwargs)
         seq, hidden = self.vit.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
         cls_token = seq[:, 0]                                                              # (B, D)
         if isinstance(self.classifier, nn.Linear):

@@ -9,12 +9,13 @@ Per batch, on CUDA:
 - uint8 images stay uint8 until the patch-embed kernel, which normalises ((x/255 - mean) / std) in
   its load: no float image ever exists in memory.
 - One CUDA graph per batch-size bucket (powers of two up to batch_size, and batch_size itself); a
-  partial batch runs in the smallest bucket that holds it, the padding rows are trimmed. Graphs are
-  captured lazily on a bucket's first use, after a warm-up run of the same shape (Triton compiles and
-  autotunes there, `ops.linear` picks cuBLAS or Triton there). Capture uses the "thread_local" error
-  mode: a DataLoader's pin-memory thread allocating pinned memory meanwhile must not break it. The
-  graphs read the parameters' memory: when a parameter is moved or replaced, or the position table
-  changes, the graphs are dropped and captured again (and the resampled table recomputed).
+  partial batch runs in the smallest bucket that holds it, the padding rows are trimmed. The graphs
+  are `vitfast.graphs.CUDAGraphRunner`'s, as for a model's own forward: a bucket's first batch runs
+  eagerly (Triton compiles and autotunes there, `ops.linear` picks cuBLAS or Triton there), its second
+  is captured, in the "thread_local" error mode (a DataLoader's pin-memory thread allocating pinned
+  memory meanwhile must not break it). The graphs read the parameters' memory: when a parameter is
+  moved or replaced, or the position table changes, they are captured again (and the resampled table
+  recomputed).
 - Double buffering: two pinned and two device staging buffers; CUDA events order the H2D copy of
   batch i+1 after batch i-1 has consumed the same slot, and the host refills a pinned slot only
   once its previous copy finished. The iterator runs one batch ahead, so while the caller handles
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from vitfast import ops, reference
 from vitfast.data import data_config
+from vitfast.graphs import CUDAGraphRunner
 from vitfast.model import create_model
 
 OUTPUTS = ("logits", "embeddings", "both")
@@ -107,11 +109,11 @@ class InferenceEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()   # checked first: no half-done move
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = bucket_sizes(batch_size) if self.device.type == "cuda" else []
+        self.graphs = CUDAGraphRunner(None if self.use_graphs else False, max_graphs=max(1, len(self.buckets)))
         self._image_shape: tuple[int, int, int] | None = None
         self._grid: tuple[int, int] | None = None
         self._pos_embed: Tensor | None = None
         self._stamp: tuple | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
 
     # ----------------------------------------------------------------------------------------
     # The forward pass on a uint8 batch on the device
@@ -154,10 +156,6 @@ class InferenceEngine:
                 self._copied = [torch.cuda.Event() for _ in range(2)]     # H2D into slot done
                 self._consumed = [torch.cuda.Event() for _ in range(2)]   # slot read by the main stream
                 self._copy_stream = torch.cuda.Stream(self.device)
-                # warm-up and capture; torch.cuda.graph's default capture stream lives on whichever
-                # device was current when it was first used
-                self._capture_stream = torch.cuda.Stream(self.device)
-                self._pool = torch.cuda.graph_pool_handle()
 
     def _weights_stamp(self) -> tuple:
         """Where the parameters live and the position table's version: graphs read the parameters'
@@ -165,11 +163,9 @@ class InferenceEngine:
         return tuple(p.data_ptr() for p in self.model.parameters()), self.model.pos_embed._version
 
     def _refresh(self) -> None:
-        """(Re)make the position table for the image grid and drop graphs captured on old weights."""
+        """(Re)make the position table for the image grid (the graph runner recaptures on its own: the
+        weights it stamps moved or changed too)."""
         m = self.model
-        if self._graphs:     # a new pool: the old one is released with its graphs and may not be reused
-            self._graphs.clear()
-            self._pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), self._grid,
                                                            getattr(m.patch_embed, "grid_size", None),
@@ -193,21 +189,6 @@ class InferenceEngine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _graph(self, bucket: int):
-        if bucket not in self._graphs:
-            x = self._graph_in[:bucket]
-            side, main = self._capture_stream, torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                for _ in range(2):      # warm-up on this very shape: compile, autotune, linear path choice
-                    self.forward(x)
-            main.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                outs = self.forward(x)
-            self._graphs[bucket] = (graph, outs)
-        return self._graphs[bucket]
-
     def _launch_cuda(self, images: Tensor, slot: int):
         """Queue one batch (n <= batch_size) on the GPU; returns its outputs (device tensors,
         valid once the main stream reaches them). Runs with self.device as the current device."""
@@ -228,14 +209,13 @@ class InferenceEngine:
             outs = self.forward(staged)
             self._consumed[slot].record(main)
             return outs
-        self._graph_in[:n].copy_(staged)
+        bucket = self._bucket(n)
+        if bucket != n:                                      # pad into the bucket: one graph per bucket
+            self._graph_in[:n].copy_(staged)
+            staged = self._graph_in[:bucket]
+        feats, logits = self.graphs(self.model, self.forward, staged)    # outputs are fresh (cloned) tensors
         self._consumed[slot].record(main)
-        graph, (feats, logits) = self._graph(self._bucket(n))
-        graph.replay()
-        # clone (on the main stream, right after the replay): the next replay of any bucket may
-        # overwrite these buffers (one memory pool for all buckets)
-        return (feats[:n].clone() if self.output != "logits" else None,
-                logits[:n].clone() if self.output != "embeddings" else None)
+        return (feats[:n] if self.output != "logits" else None, logits[:n] if self.output != "embeddings" else None)
 
     # ----------------------------------------------------------------------------------------
     # Public API

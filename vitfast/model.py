@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vitfast import ops, reference
 from vitfast.configs import CONFIGS, get_config
+from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import Block, LayerNorm, PatchEmbed
 from vitfast.reference import check_image_size
 
@@ -52,6 +53,9 @@ class VisionTransformer(reference.VisionTransformer):
         # by vitfast.optimize: forward refuses to run in train mode while any is listed.
         self.train_only_features: tuple[str, ...] = ()
         self.register_load_state_dict_post_hook(_clear_pos_embed_cache)
+        # forward() on CUDA in eval mode without grad replays CUDA graphs (vitfast.graphs); `model.cuda_graphs
+        # = CUDAGraphRunner(False)` or `vitfast.optimize(model, cuda_graphs=False)` turns that off.
+        self.cuda_graphs = CUDAGraphRunner()
 
     def set_input_normalization(self, mean, std) -> VisionTransformer:
         """Fuse `(x - mean) / std` per channel (mean/std in [0, 1] units, e.g. ImageNet's) into the
@@ -109,7 +113,12 @@ class VisionTransformer(reference.VisionTransformer):
 
     def forward(self, x: Tensor, return_cls_attn: bool = False):
         """images [B, C, H, W] -> logits; with return_cls_attn=True -> (logits, [cls_attn [B, H, T]
-        fp32 per layer]): the softmax row of the CLS query in each block, from the attention kernel."""
+        fp32 per layer]): the softmax row of the CLS query in each block, from the attention kernel.
+        On CUDA, in eval mode and without grad, the second call with a signature is captured as a CUDA
+        graph and later ones replay it (`self.cuda_graphs`, vitfast.graphs)."""
+        return self.cuda_graphs(self, self._forward, x, return_cls_attn=return_cls_attn)
+
+    def _forward(self, x: Tensor, return_cls_attn: bool = False):
         tokens, cls_attns, _ = self.forward_tokens(x, return_cls_attn=return_cls_attn)
         logits = self.forward_head(self.norm(tokens))
         return (logits, cls_attns) if return_cls_attn else logits

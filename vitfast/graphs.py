@@ -1,0 +1,177 @@
+"""CUDA graphs for whole forward passes: the first call with a new signature runs eagerly, the second
+is captured, later ones replay. One implementation for `vitfast.optimize` / `create_model` models and
+for `InferenceEngine`.
+
+A *signature* is what a graph is only valid for: the shapes, dtypes and devices of the tensor arguments,
+the values of the other arguments (flags such as `return_cls_attn`), and the grad / inference / autocast
+modes. Per signature:
+
+    call 1   eager: Triton compiles and autotunes, `ops.linear` picks cuBLAS or Triton, caches fill;
+    call 2   warm-up on a side stream, capture (thread-local mode), replay;
+    later    copy the arguments into the captured inputs, replay, return clones of the outputs.
+
+Graphs live in an LRU cache of `max_graphs` entries over one shared memory pool. Outputs handed to the
+caller are clones, so a later replay (of any graph of the pool) never overwrites them. The graphs read
+the parameters' and buffers' memory: when one is moved, replaced or modified in place (its data
+pointer or version counter changes), every graph is dropped and captured again. Other changes to the
+model (attributes such as `global_pool`) need `runner.reset()`.
+
+A call runs eagerly, never with an error, when graphs cannot apply: disabled, CPU tensors, training
+mode, a gradient being recorded (grad mode with a parameter or input that requires grad), torch.compile
+tracing, a capture already under way (nested models), arguments that are not tensors or hashable
+values, outputs that are not tensors / containers of them, or a capture that failed (that signature
+then stays eager, and a warning says why once).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class CUDAGraphRunner:
+    """Replays a module's forward as CUDA graphs (see the module docstring).
+
+    enabled: None or True: graphs where they apply (CUDA, eval mode, no gradient recorded); False: always
+        eager. max_graphs: how many signatures keep a graph (least recently used dropped first).
+    Call it as `runner(module, fn, *args, **kwargs)`: `fn(*args, **kwargs)` is the eager forward of `module`.
+    """
+
+    device_type = "cuda"     # the tensors that are graphed (CPU tests use "cpu" with a stand-in `capture`)
+
+    def __init__(self, enabled: bool | None = None, max_graphs: int = 8):
+        if enabled not in (None, True, False):
+            raise ValueError(f"cuda_graphs: expected None, True or False, got {enabled!r}")
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
+        self.enabled, self.max_graphs = enabled, max_graphs
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every graph, and forget which signatures ran or failed."""
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: set[tuple] = set()
+        self._failed: dict[tuple, str] = {}
+        self._pool = None
+        self._stamp = None
+        self.captures = 0          # graphs captured so far (tests and benchmarks read it)
+
+    # A runner is per-process state: copies and pickles of a model start with none of its graphs.
+    def __deepcopy__(self, memo):
+        return CUDAGraphRunner(self.enabled, self.max_graphs)
+
+    def __getstate__(self):
+        return {"enabled": self.enabled, "max_graphs": self.max_graphs}
+
+    def __setstate__(self, state):
+        self.__init__(state["enabled"], state["max_graphs"])
+
+    def __repr__(self):
+        return (f"CUDAGraphRunner(enabled={self.enabled}, max_graphs={self.max_graphs}, "
+                f"graphs={len(self._graphs)}, failed={len(self._failed)})")
+
+    # ----------------------------------------------------------------------------------------
+    def __call__(self, module: nn.Module, fn, *args, **kwargs):
+        if self.enabled is False or module.training or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        if not tensors or any(t.device.type != self.device_type for t in tensors) \
+                or (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return fn(*args, **kwargs)
+        stamp, params_need_grad = _weights_stamp(module)
+        if torch.is_grad_enabled() and (params_need_grad or any(t.requires_grad for t in tensors)):
+            return fn(*args, **kwargs)
+        try:
+            sig = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x for x in leaves),
+                   torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+                   torch.get_autocast_dtype("cuda"))
+            hash(sig)
+        except TypeError:                                  # an unhashable argument: no signature, no graph
+            return fn(*args, **kwargs)
+        if sig in self._failed:
+            return fn(*args, **kwargs)
+        if stamp != self._stamp:                           # weights moved / replaced / updated: recapture
+            self._graphs.clear()
+            self._pool, self._stamp = None, stamp
+        graph = self._graphs.get(sig)
+        if graph is not None:
+            self._graphs.move_to_end(sig)
+            return graph.replay(tensors)
+        if sig not in self._seen:
+            self._seen.add(sig)
+            return fn(*args, **kwargs)                     # first call: compile, tune, fill caches
+        try:
+            graph = self.capture(fn, leaves, spec, tensors[0].device)
+        except Exception as e:                             # noqa: BLE001 - any capture failure means eager
+            self._failed[sig] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"vitfast: CUDA-graph capture failed for {type(module).__name__}, running eagerly for "
+                          f"these inputs: {self._failed[sig].splitlines()[0]}", RuntimeWarning, stacklevel=3)
+            return fn(*args, **kwargs)
+        self.captures += 1
+        self._graphs[sig] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph.replay(tensors)
+
+
+    def cached_inputs(self) -> list[list[tuple[int, ...]]]:
+        """The tensor-argument shapes of each captured graph, least recently used first."""
+        return [[tuple(t.shape) for t in g.inputs] for g in self._graphs.values()]
+
+    def capture(self, fn, leaves: list, spec, device: torch.device) -> _Graph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return _Graph(fn, leaves, spec, device, self._pool)
+
+
+def _weights_stamp(module: nn.Module) -> tuple[tuple, bool]:
+    """(where each parameter / buffer lives and its version, whether any parameter requires grad)."""
+    stamp, need_grad = [], False
+    for p in module.parameters():
+        stamp.append((p.data_ptr(), p._version))
+        need_grad |= p.requires_grad
+    for b in module.buffers():
+        stamp.append((b.data_ptr(), b._version))
+    return tuple(stamp), need_grad
+
+
+class _Graph:
+    """One captured forward: its static inputs (allocated outside the pool), a replay, its outputs."""
+
+    def __init__(self, fn, leaves: list, spec, device: torch.device, pool):
+        # Static inputs: clones made outside the capture (the pool holds only what the graph allocates).
+        static = [x.clone() if isinstance(x, Tensor) else x for x in leaves]
+        self.inputs = [x for x in static if isinstance(x, Tensor)]
+        args, kwargs = pytree.tree_unflatten(static, spec)
+        out, self._replay = self.record(fn, args, kwargs, device, pool)
+        self.out_leaves, self.out_spec = pytree.tree_flatten(out)
+        bad = [type(x).__name__ for x in self.out_leaves if not isinstance(x, (Tensor, *_PLAIN))]
+        if bad:
+            raise TypeError(f"outputs of types {bad} cannot be handed out from a graph (not tensors)")
+
+    def record(self, fn, args, kwargs, device: torch.device, pool):
+        """Warm up on a side stream, capture fn(*args, **kwargs); -> (its outputs, the replay)."""
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*args, **kwargs)                        # warm-up on the capture stream
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                out = fn(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+        return out, graph.replay
+
+    def replay(self, tensors: list[Tensor]):
+        for static, new in zip(self.inputs, tensors):
+            static.copy_(new)
+        self._replay()
+        return pytree.tree_unflatten([x.clone() if isinstance(x, Tensor) else x for x in self.out_leaves],
+                                     self.out_spec)
