@@ -101,7 +101,7 @@ def main():
                 tf = {impl: f"{tflops(flops, t):.3g}" for impl, t in ms.items()}
                 epi = "+".join(["bias"] + (["gelu"] if act else []) + (["residual"] if res else []))
                 x, w, b, r = inputs[0]
-                key = ops._linear_key(x, w, b, act, r, ops._linear_tma_ok(x, w)) if HAS_CUDA else None
+                key = ops._linear_key(x, w, b, act, r) if HAS_CUDA else None
                 path = ops._LINEAR_PATHS.get(key, "-")
                 print(f"| {model} | {name} | {dt} | {K} -> {N} | {epi} | {ms['vitfast']:.3f} | {tf['vitfast']} "
                       f"| {tf.get('triton', '-')} | {tf.get('persistent', '-')} | {tf.get('tma', '-')} "

@@ -359,7 +359,8 @@ def test_dispatch_decides_once_and_captures_in_cuda_graph():
     # Outside capture: timed once and cached; then the cached choice is captured and replayed.
     y = ops.linear(x, w, b, residual=r)
     assert len(ops._LINEAR_PATHS) == 1
-    assert set(ops._LINEAR_PATHS.values()) <= set(ops._linear_candidates(ops._linear_tma_ok(x, w), False))
+    assert set(ops._LINEAR_PATHS.values()) <= set(ops._linear_candidates(ops._linear_key(x, w, b, None, r)[-1],
+                                                                         False))
     assert_close(y, ref, dtype=torch.float16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

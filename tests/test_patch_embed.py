@@ -259,3 +259,24 @@ def test_patch_embed_gpu_int64_channel_offsets():
     for imgs in (slice(0, 2), slice(B - 2, B)):
         sub = (images[imgs], weight, bias, cls_token, pos_embed, mean, std)
         assert_close(out[imgs], reference64(*sub), dtype=torch.bfloat16, eager=reference.patch_embed(*sub))
+
+
+@pytest.mark.parametrize("P", [32, 16])
+def test_cpu_path_picks_conv_or_gemm_once_per_shape_and_both_are_right(P, monkeypatch):
+    """CPU tensors (no interpreter) take the faster of F.conv2d and the im2col GEMM, timed on the first
+    call of a shape; either path equals the float64 reference."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_PATCH_EMBED_PATHS", {})
+    args = make_inputs(2, 3, 64, 64, P, 48, "u8_fp32", cls=True, pos=True)
+    images, weight, bias, cls_token, pos_embed, mean, std = args
+    want = reference64(*args)
+    out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+    assert_close(out, want, dtype=torch.float32)
+    (key, chosen), = ops._PATCH_EMBED_PATHS.items()
+    assert chosen in (0, 1)
+    for path in (0, 1):
+        ops._PATCH_EMBED_PATHS[key] = path
+        out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+        assert out.is_contiguous()
+        assert_close(out, want, dtype=torch.float32, name=("conv2d", "gemm")[path])
+    assert len(ops._PATCH_EMBED_PATHS) == 1

@@ -2,7 +2,9 @@
 
 Each op is a registered torch custom op (`torch.library`): input validation, device dispatch,
 a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd
-(backward may use the reference math). Dispatch:
+(backward may use the reference math). A call that needs none of that (plain tensors, nothing to
+differentiate, no torch.compile / export tracing) skips the dispatcher and runs the implementation
+directly: the custom-op layer costs tens of microseconds of host time per call. Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
 - CPU tensors  -> torch's fastest CPU kernels (`vitfast.reference.torch_*`: SDPA, F.linear, F.conv2d)
   and the C++ CPU LayerNorm, or, when TRITON_INTERPRET=1 was set before import, the Triton kernels
@@ -13,6 +15,7 @@ Bad input raises ValueError naming the argument, what was expected and what came
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import Tensor
@@ -29,6 +32,33 @@ def use_triton(t: Tensor) -> bool:
 
 def _fail(msg: str):
     raise ValueError(msg)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_KERNELS = None
+
+
+def _kernels():
+    """vitfast.kernels with its three launchers, imported on first use (it imports Triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        import vitfast.kernels.attention
+        import vitfast.kernels.linear
+        import vitfast.kernels.patch_embed  # noqa: F401
+        _KERNELS = vitfast.kernels
+    return _KERNELS
+
+
+def _direct(*tensors) -> bool:
+    """Whether a call may run the op's implementation without the custom-op dispatcher: not traced by
+    torch.compile / export, only plain tensors (no FakeTensor or other subclass), none to differentiate."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _check_float(name: str, t: Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
@@ -158,7 +188,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
     """
     _check_layer_norm(x, None, weight, bias, eps)
     _require_extension()
-    return torch.ops.vitfast.layer_norm(x, weight, bias, float(eps))
+    return torch.ops.vitfast.layer_norm.default(x, weight, bias, float(eps))
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
@@ -171,7 +201,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
     """
     _check_layer_norm(x, residual, weight, bias, eps)
     _require_extension()
-    return torch.ops.vitfast.add_layer_norm(x, residual, weight, bias, float(eps))
+    return torch.ops.vitfast.add_layer_norm.default(x, residual, weight, bias, float(eps))
 
 
 # ============================================================================================
@@ -207,13 +237,13 @@ def _attention_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-@torch.library.custom_op("vitfast::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if _attention_on_triton(q):
-        from vitfast.kernels import attention as _attention_kernels
-
-        return _attention_kernels.attention(q, k, v, scale)
+        return _kernels().attention.attention(q, k, v, scale)
     return reference.torch_attention(q, k, v, scale).contiguous()
+
+
+_attention_op = torch.library.custom_op("vitfast::attention", _attention_impl, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -235,14 +265,14 @@ def _attention_qkv_reference(qkv: Tensor, num_heads: int, scale: float, return_c
     return out.contiguous(), qkv.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("vitfast::attention_qkv", mutates_args=())
-def _attention_qkv_op(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool) -> tuple[Tensor, Tensor]:
+def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool) -> tuple[Tensor, Tensor]:
     if _attention_on_triton(qkv):
-        from vitfast.kernels import attention as _attention_kernels
-
-        out, cls_attn = _attention_kernels.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn)
+        out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn)
         return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32)
     return _attention_qkv_reference(qkv, num_heads, scale, return_cls_attn, reference.torch_attention_qkv)
+
+
+_attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_impl, mutates_args=())
 
 
 @_attention_qkv_op.register_fake
@@ -279,7 +309,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     if k.shape[2] < 1:
         _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
     _check_head_dim("q", D)
-    return _attention_op(q, k, v, _attention_scale(scale, D))
+    scale = _attention_scale(scale, D)
+    return _attention_impl(q, k, v, scale) if _direct(q, k, v) else _attention_op(q, k, v, scale)
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
@@ -305,7 +336,9 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
         _fail(f"qkv: expected at least one token, got shape {tuple(qkv.shape)}")
     D = C3 // (3 * num_heads)
     _check_head_dim("qkv", D)
-    out, cls_attn = _attention_qkv_op(qkv, num_heads, _attention_scale(scale, D), return_cls_attn)
+    scale = _attention_scale(scale, D)
+    op = _attention_qkv_impl if _direct(qkv) else _attention_qkv_op
+    out, cls_attn = op(qkv, num_heads, scale, return_cls_attn)
     return (out, cls_attn) if return_cls_attn else out
 
 
@@ -374,52 +407,59 @@ def _linear_cublas(x, weight, bias, activation, residual):
     return y if residual is None else y.add_(residual)
 
 
-def _linear_key(x, weight, bias, activation, residual, tma_ok: bool, tf32: bool) -> tuple:
-    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (which
+_CAPABILITY: dict[int, tuple[int, int]] = {}     # device index -> compute capability
+
+
+def _linear_key(x, weight, bias, activation, residual) -> tuple:
+    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (last; it
     depends on alignment and strides, so a cached "triton-tma" never meets operands it cannot read)."""
-    from vitfast.kernels.linear import m_bucket
-
-    return (x.device.index, m_bucket(x.shape[:-1].numel()), weight.shape[0], weight.shape[1], x.dtype,
-            tf32, bias is not None, activation, residual is not None, tma_ok)
-
-
-def _linear_tma_ok(x, weight) -> bool:
-    from vitfast.kernels import linear as _linear_kernels
-
-    return _linear_kernels.tma_eligible(x, weight, torch.cuda.get_device_capability(x.device))
+    kernels, dev, K = _kernels(), x.device.index, x.shape[-1]
+    if dev not in _CAPABILITY:
+        _CAPABILITY[dev] = torch.cuda.get_device_capability(x.device)
+    return (dev, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
+            kernels.tf32_enabled(), bias is not None, activation, residual is not None,
+            kernels.linear.tma_eligible(x, weight, _CAPABILITY[dev]))
 
 
 def _linear_cuda(x, weight, bias, activation, residual):
-    """Fastest correct path on CUDA among _linear_candidates, per (M bucket, N, K, dtype, tf32,
-    epilogue, TMA eligibility), decided on first use."""
-    from vitfast.kernels import autotune_mode, tf32_enabled
-    from vitfast.kernels import linear as _linear_kernels
+    """Fastest correct path on CUDA among _linear_candidates, per `_linear_key`, decided on first use; a
+    later call with the same key is one dictionary lookup and the launch."""
+    key = _linear_key(x, weight, bias, activation, residual)
+    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual)
+    if path == "cublas":
+        return _linear_cublas(x, weight, bias, activation, residual)
+    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual,
+                                    variant=_LINEAR_VARIANTS[path])
+
+
+def _choose_linear_path(key, x, weight, bias, activation, residual) -> str:
+    """Time each candidate of `key` once (briefly under VITFAST_AUTOTUNE=quick) and cache the fastest;
+    cuBLAS, uncached, while a CUDA graph is being captured."""
     from vitfast.timing import bench
 
-    tma_ok, tf32 = _linear_tma_ok(x, weight), tf32_enabled()
-    candidates = _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)
-    fused = lambda variant: _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual,
-                                                   variant=variant)
-    run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v)) for name in candidates[:-1]}
+    kernels, tf32, tma_ok = _kernels(), key[5], key[-1]
+    fused = lambda variant: kernels.linear.linear(x, weight, bias, activation=activation, residual=residual,
+                                                  variant=variant)
+    run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v))
+           for name in _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)[:-1]}
     run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual)
-    warmup_ms, rep_ms = (1, 3) if autotune_mode() == "quick" else (10, 30)
+    warmup_ms, rep_ms = (1, 3) if kernels.autotune_mode() == "quick" else (10, 30)
     timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=warmup_ms, rep_ms=rep_ms))
               for name, f in run.items()}
-    key = _linear_key(x, weight, bias, activation, residual, tma_ok, tf32)
-    return run[_fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())]()
+    return _fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())
 
 
-@torch.library.custom_op("vitfast::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
-               residual: Tensor | None) -> Tensor:
+def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                 residual: Tensor | None) -> Tensor:
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if not use_triton(x) or x.dtype == torch.float64:
         return reference.torch_linear(x, weight, bias, activation, residual).contiguous()
     if x.is_cuda:
         return _linear_cuda(x, weight, bias, activation, residual)
-    from vitfast.kernels import linear as _linear_kernels  # Triton's interpreter on CPU tensors
+    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual)  # interpreter
 
-    return _linear_kernels.linear(x, weight, bias, activation=activation, residual=residual)
+
+_linear_op = torch.library.custom_op("vitfast::linear", _linear_impl, mutates_args=())
 
 
 @_linear_op.register_fake
@@ -446,7 +486,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     CUDA graph is being captured: call once before capturing).
     """
     _check_linear(x, weight, bias, activation, residual)
-    return _linear_op(x, weight, bias, activation, residual)
+    op = _linear_impl if _direct(x, weight, bias, residual) else _linear_op
+    return op(x, weight, bias, activation, residual)
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
@@ -513,15 +554,37 @@ def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) ->
                 _fail(f"{name}: expected shape ({C},) (one value per image channel), got {tuple(t.shape)}")
 
 
-@torch.library.custom_op("vitfast::patch_embed", mutates_args=())
-def _patch_embed_op(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
-                    pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None) -> Tensor:
-    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
-    if use_triton(images) and weight.dtype != torch.float64:
-        from vitfast.kernels import patch_embed as _patch_embed_kernels
+# CPU patch embedding: shape key -> index into _PATCH_EMBED_TORCH of the faster path, timed once.
+_PATCH_EMBED_PATHS: dict[tuple, int] = {}
+_PATCH_EMBED_TORCH = (reference.torch_patch_embed, reference.patch_embed)     # F.conv2d, im2col GEMM
 
-        return _patch_embed_kernels.patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
-    return reference.torch_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std).contiguous()
+
+def _patch_embed_impl(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
+                      pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None) -> Tensor:
+    # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
+    args = (images, weight, bias, cls_token, pos_embed, mean, std)
+    if use_triton(images) and weight.dtype != torch.float64:
+        return _kernels().patch_embed.patch_embed(*args)
+    if images.device.type != "cpu":
+        return reference.torch_patch_embed(*args).contiguous()
+    # On the CPU, mkldnn's F.conv2d is about twice slower than the im2col GEMM at patch 32 and faster at
+    # patch 16: the first call of a shape times both (best of two calls each) and keeps the faster.
+    key = (tuple(images.shape), images.dtype, tuple(weight.shape), weight.dtype, *(t is None for t in args[2:]))
+    best = _PATCH_EMBED_PATHS.get(key)
+    if best is None:
+        seconds = []
+        for fn in _PATCH_EMBED_TORCH:
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(*args)
+                runs.append(time.perf_counter() - t0)
+            seconds.append(min(runs[1:]))
+        best = _PATCH_EMBED_PATHS[key] = seconds.index(min(seconds))
+    return _PATCH_EMBED_TORCH[best](*args).contiguous()
+
+
+_patch_embed_op = torch.library.custom_op("vitfast::patch_embed", _patch_embed_impl, mutates_args=())
 
 
 @_patch_embed_op.register_fake
@@ -554,4 +617,5 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, *, cls_toke
     Returns tokens [B, T, D] (contiguous) in weight's dtype.
     """
     _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
-    return _patch_embed_op(images, weight, bias, cls_token, pos_embed, mean, std)
+    op = _patch_embed_impl if _direct(images, weight, bias, cls_token, pos_embed, mean, std) else _patch_embed_op
+    return op(images, weight, bias, cls_token, pos_embed, mean, std)
