@@ -52,11 +52,10 @@ def test_records_schema_and_values(run):
     assert all(r["error"] is None for r in records), [r for r in records if r["error"]]
     models = [r for r in records if r["kind"] == "model"]
     kernels = [r for r in records if r["kind"] == "kernel"]
-    # On CPU: eager, eager + SDPA and vitfast, each at every configuration.
+    # On CPU: the reference, eager PyTorch on its fused ops, and vitfast, each at every configuration.
     assert sorted((r["image_size"], r["patch_size"], r["tokens"], r["backend"]) for r in models) == sorted(
-        (s, p, t, b) for s, p, t in CONFIGS for b in ("eager", "eager-sdpa", "vitfast"))
-    assert {(r["op"], r["backend"]) for r in kernels} == {(o, b) for o in bench.OPS for b in ("eager", "torch",
-                                                                                                "vitfast")}
+        (s, p, t, b) for s, p, t in CONFIGS for b in ("reference", "torch", "vitfast"))
+    assert {(r["op"], r["backend"]) for r in kernels} == {(o, b) for o in bench.OPS for b in bench.OP_BACKENDS}
     for r in records:
         assert r["tokens"] == 1 + (r["image_size"] // r["patch_size"]) ** 2
         assert r["batch"] == 2 and r["dtype"] == "float32"
@@ -65,14 +64,14 @@ def test_records_schema_and_values(run):
     for r in models:
         assert math.isclose(r["images_per_s"], r["batch"] / r["ms"] * 1e3)
         assert r["tflops"] > 0 and 0 < r["attention_share"]
-        # Every backend computes the same logits as the eager reference (fp32).
-        assert r["rel_err_vs_eager"] <= (0 if r["backend"] == "eager" else 1e-5)
+        # Every backend computes the same logits as the reference (fp32).
+        assert r["rel_err_vs_reference"] <= (0 if r["backend"] == "reference" else 1e-5)
     for r in kernels:
         assert (r["gbps"] > 0) if r["op"] == "layer_norm" else (r["tflops"] > 0)
-        # The op time of eager / vitfast against their own end-to-end time.
-        assert (r["model_share"] is None) == (r["backend"] == "torch")
-    flops = {r["tokens"]: r["tflops"] * r["ms"] * 1e9 for r in kernels if (r["op"], r["backend"]) == ("attention",
-                                                                                                        "eager")}
+        # The op time of each backend against its own end-to-end time.
+        assert 0 < r["model_share"] < 1
+    flops = {r["tokens"]: r["tflops"] * r["ms"] * 1e9 for r in kernels
+             if (r["op"], r["backend"]) == ("attention", "reference")}
     for t, f in flops.items():       # 4·B·N²·C
         assert math.isclose(f, 4 * 2 * t * t * 192, rel_tol=1e-9)
 
@@ -89,7 +88,7 @@ def test_exponent_is_the_fit_of_the_recorded_attention_points(run):
     assert result["attention_exponent"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
     fit = result["fits"]["attention"][backend]
     assert fit["intercept"] == pytest.approx(intercept, rel=1e-9, abs=1e-12) and fit["points"] == 3
-    assert set(result["fits"]["attention"]) == {"eager", "torch", "vitfast"}
+    assert set(result["fits"]["attention"]) == {"reference", "torch", "vitfast"}
 
 
 def test_files_table_and_plots(run):
@@ -100,7 +99,7 @@ def test_files_table_and_plots(run):
     table = (out / "results.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
     for s, p, t in CONFIGS:
-        for b in ("eager", "eager-sdpa", "vitfast"):
+        for b in ("reference", "torch", "vitfast"):
             assert [str(p), str(s), str(t), "2", b] in [row[:5] for row in rows], (s, p, b)
         for op in bench.OPS:
             assert [str(t), str(p), str(s), op, "vitfast"] in [row[:5] for row in rows], (s, p, op)
@@ -148,19 +147,45 @@ def test_sweep_and_batch_rules():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_attn_matches_the_plain_reference(dtype):
-    """The eager + SDPA baseline (`fused_attn=True`, timm's default) against the plain softmax math."""
+@pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg", class_token=False, act_layer="gelu_tanh")],
+                         ids=["token", "avg_tanh"])
+def test_torch_baseline_matches_the_plain_reference(dtype, kw):
+    """The `torch` backend (use_torch_ops: F.conv2d, F.layer_norm, SDPA, F.linear, F.gelu) against the
+    plain math, and every module switched."""
     model = reference.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                                        num_classes=10).to(torch.float64).eval()
+                                        num_classes=10, **kw).to(torch.float64).eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         ref64 = model(x)
-        eager = model.to(dtype)(x.to(dtype))
-        for m in model.modules():
-            if isinstance(m, reference.Attention):
-                m.fused_attn = True
-        fused = model(x.to(dtype))
-    assert_close(fused, ref64, dtype=dtype, eager=eager, name="fused_attn")
+        plain = model.to(dtype)(x.to(dtype))
+        fused = model.use_torch_ops()(x.to(dtype))
+    assert model.fused and all(m.fused for m in model.modules() if isinstance(m, (reference.LayerNorm,
+                                                                                 reference.Mlp)))
+    assert all(m.fused_attn for m in model.modules() if isinstance(m, reference.Attention))
+    assert_close(fused, ref64, dtype=dtype, eager=plain, name="torch baseline")
+    with torch.no_grad():
+        assert torch.equal(model.use_torch_ops(False)(x.to(dtype)), plain)
+
+
+def test_speedups_against_torch_and_compile_and_fits_on_the_largest_batch():
+    env = {"config": dict(model_size="tiny", embed_dim=192, depth=12, num_heads=3, dtype="bfloat16"), "gpu": "G",
+           "date": "d", "torch": "t", "triton": "tr", "driver": "dr", "command": "c", "notes": []}
+    recs = []
+    for tokens, batch, torch_ms, compile_ms, vitfast_ms in ((197, 8, 4.0, 3.0, 2.0), (197, 64, 20.0, 16.0, 10.0),
+                                                             (785, 64, 100.0, 80.0, 40.0)):
+        for backend, ms in (("torch", torch_ms), ("compile", compile_ms), ("vitfast", vitfast_ms)):
+            recs.append(bench._record("model", bench.Config(224, 16 if tokens == 197 else 8, batch), backend,
+                                      torch.bfloat16, ms=ms, ms_per_image=ms / batch, images_per_s=batch / ms * 1e3))
+    result = bench.assemble(env, recs)
+    lines = bench.markdown(result).split("## End to end")[1].split("\n## ")[0].splitlines()
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    rows = {(r[2], r[3], r[4]): dict(zip(header, r)) for r in rows}       # (tokens, batch, backend) -> row
+    assert (rows["197", "64", "vitfast"]["x torch"], rows["197", "64", "vitfast"]["x compile"]) == ("2.00", "1.60")
+    assert (rows["785", "64", "compile"]["x torch"], rows["785", "64", "compile"]["x compile"]) == ("1.25", "1.00")
+    assert rows["197", "8", "torch"]["x torch"] == "1.00"
+    fit = result["fits"]["model"]["vitfast"]        # one point per token count: its largest batch
+    assert fit["points"] == 2
+    assert fit["exponent"] == pytest.approx(math.log((40 / 64) / (10 / 64)) / math.log(785 / 197))
 
 
 def test_timm_is_a_gpu_backend_even_where_timm_is_installed(monkeypatch):
@@ -172,9 +197,9 @@ def test_timm_is_a_gpu_backend_even_where_timm_is_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", fake)
     assert bench._timm_class() is reference.VisionTransformer
     cpu, notes = bench.select_backends(bench.parse_args(ARGS), gpu=False)
-    assert cpu == ["eager", "eager-sdpa", "vitfast"] and not any("timm" in n for n in notes)
+    assert cpu == ["reference", "torch", "vitfast"] and not any("timm" in n for n in notes)
     gpu, _ = bench.select_backends(bench.parse_args([]), gpu=True)
-    assert gpu == ["eager", "eager-sdpa", "timm", "vitfast", "vitfast-cudagraph", "compile"]
+    assert gpu == ["reference", "torch", "timm", "vitfast", "vitfast-eager", "compile"]
     _, notes = bench.select_backends(bench.parse_args(["--backends", "timm,vitfast"]), gpu=False)
     assert "backend timm skipped: it needs CUDA" in notes
 
@@ -182,7 +207,7 @@ def test_timm_is_a_gpu_backend_even_where_timm_is_installed(monkeypatch):
 def test_attention_sweep_is_what_the_exponent_is_fitted_on(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "INTERPRET", False)
     args = ["--model-size", "tiny", "--depth", "1", "--batch-size", "2", "--image-sizes", "64", "--patch-sizes",
-            "32", "--reps", "1", "--device", "cpu", "--backends", "eager-sdpa,vitfast",
+            "32", "--reps", "1", "--device", "cpu", "--backends", "torch,vitfast",
             "--attention-tokens", "65,5,17,33", "--out", str(tmp_path)]
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())

@@ -2,26 +2,30 @@
 
 For one model size and every configuration (image size S, patch size P -> T = 1 + (S/P)² tokens):
 
-- end-to-end forward time and images/s of each model backend, timed in the same run:
-    eager              the eager reference (`vitfast.reference`, plain softmax attention)
-    eager-sdpa         the same with `F.scaled_dot_product_attention` (`fused_attn=True`, timm's default path)
-    timm               timm's own VisionTransformer with the same weights (GPU, where timm is importable)
-    vitfast            `vitfast.model.VisionTransformer`
-    vitfast-cudagraph  vitfast replayed as one CUDA graph (GPU)
-    compile            `torch.compile` of eager-sdpa, mode max-autotune (--compile-mode; GPU; --no-compile skips it)
-- the ops of one block at that shape (patch_embed, layer_norm, linear_qkv, attention, linear_proj, mlp)
-  for three op backends: `eager` (vitfast.reference), `torch` (torch's fused op: SDPA, F.layer_norm,
-  F.linear, conv2d) and `vitfast` (vitfast.ops), with TFLOP/s (GEMM-like ops) or GB/s (layer_norm);
+- end-to-end forward time and images/s of each model backend, timed in the same run, at each batch size:
+    reference      `vitfast.reference.VisionTransformer`: the plain math (N×N softmax, hand-written LayerNorm)
+    torch          the same model on torch's fused ops (`use_torch_ops`: F.conv2d, F.layer_norm, SDPA,
+                   F.linear, F.gelu): the best eager PyTorch a user writes, as timm runs it
+    timm           timm's own VisionTransformer with the same weights (GPU, where timm is importable)
+    vitfast        `vitfast.VisionTransformer` as users get it: CUDA graphs on CUDA (vitfast.graphs)
+    vitfast-eager  the same with its graphs off (GPU; on a CPU `vitfast` is already eager)
+    compile        `torch.compile` of `torch`, mode max-autotune (--compile-mode; GPU; --no-compile skips it)
+  with speed-ups against `torch` and against `compile`;
+- the ops of one block at that shape, at the largest batch (patch_embed, layer_norm, linear_qkv, attention,
+  linear_proj, mlp) for three op backends: `reference` (vitfast.reference), `torch` (reference.torch_*:
+  F.conv2d, F.layer_norm, SDPA, F.linear) and `vitfast` (vitfast.ops), with TFLOP/s (GEMM-like ops) or
+  GB/s (layer_norm);
 - peak memory per measurement (torch.cuda.max_memory_allocated; null on CPU);
 - the attention study: attention time per image vs T, the log-log exponent fitted with
   numpy.polyfit(log T, log ms_per_image, 1), and the share of end-to-end time spent in attention;
   --attention-tokens adds attention-only points at more token counts (the fit then uses those).
 
-Batch sizes are given for <= 785 tokens (224 px) and scaled down for more tokens (batch·T kept
-constant) to bound memory. Every time comes from `vitfast.timing.bench`. Writes `results.json`,
-`results.md` (both rewritten after each configuration) and PNG plots into --out; prints a summary
-table. --time-budget stops starting measurements once that many seconds have passed (the ones left
-are recorded as skipped), so that a run in a time box still writes its results.
+Batch sizes (default 1, 8, 64 and 256 on a GPU, 2 on a CPU) are given for <= 785 tokens (224 px) and
+scaled down for more tokens (batch·T kept constant) to bound memory. Every time comes from
+`vitfast.timing.bench`. Writes `results.json`, `results.md` (both rewritten after each configuration)
+and PNG plots into --out; prints a summary table. --time-budget stops starting measurements once that
+many seconds have passed (the ones left are recorded as skipped), so that a run in a time box still
+writes its results.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +47,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitfast import ops, reference
 from vitfast.configs import CONFIGS
@@ -55,23 +59,26 @@ MODEL_SIZES = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224",
 SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (384, 8), (512, 16), (512, 8)]
 CPU_SWEEP = [(224, 32), (224, 16), (224, 14), (224, 8), (384, 16), (512, 16)]   # up to 1025 tokens
 QUICK_SWEEP = [(224, 32), (224, 16), (224, 8)]
-MODEL_BACKENDS = ("eager", "eager-sdpa", "timm", "vitfast", "vitfast-cudagraph", "compile")
+MODEL_BACKENDS = ("reference", "torch", "timm", "vitfast", "vitfast-eager", "compile")
+OP_BACKENDS = ("reference", "torch", "vitfast")
 # timm is GPU-only: on a CPU machine it could only be a CPU build beside a CPU torch, which the sweep
 # does not compare (and a CPU run must give the same backends whether timm is installed or not).
-GPU_ONLY = ("timm", "compile", "vitfast-cudagraph")
+GPU_ONLY = ("timm", "compile", "vitfast-eager")
+GPU_BATCH_SIZES = (1, 8, 64, 256)
 COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 SKIPPED = "skipped (time budget)"
 OPS = ("patch_embed", "layer_norm", "linear_qkv", "attention", "linear_proj", "mlp")
 # The op backend whose attention time each model backend spends (for the attention share).
-ATTENTION_OF = {"eager": "eager", "eager-sdpa": "torch", "timm": "torch", "vitfast": "vitfast",
-                "vitfast-cudagraph": "vitfast"}
-# The model backend each op backend runs inside (for an op's share of end-to-end time).
-MODEL_OF = {"eager": "eager", "vitfast": "vitfast"}
-BATCH_TOKENS = 785          # --batch-size holds up to this many tokens; above it the batch shrinks
+ATTENTION_OF = {"reference": "reference", "torch": "torch", "timm": "torch", "vitfast": "vitfast",
+                "vitfast-eager": "vitfast"}
+# The model backends each op backend runs inside, first present wins (for an op's share of end-to-end
+# time: ops are timed as eager launches, so vitfast's against vitfast-eager where there is one).
+MODEL_OF = {"reference": ("reference",), "torch": ("torch",), "vitfast": ("vitfast-eager", "vitfast")}
+BATCH_TOKENS = 785          # a batch size holds up to this many tokens; above it the batch shrinks
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CPU_NOTE = ("{why}: this is a CPU sweep of the eager reference vs vitfast's CPU path "
-            "(reference math / C++ LayerNorm). The Triton kernels need an NVIDIA GPU; these numbers say "
-            "nothing about their speed.")
+CPU_NOTE = ("{why}: this is a CPU sweep of vitfast's CPU path (torch's CPU kernels, the C++ LayerNorm) "
+            "against the reference and eager PyTorch. The Triton kernels need an NVIDIA GPU; these numbers "
+            "say nothing about their speed.")
 PEAK_MEM_NOTE = ("peak_mem_bytes = torch.cuda.max_memory_allocated over one call, with only that backend's "
                  "weights (for an op: its operands), one input batch and the backend's own caches (CUDA graph "
                  "/ compile pools) resident; null on CPU (no allocator statistics there)")
@@ -136,15 +143,16 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=None,
                    help="ViT size (default: base on GPU, tiny on CPU)")
     p.add_argument("--depth", type=int, default=None, help="number of blocks (default: the model size's)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"batch for <= {BATCH_TOKENS} tokens, scaled down above (default: 256 on GPU, 2 on CPU)")
+    p.add_argument("--batch-size", "--batch-sizes", dest="batch_size", type=_ints, default=None,
+                   help=f"comma-separated batch sizes for <= {BATCH_TOKENS} tokens, scaled down above (default: "
+                        f"{','.join(map(str, GPU_BATCH_SIZES))} on GPU, 2 on CPU); ops are timed at the largest")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--patch-sizes", type=_ints, default=None,
                    help="comma-separated; with --image-sizes, the sweep becomes their product")
     p.add_argument("--image-sizes", type=_ints, default=None, help="comma-separated (see --patch-sizes)")
     p.add_argument("--backends", type=_names, default=None,
                    help=f"model backends, comma-separated, from {','.join(MODEL_BACKENDS)} (default: all that "
-                        "can run here); the op backends follow (eager, torch, vitfast)")
+                        f"can run here); the op backends follow ({', '.join(OP_BACKENDS)})")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-op timings")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes per shape)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="max-autotune",
@@ -154,7 +162,7 @@ def parse_args(argv) -> argparse.Namespace:
                         "e.g. 50,197,577,1025,2305,4097; the attention exponent is then fitted on these")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no new measurement starts (the rest are recorded as skipped)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 3)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 5)")
     p.add_argument("--rep-ms", type=float, default=None,
                    help="milliseconds of repetitions per measurement on GPU (do_bench median; default 200)")
     p.add_argument("--quick", action="store_true",
@@ -240,86 +248,77 @@ class Timer:
             ms = bench(fn, sets, device=self.device, rep_ms=self.rep_ms, cpu_reps=self.reps)
         return ms, peak
 
+    def measure_interleaved(self, fns: dict, args: list) -> dict[str, float | Exception]:
+        """CPU: {name: median ms of fns[name](*args), or the exception it raised}, the backends timed
+        in turn (round r starts at the r-th), so that a slow spell of a shared machine falls on all
+        of them alike instead of on whichever was being timed."""
+        times: dict[str, list | Exception] = {}
+        with torch.inference_mode():
+            for name, fn in fns.items():                         # warm-up
+                try:
+                    fn(*args)
+                    times[name] = []
+                except Exception as e:                           # noqa: BLE001 - recorded per backend
+                    times[name] = e
+            names = [n for n in fns if isinstance(times[n], list)]
+            for r in range(self.reps):
+                for i in range(len(names)):
+                    name = names[(r + i) % len(names)]
+                    t0 = time.perf_counter()
+                    fns[name](*args)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        return {n: statistics.median(v) if isinstance(v, list) else v for n, v in times.items()}
 
-def _cuda_graph(fn, example):
-    """fn replayed as one CUDA graph: copy the input into the captured buffer, replay."""
-    static_in = example.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):                 # Triton compiles / autotunes outside the capture
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
 
-    def replay(x):
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-    return replay
-
-
-def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, device: str, dtype, example,
+def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, device: str, dtype,
                         compile_mode: str = "max-autotune"):
     """A callable images -> logits for `backend`, with the weights `state`."""
     kwargs = spec.kwargs(cfg)
-    if backend in ("eager", "eager-sdpa", "compile"):
+    if backend in ("reference", "torch", "compile"):
         with torch.device(device):
-            model = reference.VisionTransformer(**kwargs)
-        for m in model.modules():
-            if isinstance(m, reference.Attention):
-                m.fused_attn = backend != "eager"
+            model = reference.VisionTransformer(**kwargs).use_torch_ops(backend != "reference")
     elif backend == "timm":
         with torch.device(device):
             model = _timm_class()(**kwargs)
     else:
+        from vitfast.graphs import CUDAGraphRunner
         from vitfast.model import VisionTransformer
         with torch.device(device):
             model = VisionTransformer(**kwargs)
+        if backend == "vitfast-eager":
+            model.cuda_graphs = CUDAGraphRunner(False)
     model.load_state_dict(state, strict=True)
     model = model.to(dtype).eval()
     if backend == "compile":
         return torch.compile(model, mode=compile_mode)
-    if backend == "vitfast-cudagraph":
-        return _cuda_graph(model, example)
     return model
 
 
-def _sdpa_qkv(qkv, num_heads):
-    B, N, _ = qkv.shape
-    q, k, v = reference.split_qkv(qkv, num_heads)                                    # (B, H, N, D)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
-
-
 def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
-    """(make_inputs, {op backend: fn}, work) for one op of one block; work = {"flops": ..} or {"bytes": ..}."""
+    """(make_inputs, {op backend: fn}, work) for one op of one block; work = {"flops": ..} or {"bytes": ..}.
+    The `torch` op is what the `torch` model runs (residual adds out of place, as timm's blocks do)."""
     B, T, C, H, P, S = cfg.batch, cfg.tokens, spec.embed_dim, spec.num_heads, cfg.patch_size, cfg.image_size
+    R = reference
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=device, dtype=dtype) * scale
 
     if op == "patch_embed":
         w, b, cls, pos = rand(C, 3, P, P, scale=0.02), rand(C), rand(1, 1, C), rand(1, T, C)
-
-        def conv(x):
-            x = F.conv2d(x, w, b, stride=P).flatten(2).transpose(1, 2)                # (B, N, C)
-            return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + pos         # (B, T, C)
         return (lambda: [rand(B, 3, S, S)],
-                {"eager": lambda x: reference.patch_embed(x, w, b, cls, pos), "torch": conv,
+                {"reference": lambda x: R.patch_embed(x, w, b, cls, pos),
+                 "torch": lambda x: R.torch_patch_embed(x, w, b, cls, pos),
                  "vitfast": lambda x: ops.patch_embed(x, w, b, cls_token=cls, pos_embed=pos)},
                 {"flops": 2 * B * (T - 1) * 3 * P * P * C})
     if op == "layer_norm":
         w, b = 1 + rand(C, scale=0.1), rand(C, scale=0.1)
         return (lambda: [rand(B, T, C)],
-                {"eager": lambda x: reference.layer_norm(x, w, b, 1e-6),
-                 "torch": lambda x: F.layer_norm(x, (C,), w, b, 1e-6),
+                {"reference": lambda x: R.layer_norm(x, w, b, 1e-6), "torch": lambda x: R.torch_layer_norm(x, w, b),
                  "vitfast": lambda x: ops.layer_norm(x, w, b, 1e-6)},
                 {"bytes": 2 * B * T * C * torch.finfo(dtype).bits // 8})
     if op == "attention":
         return (lambda: [rand(B, T, 3 * C)],
-                {"eager": lambda x: reference.attention_qkv(x, H), "torch": lambda x: _sdpa_qkv(x, H),
+                {"reference": lambda x: R.attention_qkv(x, H), "torch": lambda x: R.torch_attention_qkv(x, H),
                  "vitfast": lambda x: ops.attention_qkv(x, H)},
                 {"flops": 4 * B * T * T * C})                       # q kᵀ and p v, 2·T·T·D each per head
     if op in ("linear_qkv", "linear_proj"):
@@ -327,8 +326,8 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
         w, b = rand(n_out, C, scale=C ** -0.5), rand(n_out, scale=0.1)
         make = (lambda: [rand(B, T, C), rand(B, T, C)]) if res else (lambda: [rand(B, T, C)])
         return (make,
-                {"eager": lambda x, r=None: reference.linear(x, w, b, None, r),
-                 "torch": lambda x, r=None: F.linear(x, w, b) if r is None else F.linear(x, w, b) + r,
+                {"reference": lambda x, r=None: R.linear(x, w, b, None, r),
+                 "torch": lambda x, r=None: R.torch_linear(x, w, b) if r is None else R.torch_linear(x, w, b) + r,
                  "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r)},
                 {"flops": 2 * B * T * C * n_out})
     if op == "mlp":
@@ -336,8 +335,8 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
         w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
         w2, b2 = rand(C, Hd, scale=Hd ** -0.5), rand(C, scale=0.1)
         return (lambda: [rand(B, T, C), rand(B, T, C)],
-                {"eager": lambda x, r: reference.linear(reference.linear(x, w1, b1, "gelu"), w2, b2, None, r),
-                 "torch": lambda x, r: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) + r,
+                {"reference": lambda x, r: R.linear(R.linear(x, w1, b1, "gelu"), w2, b2, None, r),
+                 "torch": lambda x, r: R.torch_linear(R.torch_linear(x, w1, b1, "gelu"), w2, b2) + r,
                  "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation="gelu"), w2, b2, residual=r)},
                 {"flops": 4 * B * T * C * Hd})
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -367,8 +366,8 @@ def _error(e: BaseException) -> str:
 
 def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[str], timer: Timer, device: str,
                dtype, progress, compile_mode: str = "max-autotune") -> list[dict]:
-    """Model records for `backends` and op records for `op_backends` at one configuration.
-    Models are built under no_grad and called under inference_mode."""
+    """Model records for `backends` and op records for `op_backends` (none: no op timings) at one
+    configuration. Models are built under no_grad and called under inference_mode."""
     records = []
     if timer.expired():
         progress.update(len(backends) + len(OPS) * len(op_backends))
@@ -382,12 +381,34 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
     example = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
     try:
         with torch.inference_mode():
-            expected = ref(example)                      # eager output: every backend is checked against it
+            expected = ref(example)                      # the reference's output: every backend is checked against it
     except torch.cuda.OutOfMemoryError:
         expected = None                                  # no check at this size; the backends still run
     del ref
     _free(device)
     flops, shape = model_flops(spec, cfg), example.shape
+
+    def model_record(backend, fn, ms, peak, x, want):
+        with torch.inference_mode():
+            err = None if want is None else rel_err(fn(x), want)
+        return _record("model", cfg, backend, dtype, ms=ms, ms_per_image=ms / cfg.batch,
+                       images_per_s=cfg.batch / ms * 1e3, tflops=tflops(flops, ms), peak_mem_bytes=peak,
+                       rel_err_vs_reference=err)
+
+    if device == "cpu" and not timer.expired():         # every backend at once, timed in turn
+        progress.set_description(f"{cfg.label} models")
+        fns = {}
+        for backend in backends:
+            try:
+                fns[backend] = build_model_backend(backend, spec, cfg, state, device, dtype, compile_mode)
+            except Exception as e:                      # one failing backend must not lose the sweep
+                records.append(_record("model", cfg, backend, dtype, error=_error(e)))
+        for backend, ms in timer.measure_interleaved(fns, [example]).items():
+            records.append(_record("model", cfg, backend, dtype, error=_error(ms)) if isinstance(ms, Exception)
+                           else model_record(backend, fns[backend], ms, None, example, expected))
+        records.sort(key=lambda r: backends.index(r["backend"]))
+        progress.update(len(backends))
+        backends = []
     for backend in backends:
         progress.set_description(f"{cfg.label} {backend}")
         fn = None
@@ -396,13 +417,9 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
             progress.update()
             continue
         try:
-            fn = build_model_backend(backend, spec, cfg, state, device, dtype, example, compile_mode)
+            fn = build_model_backend(backend, spec, cfg, state, device, dtype, compile_mode)
             ms, peak = timer.measure(fn, lambda: [torch.randn(shape, device=device, dtype=dtype)], [example])
-            with torch.inference_mode():
-                err = None if expected is None else rel_err(fn(example), expected)
-            records.append(_record("model", cfg, backend, dtype, ms=ms, ms_per_image=ms / cfg.batch,
-                                   images_per_s=cfg.batch / ms * 1e3, tflops=tflops(flops, ms),
-                                   peak_mem_bytes=peak, rel_err_vs_eager=err))
+            records.append(model_record(backend, fn, ms, peak, example, expected))
         except Exception as e:                          # one failing backend must not lose the sweep
             records.append(_record("model", cfg, backend, dtype, error=_error(e)))
         del fn
@@ -473,7 +490,7 @@ def add_shares(records: list[dict], spec: Spec) -> None:
             attn = ms.get(("kernel", "attention", ATTENTION_OF.get(r["backend"])))
             r["attention_share"] = spec.depth * attn / r["ms"] if attn and r["ms"] else None
         else:
-            model = ms.get(("model", None, MODEL_OF.get(r["backend"])))
+            model = next((ms[k] for b in MODEL_OF.get(r["backend"], ()) if (k := ("model", None, b)) in ms), None)
             r["model_share"] = calls[r["op"]] * r["ms"] / model if model and r["ms"] else None
 
 
@@ -482,9 +499,14 @@ def add_shares(records: list[dict], spec: Spec) -> None:
 # --------------------------------------------------------------------------------------------
 def fit_exponent(records: list[dict], kind: str, backend: str, op: str | None = None) -> dict | None:
     """Least-squares line log(ms_per_image) = exponent·log(tokens) + intercept over the measured
-    points of one backend (numpy.polyfit, natural logs); None with fewer than 2 distinct token counts."""
-    pts = sorted((r["tokens"], r["ms_per_image"]) for r in records
-                 if r["kind"] == kind and r["backend"] == backend and r.get("op") == op and r["ms"] is not None)
+    points of one backend (numpy.polyfit, natural logs), one point per token count (its largest
+    batch); None with fewer than 2 distinct token counts."""
+    best = {}
+    for r in records:
+        if r["kind"] == kind and r["backend"] == backend and r.get("op") == op and r["ms"] is not None:
+            if r["tokens"] not in best or r.get("batch", 0) > best[r["tokens"]].get("batch", 0):
+                best[r["tokens"]] = r
+    pts = sorted((n, r["ms_per_image"]) for n, r in best.items())
     if len({n for n, _ in pts}) < 2:
         return None
     n, t = np.array(pts, dtype=np.float64).T
@@ -510,7 +532,7 @@ def fits(records: list[dict]) -> dict:
 
 
 def main_attention_backend(fitted: dict) -> str | None:
-    return next((b for b in ("vitfast", "torch", "eager") if b in fitted["attention"]), None)
+    return next((b for b in ("vitfast", "torch", "reference") if b in fitted["attention"]), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +550,11 @@ def _configs(records):
     return sorted({(r["tokens"], r["patch_size"], r["image_size"], r["batch"]) for r in records})
 
 
+def _key(r: dict) -> tuple:
+    """What makes two records the same configuration."""
+    return r["tokens"], r["image_size"], r["batch"]
+
+
 def markdown(result: dict) -> str:
     env, records, fitted = result["environment"], result["records"], result["fits"]
     c = env["config"]
@@ -537,19 +564,18 @@ def markdown(result: dict) -> str:
              f"Command: `{env['command']}`", ""]
     lines += [f"> {n}" for n in env["notes"]] + [""]
     models = [r for r in records if r["kind"] == "model"]
-    eager = {(r["tokens"], r["image_size"]): r["ms_per_image"] for r in models if r["backend"] == "eager"}
+    ms = {(_key(r), r["backend"]): r["ms"] for r in models if r["ms"]}
     lines += ["## End to end", "",
-              "| patch | image | tokens | batch | backend | ms / batch | images/s | x eager | TFLOP/s | peak MiB "
-              "| attention share | rel err vs eager |", "|" + "---:|" * 12]
-    for r in sorted(models, key=lambda r: (r["tokens"], r["image_size"])):
-        base = eager.get((r["tokens"], r["image_size"]))
-        speed = base / r["ms_per_image"] if base and r["ms_per_image"] else None
+              "| patch | image | tokens | batch | backend | ms / batch | images/s | x torch | x compile | TFLOP/s "
+              "| peak MiB | attention share | rel err vs reference |", "|" + "---:|" * 13]
+    for r in sorted(models, key=lambda r: (r["tokens"], r["image_size"], r["batch"])):
+        speed = {b: ms[_key(r), b] / r["ms"] if r["ms"] and (_key(r), b) in ms else None for b in ("torch", "compile")}
         share = None if r.get("attention_share") is None else f"{100 * r['attention_share']:.0f}%"
-        tail = (f"{_fmt(r['ms'])} | {_fmt(r['images_per_s'], '.1f')} | {_fmt(speed, '.2f')} | "
-                f"{_fmt(r.get('tflops'))} | {_mib(r['peak_mem_bytes'])} | {share or '–'} | "
-                f"{_fmt(r.get('rel_err_vs_eager'), '.1e')} |")
+        tail = (f"{_fmt(r['ms'])} | {_fmt(r['images_per_s'], '.1f')} | {_fmt(speed['torch'], '.2f')} | "
+                f"{_fmt(speed['compile'], '.2f')} | {_fmt(r.get('tflops'))} | {_mib(r['peak_mem_bytes'])} | "
+                f"{share or '–'} | {_fmt(r.get('rel_err_vs_reference'), '.1e')} |")
         if r["error"]:
-            tail = f"{r['error']} |" + " – |" * 6
+            tail = f"{r['error']} |" + " – |" * 7
         lines.append(f"| {r['patch_size']} | {r['image_size']} | {r['tokens']} | {r['batch']} | {r['backend']} "
                      f"| {tail}")
     attn = [r for r in records if r["kind"] == "kernel" and r["op"] == "attention"]
@@ -560,10 +586,12 @@ def markdown(result: dict) -> str:
         lines.append(f"- end to end `{b}`: time per image ∝ N^{f['exponent']:.2f}")
     lines += ["", "| tokens | patch | image | backend | ms / batch | ms / image | TFLOP/s | share of end to end |",
               "|" + "---:|" * 8]
-    shares = {(r["tokens"], r["image_size"], ATTENTION_OF.get(r["backend"])): r.get("attention_share")
-              for r in models if r["backend"] in ("eager", "eager-sdpa", "vitfast")}
+    shares = {(_key(r), ATTENTION_OF.get(r["backend"])): r.get("attention_share")
+              for r in models if r["backend"] in ("reference", "torch", "vitfast-eager")}
+    shares.update({(_key(r), "vitfast"): r.get("attention_share") for r in models
+                   if r["backend"] == "vitfast" and (_key(r), "vitfast") not in shares})
     for r in sorted(attn, key=lambda r: (r["tokens"], r["image_size"], r["backend"])):
-        share = shares.get((r["tokens"], r["image_size"], r["backend"]))
+        share = shares.get((_key(r), r["backend"]))
         lines.append(f"| {r['tokens']} | {r['patch_size']} | {r['image_size']} | {r['backend']} | {_fmt(r['ms'])} | "
                      f"{_fmt(r['ms_per_image'])} | {_fmt(r.get('tflops'))} | "
                      f"{'–' if share is None else f'{100 * share:.0f}%'} |")
@@ -578,11 +606,11 @@ def markdown(result: dict) -> str:
     kernels = [r for r in records if r["kind"] == "kernel"]
     if kernels:
         lines += ["", "## Ops of one block (share = calls per forward x op time / end-to-end time)", "",
-                  "| tokens | patch | image | op | backend | ms | TFLOP/s | GB/s | x eager | share of model |",
+                  "| tokens | patch | image | op | backend | ms | TFLOP/s | GB/s | x torch | share of model |",
                   "|" + "---:|" * 10]
-        eager_op = {(r["tokens"], r["image_size"], r["op"]): r["ms"] for r in kernels if r["backend"] == "eager"}
+        torch_op = {(_key(r), r["op"]): r["ms"] for r in kernels if r["backend"] == "torch"}
         for r in sorted(kernels, key=lambda r: (r["tokens"], r["image_size"], OPS.index(r["op"]), r["backend"])):
-            base = eager_op.get((r["tokens"], r["image_size"], r["op"]))
+            base = torch_op.get((_key(r), r["op"]))
             speed = base / r["ms"] if base and r["ms"] else None
             share = None if r.get("model_share") is None else f"{100 * r['model_share']:.0f}%"
             lines.append(f"| {r['tokens']} | {r['patch_size']} | {r['image_size']} | {r['op']} | {r['backend']} | "
@@ -599,7 +627,7 @@ def summary(result: dict) -> str:
     head = f"{'config':<14}{'tokens':>7}{'batch':>6}" + "".join(f"{b:>19}" for b in backends)
     lines = ["images/s (end to end):", head]
     for tokens, patch, image, batch in _configs(models):
-        row = {r["backend"]: r for r in models if (r["tokens"], r["image_size"]) == (tokens, image)}
+        row = {r["backend"]: r for r in models if _key(r) == (tokens, image, batch)}
         cells = "".join(f"{_fmt(row[b]['images_per_s'], '.1f') if b in row and not row[b]['error'] else 'n/a':>19}"
                         for b in backends)
         lines.append(f"{f'P{patch}/{image}px':<14}{tokens:>7}{batch:>6}{cells}")
@@ -655,12 +683,12 @@ def plots(result: dict, out: Path) -> list[str]:
     measured = False
     for i, b in enumerate(backends):
         vals = []
-        for tokens, _, image, _ in configs:
-            r = next((r for r in models if (r["tokens"], r["image_size"], r["backend"]) == (tokens, image, b)), None)
+        for tokens, _, image, batch in configs:
+            r = next((r for r in models if (_key(r), r["backend"]) == ((tokens, image, batch), b)), None)
             vals.append(r["images_per_s"] if r and r["images_per_s"] else 0.0)
         measured |= any(v > 0 for v in vals)
         ax.bar(np.arange(len(configs)) + (i - (len(backends) - 1) / 2) * width, vals, width, label=b)
-    ax.set_xticks(np.arange(len(configs)), [f"P{p}/{s}\n{t} tok" for t, p, s, _ in configs], fontsize=8)
+    ax.set_xticks(np.arange(len(configs)), [f"P{p}/{s}\n{t} tok\nB={b}" for t, p, s, b in configs], fontsize=7)
     if measured:                     # a run whose time budget ran out may have measured nothing
         ax.set_yscale("log")
     ax.set_ylabel("images/s")
@@ -731,10 +759,11 @@ def main(argv=None) -> int:
     size = args.model_size or ("base" if gpu else "tiny")
     spec = spec_for(size, args.depth)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    batch_size = args.batch_size or (256 if gpu else 2)
-    reps = args.reps or (1 if args.quick else 3)
+    batch_sizes = sorted(set(args.batch_size or (GPU_BATCH_SIZES if gpu else (2,))))
+    batch_size = batch_sizes[-1]                 # the attention sweep's and the op timings' batch
+    reps = args.reps or (1 if args.quick else 5)
     rep_ms = args.rep_ms or (50 if args.quick else 200)
-    if min(batch_size, reps, spec.depth) < 1:
+    if min(batch_sizes[0], reps, spec.depth) < 1:
         raise SystemExit("vitfast bench: --batch-size, --reps and --depth must be >= 1")
 
     threads = 1 if args.threads is None and not gpu else args.threads
@@ -747,10 +776,12 @@ def main(argv=None) -> int:
     backends, backend_notes = select_backends(args, gpu)
     notes += backend_notes
     op_backends = [] if args.no_kernels else [
-        b for b, on in (("eager", "eager" in backends), ("torch", {"eager-sdpa", "timm"} & set(backends)),
-                        ("vitfast", {"vitfast", "vitfast-cudagraph"} & set(backends))) if on]
-    configs = [Config(s, p, batch_for(1 + (s // p) ** 2, batch_size)) for s, p in sweep_configs(args, device)]
-    configs.sort(key=lambda c: (c.tokens, c.image_size))
+        b for b, on in (("reference", "reference" in backends), ("torch", {"torch", "timm", "compile"} & set(backends)),
+                        ("vitfast", {"vitfast", "vitfast-eager"} & set(backends))) if on]
+    pairs = sweep_configs(args, device)
+    configs = sorted({Config(s, p, batch_for(1 + (s // p) ** 2, b)) for s, p in pairs for b in batch_sizes},
+                     key=lambda c: (c.tokens, c.image_size, c.batch))
+    op_batch = {(s, p): batch_for(1 + (s // p) ** 2, batch_size) for s, p in pairs}   # ops at the largest batch
     attention_tokens = sorted(set(args.attention_tokens or []))
     if any(n < 1 for n in attention_tokens):
         raise SystemExit(f"vitfast bench: --attention-tokens must be >= 1, got {args.attention_tokens}")
@@ -758,7 +789,7 @@ def main(argv=None) -> int:
         raise SystemExit("vitfast bench: --attention-tokens needs op backends (not --no-kernels)")
 
     config = {"model_size": size, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
-              "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+              "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_sizes": batch_sizes,
               "batch_tokens": BATCH_TOKENS, "backends": backends, "op_backends": op_backends,
               "configs": [dict(image_size=c.image_size, patch_size=c.patch_size, tokens=c.tokens, batch=c.batch)
                           for c in configs],
@@ -778,10 +809,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    total = len(configs) * (len(backends) + len(OPS) * len(op_backends)) + len(attention_tokens) * len(op_backends)
+    total = (len(configs) * len(backends) + len(pairs) * len(OPS) * len(op_backends)
+             + len(attention_tokens) * len(op_backends))
     with torch.no_grad(), _progress(total) as progress:
         for cfg in configs:
-            records += run_config(cfg, spec, backends, op_backends, timer, device, dtype, progress, args.compile_mode)
+            with_ops = op_backends if cfg.batch == op_batch[cfg.image_size, cfg.patch_size] else []
+            records += run_config(cfg, spec, backends, with_ops, timer, device, dtype, progress, args.compile_mode)
             write_results(assemble(env, records), out)      # a run cut short still leaves its results
         for n in attention_tokens:
             records += run_attention_sweep([n], spec, batch_size, op_backends, timer, device, dtype, progress)
