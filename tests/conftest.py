@@ -1,6 +1,7 @@
 """Test harness: Triton's interpreter on CPU-only machines, the `gpu` marker, seeding."""
 
 import os
+import tempfile
 
 # Must happen before anything imports triton (vitfast.kernels does): without a GPU, Triton
 # kernels run on CPU tensors in the interpreter. torch itself does not import triton.
@@ -9,6 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # xdist runs one worker per core
+# Tuning kept on disk (vitfast.tuning) goes to a folder of this run: tests never read a user's.
+os.environ.setdefault("VITFAST_CACHE_DIR", tempfile.mkdtemp(prefix="vitfast-tuning-"))
 
 import pytest  # noqa: E402
 

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "bench": ("vitfast.bench", "benchmark sweep over patch sizes (the O(n^2) study)"),
+    "tune": ("vitfast.tuning", "tune every shape of a model ahead of time (kept on disk per GPU and versions)"),
     "smoke": ("vitfast.smoke", "every op once at ViT-B/16 shapes against the reference: a one-screen verdict"),
     "predict": ("vitfast.predict", "classify / embed a set of images"),
     "attention-map": ("vitfast.attention_map", "draw the CLS attention of the last layer over an image"),

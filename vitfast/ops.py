@@ -20,7 +20,7 @@ import time
 import torch
 from torch import Tensor
 
-from vitfast import reference
+from vitfast import reference, tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -45,6 +45,7 @@ def _kernels():
         import vitfast.kernels.attention
         import vitfast.kernels.linear
         import vitfast.kernels.patch_embed  # noqa: F401
+        tuning.install(vitfast.kernels)      # autotune results kept on disk per GPU and versions
         _KERNELS = vitfast.kernels
     return _KERNELS
 
@@ -369,8 +370,9 @@ def _check_linear(x, weight, bias, activation, residual) -> None:
             _fail(f"residual: expected shape {(*x.shape[:-1], N)} (x.shape[:-1] + (N,)), got {tuple(residual.shape)}")
 
 
-# Dispatch on CUDA: key -> one of _linear_candidates(...), decided once per process by timing them.
-_LINEAR_PATHS: dict[tuple, str] = {}
+# Dispatch on CUDA: key -> one of _linear_candidates(...), decided once by timing them and kept on disk
+# (vitfast.tuning) per GPU and versions.
+_LINEAR_PATHS: dict[tuple, str] = tuning.PersistentTable("linear_paths")
 # Dispatch path -> the Triton launcher's variant.
 _LINEAR_VARIANTS = {"triton": "tiled", "triton-persistent": "persistent", "triton-tma": "tma"}
 
@@ -433,9 +435,9 @@ def _linear_cuda(x, weight, bias, activation, residual):
 
 
 def _choose_linear_path(key, x, weight, bias, activation, residual) -> str:
-    """Time each candidate of `key` once (briefly under VITFAST_AUTOTUNE=quick) and cache the fastest;
-    cuBLAS, uncached, while a CUDA graph is being captured."""
-    from vitfast.timing import bench
+    """Time each candidate of `key` once as a caller pays it, launch cost included (briefly under
+    VITFAST_AUTOTUNE=quick), and cache the fastest; cuBLAS, uncached, while a CUDA graph is being captured."""
+    from vitfast.timing import caller_ms
 
     kernels, tf32, tma_ok = _kernels(), key[5], key[-1]
     fused = lambda variant: kernels.linear.linear(x, weight, bias, activation=activation, residual=residual,
@@ -443,8 +445,8 @@ def _choose_linear_path(key, x, weight, bias, activation, residual) -> str:
     run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v))
            for name in _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)[:-1]}
     run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual)
-    warmup_ms, rep_ms = (1, 3) if kernels.autotune_mode() == "quick" else (10, 30)
-    timers = {name: (lambda f=f: bench(f, device=x.device, warmup_ms=warmup_ms, rep_ms=rep_ms))
+    warmup, calls = (1, 2) if kernels.autotune_mode() == "quick" else (3, 20)
+    timers = {name: (lambda f=f: caller_ms(f, device=x.device, calls=calls, warmup=warmup))
               for name, f in run.items()}
     return _fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())
 

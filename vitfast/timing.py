@@ -51,6 +51,27 @@ def bench(fn: Callable, inputs: list | None = None, *, device: str | torch.devic
     return statistics.median(times)
 
 
+def caller_ms(fn: Callable, *, device: str | torch.device = "cuda", calls: int = 20, warmup: int = 3) -> float:
+    """Milliseconds per call as a caller pays them: `calls` back-to-back calls between two events (CUDA)
+    or clock reads (CPU), inputs as they are, no cache flush. Host time counts: when launching takes
+    longer than the kernels run, the device waits and the time shows it."""
+    for _ in range(warmup):
+        fn()
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 

@@ -1,0 +1,124 @@
+"""Host cost: how long the CPU spends issuing one ViT forward, and one op, when nothing waits on the GPU.
+
+At small batches a GPU forward is launch-bound: the host time of the ~87 op calls of a ViT-B forward,
+not the kernels, sets its speed. Measured here:
+  forward, eager    host time of one `vitfast.VisionTransformer` forward with its CUDA graphs off
+                    (queued, not waited for: the clock stops when the call returns)
+  forward, graphs   the same with its graphs on (argument copy, one replay, output clones)
+  torch eager       the `torch` baseline of `vitfast bench` (timm-style eager PyTorch), for scale
+  <op>              host time of one vitfast.ops call at the model's shapes, and of the torch call it
+                    replaces (F.linear, SDPA, F.layer_norm)
+ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
+Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
+say only how much vitfast adds over the torch call (its dispatch cost).
+
+    python benchmarks/bench_host.py                    # table
+    pytest benchmarks/bench_host.py --benchmark-only   # pytest-benchmark (host clock)
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+
+import pytest
+import torch
+
+from vitfast import ops, reference
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.model import create_model
+from vitfast.testing import MODEL_TOLERANCE, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+MODEL, DTYPE, CALLS = ("vit_base_patch16_224", torch.bfloat16, 50) if HAS_CUDA else \
+    ("vit_tiny_patch16_224", torch.float32, 10)
+
+
+def host_ms(fn, calls: int = CALLS) -> float:
+    """Median host milliseconds of fn(): the device drained before each call, the clock stopped when the
+    call returns (the kernels it queued may still run)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def models():
+    """(vitfast with graphs, the same weights eager, the torch baseline), in eval mode, inputs of batch 1."""
+    torch.manual_seed(0)
+    fast = create_model(MODEL).to(DEVICE, DTYPE).eval()
+    eager = create_model(MODEL).to(DEVICE, DTYPE).eval()
+    eager.load_state_dict(fast.state_dict())
+    eager.cuda_graphs = CUDAGraphRunner(False)
+    base = reference.create_model(MODEL).to(DEVICE, DTYPE).eval().use_torch_ops()
+    base.load_state_dict(fast.state_dict())
+    return fast, eager, base, torch.randn(1, 3, 224, 224, device=DEVICE, dtype=DTYPE)
+
+
+def op_calls(model):
+    """(name, vitfast call, torch call) at the model's shapes, batch 1."""
+    blk, C = model.blocks[0], model.embed_dim
+    x = torch.randn(1, 197, C, device=DEVICE, dtype=DTYPE)
+    qkv = torch.randn(1, 197, 3 * C, device=DEVICE, dtype=DTYPE)
+    w, b, n = blk.attn.qkv.weight, blk.attn.qkv.bias, blk.norm1
+    H = blk.attn.num_heads
+    return [
+        ("linear qkv", lambda: ops.linear(x, w, b), lambda: reference.torch_linear(x, w, b)),
+        ("attention_qkv", lambda: ops.attention_qkv(qkv, H), lambda: reference.torch_attention_qkv(qkv, H)),
+        ("layer_norm", lambda: ops.layer_norm(x, n.weight, n.bias, n.eps),
+         lambda: reference.torch_layer_norm(x, n.weight, n.bias, n.eps)),
+    ]
+
+
+def main() -> None:
+    fast, eager, base, x = models()
+    with torch.inference_mode():
+        for _ in range(3):
+            fast(x), eager(x), base(x)                  # tune, capture
+        rows = [("forward, eager", host_ms(lambda: eager(x)), None),
+                ("forward, graphs", host_ms(lambda: fast(x)), None),
+                ("torch eager forward", host_ms(lambda: base(x)), None)]
+        for name, mine, theirs in op_calls(fast):
+            rows.append((name, host_ms(mine) * 1e3, host_ms(theirs) * 1e3))
+    gpu = torch.cuda.get_device_name() if HAS_CUDA else "cpu (ops run synchronously: compute included)"
+    print(f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
+          f"torch {torch.__version__}, {datetime.date.today()}\n")
+    print("| what | vitfast | torch call |\n|---|---:|---:|")
+    for name, mine, theirs in rows:
+        unit = "ms" if name.startswith(("forward", "torch")) else "µs"
+        print(f"| {name} | {mine:.3g} {unit} | {'–' if theirs is None else f'{theirs:.3g} {unit}'} |")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return models()
+
+
+@pytest.mark.benchmark(group="host", timer=time.perf_counter)
+@pytest.mark.parametrize("which", ["graphs", "eager", "torch"])
+def test_forward_host_time(benchmark, setup, which):
+    fast, eager, base, x = setup
+    model = {"graphs": fast, "eager": eager, "torch": base}[which]
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        out = benchmark(model, x)
+        want = base(x)
+    assert out.shape == want.shape == (1, 1000)
+    # the same logits as the torch baseline: to fp32 rounding, or within a deep bf16 model's tolerance
+    assert rel_err(out, want) <= MODEL_TOLERANCE.get(DTYPE, 1e-4)
+
+
+if __name__ == "__main__":
+    main()
