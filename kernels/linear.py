@@ -5,7 +5,8 @@ Bias, activation and residual are applied to the fp32 accumulator before the sin
 epilogue never takes a separate pass over memory.
 
     x [M, K] (any strides) @ W [N, K]ᵀ (nn.Linear's layout, read transposed by strides: no copy)
-    -> + b [N] -> activation (None | exact-erf GELU | tanh GELU) -> + residual [M, N] -> y [M, N]
+    -> + b [N] -> activation (None | exact-erf GELU | tanh GELU | QuickGELU) -> · scale [N] (layer-scale)
+    -> + residual [M, N] -> y [M, N]
 
 dtypes: fp16, bf16, fp32 (fp32 uses TF32 when torch allows it: `vitfast.kernels.tf32_enabled`); fp32 accumulation.
 Tiles come from `linear_configs()` (Hopper-sized, autotuned per M bucket / N / K / dtype / epilogue);
@@ -31,7 +32,7 @@ from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 # activation name -> the kernel's ACTIVATION constexpr
-ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
 
 def m_bucket(M: int) -> int:
@@ -170,11 +171,13 @@ def _linear_store_tile(
     pid_m, pid_n,
     M, N,
     b_ptr,   # [N] bias
+    s_ptr,   # [N] layer-scale
     r_ptr,   # [M, N] residual
     y_ptr,   # [M, N] output
-    stride_b, stride_rm, stride_rn, stride_ym, stride_yn,
+    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -184,14 +187,14 @@ def _linear_store_tile(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
-                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
-    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn,
-                     stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm,
+                     stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL)
+    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s,
+                     stride_rm, stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL)
 
 
 @triton.autotune(configs=linear_configs(),
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION"],
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -199,17 +202,19 @@ def _linear_kernel(
     x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk)
     w_ptr,  # [N, K] weight as nn.Linear stores it; read as Wᵀ [K, N] through its strides
     b_ptr,  # [N] bias (read only when HAS_BIAS)
+    s_ptr,  # [N] layer-scale (read only when HAS_SCALE)
     r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
     y_ptr,  # [M, N] output
     M, N, K,
     M_BUCKET,  # autotune key only (see m_bucket)
     stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_b,
+    stride_b, stride_s,
     stride_rm, stride_rn,
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
     BLOCK_M: tl.constexpr,
@@ -221,12 +226,13 @@ def _linear_kernel(
     pid_m, pid_n = _linear_tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn, stride_ym,
-                       stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm, stride_rn,
+                       stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.autotune(configs=linear_configs(),
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION", "USE_TMA"],
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "INPUT_PRECISION",
+                      "USE_TMA"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -234,17 +240,19 @@ def _linear_persistent_kernel(
     x_ptr,  # [M, K] input rows, strides (stride_xm, stride_xk); with USE_TMA stride_xk == 1, rows 16-byte aligned
     w_ptr,  # [N, K] weight as nn.Linear stores it; with USE_TMA stride_wk == 1, rows 16-byte aligned
     b_ptr,  # [N] bias (read only when HAS_BIAS)
+    s_ptr,  # [N] layer-scale (read only when HAS_SCALE)
     r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
     y_ptr,  # [M, N] output
     M, N, K,
     M_BUCKET,  # autotune key only (see m_bucket)
     stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_b,
+    stride_b, stride_s,
     stride_rm, stride_rn,
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
     USE_TMA: tl.constexpr,          # x / W tiles through device-side tensor descriptors (Hopper TMA)
@@ -267,8 +275,9 @@ def _linear_persistent_kernel(
         else:
             acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, r_ptr, y_ptr, stride_b, stride_rm, stride_rn, stride_ym,
-                           stride_yn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+        _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm,
+                           stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, BLOCK_M,
+                           BLOCK_N)
 
 
 @triton.jit
@@ -278,14 +287,16 @@ def _linear_epilogue(
     offs_n,  # [BN] its columns
     M, N,
     b_ptr,   # [N] bias
+    s_ptr,   # [N] layer-scale
     r_ptr,   # [M, N] residual
     y_ptr,   # [M, N] output
-    stride_b, stride_rm, stride_rn, stride_ym, stride_yn,
+    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
-    """y = act(acc + b) (+ r) in fp32, one cast, one masked store."""
+    """y = act(acc + b) · s (+ r) in fp32, one cast, one masked store."""
     n_mask = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -294,6 +305,10 @@ def _linear_epilogue(
     elif ACTIVATION == 2:  # 0.5·a·(1 + tanh(u)) = a·sigmoid(2u), u = √(2/π)·(a + 0.044715·a³); stable for |u| large
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = acc / (1.0 + tl.exp(-2.0 * u))
+    elif ACTIVATION == 3:  # QuickGELU (CLIP): a·sigmoid(1.702·a)
+        acc = acc / (1.0 + tl.exp(-1.702 * acc))
+    if HAS_SCALE:          # layer-scale (timm's LayerScale gamma), before the residual add
+        acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     # int64 row and column offsets: M · stride_rm can pass 2^31, and so can N · stride_rn for a
     # column-major residual (residual.reshape keeps its strides).
     offs_m64, offs_n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
@@ -343,13 +358,14 @@ def _tma_allocator(device: torch.device):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           activation: str | None = None, residual: torch.Tensor | None = None,
+           activation: str | None = None, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            out: torch.Tensor | None = None, variant: str = "tiled") -> torch.Tensor:
-    """act(x @ weightᵀ + bias) (+ residual) with the fused Triton kernel.
+    """act(x @ weightᵀ + bias) · scale (+ residual) with the fused Triton kernel.
 
-    x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; activation None, "gelu"
-    (exact erf) or "gelu_tanh"; out: optional preallocated [..., N] output (must not overlap the
-    inputs). All tensors share x's dtype (fp16, bf16, fp32) and device. Returns y [..., N].
+    x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; scale [N] or None (a
+    per-column layer-scale, applied before the residual); activation None, "gelu" (exact erf),
+    "gelu_tanh" or "quick_gelu" (a·sigmoid(1.702·a)); out: optional preallocated [..., N] output (must
+    not overlap the inputs). All tensors share x's dtype (fp16, bf16, fp32) and device. Returns y [..., N].
     variant: "tiled" (one program per output tile), "persistent" (one program per SM looping over
     tiles) or "tma" (persistent with Hopper TMA loads; needs `tma_eligible`, else ValueError).
 
@@ -367,11 +383,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     lead = tuple(x.shape[:-1])
     M = math.prod(lead)
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias: expected shape [{N}], got {list(bias.shape)}")
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None and tuple(t.shape) != (N,):
+            raise ValueError(f"{name}: expected shape [{N}], got {list(t.shape)}")
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("out", out)):
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("residual", residual), ("out", out)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
@@ -393,6 +410,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"out: expected a buffer viewable as [{M}, {N}], got strides {out.stride()}") from e
     r2 = residual.reshape(M, N) if residual is not None else y2           # [M, N] (dummy when unused)
     b = bias if bias is not None else y2                                   # [N] (dummy when unused)
+    s = scale if scale is not None else y2                                 # [N] (dummy when unused)
     if M == 0 or N == 0:
         return out
 
@@ -407,15 +425,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if variant == "tma":
             triton.set_allocator(_tma_allocator(x.device))
     kernel[grid](
-        x2, weight, b, r2, y2,
+        x2, weight, b, s, r2, y2,
         M, N, K, m_bucket(M),
         x2.stride(0), x2.stride(1),
         weight.stride(0), weight.stride(1),
-        b.stride(0),
+        b.stride(0), s.stride(0),
         r2.stride(0), r2.stride(1),
         y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
+        HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee",
         **extra,

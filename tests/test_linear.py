@@ -275,23 +275,53 @@ def test_bad_input_mlp_and_launcher():
         linear_kernels.linear(x, w, b, activation="GELU")
 
 
-@pytest.mark.parametrize("bias,activation,residual", [(True, "gelu", True), (False, None, False)])
-def test_opcheck(bias, activation, residual, device):
+@pytest.mark.parametrize("bias,activation,residual,scale", [(True, "gelu", True, False), (False, None, False, False),
+                                                             (True, "quick_gelu", True, True)])
+def test_opcheck(bias, activation, residual, scale, device):
     x, w, b, r = make_inputs(6, 20, 12, bias, residual, "3d", torch.float32, device)
+    s = torch.randn(12, device=device) if scale else None
     x.requires_grad_(True)
     w.requires_grad_(True)
-    torch.library.opcheck(ops._linear_op, (x, w, b, activation, r))
+    torch.library.opcheck(ops._linear_op, (x, w, b, activation, r, s))
+
+
+# Layer-scale (DINOv2, DeiT-III, CLIP-L: y = residual + gamma · (x Wᵀ + b)) and QuickGELU (OpenAI CLIP).
+@pytest.mark.parametrize("variant", ["tiled", "persistent", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,activation,residual", [(17, 64, 192, "quick_gelu", False), (197, 96, 384, None, True),
+                                                       (5, 64, 37, "gelu", True)])
+def test_layer_scale_and_quick_gelu(M, K, N, activation, residual, dtype, variant, device):
+    x, w, b, r = make_inputs(M, K, N, True, residual, "3d" if N % 8 == 0 else "2d", dtype, device)
+    gamma = (torch.rand(N, device=device) * 0.5 + 1e-3).to(dtype)        # small, like a trained gamma
+    out = poisoned((*x.shape[:-1], N), dtype, device)
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, scale=gamma, out=out, variant=variant)
+    d = lambda t: None if t is None else t.detach().to("cpu", torch.float64)
+    want = reference.linear(d(x), d(w), d(b), activation, d(r), d(gamma))
+    assert_close(y, want, dtype=dtype, eager=reference.linear(x, w, b, activation, r, gamma))
+    assert_close(ops.linear(x, w, b, activation=activation, residual=r, scale=gamma), want, dtype=dtype,
+                 eager=reference.linear(x, w, b, activation, r, gamma), name="ops.linear")
+
+
+def test_quick_gelu_and_layer_scale_reference():
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    assert torch.allclose(reference.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    w, b, g, r = torch.eye(101, dtype=torch.float64), torch.zeros(101, dtype=torch.float64), \
+        torch.full((101,), 0.5, dtype=torch.float64), torch.ones(101, dtype=torch.float64)
+    assert torch.allclose(reference.linear(x, w, b, "quick_gelu", r, g), 1 + 0.5 * reference.quick_gelu(x))
+    with pytest.raises(ValueError, match=r"scale: expected shape \(101,\)"):
+        ops.linear(x, w, b, scale=torch.ones(3, dtype=torch.float64))
 
 
 def test_autograd_matches_reference(device):
     x, w, b, r = make_inputs(6, 20, 12, True, True, "3d", torch.float32, device)
-    leaves = [t.requires_grad_(True) for t in (x, w, b, r)]
+    s = torch.rand(12, device=device) + 0.5
+    leaves = [t.requires_grad_(True) for t in (x, w, b, r, s)]
     g = torch.randn(*x.shape[:-1], 12, device=device)
-    grads = torch.autograd.grad(ops.linear(x, w, b, activation="gelu_tanh", residual=r), leaves, g)
+    grads = torch.autograd.grad(ops.linear(x, w, b, activation="gelu_tanh", residual=r, scale=s), leaves, g)
     leaves64 = [t.detach().to("cpu", torch.float64).requires_grad_(True) for t in leaves]
-    ref = reference.linear(leaves64[0], leaves64[1], leaves64[2], "gelu_tanh", leaves64[3])
+    ref = reference.linear(leaves64[0], leaves64[1], leaves64[2], "gelu_tanh", leaves64[3], leaves64[4])
     grads64 = torch.autograd.grad(ref, leaves64, g.to("cpu", torch.float64))
-    for name, got, want in zip("x w b residual".split(), grads, grads64):
+    for name, got, want in zip("x w b residual scale".split(), grads, grads64):
         assert_close(got, want, dtype=torch.float32, name=f"grad {name}")
 
 

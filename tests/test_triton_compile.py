@@ -90,9 +90,10 @@ def launch_linear(c):
     x = torch.empty(8, 197, K, dtype=dt)                  # (B, T, K)
     w, b = torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
     r = torch.empty(8, 197, N, dtype=dt) if c["residual"] else None
+    s = torch.empty(N, dtype=dt) if c.get("scale") else None   # layer-scale gamma
     variant = c.get("variant", "tiled")   # "persistent" / "tma" (TMA descriptors) share one persistent kernel
     kernel = linear._linear_kernel if variant == "tiled" else linear._linear_persistent_kernel
-    return kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r, variant=variant)
+    return kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r, scale=s, variant=variant)
 
 
 def launch_patch_embed(c):
@@ -222,6 +223,13 @@ def _cases():
             "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual}))
     cases.append(_variant("linear", "fp16-gelu", "f16",
                           {"dtype": "fp16", "k": 768, "n": 3072, "activation": "gelu", "residual": False}))
+    # The epilogues of DINOv2 / CLIP: layer-scale before the residual (fc2, tiled and TMA) and QuickGELU (fc1).
+    for variant in ("tiled", "tma"):
+        cases.append(_variant("linear", f"{variant}-bf16-layerscale-residual", "bf16", {
+            "dtype": "bf16", "k": 3072, "n": 768, "activation": None, "residual": True, "scale": True,
+            "variant": variant}))
+    cases.append(_variant("linear", "bf16-quick_gelu", "bf16",
+                          {"dtype": "bf16", "k": 768, "n": 3072, "activation": "quick_gelu", "residual": False}))
     # The persistent variant (one program per SM looping over tiles) and its TMA-descriptor form: fc1 (gelu)
     # and fc2 (+ residual), the heaviest epilogues.
     for variant in ("persistent", "tma"):

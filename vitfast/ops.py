@@ -346,7 +346,7 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
 # ============================================================================================
 # linear / mlp  (kernels/linear.py)
 # ============================================================================================
-def _check_linear(x, weight, bias, activation, residual) -> None:
+def _check_linear(x, weight, bias, activation, residual, scale=None) -> None:
     _check_float("x", x)
     if x.dim() < 1:
         _fail("x: expected a tensor [..., K] with at least 1 dim, got a 0-d tensor")
@@ -356,11 +356,12 @@ def _check_linear(x, weight, bias, activation, residual) -> None:
     if weight.dim() != 2 or weight.shape[1] != K:
         _fail(f"weight: expected shape (N, {K}) like nn.Linear (K = x.shape[-1]), got {tuple(weight.shape)}")
     N = weight.shape[0]
-    if bias is not None:
-        _check_float("bias", bias)
-        _check_same("bias", bias, "x", x)
-        if tuple(bias.shape) != (N,):
-            _fail(f"bias: expected shape ({N},) (weight.shape[0]), got {tuple(bias.shape)}")
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None:
+            _check_float(name, t)
+            _check_same(name, t, "x", x)
+            if tuple(t.shape) != (N,):
+                _fail(f"{name}: expected shape ({N},) (weight.shape[0]), got {tuple(t.shape)}")
     if activation not in reference.ACTIVATIONS:
         _fail(f"activation: expected one of {reference.ACTIVATIONS}, got {activation!r}")
     if residual is not None:
@@ -400,51 +401,48 @@ def _linear_candidates(tma_ok: bool, fp32_ieee: bool) -> tuple[str, ...]:
     return ("triton", "triton-persistent", *(("triton-tma",) if tma_ok else ()), "cublas")
 
 
-def _linear_cublas(x, weight, bias, activation, residual):
-    """cuBLAS GEMM with the bias in its epilogue, then the reference activation / residual (one
-    elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    if activation is not None:
-        y = reference.gelu(y, "tanh" if activation == "gelu_tanh" else "none")
-    return y if residual is None else y.add_(residual)
+def _linear_cublas(x, weight, bias, activation, residual, scale=None):
+    """cuBLAS GEMM with the bias in its epilogue, then the activation / layer-scale / residual in place
+    (one elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
+    return reference.torch_linear(x, weight, bias, activation, residual, scale)
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}     # device index -> compute capability
 
 
-def _linear_key(x, weight, bias, activation, residual) -> tuple:
+def _linear_key(x, weight, bias, activation, residual, scale=None) -> tuple:
     """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (last; it
     depends on alignment and strides, so a cached "triton-tma" never meets operands it cannot read)."""
     kernels, dev, K = _kernels(), x.device.index, x.shape[-1]
     if dev not in _CAPABILITY:
         _CAPABILITY[dev] = torch.cuda.get_device_capability(x.device)
     return (dev, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
-            kernels.tf32_enabled(), bias is not None, activation, residual is not None,
+            kernels.tf32_enabled(), bias is not None, activation, residual is not None, scale is not None,
             kernels.linear.tma_eligible(x, weight, _CAPABILITY[dev]))
 
 
-def _linear_cuda(x, weight, bias, activation, residual):
+def _linear_cuda(x, weight, bias, activation, residual, scale):
     """Fastest correct path on CUDA among _linear_candidates, per `_linear_key`, decided on first use; a
     later call with the same key is one dictionary lookup and the launch."""
-    key = _linear_key(x, weight, bias, activation, residual)
-    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual)
+    key = _linear_key(x, weight, bias, activation, residual, scale)
+    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual, scale)
     if path == "cublas":
-        return _linear_cublas(x, weight, bias, activation, residual)
-    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual,
+        return _linear_cublas(x, weight, bias, activation, residual, scale)
+    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
                                     variant=_LINEAR_VARIANTS[path])
 
 
-def _choose_linear_path(key, x, weight, bias, activation, residual) -> str:
+def _choose_linear_path(key, x, weight, bias, activation, residual, scale) -> str:
     """Time each candidate of `key` once as a caller pays it, launch cost included (briefly under
     VITFAST_AUTOTUNE=quick), and cache the fastest; cuBLAS, uncached, while a CUDA graph is being captured."""
     from vitfast.timing import caller_ms
 
     kernels, tf32, tma_ok = _kernels(), key[5], key[-1]
     fused = lambda variant: kernels.linear.linear(x, weight, bias, activation=activation, residual=residual,
-                                                  variant=variant)
+                                                  scale=scale, variant=variant)
     run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v))
            for name in _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)[:-1]}
-    run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual)
+    run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual, scale)
     warmup, calls = (1, 2) if kernels.autotune_mode() == "quick" else (3, 20)
     timers = {name: (lambda f=f: caller_ms(f, device=x.device, calls=calls, warmup=warmup))
               for name, f in run.items()}
@@ -452,20 +450,21 @@ def _choose_linear_path(key, x, weight, bias, activation, residual) -> str:
 
 
 def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
-                 residual: Tensor | None) -> Tensor:
+                 residual: Tensor | None, scale: Tensor | None) -> Tensor:
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if not use_triton(x) or x.dtype == torch.float64:
-        return reference.torch_linear(x, weight, bias, activation, residual).contiguous()
+        return reference.torch_linear(x, weight, bias, activation, residual, scale).contiguous()
     if x.is_cuda:
-        return _linear_cuda(x, weight, bias, activation, residual)
-    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual)  # interpreter
+        return _linear_cuda(x, weight, bias, activation, residual, scale)
+    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual,  # interpreter
+                                    scale=scale)
 
 
 _linear_op = torch.library.custom_op("vitfast::linear", _linear_impl, mutates_args=())
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, activation, residual):
+def _(x, weight, bias, activation, residual, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -473,23 +472,25 @@ register_reference_autograd(_linear_op, reference.linear)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
-           residual: Tensor | None = None) -> Tensor:
-    """act(x @ weightᵀ + bias) + residual in one fused GEMM (the epilogue never re-reads memory).
+           residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """act(x @ weightᵀ + bias) · scale + residual in one fused GEMM (the epilogue never re-reads memory).
 
     x:          [..., K] fp16, bf16 or fp32 (fp64 on the reference path); any strides (read as
                 [M, K] rows without a copy when the leading dims flatten evenly).
     weight:     [N, K] as nn.Linear stores it (read transposed through its strides, no copy).
     bias:       [N] or None.
-    activation: None, "gelu" (exact erf, as timm / HF / torchvision) or "gelu_tanh".
-    residual:   [..., N] (x.shape[:-1] + (N,)) or None, added after the activation.
+    activation: None, "gelu" (exact erf, as timm / HF / torchvision), "gelu_tanh" or "quick_gelu"
+                (CLIP's x·sigmoid(1.702·x)).
+    scale:      [N] or None: layer-scale (timm's LayerScale gamma), multiplied after the activation.
+    residual:   [..., N] (x.shape[:-1] + (N,)) or None, added last.
     All tensors share x's dtype and device; fp32 uses tf32 when torch allows it for matmuls.
     Returns y [..., N] (contiguous) in x's dtype. On CUDA the first call per shape bucket times
     the Triton kernel against cuBLAS + one elementwise pass and keeps the faster (never while a
     CUDA graph is being captured: call once before capturing).
     """
-    _check_linear(x, weight, bias, activation, residual)
-    op = _linear_impl if _direct(x, weight, bias, residual) else _linear_op
-    return op(x, weight, bias, activation, residual)
+    _check_linear(x, weight, bias, activation, residual, scale)
+    op = _linear_impl if _direct(x, weight, bias, residual, scale) else _linear_op
+    return op(x, weight, bias, activation, residual, scale)
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,

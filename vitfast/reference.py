@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,19 +78,32 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-           residual: Tensor | None = None) -> Tensor:
-    """act(x @ weightᵀ + bias) + residual. x [..., K], weight [N, K] (nn.Linear), bias [N],
-    residual [..., N]; activation None, "gelu" (exact erf) or "gelu_tanh"."""
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's QuickGELU: x · sigmoid(1.702 · x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activate(x: Tensor, activation: str | None) -> Tensor:
+    """One of ACTIVATIONS: None, "gelu" (exact erf), "gelu_tanh" or "quick_gelu"."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "gelu":
+        return gelu(x)
+    if activation == "gelu_tanh":
+        return gelu(x, approximate="tanh")
+    return quick_gelu(x) if activation == "quick_gelu" else x
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+           residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """act(x @ weightᵀ + bias) · scale + residual. x [..., K], weight [N, K] (nn.Linear), bias [N],
+    residual [..., N], scale [N] (layer-scale, timm's LayerScale gamma); activation one of ACTIVATIONS."""
     y = x @ weight.t()
     if bias is not None:
         y = y + bias
-    if activation == "gelu":
-        y = gelu(y)
-    elif activation == "gelu_tanh":
-        y = gelu(y, approximate="tanh")
+    y = activate(y, activation)
+    if scale is not None:
+        y = y * scale
     if residual is not None:
         y = y + residual
     return y
@@ -159,13 +172,11 @@ def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
 
 
 def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-                 residual: Tensor | None = None) -> Tensor:
-    """F.linear (the bias in the GEMM), F.gelu, and the residual added in place into the fresh output."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    y = F.linear(x, weight, bias)
-    if activation is not None:
-        y = gelu(y, "tanh" if activation == "gelu_tanh" else "none")
+                 residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """F.linear (the bias in the GEMM), the activation, then scale and residual in place on the fresh output."""
+    y = activate(F.linear(x, weight, bias), activation)
+    if scale is not None:
+        y = y.mul_(scale)
     return y if residual is None else y.add_(residual)
 
 
