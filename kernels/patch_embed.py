@@ -1,7 +1,11 @@
 """Fused ViT patch embedding: images -> tokens [B, T, D] in one Triton GEMM.
 
-    tokens[b, prefix + n, :] = norm(patch(b, n)) @ Wᵀ + bias + pos_embed[prefix + n]
-    tokens[b, 0, :]          = cls_token + pos_embed[0]                (with a CLS token: prefix = 1)
+    tokens[b, P + n, :] = norm(patch(b, n)) @ Wᵀ + bias + pos_embed[P + n]     (pos_embed_prefix: rows for the
+    tokens[b, p, :]     = prefix_tokens[p] + pos_embed[p],   p < P            prefix too, timm's default)
+    tokens[b, P + n, :] = norm(patch(b, n)) @ Wᵀ + bias + pos_embed[n]         (no_embed_class: rows for the
+    tokens[b, p, :]     = prefix_tokens[p]                                      patches only)
+
+with P prefix tokens: a class token, then register or distillation tokens (timm's order), or none.
 
 A GEMM [B·N, K] x [K, D] with K = C·P·P ordered (c, ph, pw) like the conv weight [D, C, P, P]:
 - the A operand is gathered straight from the image by im2col addressing with the image's own
@@ -9,8 +13,8 @@ A GEMM [B·N, K] x [K, D] with K = C·P·P ordered (c, ph, pw) like the conv wei
   splits into a per-row part (which image, which patch) plus a per-column part (c, ph, pw);
 - uint8 images are converted and normalised in the load, x = (img / 255 − mean[c]) / std[c],
   folded into a per-column scale and shift; float images get (img − mean[c]) / std[c] the same way;
-- the epilogue adds bias and pos_embed and writes token n at row prefix + n; the tile that holds
-  token 0 of an image also writes that image's CLS row, so there is no torch.cat.
+- the epilogue adds bias and pos_embed and writes token n at row P + n; the tile that holds token 0
+  of an image also writes that image's P prefix rows, so there is no torch.cat.
 Dtypes: images uint8 / fp16 / bf16 / fp32; weight (the compute and output dtype) fp16 / bf16 / fp32;
 accumulation in fp32.
 """
@@ -80,8 +84,8 @@ def _prune_configs(configs, named_args, **kwargs):
 # The flags are in the key too: normalising in the load (IS_UINT8, HAS_MEAN, HAS_STD) adds a converted
 # tile to the shared memory the prune counts, and the epilogue flags change the registers.
 @triton.autotune(configs=_configs(),
-                 key=["M_BUCKET", "D", "K", "PATCH", "HAS_BIAS", "HAS_CLS", "HAS_POS", "HAS_MEAN", "HAS_STD",
-                      "IS_UINT8", "DOT_PRECISION"],
+                 key=["M_BUCKET", "D", "K", "PATCH", "HAS_BIAS", "PREFIX", "HAS_POS", "POS_PREFIX", "HAS_MEAN",
+                      "HAS_STD", "IS_UINT8", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("patch_embed"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -89,8 +93,8 @@ def _patch_embed_kernel(
     img_ptr,     # [B, C, H, W] uint8 / fp16 / bf16 / fp32, any strides
     w_ptr,       # [D, C, P, P] compute dtype, any strides
     bias_ptr,    # [D]          (when HAS_BIAS)
-    cls_ptr,     # [D]          (when HAS_CLS; cls_token [1, 1, D] read by its last stride)
-    pos_ptr,     # [T, D]       (when HAS_POS; T = prefix + N)
+    pre_ptr,     # [PREFIX, D]  prefix tokens (class, registers, distillation), when PREFIX > 0
+    pos_ptr,     # [T, D]       (when HAS_POS; T = PREFIX + N with POS_PREFIX, else N)
     mean_ptr,    # [C]          (when HAS_MEAN)
     std_ptr,     # [C]          (when HAS_STD)
     out_ptr,     # [B, T, D]    weight's dtype
@@ -99,10 +103,10 @@ def _patch_embed_kernel(
     N_TOK, GRID_W,  # N = (H/P)·(W/P) patches per image, W/P patches per grid row
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wd, stride_wc, stride_wh, stride_ww,
-    stride_bias, stride_cls, stride_pt, stride_pd, stride_mean, stride_std,
+    stride_bias, stride_pre_t, stride_pre_d, stride_pt, stride_pd, stride_mean, stride_std,
     stride_ob, stride_ot, stride_od,
     PATCH: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREFIX: tl.constexpr, HAS_POS: tl.constexpr, POS_PREFIX: tl.constexpr,
     HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, IS_UINT8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -155,48 +159,54 @@ def _patch_embed_kernel(
         w = tl.load(w_ptr + w_col[:, None] + w_row[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)          # [BLOCK_M, BLOCK_N] fp32
 
-    prefix = 1 if HAS_CLS else 0
-    row = n + prefix                                                   # token row in the output
+    row = n + PREFIX                                                   # token row in the output
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
     if HAS_POS:
-        pos = tl.load(pos_ptr + row[:, None] * stride_pt + offs_n[None, :] * stride_pd, mask=mask, other=0)
+        pos_row = row if POS_PREFIX else n                             # the table's row for token n
+        pos = tl.load(pos_ptr + pos_row[:, None] * stride_pt + offs_n[None, :] * stride_pd, mask=mask, other=0)
         acc += pos.to(tl.float32)
     out_b = b * stride_ob
     out_offs = out_b[:, None] + row.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_od
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    if HAS_CLS:
-        # The row tile holding token 0 of image b also writes b's CLS row (row 0).
-        cls = tl.load(cls_ptr + offs_n * stride_cls, mask=mask_n, other=0).to(tl.float32)
-        if HAS_POS:
-            cls += tl.load(pos_ptr + offs_n * stride_pd, mask=mask_n, other=0).to(tl.float32)
-        cls_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cls[None, :]
-        cls_offs = out_b[:, None] + offs_n[None, :] * stride_od
-        tl.store(out_ptr + cls_offs, cls_tile.to(out_ptr.dtype.element_ty), mask=mask & (n == 0)[:, None])
+    # The row tile holding token 0 of image b also writes b's prefix rows 0 .. PREFIX - 1.
+    for p in tl.static_range(PREFIX):
+        tok = tl.load(pre_ptr + p * stride_pre_t + offs_n * stride_pre_d, mask=mask_n, other=0).to(tl.float32)
+        if HAS_POS and POS_PREFIX:
+            tok += tl.load(pos_ptr + p * stride_pt + offs_n * stride_pd, mask=mask_n, other=0).to(tl.float32)
+        tok_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + tok[None, :]
+        tok_offs = out_b[:, None] + p * stride_ot + offs_n[None, :] * stride_od
+        tl.store(out_ptr + tok_offs, tok_tile.to(out_ptr.dtype.element_ty), mask=mask & (n == 0)[:, None])
 
 
 def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                cls_token: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
+                prefix_tokens: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, *, pos_embed_prefix: bool = True) -> torch.Tensor:
     """Launch the fused patch embedding (see the module docstring); arguments as
     `vitfast.ops.patch_embed`, which validates them. images [B, C, H, W], weight [D, C, P, P],
-    bias [D], cls_token [1, 1, D] or [D], pos_embed [1, T, D] or [T, D], mean/std [C];
-    out: optional preallocated [B, T, D] in weight's dtype. Returns out."""
+    bias [D], prefix_tokens [1, NP, D], [NP, D] or [D] (one class token), pos_embed [1, T', D] or
+    [T', D] with T' = NP + N rows (pos_embed_prefix) or N, mean/std [C]; out: optional preallocated
+    [B, NP + N, D] in weight's dtype. Returns out."""
     B, C, H, W = images.shape
     D, Cw, P, Pw = weight.shape
     if Cw != C or Pw != P or H % P or W % P:
         raise ValueError(f"patch_embed: images {tuple(images.shape)} do not fit weight {tuple(weight.shape)}")
     grid_w = W // P
     n_tok = (H // P) * grid_w
-    T = n_tok + (1 if cls_token is not None else 0)
+    prefix = None if prefix_tokens is None else prefix_tokens.reshape(-1, prefix_tokens.shape[-1])  # (NP, D)
+    n_prefix = 0 if prefix is None else prefix.shape[0]
+    T = n_tok + n_prefix
     if pos_embed is not None:
-        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])            # (T, D), a view
-        if tuple(pos_embed.shape) != (T, D):
-            raise ValueError(f"patch_embed: pos_embed expected ({T}, {D}), got {tuple(pos_embed.shape)}")
-    for name, t, size in (("bias", bias, D), ("cls_token", cls_token, D), ("mean", mean, C), ("std", std, C)):
+        pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])            # (T', D), a view
+        rows = n_tok + (n_prefix if pos_embed_prefix else 0)
+        if tuple(pos_embed.shape) != (rows, D):
+            raise ValueError(f"patch_embed: pos_embed expected ({rows}, {D}), got {tuple(pos_embed.shape)}")
+    if prefix is not None and prefix.shape[1] != D:
+        raise ValueError(f"patch_embed: prefix_tokens expected rows of {D}, got shape {tuple(prefix_tokens.shape)}")
+    for name, t, size in (("bias", bias, D), ("mean", mean, C), ("std", std, C)):
         if t is not None and t.numel() != size:
             raise ValueError(f"patch_embed: {name} expected {size} values, got shape {tuple(t.shape)}")
     if out is None:
@@ -207,8 +217,8 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if out.numel() == 0:
         return out
 
-    vec = lambda t: t.reshape(-1) if t is not None else None             # [1, 1, D] / [C] -> 1-D views
-    cls_v, mean_v, std_v = vec(cls_token), vec(mean), vec(std)
+    vec = lambda t: t.reshape(-1) if t is not None else None             # [C] -> 1-D views
+    mean_v, std_v = vec(mean), vec(std)
     stride0 = lambda t: t.stride(0) if t is not None else 0
     dummy = weight   # stands in for absent optional tensors; never read (the HAS_* flag is off)
     use_tf32 = weight.dtype == torch.float32 and images.is_cuda and tf32_enabled()
@@ -216,18 +226,19 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     _patch_embed_kernel[grid](
         images, weight,
-        bias if bias is not None else dummy, cls_v if cls_v is not None else dummy,
+        bias if bias is not None else dummy, prefix if prefix is not None else dummy,
         pos_embed if pos_embed is not None else dummy,
         mean_v if mean_v is not None else dummy, std_v if std_v is not None else dummy,
         out,
         M, D, K, triton.next_power_of_2(M), n_tok, grid_w,
         *images.stride(), *weight.stride(),
-        stride0(bias), stride0(cls_v),
+        stride0(bias), *(prefix.stride() if prefix is not None else (0, 0)),
         pos_embed.stride(0) if pos_embed is not None else 0, pos_embed.stride(1) if pos_embed is not None else 0,
         stride0(mean_v), stride0(std_v),
         *out.stride(),
         PATCH=P,
-        HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
+        HAS_BIAS=bias is not None, PREFIX=n_prefix, HAS_POS=pos_embed is not None,
+        POS_PREFIX=bool(pos_embed_prefix) and n_prefix > 0,
         HAS_MEAN=mean is not None, HAS_STD=std is not None, IS_UINT8=images.dtype == torch.uint8,
         DOT_PRECISION="tf32" if use_tf32 else "ieee",
     )

@@ -199,13 +199,13 @@ def test_optimize_timm_tree_shares_parameters_and_matches():
 
 
 @pytest.mark.parametrize("feature, mutate", [
-    ("register tokens", lambda m: setattr(m, "num_reg_tokens", 4)),
-    ("layer-scale", lambda m: setattr(m.blocks[1], "ls1", LayerScale(32))),
+    ("blocks differ in layer-scale", lambda m: setattr(m.blocks[1], "ls1", LayerScale(32))),
     ("qk-norm", lambda m: setattr(m.blocks[0].attn, "q_norm", nn.LayerNorm(16))),
-    ("no_embed_class", lambda m: setattr(m, "no_embed_class", True)),
     ("no position embedding", lambda m: setattr(m, "pos_embed", None)),
-    ("norm_pre", lambda m: setattr(m, "norm_pre", nn.LayerNorm(32))),
-    (r"global_pool='map'", lambda m: setattr(m, "global_pool", "map")),
+    (r"global_pool='avgmax'", lambda m: setattr(m, "global_pool", "avgmax")),
+    ("pool_include_prefix=True", lambda m: setattr(m, "pool_include_prefix", True)),
+    (r"attn_pool: NoneType \(only timm's AttentionPoolLatent\)", lambda m: setattr(m, "global_pool", "map")),
+    (r"patch_embed.proj without bias \(without pre_norm\)", lambda m: setattr(m.patch_embed.proj, "bias", None)),
     (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
     (r"blocks.1.norm2: RMSNorm", lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
     ("LayerNorms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
@@ -215,6 +215,37 @@ def test_timm_unsupported_features_are_named(feature, mutate):
     mutate(model)
     with pytest.raises(UnsupportedFeatureError, match=feature):
         vitfast.optimize(model)
+
+
+# timm's kwargs of DINOv2, DINOv2 with registers, CLIP, SigLIP and DeiT distilled, on the reference ViT
+# (timm's module tree and class names), converted and compared on the CPU.
+TIMM_FAMILIES = {
+    "dinov2_reg4": dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=0.5,
+                        reg_tokens=4, no_embed_class=True, num_classes=0),
+    "clip_quickgelu": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, pre_norm=True,
+                           norm_eps=1e-5, act_layer="quick_gelu", num_classes=5),
+    "siglip_map": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, class_token=False,
+                       global_pool="map", num_classes=0),
+    "deit_distilled": dict(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2, num_classes=4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_FAMILIES))
+def test_optimize_timm_families(case):
+    cls = reference.VisionTransformerDistilled if case == "deit_distilled" else reference.VisionTransformer
+    src = cls(**TIMM_FAMILIES[case]).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src64 = copy.deepcopy(src).double()
+    opt = vitfast.optimize(src)
+    assert type(opt).__name__ == cls.__name__ and all(a is b for a, b in zip(opt.parameters(), src.parameters()))
+    x = torch.randn(2, 3, *reference.to_2tuple(TIMM_FAMILIES[case]["img_size"]))
+    with torch.no_grad():
+        assert_close(opt(x), src64(x.double()), eager=src(x))
+        assert_close(opt.forward_head(opt.forward_features(x), pre_logits=True),
+                     src64.forward_head(src64.forward_features(x.double()), pre_logits=True),
+                     eager=src.forward_head(src.forward_features(x), pre_logits=True), name="pre_logits")
 
 
 def test_timm_drop_path_only_refused_in_train_mode():
@@ -304,13 +335,39 @@ def test_timm_unsupported_features_are_named_on_real_timm():
     pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     base = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    for kw, feature in ((dict(reg_tokens=4), "register tokens"), (dict(qk_norm=True), "qk-norm"),
-                        (dict(init_values=1e-5), "layer-scale"), (dict(global_pool="map"), "global_pool='map'"),
-                        (dict(no_embed_class=True), "no_embed_class"), (dict(pre_norm=True), "pre_norm")):
+    for kw, feature in ((dict(qk_norm=True), "qk-norm"), (dict(global_pool="avgmax"), "global_pool='avgmax'"),
+                        (dict(scale_mlp_norm=True), "scale_mlp_norm")):
         with pytest.raises(UnsupportedFeatureError, match=feature):
             vitfast.optimize(TimmViT(**base, **kw).eval())
     with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(blocks.0.attn.attn_drop\)"):
         vitfast.optimize(TimmViT(**base, attn_drop_rate=0.1).train())
+
+
+# One timm name per family, at 2 blocks (and a narrower width for the wide ones): fp32 against timm in
+# float64, bf16 within 2x timm's own bf16 error.
+TIMM_FAMILY_NAMES = {"vit_base_patch14_reg4_dinov2": {}, "vit_base_patch16_clip_quickgelu_224": {},
+                     "vit_so400m_patch14_siglip_384": dict(embed_dim=288, num_heads=4),
+                     "deit_small_distilled_patch16_224": {}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TIMM_FAMILY_NAMES))
+def test_optimize_timm_families_equal_timm(name, no_tf32):
+    timm = pytest.importorskip("timm")
+    src = _perturb(timm.create_model(name, pretrained=False, depth=2, **TIMM_FAMILY_NAMES[name])).cuda().eval()
+    src64 = copy.deepcopy(src).double()
+    opt = vitfast.optimize(src)
+    assert type(opt).__name__ == type(src).__name__
+    x = torch.randn(2, 3, *src.patch_embed.img_size, device="cuda")
+    with torch.no_grad():
+        ref, eager = src64(x.double()), src(x)
+        assert_close(opt(x), ref, eager=eager)
+        feats = opt.forward_head(opt.forward_features(x), pre_logits=True)
+        assert_close(feats, src64.forward_head(src64.forward_features(x.double()), pre_logits=True),
+                     eager=src.forward_head(src.forward_features(x), pre_logits=True), name="pre_logits")
+        low = copy.deepcopy(src).to(torch.bfloat16)
+        out = vitfast.optimize(low)(x.to(torch.bfloat16))
+        assert_close(out, ref, dtype=torch.bfloat16, eager=low(x.to(torch.bfloat16)), name="bf16")
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import torch
 import vitfast
 from vitfast import layers, reference
 from vitfast.configs import CONFIGS
+from vitfast.data import data_config
 from vitfast.testing import assert_close, rel_err
 
 F64 = torch.float64
@@ -182,8 +183,12 @@ def test_bad_inputs_give_clear_errors():
     model = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(ValueError, match="built for 32x32 images, got 48x48; pass dynamic_img_size=True"):
         model(torch.randn(1, 3, 48, 48))
-    with pytest.raises(ValueError, match="divisible by the patch size"):
+    with pytest.raises(ValueError, match="built for 32x32 images, got 40x32"):
         model(torch.randn(1, 3, 40, 32))
+    dynamic = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                        dynamic_img_size=True)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        dynamic(torch.randn(1, 3, 40, 32))
     with pytest.raises(ValueError, match="expected 3 channels, got 1"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="4-D tensor"):
@@ -212,6 +217,118 @@ def test_model_zoo():
     assert small.blocks[0].attn.num_heads == 6 and small.embed_dim == 384
     with pytest.raises(ValueError, match="unknown model name 'vit_nope'"):
         vitfast.create_model("vit_nope")
+
+
+# --------------------------------------------------------------------------------------------
+# The families of issue "The ViTs people run today": timm's kwargs, small sizes
+# --------------------------------------------------------------------------------------------
+FAMILIES = {  # name -> (distilled, kwargs, image size fed in)
+    "dinov2_layer_scale": (False, dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2,
+                                       init_values=0.3, num_classes=0), None),
+    "dinov2_reg4_dynamic": (False, dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3,
+                                        init_values=0.3, reg_tokens=4, no_embed_class=True, num_classes=5,
+                                        dynamic_img_size=True), (42, 28)),
+    "clip_quickgelu_pre_norm": (False, dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2,
+                                            pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu",
+                                            num_classes=7), None),
+    "siglip_map_head": (False, dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3,
+                                    class_token=False, global_pool="map", act_layer="gelu_tanh",
+                                    num_classes=0), None),
+    # so400m-like: head dim 72, mlp ratio 3.7362, and an image size that is not a multiple of the patch
+    # (40 px at patch 16: 2 x 2 patches, the last 8 rows / columns dropped as timm's convolution does)
+    "so400m_head_dim_72_crop": (False, dict(img_size=40, patch_size=16, embed_dim=144, depth=1, num_heads=2,
+                                            mlp_ratio=3.7362, class_token=False, global_pool="map",
+                                            num_classes=4), None),
+    "deit_distilled": (True, dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2,
+                                  num_classes=6), None),
+    "no_final_norm_avg": (False, dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                      global_pool="avg", final_norm=False, num_classes=3), None),
+}
+
+
+def family_pair(distilled, kw):
+    """A random vitfast model and the reference with its weights, in fp32 and fp64."""
+    Fast = vitfast.model.VisionTransformerDistilled if distilled else vitfast.VisionTransformer
+    Ref = reference.VisionTransformerDistilled if distilled else reference.VisionTransformer
+    model = Fast(**kw).eval()
+    with torch.no_grad():   # every weight non-trivial: layer-scales, latent, prefix tokens included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref, ref64 = Ref(**kw).eval(), Ref(**kw).double().eval()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    ref64.load_state_dict(model.state_dict(), strict=True)
+    return model, ref, ref64
+
+
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_families_equal_the_reference(case):
+    distilled, kw, size = FAMILIES[case]
+    model, ref, ref64 = family_pair(distilled, kw)
+    x = images(kw, size=size)
+    with torch.no_grad():
+        assert_close(model(x), ref64(x.double()), eager=ref(x))
+        feats = model.forward_features(x)
+        assert_close(feats, ref64.forward_features(x.double()), eager=ref.forward_features(x), name="features")
+        assert_close(model.forward_head(feats, pre_logits=True),
+                     ref64.forward_head(ref64.forward_features(x.double()), pre_logits=True),
+                     eager=ref.forward_head(ref.forward_features(x), pre_logits=True), name="pre_logits")
+    gh, gw = model.patch_embed.grid_for(reference.crop_to_patches(x, model.patch_embed.patch_size))
+    assert feats.shape == (2, model.num_prefix_tokens + gh * gw, kw["embed_dim"])
+
+
+def test_family_state_dict_keys_are_timms():
+    """The keys timm's VisionTransformer (and DeiT's distilled one) has for these features."""
+    _, kw, _ = FAMILIES["dinov2_reg4_dynamic"]
+    keys = set(vitfast.VisionTransformer(**kw).state_dict())
+    assert {"reg_token", "blocks.0.ls1.gamma", "blocks.1.ls2.gamma", "cls_token"} <= keys
+    assert vitfast.VisionTransformer(**kw).pos_embed.shape == (1, 4, 48)         # patches only: no_embed_class
+    keys = set(vitfast.VisionTransformer(**FAMILIES["clip_quickgelu_pre_norm"][1]).state_dict())
+    assert {"norm_pre.weight", "norm_pre.bias"} <= keys and "patch_embed.proj.bias" not in keys
+    keys = set(vitfast.VisionTransformer(**FAMILIES["siglip_map_head"][1]).state_dict())
+    assert {"attn_pool.latent", "attn_pool.q.weight", "attn_pool.kv.bias", "attn_pool.proj.weight",
+            "attn_pool.norm.weight", "attn_pool.mlp.fc1.weight", "attn_pool.mlp.fc2.bias"} <= keys
+    assert "cls_token" not in keys and "norm.weight" in keys
+    distilled = vitfast.model.VisionTransformerDistilled(**FAMILIES["deit_distilled"][1])
+    assert {"dist_token", "head_dist.weight", "head_dist.bias"} <= set(distilled.state_dict())
+    assert distilled.pos_embed.shape == (1, 2 + 4, 48)
+
+
+def test_registers_keep_the_class_attention_row():
+    """With register tokens the class token is still row 0: return_cls_attn reads its softmax row."""
+    _, kw, _ = FAMILIES["dinov2_reg4_dynamic"]
+    model, _, ref64 = family_pair(False, kw)
+    x = images(kw, size=(42, 28))
+    with torch.no_grad():
+        _, attns = model(x, return_cls_attn=True)
+        t = ref64.blocks[0].norm1(ref64.norm_pre(reference.patch_embed(
+            x.double(), ref64.patch_embed.proj.weight, ref64.patch_embed.proj.bias, ref64.prefix_tokens(),
+            ref64._pos_embed_for(42, 28), None, None, False)))
+        qkv = reference.linear(t, ref64.blocks[0].attn.qkv.weight, ref64.blocks[0].attn.qkv.bias)
+        want = reference.attention_qkv(qkv, 3, return_cls_attn=True)[1]
+    assert attns[0].shape == (2, 3, 5 + 6)
+    assert_close(attns[0], want, dtype=torch.float32)
+
+
+def test_family_model_zoo_and_bad_configs():
+    with torch.device("meta"):
+        deit = vitfast.create_model("deit_base_distilled_patch16_224")
+        siglip = vitfast.create_model("vit_so400m_patch14_siglip_384")
+    assert isinstance(deit, vitfast.model.VisionTransformerDistilled) and deit.num_prefix_tokens == 2
+    assert siglip.patch_embed.grid_size == (27, 27) and siglip.attn_pool.head_dim == 72
+    # each name carries the eval data configuration of timm's default weights (what predict normalises with)
+    assert data_config(siglip) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9}
+    assert data_config(deit)["mean"] == (0.485, 0.456, 0.406)
+    with torch.device("meta"):
+        clip, dino = vitfast.create_model("vit_base_patch16_clip_224"), vitfast.create_model("vit_small_patch14_dinov2")
+    assert data_config(clip) == {"mean": (0.48145466, 0.4578275, 0.40821073),
+                                 "std": (0.26862954, 0.26130258, 0.27577711), "crop_pct": 0.95}
+    assert data_config(dino)["crop_pct"] == 1.0 and dino.patch_embed.img_size == (518, 518)
+    with pytest.raises(ValueError, match="global_pool='token' and class_token=True"):
+        vitfast.model.VisionTransformerDistilled(global_pool="avg")
+    with pytest.raises(ValueError, match="act_layer must be one of"):
+        vitfast.VisionTransformer(act_layer="swiglu")
+    with pytest.raises(ValueError, match="reg_tokens must be an int >= 0"):
+        vitfast.VisionTransformer(reg_tokens=-1)
 
 
 @pytest.mark.gpu

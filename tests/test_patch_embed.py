@@ -141,7 +141,11 @@ def test_patch_embed_opcheck(kind, device):
                                                                         device=device)
     for t in (weight, bias, cls_token, pos_embed):
         t.requires_grad_()
-    torch.library.opcheck(ops._patch_embed_op, (images, weight, bias, cls_token, pos_embed, mean, std))
+    torch.library.opcheck(ops._patch_embed_op, (images, weight, bias, cls_token, pos_embed, mean, std, True))
+    # registers without position rows (DINOv2-reg): 1 + 4 prefix rows, the table for the 4 patches only
+    prefix = torch.randn(1, 5, 24, device=device, requires_grad=True)
+    pos = torch.randn(1, 4, 24, device=device, requires_grad=True)
+    torch.library.opcheck(ops._patch_embed_op, (images, weight, bias, prefix, pos, mean, std, False))
 
 
 def _bad(**changes):
@@ -280,3 +284,44 @@ def test_cpu_path_picks_conv_or_gemm_once_per_shape_and_both_are_right(P, monkey
         assert out.is_contiguous()
         assert_close(out, want, dtype=torch.float32, name=("conv2d", "gemm")[path])
     assert len(ops._PATCH_EMBED_PATHS) == 1
+
+
+# Prefix tokens beyond the class token: DINOv2 with registers (class + 4 registers, position rows for
+# the patches only: timm's no_embed_class), DeiT distilled (class + distillation token, position rows
+# for both), and registers without a class token.
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "u8_fp32"])
+@pytest.mark.parametrize("n_prefix,pos_prefix,P,H,W", [(5, False, 14, 28, 42), (2, True, 16, 32, 48),
+                                                        (4, False, 8, 24, 16), (3, True, 8, 16, 16)])
+def test_prefix_tokens_with_and_without_position_rows(kind, n_prefix, pos_prefix, P, H, W, device):
+    images, weight, bias, _, _, mean, std = make_inputs(2, 3, H, W, P, 40, kind, False, False, device=device)
+    dtype = weight.dtype
+    N = (H // P) * (W // P)
+    prefix = torch.randn(1, n_prefix, 40, device=device).to(dtype)
+    pos = (torch.randn(1, N + (n_prefix if pos_prefix else 0), 40, device=device) * 0.5).to(dtype)
+    out = poisoned((2, n_prefix + N, 40), dtype, device)
+    got = patch_embed_kernels.patch_embed(images, weight, bias, prefix, pos, mean, std, out,
+                                          pos_embed_prefix=pos_prefix)
+    f64 = lambda t: None if t is None else t.detach().to("cpu", torch.float64)
+    imgs = images.cpu() if images.dtype == torch.uint8 else f64(images)
+    want = reference.patch_embed(imgs, f64(weight), f64(bias), f64(prefix), f64(pos), f64(mean), f64(std), pos_prefix)
+    eager = reference.patch_embed(images, weight, bias, prefix, pos, mean, std, pos_prefix)
+    assert_close(got, want, dtype=dtype, eager=eager)
+    assert torch.equal(got, ops.patch_embed(images, weight, bias, prefix_tokens=prefix, pos_embed=pos, mean=mean,
+                                            std=std, pos_embed_prefix=pos_prefix))
+    # the prefix rows are the tokens themselves (plus their position rows when the table has them)
+    rows = prefix[0].double() + (pos[0, :n_prefix].double() if pos_prefix else 0)
+    assert_close(got[:, :n_prefix].cpu(), rows.cpu().expand(2, -1, -1), dtype=dtype, name="prefix rows")
+
+
+def test_prefix_token_errors():
+    kw = _bad(cls_token=None, pos_embed=torch.randn(1, 4, 24))
+    with pytest.raises(ValueError, match="prefix_tokens: expected None when cls_token is given"):
+        ops.patch_embed(**_bad(), prefix_tokens=torch.randn(1, 2, 24))
+    with pytest.raises(ValueError, match=r"prefix_tokens: expected shape \(1, NP, 24\) or \(NP, 24\)"):
+        ops.patch_embed(**kw, prefix_tokens=torch.randn(2, 2, 24), pos_embed_prefix=False)
+    with pytest.raises(ValueError, match=r"pos_embed: expected length 7 = 3 prefix"):
+        ops.patch_embed(**kw, prefix_tokens=torch.randn(1, 3, 24))
+    with pytest.raises(ValueError, match="pos_embed_prefix: expected a bool"):
+        ops.patch_embed(**kw, prefix_tokens=torch.randn(1, 3, 24), pos_embed_prefix="no")
+    out = ops.patch_embed(**kw, prefix_tokens=torch.randn(1, 3, 24), pos_embed_prefix=False)
+    assert out.shape == (2, 7, 24)

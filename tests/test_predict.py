@@ -17,13 +17,16 @@ from PIL import Image
 
 import vitfast
 from vitfast import attention_map, predict, reference
-from vitfast.data import IMAGENET_MEAN, IMAGENET_STD, discover_images, eval_resize_size, load_image
+from vitfast.configs import DATA_CONFIGS
+from vitfast.data import discover_images, eval_resize_size, load_image
 from vitfast.engine import InferenceEngine
 from vitfast.testing import assert_close
 
 NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 MODEL_ARGS = ["--model", NAME, "--model-kwargs", json.dumps(TINY)]
+# The model's own data configuration (timm's default weights of NAME): what predict normalises with.
+MEAN, STD = DATA_CONFIGS[NAME]["mean"], DATA_CONFIGS[NAME]["std"]
 CLASSES = ["cat", "dog", "fish", "bird", "ant"]
 N_GOOD, BATCH, TOPK = 36, 8, 3
 
@@ -109,12 +112,12 @@ def expected(workdir):
     paths = [p for p in discover_images([str(root / "imgs")]) if p not in corrupt]
     model = vitfast.create_model(NAME, checkpoint_path=str(ckpt), **TINY).eval()
     u8 = torch.stack([load_image(p, 32) for p in paths])
-    x = reference.normalize_images(u8, torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD), torch.float32)
+    x = reference.normalize_images(u8, torch.tensor(MEAN), torch.tensor(STD), torch.float32)
     with torch.no_grad():
         logits = model(x)
         feats = model.forward_head(model.forward_features(x), pre_logits=True)
     ref = tiny_reference_model().double()
-    x64 = reference.normalize_images(u8, torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD), torch.float64)
+    x64 = reference.normalize_images(u8, torch.tensor(MEAN), torch.tensor(STD), torch.float64)
     with torch.no_grad():
         ref_logits = ref(x64)
     return paths, logits, feats, ref_logits
@@ -301,7 +304,7 @@ def test_attention_map_png_and_cls_maps_equal_reference(workdir, tmp_path):
     # reference: softmax(q kᵀ·scale) of the last layer, CLS query row, over the patch keys (float64)
     ref = tiny_reference_model().double()
     u8 = load_image(str(image), 32)[None]
-    x = reference.normalize_images(u8, torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD), torch.float64)
+    x = reference.normalize_images(u8, torch.tensor(MEAN), torch.tensor(STD), torch.float64)
     pe = ref.patch_embed
     probs = []
     with torch.no_grad():

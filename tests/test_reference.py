@@ -14,7 +14,8 @@ from vitfast.testing import rel_err
 
 transformers = pytest.importorskip("transformers")
 
-# timm's parameter counts (timm.create_model(name).num_params, 1000 classes).
+# timm's parameter counts: timm.create_model(name).num_params with timm's default configuration of the
+# name (its image size and class count), read with timm 1.0.31.
 TIMM_PARAMS = {
     "vit_tiny_patch16_224": 5_717_416,
     "vit_small_patch16_224": 22_050_664,
@@ -23,7 +24,28 @@ TIMM_PARAMS = {
     "vit_base_patch8_224": 86_576_872,
     "vit_base_patch16_384": 86_859_496,
     "vit_large_patch16_224": 304_326_632,
-    "vit_huge_patch14_224": 632_045_800,
+    "vit_huge_patch14_224": 630_764_800,
+    "vit_small_patch14_dinov2": 22_056_192,
+    "vit_base_patch14_dinov2": 86_579_712,
+    "vit_large_patch14_dinov2": 304_367_616,
+    "vit_small_patch14_reg4_dinov2": 22_057_344,
+    "vit_base_patch14_reg4_dinov2": 86_582_016,
+    "vit_large_patch14_reg4_dinov2": 304_370_688,
+    "vit_base_patch16_clip_224": 86_568_424,
+    "vit_base_patch16_clip_quickgelu_224": 86_193_152,
+    "vit_large_patch14_clip_224": 304_204_776,
+    "vit_large_patch14_clip_quickgelu_224": 303_966_976,
+    "vit_base_patch16_siglip_224": 92_884_224,
+    "vit_base_patch16_siglip_256": 92_930_304,
+    "vit_base_patch16_siglip_384": 93_176_064,
+    "vit_so400m_patch14_siglip_224": 427_680_704,
+    "vit_so400m_patch14_siglip_384": 428_225_600,
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_base_patch16_224": 86_567_656,
+    "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_distilled_patch16_224": 87_338_192,
 }
 
 
@@ -237,8 +259,12 @@ def test_global_pool_avg_excludes_cls_token():
 
 def test_bad_images_give_clear_errors():
     model = reference.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="divisible by the patch size"):
+    with pytest.raises(ValueError, match="built for 32x32 images, got 40x32"):
         model(torch.randn(1, 3, 40, 32))
+    dynamic = reference.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                          dynamic_img_size=True)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        dynamic(torch.randn(1, 3, 40, 32))
     with pytest.raises(ValueError, match="expected 3 channels, got 1"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="built for 32x32 images, got 48x48"):

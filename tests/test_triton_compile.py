@@ -98,13 +98,16 @@ def launch_linear(c):
 
 def launch_patch_embed(c):
     P, D, img_dt, w_dt = c["patch"], 768, DTYPES[c["image"]], DTYPES[c["weight"]]
-    T = (224 // P) ** 2 + 1
+    n_prefix, pos_prefix = c.get("prefix", 1), c.get("pos_prefix", True)    # class (+ registers / distillation)
+    T = (224 // P) ** 2 + (n_prefix if pos_prefix else 0)
     images = torch.empty(8, 3, 224, 224, dtype=img_dt)   # (B, C, H, W)
     w = torch.empty(D, 3, P, P, dtype=w_dt)
-    b, cls, pos = torch.empty(D, dtype=w_dt), torch.empty(1, 1, D, dtype=w_dt), torch.empty(1, T, D, dtype=w_dt)
+    b, pre, pos = (torch.empty(D, dtype=w_dt), torch.empty(1, n_prefix, D, dtype=w_dt),
+                   torch.empty(1, T, D, dtype=w_dt))
     # uint8 images are normalised in the kernel (the engine's path); float images arrive normalised.
     mean, std = (torch.empty(3), torch.empty(3)) if img_dt == torch.uint8 else (None, None)
-    return patch_embed._patch_embed_kernel, lambda: patch_embed.patch_embed(images, w, b, cls, pos, mean, std)
+    return patch_embed._patch_embed_kernel, lambda: patch_embed.patch_embed(images, w, b, pre, pos, mean, std,
+                                                                            pos_embed_prefix=pos_prefix)
 
 
 LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed}
@@ -243,6 +246,9 @@ def _cases():
     for image, patch in (("uint8", 16), ("uint8", 14), ("bf16", 16), ("bf16", 14)):
         cases.append(_variant("patch_embed", f"{image}-p{patch}", "bf16",
                               {"image": image, "weight": "bf16", "patch": patch}))
+    # DINOv2 with registers: class + 4 register rows, position rows for the patches only.
+    cases.append(_variant("patch_embed", "uint8-p14-reg4", "bf16",
+                          {"image": "uint8", "weight": "bf16", "patch": 14, "prefix": 5, "pos_prefix": False}))
     return cases
 
 

@@ -4,9 +4,9 @@ from vitfast import ops, reference
 from vitfast.configs import CONFIGS
 from vitfast.convert import optimize
 from vitfast.engine import InferenceEngine as InferenceEngine
-from vitfast.model import VisionTransformer, create_model, list_models
+from vitfast.model import VisionTransformer, VisionTransformerDistilled, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "VisionTransformer", "create_model", "list_models", "optimize", "CONFIGS",
-           "__version__"]
+__all__ = ["ops", "reference", "VisionTransformer", "VisionTransformerDistilled", "create_model", "list_models",
+           "optimize", "CONFIGS", "__version__"]

@@ -1,7 +1,9 @@
 """`vitfast.optimize(model)`: a timm, Hugging Face or torchvision ViT -> the same model on vitfast ops.
 
 - timm `VisionTransformer` (and `vitfast.reference.VisionTransformer`, which has timm's tree) ->
-  `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept).
+  `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept),
+  with the features of DINOv2 (layer-scale, registers, no_embed_class), CLIP (pre-norm, QuickGELU,
+  eps), SigLIP (attention pooling); timm's DeiT `VisionTransformerDistilled` -> vitfast's.
 - HF `ViTModel` / `ViTForImageClassification` -> a module with HF's forward arguments that returns
   HF's output object (`BaseModelOutputWithPooling` incl. the pooler, `ImageClassifierOutput` incl.
   the loss when `labels` are given), or its tuple with `return_dict=False`.
@@ -13,8 +15,8 @@ mode and requires_grad are kept. timm, transformers and torchvision are never im
 recognised by their class names and attributes.
 
 A feature vitfast does not implement raises `UnsupportedFeatureError` (a ValueError) naming it:
-register / distillation tokens, no_embed_class, pre-norm, layer-scale, qk-norm, attention pooling,
-non-GELU activations, conv stems, HF masks and attention outputs, ... Dropout and drop-path are
+qk-norm, norm layers inside the attention or MLP, other pooling heads, activations other than GELU and
+QuickGELU, SwiGLU, conv stems, HF masks and attention outputs, ... Dropout and drop-path are
 no-ops in eval mode: converting a model that has them in train mode raises, and a converted model
 refuses to run forward in train mode (`VisionTransformer.train_only_features`).
 """
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.checkpoint import hf_to_timm, torchvision_to_timm
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.model import VisionTransformer
+from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
 
 __all__ = ["optimize", "UnsupportedFeatureError"]
@@ -92,12 +94,12 @@ def _drop_rate(m) -> float:
 
 def _activation(act) -> str | None:
     """vitfast's name for an activation module / name, or None when vitfast has no such epilogue."""
-    if act in ("gelu", "gelu_tanh"):
+    if act in ("gelu", "gelu_tanh", "quick_gelu"):
         return act
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else "gelu_tanh"
     if type(act).__module__.startswith("timm."):       # timm.layers.activations' own classes
-        return {"GELU": "gelu", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+        return {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}.get(type(act).__name__)
     return None
 
 
@@ -129,12 +131,15 @@ class _Findings:
         ok = self.need(isinstance(m, nn.Linear), f"{where}: {type(m).__name__} (expected nn.Linear)")
         return ok and self.need(m.bias is not None or not bias, f"{where} without bias")
 
-    def patchify(self, proj, where: str) -> bool:
+    def patchify(self, proj, where: str, bias: bool = True) -> bool:
+        """A non-overlapping patchify Conv2d, with a bias exactly when `bias` (timm drops it with pre_norm)."""
         ok = isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) and \
             tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1
         ok = self.need(ok, f"{where}: {type(proj).__name__} (expected a non-overlapping patchify Conv2d; "
                            "conv stems are not supported)")
-        return ok and self.need(proj.bias is not None, f"{where} without bias (pre_norm=True, e.g. CLIP)")
+        has = ok and proj.bias is not None
+        return ok and self.need(has == bias, f"{where} {'without' if bias else 'with'} bias "
+                                             f"({'without' if bias else 'with'} pre_norm)")
 
     def uniform(self, values: dict[str, set], where: str = "blocks") -> None:
         for name, seen in values.items():
@@ -160,15 +165,16 @@ def _mlp_ratio(hidden: int, dim: int) -> float:
     return r if int(dim * r) == hidden else (hidden + 0.5) / dim
 
 
-def _build(cfg: dict, state: dict[str, Tensor], source, findings: _Findings) -> VisionTransformer:
-    """A vitfast VisionTransformer built on the meta device whose parameters become `state`'s
-    tensors (nn.Parameters are adopted as they are: shared with the source model)."""
+def _build(cfg: dict, state: dict[str, Tensor], source, findings: _Findings,
+           cls: type = VisionTransformer) -> VisionTransformer:
+    """A vitfast VisionTransformer (or `cls`) built on the meta device whose parameters become
+    `state`'s tensors (nn.Parameters are adopted as they are: shared with the source model)."""
     tensors = list(state.values())
     findings.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
                   f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
     findings.check(source.training)
     with torch.device("meta"):
-        model = VisionTransformer(**cfg)
+        model = cls(**cfg)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -193,42 +199,49 @@ def _build(cfg: dict, state: dict[str, Tensor], source, findings: _Findings) -> 
 # --------------------------------------------------------------------------------------------
 def _from_timm(model: nn.Module) -> VisionTransformer:
     f = _Findings(f"{type(model).__name__}")
-    f.need(type(model).__name__ == "VisionTransformer", f"model class {type(model).__name__} (only timm's "
-                                                        "VisionTransformer)")
-    f.need(not getattr(model, "num_reg_tokens", 0) and getattr(model, "reg_token", None) is None,
-           f"register tokens (reg_tokens={getattr(model, 'num_reg_tokens', '?')})")
-    f.need(getattr(model, "dist_token", None) is None, "distillation token")
-    f.need(not getattr(model, "no_embed_class", False), "no_embed_class=True")
+    distilled = type(model).__name__ == "VisionTransformerDistilled"
+    f.need(type(model).__name__ == "VisionTransformer" or distilled,
+           f"model class {type(model).__name__} (only timm's VisionTransformer and VisionTransformerDistilled)")
+    f.need(not (distilled and getattr(model, "distilled_training", False) and model.training),
+           "distilled_training=True (training with the distillation head's separate output)")
     f.need(isinstance(model.pos_embed, Tensor), "no position embedding (pos_embed='none')")
     gp = getattr(model, "global_pool", "token")
-    f.need(getattr(model, "attn_pool", None) is None and gp in ("token", "avg", ""), f"global_pool={gp!r}")
-    f.need(not (gp == "avg" and getattr(model, "pool_include_prefix", False)), "pool_include_prefix=True")
+    f.need(gp in ("token", "avg", "map", ""), f"global_pool={gp!r}")
+    f.need(not getattr(model, "pool_include_prefix", False), "pool_include_prefix=True")
     pe = model.patch_embed
-    f.patchify(getattr(pe, "proj", None), "patch_embed.proj")
+    pre_norm = not _is_identity(getattr(model, "norm_pre", None))
+    f.patchify(getattr(pe, "proj", None), "patch_embed.proj", bias=not pre_norm)
     f.need(_is_identity(getattr(pe, "norm", None)), "patch_embed.norm (embed_norm_layer)")
     f.need(not getattr(pe, "dynamic_img_pad", False), "dynamic_img_pad=True")
     f.need(getattr(pe, "img_size", None) is not None, "patch_embed without a fixed img_size")
-    f.need(_is_identity(getattr(model, "norm_pre", None)), "norm_pre (pre_norm=True, e.g. CLIP)")
     f.dropout(getattr(model, "pos_drop", None), "pos_drop")
     f.dropout(getattr(model, "patch_drop", None), "patch_drop", "patch dropout")
     f.dropout(getattr(model, "head_drop", None), "head_drop")
 
-    dim = getattr(model, "embed_dim", None) or model.cls_token.shape[-1]
+    dim = getattr(model, "embed_dim", None) or model.pos_embed.shape[-1]
     norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
-    use_fc_norm = not _is_identity(fc_norm)
-    f.need(_is_identity(norm) == use_fc_norm, "final_norm=False" if _is_identity(norm) else "norm and fc_norm both")
-    eps = {f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim)}
-    head = model.head
-    if not _is_identity(head):
-        f.linear(head, "head")
+    use_fc_norm, final_norm = not _is_identity(fc_norm), not (_is_identity(norm) and _is_identity(fc_norm))
+    f.need(_is_identity(norm) or _is_identity(fc_norm), "norm and fc_norm both")
+    eps = set()
+    if pre_norm:
+        eps.add(f.layer_norm_eps(model.norm_pre, "norm_pre", dim))
+    if final_norm:
+        eps.add(f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim))
+    for name in ("head", "head_dist"):
+        if not _is_identity(getattr(model, name, None)):
+            f.linear(getattr(model, name), name)
 
-    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set()}
+    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
+            "layer-scale": set()}
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "Block", f"{w}: block type {type(blk).__name__} (only timm's Block)"):
             continue
-        f.need(_is_identity(getattr(blk, "ls1", None)) and _is_identity(getattr(blk, "ls2", None)),
-               "layer-scale (init_values)")
+        for ls in ("ls1", "ls2"):
+            m = getattr(blk, ls, None)
+            ok = _is_identity(m) or isinstance(getattr(m, "gamma", None), Tensor)
+            if f.need(ok, f"{w}.{ls}: {type(m).__name__} (only timm's LayerScale)"):
+                seen["layer-scale"].add(not _is_identity(m))
         f.dropout(getattr(blk, "drop_path1", None), f"{w}.drop_path1", "drop-path")
         f.dropout(getattr(blk, "drop_path2", None), f"{w}.drop_path2", "drop-path")
         eps |= {f.layer_norm_eps(blk.norm1, f"{w}.norm1", dim), f.layer_norm_eps(blk.norm2, f"{w}.norm2", dim)}
@@ -248,33 +261,57 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
             seen["num_heads"].add(heads)
             seen["qkv bias"].add(attn.qkv.bias is not None)
         if f.need(type(mlp).__name__ == "Mlp", f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp, e.g. no SwiGLU)"):
-            act = _activation(getattr(mlp, "act", None))
-            f.need(act is not None, f"{w}.mlp.act: {type(getattr(mlp, 'act', None)).__name__} (only GELU, exact "
-                                    "or tanh)")
-            f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
-            f.linear(mlp.fc1, f"{w}.mlp.fc1")
-            f.linear(mlp.fc2, f"{w}.mlp.fc2")
-            f.dropout(getattr(mlp, "drop1", None), f"{w}.mlp.drop1")
-            f.dropout(getattr(mlp, "drop2", None), f"{w}.mlp.drop2")
-            seen["activation"].add(act)
-            seen["mlp hidden size"].add(getattr(mlp.fc1, "out_features", None))
+            _timm_mlp(f, mlp, f"{w}.mlp", seen)
+    pool = getattr(model, "attn_pool", None)
+    if gp == "map" and f.need(type(pool).__name__ == "AttentionPoolLatent",
+                              f"attn_pool: {type(pool).__name__} (only timm's AttentionPoolLatent)"):
+        f.need(getattr(pool, "latent_len", 1) == 1 and getattr(pool, "pool", "token") == "token"
+               and getattr(pool, "pos_embed", None) is None and isinstance(getattr(pool, "q", None), nn.Linear)
+               and _is_identity(getattr(pool, "q_norm", None)) and _is_identity(getattr(pool, "k_norm", None))
+               and getattr(pool, "mlp", None) is not None and pool.num_heads in seen["num_heads"],
+               "attn_pool options (only one latent query with its q projection, token pooling, no qk-norm "
+               "or position table, an MLP, the blocks' number of heads)")
+        for name in ("q", "kv", "proj"):
+            f.linear(getattr(pool, name, None), f"attn_pool.{name}")
+        eps.add(f.layer_norm_eps(pool.norm, "attn_pool.norm", dim))
+        f.dropout(getattr(pool, "proj_drop", None), "attn_pool.proj_drop")
+        if getattr(pool, "mlp", None) is not None:
+            _timm_mlp(f, pool.mlp, "attn_pool.mlp", seen)
     f.uniform(seen)
     f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
     f.check(model.training)
 
     proj, hidden = pe.proj, seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
     cfg = dict(img_size=pe.img_size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
-               num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=dim,
+               num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0, embed_dim=dim,
                depth=len(model.blocks), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=seen["qkv bias"].pop() if seen["qkv bias"] else True,
                class_token=getattr(model, "cls_token", None) is not None, global_pool=gp, fc_norm=use_fc_norm,
                dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-               act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop())
-    out = _build(cfg, model.state_dict(keep_vars=True), model, f)
+               act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop(),
+               init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
+               reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
+               no_embed_class=bool(getattr(model, "no_embed_class", False)), pre_norm=pre_norm, final_norm=final_norm)
+    out = _build(cfg, model.state_dict(keep_vars=True), model, f,
+                 VisionTransformerDistilled if distilled else VisionTransformer)
     for attr in ("pretrained_cfg", "default_cfg"):
         if hasattr(model, attr):
             setattr(out, attr, getattr(model, attr))
     return out
+
+
+def _timm_mlp(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
+    """Check one timm Mlp (a block's or the attention pool's); its activation and width go to `seen`."""
+    act = _activation(getattr(mlp, "act", None))
+    f.need(act is not None, f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (only GELU, exact or tanh, "
+                            "and QuickGELU)")
+    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
+    f.linear(mlp.fc1, f"{where}.fc1")
+    f.linear(mlp.fc2, f"{where}.fc2")
+    f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
+    f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
+    seen["activation"].add(act)
+    seen["mlp hidden size"].add(getattr(mlp.fc1, "out_features", None))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from vitfast import ops, reference
+from vitfast import reference
 from vitfast.data import data_config
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.model import create_model
@@ -82,7 +82,7 @@ class InferenceEngine:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        for attr in ("patch_embed", "pos_embed", "blocks", "norm", "forward_head", "head"):
+        for attr in ("embed", "patch_embed", "pos_embed", "blocks", "norm", "forward_head", "head"):
             if not hasattr(model, attr):
                 raise ValueError(f"model: expected a timm-style ViT with a `{attr}` attribute, "
                                  f"got {type(model).__name__}")
@@ -121,9 +121,7 @@ class InferenceEngine:
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images [B, 3, H, W] on the device -> (features [B, F], logits [B, K]), float32."""
         m = self.model
-        proj = m.patch_embed.proj
-        x = ops.patch_embed(images, proj.weight, proj.bias, cls_token=getattr(m, "cls_token", None),
-                            pos_embed=self._pos_embed, mean=self.mean, std=self.std)   # (B, T, D)
+        x = m.embed(images, pos_embed=self._pos_embed, mean=self.mean, std=self.std)   # (B, T, D)
         x = m.norm(m.blocks(x))                                                       # (B, T, D)
         feats = m.forward_head(x, pre_logits=True)                                    # (B, F)
         logits = m.forward_head(x) if self.output != "embeddings" else feats          # (B, K); pool is cheap
@@ -140,11 +138,11 @@ class InferenceEngine:
         """Fix the image shape on the first batch: resampled pos_embed, staging buffers."""
         C, H, W = shape
         m = self.model
-        P = m.patch_embed.proj.weight.shape[-2:]
+        P = tuple(m.patch_embed.proj.weight.shape[-2:])
         reference.check_image_size(torch.empty(0, C, H, W, device="meta"), m.patch_embed.proj.weight.shape[1],
-                                   tuple(P), None if getattr(m, "dynamic_img_size", False)
-                                   else getattr(m.patch_embed, "img_size", None))
-        self._grid = (H // P[0], W // P[1])
+                                   P, None if getattr(m, "dynamic_img_size", False) else m.patch_embed.img_size)
+        Hc, Wc = reference.crop_size((H, W), P)          # what whole patches cover (timm's conv floor)
+        self._grid = (Hc // P[0], Wc // P[1])
         self._refresh()
         self._image_shape = (C, H, W)
         if self.device.type == "cuda":
@@ -169,7 +167,7 @@ class InferenceEngine:
         with torch.no_grad():
             self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), self._grid,
                                                            getattr(m.patch_embed, "grid_size", None),
-                                                           getattr(m, "num_prefix_tokens", 1))
+                                                           m.pos_embed_prefix)
         self._stamp = self._weights_stamp()
 
     def _check_batch(self, images: Tensor) -> None:

@@ -77,53 +77,77 @@ class PatchEmbed(reference.PatchEmbed):
         self._pos_cache[tuple(grid)] = (pos_embed, stamp, table)
         return table
 
-    def forward(self, x: Tensor, cls_token: Tensor | None = None, pos_embed: Tensor | None = None, *,
-                pos_embed_grid: tuple[int, int] | None = None, mean: Tensor | None = None,
-                std: Tensor | None = None) -> Tensor:
-        """images [B, C, H, W] (float, or uint8 normalised with mean/std) -> tokens [B, T, D].
+    def forward(self, x: Tensor, prefix_tokens: Tensor | None = None, pos_embed: Tensor | None = None, *,
+                pos_embed_grid: tuple[int, int] | None = None, pos_embed_prefix: bool = True,
+                mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """images [B, C, H, W] (float, or uint8 normalised with mean/std) -> tokens [B, NP + N, D].
 
-        cls_token [1, 1, D] or None; pos_embed [1, T', D] made for the patch grid `pos_embed_grid`
-        (default: this module's `grid_size`), resampled to the image's grid if that differs.
+        prefix_tokens [1, NP, D] or None (class, register, distillation tokens); pos_embed [1, T', D]
+        made for the patch grid `pos_embed_grid` (default: this module's `grid_size`), with rows for the
+        prefix tokens when pos_embed_prefix (timm's default) or for the patches only (no_embed_class),
+        resampled to the image's grid if that differs.
         """
         if pos_embed is not None:
-            prefix = 0 if cls_token is None else 1
+            prefix = 0 if prefix_tokens is None or not pos_embed_prefix else prefix_tokens.shape[-2]
             pos_embed = self.pos_embed_for(pos_embed, self.grid_for(x), pos_embed_grid or self.grid_size, prefix)
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed,
-                               mean=mean, std=std)
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, prefix_tokens=prefix_tokens,
+                               pos_embed=pos_embed, mean=mean, std=std, pos_embed_prefix=pos_embed_prefix)
 
 
 class Attention(reference.Attention):
     """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`)."""
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False):
-        """x [B, T, C] -> proj(attention(qkv(x))) (+ residual) [B, T, C]; with return_cls_attn also
-        the softmax row of the CLS query, cls_attn [B, H, T] in fp32."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False,
+                scale: Tensor | None = None):
+        """x [B, T, C] -> proj(attention(qkv(x))) · scale (+ residual) [B, T, C] (scale: a layer-scale
+        gamma [C], in the projection's epilogue); with return_cls_attn also the softmax row of the CLS
+        query, cls_attn [B, H, T] in fp32."""
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
         if return_cls_attn:
             out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True)
-            return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual), cls_attn
+            return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale), cls_attn
         out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale)                       # (B, T, C)
-        return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual)
+        return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
 
 
 class Mlp(reference.Mlp):
-    """fc2(act(fc1(x))) (+ residual); the activation ("gelu" exact or "gelu_tanh") runs in fc1's epilogue."""
+    """fc2(act(fc1(x))) · scale (+ residual); the activation (GELU exact or tanh, QuickGELU) runs in fc1's
+    epilogue, the layer-scale and the residual in fc2's."""
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation=self.act)    # (B, T, hidden)
-        return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)   # (B, T, C)
+    def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation=self.act)                 # (B, T, hidden)
+        return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)   # (B, T, C)
 
 
 class Block(reference.Block):
-    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)); both residual adds
-    happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
+    """Pre-LN transformer block: x + ls1·attn(norm1(x)), then + ls2·mlp(norm2(x)); both layer-scales and
+    residual adds happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
 
     norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
 
     def forward(self, x: Tensor, return_cls_attn: bool = False):
         """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn)."""
+        g1, g2 = reference.layer_scale(self.ls1), reference.layer_scale(self.ls2)
         if return_cls_attn:
-            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True)
-            return self.mlp(self.norm2(x), residual=x), cls_attn
-        x = self.attn(self.norm1(x), residual=x)
-        return self.mlp(self.norm2(x), residual=x)
+            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1)
+            return self.mlp(self.norm2(x), residual=x, scale=g2), cls_attn
+        x = self.attn(self.norm1(x), residual=x, scale=g1)
+        return self.mlp(self.norm2(x), residual=x, scale=g2)
+
+
+class AttentionPoolLatent(reference.AttentionPoolLatent):
+    """Attention pooling with a latent query (timm's, SigLIP's head) on vitfast ops: the latent's q, the
+    tokens' packed kv and the attention kernel with one query (N_q = 1 against N keys), read by strides."""
+
+    mlp_layer, norm_layer = Mlp, LayerNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """tokens x [B, N, D] -> pooled [B, D]."""
+        B, N, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        q = ops.linear(self.latent.expand(B, -1, -1), self.q.weight, self.q.bias)            # (B, 1, D)
+        kv = ops.linear(x, self.kv.weight, self.kv.bias)                                     # (B, N, 2D)
+        k, v = kv.view(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)                      # (B, H, N, Dh) views
+        out = ops.attention(q.view(B, 1, H, Dh).transpose(1, 2), k, v, scale=self.scale)     # (B, H, 1, Dh)
+        y = ops.linear(out.transpose(1, 2).reshape(B, 1, D), self.proj.weight, self.proj.bias)   # (B, 1, D)
+        return self.mlp(self.norm(y), residual=y)[:, 0]

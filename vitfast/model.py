@@ -5,9 +5,10 @@ The model has timm's constructor kwargs and state_dict keys (the same as
 model's state_dict loads into this one and back. Checkpoints in timm, Hugging Face or torchvision
 key layouts load through `create_model(name, checkpoint_path=...)` / `vitfast.checkpoint.load_checkpoint`.
 
-Not supported (timm features this model does not have): register tokens, no_embed_class,
-pre-norm (CLIP), layer-scale, qk-norm, attention pooling, dropout / drop-path. `vitfast.optimize`
-names them when it meets them.
+The timm features of DINOv2 (layer-scale, register tokens, no_embed_class), CLIP (pre-norm, LayerNorm
+eps, QuickGELU), SigLIP (no class token, attention pooling) and DeiT (the distilled variant) are here,
+on the kernels. Not supported: qk-norm, SwiGLU MLPs, other pooling heads, dropout / drop-path in
+training; `vitfast.optimize` names them when it meets them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops, reference
-from vitfast.configs import CONFIGS, get_config
+from vitfast.configs import CONFIGS, DATA_CONFIGS, model_class_and_config
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.layers import Block, LayerNorm, PatchEmbed
-from vitfast.reference import check_image_size
+from vitfast.layers import AttentionPoolLatent, Block, LayerNorm, PatchEmbed
+from vitfast.reference import check_image_size, crop_to_patches
 
 
 class VisionTransformer(reference.VisionTransformer):
@@ -36,16 +37,18 @@ class VisionTransformer(reference.VisionTransformer):
     then resampled (bicubic, antialiased, like timm) once per image size and cached.
     """
 
-    embed_layer, block_layer, norm_layer = PatchEmbed, Block, LayerNorm
+    embed_layer, block_layer, norm_layer, pool_layer = PatchEmbed, Block, LayerNorm, AttentionPoolLatent
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
-                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6):
+                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
-                         dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps)
-        self.has_class_token = class_token
+                         dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps,
+                         init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+                         pre_norm=pre_norm, final_norm=final_norm)
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)
         self.register_buffer("img_std", None, persistent=False)
@@ -80,15 +83,7 @@ class VisionTransformer(reference.VisionTransformer):
                              f"{', '.join(self.train_only_features)}; call .eval() (those are inactive in eval)")
         if return_cls_attn and not self.has_class_token:
             raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
-        pe = self.patch_embed
-        fixed_size = not self.dynamic_img_size and pos_embed is None
-        check_image_size(x, self.in_chans, pe.patch_size, pe.img_size if fixed_size else None)
-        weight = pe.proj.weight
-        if x.dtype != torch.uint8 and x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        grid = pe.grid_for(x) if pos_embed is not None else None
-        x = pe(x, self.cls_token, self.pos_embed if pos_embed is None else pos_embed, pos_embed_grid=grid,
-               mean=self.img_mean, std=self.img_std)                                          # (B, T, D)
+        x = self.embed(x, pos_embed=pos_embed)                                               # (B, T, D)
         cls_attns, hidden = [], [x] if return_hidden else []
         for blk in self.blocks:
             if return_cls_attn:
@@ -100,6 +95,25 @@ class VisionTransformer(reference.VisionTransformer):
                 hidden.append(x)
         return x, cls_attns, hidden
 
+    def embed(self, x: Tensor, *, pos_embed: Tensor | None = None, mean: Tensor | None = None,
+              std: Tensor | None = None) -> Tensor:
+        """images [B, C, H, W] -> tokens [B, NP + N, D] entering the blocks: patches, prefix tokens and
+        position table in one kernel, then norm_pre (CLIP). `pos_embed`: a table already made for the
+        images' patch grid (adapters with their own resampling rule and the engine pass it); mean/std:
+        the input normalisation (default: set_input_normalization's)."""
+        pe = self.patch_embed
+        fixed_size = not self.dynamic_img_size and pos_embed is None
+        check_image_size(x, self.in_chans, pe.patch_size, pe.img_size if fixed_size else None)
+        x = crop_to_patches(x, pe.patch_size)
+        weight = pe.proj.weight
+        if x.dtype != torch.uint8 and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        grid = pe.grid_for(x) if pos_embed is not None else None
+        x = pe(x, self.prefix_tokens(), self.pos_embed if pos_embed is None else pos_embed, pos_embed_grid=grid,
+               pos_embed_prefix=not self.no_embed_class, mean=self.img_mean if mean is None else mean,
+               std=self.img_std if std is None else std)                                      # (B, T, D)
+        return self.norm_pre(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
         return self.norm(self.forward_tokens(x)[0])
@@ -107,9 +121,7 @@ class VisionTransformer(reference.VisionTransformer):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """tokens [B, T, D] (after the final norm) -> logits [B, num_classes] (or pooled features)."""
         x = self.fc_norm(self.pool(x))
-        if pre_logits or isinstance(self.head, nn.Identity):
-            return x
-        return ops.linear(x, self.head.weight, self.head.bias)
+        return x if pre_logits else _head(self.head, x)
 
     def forward(self, x: Tensor, return_cls_attn: bool = False):
         """images [B, C, H, W] -> logits; with return_cls_attn=True -> (logits, [cls_attn [B, H, T]
@@ -122,6 +134,22 @@ class VisionTransformer(reference.VisionTransformer):
         tokens, cls_attns, _ = self.forward_tokens(x, return_cls_attn=return_cls_attn)
         logits = self.forward_head(self.norm(tokens))
         return (logits, cls_attns) if return_cls_attn else logits
+
+
+class VisionTransformerDistilled(reference.Distilled, VisionTransformer):
+    """DeiT with distillation (timm's `VisionTransformerDistilled`) on vitfast's kernels: the class and
+    distillation tokens are written by the patch-embedding kernel; in eval the logits are the mean of
+    `head` and `head_dist`."""
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x, x_dist = x[:, 0], x[:, 1]
+        if pre_logits:
+            return (x + x_dist) / 2
+        return (_head(self.head, x) + _head(self.head_dist, x_dist)) / 2
+
+
+def _head(head: nn.Module, x: Tensor) -> Tensor:
+    return x if isinstance(head, nn.Identity) else ops.linear(x, head.weight, head.bias)
 
 
 def _clear_pos_embed_cache(model: VisionTransformer, incompatible_keys) -> None:
@@ -141,9 +169,12 @@ def create_model(name: str, *, checkpoint_path: str | os.PathLike | None = None,
 
     checkpoint_path: a `.safetensors` or torch (`torch.load(weights_only=True)`) file in timm, Hugging
     Face (either layout) or torchvision keys; a position table for another grid is resampled.
-    Without it the weights are randomly initialised (timm-like init).
+    Without it the weights are randomly initialised (timm-like init). `model.pretrained_cfg` holds the
+    eval data configuration of timm's default weights of that name (mean, std, crop_pct).
     """
-    model = VisionTransformer(**get_config(name, **kwargs))
+    kind, cfg = model_class_and_config(name, **kwargs)
+    model = (VisionTransformerDistilled if kind == "distilled" else VisionTransformer)(**cfg)
+    model.pretrained_cfg = dict(DATA_CONFIGS[name], architecture=name)   # mean / std / crop_pct, as timm's
     if checkpoint_path is not None:
         from vitfast.checkpoint import load_checkpoint
         load_checkpoint(model, checkpoint_path)

@@ -512,7 +512,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tens
 _PE_IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) -> None:
+def _check_patch_embed(images, weight, bias, cls_token, prefix_tokens, pos_embed, mean, std,
+                       pos_embed_prefix) -> None:
     if not isinstance(images, Tensor):
         _fail(f"images: expected a Tensor, got {type(images).__name__}")
     if images.dtype not in _PE_IMAGE_DTYPES:
@@ -530,7 +531,8 @@ def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) ->
         _fail(f"images: expected {Cw} channels (weight {tuple(weight.shape)}), got {C} (shape {tuple(images.shape)})")
     if H % P or W % P:
         _fail(f"images: height H={H} and width W={W} must be divisible by the patch size P={P}")
-    for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
+    for name, t in (("bias", bias), ("cls_token", cls_token), ("prefix_tokens", prefix_tokens),
+                    ("pos_embed", pos_embed)):
         if t is not None:
             _check_float(name, t)
             _check_same(name, t, "weight", weight)
@@ -538,8 +540,19 @@ def _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std) ->
         _fail(f"bias: expected shape ({D},), got {tuple(bias.shape)}")
     if cls_token is not None and tuple(cls_token.shape) not in ((1, 1, D), (D,)):
         _fail(f"cls_token: expected shape (1, 1, {D}) or ({D},), got {tuple(cls_token.shape)}")
+    if prefix_tokens is not None:
+        if cls_token is not None:
+            _fail("prefix_tokens: expected None when cls_token is given (put the class token first in "
+                  "prefix_tokens)")
+        if prefix_tokens.dim() not in (2, 3) or (prefix_tokens.dim() == 3 and prefix_tokens.shape[0] != 1) \
+                or prefix_tokens.shape[-1] != D or prefix_tokens.shape[-2] < 1:
+            _fail(f"prefix_tokens: expected shape (1, NP, {D}) or (NP, {D}) with NP >= 1, "
+                  f"got {tuple(prefix_tokens.shape)}")
+    if not isinstance(pos_embed_prefix, bool):
+        _fail(f"pos_embed_prefix: expected a bool, got {pos_embed_prefix!r}")
     if pos_embed is not None:
-        prefix = 1 if cls_token is not None else 0
+        n_prefix = 1 if cls_token is not None else (0 if prefix_tokens is None else prefix_tokens.shape[-2])
+        prefix = n_prefix if pos_embed_prefix else 0
         T = prefix + (H // P) * (W // P)
         if pos_embed.dim() not in (2, 3) or (pos_embed.dim() == 3 and pos_embed.shape[0] != 1) \
                 or pos_embed.shape[-1] != D:
@@ -562,17 +575,19 @@ _PATCH_EMBED_PATHS: dict[tuple, int] = {}
 _PATCH_EMBED_TORCH = (reference.torch_patch_embed, reference.patch_embed)     # F.conv2d, im2col GEMM
 
 
-def _patch_embed_impl(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
-                      pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None) -> Tensor:
+def _patch_embed_impl(images: Tensor, weight: Tensor, bias: Tensor | None, prefix_tokens: Tensor | None,
+                      pos_embed: Tensor | None, mean: Tensor | None, std: Tensor | None,
+                      pos_embed_prefix: bool) -> Tensor:
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
-    args = (images, weight, bias, cls_token, pos_embed, mean, std)
+    args = (images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix)
     if use_triton(images) and weight.dtype != torch.float64:
-        return _kernels().patch_embed.patch_embed(*args)
+        return _kernels().patch_embed.patch_embed(*args[:7], pos_embed_prefix=pos_embed_prefix)
     if images.device.type != "cpu":
         return reference.torch_patch_embed(*args).contiguous()
     # On the CPU, mkldnn's F.conv2d is about twice slower than the im2col GEMM at patch 32 and faster at
     # patch 16: the first call of a shape times both (best of two calls each) and keeps the faster.
-    key = (tuple(images.shape), images.dtype, tuple(weight.shape), weight.dtype, *(t is None for t in args[2:]))
+    key = (tuple(images.shape), images.dtype, tuple(weight.shape), weight.dtype, *(t is None for t in args[2:7]),
+           None if prefix_tokens is None else tuple(prefix_tokens.shape), pos_embed_prefix)
     best = _PATCH_EMBED_PATHS.get(key)
     if best is None:
         seconds = []
@@ -591,10 +606,10 @@ _patch_embed_op = torch.library.custom_op("vitfast::patch_embed", _patch_embed_i
 
 
 @_patch_embed_op.register_fake
-def _(images, weight, bias, cls_token, pos_embed, mean, std):
+def _(images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix):
     B, _, H, W = images.shape
     D, _, P, _ = weight.shape
-    T = (1 if cls_token is not None else 0) + (H // P) * (W // P)
+    T = (0 if prefix_tokens is None else prefix_tokens.numel() // D) + (H // P) * (W // P)
     return images.new_empty((B, T, D), dtype=weight.dtype)
 
 
@@ -602,23 +617,29 @@ register_reference_autograd(_patch_embed_op, reference.patch_embed)
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, *, cls_token: Tensor | None = None,
-                pos_embed: Tensor | None = None, mean: Tensor | None = None,
-                std: Tensor | None = None) -> Tensor:
-    """Patchify + project + CLS row + position embedding in one kernel (timm's PatchEmbed followed
-    by `cat(cls_token)` and `+ pos_embed`, with the input normalisation fused into the load).
+                pos_embed: Tensor | None = None, mean: Tensor | None = None, std: Tensor | None = None,
+                prefix_tokens: Tensor | None = None, pos_embed_prefix: bool = True) -> Tensor:
+    """Patchify + project + prefix rows + position embedding in one kernel (timm's PatchEmbed followed
+    by `_pos_embed`: the class / register / distillation tokens and the position table, with the input
+    normalisation fused into the load).
 
     images:    [B, C, H, W] uint8, fp16, bf16 or fp32 (fp64 on the reference path); NCHW or
                channels_last, H and W divisible by P. uint8 is scaled by 1/255 first.
     weight:    [D, C, P, P] the conv weight (timm's patch_embed.proj.weight); its dtype is the
                compute and output dtype (fp16, bf16, fp32).
     bias:      [D] or None.
-    cls_token: [1, 1, D] or [D] or None; with it row 0 is cls_token + pos_embed[0].
-    pos_embed: [1, T, D] or [T, D] or None, T = (1 if cls_token else 0) + (H/P)·(W/P), already
-               resampled to this grid.
+    cls_token: [1, 1, D] or [D] or None: one class token, row 0 (cls_token + pos_embed[0]).
+    prefix_tokens: [1, NP, D] or [NP, D] or None, instead of cls_token: NP prefix rows in this order
+               (timm's: the class token, then register or distillation tokens).
+    pos_embed: [1, T', D] or [T', D] or None, already resampled to this grid: T' = NP + (H/P)·(W/P)
+               rows with pos_embed_prefix=True (timm's default: the prefix tokens get position rows
+               too), (H/P)·(W/P) with pos_embed_prefix=False (timm's no_embed_class).
     mean, std: [C] or None, in [0, 1] units (timm's data config): x = (img/255 − mean) / std.
-    bias, cls_token and pos_embed have weight's dtype and device.
-    Returns tokens [B, T, D] (contiguous) in weight's dtype.
+    bias, cls_token, prefix_tokens and pos_embed have weight's dtype and device.
+    Returns tokens [B, NP + (H/P)·(W/P), D] (contiguous) in weight's dtype.
     """
-    _check_patch_embed(images, weight, bias, cls_token, pos_embed, mean, std)
-    op = _patch_embed_impl if _direct(images, weight, bias, cls_token, pos_embed, mean, std) else _patch_embed_op
-    return op(images, weight, bias, cls_token, pos_embed, mean, std)
+    _check_patch_embed(images, weight, bias, cls_token, prefix_tokens, pos_embed, mean, std, pos_embed_prefix)
+    prefix = cls_token if cls_token is not None else prefix_tokens
+    direct = _direct(images, weight, bias, prefix, pos_embed, mean, std)
+    op = _patch_embed_impl if direct else _patch_embed_op
+    return op(images, weight, bias, prefix, pos_embed, mean, std, pos_embed_prefix)

@@ -5,9 +5,10 @@ float64 on the CPU for the reference of a test). Tests, benchmarks and the CPU f
 `vitfast.ops` all call these functions; no other file holds a second copy of this math.
 
 The `VisionTransformer` follows timm's `vision_transformer.py`: the same constructor kwargs, the
-same module tree and state_dict keys (`cls_token`, `pos_embed`, `patch_embed.proj`,
-`blocks.{i}.norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`, `norm`, `fc_norm`,
-`head`), pre-LN blocks, LayerNorm eps 1e-6.
+same module tree and state_dict keys (`cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`,
+`norm_pre`, `blocks.{i}.norm1`, `attn.qkv`, `attn.proj`, `ls1.gamma`, `norm2`, `mlp.fc1`, `mlp.fc2`,
+`ls2.gamma`, `norm`, `attn_pool.*`, `fc_norm`, `head`), pre-LN blocks, LayerNorm eps 1e-6 unless
+told otherwise; `VisionTransformerDistilled` is timm's DeiT with a distillation token and head.
 """
 
 from __future__ import annotations
@@ -122,14 +123,33 @@ def normalize_images(images: Tensor, mean: Tensor | None, std: Tensor | None, dt
     return x
 
 
-def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None = None,
+def add_prefix_and_pos(x: Tensor, prefix_tokens: Tensor | None, pos_embed: Tensor | None,
+                       pos_embed_prefix: bool = True) -> Tensor:
+    """Patch tokens x [B, N, D] -> [B, NP + N, D]: the NP prefix tokens (prefix_tokens [1, NP, D],
+    [NP, D] or [D]: class, then register or distillation tokens) in front, and the position table
+    pos_embed added, which has rows for the prefix tokens too (pos_embed_prefix, timm's default) or
+    for the patches only (no_embed_class: timm adds it, then puts the prefix tokens in front)."""
+    B, D = x.shape[0], x.shape[-1]
+    pos = None if pos_embed is None else pos_embed.reshape(1, -1, D)
+    if pos is not None and not pos_embed_prefix:
+        x = x + pos
+    if prefix_tokens is not None:
+        prefix = prefix_tokens.reshape(1, -1, D).to(x.dtype)
+        x = torch.cat([prefix.expand(B, -1, -1), x], dim=1)
+    if pos is not None and pos_embed_prefix:
+        x = x + pos
+    return x
+
+
+def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, prefix_tokens: Tensor | None = None,
                 pos_embed: Tensor | None = None, mean: Tensor | None = None,
-                std: Tensor | None = None) -> Tensor:
-    """Patchify + project + CLS + position embedding, as a matmul.
+                std: Tensor | None = None, pos_embed_prefix: bool = True) -> Tensor:
+    """Patchify + project + prefix tokens + position embedding, as a matmul.
 
     images [B, C, H, W] (float, or uint8 normalised with mean/std), weight [D, C, P, P] (the conv
-    weight), bias [D], cls_token [1, 1, D] or [D], pos_embed [1, T, D] or [T, D] with
-    T = (1 if cls_token else 0) + (H/P)·(W/P). Returns tokens [B, T, D] in weight's dtype.
+    weight), bias [D], prefix_tokens [1, NP, D], [NP, D] or [D] (a class token), pos_embed [1, T', D]
+    or [T', D] with T' = NP + (H/P)·(W/P) rows, or (H/P)·(W/P) when pos_embed_prefix is False (see
+    add_prefix_and_pos). Returns tokens [B, NP + N, D] in weight's dtype.
     """
     B, C, H, W = images.shape
     D, _, P, _ = weight.shape
@@ -139,11 +159,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: 
     x = x @ weight.reshape(D, C * P * P).t()                                                   # (B, N, D)
     if bias is not None:
         x = x + bias
-    if cls_token is not None:
-        x = torch.cat([cls_token.reshape(1, 1, D).expand(B, 1, D).to(x.dtype), x], dim=1)
-    if pos_embed is not None:
-        x = x + pos_embed.reshape(1, -1, D)
-    return x
+    return add_prefix_and_pos(x, prefix_tokens, pos_embed, pos_embed_prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,18 +196,13 @@ def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activati
     return y if residual is None else y.add_(residual)
 
 
-def torch_patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None = None,
+def torch_patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, prefix_tokens: Tensor | None = None,
                       pos_embed: Tensor | None = None, mean: Tensor | None = None,
-                      std: Tensor | None = None) -> Tensor:
+                      std: Tensor | None = None, pos_embed_prefix: bool = True) -> Tensor:
     """`patch_embed` with the patchify projection as F.conv2d (stride = kernel = P)."""
-    B, D, P = images.shape[0], weight.shape[0], weight.shape[-1]
     x = normalize_images(images, mean, std, weight.dtype)
-    x = F.conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2)                  # (B, N, D)
-    if cls_token is not None:
-        x = torch.cat([cls_token.reshape(1, 1, D).expand(B, 1, D).to(x.dtype), x], dim=1)
-    if pos_embed is not None:
-        x = x + pos_embed.reshape(1, -1, D)
-    return x
+    x = F.conv2d(x, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)   # (B, N, D)
+    return add_prefix_and_pos(x, prefix_tokens, pos_embed, pos_embed_prefix)
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
@@ -226,18 +237,21 @@ def to_2tuple(x) -> tuple[int, int]:
 
 def check_image_size(x: Tensor, in_chans: int, patch_size: tuple[int, int],
                      img_size: tuple[int, int] | None = None) -> None:
-    """Clear errors for images the model cannot take (names the sizes)."""
+    """Clear errors for images the model cannot take (names the sizes). With `img_size` (a fixed-size
+    model) the images must have that size, as in timm (whose patchify convolution then drops what whole
+    patches do not cover); without it (dynamic size) H and W must be multiples of the patch size."""
     if x.dim() != 4:
         raise ValueError(f"images: expected a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}")
     _, C, H, W = x.shape
     if C != in_chans:
         raise ValueError(f"images: expected {in_chans} channels, got {C} (shape {tuple(x.shape)})")
-    if H % patch_size[0] or W % patch_size[1]:
+    if img_size is not None:
+        if (H, W) != tuple(img_size):
+            raise ValueError(f"images: the model was built for {img_size[0]}x{img_size[1]} images, got {H}x{W}; "
+                             f"pass dynamic_img_size=True to resample the position embedding")
+    elif H % patch_size[0] or W % patch_size[1]:
         raise ValueError(f"images: height and width must be divisible by the patch size {patch_size}, "
                          f"got {H}x{W}")
-    if img_size is not None and (H, W) != tuple(img_size):
-        raise ValueError(f"images: the model was built for {img_size[0]}x{img_size[1]} images, got {H}x{W}; "
-                         f"pass dynamic_img_size=True to resample the position embedding")
 
 
 class PatchEmbed(nn.Module):
@@ -276,8 +290,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features, act="gelu"):
         super().__init__()
-        if act not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"act must be 'gelu' or 'gelu_tanh', got {act!r}")
+        if act not in ACTIVATIONS[1:]:
+            raise ValueError(f"act must be one of {ACTIVATIONS[1:]}, got {act!r}")
         self.act = act
         self.fused = False      # True: torch_linear (F.linear, F.gelu)
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -295,21 +309,77 @@ class LayerNorm(nn.LayerNorm):
         return (torch_layer_norm if self.fused else layer_norm)(x, self.weight, self.bias, self.eps)
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale: a learned per-channel gain `gamma` [dim] (DINOv2, DeiT-III)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+def layer_scale(ls: nn.Module) -> Tensor | None:
+    """The gamma of a LayerScale module, None for nn.Identity (no layer-scale)."""
+    return getattr(ls, "gamma", None)
+
+
 class Block(nn.Module):
     # The layer classes are attributes so that vitfast.layers.Block builds the same tree from its
     # own (kernel-backed) layers.
     norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6,
+                 init_values=None):
         super().__init__()
         self.norm1 = self.norm_layer(dim, eps=eps)
         self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = self.norm_layer(dim, eps=eps)
         self.mlp = self.mlp_layer(dim, int(dim * mlp_ratio), act=act)
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class AttentionPoolLatent(nn.Module):
+    """timm's attention pooling with a latent query (`global_pool="map"`, SigLIP): one learned query
+    attends over the tokens, then an MLP with a residual; keys `latent`, `q`, `kv`, `proj`, `norm`, `mlp`."""
+
+    mlp_layer, norm_layer = Mlp, LayerNorm
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = False     # True: SDPA (see VisionTransformer.use_torch_ops)
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = self.norm_layer(dim, eps=eps)
+        self.mlp = self.mlp_layer(dim, int(dim * mlp_ratio), act=act)
+
+    def attend(self, x: Tensor) -> Tensor:
+        """tokens x [B, N, D] -> the latent query's attention output [B, 1, D] (before proj)."""
+        B, N, D = x.shape
+        q = linear(self.latent.expand(B, -1, -1), self.q.weight, self.q.bias)              # (B, 1, D)
+        q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)                  # (B, H, 1, Dh)
+        kv = linear(x, self.kv.weight, self.kv.bias)                                        # (B, N, 2D)
+        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)    # (B, H, N, Dh) each
+        attend = torch_attention if self.fused_attn else attention
+        return attend(q, k, v, self.scale).transpose(1, 2).reshape(B, 1, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """tokens x [B, N, D] -> pooled [B, D]."""
+        y = linear(self.attend(x), self.proj.weight, self.proj.bias)                        # (B, 1, D)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]
 
 
 class VisionTransformer(nn.Module):
@@ -317,54 +387,89 @@ class VisionTransformer(nn.Module):
 
     images [B, in_chans, H, W] -> logits [B, num_classes] (or pooled features if num_classes=0).
     Images of another size than `img_size` need `dynamic_img_size=True` (the position embedding
-    is then resampled bicubically, like timm).
+    is then resampled bicubically, like timm). As in timm, a size that is not a multiple of the
+    patch size drops the last rows / columns of pixels (the patchify convolution's floor).
+
+    timm's kwargs beyond the original ViT: init_values (layer-scale), reg_tokens (register tokens),
+    no_embed_class (position rows for the patches only), pre_norm (a LayerNorm before the blocks,
+    patch embedding without bias: CLIP), final_norm, fc_norm, global_pool "map" (attention pooling
+    with a latent query: SigLIP), act_layer "gelu" / "gelu_tanh" / "quick_gelu", norm_eps.
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
-    embed_layer, block_layer, norm_layer = PatchEmbed, Block, LayerNorm
+    embed_layer, block_layer, norm_layer, pool_layer = PatchEmbed, Block, LayerNorm, AttentionPoolLatent
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
-                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6):
+                 fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool not in ("token", "avg", "map", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg', 'map' or '', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if act_layer not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"act_layer must be 'gelu' or 'gelu_tanh', got {act_layer!r}")
+        if act_layer not in ACTIVATIONS[1:]:
+            raise ValueError(f"act_layer must be one of {ACTIVATIONS[1:]}, got {act_layer!r}")
+        if not isinstance(reg_tokens, int) or reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be an int >= 0, got {reg_tokens!r}")
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.embed_dim = self.num_features = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens, self.no_embed_class = reg_tokens, no_embed_class
+        self.has_class_token = class_token
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.dynamic_img_size = dynamic_img_size
         self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
-        self.patch_embed = self.embed_layer(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = self.embed_layer(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        embed_len = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self._init_extra_tokens(embed_dim)
+        embed_len = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        self.norm_pre = self.norm_layer(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
-            self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps)
+            self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps,
+                             init_values=init_values)
             for _ in range(depth)])
-        self.norm = self.norm_layer(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
-        self.fc_norm = self.norm_layer(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = (self.pool_layer(embed_dim, num_heads, mlp_ratio, act=act_layer, eps=norm_eps)
+                          if global_pool == "map" else None)
+        self.fc_norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+        self._init_heads(embed_dim, num_classes)
         init_weights(self)
+
+    def _init_extra_tokens(self, embed_dim: int) -> None:
+        """Prefix tokens after the class and register tokens (VisionTransformerDistilled's)."""
+
+    def _init_heads(self, embed_dim: int, num_classes: int) -> None:
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prefix_tokens(self) -> Tensor | None:
+        """The prefix tokens in timm's order, [1, NP, D] (class, registers), or None."""
+        tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        return None if not tokens else tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)
+
+    @property
+    def pos_embed_prefix(self) -> int:
+        """How many rows of pos_embed belong to prefix tokens (0 with no_embed_class)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     def _pos_embed_for(self, H: int, W: int) -> Tensor:
         P = self.patch_embed.patch_size
         grid = (H // P[0], W // P[1])
-        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.pos_embed_prefix)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
         pe = self.patch_embed
         check_image_size(x, self.in_chans, pe.patch_size, None if self.dynamic_img_size else pe.img_size)
+        x = crop_to_patches(x, pe.patch_size)
         w = pe.proj.weight
         embed = torch_patch_embed if self.fused else patch_embed
-        x = embed(x.to(w.dtype), w, pe.proj.bias, self.cls_token, self._pos_embed_for(*x.shape[-2:]))
-        x = self.blocks(x)
+        x = embed(x.to(w.dtype), w, pe.proj.bias, self.prefix_tokens(), self._pos_embed_for(*x.shape[-2:]),
+                  None, None, not self.no_embed_class)
+        x = self.blocks(self.norm_pre(x))
         return self.norm(x)
 
     def use_torch_ops(self, on: bool = True) -> VisionTransformer:
@@ -373,13 +478,15 @@ class VisionTransformer(nn.Module):
         baseline of `vitfast bench`. Off (the default) is the ground truth."""
         self.fused = on
         for m in self.modules():
-            if isinstance(m, Attention):
+            if isinstance(m, (Attention, AttentionPoolLatent)):
                 m.fused_attn = on
             elif isinstance(m, (LayerNorm, Mlp)):
                 m.fused = on
         return self
 
     def pool(self, x: Tensor) -> Tensor:
+        if self.attn_pool is not None:
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
         if self.global_pool == "token":
@@ -394,8 +501,56 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class Distilled:
+    """What timm's DeiT with distillation (`VisionTransformerDistilled`) adds to a ViT: a distillation
+    token after the class token (`dist_token`, with its own position row) and a second head
+    (`head_dist`); in eval the logits are the mean of the two heads, the pre-logits features the mean of
+    the two tokens. A mixin, put before the ViT class (the reference's or vitfast's)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("global_pool", "token") != "token" or not kwargs.get("class_token", True):
+            raise ValueError("the distilled ViT reads its class and distillation tokens: it needs "
+                             "global_pool='token' and class_token=True")
+        super().__init__(*args, **kwargs)
+
+    def _init_extra_tokens(self, embed_dim: int) -> None:
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.num_prefix_tokens += 1
+
+    def _init_heads(self, embed_dim: int, num_classes: int) -> None:
+        super()._init_heads(embed_dim, num_classes)
+        self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prefix_tokens(self) -> Tensor:
+        return torch.cat([t for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None], dim=1)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x, x_dist = x[:, 0], x[:, 1]
+        if pre_logits:
+            return (x + x_dist) / 2
+        return (self.head(x) + self.head_dist(x_dist)) / 2
+
+
+class VisionTransformerDistilled(Distilled, VisionTransformer):
+    """The reference DeiT with distillation (timm's `VisionTransformerDistilled`)."""
+
+
+def crop_size(img_size, patch_size) -> tuple[int, int]:
+    """The part of an image of `img_size` its patches cover (timm's patchify convolution floors)."""
+    (H, W), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+    return H // ph * ph, W // pw * pw
+
+
+def crop_to_patches(x: Tensor, patch_size) -> Tensor:
+    """x [..., H, W] -> its top-left part that whole patches cover (a view): what a strided patchify
+    convolution reads of an image whose size is not a multiple of the patch (SigLIP so400m at 384 px)."""
+    H, W = crop_size(x.shape[-2:], patch_size)
+    return x if (H, W) == tuple(x.shape[-2:]) else x[..., :H, :W]
+
+
 def init_weights(model: nn.Module) -> None:
-    """timm-like init: truncated normal (std .02) linears/pos/cls, zero biases, unit norms."""
+    """timm-like init: truncated normal (std .02) linears and position / prefix tokens, zero biases,
+    unit norms; layer-scale gammas keep their init_values."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -404,7 +559,9 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for name in ("pos_embed", "cls_token"):
+        elif isinstance(m, AttentionPoolLatent):
+            nn.init.trunc_normal_(m.latent, std=m.latent.shape[-1] ** -0.5)
+    for name in ("pos_embed", "cls_token", "reg_token", "dist_token"):
         p = getattr(model, name, None)
         if isinstance(p, nn.Parameter):
             nn.init.trunc_normal_(p, std=0.02)
@@ -412,5 +569,6 @@ def init_weights(model: nn.Module) -> None:
 
 def create_model(name: str, **kwargs) -> VisionTransformer:
     """Reference model by timm name (see vitfast.configs.CONFIGS)."""
-    from vitfast.configs import get_config
-    return VisionTransformer(**get_config(name, **kwargs))
+    from vitfast.configs import model_class_and_config
+    cls, cfg = model_class_and_config(name, **kwargs)
+    return (VisionTransformerDistilled if cls == "distilled" else VisionTransformer)(**cfg)
