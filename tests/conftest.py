@@ -36,3 +36,15 @@ def _seed():
 @pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls and convolutions in full fp32 (no TF32) for the test."""
+    from vitfast.testing import matmul_tf32
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    with matmul_tf32(False):
+        yield
+    torch.backends.cudnn.allow_tf32 = old

@@ -13,7 +13,7 @@ import vitfast
 from vitfast import reference
 from vitfast.checkpoint import load_checkpoint
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.testing import MODEL_TOLERANCE, assert_close, matmul_tf32
+from vitfast.testing import MODEL_TOLERANCE, assert_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -264,17 +264,6 @@ def test_timm_drop_path_only_refused_in_train_mode():
 # --------------------------------------------------------------------------------------------
 # timm and torchvision themselves (GPU machines, where CUDA torch builds of them are installed)
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    with matmul_tf32(False):
-        yield
-    torch.backends.cudnn.allow_tf32 = old
-
-
-
-
 def _perturb(model):
     with torch.no_grad():       # timm / torchvision zero some biases and heads at init
         for p in model.parameters():

@@ -7,7 +7,11 @@ Layouts handled (all map onto timm's `VisionTransformer` keys):
   `attention.output.dense`, `intermediate.dense`, `output.dense`, `layernorm_before/after`, `vit.layernorm`,
   `classifier`.
 - HF, current transformers: `vit.layers.N.attention.{q,k,v,o}_proj`, `mlp.fc1`, `mlp.fc2`.
-The `vit.` prefix is optional (ViTModel vs ViTForImageClassification).
+The `vit.` prefix is optional (ViTModel vs ViTForImageClassification). The same skeleton for DeiT
+(`deit.`, `distillation_token`, `cls_classifier` / `distillation_classifier`), DINOv2 (`norm1`,
+`layer_scale1.lambda1`, `register_tokens`), CLIP's vision tower (`vision_model.`, `class_embedding`,
+`pre_layrnorm`, `self_attn.*`, `post_layernorm`, `visual_projection`) and SigLIP's (`head.probe`,
+`head.attention.in_proj_*`): see `hf_to_timm`.
 - torchvision: `class_token`, `conv_proj.*`, `encoder.pos_embedding`,
   `encoder.layers.encoder_layer_N.{ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}`
   (older files: `mlp.linear_1/linear_2`), `encoder.ln`, `heads.head`.
@@ -28,28 +32,54 @@ from torch import Tensor
 
 from vitfast.reference import resample_pos_embed
 
-_HF_LAYER = re.compile(r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+# HF's vision transformers share one skeleton: an optional prefix (the base model inside a head model),
+# layers under `encoder.layer.N`, `encoder.layers.N` or `layers.N`, top-level embeddings and norms.
+_HF_PREFIX = re.compile(r"^(?:vit|deit|dinov2|vision_model)\.")
+_HF_LAYER = re.compile(r"^(?:vit\.|deit\.|dinov2\.|vision_model\.)?(?:encoder\.layers?|layers)\.(\d+)\.(.+)$")
 
-# HF per-layer suffix -> (timm suffix, qkv slot or None)
+# HF per-layer module -> (timm module, qkv slot or None). Classic ViT / DeiT (`attention.attention.query`),
+# current transformers (`attention.q_proj`), CLIP / SigLIP (`self_attn.q_proj`), DINOv2 (`norm1`, layer-scale).
 _HF_LAYER_KEYS = {
     "attention.attention.query": ("attn.qkv", 0), "attention.q_proj": ("attn.qkv", 0),
+    "self_attn.q_proj": ("attn.qkv", 0),
     "attention.attention.key": ("attn.qkv", 1), "attention.k_proj": ("attn.qkv", 1),
+    "self_attn.k_proj": ("attn.qkv", 1),
     "attention.attention.value": ("attn.qkv", 2), "attention.v_proj": ("attn.qkv", 2),
+    "self_attn.v_proj": ("attn.qkv", 2),
     "attention.output.dense": ("attn.proj", None), "attention.o_proj": ("attn.proj", None),
+    "self_attn.out_proj": ("attn.proj", None),
     "intermediate.dense": ("mlp.fc1", None), "mlp.fc1": ("mlp.fc1", None),
     "output.dense": ("mlp.fc2", None), "mlp.fc2": ("mlp.fc2", None),
-    "layernorm_before": ("norm1", None), "layernorm_after": ("norm2", None),
+    "layernorm_before": ("norm1", None), "layer_norm1": ("norm1", None), "norm1": ("norm1", None),
+    "layernorm_after": ("norm2", None), "layer_norm2": ("norm2", None), "norm2": ("norm2", None),
+    "layer_scale1": ("ls1", None), "layer_scale2": ("ls2", None),
 }
 _HF_TOP_KEYS = {
     "embeddings.cls_token": "cls_token",
+    "embeddings.class_embedding": "cls_token",                     # CLIP: [D]
+    "embeddings.distillation_token": "dist_token",                 # DeiT
+    "embeddings.register_tokens": "reg_token",                     # DINOv2 with registers
     "embeddings.position_embeddings": "pos_embed",
+    "embeddings.position_embedding.weight": "pos_embed",           # CLIP / SigLIP: an nn.Embedding [T, D]
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-    "classifier.weight": "head.weight",
-    "classifier.bias": "head.bias",
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "pre_layrnorm.weight": "norm_pre.weight", "pre_layrnorm.bias": "norm_pre.bias",          # CLIP
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",              # CLIP / SigLIP
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+    "cls_classifier.weight": "head.weight", "cls_classifier.bias": "head.bias",             # DeiT with teacher
+    "distillation_classifier.weight": "head_dist.weight", "distillation_classifier.bias": "head_dist.bias",
+    "visual_projection.weight": "head.weight",                                              # CLIP's projection
+    "head.probe": "attn_pool.latent",                                                       # SigLIP's head
+    "head.attention.out_proj.weight": "attn_pool.proj.weight", "head.attention.out_proj.bias": "attn_pool.proj.bias",
+    "head.layernorm.weight": "attn_pool.norm.weight", "head.layernorm.bias": "attn_pool.norm.bias",
+    "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight", "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
+    "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight", "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
 }
+# Only with HF's masked-image inputs (bool_masked_pos) or HF's own tanh pooler: no timm counterpart.
+_HF_SKIPPED = ("embeddings.mask_token", "pooler.")
 
 
 def detect_layout(state_dict: dict[str, Tensor]) -> str:
@@ -57,7 +87,9 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
     keys = list(state_dict)
     if any(k.startswith("blocks.") for k in keys) or "pos_embed" in state_dict:
         return "timm"
-    if any(_HF_LAYER.match(k) for k in keys) or any(k.endswith("embeddings.position_embeddings") for k in keys):
+    if any(_HF_LAYER.match(k) for k in keys) or any(k.endswith(("embeddings.position_embeddings",
+                                                                 "embeddings.position_embedding.weight"))
+                                                    for k in keys):
         return "hf"
     if any(k.startswith("encoder.layers.encoder_layer_") for k in keys) or "class_token" in state_dict:
         return "torchvision"
@@ -66,15 +98,21 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
 
 
 def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF ViT (either layout, with or without the `vit.` prefix) -> timm keys. Separate q/k/v
-    projections are concatenated into one qkv (timm's [3·C, C] layout: q rows, then k, then v)."""
+    """HF ViT, DeiT, DINOv2 (with or without registers), CLIP vision and SigLIP vision keys (either ViT
+    layout, with or without the base model's prefix) -> timm keys. Tensors pass through where the two
+    hold the same values; separate q/k/v projections are concatenated into timm's packed qkv ([3·C, C]:
+    q rows, then k, then v), SigLIP's head splits its packed q/k/v into the pool's q and kv, CLIP's
+    class embedding [D] becomes [1, 1, D] and its position table [T, D] becomes [1, T, D] (views).
+    DINOv2 with registers gives the class token a position row and the registers none: timm's layout
+    (no_embed_class) holds cls_token + pos[0] and the patches' rows, as timm's own conversion does.
+    CLIP's projection has no bias: it becomes a head with a zero bias."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[int, str], list] = {}
     unknown = []
     for key, value in state_dict.items():
-        name = key[4:] if key.startswith("vit.") else key
-        if name.startswith("pooler."):
-            continue          # HF's pooler (ViTModel's optional tanh head) has no timm counterpart
+        name = _HF_PREFIX.sub("", key)
+        if name.startswith(_HF_SKIPPED):
+            continue
         m = _HF_LAYER.match(key)
         if m:
             idx, rest = int(m.group(1)), m.group(2)
@@ -84,13 +122,15 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
                 continue
             target, slot = _HF_LAYER_KEYS[stem]
             if slot is None:
-                out[f"blocks.{idx}.{target}.{param}"] = value
+                out[f"blocks.{idx}.{target}.{'gamma' if param == 'lambda1' else param}"] = value
             else:
                 qkv.setdefault((idx, param), [None, None, None])[slot] = value
         elif name in _HF_TOP_KEYS:
             out[_HF_TOP_KEYS[name]] = value
-        elif key in _HF_TOP_KEYS:
-            out[_HF_TOP_KEYS[key]] = value
+        elif name in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
+            param = name.rsplit("_", 1)[1]                                   # weight / bias
+            dim = value.shape[0] // 3
+            out[f"attn_pool.q.{param}"], out[f"attn_pool.kv.{param}"] = value[:dim], value[dim:]
         else:
             unknown.append(key)
     if unknown:
@@ -99,6 +139,16 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if any(p is None for p in parts):
             raise ValueError(f"state_dict: layer {idx} lacks one of query/key/value {param}")
         out[f"blocks.{idx}.attn.qkv.{param}"] = torch.cat(parts, dim=0)
+    if "cls_token" in out and out["cls_token"].dim() == 1:                   # CLIP's class embedding
+        out["cls_token"] = out["cls_token"].view(1, 1, -1)
+    if "pos_embed" in out and out["pos_embed"].dim() == 2:                   # an nn.Embedding's weight
+        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
+    if "reg_token" in out and "cls_token" in out:                            # DINOv2 with registers
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    if "head.weight" in out and "head.bias" not in out and any(k.endswith("visual_projection.weight")
+                                                                  for k in state_dict):
+        out["head.bias"] = out["head.weight"].new_zeros(out["head.weight"].shape[0])
     return out
 
 
@@ -191,7 +241,8 @@ def fit_pos_embed(state_dict: dict[str, Tensor], model) -> dict[str, Tensor]:
     if pe is None or target is None or pe.shape[1] == target.shape[1] or pe.dim() != 3:
         return state_dict
     out = dict(state_dict)
-    out["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, None, model.num_prefix_tokens)
+    out["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, None,
+                                          getattr(model, "pos_embed_prefix", model.num_prefix_tokens))
     return out
 
 

@@ -4,9 +4,10 @@
   `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept),
   with the features of DINOv2 (layer-scale, registers, no_embed_class), CLIP (pre-norm, QuickGELU,
   eps), SigLIP (attention pooling); timm's DeiT `VisionTransformerDistilled` -> vitfast's.
-- HF `ViTModel` / `ViTForImageClassification` -> a module with HF's forward arguments that returns
-  HF's output object (`BaseModelOutputWithPooling` incl. the pooler, `ImageClassifierOutput` incl.
-  the loss when `labels` are given), or its tuple with `return_dict=False`.
+- HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers), CLIP vision (incl.
+  WithProjection) and SigLIP vision models -> a module with HF's forward arguments that returns HF's
+  output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
+  given, ...), or its tuple with `return_dict=False` (vitfast.hf).
 - torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
 
 Parameters are shared with the source model (the same `nn.Parameter` objects), except HF's separate
@@ -26,11 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vitfast import ops
-from vitfast.checkpoint import hf_to_timm, torchvision_to_timm
+from vitfast.checkpoint import torchvision_to_timm
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
-from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
 
 __all__ = ["optimize", "UnsupportedFeatureError"]
 
@@ -52,17 +51,16 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     if isinstance(model, VisionTransformer):
         out = model
     elif type(model).__module__.startswith("transformers."):
-        if type(model).__name__ not in ("ViTModel", "ViTForImageClassification"):
-            raise UnsupportedFeatureError(f"model: Hugging Face {type(model).__name__} is not supported (only "
-                                          "ViTModel and ViTForImageClassification)")
-        out = _from_hf(model)
+        from vitfast.hf import optimize_hf  # imports this module
+
+        out = optimize_hf(model)
     elif all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
         out = _from_torchvision(model)
     elif all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
         out = _from_timm(model)
     else:
-        raise ValueError("model: expected a timm VisionTransformer, a Hugging Face ViTModel / "
-                         f"ViTForImageClassification or a torchvision VisionTransformer, got "
+        raise ValueError("model: expected a timm VisionTransformer, a Hugging Face vision model (see "
+                         "vitfast.hf.CLASSES) or a torchvision VisionTransformer, got "
                          f"{type(model).__module__}.{type(model).__name__}")
     # Graphs on the outermost module only: the modules it wraps run inside its graph.
     for m in out.modules():
@@ -362,136 +360,3 @@ def _from_torchvision(model: nn.Module) -> VisionTransformer:
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=True, class_token=True, global_pool="token",
                act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop())
     return _build(cfg, torchvision_to_timm(model.state_dict(keep_vars=True)), model, f)
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face transformers
-# --------------------------------------------------------------------------------------------
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
-def _from_hf(model: nn.Module) -> nn.Module:
-    cfg = model.config
-    is_classifier = type(model).__name__ == "ViTForImageClassification"
-    base = model.vit if is_classifier else model
-    f = _Findings(f"Hugging Face {type(model).__name__}")
-    act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
-    f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
-    heads, dim = cfg.num_attention_heads, cfg.hidden_size
-    f.need(getattr(cfg, "head_dim", None) in (None, dim // heads) and dim % heads == 0,
-           f"head_dim={getattr(cfg, 'head_dim', None)} with hidden_size={dim}, num_attention_heads={heads}")
-    f.dropout(cfg.hidden_dropout_prob, "hidden_dropout_prob")
-    f.dropout(cfg.attention_probs_dropout_prob, "attention_probs_dropout_prob")
-    classifier = model.classifier if is_classifier else None
-    if classifier is not None and not _is_identity(classifier):
-        f.linear(classifier, "classifier")
-
-    # The mask token only matters with bool_masked_pos, which the wrapper refuses.
-    state = {k: v for k, v in base.state_dict(keep_vars=True).items() if not k.endswith("embeddings.mask_token")}
-    state = {k: v for k, v in hf_to_timm(state).items() if not k.startswith("head.")}
-    patch = to_2tuple(cfg.patch_size)
-    vit_cfg = dict(img_size=to_2tuple(cfg.image_size), patch_size=patch, in_chans=cfg.num_channels, num_classes=0,
-                   embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
-                   mlp_ratio=_mlp_ratio(cfg.intermediate_size, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
-                   class_token=True, global_pool="token", act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps)
-    core = _build(vit_cfg, state, model, f)
-    vit = HFViTModel(cfg, core, getattr(base, "pooler", None)).train(model.training)
-    if not is_classifier:
-        return vit
-    loss_fn = getattr(model, "loss_function", None)
-    return HFViTForImageClassification(cfg, vit, classifier, loss_fn).train(model.training)
-
-
-class HFViTModel(nn.Module):
-    """Stands in for transformers' `ViTModel`: the same forward arguments, returns
-    `BaseModelOutputWithPooling` (last_hidden_state, pooler_output if the model has a pooler,
-    hidden_states with output_hidden_states=True). The transformer runs as `self.core`, a
-    `vitfast.VisionTransformer` without head; the pooler is HF's own module (dense + tanh)."""
-
-    def __init__(self, config, core: VisionTransformer, pooler: nn.Module | None):
-        super().__init__()
-        self.config, self.core, self.pooler = config, core, pooler
-        self.cuda_graphs = CUDAGraphRunner()
-
-    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
-        """-> (last_hidden_state [B, T, D], hidden_states tuple or None)."""
-        if pixel_values is None:
-            raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
-        core, pe = self.core, self.core.patch_embed
-        pos_embed = None
-        if interpolate_pos_encoding:
-            check_image_size(pixel_values, core.in_chans, pe.patch_size)
-            grid = pe.grid_for(pixel_values)
-            if grid != pe.grid_size:
-                pos_embed = resample_pos_embed(core.pos_embed, grid, pe.grid_size, antialias=False)  # HF's rule
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        tokens, _, hidden = core.forward_tokens(pixel_values, pos_embed=pos_embed,
-                                                return_hidden=bool(output_hidden_states))
-        return core.norm(tokens), (tuple(hidden) if output_hidden_states else None)
-
-    def refuse(self, bool_masked_pos=None, attention_mask=None, output_attentions=None, kwargs=None) -> None:
-        """Arguments HF's ViT takes that vitfast does not implement -> UnsupportedFeatureError naming them."""
-        if output_attentions is None:
-            output_attentions = getattr(self.config, "output_attentions", False)
-        bad = [name for name, v in (("bool_masked_pos (masked patches)", bool_masked_pos),
-                                    ("attention_mask", attention_mask),
-                                    ("output_attentions=True", output_attentions or None)) if v is not None]
-        bad += [f"{k}" for k in (kwargs or {})]
-        if bad:
-            raise UnsupportedFeatureError(f"optimized ViT: unsupported arguments {bad} (vitfast returns the CLS "
-                                          "attention only, via model.core(x, return_cls_attn=True))")
-
-    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
-        return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict)
-
-    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        seq, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        pooled = self.pooler(seq) if self.pooler is not None else None
-        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
-        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
-            else out.to_tuple()
-
-
-class HFViTForImageClassification(nn.Module):
-    """Stands in for transformers' `ViTForImageClassification`: the same forward arguments, returns
-    `ImageClassifierOutput` (loss when labels are given, logits, hidden_states). `classifier` is HF's
-    own nn.Linear (shared), applied to the CLS token with `ops.linear`."""
-
-    def __init__(self, config, vit: HFViTModel, classifier: nn.Module, loss_function=None):
-        super().__init__()
-        self.config, self.vit, self.classifier = config, vit, classifier
-        self.loss_function = loss_function
-        self.cuda_graphs = CUDAGraphRunner()
-
-    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, attention_mask=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self.vit.refuse(None, attention_mask, output_attentions, kwargs)
-        return self.cuda_graphs(self, self._forward, pixel_values, labels,
-                                interpolate_pos_encoding=interpolate_pos_encoding,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict)
-
-    def _forward(self, pixel_values, labels=None, interpolate_pos_encoding=None, output_hidden_states=None,
-                 return_dict=None):
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        seq, hidden = self.vit.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        cls_token = seq[:, 0]                                                              # (B, D)
-        if isinstance(self.classifier, nn.Linear):
-            logits = ops.linear(cls_token, self.classifier.weight, self.classifier.bias)
-        else:
-            logits = self.classifier(cls_token)
-        loss = None
-        if labels is not None:
-            if self.loss_function is None:
-                raise UnsupportedFeatureError("labels: this transformers version has no model.loss_function; "
-                                              "compute the loss from the logits")
-            loss = self.loss_function(labels, logits, self.config)
-        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
-        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
-            else out.to_tuple()

@@ -1,0 +1,195 @@
+"""Hugging Face's DeiT, DINOv2 (with and without registers), CLIP vision and SigLIP vision models on
+vitfast, on the CPU: `vitfast.optimize` (fp32 vs HF in float64, bounded by HF's own fp32 error; every
+output field, other image sizes by each family's rule) and their checkpoints loaded into
+`vitfast.VisionTransformer`. HF's ViT itself is in test_convert.py."""
+
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.checkpoint import load_checkpoint
+from vitfast.convert import UnsupportedFeatureError
+from vitfast.hf import CLASSES
+from vitfast.testing import MODEL_TOLERANCE, assert_close
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3)
+# transformers class -> (its config class, config kwargs beyond SMALL)
+FAMILIES = {
+    "DeiTModel": ("DeiTConfig", dict(intermediate_size=96)),
+    "DeiTForImageClassification": ("DeiTConfig", dict(intermediate_size=96, num_labels=5)),
+    "DeiTForImageClassificationWithTeacher": ("DeiTConfig", dict(intermediate_size=96, num_labels=5)),
+    "Dinov2Model": ("Dinov2Config", dict(mlp_ratio=2)),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", dict(mlp_ratio=2, num_register_tokens=4)),
+    "CLIPVisionModel": ("CLIPVisionConfig", dict(intermediate_size=96)),
+    "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(intermediate_size=96, projection_dim=16)),
+    "SiglipVisionModel": ("SiglipVisionConfig", dict(intermediate_size=96)),
+}
+
+
+def hf_model(name: str, **config_kw):
+    """A random fp32 HF model of `name` (every weight perturbed off its 0/1 init) in eval mode."""
+    config_cls, kw = FAMILIES[name]
+    cfg = getattr(transformers, config_cls)(**{**SMALL, **kw, **config_kw})
+    model = getattr(transformers, name)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def compare(out, ref, eager) -> None:
+    """Every tensor field of HF's output object (tuples of hidden states element by element)."""
+    assert type(out).__name__ == type(ref).__name__
+    assert set(out.keys()) == set(ref.keys()), f"fields {sorted(out.keys())} vs HF's {sorted(ref.keys())}"
+    for key in ref.keys():
+        if isinstance(ref[key], tuple):
+            assert len(out[key]) == len(ref[key])
+            for i, (o, r, e) in enumerate(zip(out[key], ref[key], eager[key])):
+                assert_close(o, r, eager=e, name=f"{key}[{i}]")
+        else:
+            assert_close(out[key], ref[key], eager=eager[key], name=key)
+
+
+def test_every_supported_class_is_tested():
+    assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"}     # those: test_convert
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_optimize_hf_family_equals_hf(name):
+    hf = hf_model(name)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref, eager = (m(xi, output_hidden_states=True) for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
+        compare(out, ref, eager)
+        assert len(out.hidden_states) == SMALL["num_hidden_layers"] + 1
+        as_tuple, hf_tuple = opt(x, return_dict=False), hf(x, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(hf_tuple)
+        assert all(torch.equal(a, b) for a, b in zip(as_tuple, opt(x).to_tuple()))
+
+
+@pytest.mark.parametrize("name", ["DeiTForImageClassification", "Dinov2Model", "Dinov2WithRegistersModel",
+                                  "CLIPVisionModelWithProjection", "SiglipVisionModel"])
+def test_optimize_hf_family_other_image_size(name):
+    """Position tables resampled by each family's HF rule: DINOv2 always (with antialias when it has
+    registers), the others when asked with interpolate_pos_encoding=True."""
+    hf = hf_model(name)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = torch.randn(2, 3, 48, 40)
+    kw = {} if name.startswith("Dinov2") else dict(interpolate_pos_encoding=True)
+    with torch.no_grad():
+        compare(opt(x, **kw), hf64(x.double(), **kw), hf(x, **kw))
+    if not name.startswith("Dinov2"):
+        with pytest.raises(ValueError, match="built for 32x32 images, got 48x40"):
+            opt(x)
+
+
+def test_optimize_hf_families_share_weights():
+    clip = hf_model("CLIPVisionModelWithProjection")
+    opt = vitfast.optimize(clip)
+    core, vision = opt.vision_model.core, clip.vision_model
+    assert opt.visual_projection is clip.visual_projection
+    assert core.norm_pre.weight is vision.pre_layrnorm.weight and core.norm.weight is vision.post_layernorm.weight
+    assert core.blocks[1].mlp.fc2.weight is vision.encoder.layers[1].mlp.fc2.weight
+    dino = hf_model("Dinov2Model")
+    core = vitfast.optimize(dino).core
+    assert core.blocks[0].ls1.gamma is dino.encoder.layer[0].layer_scale1.lambda1
+    assert core.pos_embed is dino.embeddings.position_embeddings
+    siglip = hf_model("SiglipVisionModel")
+    core, head = vitfast.optimize(siglip).core, getattr(siglip, "vision_model", siglip).head
+    assert core.attn_pool.latent is head.probe and core.attn_pool.proj.weight is head.attention.out_proj.weight
+
+
+def test_optimize_hf_deit_with_teacher_logits_are_the_mean_of_both_heads():
+    hf = hf_model("DeiTForImageClassificationWithTeacher")
+    out = vitfast.optimize(hf)(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2)
+    assert not torch.allclose(out.cls_logits, out.distillation_logits)       # two heads, two tokens
+
+
+def test_optimize_hf_family_refusals_are_named():
+    with pytest.raises(UnsupportedFeatureError, match=r"use_swiglu_ffn=True \(SwiGLU MLP, DINOv2-giant\)"):
+        vitfast.optimize(hf_model("Dinov2Model", use_swiglu_ffn=True))
+    with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
+        vitfast.optimize(hf_model("CLIPVisionModel", hidden_act="relu"))
+    opt = vitfast.optimize(hf_model("Dinov2Model"))
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+        opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        opt(torch.randn(1, 3, 36, 32))
+
+
+# --------------------------------------------------------------------------------------------
+# HF checkpoints of these families in vitfast.VisionTransformer (timm's kwargs for each family)
+# --------------------------------------------------------------------------------------------
+VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+def test_dinov2_with_registers_checkpoint_loads():
+    """HF gives the class token a position row: timm's layout (no_embed_class) folds it into cls_token."""
+    hf = hf_model("Dinov2WithRegistersModel")
+    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=0, reg_tokens=4, no_embed_class=True,
+                                      init_values=1.0, dynamic_img_size=True, norm_eps=1e-6).eval()
+    load_checkpoint(model, hf.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(x.double())
+        assert_close(model.forward_features(x), ref.last_hidden_state, eager=hf(x).last_hidden_state)
+
+
+def test_clip_with_projection_checkpoint_loads():
+    """CLIP: pre-norm, QuickGELU, eps 1e-5; its projection (no bias) becomes the head."""
+    hf = hf_model("CLIPVisionModelWithProjection")
+    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=16, pre_norm=True, act_layer="quick_gelu",
+                                      norm_eps=1e-5).eval()
+    load_checkpoint(model, hf.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(x.double())
+        assert_close(model(x), ref.image_embeds, eager=hf(x).image_embeds)
+
+
+def test_siglip_checkpoint_loads():
+    """SigLIP: no class token, attention-pooling head (HF's packed in_proj -> the pool's q and kv)."""
+    hf = hf_model("SiglipVisionModel")
+    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=0, class_token=False, global_pool="map",
+                                      act_layer="gelu_tanh", norm_eps=1e-6).eval()
+    load_checkpoint(model, hf.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(x.double())
+        assert_close(model(x), ref.pooler_output, eager=hf(x).pooler_output)
+
+
+# --------------------------------------------------------------------------------------------
+# On the GPU: the Triton kernels and the CUDA graph the converted model replays by default
+# --------------------------------------------------------------------------------------------
+GPU = dict(image_size=64, patch_size=16, hidden_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_optimize_hf_family_on_gpu(name, dtype, no_tf32):
+    """fp32 vs HF in float64 (eager call, then the captured graph's replay), and fp16 / bf16 vs HF's fp32
+    output within 2x HF's own error in that dtype."""
+    hf = hf_model(name, **GPU).cuda()
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref, ref32 = hf64(x.double()), hf(x)
+        for _ in range(3):                                  # eager, capture, replay
+            compare(opt(x), ref, ref32)
+        low = copy.deepcopy(hf).to(dtype)
+        eager, out = low(x.to(dtype)), vitfast.optimize(low)(x.to(dtype))
+    for key in ref32.keys():
+        if torch.is_tensor(ref32[key]):
+            assert out[key].dtype == dtype
+            assert_close(out[key], ref32[key], dtype=dtype, eager=eager[key], tol=MODEL_TOLERANCE[dtype], name=key)

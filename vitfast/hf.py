@@ -1,0 +1,294 @@
+"""Hugging Face vision transformers on vitfast (`vitfast.optimize` dispatches here).
+
+Each supported transformers class becomes a module with the same forward arguments that returns the same
+output object, its transformer running as `.core`, a `vitfast.VisionTransformer` (or its distilled
+variant) with timm's layout, built from the HF weights by `vitfast.checkpoint.hf_to_timm` (parameters
+shared where the two hold the same values, copied once where they differ: packed q/k/v, and DINOv2 with
+registers' class token plus its position row):
+
+| transformers class | output | last_hidden_state | pooler_output / heads |
+|---|---|---|---|
+| ViTModel, DeiTModel | BaseModelOutputWithPooling | final norm | HF's pooler (dense + tanh) if it has one |
+| ViTForImageClassification, DeiTForImageClassification | ImageClassifierOutput | | classifier(class token) |
+| DeiTForImageClassificationWithTeacher | its own output | | mean of the class and distillation heads |
+| Dinov2Model, Dinov2WithRegistersModel | BaseModelOutputWithPooling | final norm | class token of it |
+| CLIPVisionModel | BaseModelOutputWithPooling | before the final norm | final norm of the class token |
+| CLIPVisionModelWithProjection | CLIPVisionModelOutput | before the final norm | image_embeds: projection of that |
+| SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
+
+Position tables for another image size follow each family's HF rule: bicubic without antialias, with
+antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
+(`interpolate_pos_encoding=True`). HF computes that resampling in float32 (DINOv2) or the model's dtype.
+Not supported (named in the error): masked patches (bool_masked_pos), attention masks, attention
+outputs, SwiGLU (DINOv2-giant), other activations.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitfast import ops
+from vitfast.checkpoint import hf_to_timm
+from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.model import VisionTransformer, VisionTransformerDistilled
+from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
+
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                   "quick_gelu": "quick_gelu"}
+
+# transformers class -> (family, head): the family fixes the layout and outputs of the base model,
+# the head what a head model adds; "base" is the attribute of a head model holding its base model.
+CLASSES = {
+    "ViTModel": ("vit", None), "ViTForImageClassification": ("vit", "classifier"),
+    "DeiTModel": ("deit", None), "DeiTForImageClassification": ("deit", "classifier"),
+    "DeiTForImageClassificationWithTeacher": ("deit", "teacher"),
+    "Dinov2Model": ("dinov2", None), "Dinov2WithRegistersModel": ("dinov2_reg", None),
+    "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
+    "SiglipVisionModel": ("siglip", None),
+}
+_BASE_ATTR = {"vit": "vit", "deit": "deit"}
+# family -> (resample with antialias, resample whenever the grid differs)
+_POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
+             "clip": (False, False), "siglip": (False, False)}
+
+
+def optimize_hf(model: nn.Module) -> nn.Module:
+    """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
+    name = type(model).__name__
+    if name not in CLASSES:
+        raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported (supported: {sorted(CLASSES)})")
+    family, head = CLASSES[name]
+    cfg = model.config
+    f = _Findings(f"Hugging Face {name}")
+    base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
+    base = getattr(base, "vision_model", base)              # CLIP / SigLIP before transformers 5.x nest it
+    core_cfg = _core_config(cfg, family, f)
+    if family == "siglip" and not getattr(cfg, "vision_use_head", True):
+        core_cfg["global_pool"] = ""
+    heads = {"classifier": ("classifier",), "teacher": ("cls_classifier", "distillation_classifier")}.get(head, ())
+    for h in heads:
+        if not _is_identity(getattr(model, h)):
+            f.linear(getattr(model, h), h)
+    if head == "projection":
+        f.need(isinstance(model.visual_projection, nn.Linear), "visual_projection (expected nn.Linear)")
+    f.check(False)                          # unsupported features first: their weights would not map
+    state = {k: v for k, v in hf_to_timm(base.state_dict(keep_vars=True)).items()
+             if not k.startswith(("head.", "head_dist."))}
+    core = _build(core_cfg, state, model, f, VisionTransformerDistilled if family == "deit" else VisionTransformer)
+    vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
+    if head is None:
+        return vision
+    if head == "projection":
+        return HFCLIPVisionWithProjection(cfg, vision, model.visual_projection).train(model.training)
+    if head == "teacher":
+        return HFDeiTWithTeacher(cfg, vision, model.cls_classifier,
+                                 model.distillation_classifier).train(model.training)
+    return HFImageClassifier(cfg, vision, model.classifier, getattr(model, "loss_function", None),
+                             _BASE_ATTR[family]).train(model.training)
+
+
+def _core_config(cfg, family: str, f: _Findings) -> dict:
+    """The vitfast ViT's kwargs for a HF config; unsupported options go to `f`."""
+    act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
+    f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size
+    f.need(getattr(cfg, "head_dim", None) in (None, dim // heads) and dim % heads == 0,
+           f"head_dim={getattr(cfg, 'head_dim', None)} with hidden_size={dim}, num_attention_heads={heads}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "drop_path_rate"):
+        if isinstance(getattr(cfg, name, None), (int, float)):
+            f.dropout(getattr(cfg, name), name)
+    if family.startswith("dinov2"):
+        f.need(not getattr(cfg, "use_swiglu_ffn", False), "use_swiglu_ffn=True (SwiGLU MLP, DINOv2-giant)")
+        hidden = int(dim * cfg.mlp_ratio)
+    else:
+        hidden = cfg.intermediate_size
+    out = dict(img_size=to_2tuple(cfg.image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
+               num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
+               mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
+               act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps, class_token=family != "siglip",
+               global_pool="map" if family == "siglip" else "token")
+    if family.startswith("dinov2"):
+        out.update(init_values=1.0, dynamic_img_size=True)        # the gammas come from the weights
+    if family == "dinov2_reg":
+        out.update(reg_tokens=cfg.num_register_tokens, no_embed_class=True)
+    if family == "clip":
+        out.update(pre_norm=True)
+    return out
+
+
+def _output_dict(config, return_dict) -> bool:
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
+class HFVisionModel(nn.Module):
+    """Stands in for a transformers base vision model (ViTModel, DeiTModel, Dinov2Model,
+    Dinov2WithRegistersModel, CLIPVisionModel, SiglipVisionModel): the same forward arguments, returns
+    `BaseModelOutputWithPooling` (module docstring for each family's last_hidden_state and pooler_output;
+    hidden_states with output_hidden_states=True). The transformer runs as `self.core`; `pooler` is HF's
+    own pooler module (ViT / DeiT, dense + tanh) or None."""
+
+    def __init__(self, config, core: VisionTransformer, family: str = "vit", pooler: nn.Module | None = None):
+        super().__init__()
+        self.config, self.core, self.family, self.pooler = config, core, family, pooler
+        self.cuda_graphs = CUDAGraphRunner()
+
+    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
+        """-> (tokens [B, T, D] after the blocks, before the final norm; hidden_states tuple or None)."""
+        if pixel_values is None:
+            raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
+        core, pe = self.core, self.core.patch_embed
+        antialias, always = _POS_RULE[self.family]
+        pos_embed = None
+        if interpolate_pos_encoding or always:
+            check_image_size(pixel_values, core.in_chans, pe.patch_size)
+            grid = pe.grid_for(pixel_values)
+            if grid != pe.grid_size:
+                pos_embed = resample_pos_embed(core.pos_embed, grid, pe.grid_size, core.pos_embed_prefix,
+                                               antialias=antialias)               # HF's rule
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        tokens, _, hidden = core.forward_tokens(pixel_values, pos_embed=pos_embed,
+                                                return_hidden=bool(output_hidden_states))
+        return tokens, (tuple(hidden) if output_hidden_states else None)
+
+    def outputs(self, tokens):
+        """tokens after the blocks -> (last_hidden_state, pooler_output) of this family."""
+        core = self.core
+        if self.family == "clip":                       # the final norm applies to the pooled class token only
+            return tokens, core.norm(tokens[:, 0])
+        seq = core.norm(tokens)
+        if self.family.startswith("dinov2"):
+            return seq, seq[:, 0]
+        if self.family == "siglip":
+            return seq, core.attn_pool(seq) if core.attn_pool is not None else None
+        return seq, self.pooler(seq) if self.pooler is not None else None
+
+    def refuse(self, bool_masked_pos=None, attention_mask=None, output_attentions=None, kwargs=None) -> None:
+        """Arguments HF takes that vitfast does not implement -> UnsupportedFeatureError naming them."""
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        bad = [name for name, v in (("bool_masked_pos (masked patches)", bool_masked_pos),
+                                    ("attention_mask", attention_mask),
+                                    ("output_attentions=True", output_attentions or None)) if v is not None]
+        bad += [f"{k}" for k in (kwargs or {})]
+        if bad:
+            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast returns the CLS "
+                                          "attention only, via model.core(x, return_cls_attn=True))")
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        seq, pooled = self.outputs(tokens)
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+def _linear(layer: nn.Module, x):
+    return ops.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
+
+
+class HFImageClassifier(nn.Module):
+    """Stands in for transformers' `ViTForImageClassification` / `DeiTForImageClassification`: the same
+    forward arguments, returns `ImageClassifierOutput` (loss when labels are given, logits, hidden_states).
+    `classifier` is HF's own nn.Linear (shared), applied to the class token with `ops.linear`; the base
+    model is the attribute HF names it (`vit`, `deit`)."""
+
+    def __init__(self, config, vision: HFVisionModel, classifier: nn.Module, loss_function=None, base: str = "vit"):
+        super().__init__()
+        self.config, self.classifier, self.loss_function, self._base = config, classifier, loss_function, base
+        self.add_module(base, vision)
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def vision(self) -> HFVisionModel:
+        return getattr(self, self._base)
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, attention_mask=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self.vision.refuse(None, attention_mask, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, labels,
+                                interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, labels=None, interpolate_pos_encoding=None, output_hidden_states=None,
+                 return_dict=None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        tokens, hidden = self.vision.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        seq, _ = self.vision.outputs(tokens)
+        logits = _linear(self.classifier, seq[:, 0])                                       # (B, classes)
+        loss = None
+        if labels is not None:
+            if self.loss_function is None:
+                raise UnsupportedFeatureError("labels: this transformers version has no model.loss_function; "
+                                              "compute the loss from the logits")
+            loss = self.loss_function(labels, logits, self.config)
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+class HFDeiTWithTeacher(nn.Module):
+    """Stands in for transformers' `DeiTForImageClassificationWithTeacher`: logits are the mean of the
+    class token's head and the distillation token's head (both HF's own nn.Linear, shared)."""
+
+    def __init__(self, config, vision: HFVisionModel, cls_classifier: nn.Module, distillation_classifier: nn.Module):
+        super().__init__()
+        self.config, self.deit = config, vision
+        self.cls_classifier, self.distillation_classifier = cls_classifier, distillation_classifier
+        self.cuda_graphs = CUDAGraphRunner()
+
+    def forward(self, pixel_values=None, interpolate_pos_encoding=None, attention_mask=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        self.deit.refuse(None, attention_mask, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None):
+        from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
+
+        tokens, hidden = self.deit.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        seq, _ = self.deit.outputs(tokens)
+        cls_logits = _linear(self.cls_classifier, seq[:, 0])
+        distillation_logits = _linear(self.distillation_classifier, seq[:, 1])
+        out = DeiTForImageClassificationWithTeacherOutput(logits=(cls_logits + distillation_logits) / 2,
+                                                          cls_logits=cls_logits,
+                                                          distillation_logits=distillation_logits,
+                                                          hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+class HFCLIPVisionWithProjection(nn.Module):
+    """Stands in for transformers' `CLIPVisionModelWithProjection`: image_embeds = visual_projection of the
+    pooled (final-normed) class token, with HF's own projection (shared, no bias)."""
+
+    def __init__(self, config, vision: HFVisionModel, visual_projection: nn.Linear):
+        super().__init__()
+        self.config, self.vision_model, self.visual_projection = config, vision, visual_projection
+        self.cuda_graphs = CUDAGraphRunner()
+
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        self.vision_model.refuse(None, None, output_attentions, kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=None, return_dict=None):
+        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+        tokens, hidden = self.vision_model.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        seq, pooled = self.vision_model.outputs(tokens)
+        embeds = _linear(self.visual_projection, pooled)
+        out = CLIPVisionModelOutput(image_embeds=embeds, last_hidden_state=seq, hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+__all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFImageClassifier", "HFDeiTWithTeacher",
+           "HFCLIPVisionWithProjection"]
