@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import vitfast
-from vitfast.checkpoint import load_checkpoint
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import CLASSES
 from vitfast.testing import MODEL_TOLERANCE, assert_close
@@ -126,45 +125,45 @@ def test_optimize_hf_family_refusals_are_named():
 
 
 # --------------------------------------------------------------------------------------------
-# HF checkpoints of these families in vitfast.VisionTransformer (timm's kwargs for each family)
+# HF checkpoints of these families through create_model(timm's name, checkpoint_path=...)
 # --------------------------------------------------------------------------------------------
-VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+SHRINK = dict(embed_dim=48, depth=2, num_heads=3)                 # the same on both sides, below
+# timm name -> (HF class, HF config beyond SMALL's heads/layers/width, create_model overrides, output field)
+CHECKPOINTS = {
+    # HF gives DINOv2-reg's class token a position row: timm's layout (no_embed_class) folds it into cls_token
+    "vit_small_patch14_reg4_dinov2": ("Dinov2WithRegistersModel", dict(image_size=28, patch_size=14, mlp_ratio=4),
+                                      dict(img_size=28), "last_hidden_state"),
+    "vit_small_patch14_dinov2": ("Dinov2Model", dict(image_size=28, patch_size=14, mlp_ratio=4),
+                                 dict(img_size=28), "last_hidden_state"),
+    # CLIP's projection (no bias) becomes the head
+    "vit_base_patch16_clip_quickgelu_224": ("CLIPVisionModelWithProjection",
+                                            dict(patch_size=16, intermediate_size=192, projection_dim=16),
+                                            dict(img_size=32, num_classes=16), "image_embeds"),
+    # HF's SigLIP runs the tanh GELU where timm's runs the exact one; its packed in_proj -> the pool's q, kv
+    "vit_base_patch16_siglip_224": ("SiglipVisionModel", dict(patch_size=16, intermediate_size=192),
+                                    dict(img_size=32, act_layer="gelu_tanh"), "pooler_output"),
+    # HF's DeiT configs keep LayerNorm eps 1e-12 where timm's use 1e-6
+    "deit_tiny_distilled_patch16_224": ("DeiTForImageClassificationWithTeacher",
+                                        dict(patch_size=16, intermediate_size=192, num_labels=5),
+                                        dict(img_size=32, num_classes=5, norm_eps=1e-12), "logits"),
+}
 
 
-def test_dinov2_with_registers_checkpoint_loads():
-    """HF gives the class token a position row: timm's layout (no_embed_class) folds it into cls_token."""
-    hf = hf_model("Dinov2WithRegistersModel")
-    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=0, reg_tokens=4, no_embed_class=True,
-                                      init_values=1.0, dynamic_img_size=True, norm_eps=1e-6).eval()
-    load_checkpoint(model, hf.state_dict())
-    x = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_hf_checkpoint_loads_into_timm_name(name, tmp_path):
+    from safetensors.torch import save_file
+
+    cls, hf_kw, overrides, field = CHECKPOINTS[name]
+    hf = hf_model(cls, **hf_kw)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in hf.state_dict().items()}, str(path))
+    model = vitfast.create_model(name, checkpoint_path=path, **SHRINK, **overrides).eval()
+    size = hf.config.image_size
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
+        out = model.forward_features(x) if field == "last_hidden_state" else model(x)
         ref = copy.deepcopy(hf).double()(x.double())
-        assert_close(model.forward_features(x), ref.last_hidden_state, eager=hf(x).last_hidden_state)
-
-
-def test_clip_with_projection_checkpoint_loads():
-    """CLIP: pre-norm, QuickGELU, eps 1e-5; its projection (no bias) becomes the head."""
-    hf = hf_model("CLIPVisionModelWithProjection")
-    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=16, pre_norm=True, act_layer="quick_gelu",
-                                      norm_eps=1e-5).eval()
-    load_checkpoint(model, hf.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = copy.deepcopy(hf).double()(x.double())
-        assert_close(model(x), ref.image_embeds, eager=hf(x).image_embeds)
-
-
-def test_siglip_checkpoint_loads():
-    """SigLIP: no class token, attention-pooling head (HF's packed in_proj -> the pool's q and kv)."""
-    hf = hf_model("SiglipVisionModel")
-    model = vitfast.VisionTransformer(**VIT, mlp_ratio=2, num_classes=0, class_token=False, global_pool="map",
-                                      act_layer="gelu_tanh", norm_eps=1e-6).eval()
-    load_checkpoint(model, hf.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = copy.deepcopy(hf).double()(x.double())
-        assert_close(model(x), ref.pooler_output, eager=hf(x).pooler_output)
+        assert_close(out, ref[field], eager=hf(x)[field], name=field)
 
 
 # --------------------------------------------------------------------------------------------
