@@ -238,3 +238,72 @@ def test_time_budget_skips_what_is_left_and_still_writes_results(tmp_path, monke
     assert all(r["error"] == bench.SKIPPED and r["ms"] is None for r in records)
     assert result["environment"]["config"]["time_budget_s"] == 0
     assert bench.SKIPPED in (tmp_path / "results.md").read_text()
+
+
+# --model NAME: a named configuration (prefix tokens, layer-scale, pre-norm, eps, QuickGELU, MAP head)
+NAMED = {"vit_small_patch14_reg4_dinov2": 5, "vit_base_patch16_clip_quickgelu_224": 1,
+         "vit_base_patch16_siglip_224": 0, "deit_tiny_distilled_patch16_224": 2}     # name -> prefix tokens
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_model_sweep(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    args = ["--model", name, "--depth", "1", "--batch-size", "2", "--image-sizes", "28", "--patch-sizes", "14",
+            "--reps", "1", "--device", "cpu", "--backends", "reference,torch,vitfast", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    config = result["environment"]["config"]
+    assert config["model"] == name and config["depth"] == 1
+    from vitfast.configs import model_class_and_config
+    expected = {k: v for k, v in model_class_and_config(name)[1].items()
+                if k not in ("embed_dim", "depth", "num_heads", "mlp_ratio", "img_size", "patch_size",
+                             "dynamic_img_size")}
+    assert config["model_options"] == expected
+    records = result["records"]
+    assert len(records) == 3 + 3 * len(bench.OPS)
+    for r in records:
+        assert r["error"] is None and r["tokens"] == NAMED[name] + 4
+    for r in records:
+        if r["kind"] == "model":                     # the named model's kwargs on every backend: same logits
+            assert r["rel_err_vs_reference"] <= (0 if r["backend"] == "reference" else 1e-5)
+    assert f"# vitfast bench: {name}" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+@pytest.mark.parametrize("op", bench.OPS)
+def test_named_op_cases_compute_the_same(name, op, monkeypatch):
+    """The three op backends of a named model's block (its prefix rows, layer-scale, activation, eps)
+    compute the same values."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    spec = bench.spec_for_name(name, 1)
+    make, fns, _ = bench.op_case(op, spec, bench.Config(28, 14, 2, spec.prefix), "cpu", torch.float32)
+    inputs = make()
+    ref = fns["reference"](*inputs)
+    assert ref.shape[-2:] == ((spec.prefix + 4, spec.embed_dim * (3 if op == "linear_qkv" else 1))
+                              if op != "attention" else (spec.prefix + 4, spec.embed_dim))
+    for backend in ("torch", "vitfast"):
+        torch.testing.assert_close(fns[backend](*inputs), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_model_name_errors():
+    with pytest.raises(SystemExit, match="--model: unknown name 'vit_nope'"):
+        bench.main(["--model", "vit_nope", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not both"):
+        bench.main(["--model", "vit_base_patch16_siglip_224", "--model-size", "tiny", "--device", "cpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_model_timm_backend_equals_reference(name):
+    """timm's own classes built from a named Spec (eps through timm's norm layer, DeiT's distilled
+    class) take the reference's weights strictly and compute its output."""
+    pytest.importorskip("timm")
+    spec = bench.spec_for_name(name, 1)
+    cfg = bench.Config(28, 14, 2, spec.prefix)
+    torch.manual_seed(0)
+    ref = (reference.VisionTransformerDistilled if spec.distilled else reference.VisionTransformer)(
+        **spec.kwargs(cfg)).cuda().eval()
+    timm_model = bench.build_model_backend("timm", spec, cfg, ref.state_dict(), "cuda", torch.float32)
+    x = torch.randn(2, 3, 28, 28, device="cuda")
+    with torch.no_grad():
+        assert_close(timm_model(x), ref.double()(x.double()), eager=ref.float()(x), tol=1e-3)

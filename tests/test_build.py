@@ -114,6 +114,43 @@ def test_results_markdown_holds_every_step_and_section():
     assert "### End to end" in md and "# title" not in md
 
 
+def test_bench_models_runs_each_name_and_merges_its_results(tmp_path, monkeypatch):
+    """`make gpu GPU_ARGS="--steps bench --bench-models A,B"`: one `vitfast bench --model` per name (stubbed
+    here: it writes what the bench writes), the records tagged with their model, one step."""
+    calls = []
+
+    def fake_run(self, cmd, seconds):
+        calls.append(cmd)
+        name, out = cmd[cmd.index("--model") + 1], Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        records = [{"kind": "model", "backend": b, "ms": 2.0, "error": None, "patch_size": 14, "tokens": 257,
+                    "batch": 256, "images_per_s": 1000.0 * (i + 1)} for i, b in enumerate(["timm", "vitfast"])]
+        (out / "results.json").write_text(json.dumps({"environment": {"gpu": "G"}, "records": records}))
+        (out / "results.md").write_text(f"# vitfast bench: {name} (dim 768)\n\n## End to end\n\n| a |\n")
+        return 0, ""
+
+    monkeypatch.setattr(gpu_tool.Run, "run", fake_run)
+    run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
+    args = gpu_tool.argparse.Namespace(bench_models="vit_base_patch14_dinov2, vit_base_patch16_siglip_224",
+                                       compile_mode="reduce-overhead", bench_args=[])
+    assert gpu_tool.bench(run, args)
+    assert [c[c.index("--model") + 1] for c in calls] == ["vit_base_patch14_dinov2", "vit_base_patch16_siglip_224"]
+    assert all("--no-kernels" in c and "--model-size" not in c for c in calls)
+    bench = run.result["bench"]
+    assert bench["models"] == ["vit_base_patch14_dinov2", "vit_base_patch16_siglip_224"]
+    assert [r["model"] for r in bench["records"]] == [*["vit_base_patch14_dinov2"] * 2,
+                                                      *["vit_base_patch16_siglip_224"] * 2]
+    assert run.result["steps"][-1]["status"] == "ok" and "4 measured, 0 failed" in run.result["steps"][-1]["detail"]
+    md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
+    assert "### vitfast bench: vit_base_patch14_dinov2" in md and "### vitfast bench: vit_base_patch16_siglip_224" in md
+    assert "vit_base_patch16_siglip_224 P14 257 tokens batch 256 vitfast" in gpu_tool.summary(run.result)
+
+
+def test_gpu_run_refuses_unknown_steps(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_tool.main(["--out", str(tmp_path), "--steps", "smoke,nope"])
+
+
 _PLUGIN_TESTS = textwrap.dedent("""
     import pytest
 

@@ -14,7 +14,11 @@ fails or runs out of time does not stop the later ones:
            (VITFAST_AUTOTUNE=quick); tests not started by the deadline are listed as not run
   bench    ViT-B/16 and ViT-B/8, batch 256, bf16, end to end: timm (eager, SDPA), torch.compile,
            vitfast with its CUDA graphs and without (vitfast-eager); per-op TFLOP/s and GB/s;
-           attention alone over N
+           attention alone over N; with --bench-models NAMES instead: each named model (DINOv2, CLIP,
+           SigLIP, ...) at its own size, end to end, against timm and torch.compile
+
+--steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
+for a second call that only measures).
 
 Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
 tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
@@ -232,6 +236,8 @@ def read_test_report(path: Path) -> dict:
 
 
 def bench(run: Run, args) -> bool:
+    if args.bench_models:
+        return bench_models(run, args)
     t0 = time.monotonic()
     seconds = max(30.0, run.left() - 15)
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,6 +264,53 @@ def bench(run: Run, args) -> bool:
     failed = sum(bool(r["error"]) and not str(r["error"]).startswith("skipped") for r in records)
     detail = f"{done} measured, {failed} failed, {skipped} skipped (time budget)"
     status = "timeout" if rc is None else "ok" if rc == 0 and not failed else "failed"
+    return run.step("bench", status, t0, detail)
+
+
+def bench_models(run: Run, args) -> bool:
+    """--bench-models: each named model at its own size, end to end (no per-op timings), batch 256 bf16,
+    against timm and torch.compile, the time left shared between them. One merged result: records tagged
+    with their model, the markdown of each run in turn; no plots."""
+    t0 = time.monotonic()
+    names = [n.strip() for n in args.bench_models.split(",") if n.strip()]
+    timm = importlib.util.find_spec("timm") is not None
+    merged, rcs, markdowns = None, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            seconds = max(30.0, (run.left() - 15) / (len(names) - i))
+            out = Path(tmp) / name
+            cmd = [sys.executable, "-m", "vitfast", "bench", "--model", name, "--batch-size", "256", "--dtype",
+                   "bf16", "--backends", f"{'timm' if timm else 'torch'},vitfast,vitfast-eager,compile",
+                   "--compile-mode", args.compile_mode, "--rep-ms", "50", "--no-kernels",
+                   "--time-budget", f"{max(10.0, seconds - 60):.0f}", "--out", str(out), *args.bench_args]
+            rc, tail = run.run(cmd, seconds)
+            rcs.append(rc)
+            if not (out / "results.json").is_file():
+                run.say(f"bench {name}: no results ({_last_error(tail)})")
+                continue
+            result = json.loads((out / "results.json").read_text())
+            for r in result["records"]:
+                r["model"] = name
+            markdowns.append((out / "results.md").read_text())
+            if merged is None:
+                merged = dict(result, records=[], models=[])
+            merged["records"] += result["records"]
+            merged["models"].append(name)
+    if merged is not None:
+        merged["markdown"] = "# bench\n\n" + "\n".join(
+            md.replace("\n## ", "\n### ").replace("# vitfast bench", "## vitfast bench") for md in markdowns)
+        merged["attention_exponent"] = None                  # one size per model: nothing to fit
+    run.result["bench"] = merged
+    if merged is None:
+        return run.step("bench", "failed", t0, f"no results for {names}")
+    records = merged["records"]
+    done = sum(r["ms"] is not None for r in records)
+    skipped = sum(str(r["error"]).startswith("skipped") for r in records)
+    failed = sum(bool(r["error"]) and not str(r["error"]).startswith("skipped") for r in records)
+    missing = len(names) - len(merged["models"])
+    detail = f"{', '.join(merged['models'])}: {done} measured, {failed} failed, {skipped} skipped (time budget)"
+    status = ("timeout" if None in rcs else "ok" if all(rc == 0 for rc in rcs) and not failed and not missing
+              else "failed")
     return run.step("bench", status, t0, detail)
 
 
@@ -307,7 +360,8 @@ def summary(result: dict) -> str:
     if b:
         models = [r for r in b["records"] if r["kind"] == "model" and r["images_per_s"]]
         for r in models:
-            lines.append(f"  P{r['patch_size']} {r['tokens']} tokens batch {r['batch']} {r['backend']:<18} "
+            lines.append(f"  {r['model'] + ' ' if r.get('model') else ''}"
+                         f"P{r['patch_size']} {r['tokens']} tokens batch {r['batch']} {r['backend']:<18} "
                          f"{r['images_per_s']:10.1f} images/s")
         if b.get("attention_exponent") is not None:
             lines.append(f"  attention time ∝ N^{b['attention_exponent']:.2f} ({b['attention_fit_backend']})")
@@ -323,9 +377,18 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
                         "graphs, no GEMM autotuning, which would not fit the time box)")
+    p.add_argument("--steps", default="smoke,tests,bench",
+                   help="comma-separated steps after the build, from smoke, tests, bench (default: all three)")
+    p.add_argument("--bench-models", default=None, metavar="NAMES",
+                   help="comma-separated timm names (vitfast.list_models()): the bench step measures each at its "
+                        "own size end to end instead of the ViT-B sweep, e.g. vit_base_patch14_dinov2,"
+                        "vit_base_patch16_clip_224,vit_base_patch16_siglip_224")
     p.add_argument("--bench-args", nargs=argparse.REMAINDER, default=[],
                    help="extra arguments for `vitfast bench` (last on the command line)")
     args = p.parse_args(argv)
+    steps = [x.strip() for x in args.steps.split(",") if x.strip()]
+    if not steps or set(steps) - {"smoke", "tests", "bench"}:
+        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench, got {args.steps!r}")
     run = Run(Path(args.out), args.budget, args.bench_seconds)
     run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
     if not check_modules(run):
@@ -342,9 +405,12 @@ def main(argv=None) -> int:
         run.say(summary(run.result))
         return NO_CUDA
     ok = built
-    ok &= smoke(run)
-    ok &= tests(run)
-    ok &= bench(run, args)
+    if "smoke" in steps:
+        ok &= smoke(run)
+    if "tests" in steps:
+        ok &= tests(run)
+    if "bench" in steps:
+        ok &= bench(run, args)
     run.write()
     run.say(summary(run.result))
     run.say(f"\nmake gpu: {'all steps passed' if ok else 'some steps did not pass'} in "

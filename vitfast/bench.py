@@ -1,6 +1,8 @@
 """`vitfast bench`: the patch-size sweep (32 -> 8) and the O(n²) attention study.
 
-For one model size and every configuration (image size S, patch size P -> T = 1 + (S/P)² tokens):
+For one model size and every configuration (image size S, patch size P -> T = 1 + (S/P)² tokens), or
+with --model NAME for a timm name from `vitfast.list_models()` at its own size (its prefix tokens,
+layer-scale, pre-norm, eps, activation, pooling head and distillation head on every backend):
 
 - end-to-end forward time and images/s of each model backend, timed in the same run, at each batch size:
     reference      `vitfast.reference.VisionTransformer`: the plain math (N×N softmax, hand-written LayerNorm)
@@ -42,6 +44,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,10 +92,11 @@ class Config:
     image_size: int
     patch_size: int
     batch: int
+    prefix: int = 1                 # class / register / distillation tokens in front of the patches
 
     @property
     def tokens(self) -> int:
-        return 1 + (self.image_size // self.patch_size) ** 2
+        return self.prefix + (self.image_size // self.patch_size) ** 2
 
     @property
     def label(self) -> str:
@@ -101,26 +105,67 @@ class Config:
 
 @dataclass(frozen=True)
 class Spec:
-    """The model being measured (timm's ViT kwargs)."""
+    """The model being measured (timm's ViT kwargs). `size` names it (a size, or the timm name given
+    with --model); `extra` holds that name's other kwargs (pre_norm, reg_tokens, init_values, ...)."""
     size: str
     embed_dim: int
     depth: int
     num_heads: int
     mlp_ratio: float
+    extra: tuple = ()
+    distilled: bool = False
+    image_size: int = 224
+    patch_size: int = 16
 
     @property
     def hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    @property
+    def options(self) -> dict:
+        return dict(self.extra)
+
+    @property
+    def prefix(self) -> int:
+        """Tokens in front of the patches: class, registers, distillation."""
+        o = self.options
+        return int(o.get("class_token", True)) + o.get("reg_tokens", 0) + int(self.distilled)
+
+    @property
+    def act(self) -> str:
+        return self.options.get("act_layer", "gelu")
+
+    @property
+    def norm_eps(self) -> float:
+        return self.options.get("norm_eps", 1e-6)
+
+    @property
+    def num_classes(self) -> int:
+        return self.options.get("num_classes", 1000)
+
     def kwargs(self, cfg: Config) -> dict:
-        return dict(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        return dict(self.extra, img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
 
 
 def spec_for(size: str, depth: int | None = None) -> Spec:
     """The Spec of a model size (tiny ... huge), from the named timm configurations."""
     kw = CONFIGS[MODEL_SIZES[size]]
     return Spec(size, kw["embed_dim"], depth or kw["depth"], kw["num_heads"], kw.get("mlp_ratio", 4.0))
+
+
+def spec_for_name(name: str, depth: int | None = None) -> Spec:
+    """The Spec of a timm model name (`vitfast.list_models()`): its shape, and its other kwargs as
+    `extra` (dynamic_img_size dropped: each configuration is built for its own size)."""
+    from vitfast.configs import model_class_and_config
+
+    kind, kw = model_class_and_config(name)
+    shape = {k: kw.pop(k) for k in ("embed_dim", "depth", "num_heads")}
+    mlp_ratio, img, patch = kw.pop("mlp_ratio", 4.0), kw.pop("img_size", 224), kw.pop("patch_size", 16)
+    kw.pop("dynamic_img_size", None)
+    return Spec(name, shape["embed_dim"], depth or shape["depth"], shape["num_heads"], mlp_ratio,
+                tuple(sorted(kw.items())), kind == "distilled", img[0] if isinstance(img, tuple) else img,
+                patch[0] if isinstance(patch, tuple) else patch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +187,9 @@ def parse_args(argv) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=None,
                    help="ViT size (default: base on GPU, tiny on CPU)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a timm model name from vitfast.list_models() (DINOv2, CLIP, SigLIP, DeiT, ...) instead of "
+                        "--model-size: its own configuration (default: its image and patch size only)")
     p.add_argument("--depth", type=int, default=None, help="number of blocks (default: the model size's)")
     p.add_argument("--batch-size", "--batch-sizes", dest="batch_size", type=_ints, default=None,
                    help=f"comma-separated batch sizes for <= {BATCH_TOKENS} tokens, scaled down above (default: "
@@ -175,10 +223,14 @@ def parse_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sweep_configs(args, device: str) -> list[tuple[int, int]]:
+def sweep_configs(args, device: str, spec: Spec | None = None) -> list[tuple[int, int]]:
     """The (image size, patch size) pairs to measure. --patch-sizes / --image-sizes replace the
-    default list by their product (the one not given taken from the default list)."""
-    base = QUICK_SWEEP if args.quick else SWEEP if device == "cuda" else CPU_SWEEP
+    default list by their product (the one not given taken from the default list). With --model the
+    default list is that model's own size."""
+    if getattr(args, "model", None) and spec is not None:
+        base = [(spec.image_size, spec.patch_size)]
+    else:
+        base = QUICK_SWEEP if args.quick else SWEEP if device == "cuda" else CPU_SWEEP
     if args.patch_sizes is None and args.image_sizes is None:
         return list(base)
     images = args.image_sizes or sorted({s for s, _ in base})
@@ -197,12 +249,15 @@ def batch_for(tokens: int, batch_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-def _timm_class():
+def _timm_class(distilled: bool = False):
     try:
-        from timm.models.vision_transformer import VisionTransformer
+        if distilled:
+            from timm.models.deit import VisionTransformerDistilled as cls
+        else:
+            from timm.models.vision_transformer import VisionTransformer as cls
     except ImportError:
         return None
-    return VisionTransformer
+    return cls
 
 
 def _free(device: str) -> None:
@@ -275,16 +330,20 @@ def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, devi
     """A callable images -> logits for `backend`, with the weights `state`."""
     kwargs = spec.kwargs(cfg)
     if backend in ("reference", "torch", "compile"):
+        cls = reference.VisionTransformerDistilled if spec.distilled else reference.VisionTransformer
         with torch.device(device):
-            model = reference.VisionTransformer(**kwargs).use_torch_ops(backend != "reference")
+            model = cls(**kwargs).use_torch_ops(backend != "reference")
     elif backend == "timm":
+        eps = kwargs.pop("norm_eps", None)             # timm takes the eps through its norm layer
+        if eps is not None:
+            kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=eps)
         with torch.device(device):
-            model = _timm_class()(**kwargs)
+            model = _timm_class(spec.distilled)(**kwargs)
     else:
         from vitfast.graphs import CUDAGraphRunner
-        from vitfast.model import VisionTransformer
+        from vitfast.model import VisionTransformer, VisionTransformerDistilled
         with torch.device(device):
-            model = VisionTransformer(**kwargs)
+            model = (VisionTransformerDistilled if spec.distilled else VisionTransformer)(**kwargs)
         if backend == "vitfast-eager":
             model.cuda_graphs = CUDAGraphRunner(False)
     model.load_state_dict(state, strict=True)
@@ -298,23 +357,29 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
     """(make_inputs, {op backend: fn}, work) for one op of one block; work = {"flops": ..} or {"bytes": ..}.
     The `torch` op is what the `torch` model runs (residual adds out of place, as timm's blocks do)."""
     B, T, C, H, P, S = cfg.batch, cfg.tokens, spec.embed_dim, spec.num_heads, cfg.patch_size, cfg.image_size
-    R = reference
+    R, NP, eps = reference, T - (S // P) ** 2 if S else 1, spec.norm_eps
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=device, dtype=dtype) * scale
 
+    # the model's layer-scale (DINOv2) in the proj / fc2 epilogues, as its blocks run them
+    gamma = rand(C, scale=0.1) if spec.options.get("init_values") else None
     if op == "patch_embed":
-        w, b, cls, pos = rand(C, 3, P, P, scale=0.02), rand(C), rand(1, 1, C), rand(1, T, C)
+        pos_prefix = not spec.options.get("no_embed_class", False)
+        w, b = rand(C, 3, P, P, scale=0.02), None if spec.options.get("pre_norm") else rand(C)
+        prefix, pos = (rand(1, NP, C) if NP else None), rand(1, T if pos_prefix else T - NP, C)
         return (lambda: [rand(B, 3, S, S)],
-                {"reference": lambda x: R.patch_embed(x, w, b, cls, pos),
-                 "torch": lambda x: R.torch_patch_embed(x, w, b, cls, pos),
-                 "vitfast": lambda x: ops.patch_embed(x, w, b, cls_token=cls, pos_embed=pos)},
-                {"flops": 2 * B * (T - 1) * 3 * P * P * C})
+                {"reference": lambda x: R.patch_embed(x, w, b, prefix, pos, pos_embed_prefix=pos_prefix),
+                 "torch": lambda x: R.torch_patch_embed(x, w, b, prefix, pos, pos_embed_prefix=pos_prefix),
+                 "vitfast": lambda x: ops.patch_embed(x, w, b, prefix_tokens=prefix, pos_embed=pos,
+                                                      pos_embed_prefix=pos_prefix)},
+                {"flops": 2 * B * (T - NP) * 3 * P * P * C})
     if op == "layer_norm":
         w, b = 1 + rand(C, scale=0.1), rand(C, scale=0.1)
         return (lambda: [rand(B, T, C)],
-                {"reference": lambda x: R.layer_norm(x, w, b, 1e-6), "torch": lambda x: R.torch_layer_norm(x, w, b),
-                 "vitfast": lambda x: ops.layer_norm(x, w, b, 1e-6)},
+                {"reference": lambda x: R.layer_norm(x, w, b, eps),
+                 "torch": lambda x: R.torch_layer_norm(x, w, b, eps),
+                 "vitfast": lambda x: ops.layer_norm(x, w, b, eps)},
                 {"bytes": 2 * B * T * C * torch.finfo(dtype).bits // 8})
     if op == "attention":
         return (lambda: [rand(B, T, 3 * C)],
@@ -323,30 +388,47 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
                 {"flops": 4 * B * T * T * C})                       # q kᵀ and p v, 2·T·T·D each per head
     if op in ("linear_qkv", "linear_proj"):
         n_out, res = (3 * C, False) if op == "linear_qkv" else (C, True)
-        w, b = rand(n_out, C, scale=C ** -0.5), rand(n_out, scale=0.1)
+        w, g = rand(n_out, C, scale=C ** -0.5), gamma if res else None
+        b = None if op == "linear_qkv" and not spec.options.get("qkv_bias", True) else rand(n_out, scale=0.1)
         make = (lambda: [rand(B, T, C), rand(B, T, C)]) if res else (lambda: [rand(B, T, C)])
         return (make,
-                {"reference": lambda x, r=None: R.linear(x, w, b, None, r),
-                 "torch": lambda x, r=None: R.torch_linear(x, w, b) if r is None else R.torch_linear(x, w, b) + r,
-                 "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r)},
+                {"reference": lambda x, r=None: R.linear(x, w, b, None, r, g),
+                 "torch": lambda x, r=None: _torch_residual(R.torch_linear(x, w, b), r, g),
+                 "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r, scale=g)},
                 {"flops": 2 * B * T * C * n_out})
     if op == "mlp":
         Hd = spec.hidden
         w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
         w2, b2 = rand(C, Hd, scale=Hd ** -0.5), rand(C, scale=0.1)
+        act = spec.act
         return (lambda: [rand(B, T, C), rand(B, T, C)],
-                {"reference": lambda x, r: R.linear(R.linear(x, w1, b1, "gelu"), w2, b2, None, r),
-                 "torch": lambda x, r: R.torch_linear(R.torch_linear(x, w1, b1, "gelu"), w2, b2) + r,
-                 "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation="gelu"), w2, b2, residual=r)},
+                {"reference": lambda x, r: R.linear(R.linear(x, w1, b1, act), w2, b2, None, r, gamma),
+                 "torch": lambda x, r: _torch_residual(R.torch_linear(R.torch_linear(x, w1, b1, act), w2, b2), r,
+                                                       gamma),
+                 "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation=act), w2, b2, residual=r,
+                                                    scale=gamma)},
                 {"flops": 4 * B * T * C * Hd})
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
+def _torch_residual(y, residual, gamma):
+    """What a timm block does after its proj / fc2 in eager PyTorch: x + ls(y)."""
+    if gamma is not None:
+        y = y * gamma
+    return y if residual is None else residual + y
+
+
 def model_flops(spec: Spec, cfg: Config) -> int:
-    """Forward FLOPs of one batch (matmuls only)."""
+    """Forward FLOPs of one batch (matmuls only; the attention-pooling head of "map" models left out)."""
     B, T, C, P = cfg.batch, cfg.tokens, spec.embed_dim, cfg.patch_size
     block = 2 * T * C * 3 * C + 4 * T * T * C + 2 * T * C * C + 4 * T * C * spec.hidden
-    return B * (2 * (T - 1) * 3 * P * P * C + spec.depth * block + 2 * C * 1000)
+    heads = 2 if spec.distilled else 1
+    return B * (2 * (T - cfg.prefix) * 3 * P * P * C + spec.depth * block + heads * 2 * C * spec.num_classes)
+
+
+def model_title(config: dict) -> str:
+    """"ViT-base", or the timm name given with --model."""
+    return config.get("model") or f"ViT-{config['model_size']}"
 
 
 def _record(kind: str, cfg: Config, backend: str, dtype, **fields) -> dict:
@@ -375,7 +457,8 @@ def run_config(cfg: Config, spec: Spec, backends: list[str], op_backends: list[s
                 + [_record("kernel", cfg, b, dtype, op=op, error=SKIPPED) for op in OPS for b in op_backends])
     torch.manual_seed(0)
     with torch.device(device):
-        ref = reference.VisionTransformer(**spec.kwargs(cfg))
+        ref = (reference.VisionTransformerDistilled if spec.distilled else reference.VisionTransformer)(
+            **spec.kwargs(cfg))
     state = {k: v.to("cpu", dtype) for k, v in ref.state_dict().items()}   # off the GPU: not in the peaks
     ref = ref.to(dtype).eval()
     example = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
@@ -558,7 +641,7 @@ def _key(r: dict) -> tuple:
 def markdown(result: dict) -> str:
     env, records, fitted = result["environment"], result["records"], result["fits"]
     c = env["config"]
-    lines = [f"# vitfast bench: ViT-{c['model_size']} (dim {c['embed_dim']}, depth {c['depth']}, "
+    lines = [f"# vitfast bench: {model_title(c)} (dim {c['embed_dim']}, depth {c['depth']}, "
              f"heads {c['num_heads']}), {c['dtype']}, {env['gpu']}", "",
              f"{env['date']} · torch {env['torch']} · triton {env['triton']} · driver {env['driver']}", "",
              f"Command: `{env['command']}`", ""]
@@ -651,7 +734,7 @@ def plots(result: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     records, fitted, env = result["records"], result["fits"], result["environment"]
-    title = f"ViT-{env['config']['model_size']} {env['config']['dtype']}, {env['gpu']}"
+    title = f"{model_title(env['config'])} {env['config']['dtype']}, {env['gpu']}"
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -756,8 +839,16 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("vitfast bench: --device cuda, but CUDA is not available")
     gpu = device == "cuda"
-    size = args.model_size or ("base" if gpu else "tiny")
-    spec = spec_for(size, args.depth)
+    if args.model is not None:
+        if args.model_size is not None:
+            raise SystemExit("vitfast bench: give --model or --model-size, not both")
+        if args.model not in CONFIGS:
+            raise SystemExit(f"vitfast bench: --model: unknown name {args.model!r}; expected one of "
+                             f"vitfast.list_models(): {', '.join(sorted(CONFIGS))}")
+        size, spec = None, spec_for_name(args.model, args.depth)
+    else:
+        size = args.model_size or ("base" if gpu else "tiny")
+        spec = spec_for(size, args.depth)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     batch_sizes = sorted(set(args.batch_size or (GPU_BATCH_SIZES if gpu else (2,))))
     batch_size = batch_sizes[-1]                 # the attention sweep's and the op timings' batch
@@ -778,17 +869,19 @@ def main(argv=None) -> int:
     op_backends = [] if args.no_kernels else [
         b for b, on in (("reference", "reference" in backends), ("torch", {"torch", "timm", "compile"} & set(backends)),
                         ("vitfast", {"vitfast", "vitfast-eager"} & set(backends))) if on]
-    pairs = sweep_configs(args, device)
-    configs = sorted({Config(s, p, batch_for(1 + (s // p) ** 2, b)) for s, p in pairs for b in batch_sizes},
+    pairs = sweep_configs(args, device, spec)
+    npre = spec.prefix
+    configs = sorted({Config(s, p, batch_for(npre + (s // p) ** 2, b), npre) for s, p in pairs for b in batch_sizes},
                      key=lambda c: (c.tokens, c.image_size, c.batch))
-    op_batch = {(s, p): batch_for(1 + (s // p) ** 2, batch_size) for s, p in pairs}   # ops at the largest batch
+    op_batch = {(s, p): batch_for(npre + (s // p) ** 2, batch_size) for s, p in pairs}   # ops at the largest batch
     attention_tokens = sorted(set(args.attention_tokens or []))
     if any(n < 1 for n in attention_tokens):
         raise SystemExit(f"vitfast bench: --attention-tokens must be >= 1, got {args.attention_tokens}")
     if attention_tokens and not op_backends:
         raise SystemExit("vitfast bench: --attention-tokens needs op backends (not --no-kernels)")
 
-    config = {"model_size": size, "embed_dim": spec.embed_dim, "depth": spec.depth, "num_heads": spec.num_heads,
+    config = {"model_size": size, "model": args.model, "model_options": spec.options, "embed_dim": spec.embed_dim,
+              "depth": spec.depth, "num_heads": spec.num_heads,
               "mlp_ratio": spec.mlp_ratio, "dtype": str(dtype).replace("torch.", ""), "batch_sizes": batch_sizes,
               "batch_tokens": BATCH_TOKENS, "backends": backends, "op_backends": op_backends,
               "configs": [dict(image_size=c.image_size, patch_size=c.patch_size, tokens=c.tokens, batch=c.batch)
@@ -799,7 +892,7 @@ def main(argv=None) -> int:
     env = environment(argv, device, config, notes)
     for n in notes:
         print(f"note: {n}")
-    print(f"vitfast bench: ViT-{size} (dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}) "
+    print(f"vitfast bench: {model_title(config)} (dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}) "
           f"{config['dtype']} on {env['gpu']}; {len(configs)} configurations x backends {backends}; "
           f"ops: {op_backends or 'skipped'}" + (f"; attention alone at N = {attention_tokens}"
                                                  if attention_tokens else ""))
