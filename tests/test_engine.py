@@ -158,3 +158,42 @@ def test_cuda_pinned_side_stream_path_equals_device_input():
     assert_close(from_host, reference_outputs(ref, u8), torch.float32)
     torch.testing.assert_close(from_host, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_device, eager, rtol=1e-4, atol=1e-5)
+
+
+# Each family's embedding: the pooled features (pre-logits) and, where the model has one, the head's
+# output (CLIP's projection, DeiT's mean of two heads); the data config follows the named model.
+FAMILY_NAMES = {
+    "vit_small_patch14_reg4_dinov2": dict(img_size=28, init_values=0.5),          # registers, layer-scale
+    "vit_base_patch16_clip_quickgelu_224": dict(img_size=32, num_classes=16),     # pre-norm, projection head
+    "vit_base_patch16_siglip_224": dict(img_size=32),                             # no class token, MAP pooling
+    "deit_tiny_distilled_patch16_224": dict(img_size=32, num_classes=5),          # class + distillation heads
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_NAMES))
+def test_family_embeddings_and_data_config(name):
+    """The engine (uint8 in, normalisation fused into the patch-embed) equals the model's own forward on
+    images normalised with the name's mean / std (the model against the float64 reference: test_model)."""
+    from vitfast.configs import DATA_CONFIGS
+    from vitfast.model import create_model
+
+    shrink = dict(embed_dim=32, depth=2, num_heads=2, **FAMILY_NAMES[name])
+    torch.manual_seed(0)
+    model = create_model(name, **shrink).eval()
+    with torch.no_grad():
+        for p in model.parameters():                 # off the 0/1 inits: every parameter counts
+            p.add_(torch.randn_like(p) * 0.05)
+    size = shrink["img_size"]
+    u8 = images(5, size)
+    engine = InferenceEngine(model, batch_size=4, device="cpu", output="both")
+    assert engine.mean.tolist() == pytest.approx(DATA_CONFIGS[name]["mean"])
+    assert engine.std.tolist() == pytest.approx(DATA_CONFIGS[name]["std"])
+    feats, out = engine.run(u8)
+    mean, std = torch.tensor(DATA_CONFIGS[name]["mean"]), torch.tensor(DATA_CONFIGS[name]["std"])
+    x = reference.normalize_images(u8, mean, std, torch.float32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        want_feats, want_out = model.forward_head(tokens, pre_logits=True), model.forward_head(tokens)
+    assert feats.shape == (5, 32) and out.shape == want_out.shape
+    assert_close(feats, want_feats.double(), torch.float32, name="embeddings")
+    assert_close(out, want_out.double(), torch.float32, name="head output")
