@@ -9,11 +9,15 @@ import pytest
 import torch
 
 import vitfast
+from vitfast import reference
+from vitfast.checkpoint import load_checkpoint
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import CLASSES
 from vitfast.testing import MODEL_TOLERANCE, assert_close
 
 transformers = pytest.importorskip("transformers")
+
+F64 = torch.float64
 
 SMALL = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3)
 # transformers class -> (its config class, config kwargs beyond SMALL)
@@ -164,6 +168,26 @@ def test_hf_checkpoint_loads_into_timm_name(name, tmp_path):
         out = model.forward_features(x) if field == "last_hidden_state" else model(x)
         ref = copy.deepcopy(hf).double()(x.double())
         assert_close(out, ref[field], eager=hf(x)[field], name=field)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_float64_reference_with_hf_weights_equals_hf(name):
+    """The ground truth itself: vitfast.reference in float64 with a family's HF weights equals HF's model
+    in float64 to < 1e-10 (other image sizes follow each family's HF resampling rule, which HF computes in
+    float32 for DINOv2: test_optimize_hf_family_other_image_size)."""
+    from vitfast.configs import model_class_and_config
+    from vitfast.testing import rel_err
+
+    cls, hf_kw, overrides, field = CHECKPOINTS[name]
+    hf = hf_model(cls, **hf_kw).double()
+    kind, cfg = model_class_and_config(name, **SHRINK, **overrides)
+    ref = (reference.VisionTransformerDistilled if kind == "distilled" else reference.VisionTransformer)(**cfg)
+    load_checkpoint(ref.double().eval(), hf.state_dict())          # float64 before loading: no fp32 rounding
+    size = hf.config.image_size
+    x = torch.randn(2, 3, size, size, dtype=F64)
+    with torch.no_grad():
+        out = ref.forward_features(x) if field == "last_hidden_state" else ref(x)
+        assert rel_err(out, hf(x)[field]) < 1e-10
 
 
 # --------------------------------------------------------------------------------------------
