@@ -219,6 +219,18 @@ def test_model_zoo():
         vitfast.create_model("vit_nope")
 
 
+def test_create_model_names_what_it_does_not_implement():
+    with pytest.raises(ValueError, match=r"'vit_giant_patch14_reg4_dinov2' is not supported: .* SwiGLU MLP"):
+        vitfast.create_model("vit_giant_patch14_reg4_dinov2")
+    with pytest.raises(ValueError, match=r"qk_norm=True: vitfast does not implement qk-norm"):
+        vitfast.create_model("vit_small_patch16_224", qk_norm=True)
+    with pytest.raises(ValueError, match=r"mlp_layer=.*SwiGLU"):
+        vitfast.create_model("vit_small_patch14_dinov2", mlp_layer=torch.nn.Identity)
+    with torch.device("meta"):                           # timm's off values are accepted (and dropped)
+        model = vitfast.create_model("vit_small_patch16_224", qk_norm=False, norm_layer=None, depth=1)
+    assert len(model.blocks) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # The families of issue "The ViTs people run today": timm's kwargs, small sizes
 # --------------------------------------------------------------------------------------------

@@ -75,10 +75,36 @@ DATA_CONFIGS: dict[str, dict] = {
 }
 
 
+# timm names vitfast does not run: the feature its kernels lack.
+UNSUPPORTED = {
+    "vit_giant_patch14_dinov2": "the SwiGLU MLP (timm's mlp_layer=SwiGLUPacked)",
+    "vit_giant_patch14_reg4_dinov2": "the SwiGLU MLP (timm's mlp_layer=SwiGLUPacked)",
+}
+# timm VisionTransformer kwargs vitfast does not implement: (their off value, the feature). An override at
+# the off value is dropped; any other value is refused by name.
+UNSUPPORTED_KWARGS = {
+    "qk_norm": (False, "qk-norm (LayerNorm on q and k)"),
+    "scale_attn_norm": (False, "a norm inside the attention"),
+    "scale_mlp_norm": (False, "a norm inside the MLP"),
+    "mlp_layer": (None, "MLP layers other than fc1-act-fc2 (SwiGLU, ...)"),
+    "block_fn": (None, "blocks other than timm's Block"),
+    "embed_layer": (None, "patch embeddings other than a patchify conv (conv stems, ...)"),
+    "norm_layer": (None, "norm layers other than LayerNorm (its eps: norm_eps)"),
+}
+
+
 def get_config(name: str, **overrides) -> dict:
-    """Constructor kwargs for a named model, with `overrides` applied on top."""
+    """Constructor kwargs for a named model, with `overrides` applied on top. A name or an override for a
+    feature vitfast does not implement raises ValueError naming the feature."""
+    if name in UNSUPPORTED:
+        raise ValueError(f"model {name!r} is not supported: vitfast does not implement {UNSUPPORTED[name]}")
     if name not in CONFIGS:
         raise ValueError(f"unknown model name {name!r}; expected one of {sorted(CONFIGS)}")
+    for key, (off, feature) in UNSUPPORTED_KWARGS.items():
+        if key in overrides:
+            value = overrides.pop(key)
+            if value is not off and value != off:
+                raise ValueError(f"{key}={value!r}: vitfast does not implement {feature}")
     return {**CONFIGS[name], **overrides}
 
 
