@@ -109,13 +109,6 @@ def test_optimize_hf_families_share_weights():
     assert core.attn_pool.latent is head.probe and core.attn_pool.proj.weight is head.attention.out_proj.weight
 
 
-def test_optimize_hf_deit_with_teacher_logits_are_the_mean_of_both_heads():
-    hf = hf_model("DeiTForImageClassificationWithTeacher")
-    out = vitfast.optimize(hf)(torch.randn(2, 3, 32, 32))
-    assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2)
-    assert not torch.allclose(out.cls_logits, out.distillation_logits)       # two heads, two tokens
-
-
 def test_optimize_hf_family_refusals_are_named():
     with pytest.raises(UnsupportedFeatureError, match=r"use_swiglu_ffn=True \(SwiGLU MLP, DINOv2-giant\)"):
         vitfast.optimize(hf_model("Dinov2Model", use_swiglu_ffn=True))
