@@ -181,6 +181,66 @@ def test_cublas_fallback_epilogue_matches_reference():
         assert_close(y, reference64(x, w, b, activation, r), dtype=torch.float32)
 
 
+# Every epilogue the CPU dispatch can meet: (activation, bias, residual, layer-scale).
+CPU_EPILOGUES = [("gelu", True, False, False), ("gelu_tanh", False, False, False), (None, True, True, False),
+                 (None, False, False, False), ("quick_gelu", True, False, True), ("gelu", True, True, True),
+                 (None, True, True, True), ("gelu_tanh", True, True, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation,bias,residual,scale", CPU_EPILOGUES)
+def test_cpu_path_picks_mkldnn_or_torch_once_per_key_and_both_are_right(activation, bias, residual, scale,
+                                                                        dtype, monkeypatch):
+    """CPU tensors (no interpreter) take the faster of oneDNN's fused GEMM + post-op and F.linear + the
+    epilogue, timed on the first call of a key; either path equals the float64 reference."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", {})
+    x, w, b, r = make_inputs(394, 96, 384, bias, residual, "3d", dtype, "cpu")
+    gamma = (torch.rand(384) * 0.5 + 1e-3).to(dtype) if scale else None
+    d = lambda t: None if t is None else t.double()
+    want = reference.linear(d(x), d(w), d(b), activation, d(r), d(gamma))
+    eager = reference.linear(x, w, b, activation, r, gamma)
+    assert_close(ops.linear(x, w, b, activation=activation, residual=r, scale=gamma), want, dtype=dtype, eager=eager)
+    (key, chosen), = ops._LINEAR_CPU_PATHS.items()
+    assert chosen in (0, 1)
+    for path in (0, 1):
+        ops._LINEAR_CPU_PATHS[key] = path
+        y = ops.linear(x, w, b, activation=activation, residual=r, scale=gamma)
+        assert y.is_contiguous() and y.shape == (*x.shape[:-1], 384)
+        assert_close(y, want, dtype=dtype, eager=eager, name=("torch", "mkldnn")[path])
+    assert len(ops._LINEAR_CPU_PATHS) == 1
+
+
+@pytest.mark.parametrize("layout,operand", [("transposed", "x"), ("colmajor", "x"), ("sliced", "weight"),
+                                            ("3d", "bias"), ("3d", "residual")])
+def test_cpu_path_strided_operands_take_torch(layout, operand, monkeypatch):
+    """oneDNN's fused GEMM reads a strided bias wrongly; any non-contiguous operand takes F.linear
+    (nothing timed, nothing cached) and stays right."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", {})
+    monkeypatch.setattr(ops, "_LINEAR_CPU", (ops._linear_torch, poisoned))     # the fused path must not run
+    x, w, b, r = make_inputs(34, 64, 48, True, True, layout, torch.float32, "cpu")
+    if operand == "bias":
+        b = torch.randn(96)[::2]
+    elif operand == "residual":
+        r = torch.randn(48, *x.shape[:-1]).permute(1, 2, 0)
+    y = ops.linear(x, w, b, residual=r, activation="gelu" if operand != "residual" else None)
+    assert_close(y, reference64(x, w, b, "gelu" if operand != "residual" else None, r), dtype=torch.float32)
+    assert not ops._LINEAR_CPU_PATHS
+
+
+def test_cpu_path_falls_back_when_the_fused_op_fails(monkeypatch):
+    """A torch build or CPU without oneDNN's fused GEMM (the op raises): F.linear is chosen, right."""
+    def unavailable(*args):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", {})
+    monkeypatch.setattr(ops, "_LINEAR_CPU", (ops._linear_torch, unavailable))
+    x, w, b, _ = make_inputs(34, 64, 48, True, False, "3d", torch.float32, "cpu")
+    assert_close(ops.linear(x, w, b, activation="gelu"), reference64(x, w, b, "gelu", None), dtype=torch.float32)
+    assert list(ops._LINEAR_CPU_PATHS.values()) == [0]
+
+
 def test_fastest_path_times_once_and_never_while_capturing():
     calls = []
     timer = lambda name, ms: (lambda: calls.append(name) or ms)
