@@ -7,8 +7,9 @@ differentiate, no torch.compile / export tracing) skips the dispatcher and runs 
 directly: the custom-op layer costs tens of microseconds of host time per call. Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
 - CPU tensors  -> torch's fastest CPU kernels (`vitfast.reference.torch_*`: SDPA, F.linear, F.conv2d;
-  oneDNN's GEMM with the epilogue fused where that is faster) and the C++ CPU LayerNorm, or, when TRITON_INTERPRET=1 was set before import, the Triton kernels
-  in Triton's interpreter. float64 (no kernel) takes the same torch path on any device.
+  oneDNN's GEMM with the epilogue fused where that is faster) and the C++ CPU LayerNorm, or, when
+  TRITON_INTERPRET=1 was set before import, the Triton kernels in Triton's interpreter. float64 (no
+  kernel) takes the same torch path on any device.
 Bad input raises ValueError naming the argument, what was expected and what came.
 """
 
