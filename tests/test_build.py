@@ -146,6 +146,26 @@ def test_bench_models_runs_each_name_and_merges_its_results(tmp_path, monkeypatc
     assert "vit_base_patch16_siglip_224 P14 257 tokens batch 256 vitfast" in gpu_tool.summary(run.result)
 
 
+def test_decode_step_runs_the_decode_benchmark_and_reports_it(tmp_path, monkeypatch):
+    """`--steps decode`: benchmarks/bench_decode.py (run for real, on this machine's CPU, with few images),
+    its results and table in results.json / results.md."""
+    def small_run(self, cmd, seconds):
+        assert cmd[1] == "benchmarks/bench_decode.py"
+        rc = subprocess.run([*cmd, "--images", "3", "--big-images", "1"], cwd=gpu_tool.ROOT, capture_output=True,
+                            text=True, timeout=300)
+        return rc.returncode, rc.stdout + rc.stderr
+
+    monkeypatch.setattr(gpu_tool.Run, "run", small_run)
+    run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
+    assert gpu_tool.decode(run)
+    sets = run.result["decode"]["sets"]
+    assert sets["imagenet"]["pixels"] == {"mean_abs": 0.0, "p99": 0.0, "max": 0.0}    # too small: exact pixels
+    assert 0 < sets["12mp"]["pixels"]["mean_abs"] <= 1.0 and sets["12mp"]["fast"]["images_per_s"] > 0
+    assert "12mp fast/exact" in run.result["steps"][-1]["detail"]
+    md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
+    assert "## Batch inference by stage" in md and "| 12mp 4000x3000 | fast |" in md
+
+
 def test_gpu_run_refuses_unknown_steps(tmp_path):
     with pytest.raises(SystemExit):
         gpu_tool.main(["--out", str(tmp_path), "--steps", "smoke,nope"])

@@ -160,6 +160,37 @@ def test_cuda_pinned_side_stream_path_equals_device_input():
     torch.testing.assert_close(from_device, eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("output", ["logits", "both"])
+def test_cuda_outputs_to_host_equal_device_outputs_and_are_ready(output):
+    """stream(to_host=True): pinned CPU tensors equal to the device outputs, in order; each handed over
+    when its own copy has arrived (already there to read), with the next batch queued behind it; the
+    stage timings count every batch."""
+    model, _ = tiny_models()
+    u8 = images(8 * 5 + 3)
+    engine = InferenceEngine(model.cuda(), batch_size=8, dtype=torch.float32, output=output, profile=True)
+    on_device = list(InferenceEngine(model, batch_size=8, dtype=torch.float32, output=output).stream(u8.split(8)))
+    host = list(engine.stream(u8.split(8), to_host=True))
+    assert len(host) == len(on_device) == 6
+    for got, want in zip(host, on_device):
+        got, want = (got, want) if output == "both" else ((got,), (want,))
+        for g, w in zip(got, want):
+            assert g.device.type == "cpu" and g.is_pinned()
+            torch.testing.assert_close(g, w.cpu(), rtol=1e-5, atol=1e-6)
+    seconds = engine.stage_seconds()
+    assert seconds["h2d"] > 0 and seconds["model"] > 0
+
+
+def test_cpu_to_host_and_profile():
+    model, _ = tiny_models()
+    u8 = images(10)
+    engine = InferenceEngine(model, batch_size=4, device="cpu", profile=True)
+    host = torch.cat(list(engine.stream(u8.split(4), to_host=True)))
+    assert torch.equal(host, InferenceEngine(model, batch_size=4, device="cpu").run(u8))
+    seconds = engine.stage_seconds()
+    assert seconds["model"] > 0 and seconds["h2d"] == 0
+
+
 # Each family's embedding: the pooled features (pre-logits) and, where the model has one, the head's
 # output (CLIP's projection, DeiT's mean of two heads); the data config follows the named model.
 FAMILY_NAMES = {

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -193,8 +194,8 @@ def test_resume_after_a_crash_gives_the_same_files(workdir, full_run, monkeypatc
 
     real_stream = InferenceEngine.stream
 
-    def crashing_stream(self, batches):           # the process dies after two finished batches
-        for i, res in enumerate(real_stream(self, batches)):
+    def crashing_stream(self, batches, **kw):     # the process dies after two finished batches
+        for i, res in enumerate(real_stream(self, batches, **kw)):
             if i == 2:
                 raise KeyboardInterrupt
             yield res
@@ -251,7 +252,7 @@ def test_predict_on_cuda_equals_the_cpu_run(workdir, full_run, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = predict.main(predict_args(root, ckpt, str(out), "--embeddings", str(emb), "--workers", "2",
-                                       "--dtype", "float32", device="cuda"))
+                                       "--dtype", "float32", "--decode", "cpu", device="cuda"))
     assert rc == 0, err.getvalue()
     one, got = read_jsonl(full_out), read_jsonl(out)
     assert [r["path"] for r in got] == [r["path"] for r in one]
@@ -261,11 +262,45 @@ def test_predict_on_cuda_equals_the_cpu_run(workdir, full_run, tmp_path):
     np.testing.assert_allclose(np.load(emb), np.load(full_emb), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_predict_gpu_decode_equals_the_model_on_gpu_decoded_pixels(workdir, tmp_path):
+    """--decode gpu: the JPEGs decoded by nvJPEG and transformed on the GPU, the PNGs by the workers, the
+    corrupt files named and skipped; the predictions are the model's on exactly those pixels."""
+    pytest.importorskip("torchvision")
+    from vitfast.data import decode_jpegs, is_jpeg, resize_crop
+
+    root, ckpt, corrupt = workdir
+    out = tmp_path / "gpu.jsonl"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = predict.main(predict_args(root, ckpt, str(out), "--workers", "2", "--dtype", "float32",
+                                       "--decode", "gpu", "--profile", device="cuda"))
+    assert rc == 0, err.getvalue()
+    assert "gpu decode" in err.getvalue()
+    for p in corrupt:
+        assert f"skipped unreadable image {p}" in err.getvalue()
+    paths = [p for p in discover_images([str(root / "imgs")]) if p not in corrupt]
+    pixels = []
+    for p in paths:
+        raw = torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8)
+        pixels.append(resize_crop(decode_jpegs([raw], "cuda")[0], 32).cpu() if is_jpeg(raw) else load_image(p, 32))
+    model = vitfast.create_model(NAME, checkpoint_path=str(ckpt), **TINY).eval()
+    logits = InferenceEngine(model.cuda(), batch_size=BATCH, dtype=torch.float32).run(torch.stack(pixels))
+    probs, top = torch.softmax(logits.cpu(), -1).topk(TOPK, -1)
+    got = read_jsonl(out)
+    assert [r["path"] for r in got] == paths
+    assert [r["indices"] for r in got] == top.tolist()
+    torch.testing.assert_close(torch.tensor([r["probs"] for r in got]), probs, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--topk", "9"], "--topk: expected 1..5"),
     (["--batch-size", "0"], "--batch-size: expected a positive int, got 0"),
     (["--model-kwargs", "[1]"], "--model-kwargs: expected a JSON object"),
     (["--labels", "__missing_labels__"], "__missing_labels__"),
+    (["--decode", "gpu"], "--decode gpu: expected a CUDA device and torchvision with decode_jpeg, got device cpu"),
+    (["--decode", "gpu", "--exact-resize"], "--decode gpu: the GPU decoder cannot give --exact-resize's pixels"),
+    (["--workers", "-1"], "--workers: expected >= 0, got -1"),
 ])
 def test_predict_bad_arguments(workdir, tmp_path, capsys, extra, message):
     root, ckpt, _ = workdir
@@ -281,6 +316,52 @@ def test_predict_missing_inputs(workdir, tmp_path, capsys):
     assert "--checkpoint: file" in capsys.readouterr().err
     assert predict.main([str(tmp_path / "nothing_here"), *args, "--checkpoint", str(ckpt)]) == 2
     assert "is not a folder, file, glob or list file" in capsys.readouterr().err
+
+
+def test_predict_profile_reports_every_stage_and_the_bound(workdir, full_run, tmp_path, capsys):
+    """--profile on the CPU: the worker stages, the model and the writer, each with images/s, the
+    stage that bounds the run; the predictions are those of the plain run."""
+    root, ckpt, _ = workdir
+    full_out, _, _ = full_run
+    out = tmp_path / "p.jsonl"
+    assert predict.main(predict_args(root, ckpt, str(out), "--workers", "1", "--profile")) == 0
+    err = capsys.readouterr().err
+    assert f"profile: {N_GOOD} images in" in err
+    rows = {line.split()[0]: line.split()[1:] for line in err.splitlines()
+            if line.split() and line.split()[0] in ("read", "decode", "resize", "model", "write")}
+    assert set(rows) == {"read", "decode", "resize", "model", "write"}
+    assert all(float(r[0]) >= 0 and float(r[-1]) > 0 for r in rows.values())      # seconds, images/s
+    bound = re.search(r"bounded by: (\S+(?: decode)?) \(([\d.]+) images/s\)", err)
+    assert bound and bound.group(1) in ("cpu decode", "model", "write")
+    assert [r["indices"] for r in read_jsonl(out)] == [r["indices"] for r in read_jsonl(full_out)]
+
+
+def test_profile_report_names_the_slowest_stage():
+    seconds = {"read": 0.5, "decode": 3.0, "resize": 0.5, "h2d": 0.1, "model": 1.0, "write": 0.05}
+    text = predict.profile_report(seconds, 1000, 4.0, workers=4)
+    # cpu decode: 1000 / 4 s per core x 4 workers = 1000 img/s; model 1000 / 1 s = 1000; h2d 10,000
+    assert "bounded by: " in text and "cpu decode" in text.splitlines()[-2]
+    line = {ln.split()[0]: ln.split() for ln in text.splitlines()[2:-1]}
+    assert float(line["decode"][2]) == pytest.approx(1000 / 3.0, rel=1e-3)           # per core
+    assert float(line["decode"][3]) == pytest.approx(4 * 1000 / 3.0, rel=1e-3)       # 4 workers
+    assert float(line["h2d"][-1]) == pytest.approx(10_000, rel=1e-3)
+    slow = predict.profile_report({**seconds, "model": 2.0}, 1000, 4.0, workers=4)
+    assert slow.splitlines()[-1] == "bounded by: model (500.0 images/s)"
+
+
+def test_writer_writes_in_order_and_raises_its_errors(tmp_path):
+    w = predict.Writer(str(tmp_path / "o.jsonl"), str(tmp_path / "o.emb"))
+    for k in range(50):
+        w.put([f"{k}\n"], np.full(2, k, np.float32).tobytes())
+    w.close()
+    assert (tmp_path / "o.jsonl").read_text() == "".join(f"{k}\n" for k in range(50))
+    assert np.fromfile(tmp_path / "o.emb", np.float32).reshape(50, 2)[:, 0].tolist() == list(range(50))
+    bad = predict.Writer(str(tmp_path / "b.jsonl"), None)
+    bad.put(["ok\n"])
+    bad.put([None])                                    # not a str: the thread's write fails
+    with pytest.raises(TypeError):
+        bad.close()
+    assert (tmp_path / "b.jsonl").read_text() == "ok\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ fails or runs out of time does not stop the later ones:
            vitfast with its CUDA graphs and without (vitfast-eager); per-op TFLOP/s and GB/s;
            attention alone over N; with --bench-models NAMES instead: each named model (DINOv2, CLIP,
            SigLIP, ...) at its own size, end to end, against timm and torch.compile
+  decode   (only when --steps names it) `benchmarks/bench_decode.py`: CPU decode per core (exact and
+           fast paths), nvJPEG decode, and `vitfast predict --profile` on a folder of JPEGs against the
+           engine on synthetic uint8 (ViT-B/16 bf16, batch 256)
 
 --steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
-for a second call that only measures).
+or `--steps decode` for a second call that only measures).
 
 Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
 tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
@@ -67,7 +70,8 @@ class Run:
         for name in ("gpu.log", "tests.txt", "results.json", "results.md", *PLOTS):   # no stale files
             (self.out / name).unlink(missing_ok=True)
         self.log = open(self.out / "gpu.log", "w", buffering=1)
-        self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None}
+        self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None,
+                       "decode": None}
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -314,6 +318,22 @@ def bench_models(run: Run, args) -> bool:
     return run.step("bench", status, t0, detail)
 
 
+def decode(run: Run) -> bool:
+    """benchmarks/bench_decode.py in the time left: the batch-inference pipeline by stage."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "decode.json"
+        rc, tail = run.run([sys.executable, "benchmarks/bench_decode.py", "--json", str(out)], run.left() - 10)
+        run.result["decode"] = json.loads(out.read_text()) if out.is_file() else None
+    if run.result["decode"] is None:
+        return run.step("decode", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    pipe = run.result["decode"].get("pipeline") or {}
+    detail = ", ".join(f"{k} fast/exact {v['speedup']:.2f}x" for k, v in run.result["decode"]["sets"].items())
+    if pipe:
+        detail += ", predict " + ", ".join(f"--decode {d} {pipe[d]['images_per_s']} images/s" for d in ("cpu", "gpu"))
+    return run.step("decode", "ok" if rc == 0 else "failed", t0, detail)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -348,6 +368,9 @@ def markdown(result: dict) -> str:
     if result["bench"]:
         body = result["bench"]["markdown"].split("\n", 1)[1] if "\n" in result["bench"]["markdown"] else ""
         lines += ["", "## Benchmark (`vitfast bench`)", body.replace("\n## ", "\n### ")]
+    if result.get("decode"):
+        lines += ["", "## Batch inference by stage (`benchmarks/bench_decode.py`)", "",
+                  result["decode"]["markdown"].split("\n", 1)[1].lstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +401,8 @@ def main(argv=None) -> int:
                    help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
                         "graphs, no GEMM autotuning, which would not fit the time box)")
     p.add_argument("--steps", default="smoke,tests,bench",
-                   help="comma-separated steps after the build, from smoke, tests, bench (default: all three)")
+                   help="comma-separated steps after the build, from smoke, tests, bench, decode (default: "
+                        "smoke,tests,bench)")
     p.add_argument("--bench-models", default=None, metavar="NAMES",
                    help="comma-separated timm names (vitfast.list_models()): the bench step measures each at its "
                         "own size end to end instead of the ViT-B sweep, e.g. vit_base_patch14_dinov2,"
@@ -387,8 +411,8 @@ def main(argv=None) -> int:
                    help="extra arguments for `vitfast bench` (last on the command line)")
     args = p.parse_args(argv)
     steps = [x.strip() for x in args.steps.split(",") if x.strip()]
-    if not steps or set(steps) - {"smoke", "tests", "bench"}:
-        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench, got {args.steps!r}")
+    if not steps or set(steps) - {"smoke", "tests", "bench", "decode"}:
+        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench,decode, got {args.steps!r}")
     run = Run(Path(args.out), args.budget, args.bench_seconds)
     run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
     if not check_modules(run):
@@ -411,6 +435,8 @@ def main(argv=None) -> int:
         ok &= tests(run)
     if "bench" in steps:
         ok &= bench(run, args)
+    if "decode" in steps:
+        ok &= decode(run)
     run.write()
     run.say(summary(run.result))
     run.say(f"\nmake gpu: {'all steps passed' if ok else 'some steps did not pass'} in "

@@ -20,6 +20,10 @@ Per batch, on CUDA:
   batch i+1 after batch i-1 has consumed the same slot, and the host refills a pinned slot only
   once its previous copy finished. The iterator runs one batch ahead, so while the caller handles
   the outputs of batch i the GPU already works on batch i+1.
+- Outputs to the host (`stream(..., to_host=True)`): batch i's outputs are copied into pinned memory
+  on the main stream right behind its forward, and an event marks the copy's end; batch i is handed
+  over once that event has passed, which never waits for batch i+1 (queued after it). Reading a
+  device tensor back (`.cpu()`) would wait for everything queued, batch i+1 included.
 
 On CPU the same pipeline runs eagerly: no staging, streams or graphs (padding would only cost time).
 Everything runs under `torch.inference_mode`.
@@ -27,6 +31,7 @@ Everything runs under `torch.inference_mode`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -71,13 +76,15 @@ class InferenceEngine:
     mean, std: per-channel normalisation in [0, 1] units; default the model's data config
         (`vitfast.data.data_config`: its pretrained_cfg, else ImageNet's).
     cuda_graphs: capture one CUDA graph per bucket (CUDA only).
+    profile: keep the seconds spent in the host-to-device copy and in the model (`stage_seconds()`;
+        on CUDA read from events, costing a synchronisation per batch).
 
     Outputs are float32 tensors on `device`, one row per image, in input order.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, output: str = "logits",
-                 mean=None, std=None, cuda_graphs: bool = True):
+                 mean=None, std=None, cuda_graphs: bool = True, profile: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if output not in OUTPUTS:
@@ -114,6 +121,26 @@ class InferenceEngine:
         self._grid: tuple[int, int] | None = None
         self._pos_embed: Tensor | None = None
         self._stamp: tuple | None = None
+        self.profile = profile
+        self._seconds = {"h2d": 0.0, "model": 0.0}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []   # (stage, start, end), unread
+
+    def stage_seconds(self) -> dict[str, float]:
+        """With profile=True: {"h2d": seconds of host-to-device copies, "model": seconds of forward passes}
+        so far (GPU time on CUDA; wall time on the CPU, where no copy happens)."""
+        for stage, start, end in self._events:
+            end.synchronize()
+            self._seconds[stage] += start.elapsed_time(end) / 1e3
+        self._events.clear()
+        return dict(self._seconds)
+
+    def _timed(self, stage: str, stream=None):
+        """Events around work queued on `stream` (CUDA) under profile=True: (start, end) or (None, None)."""
+        if not self.profile or self.device.type != "cuda":
+            return None, None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._events.append((stage, start, end))
+        return start, end
 
     # ----------------------------------------------------------------------------------------
     # The forward pass on a uint8 batch on the device
@@ -197,23 +224,44 @@ class InferenceEngine:
         else:
             self._copied[slot].synchronize()                 # the pinned slot's previous H2D is done
             self._pinned[slot][:n].copy_(images)
+            start, end = self._timed("h2d")
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._consumed[slot])
+                if start is not None:
+                    start.record(self._copy_stream)
                 self._staged[slot][:n].copy_(self._pinned[slot][:n], non_blocking=True)
                 self._copied[slot].record(self._copy_stream)
+                if end is not None:
+                    end.record(self._copy_stream)
             main.wait_event(self._copied[slot])
             staged = self._staged[slot][:n]
+        start, end = self._timed("model")
+        if start is not None:
+            start.record(main)
         if not self.use_graphs:
             outs = self.forward(staged)
-            self._consumed[slot].record(main)
-            return outs
-        bucket = self._bucket(n)
-        if bucket != n:                                      # pad into the bucket: one graph per bucket
-            self._graph_in[:n].copy_(staged)
-            staged = self._graph_in[:bucket]
-        feats, logits = self.graphs(self.model, self.forward, staged)    # outputs are fresh (cloned) tensors
+        else:
+            bucket = self._bucket(n)
+            if bucket != n:                                  # pad into the bucket: one graph per bucket
+                self._graph_in[:n].copy_(staged)
+                staged = self._graph_in[:bucket]
+            feats, logits = self.graphs(self.model, self.forward, staged)    # outputs are fresh (cloned) tensors
+            outs = (feats[:n] if self.output != "logits" else None, logits[:n] if self.output != "embeddings" else None)
+        if end is not None:
+            end.record(main)
         self._consumed[slot].record(main)
-        return (feats[:n] if self.output != "logits" else None, logits[:n] if self.output != "embeddings" else None)
+        return outs
+
+    def _to_host(self, outs):
+        """Queue the copy of a batch's outputs into pinned host memory on the main stream (right behind
+        its forward); returns (host tensors, the event that marks their arrival)."""
+        host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outs)
+        for h, t in zip(host, outs):
+            if t is not None:
+                h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return host, done
 
     # ----------------------------------------------------------------------------------------
     # Public API
@@ -229,10 +277,12 @@ class InferenceEngine:
             for i in range(0, batch.shape[0], self.batch_size):
                 yield batch[i:i + self.batch_size]
 
-    def stream(self, batches: Iterable[Tensor]) -> Iterator:
+    def stream(self, batches: Iterable[Tensor], *, to_host: bool = False) -> Iterator:
         """Streaming API: uint8 batches [n, 3, H, W] in (a batch larger than batch_size is split);
         yields the outputs (see `output`) of each run of at most batch_size images, in order, as
-        float32 device tensors. On CUDA the next batch is already queued when a result is yielded."""
+        float32 tensors on the device, or with to_host=True on the CPU (pinned, ready to read: on CUDA
+        a batch is handed over when its own copy has arrived, while the next batch computes). On CUDA
+        the next batch is already queued when a result is yielded."""
         slot, pending = 0, None
         for batch in self._batches(batches):
             if batch.shape[0] == 0:
@@ -243,14 +293,23 @@ class InferenceEngine:
                 if self.device.type == "cuda":
                     with torch.cuda.device(self.device):  # Triton and the extension launch on the current device
                         outs = self._launch_cuda(batch, slot)
+                        outs = self._to_host(outs) if to_host else (outs, None)
                     slot ^= 1
                 else:
-                    outs = self.forward(batch.to(self.device))
+                    t0 = time.perf_counter()
+                    outs = (self.forward(batch.to(self.device)), None)
+                    if self.profile:
+                        self._seconds["model"] += time.perf_counter() - t0
             if pending is not None:
-                yield self._select(*pending)
+                yield self._handed_over(*pending)
             pending = outs
         if pending is not None:
-            yield self._select(*pending)
+            yield self._handed_over(*pending)
+
+    def _handed_over(self, outs, done):
+        if done is not None:
+            done.synchronize()          # this batch's copy only: the next batch was queued behind it
+        return self._select(*outs)
 
     def run(self, images) -> Tensor | tuple[Tensor, Tensor]:
         """uint8 images [N, 3, H, W] (or an iterable of such batches) -> outputs for all N images."""

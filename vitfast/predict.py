@@ -5,10 +5,19 @@
     torchrun --nproc-per-node G -m vitfast predict ...        (one GPU, or one CPU process, per rank)
 
 Output: one JSON line per image, {"path", "indices" (top-k, best first), "probs" (softmax), "labels"
-(with --labels)}, appended and flushed after every batch, so a crash loses no finished batch.
+(with --labels)}, appended and flushed after every batch by a background thread (the GPU and the
+decoders never wait for the disk), so a crash loses no batch that reached the writer.
 `--embeddings` keeps the pre-logit features, row i for line i of the output (a raw `<output>.emb`
 file during the run, the final `.npy` at the end). Images that cannot be decoded are reported on
 stderr, counted, and left out of the output.
+
+Decoding: DataLoader workers (one per core by default) decode with Pillow; a JPEG at least twice the
+resize target is decoded at reduced scale in the DCT domain (`vitfast.data.load_image`; `--exact-resize`
+gives timm's eval transform bit for bit). With `--decode gpu` (the default on CUDA when torchvision's
+decode_jpeg is importable) the workers only read the files, and JPEG batches are decoded (nvJPEG),
+resized and cropped on the GPU; other formats, and JPEGs nvJPEG rejects, take the CPU path one by one.
+`--profile` reports images/s per stage (read, decode, resize/crop, GPU decode, host-to-device copy,
+model, write) and names the stage that bounds the run.
 
 Resume: `--resume` keeps the complete lines of an existing output (and of part files left by an
 interrupted multi-rank run), drops a half-written last line, and predicts only the other images.
@@ -26,13 +35,26 @@ import argparse
 import glob
 import json
 import os
+import queue
 import re
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
 
-from vitfast.data import DEFAULT_CROP_PCT, data_config, discover_images, good_batches, make_loader
+from vitfast.data import (
+    DEFAULT_CROP_PCT,
+    WORKER_STAGES,
+    data_config,
+    default_workers,
+    discover_images,
+    good_batches,
+    gpu_decode_available,
+    gpu_decoded,
+    make_loader,
+)
 
 PROG = "vitfast predict"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,7 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="text file with one class name per line")
     p.add_argument("--output", default="preds.jsonl")
     p.add_argument("--embeddings", help="save pre-logit features (.npy), in the order of the output file")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader decode workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader decode workers (default: one per core, shared among torchrun's local ranks)")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where JPEGs are decoded: auto = gpu on CUDA when torchvision's decode_jpeg is importable "
+                        "(and --exact-resize is not given), else cpu")
+    p.add_argument("--exact-resize", action="store_true",
+                   help="timm's eval transform bit for bit: full-size decode and resize (the CPU path; slower on "
+                        "large JPEGs)")
+    p.add_argument("--profile", action="store_true",
+                   help="report images/s per pipeline stage and the stage that bounds the run (on stderr)")
     p.add_argument("--resume", action="store_true", help="skip images already in the output")
     p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     p.add_argument("--crop-pct", type=float, help=f"eval center-crop fraction (default: model's, else "
@@ -156,6 +187,79 @@ def merge(output: str, sources: list[str], order: list[str], emb_dim: int | None
     return len(records)
 
 
+class Writer:
+    """Appends each batch to the output files on a background thread, in the order given: the embedding
+    rows first (a line never exists without its row), then the lines, each file flushed per batch.
+    `seconds` sums the time spent writing. An error in the thread is raised by the next put() or close()."""
+
+    def __init__(self, path: str, emb_file: str | None):
+        self.seconds, self._error = 0.0, None
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._files = (open(path, "a", encoding="utf-8"), open(emb_file, "ab") if emb_file else None)
+        self._thread = threading.Thread(target=self._run, name="vitfast-predict-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, lines: list[str], rows: bytes | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((lines, rows))
+
+    def _run(self) -> None:
+        out_f, emb_f = self._files
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue                                   # drain after a failure; close() reports it
+            try:
+                t0 = time.perf_counter()
+                lines, rows = item
+                if emb_f is not None and rows is not None:
+                    emb_f.write(rows)
+                    emb_f.flush()
+                out_f.writelines(lines)
+                out_f.flush()
+                self.seconds += time.perf_counter() - t0
+            except BaseException as e:                     # noqa: BLE001 - re-raised in the caller's thread
+                self._error = e
+
+    def close(self) -> None:
+        """Write what is queued, close the files; raises the thread's error if it had one."""
+        self._queue.put(None)
+        self._thread.join()
+        for f in self._files:
+            if f is not None:
+                f.close()
+        if self._error is not None:
+            raise self._error
+
+
+def profile_report(seconds: dict[str, float], images: int, wall: float, workers: int) -> str:
+    """A table of images/s per stage: the worker stages (read, decode, resize) at `workers` workers in
+    parallel (per core: one worker), the others as one stream each; the slowest bounds the run."""
+    rows = []
+    for stage in (*WORKER_STAGES, "gpu decode", "h2d", "model", "write"):
+        sec = seconds.get(stage)
+        if sec is None:
+            continue
+        per_core = images / sec if sec > 0 else float("inf")
+        capacity = per_core * (max(1, workers) if stage in WORKER_STAGES else 1)
+        rows.append((stage, sec, per_core if stage in WORKER_STAGES else None, capacity))
+    lines = [f"{PROG} profile: {images} images in {wall:.2f} s = {images / wall if wall else 0:.1f} images/s "
+             f"end to end ({workers} decode workers)",
+             f"{'stage':12s} {'seconds':>9s} {'img/s/core':>11s} {'img/s':>10s}"]
+    for stage, sec, per_core, cap in rows:
+        lines.append(f"{stage:12s} {sec:9.3f} {'' if per_core is None else f'{per_core:.1f}':>11s} {cap:10.1f}")
+    worker_total = sum(seconds.get(k, 0.0) for k in WORKER_STAGES)
+    if worker_total:
+        lines.append(f"{'cpu decode':12s} {worker_total:9.3f} {images / worker_total:11.1f} "
+                     f"{images / worker_total * max(1, workers):10.1f}   (read + decode + resize)")
+    bound = {"cpu decode": images / worker_total * max(1, workers)} if worker_total else {}
+    bound.update({st: cap for st, _, _, cap in rows if st not in WORKER_STAGES})
+    if bound:
+        slowest = min(bound, key=bound.get)
+        lines.append(f"bounded by: {slowest} ({bound[slowest]:.1f} images/s)")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.distributed
 # --------------------------------------------------------------------------------------------
@@ -208,8 +312,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         return _err(f"--batch-size: expected a positive int, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         return _err(f"--workers: expected >= 0, got {args.workers}")
+    if args.decode == "gpu" and args.exact_resize:
+        return _err("--decode gpu: the GPU decoder cannot give --exact-resize's pixels (Pillow's, bit for bit); "
+                    "use --decode cpu or auto with --exact-resize")
     try:
         model_kwargs = json.loads(args.model_kwargs)
     except ValueError as e:
@@ -220,6 +327,9 @@ def main(argv=None) -> int:
         return _err(f"--checkpoint: file {args.checkpoint!r} does not exist")
 
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.decode == "gpu" and not (use_cuda and gpu_decode_available()):
+        return _err("--decode gpu: expected a CUDA device and torchvision with decode_jpeg, got "
+                    + ("no torchvision decode_jpeg" if use_cuda else f"device {args.device or 'cpu'}"))
     dist = Dist(use_cuda)
     try:
         return _run(args, model_kwargs, dist, use_cuda)
@@ -257,7 +367,10 @@ def _run(args, model_kwargs: dict, dist: Dist, use_cuda: bool) -> int:
     emb_dim = int(getattr(model, "num_features", model.head.in_features)) if args.embeddings else None
     engine = InferenceEngine(model, args.batch_size, DTYPES.get(args.dtype), device,
                              output="both" if args.embeddings else "logits",
-                             mean=args.mean or cfg["mean"], std=args.std or cfg["std"])
+                             mean=args.mean or cfg["mean"], std=args.std or cfg["std"], profile=args.profile)
+    workers = default_workers() if args.workers is None else args.workers
+    gpu_decode = args.decode == "gpu" or (args.decode == "auto" and use_cuda and not args.exact_resize
+                                          and gpu_decode_available())
 
     paths = discover_images(args.images)
     out_file = args.output if not dist.on else f"{args.output}.rank{dist.rank}"
@@ -291,9 +404,15 @@ def _run(args, model_kwargs: dict, dist: Dist, use_cuda: bool) -> int:
 
     bar = tqdm(total=len(todo), unit="img", desc=f"predict{'' if not dist.on else f' (rank 0 of {dist.world})'}",
                disable=args.no_progress or dist.rank != 0, file=sys.stderr, dynamic_ncols=True)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     if todo:
-        loader = make_loader(todo, img_size, args.batch_size, args.workers, crop_pct, pin_memory=use_cuda)
-        batches = good_batches(loader, args.batch_size, on_error)
+        loader = make_loader(todo, img_size, args.batch_size, workers, crop_pct, pin_memory=use_cuda and not gpu_decode,
+                             exact=args.exact_resize, encoded=gpu_decode)
+        if gpu_decode:
+            loader = gpu_decoded(loader, img_size, crop_pct, device, exact=args.exact_resize,
+                                 seconds=seconds if args.profile else None)
+        batches = good_batches(loader, args.batch_size, on_error, seconds)
         index_queue: list[list[int]] = []
 
         def images():
@@ -301,31 +420,32 @@ def _run(args, model_kwargs: dict, dist: Dist, use_cuda: bool) -> int:
                 index_queue.append(indices)
                 yield imgs
 
-        emb_f = open(emb_path(out_file), "ab") if emb_dim is not None else None
-        with open(out_file, "a", encoding="utf-8") as out_f:
-            for outs in engine.stream(images()):
+        writer = Writer(out_file, emb_path(out_file) if emb_dim is not None else None)
+        try:
+            for outs in engine.stream(images(), to_host=True):     # batch i arrives while batch i+1 computes
                 indices = index_queue.pop(0)
                 feats, logits = outs if emb_dim is not None else (None, outs)
                 probs, top = torch.softmax(logits, dim=-1).topk(args.topk, dim=-1)
-                probs, top = probs.cpu().tolist(), top.cpu().tolist()
-                if emb_f is not None:      # embeddings first: a line never exists without its row
-                    emb_f.write(feats.cpu().numpy().astype(np.float32).tobytes())
-                    emb_f.flush()
+                probs, top = probs.tolist(), top.tolist()
                 lines = []
                 for i, idx, pr in zip(indices, top, probs):
                     rec = {"path": todo[i], "indices": idx, "probs": pr}
                     if labels is not None:
                         rec["labels"] = [labels[j] for j in idx]
                     lines.append(json.dumps(rec) + "\n")
-                out_f.writelines(lines)
-                out_f.flush()
+                writer.put(lines, None if feats is None else feats.numpy().astype(np.float32).tobytes())
                 written += len(lines)
                 bar.update(len(lines))
                 bar.set_postfix(skipped=skipped, refresh=False)
-        if emb_f is not None:
-            emb_f.close()
+        finally:
+            writer.close()                                          # what reached the writer is on disk
+        seconds["write"] = writer.seconds
         bar.update(len(todo) - bar.n)   # the skipped images
     bar.close()
+    if args.profile and todo:
+        # no host-to-device stage on the CPU, nor with GPU decode (the batches are made on the device)
+        seconds.update({k: v for k, v in engine.stage_seconds().items() if k == "model" or v > 0})
+        print(profile_report(seconds, written, time.perf_counter() - started, workers), file=sys.stderr)
 
     # 3. merge (rank 0), once every rank has finished
     dist.barrier()
