@@ -31,25 +31,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageDraw
 
 from vitfast import data
+from vitfast.testing import photo
 
 SIZES = {"imagenet": (500, 375), "12mp": (4000, 3000)}
-
-
-def photo(w: int, h: int, seed: int) -> Image.Image:
-    """A photo-like RGB image: a smooth colour field, hard-edged shapes, sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, (max(2, h // 100), max(2, w // 100), 3), dtype=np.uint8)
-    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(30):
-        x0, y0, s = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 50, w // 5))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + s, y0 + s), fill=fill)
-    noisy = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def make_folder(root: Path, kind: str, n: int) -> list[str]:

@@ -9,9 +9,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 
-from vitfast import data
+from vitfast import data, testing
 from vitfast.data import load_image, resize_crop
 
 # The fast path's documented distance from the exact one (benchmarks/RESULTS.md), in uint8 levels.
@@ -19,17 +19,7 @@ FAST_MEAN_ABS, FAST_P99 = 1.0, 6.0
 
 
 def photo(w: int, h: int, seed: int) -> Image.Image:
-    """A photo-like RGB image: a smooth colour field, hard-edged shapes, sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, (max(2, h // 100), max(2, w // 100), 3), dtype=np.uint8)
-    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(20):
-        x0, y0, s = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 40, w // 5))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + s, y0 + s), fill=fill)
-    noisy = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return testing.photo(w, h, seed, shapes=20)
 
 
 def timm_eval_transform(path, img_size: int, crop_pct: float) -> torch.Tensor:

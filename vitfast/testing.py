@@ -110,3 +110,22 @@ class FakeCudaTensor:
 
     def element_size(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def photo(width: int, height: int, seed: int, shapes: int = 30):
+    """A photo-like PIL RGB image for the decode tests and benchmark: a smooth colour field, hard-edged
+    shapes, sensor-like noise (sigma 6 levels)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, (max(2, height // 100), max(2, width // 100), 3), dtype=np.uint8)
+    img = Image.fromarray(field).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(shapes):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        s = int(rng.integers(width // 50, width // 5))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + s, y0 + s), fill=fill)
+    noisy = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
