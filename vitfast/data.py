@@ -222,7 +222,7 @@ def gpu_decode_available() -> bool:
     return True
 
 
-# Stages of the decode pipeline that the workers time (seconds summed per batch: `ImageDataset(timed=True)`).
+# Stages of the decode pipeline that the workers time (`ImageDataset` items; `collate` sums them per batch).
 WORKER_STAGES = ("read", "decode", "resize")
 
 

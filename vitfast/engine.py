@@ -77,7 +77,7 @@ class InferenceEngine:
         (`vitfast.data.data_config`: its pretrained_cfg, else ImageNet's).
     cuda_graphs: capture one CUDA graph per bucket (CUDA only).
     profile: keep the seconds spent in the host-to-device copy and in the model (`stage_seconds()`;
-        on CUDA read from events, costing a synchronisation per batch).
+        on CUDA from timing events, read when asked).
 
     Outputs are float32 tensors on `device`, one row per image, in input order.
     """
@@ -134,8 +134,9 @@ class InferenceEngine:
         self._events.clear()
         return dict(self._seconds)
 
-    def _timed(self, stage: str, stream=None):
-        """Events around work queued on `stream` (CUDA) under profile=True: (start, end) or (None, None)."""
+    def _timed(self, stage: str):
+        """Timing events for one piece of `stage`'s work on CUDA under profile=True (the caller records
+        them on the stream that does it): (start, end), else (None, None)."""
         if not self.profile or self.device.type != "cuda":
             return None, None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
