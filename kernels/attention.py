@@ -15,6 +15,15 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
   fp32: it stores row 0's raw log2-domain scores while streaming, then rescales them in place with
   the final max and sum, p = exp2(s - m) / l. Costs O(N) extra memory per head, never N².
 - fp16 / bf16 / fp32 inputs; fp32 dots use tf32 or ieee (`DOT_PRECISION`), as the caller decides.
+- RETURN_LSE: every query row's log-sum-exp of its scaled scores, log2 domain (m + log2 l), [B, H, N_Q]
+  fp32: what the backward needs to rebuild the probabilities block by block.
+
+Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
+a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
+owns a block of keys and streams the queries (dK, dV), another owns a block of queries and streams
+the keys (dQ): no atomics, no N×N matrix, O(N) extra memory (lse and D). dQ, dK and dV are written
+through strides, so the gradient of the packed projection lands in one [B, N, 3·C] tensor. The head
+dim is padded to a power of two (masked lanes, never loaded).
 """
 
 from __future__ import annotations
@@ -150,6 +159,7 @@ def _attention_fwd_kernel(
     v_ptr,                      # [B, H, N_KV, D] by strides, head dim unit stride
     out_ptr,                    # [B, H, N_Q, D] by strides, head dim unit stride
     cls_ptr,                    # [B, H, N_KV] fp32 contiguous; touched only with RETURN_CLS
+    lse_ptr,                    # [B, H, N_Q] fp32 contiguous; touched only with RETURN_LSE
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -157,7 +167,7 @@ def _attention_fwd_kernel(
     H, N_Q, N_KV,
     qk_scale,                   # scale · log2(e)
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs, query blocks of one head adjacent (they share
     # K/V in L2); 1-D so that B·H is not capped at 65535 like a grid's y dimension.
@@ -216,6 +226,8 @@ def _attention_fwd_kernel(
     if D_HI > 0:
         tl.store(out_rows + cols_hi[None, :], (acc_hi / l_i[:, None]).to(out_ty),
                  mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
+    if RETURN_LSE:
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
     if RETURN_CLS:
         if is_cls_program:
@@ -245,11 +257,14 @@ def _check_out(name: str, t: torch.Tensor, shape, dtype, device):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
-              out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
+              lse: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
     head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
     cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
-    Returns out. Arguments are assumed validated (vitfast.ops does it); only buffers are checked."""
+    lse: optional contiguous [B, H, N_Q] fp32 buffer that receives each query row's log-sum-exp (log2
+    domain), for `attention_backward`. Returns out. Arguments are assumed validated (vitfast.ops does
+    it); only buffers are checked."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -263,6 +278,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         _check_out("cls_attn", cls_attn, (B, H, n_kv), torch.float32, q.device)
         if not cls_attn.is_contiguous():
             raise ValueError(f"cls_attn: expected a contiguous buffer, got strides {cls_attn.stride()}")
+    if lse is not None:
+        _check_out("lse", lse, (B, H, n_q), torch.float32, q.device)
+        if not lse.is_contiguous():
+            raise ValueError(f"lse: expected a contiguous buffer, got strides {lse.stride()}")
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
@@ -270,13 +289,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     d_lo, d_hi = head_dim_chunks(D)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)
     _attention_fwd_kernel[grid](
-        q, k, v, out, cls_attn if cls_attn is not None else out,
+        q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, n_q, n_kv, scale * LOG2E,
-        HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, DOT_PRECISION=precision,
+        HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, RETURN_LSE=lse is not None,
+        DOT_PRECISION=precision,
     )
     return out
 
@@ -289,10 +309,11 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, return_cls_attn: bool = False,
-                  out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
+                  lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
-    (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn: optional buffers."""
+    (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn / lse: optional buffers (lse as in
+    `attention`, [B, H, N])."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv_heads(qkv, num_heads)
@@ -302,5 +323,207 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
     if return_cls_attn and cls_attn is None:
         cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
-    attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None)
+    attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse)
     return out, (cls_attn if return_cls_attn else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+def attention_bwd_configs(resident: str) -> list[triton.Config]:
+    """Tiles (BLOCK_M queries x BLOCK_N keys) of a backward kernel. The block a program keeps (keys for
+    dK/dV, `resident="n"`; queries for dQ, `"m"`) is 64 or 128 rows: the M side of every dot, which
+    Hopper's warpgroup MMA needs at 64 or more; the streamed one 32 to 64. `_prune_bwd_configs` drops
+    those that do not fit shared memory or would spill. The interpreter gets one small config."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = [(big, small) for big in (64, 128) for small in (32, 64)]
+    return [triton.Config({"BLOCK_M": small, "BLOCK_N": big} if resident == "n" else {"BLOCK_M": big, "BLOCK_N": small},
+                          num_warps=w, num_stages=s)
+            for big, small in tiles for w in (4, 8) for s in (1, 2)]
+
+
+# Per-thread fp32 words (see `_prune_bwd_configs`) above which the backward kernels spill on sm_90.
+_MAX_BWD_WORDS_PER_THREAD = 192
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    """Keep the tiles that fit shared memory and registers; if none does, the smallest. Estimates, with
+    R the resident rows, S the streamed rows and D the padded head dim:
+    - shared memory: num_stages buffers of the two streamed operands, elt·D·2·S·stages bytes, plus the
+      resident pair, elt·D·2·R;
+    - registers: two fp32 accumulators (dK and dV) or one (dQ) of R x D, the resident operands in the
+      input dtype, two R x S fp32 score tiles, over 32·num_warps threads."""
+    q, resident = named_args["q_ptr"], kwargs["RESIDENT"]
+    elt, block_d = q.element_size(), kwargs["BLOCK_D"]
+    rows = lambda c: ((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) if resident == "n"
+                      else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
+    smem = lambda c: elt * block_d * 2 * (rows(c)[0] + rows(c)[1] * max(1, c.num_stages))
+    accumulators = 2 if resident == "n" else 1
+    words = lambda c: ((accumulators * rows(c)[0] * block_d + 2 * rows(c)[0] * block_d * elt / 4
+                        + 2 * rows(c)[0] * rows(c)[1]) / (32 * c.num_warps))
+    limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
+    fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
+    return [c for c in fits if words(c) <= _MAX_BWD_WORDS_PER_THREAD] or [min(fits, key=words)]
+
+
+@triton.jit
+def _load_rows(base, rows, stride, row_ok, cols, col_ok):
+    """A [len(rows), len(cols)] tile of rows `rows` (int64 offsets), masked outside row_ok x col_ok."""
+    return tl.load(base + rows[:, None].to(tl.int64) * stride + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.autotune(configs=attention_bwd_configs("n"), key=["N_Q", "N_KV", "BLOCK_D", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_bwd_configs)},
+                 do_bench=autotune_bench("attention backward (dk, dv)"))
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,            # [B, H, N, D] by strides, head dim unit stride
+    lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
+    dk_ptr, dv_ptr,                         # [B, H, N_KV, D] by strides, head dim unit stride
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_KV, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block."""
+    num_n = tl.cdiv(N_KV, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n, pid_bh = pid % num_n, pid // num_n
+    off_b, off_h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok, key_ok = cols < HEAD_DIM, offs_n < N_KV
+    k = _load_rows(k_ptr + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, key_ok, cols, col_ok)
+    v = _load_rows(v_ptr + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, key_ok, cols, col_ok)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
+    do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
+    row_stats = pid_bh.to(tl.int64) * N_Q
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < N_Q
+        q = _load_rows(q_base, rows, stride_qn, row_ok, cols, col_ok)
+        do = _load_rows(do_base, rows, stride_don, row_ok, cols, col_ok)
+        lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_N, BLOCK_M), log2
+        p_t = tl.where(key_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    mask = key_ok[:, None] & col_ok[None, :]
+    dk_rows = dk_ptr + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
+    dv_rows = dv_ptr + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
+    tl.store(dk_rows + cols[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_rows + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=attention_bwd_configs("m"), key=["N_Q", "N_KV", "BLOCK_D", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_bwd_configs)},
+                 do_bench=autotune_bench("attention backward (dq)"))
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,            # [B, H, N, D] by strides, head dim unit stride
+    lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
+    dq_ptr,                                 # [B, H, N_Q, D] by strides, head dim unit stride
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    H, N_Q, N_KV, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of BLOCK_M queries of one (batch, head), streaming every key block."""
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m, pid_bh = pid % num_m, pid // num_m
+    off_b, off_h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok, row_ok = cols < HEAD_DIM, offs_m < N_Q
+    q = _load_rows(q_ptr + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, row_ok, cols, col_ok)
+    do = _load_rows(do_ptr + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, row_ok, cols, col_ok)
+    row_stats = pid_bh.to(tl.int64) * N_Q
+    lse = tl.load(lse_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    for start_n in range(0, N_KV, BLOCK_N):
+        keys = start_n + offs_n
+        key_ok = keys < N_KV
+        k = _load_rows(k_base, keys, stride_kn, key_ok, cols, col_ok)
+        v = _load_rows(v_base, keys, stride_vn, key_ok, cols, col_ok)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale         # (BLOCK_M, BLOCK_N), log2
+        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq_rows = dq_ptr + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
+    tl.store(dq_rows + cols[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       dout: torch.Tensor, scale: float | None = None, *, dq: torch.Tensor | None = None,
+                       dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `attention` (FlashAttention-2): q, k, v, out [B, H, N, D] and dout like out (any
+    strides, unit-stride head dim), lse [B, H, N_Q] fp32 from the forward. dq / dk / dv: optional
+    buffers like q / k / v (any strides with a unit-stride head dim: views of one packed gradient).
+    Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    bufs = []
+    for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if buf is None:
+            buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        _check_out(name, buf, like.shape, like.dtype, like.device)
+        if D > 1 and buf.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a unit-stride last dim, got strides {buf.stride()}")
+        bufs.append(buf)
+    dq, dk, dv = bufs
+    _check_out("lse", lse, (B, H, n_q), torch.float32, q.device)
+    if D > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if dq.numel() == 0 and dk.numel() == 0:
+        return dq, dk, dv
+    scale = D ** -0.5 if scale is None else float(scale)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()                        # (B, H, N_Q) fp32
+    lse = lse.contiguous()
+    precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
+    block_d = max(16, triton.next_power_of_2(D))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=precision)
+    qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](
+        q, k, v, dout, lse, delta, dk, dv, *qkvo_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="n", **common)
+    _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
+        q, k, v, dout, lse, delta, dq, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="m", **common)
+    return dq, dk, dv
+
+
+def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                           num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """Gradient of `attention_qkv` with respect to the packed projection: qkv [B, N, 3·C], out and dout
+    [B, N, C], lse [B, H, N] -> dqkv [B, N, 3·C] (contiguous, or the given buffer), dq, dk and dv written
+    straight into its three thirds."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    if dqkv is None:
+        dqkv = torch.empty((B, N, C3), dtype=qkv.dtype, device=qkv.device)
+    _check_out("dqkv", dqkv, (B, N, C3), qkv.dtype, qkv.device)
+    heads = lambda t: t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)      # (B, H, N, D)
+    dq, dk, dv = qkv_heads(dqkv, num_heads)
+    attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv)
+    return dqkv

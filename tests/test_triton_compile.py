@@ -110,11 +110,27 @@ def launch_patch_embed(c):
                                                                             pos_embed_prefix=pos_prefix)
 
 
-LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed}
+def launch_attention_bwd(c):
+    """One of the two backward kernels (c["part"]: "dkdv" or "dq"), launched by the packed-projection
+    backward at a ViT shape; the other kernel's launch is skipped."""
+    dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
+    qkv, out = torch.empty(2, N, 3 * H * D, dtype=dt), torch.empty(2, N, H * D, dtype=dt)
+    lse, dout = torch.empty(2, H, N), torch.empty(2, N, H * D, dtype=dt)
+    kernels = {"dkdv": attention._attention_bwd_dkdv_kernel, "dq": attention._attention_bwd_dq_kernel}
+    other = kernels["dq" if c["part"] == "dkdv" else "dkdv"]
+
+    def launch():
+        with mock.patch.object(other, "run", lambda *a, **kw: None, create=True):
+            attention.attention_qkv_backward(qkv, out, lse, dout, H)
+    return kernels[c["part"]], launch
+
+
+LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed,
+             "attention_bwd": launch_attention_bwd}
 
 
 HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
-MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed}
+MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed, "attention_bwd": attention}
 
 
 class OnHopper:
@@ -217,6 +233,11 @@ def _cases():
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "cls": cls}))
     cases.append(_variant("attention", "fp16-d64-nocls", "f16",
                           {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False}))
+    # Attention backward (dK/dV and dQ kernels): ViT-B's 64 and ViT-H's 80 (padded to 128), bf16.
+    for head_dim, heads in ((64, 12), (80, 16)):
+        for part in ("dkdv", "dq"):
+            cases.append(_variant("attention_bwd", f"bf16-d{head_dim}-{part}", "bf16", {
+                "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "part": part}))
     # Linear: the ViT-B/16 linears, one per epilogue: qkv (none), fc1 (gelu, gelu_tanh), fc2 (+ residual).
     for epilogue, k, n, activation, residual in (("none", 768, 2304, None, False),
                                                  ("gelu", 768, 3072, "gelu", False),

@@ -2,7 +2,8 @@
 
 Each op is a registered torch custom op (`torch.library`): input validation, device dispatch,
 a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd
-(backward may use the reference math). A call that needs none of that (plain tensors, nothing to
+(attention: FlashAttention-2 backward kernels, themselves custom ops; the other ops still recompute
+the reference math in backward). A call that needs none of that (plain tensors, nothing to
 differentiate, no torch.compile / export tracing) skips the dispatcher and runs the implementation
 directly: the custom-op layer costs tens of microseconds of host time per call. Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
@@ -239,10 +240,14 @@ def _attention_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+# The ops return each query row's log-sum-exp (log2 domain, [B, H, N_Q] fp32) next to the output: the
+# Triton backward (FlashAttention-2) rebuilds the probabilities from it. On torch's path (CPU, float64)
+# it is zeros and unused: there the backward is SDPA's own, through autograd on a recomputed forward.
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
     if _attention_on_triton(q):
-        return _kernels().attention.attention(q, k, v, scale)
-    return reference.torch_attention(q, k, v, scale).contiguous()
+        return _kernels().attention.attention(q, k, v, scale, lse=lse), lse
+    return reference.torch_attention(q, k, v, scale).contiguous(), lse
 
 
 _attention_op = torch.library.custom_op("vitfast::attention", _attention_impl, mutates_args=())
@@ -250,28 +255,63 @@ _attention_op = torch.library.custom_op("vitfast::attention", _attention_impl, m
 
 @_attention_op.register_fake
 def _(q, k, v, scale):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-register_reference_autograd(_attention_op, reference.attention)
+def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale)
 
 
-def _attention_qkv_reference(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
-                             attend=reference.attention_qkv):
-    """`attend` (reference.attention_qkv, or torch's SDPA version) with the custom op's outputs: always
-    (out, cls_attn), cls_attn empty when not asked for."""
-    if return_cls_attn:
-        out, cls_attn = attend(qkv, num_heads, scale, True)
-        return out.contiguous(), cls_attn.contiguous()
-    out = attend(qkv, num_heads, scale)
-    return out.contiguous(), qkv.new_empty(0, dtype=torch.float32)
+def _recompute_grads(fn, inputs, grads):
+    """torch's own backward of fn (SDPA's) on a recomputed forward. Runs in an autograd formula, where
+    autograd records (inside a custom op's implementation it would not)."""
+    with torch.enable_grad():
+        args = [t.detach().requires_grad_() for t in inputs]
+        outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        return torch.autograd.grad([o for o, _ in pairs], args, [g for _, g in pairs])
 
 
-def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool) -> tuple[Tensor, Tensor]:
+_attention_bwd_op = torch.library.custom_op("vitfast::attention_backward", _attention_bwd_impl, mutates_args=())
+
+
+@_attention_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if _attention_on_triton(q):
+        return (*_attention_bwd_op(q, k, v, out, lse, dout, ctx.scale), None)
+    return (*_recompute_grads(lambda *a: reference.torch_attention(*a, ctx.scale), (q, k, v), (dout,)), None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, _ = qkv.shape
+    lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32)
     if _attention_on_triton(qkv):
-        out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn)
-        return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32)
-    return _attention_qkv_reference(qkv, num_heads, scale, return_cls_attn, reference.torch_attention_qkv)
+        out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn,
+                                                           lse=lse)
+        return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32), lse
+    if return_cls_attn:
+        out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True)
+        return out.contiguous(), cls_attn.contiguous(), lse
+    return reference.torch_attention_qkv(qkv, num_heads, scale).contiguous(), qkv.new_empty(0, dtype=torch.float32), lse
 
 
 _attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_impl, mutates_args=())
@@ -281,10 +321,44 @@ _attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention
 def _(qkv, num_heads, scale, return_cls_attn):
     B, N, C3 = qkv.shape
     cls_shape = (B, num_heads, N) if return_cls_attn else (0,)
-    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(cls_shape, dtype=torch.float32)
+    return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(cls_shape, dtype=torch.float32),
+            qkv.new_empty((B, num_heads, N), dtype=torch.float32))
 
 
-register_reference_autograd(_attention_qkv_op, _attention_qkv_reference)
+def _attention_qkv_bwd_impl(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, num_heads: int,
+                            scale: float) -> Tensor:
+    return _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale)
+
+
+_attention_qkv_bwd_op = torch.library.custom_op("vitfast::attention_qkv_backward", _attention_qkv_bwd_impl,
+                                                mutates_args=())
+
+
+@_attention_qkv_bwd_op.register_fake
+def _(qkv, out, lse, dout, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_qkv_setup(ctx, inputs, output):
+    qkv, num_heads, scale, _ = inputs
+    out, cls_attn, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_qkv_backward(ctx, dout, dcls, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    dcls = dcls if dcls is not None and dcls.numel() else None
+    if dcls is None and _attention_on_triton(qkv):
+        return _attention_qkv_bwd_op(qkv, out, lse, dout, ctx.num_heads, ctx.scale), None, None, None
+    # torch's path, or a gradient through the CLS attention row: SDPA's backward on a recomputed forward
+    # (the CLS row's own is O(N): one query).
+    fn = lambda x: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, dcls is not None)
+    return _recompute_grads(fn, (qkv,), (dout, dcls))[0], None, None, None
+
+
+_attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
@@ -312,7 +386,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
         _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
     _check_head_dim("q", D)
     scale = _attention_scale(scale, D)
-    return _attention_impl(q, k, v, scale) if _direct(q, k, v) else _attention_op(q, k, v, scale)
+    return (_attention_impl if _direct(q, k, v) else _attention_op)(q, k, v, scale)[0]
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
@@ -340,7 +414,7 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     _check_head_dim("qkv", D)
     scale = _attention_scale(scale, D)
     op = _attention_qkv_impl if _direct(qkv) else _attention_qkv_op
-    out, cls_attn = op(qkv, num_heads, scale, return_cls_attn)
+    out, cls_attn, _ = op(qkv, num_heads, scale, return_cls_attn)
     return (out, cls_attn) if return_cls_attn else out
 
 
