@@ -357,6 +357,23 @@ def test_ops_backward_runs_the_kernels_not_the_reference(packed, monkeypatch):
         assert_close(got, w, dtype=torch.float32)
 
 
+def test_inference_calls_skip_the_lse(monkeypatch):
+    """Nothing to differentiate: the kernel stores no log-sum-exp; under autograd it does."""
+    seen = []
+    real = attention_kernels.attention
+
+    def spy(*args, lse=None, **kwargs):
+        seen.append(lse)
+        return real(*args, lse=lse, **kwargs)
+    monkeypatch.setattr(attention_kernels, "attention", spy)
+    qkv = make_qkv(1, 9, 2, 16, False, torch.float32)
+    with torch.no_grad():
+        ops.attention_qkv(qkv, 2)
+        ops.attention(*attention_kernels.qkv_heads(qkv, 2))
+    ops.attention_qkv(qkv.requires_grad_(), 2)
+    assert seen[0] is None and seen[1] is None and seen[2].shape == (1, 2, 9)
+
+
 def test_gradcheck_float64_cpu_path():
     """float64 takes torch's path (SDPA) on any device: its gradients through autograd, checked
     numerically (the CLS row is fp32 by contract: its gradient is checked against the reference in

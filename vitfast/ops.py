@@ -243,14 +243,19 @@ def _attention_scale(scale, head_dim: int) -> float:
 # The ops return each query row's log-sum-exp (log2 domain, [B, H, N_Q] fp32) next to the output: the
 # Triton backward (FlashAttention-2) rebuilds the probabilities from it. On torch's path (CPU, float64)
 # it is zeros and unused: there the backward is SDPA's own, through autograd on a recomputed forward.
-def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """(out, lse); with_lse=False (a direct call: nothing to differentiate) skips the lse."""
     if _attention_on_triton(q):
-        return _kernels().attention.attention(q, k, v, scale, lse=lse), lse
-    return reference.torch_attention(q, k, v, scale).contiguous(), lse
+        lse = q.new_empty(q.shape[:3] if with_lse else (0,), dtype=torch.float32)   # every row written
+        return _kernels().attention.attention(q, k, v, scale, lse=lse if with_lse else None), lse
+    return reference.torch_attention(q, k, v, scale).contiguous(), q.new_zeros(q.shape[:3], dtype=torch.float32)
 
 
-_attention_op = torch.library.custom_op("vitfast::attention", _attention_impl, mutates_args=())
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return _attention_impl(q, k, v, scale)
+
+
+_attention_op = torch.library.custom_op("vitfast::attention", _attention_with_lse, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -300,21 +305,28 @@ def _attention_backward(ctx, dout, _dlse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool
+def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, with_lse: bool = True
                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, cls_attn or an empty tensor, lse); with_lse=False (a direct call) skips the lse."""
     B, N, _ = qkv.shape
-    lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32)
     if _attention_on_triton(qkv):
+        lse = qkv.new_empty((B, num_heads, N) if with_lse else (0,), dtype=torch.float32)   # every row written
         out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn,
-                                                           lse=lse)
+                                                           lse=lse if with_lse else None)
         return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32), lse
+    lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32)
     if return_cls_attn:
         out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True)
         return out.contiguous(), cls_attn.contiguous(), lse
     return reference.torch_attention_qkv(qkv, num_heads, scale).contiguous(), qkv.new_empty(0, dtype=torch.float32), lse
 
 
-_attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_impl, mutates_args=())
+def _attention_qkv_with_lse(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    return _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn)
+
+
+_attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_with_lse, mutates_args=())
 
 
 @_attention_qkv_op.register_fake
@@ -386,7 +398,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
         _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
     _check_head_dim("q", D)
     scale = _attention_scale(scale, D)
-    return (_attention_impl if _direct(q, k, v) else _attention_op)(q, k, v, scale)[0]
+    if _direct(q, k, v):
+        return _attention_impl(q, k, v, scale, with_lse=False)[0]
+    return _attention_op(q, k, v, scale)[0]
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
@@ -413,8 +427,10 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     D = C3 // (3 * num_heads)
     _check_head_dim("qkv", D)
     scale = _attention_scale(scale, D)
-    op = _attention_qkv_impl if _direct(qkv) else _attention_qkv_op
-    out, cls_attn, _ = op(qkv, num_heads, scale, return_cls_attn)
+    if _direct(qkv):
+        out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, with_lse=False)
+    else:
+        out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn)
     return (out, cls_attn) if return_cls_attn else out
 
 
