@@ -121,7 +121,8 @@ def test_patch_embed_strided_out_and_shapes_without_extras(device):
 
 
 def test_patch_embed_autograd_and_grads(device):
-    """Backward recomputes the reference: gradients equal the reference's."""
+    """Backward (dW through the im2col GEMM, db, the prefix and position rows summed over the batch, the
+    image gradient folded back): gradients equal the reference's."""
     args = make_inputs(2, 3, 32, 32, 16, 24, "fp32", True, True, device=device)
     images, weight, bias, cls_token, pos_embed, _, _ = args
     leaves = [t.detach().requires_grad_() for t in (images, weight, bias, cls_token, pos_embed)]
@@ -133,6 +134,48 @@ def test_patch_embed_autograd_and_grads(device):
     grads64 = torch.autograd.grad(y64, leaves64, g.double())
     for name, got, want in zip(("images", "weight", "bias", "cls_token", "pos_embed"), grads, grads64):
         assert_close(got, want, dtype=torch.float32, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("case", ["registers_no_pos_prefix", "uint8_normalised", "no_prefix_no_bias",
+                                  "mean_std_trained"])
+def test_patch_embed_backward_variants_never_call_the_reference(case, monkeypatch):
+    """DINOv2-reg's layout (5 prefix rows, position rows for the patches only), uint8 images normalised
+    in the kernel (no image gradient), no prefix / bias, and trainable mean / std (torch's conv backward):
+    each gradient equals float64 autograd through the reference; only the last touches torch's conv."""
+    torch.manual_seed(0)
+    kind = "u8_fp32" if case in ("uint8_normalised", "mean_std_trained") else "fp32"
+    images, weight, bias, _, _, mean, std = make_inputs(2, 3, 32, 48, 16, 24, kind, False, False)
+    prefix = {"registers_no_pos_prefix": torch.randn(1, 5, 24), "no_prefix_no_bias": None}.get(case, torch.randn(1, 24))
+    n_pos = 6 + (0 if case in ("registers_no_pos_prefix", "no_prefix_no_bias") else 1)
+    pos = torch.randn(1, n_pos, 24) * 0.5
+    pos_prefix = case not in ("registers_no_pos_prefix",)
+    bias = None if case == "no_prefix_no_bias" else bias
+    if case == "mean_std_trained":
+        mean, std = mean.clone(), std.clone()
+    names = ["images", "weight", "bias", "prefix", "pos", "mean", "std"]
+    values = [images, weight, bias, prefix, pos, mean, std]
+    train = [t is not None and t.is_floating_point() and (n not in ("mean", "std") or case == "mean_std_trained")
+             for n, t in zip(names, values)]
+    leaves = [t.detach().requires_grad_() if w else t for t, w in zip(values, train)]
+    y = ops.patch_embed(leaves[0], leaves[1], leaves[2], prefix_tokens=leaves[3], pos_embed=leaves[4],
+                        mean=leaves[5], std=leaves[6], pos_embed_prefix=pos_prefix)
+    g = torch.randn_like(y)
+    if case != "mean_std_trained":                # the reference and what it calls
+        for name in ("patch_embed", "torch_patch_embed", "normalize_images", "add_prefix_and_pos"):
+            monkeypatch.setattr(reference, name, _raise)
+    wrt = [t for t, w in zip(leaves, train) if w]
+    grads = torch.autograd.grad(y, wrt, g)
+    monkeypatch.undo()
+    leaves64 = [(t.detach().double() if t.is_floating_point() else t).requires_grad_(w) if t is not None else None
+                for t, w in zip(values, train)]
+    y64 = reference.patch_embed(*leaves64[:5], leaves64[5], leaves64[6], pos_prefix)
+    grads64 = torch.autograd.grad(y64, [t for t, w in zip(leaves64, train) if w], g.double())
+    for name, got, want in zip([n for n, w in zip(names, train) if w], grads, grads64):
+        assert_close(got, want, dtype=torch.float32, name=f"grad {name}")
+
+
+def _raise(*args, **kwargs):
+    raise AssertionError("the backward called the reference math")
 
 
 @pytest.mark.parametrize("kind", ["fp32", "u8_fp32"])

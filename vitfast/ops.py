@@ -268,15 +268,20 @@ def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale)
 
 
-def _recompute_grads(fn, inputs, grads):
-    """torch's own backward of fn (SDPA's) on a recomputed forward. Runs in an autograd formula, where
-    autograd records (inside a custom op's implementation it would not)."""
+def _recompute_grads(fn, inputs, grads, wanted=None):
+    """torch's own backward of fn (SDPA's, conv's) on a recomputed forward: the gradients of `inputs`
+    (None for those not `wanted`, non-float or None). Runs in an autograd formula, where autograd records
+    (inside a custom op's implementation it would not)."""
+    wanted = [True] * len(inputs) if wanted is None else wanted
     with torch.enable_grad():
-        args = [t.detach().requires_grad_() for t in inputs]
+        args = [t.detach().requires_grad_(bool(w)) if isinstance(t, Tensor) and t.is_floating_point() else t
+                for t, w in zip(inputs, wanted)]
         outs = fn(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        return torch.autograd.grad([o for o, _ in pairs], args, [g for _, g in pairs])
+        wrt = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs]))
+        return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
 
 
 _attention_bwd_op = torch.library.custom_op("vitfast::attention_backward", _attention_bwd_impl, mutates_args=())
@@ -625,7 +630,50 @@ def _(x, weight, bias, activation, residual, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-register_reference_autograd(_linear_op, reference.linear)
+def _activation(z: Tensor, activation: str | None) -> Tensor:
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return z * torch.sigmoid(1.702 * z) if activation == "quick_gelu" else z
+
+
+def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
+    """dL/dz of a = act(z), given dL/da = dy."""
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(dy, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "quick_gelu":
+        s = torch.sigmoid(1.702 * z)
+        return dy * (s + 1.702 * z * s * (1 - s))
+    return dy
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, activation, residual, scale = inputs
+    ctx.save_for_backward(x, weight, bias, scale)
+    ctx.activation, ctx.has_bias = activation, bias is not None
+
+
+def _linear_backward(ctx, dy):
+    """y = act(z)·scale + residual with z = x Wᵀ + b: dresidual = dy; dscale = Σ dy ⊙ act(z); dz = dy·scale ⊙
+    act'(z) (the pre-activation recomputed with one GEMM when there is an activation or a scale);
+    dx = dz W, dW = dzᵀ x, db = Σ dz (cuBLAS GEMMs, reductions over the rows)."""
+    x, weight, bias, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    K, N = weight.shape[1], weight.shape[0]
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    z = None
+    if ctx.activation is not None or (scale is not None and need[5]):
+        z = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    dscale = (dy2 * _activation(z, ctx.activation)).sum(0) if scale is not None and need[5] else None
+    dz = dy2 * scale if scale is not None else dy2
+    dz = _activation_grad(dz, z, ctx.activation) if ctx.activation is not None else dz
+    dx = (dz @ weight).reshape(x.shape) if need[0] else None
+    dw = dz.t() @ x2 if need[1] else None
+    db = dz.sum(0) if bias is not None and need[2] else None
+    dres = dy if need[4] else None
+    return dx, dw, db, None, dres, dscale
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
@@ -762,7 +810,60 @@ def _(images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefi
     return images.new_empty((B, T, D), dtype=weight.dtype)
 
 
-register_reference_autograd(_patch_embed_op, reference.patch_embed)
+def _patch_embed_setup(ctx, inputs, output):
+    images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix = inputs
+    ctx.save_for_backward(images, weight, mean, std)
+    ctx.pos_embed_prefix = pos_embed_prefix
+    ctx.shapes = (None if bias is None else bias.shape, None if prefix_tokens is None else prefix_tokens.shape,
+                  None if pos_embed is None else pos_embed.shape)
+
+
+def _patch_embed_backward(ctx, dout):
+    """out = [prefix rows; patches(x) Wᵀ + b] + pos (pos on every row, or on the patch rows only):
+    dW = d_tokensᵀ patches (one GEMM over the im2col rows), db and the prefix rows summed over the batch,
+    the position table's gradient summed over the batch; the image gradient (float images) through
+    d_tokens W folded back onto the pixels, divided by std."""
+    images, weight, mean, std = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if need[5] or need[6]:          # gradients for mean / std (buffers, rarely trained): torch's conv autograd
+        # bias, prefix rows and the position table enter the output additively: their values do not
+        # change any gradient, zeros of their shapes stand in for them.
+        args = [images, weight, *[None if s is None else dout.new_zeros(s) for s in ctx.shapes], mean, std]
+        fn = lambda *a: reference.torch_patch_embed(*a, ctx.pos_embed_prefix)
+        return _recompute_grads(fn, args, (dout,), need[:7]) + (None,)
+    bias_shape, prefix_shape, pos_shape = ctx.shapes
+    B, C, H, W = images.shape
+    D, _, P, _ = weight.shape
+    gh, gw = H // P, W // P
+    n_prefix = 0 if prefix_shape is None else prefix_shape.numel() // D
+    d_tokens = dout[:, n_prefix:]                                                       # (B, N, D)
+    d_tokens2 = d_tokens.reshape(-1, D)
+    dw = db = dprefix = dpos = dimages = None
+    if need[1]:
+        x = images.to(weight.dtype)
+        x = x / 255 if images.dtype == torch.uint8 else x
+        if mean is not None:
+            x = x - mean.to(x.dtype).view(1, -1, 1, 1)
+        if std is not None:
+            x = x / std.to(x.dtype).view(1, -1, 1, 1)
+        patches = x.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * P * P)
+        dw = (d_tokens2.t() @ patches).reshape(weight.shape)
+    if bias_shape is not None and need[2]:
+        db = d_tokens2.sum(0)
+    if prefix_shape is not None and need[3]:
+        dprefix = dout[:, :n_prefix].sum(0).reshape(prefix_shape)
+    if pos_shape is not None and need[4]:
+        dpos = (dout if ctx.pos_embed_prefix else d_tokens).sum(0).reshape(pos_shape)
+    if need[0]:
+        dx = (d_tokens2 @ weight.reshape(D, -1)).reshape(B, gh, gw, C, P, P).permute(0, 3, 1, 4, 2, 5)
+        dimages = dx.reshape(B, C, H, W)
+        if std is not None:
+            dimages = dimages / std.to(dimages.dtype).view(1, -1, 1, 1)
+        dimages = dimages.to(images.dtype)
+    return dimages, dw, db, dprefix, dpos, None, None, None
+
+
+_patch_embed_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, *, cls_token: Tensor | None = None,
