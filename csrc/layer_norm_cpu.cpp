@@ -5,7 +5,8 @@
 // x's dtype. Statistics in float (double for float64), corrected two-pass over a per-thread row
 // buffer: with m the pass-1 mean and shift = Σ(x - m) / n, var = Σ(x - m)² / n - shift² and
 // y = ((x - m) - shift) * rstd * w + b (accurate for rows far from zero; see layer_norm_kernel.cu).
-// Rows are split across threads with at::parallel_for.
+// Rows are split across threads with at::parallel_for. The forward can store each row's mean and
+// rstd; the backward splits the rows into chunks, each writing its own column sums (dweight, dbias).
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -38,6 +39,8 @@ VITFAST_CPU_CLONES void normalize_rows(const T* x,         // [rows, cols]
                                        const W* bias,      // [cols]
                                        T* y,               // [rows, cols]
                                        T* sum_out,         // [rows, cols] or null
+                                       Acc* mean_out,      // [rows] or null
+                                       Acc* rstd_out,      // [rows] or null
                                        int64_t begin, int64_t end, int64_t cols, Acc eps, Acc* buf) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * cols;
@@ -71,6 +74,10 @@ VITFAST_CPU_CLONES void normalize_rows(const T* x,         // [rows, cols]
     const Acc shift = dev / n;
     const Acc var = std::max(dev2 / n - shift * shift, Acc(0));
     const Acc rstd = Acc(1) / std::sqrt(var + eps);
+    if (mean_out != nullptr) {
+      mean_out[row] = m + shift;
+      rstd_out[row] = rstd;
+    }
     for (int64_t c = 0; c < cols; ++c) {
       const Acc out = ((v[c] - m) - shift) * rstd * static_cast<Acc>(weight[c]) + static_cast<Acc>(bias[c]);
       y[base + c] = static_cast<T>(out);
@@ -80,28 +87,102 @@ VITFAST_CPU_CLONES void normalize_rows(const T* x,         // [rows, cols]
 
 template <typename T, typename W, typename Acc>
 void layer_norm_rows(const T* x, const T* residual, const W* weight, const W* bias, T* y, T* sum_out,
-                     int64_t rows, int64_t cols, Acc eps) {
+                     Acc* mean_out, Acc* rstd_out, int64_t rows, int64_t cols, Acc eps) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<Acc> buf(cols);
-    normalize_rows(x, residual, weight, bias, y, sum_out, begin, end, cols, eps, buf.data());
+    normalize_rows(x, residual, weight, bias, y, sum_out, mean_out, rstd_out, begin, end, cols, eps, buf.data());
   });
 }
 
 template <typename T, typename W>
 void run(const void* x, const void* residual, const void* weight, const void* bias, void* y, void* sum_out,
-         int64_t rows, int64_t cols, double eps) {
+         void* mean_out, void* rstd_out, int64_t rows, int64_t cols, double eps) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   layer_norm_rows<T, W, Acc>(static_cast<const T*>(x), static_cast<const T*>(residual),
                              static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
-                             static_cast<T*>(sum_out), rows, cols, static_cast<Acc>(eps));
+                             static_cast<T*>(sum_out), static_cast<Acc*>(mean_out), static_cast<Acc*>(rstd_out),
+                             rows, cols, static_cast<Acc>(eps));
+}
+
+// Backward of rows [begin, end): with xhat = (x - mean) · rstd and g = dy · w,
+//     dx = rstd · (g - mean(g) - xhat · mean(g · xhat)),
+// and this chunk's column sums of dy · xhat (dweight) and dy (dbias) added to part_w, part_b.
+template <typename T, typename W, typename Acc>
+VITFAST_CPU_CLONES void backward_rows(const T* dy, const T* x, const Acc* mean, const Acc* rstd, const W* weight,
+                                      T* dx, Acc* part_w, Acc* part_b, int64_t begin, int64_t end, int64_t cols) {
+  const Acc n = static_cast<Acc>(cols);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * cols;
+    const Acc mu = mean[row], rs = rstd[row];
+    Acc sum_g = 0, sum_gx = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const Acc d = static_cast<Acc>(dy[base + c]);
+      const Acc xh = (static_cast<Acc>(x[base + c]) - mu) * rs;
+      const Acc g = d * static_cast<Acc>(weight[c]);
+      sum_g += g;
+      sum_gx += g * xh;
+      part_w[c] += d * xh;
+      part_b[c] += d;
+    }
+    const Acc a = sum_g / n, b = sum_gx / n;
+    for (int64_t c = 0; c < cols; ++c) {
+      const Acc xh = (static_cast<Acc>(x[base + c]) - mu) * rs;
+      const Acc g = static_cast<Acc>(dy[base + c]) * static_cast<Acc>(weight[c]);
+      dx[base + c] = static_cast<T>(rs * (g - a - xh * b));
+    }
+  }
+}
+
+template <typename T, typename W>
+void run_backward(const void* dy, const void* x, const void* mean, const void* rstd, const void* weight, void* dx,
+                  void* part_w, void* part_b, int64_t chunks, int64_t rows, int64_t cols) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t begin = k * per_chunk, end = std::min(rows, begin + per_chunk);
+      Acc* pw = static_cast<Acc*>(part_w) + k * cols;
+      Acc* pb = static_cast<Acc*>(part_b) + k * cols;
+      std::fill(pw, pw + cols, Acc(0));
+      std::fill(pb, pb + cols, Acc(0));
+      if (begin < end) {
+        backward_rows<T, W, Acc>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const Acc*>(mean),
+                                 static_cast<const Acc*>(rstd), static_cast<const W*>(weight), static_cast<T*>(dx),
+                                 pw, pb, begin, end, cols);
+      }
+    }
+  });
 }
 
 }  // namespace
 
+bool layer_norm_backward_cpu(int x_dtype, int w_dtype, const void* dy, const void* x, const void* mean,
+                             const void* rstd, const void* weight, void* dx, void* part_w, void* part_b,
+                             int64_t chunks, int64_t rows, int64_t cols) {
+  if (rows < 0 || cols < 0 || chunks < 1) return false;
+  if (rows == 0 || cols == 0) return true;
+  const bool w32 = w_dtype == VITFAST_FLOAT32;
+  const bool same = w_dtype == x_dtype;
+  decltype(&run_backward<float, float>) fn = nullptr;
+  if (x_dtype == VITFAST_FLOAT32 && w32) fn = run_backward<float, float>;
+  if (x_dtype == VITFAST_FLOAT64 && same) fn = run_backward<double, double>;
+  if (x_dtype == VITFAST_FLOAT64 && w32) fn = run_backward<double, float>;
+  if (x_dtype == VITFAST_FLOAT16 && same) fn = run_backward<c10::Half, c10::Half>;
+  if (x_dtype == VITFAST_FLOAT16 && w32) fn = run_backward<c10::Half, float>;
+  if (x_dtype == VITFAST_BFLOAT16 && same) fn = run_backward<c10::BFloat16, c10::BFloat16>;
+  if (x_dtype == VITFAST_BFLOAT16 && w32) fn = run_backward<c10::BFloat16, float>;
+  if (fn == nullptr) return false;
+  fn(dy, x, mean, rstd, weight, dx, part_w, part_b, chunks, rows, cols);
+  return true;
+}
+
 bool layer_norm_cpu(int x_dtype, int w_dtype, const void* x, const void* residual, const void* weight,
-                    const void* bias, void* y, void* sum_out, int64_t rows, int64_t cols, double eps) {
-  if ((residual == nullptr) != (sum_out == nullptr) || rows < 0 || cols < 0) return false;
+                    const void* bias, void* y, void* sum_out, void* mean_out, void* rstd_out, int64_t rows,
+                    int64_t cols, double eps) {
+  if ((residual == nullptr) != (sum_out == nullptr) || (mean_out == nullptr) != (rstd_out == nullptr) || rows < 0 ||
+      cols < 0)
+    return false;
   if (rows == 0 || cols == 0) return true;
   const bool w32 = w_dtype == VITFAST_FLOAT32;
   const bool same = w_dtype == x_dtype;
@@ -114,7 +195,7 @@ bool layer_norm_cpu(int x_dtype, int w_dtype, const void* x, const void* residua
   if (x_dtype == VITFAST_BFLOAT16 && same) fn = run<c10::BFloat16, c10::BFloat16>;
   if (x_dtype == VITFAST_BFLOAT16 && w32) fn = run<c10::BFloat16, float>;
   if (fn == nullptr) return false;
-  fn(x, residual, weight, bias, y, sum_out, rows, cols, eps);
+  fn(x, residual, weight, bias, y, sum_out, mean_out, rstd_out, rows, cols, eps);
   return true;
 }
 

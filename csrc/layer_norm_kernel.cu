@@ -13,6 +13,11 @@
 //   larger          one block per row, re-reading the row from global memory (L2-resident).
 // Each thread moves 16-byte vectors when every pointer is 16-byte aligned and cols is a multiple
 // of the vector width, else single elements. Rows are independent: no atomics, no host sync.
+// With mean_out / rstd_out the first thread of each row also stores its mean and rstd.
+//
+// Backward (layer_norm.h): dx with one warp per row, two passes over the row (any length); dweight and
+// dbias as column sums, 32 columns x 8 row lanes per block and one block row per chunk of rows,
+// written per chunk and added up by the caller (deterministic, no atomics).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -131,6 +136,8 @@ layer_norm_kernel(const T* __restrict__ x,         // [rows, cols]
                   const W* __restrict__ bias,      // [cols]
                   T* __restrict__ y,               // [rows, cols]
                   T* __restrict__ sum_out,         // [rows, cols] (ADD) or null
+                  float* __restrict__ mean_out,    // [rows] or null
+                  float* __restrict__ rstd_out,    // [rows] or null
                   int64_t rows, int cols, float eps) {
   __shared__ float red_sum[BLOCK ? kMaxWarps : 1][1];
   __shared__ float red_dev[BLOCK ? kMaxWarps : 1][2];
@@ -182,6 +189,10 @@ layer_norm_kernel(const T* __restrict__ x,         // [rows, cols]
     row_sum<BLOCK>(dev, red_dev);
     float shift, rstd;
     finish_stats(dev, cols, eps, shift, rstd);
+    if (mean_out != nullptr && tid == 0) {
+      mean_out[row] = m + shift;
+      rstd_out[row] = rstd;
+    }
 
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -212,6 +223,8 @@ layer_norm_wide_kernel(const T* __restrict__ x,         // [rows, cols]
                        const W* __restrict__ bias,      // [cols]
                        T* __restrict__ y,               // [rows, cols]
                        T* sum_out,                      // [rows, cols] (ADD) or null; re-read
+                       float* __restrict__ mean_out,    // [rows] or null
+                       float* __restrict__ rstd_out,    // [rows] or null
                        int64_t rows, int64_t cols, float eps) {
   __shared__ float red_sum[kMaxWarps][1];
   __shared__ float red_dev[kMaxWarps][2];
@@ -240,12 +253,108 @@ layer_norm_wide_kernel(const T* __restrict__ x,         // [rows, cols]
     row_sum<true>(dev, red_dev);
     float shift, rstd;
     finish_stats(dev, cols, eps, shift, rstd);
+    if (mean_out != nullptr && threadIdx.x == 0) {
+      mean_out[row] = m + shift;
+      rstd_out[row] = rstd;
+    }
 
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       const float v = ((to_float(src[base + c]) - m) - shift) * rstd;
       y[base + c] = from_float<T>(v * to_float(weight[c]) + to_float(bias[c]));
     }
   }
+}
+
+// Backward, dx: one warp per row (4 rows per block), any cols, two passes over the row (L1/L2-resident
+// after the first): the sums Σ g and Σ g·xhat, then dx = rstd · (g - Σg/n - xhat · Σg·xhat/n).
+template <typename T, typename W>
+__global__ void __launch_bounds__(kWarpSize * kRowsPerWarpBlock)
+layer_norm_bwd_dx_kernel(const T* __restrict__ dy,         // [rows, cols]
+                         const T* __restrict__ x,          // [rows, cols]
+                         const float* __restrict__ mean,   // [rows]
+                         const float* __restrict__ rstd,   // [rows]
+                         const W* __restrict__ weight,     // [cols]
+                         T* __restrict__ dx,               // [rows, cols]
+                         int64_t rows, int64_t cols) {
+  const int lane = threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * blockDim.y;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += step) {
+    const int64_t base = row * cols;
+    const float mu = mean[row], rs = rstd[row];
+    float sums[2] = {0.f, 0.f};  // Σ g, Σ g·xhat
+    for (int64_t c = lane; c < cols; c += kWarpSize) {
+      const float g = to_float(dy[base + c]) * to_float(weight[c]);
+      sums[0] += g;
+      sums[1] += g * (to_float(x[base + c]) - mu) * rs;
+    }
+    row_sum<false, 2>(sums, nullptr);
+    const float a = sums[0] / cols, b = sums[1] / cols;
+    for (int64_t c = lane; c < cols; c += kWarpSize) {
+      const float g = to_float(dy[base + c]) * to_float(weight[c]);
+      const float xh = (to_float(x[base + c]) - mu) * rs;
+      dx[base + c] = from_float<T>(rs * (g - a - xh * b));
+    }
+  }
+}
+
+// Backward, column sums: block (32, 8) = 32 columns x 8 row lanes (coalesced along the row), blockIdx.y
+// one chunk of rows; writes the chunk's Σ dy·xhat and Σ dy of its 32 columns to part_w / part_b.
+constexpr int kColTile = 32;
+constexpr int kRowLanes = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kColTile * kRowLanes)
+layer_norm_bwd_dwdb_kernel(const T* __restrict__ dy,         // [rows, cols]
+                           const T* __restrict__ x,          // [rows, cols]
+                           const float* __restrict__ mean,   // [rows]
+                           const float* __restrict__ rstd,   // [rows]
+                           float* __restrict__ part_w,       // [chunks, cols]
+                           float* __restrict__ part_b,       // [chunks, cols]
+                           int64_t rows, int64_t cols, int64_t per_chunk) {
+  __shared__ float red_w[kRowLanes][kColTile + 1];
+  __shared__ float red_b[kRowLanes][kColTile + 1];
+  const int64_t col = int64_t(blockIdx.x) * kColTile + threadIdx.x;
+  const int64_t first = int64_t(blockIdx.y) * per_chunk;
+  const int64_t last = first + per_chunk < rows ? first + per_chunk : rows;
+  float acc_w = 0.f, acc_b = 0.f;
+  if (col < cols) {
+    for (int64_t r = first + threadIdx.y; r < last; r += kRowLanes) {
+      const float d = to_float(dy[r * cols + col]);
+      acc_w += d * (to_float(x[r * cols + col]) - mean[r]) * rstd[r];
+      acc_b += d;
+    }
+  }
+  red_w[threadIdx.y][threadIdx.x] = acc_w;
+  red_b[threadIdx.y][threadIdx.x] = acc_b;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float w = 0.f, b = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRowLanes; ++k) {
+      w += red_w[k][threadIdx.x];
+      b += red_b[k][threadIdx.x];
+    }
+    part_w[int64_t(blockIdx.y) * cols + col] = w;
+    part_b[int64_t(blockIdx.y) * cols + col] = b;
+  }
+}
+
+template <typename T, typename W>
+cudaError_t launch_backward(const void* dy, const void* x, const float* mean, const float* rstd, const void* weight,
+                            void* dx, float* part_w, float* part_b, int64_t chunks, int64_t rows, int64_t cols,
+                            cudaStream_t stream) {
+  const int64_t blocks = (rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
+  layer_norm_bwd_dx_kernel<T, W><<<dim3(static_cast<unsigned>(std::min(blocks, kMaxGrid))),
+                                   dim3(kWarpSize, kRowsPerWarpBlock), 0, stream>>>(
+      static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, static_cast<const W*>(weight),
+      static_cast<T*>(dx), rows, cols);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  const dim3 grid(static_cast<unsigned>((cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
+  layer_norm_bwd_dwdb_kernel<T><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
+      static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, part_w, part_b, rows, cols, per_chunk);
+  return cudaGetLastError();
 }
 
 struct Problem {
@@ -255,6 +364,8 @@ struct Problem {
   const void* bias;
   void* y;
   void* sum_out;
+  float* mean_out;
+  float* rstd_out;
   int64_t rows;
   int64_t cols;
   float eps;
@@ -265,8 +376,8 @@ template <typename T, typename W, bool ADD, int V, bool BLOCK, int ITERS>
 cudaError_t launch_cached(const Problem& p, dim3 grid, dim3 block) {
   layer_norm_kernel<T, W, ADD, V, ITERS, BLOCK><<<grid, block, 0, p.stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
-      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.rows,
-      static_cast<int>(p.cols), p.eps);
+      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
+      p.rows, static_cast<int>(p.cols), p.eps);
   return cudaGetLastError();
 }
 
@@ -298,7 +409,8 @@ cudaError_t launch_wide(const Problem& p) {
   const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxGrid)));
   layer_norm_wide_kernel<T, W, ADD><<<grid, kMaxBlockThreads, 0, p.stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
-      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.rows, p.cols, p.eps);
+      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
+      p.rows, p.cols, p.eps);
   return cudaGetLastError();
 }
 
@@ -340,12 +452,45 @@ cudaError_t launch(const Problem& p) {
 
 }  // namespace
 
+extern "C" cudaError_t vitfast_layer_norm_backward_cuda(int x_dtype, int w_dtype, const void* dy, const void* x,
+                                                        const float* mean, const float* rstd, const void* weight,
+                                                        void* dx, float* part_w, float* part_b, int64_t chunks,
+                                                        int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows < 0 || cols < 0 || chunks < 1 || chunks > 65535) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const auto run = [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    return launch_backward<T, W>(dy, x, mean, rstd, weight, dx, part_w, part_b, chunks, rows, cols, stream);
+  };
+  switch (x_dtype) {
+    case VITFAST_FLOAT32:
+      if (w_dtype == VITFAST_FLOAT32) return run(float{}, float{});
+      break;
+    case VITFAST_FLOAT16:
+      if (w_dtype == VITFAST_FLOAT16) return run(__half{}, __half{});
+      if (w_dtype == VITFAST_FLOAT32) return run(__half{}, float{});
+      break;
+    case VITFAST_BFLOAT16:
+      if (w_dtype == VITFAST_BFLOAT16) return run(__nv_bfloat16{}, __nv_bfloat16{});
+      if (w_dtype == VITFAST_FLOAT32) return run(__nv_bfloat16{}, float{});
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 extern "C" cudaError_t vitfast_layer_norm_cuda(int x_dtype, int w_dtype, const void* x, const void* residual,
                                                const void* weight, const void* bias, void* y, void* sum_out,
-                                               int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
-  if ((residual == nullptr) != (sum_out == nullptr) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
+                                               float* mean_out, float* rstd_out, int64_t rows, int64_t cols,
+                                               double eps, cudaStream_t stream) {
+  if ((residual == nullptr) != (sum_out == nullptr) || (mean_out == nullptr) != (rstd_out == nullptr) || rows < 0 ||
+      cols < 0)
+    return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
-  const Problem p{x, residual, weight, bias, y, sum_out, rows, cols, static_cast<float>(eps), stream};
+  const Problem p{x, residual, weight, bias, y, sum_out, mean_out, rstd_out, rows, cols, static_cast<float>(eps),
+                  stream};
   switch (x_dtype) {
     case VITFAST_FLOAT32:
       if (w_dtype == VITFAST_FLOAT32) return launch<float, float>(p);

@@ -5,6 +5,9 @@
 //   vitfast::add_layer_norm(x, residual [..., C], weight, bias, eps) -> (y, s = x + residual)
 //   .out overloads of both write into caller-provided contiguous buffers (used by the tests to pass
 //   NaN-poisoned outputs; eager only, no autograd).
+//   vitfast::layer_norm_stats / add_layer_norm_stats: the same, plus each row's mean and rstd [...]
+//   (float32; float64 for float64 x), saved for the backward:
+//   vitfast::layer_norm_backward(dy, x (or s), mean, rstd, weight) -> (dx, dweight, dbias).
 //
 // Outputs are contiguous, in x's dtype. Non-contiguous inputs are accepted and copied to contiguous
 // ones first (one extra read and write of that input). The fake (meta) implementations and
@@ -14,10 +17,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 #ifdef VITFAST_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -93,9 +99,13 @@ void check_out(const char* op, const char* name, const at::Tensor& out, const at
   at::assert_no_overlap(out, bias);
 }
 
-// Runs the kernel into the contiguous outputs y (and sum_out for add_layer_norm).
+// The row statistics' dtype: float32, float64 for float64 x.
+at::ScalarType stats_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Runs the kernel into the contiguous outputs y (and sum_out for add_layer_norm, mean / rstd when given).
 void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, const at::Tensor& weight_in,
-         const at::Tensor& bias_in, double eps, at::Tensor& y, at::Tensor* sum_out) {
+         const at::Tensor& bias_in, double eps, at::Tensor& y, at::Tensor* sum_out, at::Tensor* mean = nullptr,
+         at::Tensor* rstd = nullptr) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = residual_in != nullptr ? residual_in->contiguous() : at::Tensor();
   const at::Tensor weight = weight_in.contiguous();
@@ -106,13 +116,15 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, 
   const int w_dtype = dtype_code(weight.scalar_type());
   const void* residual_ptr = residual.defined() ? residual.const_data_ptr() : nullptr;
   void* sum_ptr = sum_out != nullptr ? sum_out->data_ptr() : nullptr;
+  void* mean_ptr = mean != nullptr ? mean->data_ptr() : nullptr;
+  void* rstd_ptr = rstd != nullptr ? rstd->data_ptr() : nullptr;
   if (x.is_cuda()) {
 #ifdef VITFAST_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-    const cudaError_t err =
-        vitfast_layer_norm_cuda(x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(),
-                                bias.const_data_ptr(), y.data_ptr(), sum_ptr, rows, cols, eps, stream);
+    const cudaError_t err = vitfast_layer_norm_cuda(
+        x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(), bias.const_data_ptr(),
+        y.data_ptr(), sum_ptr, static_cast<float*>(mean_ptr), static_cast<float*>(rstd_ptr), rows, cols, eps, stream);
     TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
@@ -120,7 +132,7 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, 
 #endif
   } else {
     const bool ok = layer_norm_cpu(x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(),
-                                   bias.const_data_ptr(), y.data_ptr(), sum_ptr, rows, cols, eps);
+                                   bias.const_data_ptr(), y.data_ptr(), sum_ptr, mean_ptr, rstd_ptr, rows, cols, eps);
     TORCH_CHECK(ok, op, ": unsupported dtypes: x ", x.scalar_type(), ", weight ", weight.scalar_type());
   }
 }
@@ -168,6 +180,97 @@ std::tuple<at::Tensor&, at::Tensor&> add_layer_norm_out(const at::Tensor& x, con
   return {out, sum_out};
 }
 
+at::Tensor empty_stats(const at::Tensor& x) {
+  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_type(x)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_stats(const at::Tensor& x, const at::Tensor& weight,
+                                                                const at::Tensor& bias, double eps) {
+  constexpr const char* op = "vitfast::layer_norm_stats";
+  check_inputs(op, x, nullptr, weight, bias, eps);
+  at::Tensor y = empty_like_contiguous(x);
+  at::Tensor mean = empty_stats(x), rstd = empty_stats(x);
+  run(op, x, nullptr, weight, bias, eps, y, nullptr, &mean, &rstd);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_stats(const at::Tensor& x,
+                                                                                const at::Tensor& residual,
+                                                                                const at::Tensor& weight,
+                                                                                const at::Tensor& bias, double eps) {
+  constexpr const char* op = "vitfast::add_layer_norm_stats";
+  check_inputs(op, x, &residual, weight, bias, eps);
+  at::Tensor y = empty_like_contiguous(x);
+  at::Tensor s = empty_like_contiguous(x);
+  at::Tensor mean = empty_stats(x), rstd = empty_stats(x);
+  run(op, x, &residual, weight, bias, eps, y, &s, &mean, &rstd);
+  return {y, s, mean, rstd};
+}
+
+// Row chunks whose column sums the kernels write separately (then added here): enough to fill the
+// machine, few enough that adding them up is cheap.
+int64_t backward_chunks(int64_t rows, bool cuda) {
+  const int64_t target = cuda ? 256 : std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(target, (rows + 31) / 32));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                                   const at::Tensor& mean_in,
+                                                                   const at::Tensor& rstd_in,
+                                                                   const at::Tensor& weight_in) {
+  constexpr const char* op = "vitfast::layer_norm_backward";
+  TORCH_CHECK(dtype_code(x_in.scalar_type()) >= 0 && x_in.dim() >= 1, op,
+              ": x: expected a Float, Half, BFloat16 or Double tensor [..., C], got ", x_in.scalar_type(), " ",
+              x_in.sizes());
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes() && dy_in.scalar_type() == x_in.scalar_type() &&
+                  dy_in.device() == x_in.device(),
+              op, ": dy: expected ", x_in.sizes(), " ", x_in.scalar_type(), " on ", x_in.device(), " (like x), got ",
+              dy_in.sizes(), " ", dy_in.scalar_type(), " on ", dy_in.device());
+  const int64_t cols = x_in.size(-1);
+  const int64_t rows = cols == 0 ? 0 : x_in.numel() / cols;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean_in}, {"rstd", rstd_in}}) {
+    TORCH_CHECK(t.numel() == rows && t.scalar_type() == stats_type(x_in) && t.device() == x_in.device(), op, ": ",
+                name, ": expected ", rows, " ", stats_type(x_in), " values on ", x_in.device(), " (one per row of x), got ",
+                t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  }
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == cols && weight_in.device() == x_in.device() &&
+                  (weight_in.scalar_type() == at::kFloat || weight_in.scalar_type() == x_in.scalar_type()),
+              op, ": weight: expected [", cols, "] Float or ", x_in.scalar_type(), " on ", x_in.device(), ", got ",
+              weight_in.sizes(), " ", weight_in.scalar_type(), " on ", weight_in.device());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), mean = mean_in.contiguous(),
+                   rstd = rstd_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor dx = empty_like_contiguous(x);
+  const int64_t chunks = backward_chunks(rows, x.is_cuda());
+  at::Tensor part_w = at::empty({chunks, cols}, x.options().dtype(stats_type(x)));
+  at::Tensor part_b = at::empty({chunks, cols}, x.options().dtype(stats_type(x)));
+  const int x_dtype = dtype_code(x.scalar_type()), w_dtype = dtype_code(weight.scalar_type());
+  if (rows > 0 && cols > 0) {
+    if (x.is_cuda()) {
+#ifdef VITFAST_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x.device());
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+      const cudaError_t err = vitfast_layer_norm_backward_cuda(
+          x_dtype, w_dtype, dy.const_data_ptr(), x.const_data_ptr(), mean.const_data_ptr<float>(),
+          rstd.const_data_ptr<float>(), weight.const_data_ptr(), dx.data_ptr(), part_w.data_ptr<float>(),
+          part_b.data_ptr<float>(), chunks, rows, cols, stream);
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+#else
+      TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
+                  "CUDA-enabled torch: pip install --no-build-isolation -e .");
+#endif
+    } else {
+      const bool ok = layer_norm_backward_cpu(x_dtype, w_dtype, dy.const_data_ptr(), x.const_data_ptr(),
+                                              mean.const_data_ptr(), rstd.const_data_ptr(), weight.const_data_ptr(),
+                                              dx.data_ptr(), part_w.data_ptr(), part_b.data_ptr(), chunks, rows, cols);
+      TORCH_CHECK(ok, op, ": unsupported dtypes: x ", x.scalar_type(), ", weight ", weight.scalar_type());
+    }
+  } else {
+    part_w.zero_();
+    part_b.zero_();
+  }
+  return {dx, part_w.sum(0).to(weight.scalar_type()), part_b.sum(0).to(weight.scalar_type())};
+}
+
 }  // namespace
 }  // namespace vitfast
 
@@ -180,6 +283,11 @@ TORCH_LIBRARY(vitfast, m) {
   m.def(
       "add_layer_norm.out(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, *, Tensor(a!) out, "
       "Tensor(b!) sum_out) -> (Tensor(a!), Tensor(b!))");
+  m.def("layer_norm_stats(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_stats(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, "
+      "Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
@@ -187,6 +295,9 @@ TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
   m.impl("layer_norm.out", &vitfast::layer_norm_out);
   m.impl("add_layer_norm", &vitfast::add_layer_norm);
   m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
+  m.impl("layer_norm_stats", &vitfast::layer_norm_stats);
+  m.impl("add_layer_norm_stats", &vitfast::add_layer_norm_stats);
+  m.impl("layer_norm_backward", &vitfast::layer_norm_backward);
 }
 
 // Registered even without VITFAST_WITH_CUDA, so CUDA tensors reach the clear "built without CUDA"
@@ -196,6 +307,9 @@ TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
   m.impl("layer_norm.out", &vitfast::layer_norm_out);
   m.impl("add_layer_norm", &vitfast::add_layer_norm);
   m.impl("add_layer_norm.out", &vitfast::add_layer_norm_out);
+  m.impl("layer_norm_stats", &vitfast::layer_norm_stats);
+  m.impl("add_layer_norm_stats", &vitfast::add_layer_norm_stats);
+  m.impl("layer_norm_backward", &vitfast::layer_norm_backward);
 }
 
 // `import vitfast._C` loads this library, which runs the registrations above. The module holds one

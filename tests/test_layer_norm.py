@@ -193,7 +193,8 @@ def test_gradients_float64():
 
 
 def test_gradients_match_reference(device):
-    """Backward (reference math in fp32) of a bf16 forward with fp32 parameters."""
+    """Backward (the extension's kernel from the saved row statistics) of a bf16 forward with fp32
+    parameters."""
     x, r, w, b = make_inputs((17, 192), torch.bfloat16, torch.float32, device, residual=True)
     gy, gs = torch.randn_like(x), torch.randn_like(x)
     leaves = [t.detach().requires_grad_(True) for t in (x, r, w, b)]
@@ -205,6 +206,93 @@ def test_gradients_match_reference(device):
     for name, leaf, g, g64 in zip(("x", "residual", "weight", "bias"), leaves, got, want):
         assert g.dtype == leaf.dtype
         assert_close(g, g64, dtype=torch.bfloat16, name=f"grad {name}")
+
+
+def _raise(*args, **kwargs):
+    raise AssertionError("the backward called the reference math")
+
+
+# Rows that do not split evenly into the backward's row chunks, a hidden size that is not a multiple
+# of anything, the CUDA paths' boundaries (warp per row, block per row, wide rows).
+BWD_SHAPES = [(1, 7), (33, 192), (5, 197, 37), (4099, 768), (3, 1025), (2, 16385)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                          (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)], ids=_id)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
+def test_backward_kernel(shape, dtype, wdtype, fused, device, monkeypatch):
+    """dx, dweight, dbias (and the sum output's gradient through x and residual) from the kernels, never
+    the reference math, against float64 autograd through the reference, bounded by eager PyTorch's own
+    error in the same dtype; the forward saved one mean and one rstd per row."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 LayerNorm is CPU-only")
+    x, r, w, b = make_inputs(shape, dtype, wdtype, device, residual=True)
+    leaves = [t.detach().requires_grad_(True) for t in ((x, r, w, b) if fused else (x, w, b))]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = ops.add_layer_norm(*leaves, EPS) if fused else (ops.layer_norm(*leaves, EPS),)
+    assert shape[:-1] in saved                                        # mean / rstd, one per row
+    grads_out = [torch.randn_like(o) for o in out]
+    for name in ("layer_norm", "add_layer_norm"):
+        monkeypatch.setattr(reference, name, _raise)
+    got = torch.autograd.grad(out, leaves, grads_out)
+    monkeypatch.undo()
+    ref_fn = reference.add_layer_norm if fused else reference.layer_norm
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    out64 = ref_fn(*leaves64, EPS)
+    out64 = out64 if fused else (out64,)
+    want = torch.autograd.grad(out64, leaves64, [g.double() for g in grads_out])
+    eager_leaves = [t.detach().requires_grad_(True) for t in leaves]        # eager PyTorch in this dtype
+    if fused:
+        ex, er, ew, eb = eager_leaves
+        es = ex + er
+        eager_out = (F.layer_norm(es, shape[-1:], ew.to(dtype), eb.to(dtype), EPS), es)
+    else:
+        ex, ew, eb = eager_leaves
+        eager_out = (F.layer_norm(ex, shape[-1:], ew.to(dtype), eb.to(dtype), EPS),)
+    eager = torch.autograd.grad(eager_out, eager_leaves, grads_out)
+    names = ("x", "residual", "weight", "bias") if fused else ("x", "weight", "bias")
+    for name, leaf, g, g64, e in zip(names, leaves, got, want, eager):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert_close(g, g64, dtype=dtype, eager=e, name=f"grad {name}")
+
+
+def test_raw_ops_autograd_recompute_the_statistics(monkeypatch):
+    """torch.ops.vitfast.layer_norm / add_layer_norm called directly under autograd: the backward
+    recomputes the row statistics (one stats forward) and runs the same kernel, not the reference."""
+    x, r, w, b = make_inputs((9, 40), torch.float32, torch.float32, "cpu", residual=True)
+    leaves = [t.detach().requires_grad_(True) for t in (x, r, w, b)]
+    y = torch.ops.vitfast.layer_norm.default(leaves[0], leaves[2], leaves[3], EPS)
+    y2, s2 = torch.ops.vitfast.add_layer_norm.default(*leaves, EPS)
+    g = torch.randn_like(y)
+    for name in ("layer_norm", "add_layer_norm"):
+        monkeypatch.setattr(reference, name, _raise)
+    got = torch.autograd.grad((y * g).sum() + (y2 * g).sum() + (s2 * g).sum(), leaves)
+    monkeypatch.undo()
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = reference.layer_norm(l64[0], l64[2], l64[3], EPS)
+    y264, s264 = reference.add_layer_norm(*l64, EPS)
+    want = torch.autograd.grad((y64 * g.double()).sum() + (y264 * g.double()).sum() + (s264 * g.double()).sum(), l64)
+    for name, a, e in zip(("x", "residual", "weight", "bias"), got, want):
+        assert_close(a, e, dtype=torch.float32, name=f"grad {name}")
+
+
+def test_stats_ops_and_backward_opcheck():
+    x, r, w, b = make_inputs((3, 5, 24), torch.float32, torch.float32, "cpu", residual=True)
+    y, mean, rstd = torch.ops.vitfast.layer_norm_stats.default(x, w, b, EPS)
+    assert torch.equal(y, torch.ops.vitfast.layer_norm.default(x, w, b, EPS))
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (x64.var(-1, unbiased=False) + EPS).rsqrt(), rtol=1e-5, atol=1e-6)
+    for t in (x, r, w, b):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitfast.layer_norm_stats.default, (x, w, b, EPS))
+    torch.library.opcheck(torch.ops.vitfast.add_layer_norm_stats.default, (x, r, w, b, EPS))
+    torch.library.opcheck(torch.ops.vitfast.layer_norm_backward.default,
+                          (torch.randn_like(x), x.detach(), mean, rstd, w.detach()))
+    with pytest.raises(RuntimeError, match=r"layer_norm_backward: mean: expected 15 Float values"):
+        torch.ops.vitfast.layer_norm_backward.default(torch.randn_like(x), x.detach(), mean[:2], rstd, w.detach())
 
 
 def test_torch_compile_fullgraph_cpu():

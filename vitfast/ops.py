@@ -156,17 +156,11 @@ def _check_layer_norm(x, residual, weight, bias, eps) -> None:
         _fail(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
-def _layer_norm_backward_math(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """The op's forward as reference math, in fp32 (fp64 for fp64 x) for accurate gradients, with
-    the op's output dtype (x's)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return reference.layer_norm(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
-
-
-def _add_layer_norm_backward_math(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y, s = reference.add_layer_norm(x.to(acc), residual.to(acc), weight.to(acc), bias.to(acc), eps)
-    return y.to(x.dtype), s.to(x.dtype)
+# Autograd: the *_stats forms of the ops also return each row's mean and rstd (fp32; fp64 for fp64 x),
+# which the backward kernel (`layer_norm_backward`: dx, dweight, dbias) reads; the plain ops, called
+# through torch.ops with something to differentiate, recompute them with one stats forward.
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 if _C_ERROR is None:
@@ -178,8 +172,69 @@ if _C_ERROR is None:
     def _add_layer_norm_fake(x, residual, weight, bias, eps):
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
-    register_reference_autograd("vitfast::layer_norm", _layer_norm_backward_math)
-    register_reference_autograd("vitfast::add_layer_norm", _add_layer_norm_backward_math)
+    @torch.library.register_fake("vitfast::layer_norm_stats")
+    def _layer_norm_stats_fake(x, weight, bias, eps):
+        stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+    @torch.library.register_fake("vitfast::add_layer_norm_stats")
+    def _add_layer_norm_stats_fake(x, residual, weight, bias, eps):
+        stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+        return x.new_empty(x.shape), x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+    @torch.library.register_fake("vitfast::layer_norm_backward")
+    def _layer_norm_backward_fake(dy, x, mean, rstd, weight):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    def _ln_stats_setup(ctx, inputs, output):
+        x, weight = inputs[0], inputs[1]
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _ln_stats_backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        return (*torch.ops.vitfast.layer_norm_backward.default(dy, x, mean, rstd, weight), None)
+
+    def _add_ln_stats_setup(ctx, inputs, output):
+        weight = inputs[2]
+        _, s, mean, rstd = output
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _add_ln_stats_backward(ctx, dy, ds, _dmean, _drstd):
+        """y = LN(s), s = x + residual (also returned): ds_total = LN's dx + the returned s's gradient, for
+        both x and residual."""
+        s, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.vitfast.layer_norm_backward.default(dy, s, mean, rstd, weight)
+        dx = dx if ds is None else dx + ds
+        return dx, dx, dw, db, None
+
+    def _ln_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.eps = inputs[3]
+
+    def _ln_backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        _, mean, rstd = torch.ops.vitfast.layer_norm_stats.default(x, weight, bias, ctx.eps)
+        return (*torch.ops.vitfast.layer_norm_backward.default(dy, x, mean, rstd, weight), None)
+
+    def _add_ln_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.eps = inputs[4]
+
+    def _add_ln_backward(ctx, dy, ds):
+        x, residual, weight, bias = ctx.saved_tensors
+        _, s, mean, rstd = torch.ops.vitfast.add_layer_norm_stats.default(x, residual, weight, bias, ctx.eps)
+        dx, dw, db = torch.ops.vitfast.layer_norm_backward.default(dy, s, mean, rstd, weight)
+        dx = dx if ds is None else dx + ds
+        return dx, dx, dw, db, None
+
+    torch.library.register_autograd("vitfast::layer_norm_stats", _ln_stats_backward, setup_context=_ln_stats_setup)
+    torch.library.register_autograd("vitfast::add_layer_norm_stats", _add_ln_stats_backward,
+                                    setup_context=_add_ln_stats_setup)
+    torch.library.register_autograd("vitfast::layer_norm", _ln_backward, setup_context=_ln_setup)
+    torch.library.register_autograd("vitfast::add_layer_norm", _add_ln_backward, setup_context=_add_ln_setup)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
@@ -191,7 +246,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
     """
     _check_layer_norm(x, None, weight, bias, eps)
     _require_extension()
-    return torch.ops.vitfast.layer_norm.default(x, weight, bias, float(eps))
+    if _direct(x, weight, bias):
+        return torch.ops.vitfast.layer_norm.default(x, weight, bias, float(eps))
+    return torch.ops.vitfast.layer_norm_stats.default(x, weight, bias, float(eps))[0]     # saves mean, rstd
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
@@ -204,7 +261,10 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
     """
     _check_layer_norm(x, residual, weight, bias, eps)
     _require_extension()
-    return torch.ops.vitfast.add_layer_norm.default(x, residual, weight, bias, float(eps))
+    if _direct(x, residual, weight, bias):
+        return torch.ops.vitfast.add_layer_norm.default(x, residual, weight, bias, float(eps))
+    y, s, _, _ = torch.ops.vitfast.add_layer_norm_stats.default(x, residual, weight, bias, float(eps))
+    return y, s
 
 
 # ============================================================================================
