@@ -166,6 +166,26 @@ def test_decode_step_runs_the_decode_benchmark_and_reports_it(tmp_path, monkeypa
     assert "## Batch inference by stage" in md and "| 12mp 4000x3000 | fast |" in md
 
 
+def test_train_step_runs_the_training_benchmark_and_reports_it(tmp_path, monkeypatch):
+    """`--steps train`: benchmarks/bench_train.py (run for real on this machine's CPU: a dry run with a
+    ViT-Ti, one step per backend), its table in results.md."""
+    def small_run(self, cmd, seconds):
+        assert cmd[1] == "benchmarks/bench_train.py"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, no interpreter
+        rc = subprocess.run([*cmd, "--steps", "1"], cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300,
+                            env=env)
+        return rc.returncode, rc.stdout + rc.stderr
+
+    monkeypatch.setattr(gpu_tool.Run, "run", small_run)
+    run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
+    assert gpu_tool.train(run)
+    steps = run.result["train"]["steps"]
+    assert set(steps) == {"torch", "vitfast"} and all(v["ms"] > 0 and v["error"] is None for v in steps.values())
+    assert "vitfast" in run.result["steps"][-1]["detail"]
+    md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
+    assert "## Training step" in md and "| vitfast |" in md
+
+
 def test_gpu_run_refuses_unknown_steps(tmp_path):
     with pytest.raises(SystemExit):
         gpu_tool.main(["--out", str(tmp_path), "--steps", "smoke,nope"])

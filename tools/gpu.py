@@ -19,9 +19,12 @@ fails or runs out of time does not stop the later ones:
   decode   (only when --steps names it) `benchmarks/bench_decode.py`: CPU decode per core (exact and
            fast paths), nvJPEG decode, and `vitfast predict --profile` on a folder of JPEGs against the
            engine on synthetic uint8 (ViT-B/16 bf16, batch 256)
+  train    (only when --steps names it) `benchmarks/bench_train.py`: a ViT-B/16 bf16 training step at
+           batch 64 (vitfast, eager torch with SDPA, torch.compile) with peak memory, and the attention
+           backward against SDPA's
 
 --steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
-or `--steps decode` for a second call that only measures).
+or `--steps decode,train` for a second call that only measures).
 
 Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
 tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
@@ -71,7 +74,7 @@ class Run:
             (self.out / name).unlink(missing_ok=True)
         self.log = open(self.out / "gpu.log", "w", buffering=1)
         self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None,
-                       "decode": None}
+                       "decode": None, "train": None}
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -318,13 +321,20 @@ def bench_models(run: Run, args) -> bool:
     return run.step("bench", status, t0, detail)
 
 
-def decode(run: Run) -> bool:
-    """benchmarks/bench_decode.py in the time left: the batch-inference pipeline by stage."""
-    t0 = time.monotonic()
+def _json_step(run: Run, name: str, script: str, seconds: float):
+    """Run benchmarks/<script> --json into a temporary file within `seconds`: (rc, output tail); the
+    parsed JSON (or None) goes to run.result[name]."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "decode.json"
-        rc, tail = run.run([sys.executable, "benchmarks/bench_decode.py", "--json", str(out)], run.left() - 10)
-        run.result["decode"] = json.loads(out.read_text()) if out.is_file() else None
+        out = Path(tmp) / f"{name}.json"
+        rc, tail = run.run([sys.executable, f"benchmarks/{script}", "--json", str(out)], seconds)
+        run.result[name] = json.loads(out.read_text()) if out.is_file() else None
+    return rc, tail
+
+
+def decode(run: Run, seconds: float | None = None) -> bool:
+    """benchmarks/bench_decode.py: the batch-inference pipeline by stage."""
+    t0 = time.monotonic()
+    rc, tail = _json_step(run, "decode", "bench_decode.py", seconds or run.left() - 10)
     if run.result["decode"] is None:
         return run.step("decode", "timeout" if rc is None else "failed", t0, _last_error(tail))
     pipe = run.result["decode"].get("pipeline") or {}
@@ -332,6 +342,19 @@ def decode(run: Run) -> bool:
     if pipe:
         detail += ", predict " + ", ".join(f"--decode {d} {pipe[d]['images_per_s']} images/s" for d in ("cpu", "gpu"))
     return run.step("decode", "ok" if rc == 0 else "failed", t0, detail)
+
+
+def train(run: Run) -> bool:
+    """benchmarks/bench_train.py in the time left: a training step per backend, the attention backward."""
+    t0 = time.monotonic()
+    rc, tail = _json_step(run, "train", "bench_train.py", run.left() - 10)
+    result = run.result["train"]
+    if result is None:
+        return run.step("train", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    steps = result["steps"]
+    detail = ", ".join(f"{b} {v['ms']:.1f} ms/step" if v["ms"] is not None else f"{b} failed" for b, v in steps.items())
+    ok = rc == 0 and all(v["error"] is None for v in steps.values())
+    return run.step("train", "ok" if ok else "failed", t0, detail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +394,8 @@ def markdown(result: dict) -> str:
     if result.get("decode"):
         lines += ["", "## Batch inference by stage (`benchmarks/bench_decode.py`)", "",
                   result["decode"]["markdown"].split("\n", 1)[1].lstrip("\n")]
+    if result.get("train"):
+        lines += ["", "## Training step (`benchmarks/bench_train.py`)", "", result["train"]["markdown"]]
     return "\n".join(lines) + "\n"
 
 
@@ -401,7 +426,7 @@ def main(argv=None) -> int:
                    help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
                         "graphs, no GEMM autotuning, which would not fit the time box)")
     p.add_argument("--steps", default="smoke,tests,bench",
-                   help="comma-separated steps after the build, from smoke, tests, bench, decode (default: "
+                   help="comma-separated steps after the build, from smoke, tests, bench, decode, train (default: "
                         "smoke,tests,bench)")
     p.add_argument("--bench-models", default=None, metavar="NAMES",
                    help="comma-separated timm names (vitfast.list_models()): the bench step measures each at its "
@@ -411,8 +436,8 @@ def main(argv=None) -> int:
                    help="extra arguments for `vitfast bench` (last on the command line)")
     args = p.parse_args(argv)
     steps = [x.strip() for x in args.steps.split(",") if x.strip()]
-    if not steps or set(steps) - {"smoke", "tests", "bench", "decode"}:
-        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench,decode, got {args.steps!r}")
+    if not steps or set(steps) - {"smoke", "tests", "bench", "decode", "train"}:
+        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench,decode,train, got {args.steps!r}")
     run = Run(Path(args.out), args.budget, args.bench_seconds)
     run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
     if not check_modules(run):
@@ -436,7 +461,9 @@ def main(argv=None) -> int:
     if "bench" in steps:
         ok &= bench(run, args)
     if "decode" in steps:
-        ok &= decode(run)
+        ok &= decode(run, run.left() / 2 if "train" in steps else None)
+    if "train" in steps:
+        ok &= train(run)
     run.write()
     run.say(summary(run.result))
     run.say(f"\nmake gpu: {'all steps passed' if ok else 'some steps did not pass'} in "

@@ -754,8 +754,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     CUDA graph is being captured: call once before capturing).
     """
     _check_linear(x, weight, bias, activation, residual, scale)
-    op = _linear_impl if _direct(x, weight, bias, residual, scale) else _linear_op
-    return op(x, weight, bias, activation, residual, scale)
+    if _direct(x, weight, bias, residual, scale):
+        return _linear_impl(x, weight, bias, activation, residual, scale)
+    if (activation is not None or scale is not None) and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, scale)):
+        # Training: the GEMM (bias in its epilogue) as the op, the activation / layer-scale / residual after
+        # it through torch's autograd, which keeps the pre-activation z for act'(z): the backward then
+        # needs no second GEMM to rebuild z (the fused form saves only its inputs).
+        y = _activation(_linear_op(x, weight, bias, None, None, None), activation)
+        y = y if scale is None else y * scale
+        return y if residual is None else y + residual
+    return _linear_op(x, weight, bias, activation, residual, scale)
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
