@@ -102,6 +102,13 @@ void check_out(const char* op, const char* name, const at::Tensor& out, const at
 // The row statistics' dtype: float32, float64 for float64 x.
 at::ScalarType stats_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+#ifndef VITFAST_WITH_CUDA
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
+              "CUDA-enabled torch: pip install --no-build-isolation -e .");
+}
+#endif
+
 // Runs the kernel into the contiguous outputs y (and sum_out for add_layer_norm, mean / rstd when given).
 void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, const at::Tensor& weight_in,
          const at::Tensor& bias_in, double eps, at::Tensor& y, at::Tensor* sum_out, at::Tensor* mean = nullptr,
@@ -127,8 +134,7 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor* residual_in, 
         y.data_ptr(), sum_ptr, static_cast<float*>(mean_ptr), static_cast<float*>(rstd_ptr), rows, cols, eps, stream);
     TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 #else
-    TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
-                "CUDA-enabled torch: pip install --no-build-isolation -e .");
+    no_cuda(op);
 #endif
   } else {
     const bool ok = layer_norm_cpu(x_dtype, w_dtype, x.const_data_ptr(), residual_ptr, weight.const_data_ptr(),
@@ -255,8 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
           part_b.data_ptr<float>(), chunks, rows, cols, stream);
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 #else
-      TORCH_CHECK(false, op, ": x is a CUDA tensor but vitfast._C was built without CUDA; rebuild it against a "
-                  "CUDA-enabled torch: pip install --no-build-isolation -e .");
+      no_cuda(op);
 #endif
     } else {
       const bool ok = layer_norm_backward_cpu(x_dtype, w_dtype, dy.const_data_ptr(), x.const_data_ptr(),

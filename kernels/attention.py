@@ -368,6 +368,15 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _bwd_program(num_blocks, H):
+    """A backward program's (block index, batch·head index, batch offset, head offset): 1-D grid of
+    B·H·num_blocks programs, the blocks of one head adjacent."""
+    pid = tl.program_id(0)
+    pid_blk, pid_bh = pid % num_blocks, pid // num_blocks
+    return pid_blk, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
 def _load_rows(base, rows, stride, row_ok, cols, col_ok):
     """A [len(rows), len(cols)] tile of rows `rows` (int64 offsets), masked outside row_ok x col_ok."""
     return tl.load(base + rows[:, None].to(tl.int64) * stride + cols[None, :],
@@ -389,10 +398,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block."""
-    num_n = tl.cdiv(N_KV, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n, pid_bh = pid % num_n, pid // num_n
-    off_b, off_h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_KV, BLOCK_N), H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -439,10 +445,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, head), streaming every key block."""
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m, pid_bh = pid % num_m, pid // num_m
-    off_b, off_h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
