@@ -1,9 +1,10 @@
 """vitfast's public functional API.
 
 Each op is a registered torch custom op (`torch.library`): input validation, device dispatch,
-a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd
-(attention: FlashAttention-2 backward kernels, themselves custom ops; the other ops still recompute
-the reference math in backward). A call that needs none of that (plain tensors, nothing to
+a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd without the
+reference math (attention: FlashAttention-2 backward kernels; linear and patch embedding: GEMMs with
+the epilogue's derivatives; LayerNorm: the extension's backward kernel from the saved row statistics;
+torch's own backward on torch's path). A call that needs none of that (plain tensors, nothing to
 differentiate, no torch.compile / export tracing) skips the dispatcher and runs the implementation
 directly: the custom-op layer costs tens of microseconds of host time per call. Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
@@ -76,37 +77,6 @@ def _check_same(name: str, t: Tensor, ref_name: str, ref: Tensor):
         _fail(f"{name}: expected device {ref.device} (like {ref_name}), got {t.device}")
     if t.dtype != ref.dtype:
         _fail(f"{name}: expected dtype {ref.dtype} (like {ref_name}), got {t.dtype}")
-
-
-_TENSOR = object()  # placeholder for a saved tensor in `_setup_reference_backward`
-
-
-def _setup_reference_backward(ctx, inputs, output):
-    ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
-    ctx.template = [_TENSOR if isinstance(x, Tensor) else x for x in inputs]
-
-
-def register_reference_autograd(op, reference_fn):
-    """Autograd for custom op `op` by recomputing `reference_fn` (same positional signature as
-    the op) eagerly in backward. Correct gradients everywhere; a fused Triton backward can
-    replace it op by op."""
-
-    def backward(ctx, *grads):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if a is _TENSOR else a for a in ctx.template]
-        with torch.enable_grad():
-            args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, Tensor) else a
-                    for a in args]
-            outs = reference_fn(*args)
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            pairs = [(o, g) for o, g in zip(outs, grads)
-                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
-            wrt = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-                       if pairs and wrt else [None] * len(wrt))
-        return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
-
-    torch.library.register_autograd(op, backward, setup_context=_setup_reference_backward)  # op or "ns::name"
 
 
 # ============================================================================================
