@@ -149,7 +149,8 @@ def _attention_block(
     return acc_lo, acc_hi, m_new, l_i
 
 
-@triton.autotune(configs=attention_configs(), key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "DOT_PRECISION"],
+@triton.autotune(configs=attention_configs(),
+                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("attention"))
 @triton.jit
@@ -383,7 +384,10 @@ def _load_rows(base, rows, stride, row_ok, cols, col_ok):
                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
-@triton.autotune(configs=attention_bwd_configs("n"), key=["N_Q", "N_KV", "BLOCK_D", "DOT_PRECISION"],
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "BLOCK_D", "DOT_PRECISION", "RESIDENT"]
+
+
+@triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
                  prune_configs_by={"early_config_prune": budgeted(_prune_bwd_configs)},
                  do_bench=autotune_bench("attention backward (dk, dv)"))
 @triton.jit
@@ -430,7 +434,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_rows + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=attention_bwd_configs("m"), key=["N_Q", "N_KV", "BLOCK_D", "DOT_PRECISION"],
+@triton.autotune(configs=attention_bwd_configs("m"), key=_BWD_KEY,
                  prune_configs_by={"early_config_prune": budgeted(_prune_bwd_configs)},
                  do_bench=autotune_bench("attention backward (dq)"))
 @triton.jit

@@ -62,6 +62,8 @@ def test_ops_and_model_run_after_the_new_tf32_api(restore_tf32):
 
 AUTOTUNERS = {
     "attention": attention_kernels._attention_fwd_kernel,
+    "attention_bwd_dkdv": attention_kernels._attention_bwd_dkdv_kernel,
+    "attention_bwd_dq": attention_kernels._attention_bwd_dq_kernel,
     "linear": linear_kernels._linear_kernel,
     "linear_persistent": linear_kernels._linear_persistent_kernel,
     "patch_embed": patch_embed_kernels._patch_embed_kernel,
@@ -88,7 +90,8 @@ def test_do_bench_refuses_to_benchmark_during_capture(name, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    kernel = name.removesuffix("_persistent")
+    kernel = {"attention_bwd_dkdv": r"attention backward \(dk, dv\)",
+              "attention_bwd_dq": r"attention backward \(dq\)"}.get(name, name.removesuffix("_persistent"))
     with pytest.raises(kernels.CaptureAutotuneError, match=f"kernels.{kernel}: .*before capturing"):
         tuner.do_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8))
     assert calls == []                                        # nothing was launched
