@@ -23,7 +23,8 @@ a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, d
 owns a block of keys and streams the queries (dK, dV), another owns a block of queries and streams
 the keys (dQ): no atomics, no N×N matrix, O(N) extra memory (lse and D). dQ, dK and dV are written
 through strides, so the gradient of the packed projection lands in one [B, N, 3·C] tensor. The head
-dim is padded to a power of two (masked lanes, never loaded).
+dim is split into the forward's two power-of-two chunks (72 = 64 + 16 with 8 lanes masked, 80 = 64 + 16):
+no dot runs over a padded 128.
 """
 
 from __future__ import annotations
@@ -350,19 +351,22 @@ _MAX_BWD_WORDS_PER_THREAD = 192
 
 def _prune_bwd_configs(configs, named_args, **kwargs):
     """Keep the tiles that fit shared memory and registers; if none does, the smallest. Estimates, with
-    R the resident rows, S the streamed rows and D the padded head dim:
+    R the resident rows, S the streamed rows and D the head dim's two chunks together:
     - shared memory: num_stages buffers of the two streamed operands, elt·D·2·S·stages bytes, plus the
       resident pair, elt·D·2·R;
     - registers: two fp32 accumulators (dK and dV) or one (dQ) of R x D, the resident operands in the
-      input dtype, two R x S fp32 score tiles, over 32·num_warps threads."""
+      input dtype, two R x S fp32 score tiles, over 32·num_warps threads; x 1.4 when the second chunk is
+      partly masked (72 = 64 + 16 with 8 lanes off: sm_90 compiles of its masked loads use ~40% more
+      registers than 80's, and spill at tiles 80 runs without)."""
     q, resident = named_args["q_ptr"], kwargs["RESIDENT"]
-    elt, block_d = q.element_size(), kwargs["BLOCK_D"]
+    elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     rows = lambda c: ((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) if resident == "n"
                       else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
     smem = lambda c: elt * block_d * 2 * (rows(c)[0] + rows(c)[1] * max(1, c.num_stages))
     accumulators = 2 if resident == "n" else 1
-    words = lambda c: ((accumulators * rows(c)[0] * block_d + 2 * rows(c)[0] * block_d * elt / 4
-                        + 2 * rows(c)[0] * rows(c)[1]) / (32 * c.num_warps))
+    masked = 1.4 if kwargs["D_HI"] > 0 and kwargs["HEAD_DIM"] < block_d else 1.0
+    words = lambda c: masked * ((accumulators * rows(c)[0] * block_d + 2 * rows(c)[0] * block_d * elt / 4
+                                 + 2 * rows(c)[0] * rows(c)[1]) / (32 * c.num_warps))
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     return [c for c in fits if words(c) <= _MAX_BWD_WORDS_PER_THREAD] or [min(fits, key=words)]
@@ -384,7 +388,28 @@ def _load_rows(base, rows, stride, row_ok, cols, col_ok):
                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
-_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "BLOCK_D", "DOT_PRECISION", "RESIDENT"]
+@triton.jit
+def _load_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr):
+    """The head dim's two column chunks of rows `rows` (the second a 16-wide zero tile when D_HI is 0)."""
+    lo = _load_rows(base, rows, stride, row_ok, cols_lo, cols_lo < HEAD_DIM)
+    if D_HI > 0:
+        hi = _load_rows(base, rows, stride, row_ok, cols_hi, cols_hi < HEAD_DIM)
+    else:
+        hi = tl.zeros([rows.shape[0], 16], dtype=lo.dtype)
+    return lo, hi
+
+
+@triton.jit
+def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM: tl.constexpr,
+                  D_HI: tl.constexpr):
+    ptrs = base + rows[:, None].to(tl.int64) * stride
+    ty = base.dtype.element_ty
+    tl.store(ptrs + cols_lo[None, :], lo.to(ty), mask=row_ok[:, None] & (cols_lo[None, :] < HEAD_DIM))
+    if D_HI > 0:
+        tl.store(ptrs + cols_hi[None, :], hi.to(ty), mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
+
+
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "DOT_PRECISION", "RESIDENT"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
@@ -398,40 +423,52 @@ def _attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, N_Q, N_KV, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block."""
+    """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block. The head dim is two
+    column chunks, as in the forward (80 = 64 + 16): every dot over it is split in two."""
     pid_n, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_KV, BLOCK_N), H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok, key_ok = cols < HEAD_DIM, offs_n < N_KV
-    k = _load_rows(k_ptr + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, key_ok, cols, col_ok)
-    v = _load_rows(v_ptr + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, key_ok, cols, col_ok)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    cols_lo = tl.arange(0, D_LO)
+    cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
+    key_ok = offs_n < N_KV
+    k_lo, k_hi = _load_chunks(k_ptr + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, key_ok,
+                              cols_lo, cols_hi, HEAD_DIM, D_HI)
+    v_lo, v_hi = _load_chunks(v_ptr + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, key_ok,
+                              cols_lo, cols_hi, HEAD_DIM, D_HI)
+    dk_lo = tl.zeros([BLOCK_N, D_LO], dtype=tl.float32)
+    dv_lo = tl.zeros([BLOCK_N, D_LO], dtype=tl.float32)
+    dk_hi = tl.zeros([BLOCK_N, D_HI if D_HI > 0 else 16], dtype=tl.float32)
+    dv_hi = tl.zeros([BLOCK_N, D_HI if D_HI > 0 else 16], dtype=tl.float32)
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
     row_stats = pid_bh.to(tl.int64) * N_Q
     for start_m in range(0, N_Q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < N_Q
-        q = _load_rows(q_base, rows, stride_qn, row_ok, cols, col_ok)
-        do = _load_rows(do_base, rows, stride_don, row_ok, cols, col_ok)
+        q_lo, q_hi = _load_chunks(q_base, rows, stride_qn, row_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
+        do_lo, do_hi = _load_chunks(do_base, rows, stride_don, row_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
         lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_N, BLOCK_M), log2
-        p_t = tl.where(key_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    mask = key_ok[:, None] & col_ok[None, :]
-    dk_rows = dk_ptr + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
-    dv_rows = dv_ptr + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
-    tl.store(dk_rows + cols[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_rows + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        s_t = tl.dot(k_lo, tl.trans(q_lo), input_precision=DOT_PRECISION)             # (BLOCK_N, BLOCK_M)
+        if D_HI > 0:
+            s_t = tl.dot(k_hi, tl.trans(q_hi), s_t, input_precision=DOT_PRECISION)
+        p_t = tl.where(key_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        dv_lo = tl.dot(p_t.to(do_lo.dtype), do_lo, dv_lo, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v_lo, tl.trans(do_lo), input_precision=DOT_PRECISION)           # (BLOCK_N, BLOCK_M)
+        if D_HI > 0:
+            dv_hi = tl.dot(p_t.to(do_hi.dtype), do_hi, dv_hi, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v_hi, tl.trans(do_hi), dp_t, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_lo.dtype)
+        dk_lo = tl.dot(ds_t, q_lo, dk_lo, input_precision=DOT_PRECISION)
+        if D_HI > 0:
+            dk_hi = tl.dot(ds_t, q_hi, dk_hi, input_precision=DOT_PRECISION)
+    _store_chunks(dk_ptr + off_b * stride_dkb + off_h * stride_dkh, offs_n, stride_dkn, key_ok, cols_lo, cols_hi,
+                  dk_lo * scale, dk_hi * scale, HEAD_DIM, D_HI)
+    _store_chunks(dv_ptr + off_b * stride_dvb + off_h * stride_dvh, offs_n, stride_dvn, key_ok, cols_lo, cols_hi,
+                  dv_lo, dv_hi, HEAD_DIM, D_HI)
 
 
 @triton.autotune(configs=attention_bwd_configs("m"), key=_BWD_KEY,
@@ -445,36 +482,44 @@ def _attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of BLOCK_M queries of one (batch, head), streaming every key block."""
+    """dQ of BLOCK_M queries of one (batch, head), streaming every key block (head dim in two chunks)."""
     pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok, row_ok = cols < HEAD_DIM, offs_m < N_Q
-    q = _load_rows(q_ptr + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, row_ok, cols, col_ok)
-    do = _load_rows(do_ptr + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, row_ok, cols, col_ok)
+    cols_lo = tl.arange(0, D_LO)
+    cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
+    row_ok = offs_m < N_Q
+    q_lo, q_hi = _load_chunks(q_ptr + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, row_ok,
+                              cols_lo, cols_hi, HEAD_DIM, D_HI)
+    do_lo, do_hi = _load_chunks(do_ptr + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, row_ok,
+                                cols_lo, cols_hi, HEAD_DIM, D_HI)
     row_stats = pid_bh.to(tl.int64) * N_Q
     lse = tl.load(lse_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_lo = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
+    dq_hi = tl.zeros([BLOCK_M, D_HI if D_HI > 0 else 16], dtype=tl.float32)
     k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
     for start_n in range(0, N_KV, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < N_KV
-        k = _load_rows(k_base, keys, stride_kn, key_ok, cols, col_ok)
-        v = _load_rows(v_base, keys, stride_vn, key_ok, cols, col_ok)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale         # (BLOCK_M, BLOCK_N), log2
-        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    dq_rows = dq_ptr + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
-    tl.store(dq_rows + cols[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        k_lo, k_hi = _load_chunks(k_base, keys, stride_kn, key_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
+        v_lo, v_hi = _load_chunks(v_base, keys, stride_vn, key_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
+        s = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)               # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do_lo, tl.trans(v_lo), input_precision=DOT_PRECISION)
+        if D_HI > 0:
+            s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=DOT_PRECISION)
+            dp = tl.dot(do_hi, tl.trans(v_hi), dp, input_precision=DOT_PRECISION)
+        p = tl.where(key_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(k_lo.dtype)
+        dq_lo = tl.dot(ds, k_lo, dq_lo, input_precision=DOT_PRECISION)
+        if D_HI > 0:
+            dq_hi = tl.dot(ds, k_hi, dq_hi, input_precision=DOT_PRECISION)
+    _store_chunks(dq_ptr + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqn, row_ok, cols_lo, cols_hi,
+                  dq_lo * scale, dq_hi * scale, HEAD_DIM, D_HI)
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -505,8 +550,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     delta = (dout.float() * out.float()).sum(-1).contiguous()                        # (B, H, N_Q) fp32
     lse = lse.contiguous()
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
-    block_d = max(16, triton.next_power_of_2(D))
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=precision)
+    d_lo, d_hi = head_dim_chunks(D)
+    common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, DOT_PRECISION=precision)
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](

@@ -281,13 +281,14 @@ def reference_grads(q, k, v, dout, scale=None):
 
 
 # (B, H, N_Q, N_KV, D, layout): N not a multiple of the 16 x 16 interpreter tiles, cross lengths, head
-# dims of ViT-H (80) and DINOv2-g-like 72 (padded to 128), below 16, and 64.
+# dims of ViT-H (80 = 64 + 16) and SigLIP-so400m (72: 64 + 16, 8 lanes masked), below 16, and 64.
 BWD_CASES = [
     (1, 2, 9, 9, 16, "contiguous"),
     (2, 1, 33, 20, 72, "bnhd"),
     (1, 3, 17, 17, 80, "seq_first"),
     (1, 1, 5, 40, 8, "sliced"),
     (2, 2, 50, 50, 64, "bnhd"),
+    (1, 1, 21, 21, 40, "sliced"),      # 32 + 16 with 8 lanes of the second chunk masked
 ]
 
 
@@ -530,7 +531,7 @@ def test_attention_gpu_int64_key_offsets():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("N,H,D", [(197, 12, 64), (257, 16, 80), (1025, 6, 64), (577, 4, 72)])
 def test_attention_backward_gpu(N, H, D, dtype):
-    """The backward kernels at ViT shapes and head dims (72 and 80 padded to 128), fp32 with tf32 allowed,
+    """The backward kernels at ViT shapes and head dims (72 and 80 as 64 + 16), fp32 with tf32 allowed,
     through autograd on the packed projection: the gradient equals float64 autograd through the
     reference within 2x eager's error; the forward saved no N x N tensor."""
     qkv = make_qkv(2, N, H, D, False, dtype, "cuda").requires_grad_()

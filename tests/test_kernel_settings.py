@@ -69,7 +69,7 @@ AUTOTUNERS = {
     "patch_embed": patch_embed_kernels._patch_embed_kernel,
 }
 # constexprs that are functions of a key argument: attention's head-dim chunks follow HEAD_DIM.
-DERIVED = {"attention": {"D_LO", "D_HI"}}
+DERIVED = {"attention": {"D_LO", "D_HI"}, "attention_bwd_dkdv": {"D_LO", "D_HI"}, "attention_bwd_dq": {"D_LO", "D_HI"}}
 
 
 @pytest.mark.parametrize("name", AUTOTUNERS)

@@ -233,8 +233,8 @@ def _cases():
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "cls": cls}))
     cases.append(_variant("attention", "fp16-d64-nocls", "f16",
                           {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False}))
-    # Attention backward (dK/dV and dQ kernels): ViT-B's 64 and ViT-H's 80 (padded to 128), bf16.
-    for head_dim, heads in ((64, 12), (80, 16)):
+    # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
+    for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):
             cases.append(_variant("attention_bwd", f"bf16-d{head_dim}-{part}", "bf16", {
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "part": part}))
