@@ -617,7 +617,7 @@ def _linear_torch(x, weight, bias, activation, residual, scale):
 
 
 # CPU linear: key (M, N, K, dtype, epilogue) -> index into _LINEAR_CPU of the faster path, timed once.
-# oneDNN's fused form is 10-40% faster than F.linear + the epilogue at ViT shapes, slower at some tiny ones.
+# oneDNN's fused form is faster at most ViT shapes, slower at some tiny ones: hence the timing per key.
 _LINEAR_CPU_PATHS: dict[tuple, int] = {}
 _LINEAR_CPU = (_linear_torch, _linear_mkldnn)
 _MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -660,12 +660,6 @@ def _(x, weight, bias, activation, residual, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _activation(z: Tensor, activation: str | None) -> Tensor:
-    if activation in ("gelu", "gelu_tanh"):
-        return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return z * torch.sigmoid(1.702 * z) if activation == "quick_gelu" else z
-
-
 def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
     """dL/dz of a = act(z), given dL/da = dy."""
     if activation in ("gelu", "gelu_tanh"):
@@ -693,7 +687,7 @@ def _linear_backward(ctx, dy):
     z = None
     if ctx.activation is not None or (scale is not None and need[5]):
         z = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    dscale = (dy2 * _activation(z, ctx.activation)).sum(0) if scale is not None and need[5] else None
+    dscale = (dy2 * reference.activate(z, ctx.activation)).sum(0) if scale is not None and need[5] else None
     dz = dy2 * scale if scale is not None else dy2
     dz = _activation_grad(dz, z, ctx.activation) if ctx.activation is not None else dz
     dx = (dz @ weight).reshape(x.shape) if need[0] else None
@@ -731,7 +725,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
         # Training: the GEMM (bias in its epilogue) as the op, the activation / layer-scale / residual after
         # it through torch's autograd, which keeps the pre-activation z for act'(z): the backward then
         # needs no second GEMM to rebuild z (the fused form saves only its inputs).
-        y = _activation(_linear_op(x, weight, bias, None, None, None), activation)
+        y = reference.activate(_linear_op(x, weight, bias, None, None, None), activation)
         y = y if scale is None else y * scale
         return y if residual is None else y + residual
     return _linear_op(x, weight, bias, activation, residual, scale)
