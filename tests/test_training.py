@@ -8,16 +8,13 @@ import torch
 
 import vitfast
 from vitfast import ops, reference
-from vitfast.testing import assert_close
+from vitfast.testing import assert_close, forbid_reference
 
 # Every function of vitfast.reference that an op's old backward recomputed, or that such a recompute calls.
 REFERENCE_MATH = ("attention", "attention_qkv", "attention_probs", "split_qkv", "linear", "activate", "gelu",
                   "quick_gelu", "layer_norm", "add_layer_norm", "patch_embed", "torch_patch_embed",
                   "normalize_images", "add_prefix_and_pos", "torch_attention", "torch_attention_qkv")
 
-
-def _raise(*args, **kwargs):
-    raise AssertionError("a backward called the reference math")
 
 
 # DINOv2-like (registers, layer-scale, positions for the patches only), CLIP-like (pre-norm, QuickGELU),
@@ -44,8 +41,7 @@ def test_model_gradients_without_the_reference(name, monkeypatch):
     x = torch.randn(2, 3, kw["img_size"], kw["img_size"])
     w = torch.randn(2, kw["num_classes"])
     loss = (model(x.requires_grad_()) * w).sum()
-    for fn in REFERENCE_MATH:
-        monkeypatch.setattr(reference, fn, _raise)
+    forbid_reference(monkeypatch, *REFERENCE_MATH)
     grads = torch.autograd.grad(loss, [x, *model.parameters()])
     monkeypatch.undo()
     x64 = x.detach().double().requires_grad_()

@@ -112,6 +112,18 @@ class FakeCudaTensor:
         return torch.empty(0, dtype=self.dtype).element_size()
 
 
+
+def forbid_reference(monkeypatch, *names: str) -> None:
+    """Replace the named `vitfast.reference` functions with ones that raise, for a test that runs a backward
+    which must not recompute the reference math (undo with monkeypatch.undo())."""
+    from vitfast import reference
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a backward called the reference math")
+    for name in names:
+        monkeypatch.setattr(reference, name, forbidden)
+
+
 def photo(width: int, height: int, seed: int, shapes: int = 30):
     """A photo-like PIL RGB image for the decode tests and benchmark: a smooth colour field, hard-edged
     shapes, sensor-like noise (sigma 6 levels)."""
