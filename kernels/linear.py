@@ -17,6 +17,12 @@ Three variants share the tile GEMM helpers and one epilogue (`_linear_store_tile
     "persistent"  `_linear_persistent_kernel`, min(#SMs, #tiles) programs looping over the tiles;
     "tma"         the persistent kernel loading x / W tiles through device-side tensor descriptors
                   (Hopper TMA; `tma_eligible` says when, the launcher sets Triton's scratch allocator).
+In training the epilogue also stores the pre-activation z = x @ Wᵀ + b (`preact`).
+
+Backward (`linear_backward`, `_linear_bwd_kernel`): dX = dZ @ W with dZ = dY · scale ⊙ act'(z) formed from
+the dY and z tiles inside the GEMM's reduction loop (no elementwise pass over memory); the programs of the
+first column tile also store dZ (for dW = dZᵀ x and db = Σ dZ, cuBLAS and a row sum) and the partial sums
+Σ dY ⊙ act(z) of layer-scale's gradient.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ def _prune_configs(configs, named_args, **kwargs):
     tens of KiB on sm_90 (128x256 on 8 warps, 128x128 on 4). The persistent kernel with pointer
     loads (not TMA) also spills 128x128 on 4 warps (its flattened tile loop keeps the next tile's
     addresses live through the epilogue): it keeps more than 64 accumulator values per thread only
-    on 8 warps."""
+    on 8 warps; so does its TMA form when it also stores the pre-activation (training: 128x128 on 4
+    warps spills under Triton 3.6)."""
     x, M, N = named_args["x_ptr"], named_args["M"], named_args["N"]
     if not x.is_cuda:
         return configs
@@ -81,9 +88,10 @@ def _prune_configs(configs, named_args, **kwargs):
     fma = x.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
     acc_per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
     persistent_pointers = kwargs.get("USE_TMA", True) is False
+    persistent_pressure = persistent_pointers or ("USE_TMA" in kwargs and kwargs.get("STORE_Z", False))
     kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
             and not (fma and acc_per_thread(c) > 64)
-            and not (persistent_pointers and acc_per_thread(c) > 64 and c.num_warps < 8)]
+            and not (persistent_pressure and acc_per_thread(c) > 64 and c.num_warps < 8)]
     return kept or [min(configs, key=smem)]
 
 
@@ -174,11 +182,13 @@ def _linear_store_tile(
     s_ptr,   # [N] layer-scale
     r_ptr,   # [M, N] residual
     y_ptr,   # [M, N] output
-    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn,
+    z_ptr,   # [M, N] pre-activation output (written when STORE_Z)
+    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -187,14 +197,17 @@ def _linear_store_tile(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm,
-                     stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL)
-    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s,
-                     stride_rm, stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL)
+    _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
+                     stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
+                     HAS_RESIDUAL, STORE_Z)
+    _linear_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b,
+                     stride_s, stride_rm, stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION,
+                     HAS_SCALE, HAS_RESIDUAL, STORE_Z)
 
 
 @triton.autotune(configs=linear_configs(),
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "INPUT_PRECISION"],
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "STORE_Z",
+                      "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -205,6 +218,7 @@ def _linear_kernel(
     s_ptr,  # [N] layer-scale (read only when HAS_SCALE)
     r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
     y_ptr,  # [M, N] output
+    z_ptr,  # [M, N] pre-activation x @ Wᵀ + b (written only when STORE_Z)
     M, N, K,
     M_BUCKET,  # autotune key only (see m_bucket)
     stride_xm, stride_xk,
@@ -212,10 +226,12 @@ def _linear_kernel(
     stride_b, stride_s,
     stride_rm, stride_rn,
     stride_ym, stride_yn,
+    stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -226,13 +242,14 @@ def _linear_kernel(
     pid_m, pid_n = _linear_tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm, stride_rn,
-                       stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
+                       stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
+                       HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
 
 
 @triton.autotune(configs=linear_configs(),
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "INPUT_PRECISION",
-                      "USE_TMA"],
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "STORE_Z",
+                      "INPUT_PRECISION", "USE_TMA"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("linear"))
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -243,6 +260,7 @@ def _linear_persistent_kernel(
     s_ptr,  # [N] layer-scale (read only when HAS_SCALE)
     r_ptr,  # [M, N] residual (read only when HAS_RESIDUAL)
     y_ptr,  # [M, N] output
+    z_ptr,  # [M, N] pre-activation x @ Wᵀ + b (written only when STORE_Z)
     M, N, K,
     M_BUCKET,  # autotune key only (see m_bucket)
     stride_xm, stride_xk,
@@ -250,10 +268,12 @@ def _linear_persistent_kernel(
     stride_b, stride_s,
     stride_rm, stride_rn,
     stride_ym, stride_yn,
+    stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
     USE_TMA: tl.constexpr,          # x / W tiles through device-side tensor descriptors (Hopper TMA)
     BLOCK_M: tl.constexpr,
@@ -275,9 +295,37 @@ def _linear_persistent_kernel(
         else:
             acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                                     INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, stride_b, stride_s, stride_rm,
-                           stride_rn, stride_ym, stride_yn, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, BLOCK_M,
-                           BLOCK_N)
+        _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
+                           stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
+                           HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _activate(a, ACTIVATION: tl.constexpr):
+    """act(a) in fp32: 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU."""
+    if ACTIVATION == 1:    # 0.5·a·(1 + erf(a/√2))
+        a = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACTIVATION == 2:  # 0.5·a·(1 + tanh(u)) = a·sigmoid(2u), u = √(2/π)·(a + 0.044715·a³); stable for |u| large
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        a = a / (1.0 + tl.exp(-2.0 * u))
+    elif ACTIVATION == 3:  # QuickGELU (CLIP): a·sigmoid(1.702·a)
+        a = a / (1.0 + tl.exp(-1.702 * a))
+    return a
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """act'(z) in fp32 for ACTIVATION 1-3 (the derivatives torch's gelu_backward uses)."""
+    if ACTIVATION == 1:    # Φ(z) + z·φ(z)
+        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 2:  # t = tanh(u): 0.5·(1 + t) + 0.5·z·(1 − t²)·u'(z)
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:                  # s = sigmoid(1.702·z): s + 1.702·z·s·(1 − s)
+        sg = 1.0 / (1.0 + tl.exp(-1.702 * z))
+        g = sg + 1.702 * z * sg * (1.0 - sg)
+    return g
 
 
 @triton.jit
@@ -290,29 +338,28 @@ def _linear_epilogue(
     s_ptr,   # [N] layer-scale
     r_ptr,   # [M, N] residual
     y_ptr,   # [M, N] output
-    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn,
+    z_ptr,   # [M, N] pre-activation output (training: the backward's act'(z))
+    stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_Z: tl.constexpr,
 ):
-    """y = act(acc + b) · s (+ r) in fp32, one cast, one masked store."""
+    """y = act(acc + b) · s (+ r) in fp32, one cast, one masked store (and z = acc + b when STORE_Z)."""
     n_mask = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == 1:    # 0.5·a·(1 + erf(a/√2))
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == 2:  # 0.5·a·(1 + tanh(u)) = a·sigmoid(2u), u = √(2/π)·(a + 0.044715·a³); stable for |u| large
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(-2.0 * u))
-    elif ACTIVATION == 3:  # QuickGELU (CLIP): a·sigmoid(1.702·a)
-        acc = acc / (1.0 + tl.exp(-1.702 * acc))
-    if HAS_SCALE:          # layer-scale (timm's LayerScale gamma), before the residual add
-        acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     # int64 row and column offsets: M · stride_rm can pass 2^31, and so can N · stride_rn for a
     # column-major residual (residual.reshape keeps its strides).
     offs_m64, offs_n64 = offs_m.to(tl.int64), offs_n.to(tl.int64)
     mask = (offs_m < M)[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        z_ptrs = z_ptr + offs_m64[:, None] * stride_zm + offs_n64[None, :] * stride_zn
+        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    acc = _activate(acc, ACTIVATION)
+    if HAS_SCALE:          # layer-scale (timm's LayerScale gamma), before the residual add
+        acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + offs_m64[:, None] * stride_rm + offs_n64[None, :] * stride_rn, mask=mask, other=0.0)
         acc += r.to(tl.float32)
@@ -350,6 +397,14 @@ def tma_eligible(x: torch.Tensor, weight: torch.Tensor, capability: tuple[int, i
                for ptr, stride in views)
 
 
+def _rows(t: torch.Tensor, name: str, M: int, N: int) -> torch.Tensor:
+    """t [..., N] as the [M, N] view a kernel writes through, or ValueError naming `name`."""
+    try:
+        return t.view(M, N)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: expected a buffer viewable as [{M}, {N}], got strides {t.stride()}") from e
+
+
 def _tma_allocator(device: torch.device):
     """Triton's allocator for the global scratch the "tma" variant writes its tensor descriptors to
     (128 bytes per descriptor and program): a torch allocation on the launch's device and current
@@ -359,13 +414,16 @@ def _tma_allocator(device: torch.device):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            activation: str | None = None, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, variant: str = "tiled") -> torch.Tensor:
+           out: torch.Tensor | None = None, preact: torch.Tensor | None = None,
+           variant: str = "tiled") -> torch.Tensor:
     """act(x @ weightᵀ + bias) · scale (+ residual) with the fused Triton kernel.
 
     x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; scale [N] or None (a
     per-column layer-scale, applied before the residual); activation None, "gelu" (exact erf),
     "gelu_tanh" or "quick_gelu" (a·sigmoid(1.702·a)); out: optional preallocated [..., N] output (must
-    not overlap the inputs). All tensors share x's dtype (fp16, bf16, fp32) and device. Returns y [..., N].
+    not overlap the inputs); preact: optional [..., N] buffer that also receives z = x @ weightᵀ + bias, the
+    pre-activation (training: `linear_backward` reads it). All tensors share x's dtype (fp16, bf16, fp32)
+    and device. Returns y [..., N].
     variant: "tiled" (one program per output tile), "persistent" (one program per SM looping over
     tiles) or "tma" (persistent with Hopper TMA loads; needs `tma_eligible`, else ValueError).
 
@@ -388,7 +446,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError(f"{name}: expected shape [{N}], got {list(t.shape)}")
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("residual", residual), ("out", out)):
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("residual", residual), ("out", out),
+                    ("preact", preact)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
@@ -402,12 +461,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (*lead, N):
         raise ValueError(f"out: expected shape {[*lead, N]}, got {list(out.shape)}")
-    elif any(t is not None and t.data_ptr() == out.data_ptr() for t in (x, residual)):
-        raise ValueError("out: must not share memory with x or residual (autotuning re-runs the kernel)")
-    try:
-        y2 = out.view(M, N)                                               # [M, N]
-    except RuntimeError as e:
-        raise ValueError(f"out: expected a buffer viewable as [{M}, {N}], got strides {out.stride()}") from e
+    elif any(t is not None and t.data_ptr() == out.data_ptr() for t in (x, residual, preact)):
+        raise ValueError("out: must not share memory with x, residual or preact (autotuning re-runs the kernel)")
+    y2 = _rows(out, "out", M, N)                                          # [M, N]
+    if preact is not None and tuple(preact.shape) != (*lead, N):
+        raise ValueError(f"preact: expected shape {[*lead, N]}, got {list(preact.shape)}")
+    if preact is not None and any(t is not None and t.data_ptr() == preact.data_ptr() for t in (x, residual)):
+        raise ValueError("preact: must not share memory with x or residual")
+    z2 = y2 if preact is None else _rows(preact, "preact", M, N)          # [M, N] (dummy when unused)
     r2 = residual.reshape(M, N) if residual is not None else y2           # [M, N] (dummy when unused)
     b = bias if bias is not None else y2                                   # [N] (dummy when unused)
     s = scale if scale is not None else y2                                 # [N] (dummy when unused)
@@ -425,18 +486,195 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if variant == "tma":
             triton.set_allocator(_tma_allocator(x.device))
     kernel[grid](
-        x2, weight, b, s, r2, y2,
+        x2, weight, b, s, r2, y2, z2,
         M, N, K, m_bucket(M),
         x2.stride(0), x2.stride(1),
         weight.stride(0), weight.stride(1),
         b.stride(0), s.stride(0),
         r2.stride(0), r2.stride(1),
         y2.stride(0), y2.stride(1),
+        z2.stride(0), z2.stride(1),
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None,
+        STORE_Z=preact is not None,
         INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee",
         **extra,
     )
     return out
+
+
+# ============================================================================================
+# Backward: dX = dZ W with dZ = dY · scale ⊙ act'(z) formed in the GEMM that reads dY
+# ============================================================================================
+def linear_bwd_configs() -> list[triton.Config]:
+    """Tiles of dX [M, K] (BLOCK_M x BLOCK_K), stepping BLOCK_N along the reduction over N. The dZ tile is
+    built in registers from the dY and z tiles (the software pipeline keeps the next steps' dY and z in
+    registers too), so the activation's derivative competes with the accumulator for registers: 8 warps or
+    a 32-wide step for the 128-row tiles; the 64-wide steps on 4 warps of 128x64 / 128x128 spill on sm_90
+    with the erf GELU (ptxas -v, bf16 and fp16)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # BLOCK_N=16 so the tests' N (12, 37, 48) run full and partial reduction steps.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    tiles = [  # (BLOCK_M, BLOCK_K, BLOCK_N, num_stages, num_warps)
+        (128, 128, 32, 3, 8),
+        (128, 128, 32, 4, 8),
+        (128, 64, 32, 4, 8),
+        (64, 128, 64, 3, 8),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 8),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bk, bn, s, w in tiles]
+
+
+# dscale partial sums: one row per BLOCK_M rows of dY, allocated for the smallest BLOCK_M of any config.
+_MIN_BLOCK_M = 32
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    """Drop tiles whose pipelined dY, z and W tiles overflow shared memory, that are far wider than M or K,
+    or, for fp32 with ieee dots (FMA, no tensor cores), that hold more than 64 accumulator values per thread."""
+    dy, M, K = named_args["dy_ptr"], named_args["M"], named_args["K"]
+    if not dy.is_cuda:
+        return configs
+    fma = dy.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
+    acc_per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps)
+    limit = _smem_limit(dy.device) - 8 * 1024
+    reads_z = kwargs["ACTIVATION"] != 0 or kwargs["DSCALE"]
+    smem = lambda c: c.num_stages * c.kwargs["BLOCK_N"] * (
+        c.kwargs["BLOCK_M"] * (2 if reads_z else 1) + c.kwargs["BLOCK_K"]) * dy.element_size()
+    m_cap, k_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(K))
+    kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_K"] <= k_cap
+            and not (fma and acc_per_thread(c) > 64)]
+    return kept or [min(configs, key=smem)]
+
+
+@triton.autotune(configs=linear_bwd_configs(),
+                 key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_SCALE", "STORE_DZ", "DSCALE", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": budgeted(_prune_bwd_configs)},
+                 do_bench=autotune_bench("linear_backward"))
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _linear_bwd_kernel(
+    dy_ptr,  # [M, N] gradient of y
+    z_ptr,   # [M, N] pre-activation (read when ACTIVATION != 0 or DSCALE)
+    w_ptr,   # [N, K] weight as nn.Linear stores it
+    s_ptr,   # [N] layer-scale (read when HAS_SCALE)
+    dx_ptr,  # [M, K] output: dZ W
+    dz_ptr,  # [M, N] output when STORE_DZ: dZ, for dW = dZᵀ x and db = Σ dZ
+    ds_ptr,  # [cdiv(M, _MIN_BLOCK_M), N] fp32 output when DSCALE: row pid_m = Σ over the tile's rows of dY ⊙ act(z)
+    M, N, K,
+    M_BUCKET,  # autotune key only (see m_bucket)
+    stride_dym, stride_dyn,
+    stride_zm, stride_zn,
+    stride_wn, stride_wk,
+    stride_s,
+    stride_dxm, stride_dxk,
+    stride_dzm, stride_dzn,
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
+    HAS_SCALE: tl.constexpr,
+    STORE_DZ: tl.constexpr,
+    DSCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One program per dX tile (pid_m, pid_k). Each reduction step loads dY and z tiles, forms dZ in fp32
+    (one cast to the weight's dtype, as torch's gelu_backward output) and feeds it to the dot; the programs
+    of column tile 0 also store dZ and the layer-scale partial sums, so each is written once."""
+    pid_m, pid_k = _linear_tile_coords(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)
+    cols = (offs_k % K).to(tl.int64)          # columns past K wrap: in-bounds loads, never stored
+    stride_wn64 = tl.cast(stride_wn, tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for i in range(0, tl.cdiv(N, BLOCK_N)):
+        offs_n = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        mask = m_mask[:, None] & n_mask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + n64[None, :] * stride_dyn, mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        g = dy
+        if HAS_SCALE:
+            g = g * tl.load(s_ptr + offs_n * stride_s, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != 0 or DSCALE:
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + n64[None, :] * stride_zn, mask=mask, other=0.0)
+            z = z.to(tl.float32)
+        if ACTIVATION != 0:
+            g = g * _activation_grad(z, ACTIVATION)
+        dz = g.to(w_ptr.dtype.element_ty)
+        if pid_k == 0:   # this row tile's dZ / dscale writer
+            if STORE_DZ:
+                tl.store(dz_ptr + rows[:, None] * stride_dzm + n64[None, :] * stride_dzn, dz, mask=mask)
+            if DSCALE:   # masked rows load dY = 0: they add nothing
+                tl.store(ds_ptr + pid_m * N + offs_n, tl.sum(dy * _activate(z, ACTIVATION), axis=0), mask=n_mask)
+        w = tl.load(w_ptr + n64[:, None] * stride_wn64 + cols[None, :] * stride_wk, mask=n_mask[:, None], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION)
+    mask = m_mask[:, None] & (offs_k < K)[None, :]
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + offs_k.to(tl.int64)[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor | None,
+                    activation: str | None, *, need_dz: bool = True, need_dscale: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of y = act(z) · scale (+ residual), z = x @ weightᵀ + b, from dY, through the fused kernel:
+    dX = dZ @ weight with dZ = dY · scale ⊙ act'(z) formed inside the GEMM (never a separate pass).
+
+    dy [..., N]; z [..., N] the saved pre-activation (needed when activation is set or need_dscale; else None);
+    weight [N, K]; scale [N] or None; activation as `linear`'s. Same dtype and device throughout.
+    Returns (dx [..., K], dz [..., N] when need_dz (dW = dzᵀ x and db = Σ dz are the caller's GEMM and
+    sum), dscale [N] = Σ dY ⊙ act(z) in scale's dtype when need_dscale)."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation: expected one of {list(ACTIVATION_CODES)}, got {activation!r}")
+    N, K = weight.shape
+    if dy.shape[-1] != N:
+        raise ValueError(f"dy: expected last dim {N} (weight.shape[0]), got shape {list(dy.shape)}")
+    if need_dscale and scale is None:
+        raise ValueError("need_dscale: expected a scale tensor, got scale=None")
+    reads_z = activation is not None or need_dscale
+    if reads_z and (z is None or z.shape != dy.shape):
+        raise ValueError(f"z: expected shape {list(dy.shape)} (like dy), got {None if z is None else list(z.shape)}")
+    for name, t in (("z", z), ("weight", weight), ("scale", scale)):
+        if t is not None and (t.dtype != dy.dtype or t.device != dy.device):
+            raise ValueError(f"{name}: expected {dy.dtype} on {dy.device} (like dy), got {t.dtype} on {t.device}")
+    lead = tuple(dy.shape[:-1])
+    M = math.prod(lead)
+    dy2 = dy.reshape(M, N)
+    z2 = z.reshape(M, N) if reads_z else dy2                              # dummy when unused
+    dx = torch.empty((*lead, K), dtype=dy.dtype, device=dy.device)
+    dz = torch.empty((*lead, N), dtype=dy.dtype, device=dy.device) if need_dz else None
+    rows = triton.cdiv(M, _MIN_BLOCK_M)
+    ds = torch.zeros((rows, N), dtype=torch.float32, device=dy.device) if need_dscale else None
+    if K == 0 and M * N:   # dX is empty; dZ and dscale are not: run on one zero column
+        dx1, dz, dscale = linear_backward(dy, z, weight.new_zeros((N, 1)), scale, activation, need_dz=need_dz,
+                                          need_dscale=need_dscale)
+        return dx1[..., :0], dz, dscale
+    if M == 0 or N == 0:
+        return dx.zero_(), dz, None if ds is None else ds.sum(0).to(scale.dtype)
+    dx2, dz2 = dx.view(M, K), (dz.view(M, N) if dz is not None else dy2)
+    s = scale if scale is not None else dy2
+    fp32_tf32 = dy.dtype == torch.float32 and dy.is_cuda and tf32_enabled()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _linear_bwd_kernel[grid](
+        dy2, z2, weight, s, dx2, dz2, ds if ds is not None else dx2,
+        M, N, K, m_bucket(M),
+        dy2.stride(0), dy2.stride(1),
+        z2.stride(0), z2.stride(1),
+        weight.stride(0), weight.stride(1),
+        s.stride(0),
+        dx2.stride(0), dx2.stride(1),
+        dz2.stride(0), dz2.stride(1),
+        ACTIVATION=ACTIVATION_CODES[activation],
+        HAS_SCALE=scale is not None,
+        STORE_DZ=need_dz,
+        DSCALE=need_dscale,
+        INPUT_PRECISION="tf32" if (fp32_tf32 or dy.dtype != torch.float32) else "ieee",
+    )
+    return dx, dz, None if ds is None else ds.sum(0).to(scale.dtype)

@@ -273,28 +273,47 @@ def test_m_bucket():
 
 
 
-@pytest.mark.parametrize("dtype,precision,use_tma,must_drop,must_keep", [
+@pytest.mark.parametrize("dtype,precision,use_tma,store_z,must_drop,must_keep", [
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) measured with sm_90 compiles (ptxas -v). use_tma None:
-    # the tiled kernel; False / True: the persistent kernel with pointer / TMA loads.
-    (torch.float32, "ieee", None, [(128, 256, 8, 3), (128, 128, 4, 4)], [(128, 128, 8, 3), (64, 64, 4, 4)]),
-    (torch.float32, "tf32", None, [(128, 256, 8, 4)], [(128, 128, 8, 3)]),
-    (torch.bfloat16, "tf32", None, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
-    (torch.bfloat16, "tf32", False, [(128, 128, 4, 4)], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 64, 4, 4)]),
-    (torch.bfloat16, "tf32", True, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+    # the tiled kernel; False / True: the persistent kernel with pointer / TMA loads. store_z: training.
+    (torch.float32, "ieee", None, False, [(128, 256, 8, 3), (128, 128, 4, 4)], [(128, 128, 8, 3), (64, 64, 4, 4)]),
+    (torch.float32, "tf32", None, False, [(128, 256, 8, 4)], [(128, 128, 8, 3)]),
+    (torch.bfloat16, "tf32", None, False, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+    (torch.bfloat16, "tf32", None, True, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+    (torch.bfloat16, "tf32", False, False, [(128, 128, 4, 4)], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 64, 4, 4)]),
+    (torch.bfloat16, "tf32", True, False, [], [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4)]),
+    (torch.bfloat16, "tf32", True, True, [(128, 128, 4, 4)], [(128, 256, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4)]),
 ])
-def test_prune_configs(dtype, precision, use_tma, must_drop, must_keep, monkeypatch):
+def test_prune_configs(dtype, precision, use_tma, store_z, must_drop, must_keep, monkeypatch):
     """On an H100/H200 (227 KiB of shared memory per block): fp32 drops the tiles that cannot fit, and
     with ieee dots (FMA, no tensor cores) also those that spill; bf16 keeps the large tiles, except
-    128x128 on 4 warps in the persistent kernel with pointer loads (it spills there)."""
+    128x128 on 4 warps in the persistent kernel with pointer loads, or with TMA loads when it also stores
+    the pre-activation (they spill there)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = linear_kernels.linear_configs()                        # the GPU autotune space
     monkeypatch.setattr(linear_kernels, "_smem_limit", lambda device: 232448)
-    flags = {} if use_tma is None else {"USE_TMA": use_tma}
+    flags = ({} if use_tma is None else {"USE_TMA": use_tma}) | {"STORE_Z": store_z}
     kept = linear_kernels._prune_configs(configs, {"x_ptr": FakeCudaTensor(dtype), "M": 1576, "N": 3072},
                                          INPUT_PRECISION=precision, **flags)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
     assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.bfloat16, "tf32")])
+def test_prune_backward_configs(dtype, precision, monkeypatch):
+    """Every backward tile (all compiled without spills for sm_90) fits Hopper's shared memory at ViT-B's fc1
+    (dX [1576, 768], N = 3072) and holds at most 64 fp32 accumulator values per thread (the ieee fp32 limit);
+    a tiny problem keeps only the 64-wide tiles."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = linear_kernels.linear_bwd_configs()
+    monkeypatch.setattr(linear_kernels, "_smem_limit", lambda device: 232448)
+    args = {"dy_ptr": FakeCudaTensor(dtype), "M": 1576, "K": 768}
+    kw = dict(INPUT_PRECISION=precision, ACTIVATION=1, DSCALE=False)
+    kept = linear_kernels._prune_bwd_configs(configs, args, **kw)
+    assert kept == configs
+    small = linear_kernels._prune_bwd_configs(configs, {**args, "M": 40, "K": 20}, **kw)
+    assert small and all(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_K"] == 64 for c in small)
 
 
 def _good(device="cpu", dtype=torch.float32):
@@ -413,9 +432,9 @@ def test_backward_every_epilogue_without_the_reference(activation, bias, residua
 
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu", None])
 def test_fused_op_backward_rebuilds_the_pre_activation(activation, monkeypatch):
-    """The fused op itself under autograd (torch.ops / torch.compile users; ops.linear splits the epilogue
-    off in training): its backward rebuilds z with one GEMM (and evaluates act(z) for the layer-scale
-    gradient), never reference.linear, and equals the reference's gradients."""
+    """The inference op itself under autograd (torch.ops users; ops.linear takes the op that also returns z in
+    training): its backward rebuilds z with one GEMM, never reference.linear, and equals the reference's
+    gradients."""
     x, w, b, r = make_inputs(17, 20, 12, True, True, "3d", torch.float32, "cpu")
     s = torch.rand(12) + 0.5
     leaves = [t.detach().requires_grad_() for t in (x, w, b, r, s)]
@@ -438,6 +457,161 @@ def test_gradcheck_float64_cpu_path():
             return ops.linear(a[0], a[1], a[2], activation=act, residual=a[3], scale=a[4])
         assert torch.autograd.gradcheck(f, (x, w, b, r, s))
 
+
+
+
+# ------------------------------------------------------------------------------------------ backward kernel
+# (M, K, N, activation, scale): N 12 / 37 / 48 against the interpreter's BLOCK_N 16 (full and partial
+# reduction steps), M and K past one 32-wide tile with tails.
+BWD_CASES = [(34, 20, 12, "gelu", False), (70, 45, 37, "gelu_tanh", True), (5, 64, 48, "quick_gelu", True),
+             (33, 100, 37, None, True), (70, 45, 37, "gelu", True)]
+
+
+def backward_reference64(dy, z, w, s, activation):
+    """(dx, dz, dscale) of y = act(z) · s by float64 autograd through the reference activation."""
+    z64 = z.detach().double().requires_grad_()
+    s64 = None if s is None else s.detach().double().requires_grad_()
+    y = reference.activate(z64, activation)
+    y = y if s64 is None else y * s64
+    grads = torch.autograd.grad(y, [t for t in (z64, s64) if t is not None], dy.double())
+    dz = grads[0]
+    return dz @ w.double(), dz, (grads[1].reshape(-1, w.shape[0]).sum(0) if s is not None else None)
+
+
+@pytest.mark.parametrize("need", ["all", "dx only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,activation,scale", BWD_CASES)
+def test_linear_backward_kernel(M, K, N, activation, scale, dtype, need):
+    """dX = dZ W with dZ = dY · scale ⊙ act'(z) formed in the kernel, dZ stored, Σ dY ⊙ act(z): against float64
+    autograd, and within 2x eager torch's error in the same dtype (gelu_backward, then the GEMM)."""
+    torch.manual_seed(M + N)
+    dy = torch.randn(2, M, N).to(dtype)
+    z = (torch.randn(2, M, N) * 2).to(dtype)
+    w = (torch.randn(N, K) / math.sqrt(N)).to(dtype)
+    s = (torch.rand(N) + 0.5).to(dtype) if scale else None
+    need_dz, need_dscale = need == "all", need == "all" and scale
+    dx, dz, dscale = linear_kernels.linear_backward(dy, z, w, s, activation, need_dz=need_dz, need_dscale=need_dscale)
+    want_dx, want_dz, want_ds = backward_reference64(dy, z, w, s, activation)
+    eager = ops._linear_bwd_torch(dy.reshape(-1, N).float(), z.reshape(-1, N).float(), w.float(),
+                                  None if s is None else s.float(), activation, True, bool(need_dscale))
+    assert dx.shape == (2, M, K) and dx.dtype == dtype
+    assert_close(dx, want_dx, dtype=dtype, name="dx")
+    if need_dz:
+        assert dz.shape == (2, M, N) and dz.dtype == dtype
+        assert_close(dz, want_dz, dtype=dtype, name="dz")
+    else:
+        assert dz is None
+    if need_dscale:
+        assert dscale.shape == (N,) and dscale.dtype == dtype
+        assert_close(dscale, want_ds, dtype=dtype, eager=eager[2].to(dtype), name="dscale")
+    else:
+        assert dscale is None
+
+
+def test_linear_backward_kernel_strided_inputs_and_empty_dims():
+    """dY and z read through their strides (a transposed view), an empty K (dX empty, dZ and dscale not), no rows."""
+    dy = torch.randn(37, 40).t()                     # [40, 37], column-major
+    z = torch.randn(37, 40).t()
+    w, s = torch.randn(37, 24) / 6, torch.rand(37) + 0.5
+    dx, dz, ds = linear_kernels.linear_backward(dy, z, w, s, "gelu", need_dz=True, need_dscale=True)
+    want = backward_reference64(dy, z, w, s, "gelu")
+    for name, got, ref in zip(("dx", "dz", "dscale"), (dx, dz, ds), want):
+        assert_close(got, ref, dtype=torch.float32, name=name)
+    dx, dz, ds = linear_kernels.linear_backward(dy, z, w[:, :0], s, "gelu", need_dz=True, need_dscale=True)
+    assert dx.shape == (40, 0)
+    assert_close(dz, want[1], dtype=torch.float32, name="dz, K = 0")
+    assert_close(ds, want[2], dtype=torch.float32, name="dscale, K = 0")
+    dx, dz, ds = linear_kernels.linear_backward(dy[:0], z[:0], w, s, "gelu", need_dz=True, need_dscale=True)
+    assert dx.shape == (0, 24) and dz.shape == (0, 37) and torch.equal(ds, torch.zeros(37))
+
+
+@pytest.mark.parametrize("call,match", [
+    (dict(activation="relu"), r"activation: expected one of \[None, 'gelu'"),
+    (dict(dy=torch.zeros(3, 5)), r"dy: expected last dim 6 \(weight.shape\[0\]\), got shape \[3, 5\]"),
+    (dict(z=None), r"z: expected shape \[3, 6\] \(like dy\), got None"),
+    (dict(z=torch.zeros(3, 6, dtype=torch.float16)),
+     r"z: expected torch.float32 on cpu \(like dy\), got torch.float16"),
+    (dict(scale=None, need_dscale=True), r"need_dscale: expected a scale tensor, got scale=None"),
+])
+def test_linear_backward_bad_input(call, match):
+    args = dict(dy=torch.zeros(3, 6), z=torch.zeros(3, 6), weight=torch.zeros(6, 4), scale=torch.ones(6),
+                activation="gelu")
+    args.update(call)
+    kw = {"need_dscale": args.pop("need_dscale")} if "need_dscale" in args else {}
+    with pytest.raises(ValueError, match=match):
+        linear_kernels.linear_backward(args["dy"], args["z"], args["weight"], args["scale"], args["activation"], **kw)
+
+
+@pytest.mark.parametrize("variant", ["tiled", "persistent", "tma"])
+@pytest.mark.parametrize("activation,scale,residual", [("gelu", False, False), ("quick_gelu", True, True),
+                                                       (None, True, True)])
+def test_linear_kernel_stores_the_pre_activation(activation, scale, residual, variant):
+    """`preact` receives z = x Wᵀ + b from the same epilogue that writes y (every element, each variant)."""
+    x, w, b, r = make_inputs(70, 64, 48, True, residual, "3d", torch.float32, "cpu")
+    s = torch.rand(48) + 0.5 if scale else None
+    z = poisoned((*x.shape[:-1], 48), torch.float32)
+    y = linear_kernels.linear(x, w, b, activation=activation, residual=r, scale=s, preact=z, variant=variant)
+    assert_close(z, reference64(x, w, b, None, None), dtype=torch.float32, name="preact")
+    d = lambda t: None if t is None else t.double()
+    assert_close(y, reference.linear(d(x), d(w), d(b), activation, d(r), d(s)), dtype=torch.float32, name="y")
+    with pytest.raises(ValueError, match=r"preact: expected shape \[2, 35, 48\], got \[70, 48\]"):
+        linear_kernels.linear(x, w, b, preact=torch.empty(70, 48))
+    with pytest.raises(ValueError, match=r"preact: must not share memory with x or residual"):
+        linear_kernels.linear(x, w, b, preact=x[..., :48])
+
+
+def test_training_forward_saves_the_pre_activation_and_the_backward_reads_it(monkeypatch):
+    """In training ops.linear runs the GEMM once (the op that also returns z) and the backward's dZ is formed
+    inside the Triton kernel: neither torch's elementwise activation gradient nor a GEMM rebuilding z runs."""
+    x, w, b, r = make_inputs(34, 20, 12, True, True, "3d", torch.float32, "cpu")
+    s = torch.rand(12) + 0.5
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, r, s)]
+    launches, launch = [], linear_kernels.linear
+    monkeypatch.setattr(linear_kernels, "linear",
+                        lambda *a, **kw: launches.append(kw.get("preact")) or launch(*a, **kw))
+    y = ops.linear(leaves[0], leaves[1], leaves[2], activation="gelu", residual=leaves[3], scale=leaves[4])
+    assert len(launches) == 1 and launches[0] is not None          # one GEMM, z stored by its epilogue
+    assert y.grad_fn is not None and "linear_preact" in y.grad_fn.name()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backward left the fused kernel")
+    monkeypatch.setattr(ops, "_activation_grad", forbidden)
+    monkeypatch.setattr(torch, "addmm", forbidden)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    monkeypatch.undo()
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(reference.linear(l64[0], l64[1], l64[2], "gelu", l64[3], l64[4]), l64,
+                               torch.ones_like(y).double())
+    for name, got, w64 in zip(("x", "weight", "bias", "residual", "scale"), grads, want):
+        assert_close(got, w64, dtype=torch.float32, name=f"grad {name}")
+
+
+def test_inference_and_frozen_layer_scale_do_not_store_the_pre_activation(monkeypatch):
+    x, w, b, r = make_inputs(6, 20, 12, True, True, "3d", torch.float32, "cpu")
+    s = torch.rand(12) + 0.5
+    launch = linear_kernels.linear
+
+    def no_preact(*a, **kw):
+        assert kw.get("preact") is None, "stored z without a gradient needing it"
+        return launch(*a, **kw)
+    monkeypatch.setattr(linear_kernels, "linear", no_preact)
+    with torch.no_grad():
+        ops.linear(x.requires_grad_(), w, b, activation="gelu")
+    ops.linear(torch.randn(6, 20), w, b, activation="gelu")               # nothing requires grad
+    y = ops.linear(x, w, b, residual=r, scale=s)                          # layer-scale frozen, no activation: dz = dy·s
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert_close(gx, (torch.ones(2, 3, 12).double() * s.double()) @ w.double(), dtype=torch.float32)
+
+
+def test_opcheck_training_ops():
+    x, w, b, r = make_inputs(6, 20, 12, True, True, "3d", torch.float32, "cpu")
+    s = torch.rand(12) + 0.5
+    for t in (x, w, s):
+        t.requires_grad_(True)
+    torch.library.opcheck(ops._linear_preact_op, (x, w, b, "gelu_tanh", r, s))
+    dy, z = torch.randn(6, 12), torch.randn(6, 12)
+    torch.library.opcheck(ops._linear_bwd_op, (dy, z, w.detach(), s.detach(), "quick_gelu", True, True))
+    torch.library.opcheck(ops._linear_bwd_op, (dy, None, w.detach(), s.detach(), None, False, False))
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -533,3 +707,48 @@ def test_tma_variant_captures_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.float16, eager=reference.linear(x, w, b, "gelu", r))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N,activation,scale", [(768, 3072, "gelu", False), (768, 3072, "gelu_tanh", False),
+                                                  (1024, 4096, "quick_gelu", False), (3072, 768, None, True)])
+def test_linear_backward_kernel_vit_shapes(K, N, activation, scale, dtype):
+    """ViT-B/L's fc1 (dX of the GELU / QuickGELU GEMM) and fc2 with layer-scale at batch 8: within 2x the
+    error of torch's own backward in the same dtype (gelu_backward, then cuBLAS)."""
+    torch.manual_seed(0)
+    M = 8 * 197
+    dy = torch.randn(M, N, device="cuda", dtype=dtype) * 0.1
+    z = torch.randn(M, N, device="cuda", dtype=dtype) * 2
+    w = (torch.randn(N, K, device="cuda") / math.sqrt(N)).to(dtype)
+    s = (torch.rand(N, device="cuda") + 0.5).to(dtype) if scale else None
+    dx, dz, ds = linear_kernels.linear_backward(dy, z, w, s, activation, need_dz=True, need_dscale=scale)
+    want = backward_reference64(dy.cpu(), z.cpu(), w.cpu(), None if s is None else s.cpu(), activation)
+    eager = ops._linear_bwd_torch(dy, z, w, s, activation, True, scale)
+    for name, got, ref, e in zip(("dx", "dz", "dscale"), (dx, dz, ds), want, eager):
+        if ref is not None:
+            assert_close(got, ref, dtype=dtype, eager=e, name=name)
+
+
+@gpu
+def test_backward_dispatch_decides_once_and_is_capture_safe(monkeypatch):
+    """The backward times the fused kernel against torch's elementwise pass + cuBLAS once per key (none while a
+    CUDA graph is being captured: torch's path, not cached), and both give the reference's gradients."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, "_LINEAR_BWD_PATHS", {})
+    x, w, b, _ = make_inputs(4 * 197, 256, 512, True, False, "3d", torch.float16, "cuda")
+    dy = torch.randn(4 * 197, 512, device="cuda", dtype=torch.float16)
+    z = ops.linear(x, w, b)
+    want = backward_reference64(dy.cpu(), z.cpu(), w.cpu(), None, "gelu")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops._linear_bwd_impl(dy, z, w, None, "gelu", True, False)
+    assert not ops._LINEAR_BWD_PATHS
+    graph.replay()
+    torch.cuda.synchronize()
+    dx, dz, _ = ops._linear_bwd_impl(dy, z, w, None, "gelu", True, False)
+    assert len(ops._LINEAR_BWD_PATHS) == 1 and set(ops._LINEAR_BWD_PATHS.values()) <= {"triton", "torch"}
+    for got in (captured, (dx, dz)):
+        assert_close(got[0], want[0], dtype=torch.float16, name="dx")
+        assert_close(got[1], want[1], dtype=torch.float16, name="dz")

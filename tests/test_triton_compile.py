@@ -91,9 +91,20 @@ def launch_linear(c):
     w, b = torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
     r = torch.empty(8, 197, N, dtype=dt) if c["residual"] else None
     s = torch.empty(N, dtype=dt) if c.get("scale") else None   # layer-scale gamma
+    z = torch.empty(8, 197, N, dtype=dt) if c.get("preact") else None   # training: the pre-activation too
     variant = c.get("variant", "tiled")   # "persistent" / "tma" (TMA descriptors) share one persistent kernel
     kernel = linear._linear_kernel if variant == "tiled" else linear._linear_persistent_kernel
-    return kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r, scale=s, variant=variant)
+    return kernel, lambda: linear.linear(x, w, b, activation=c["activation"], residual=r, scale=s, preact=z,
+                                         variant=variant)
+
+
+def launch_linear_bwd(c):
+    """dX = dZ W with dZ formed from dY and z in the kernel (c["k"], c["n"]: the forward's K and N)."""
+    dt, K, N = DTYPES[c["dtype"]], c["k"], c["n"]
+    dy, z, w = torch.empty(8, 197, N, dtype=dt), torch.empty(8, 197, N, dtype=dt), torch.empty(N, K, dtype=dt)
+    s = torch.empty(N, dtype=dt) if c.get("scale") else None
+    return linear._linear_bwd_kernel, lambda: linear.linear_backward(dy, z, w, s, c["activation"], need_dz=True,
+                                                                     need_dscale=c.get("dscale", False))
 
 
 def launch_patch_embed(c):
@@ -126,11 +137,12 @@ def launch_attention_bwd(c):
 
 
 LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed,
-             "attention_bwd": launch_attention_bwd}
+             "attention_bwd": launch_attention_bwd, "linear_bwd": launch_linear_bwd}
 
 
 HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
-MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed, "attention_bwd": attention}
+MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed, "attention_bwd": attention,
+           "linear_bwd": linear}
 
 
 class OnHopper:
@@ -262,6 +274,17 @@ def _cases():
             cases.append(_variant("linear", f"{variant}-bf16-{epilogue}", "bf16", {
                 "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual,
                 "variant": variant}))
+    # Training: the forward also storing the pre-activation (fc1, each variant), and the backward kernel
+    # (dX of fc1 with each activation, fp16 too; fc2's layer-scale with its gamma gradient).
+    for variant in ("tiled", "persistent", "tma"):
+        cases.append(_variant("linear", f"{variant}-bf16-gelu-preact", "bf16", {
+            "dtype": "bf16", "k": 768, "n": 3072, "activation": "gelu", "residual": False, "preact": True,
+            "variant": variant}))
+    for dtype, activation in (("bf16", "gelu"), ("bf16", "gelu_tanh"), ("bf16", "quick_gelu"), ("fp16", "gelu")):
+        cases.append(_variant("linear_bwd", f"{dtype}-{activation}", "bf16" if dtype == "bf16" else "f16", {
+            "dtype": dtype, "k": 768, "n": 3072, "activation": activation}))
+    cases.append(_variant("linear_bwd", "bf16-layerscale-dscale", "bf16", {
+        "dtype": "bf16", "k": 3072, "n": 768, "activation": None, "scale": True, "dscale": True}))
     # Patch embedding at 224 px, bf16 weight: uint8 images (normalised in the kernel, the engine's
     # path) and bf16 images (already normalised), ViT-*/16 and ViT-*/14.
     for image, patch in (("uint8", 16), ("uint8", 14), ("bf16", 16), ("bf16", 14)):

@@ -527,48 +527,65 @@ def _linear_candidates(tma_ok: bool, fp32_ieee: bool) -> tuple[str, ...]:
     return ("triton", "triton-persistent", *(("triton-tma",) if tma_ok else ()), "cublas")
 
 
-def _linear_cublas(x, weight, bias, activation, residual, scale=None):
+def _linear_cublas(x, weight, bias, activation, residual, scale=None, preact=None):
     """cuBLAS GEMM with the bias in its epilogue, then the activation / layer-scale / residual in place
     (one elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
+    if preact is not None:
+        return _linear_torch_preact(x, weight, bias, activation, residual, scale, preact)
     return reference.torch_linear(x, weight, bias, activation, residual, scale)
+
+
+def _linear_torch_preact(x, weight, bias, activation, residual, scale, preact):
+    """torch's GEMM (the bias in it) into `preact` [..., N], then y = act(z) · scale + residual as a new tensor."""
+    x2, z2 = x.reshape(-1, x.shape[-1]), preact.view(-1, weight.shape[0])
+    if bias is not None:
+        torch.addmm(bias, x2, weight.t(), out=z2)
+    else:
+        torch.mm(x2, weight.t(), out=z2)
+    y = reference.activate(preact, activation) if activation is not None else preact.clone()
+    if scale is not None:
+        y = y.mul_(scale)
+    return y if residual is None else y.add_(residual)
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}     # device index -> compute capability
 
 
-def _linear_key(x, weight, bias, activation, residual, scale=None) -> tuple:
-    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, TMA eligibility (last; it
-    depends on alignment and strides, so a cached "triton-tma" never meets operands it cannot read)."""
+def _linear_key(x, weight, bias, activation, residual, scale=None, preact=False) -> tuple:
+    """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, whether the pre-activation is
+    stored too (training), TMA eligibility (last; it depends on alignment and strides, so a cached
+    "triton-tma" never meets operands it cannot read)."""
     kernels, dev, K = _kernels(), x.device.index, x.shape[-1]
     if dev not in _CAPABILITY:
         _CAPABILITY[dev] = torch.cuda.get_device_capability(x.device)
     return (dev, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
             kernels.tf32_enabled(), bias is not None, activation, residual is not None, scale is not None,
-            kernels.linear.tma_eligible(x, weight, _CAPABILITY[dev]))
+            preact, kernels.linear.tma_eligible(x, weight, _CAPABILITY[dev]))
 
 
-def _linear_cuda(x, weight, bias, activation, residual, scale):
+def _linear_cuda(x, weight, bias, activation, residual, scale, preact=None):
     """Fastest correct path on CUDA among _linear_candidates, per `_linear_key`, decided on first use; a
-    later call with the same key is one dictionary lookup and the launch."""
-    key = _linear_key(x, weight, bias, activation, residual, scale)
-    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual, scale)
+    later call with the same key is one dictionary lookup and the launch. `preact`: a buffer that also
+    receives the pre-activation z (training)."""
+    key = _linear_key(x, weight, bias, activation, residual, scale, preact is not None)
+    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual, scale, preact)
     if path == "cublas":
-        return _linear_cublas(x, weight, bias, activation, residual, scale)
+        return _linear_cublas(x, weight, bias, activation, residual, scale, preact)
     return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
-                                    variant=_LINEAR_VARIANTS[path])
+                                    preact=preact, variant=_LINEAR_VARIANTS[path])
 
 
-def _choose_linear_path(key, x, weight, bias, activation, residual, scale) -> str:
+def _choose_linear_path(key, x, weight, bias, activation, residual, scale, preact=None) -> str:
     """Time each candidate of `key` once as a caller pays it, launch cost included (briefly under
     VITFAST_AUTOTUNE=quick), and cache the fastest; cuBLAS, uncached, while a CUDA graph is being captured."""
     from vitfast.timing import caller_ms
 
     kernels, tf32, tma_ok = _kernels(), key[5], key[-1]
     fused = lambda variant: kernels.linear.linear(x, weight, bias, activation=activation, residual=residual,
-                                                  scale=scale, variant=variant)
+                                                  scale=scale, preact=preact, variant=variant)
     run = {name: (lambda v=_LINEAR_VARIANTS[name]: fused(v))
            for name in _linear_candidates(tma_ok, x.dtype == torch.float32 and not tf32)[:-1]}
-    run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual, scale)
+    run["cublas"] = lambda: _linear_cublas(x, weight, bias, activation, residual, scale, preact)
     warmup, calls = (1, 2) if kernels.autotune_mode() == "quick" else (3, 20)
     timers = {name: (lambda f=f: caller_ms(f, device=x.device, calls=calls, warmup=warmup))
               for name, f in run.items()}
@@ -670,34 +687,139 @@ def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
     return dy
 
 
+# Training forward: y and the pre-activation z = x Wᵀ + b, stored by the same GEMM's epilogue, which the
+# backward reads for act'(z) (and layer-scale's gradient) instead of recomputing the GEMM.
+def _linear_preact_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                        residual: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    z = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    if not use_triton(x) or x.dtype == torch.float64:
+        return _linear_torch_preact(x, weight, bias, activation, residual, scale, z), z
+    if x.is_cuda:
+        return _linear_cuda(x, weight, bias, activation, residual, scale, preact=z), z
+    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
+                                    preact=z), z                                            # interpreter
+
+
+_linear_preact_op = torch.library.custom_op("vitfast::linear_preact", _linear_preact_impl, mutates_args=())
+
+
+@_linear_preact_op.register_fake
+def _(x, weight, bias, activation, residual, scale):
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _linear_bwd_torch(dy: Tensor, z: Tensor | None, weight: Tensor, scale: Tensor | None, activation: str | None,
+                      need_dx: bool, need_dscale: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """(dx, dz, dscale) for dy [M, N] with torch's elementwise ops and GEMM: dz = dy · scale ⊙ act'(z)."""
+    dz = dy * scale if scale is not None else dy
+    dz = _activation_grad(dz, z, activation)
+    dscale = None
+    if need_dscale:
+        dscale = (dy * (z if activation is None else reference.activate(z, activation))).sum(0)
+    return (dz @ weight if need_dx else None), dz, dscale
+
+
+def _linear_bwd_impl(dy: Tensor, z: Tensor | None, weight: Tensor, scale: Tensor | None, activation: str | None,
+                     need_dz: bool, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dz, dscale) on the Triton path, dy [M, N]: the fused kernel, or on CUDA torch's elementwise pass and
+    cuBLAS where that was timed faster for the key. dz / dscale are empty when not asked for."""
+    if dy.is_cuda:
+        dx, dz, dscale = _linear_bwd_cuda(dy, z, weight, scale, activation, need_dz, need_dscale)
+    else:                                                                                       # interpreter
+        dx, dz, dscale = _kernels().linear.linear_backward(dy, z, weight, scale, activation, need_dz=need_dz,
+                                                           need_dscale=need_dscale)
+    return dx, (dz if need_dz else dy.new_empty(0)), (dscale if need_dscale else dy.new_empty(0))
+
+
+_linear_bwd_op = torch.library.custom_op("vitfast::linear_backward", _linear_bwd_impl, mutates_args=())
+
+
+@_linear_bwd_op.register_fake
+def _(dy, z, weight, scale, activation, need_dz, need_dscale):
+    return (dy.new_empty((dy.shape[0], weight.shape[1])), dy.new_empty(dy.shape if need_dz else (0,)),
+            dy.new_empty((weight.shape[0] if need_dscale else 0,)))
+
+
+# Dispatch of the backward on CUDA: key -> "triton" (the fused kernel) or "torch", timed once, kept on disk.
+_LINEAR_BWD_PATHS: dict[tuple, str] = tuning.PersistentTable("linear_bwd_paths")
+
+
+def _linear_bwd_cuda(dy, z, weight, scale, activation, need_dz, need_dscale):
+    kernels, (N, K) = _kernels(), weight.shape
+    key = (dy.device.index, kernels.linear.m_bucket(dy.shape[0]), N, K, dy.dtype, kernels.tf32_enabled(),
+           activation, scale is not None, need_dz, need_dscale)
+    fused = lambda: kernels.linear.linear_backward(dy, z, weight, scale, activation, need_dz=need_dz,
+                                                   need_dscale=need_dscale)
+    unfused = lambda: _linear_bwd_torch(dy, z, weight, scale, activation, True, need_dscale)
+    path = _LINEAR_BWD_PATHS.get(key)
+    if path is None:
+        from vitfast.timing import caller_ms
+
+        warmup, calls = (1, 2) if kernels.autotune_mode() == "quick" else (3, 20)
+        timers = {name: (lambda f=f: caller_ms(f, device=dy.device, calls=calls, warmup=warmup))
+                  for name, f in (("triton", fused), ("torch", unfused))}
+        path = _fastest_path(key, timers, _LINEAR_BWD_PATHS, torch.cuda.is_current_stream_capturing(), "torch")
+    return fused() if path == "triton" else unfused()
+
+
+def _linear_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None,
+                  z: Tensor | None, activation: str | None, need) -> tuple:
+    """Gradients of y = act(z)·scale + residual, z = x Wᵀ + b, in the op's input order: dresidual = dy;
+    dz = dy·scale ⊙ act'(z); dx = dz W (on the Triton path one kernel forms dz while it reads dy and also
+    returns Σ dy ⊙ act(z), layer-scale's gradient); dW = dzᵀ x and db = Σ dz (cuBLAS GEMM, a sum over the
+    rows). z: the saved pre-activation, or None to rebuild it with one GEMM when it is needed."""
+    N, K = weight.shape
+    need_dscale = scale is not None and bool(need[5])
+    need_dz = bool(need[1]) or (bias is not None and bool(need[2]))
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    if z is not None:
+        z2 = z.reshape(-1, N)
+    elif activation is not None or need_dscale:
+        z2 = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    else:
+        z2 = None
+    dscale = None
+    if activation is None and scale is None:
+        dz2, dx2 = dy2, (dy2 @ weight if need[0] else None)
+    elif need[0] and use_triton(dy) and dy.dtype != torch.float64:
+        dx2, dz2, dscale = _linear_bwd_op(dy2, z2, weight, scale, activation, need_dz, need_dscale)
+    else:
+        dx2, dz2, dscale = _linear_bwd_torch(dy2, z2, weight, scale, activation, bool(need[0]), need_dscale)
+    dx = dx2.reshape(x.shape) if need[0] else None
+    dw = dz2.t() @ x2 if need[1] else None
+    db = dz2.sum(0) if bias is not None and need[2] else None
+    return dx, dw, db, None, (dy if need[4] else None), (dscale if need_dscale else None)
+
+
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, activation, residual, scale = inputs
     ctx.save_for_backward(x, weight, bias, scale)
-    ctx.activation, ctx.has_bias = activation, bias is not None
+    ctx.activation = activation
 
 
 def _linear_backward(ctx, dy):
-    """y = act(z)·scale + residual with z = x Wᵀ + b: dresidual = dy; dscale = Σ dy ⊙ act(z); dz = dy·scale ⊙
-    act'(z) (the pre-activation recomputed with one GEMM when there is an activation or a scale);
-    dx = dz W, dW = dzᵀ x, db = Σ dz (cuBLAS GEMMs, reductions over the rows)."""
+    """The fused op under autograd (torch.ops / torch.compile users): z rebuilt with one GEMM when needed."""
     x, weight, bias, scale = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    K, N = weight.shape[1], weight.shape[0]
-    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
-    z = None
-    if ctx.activation is not None or (scale is not None and need[5]):
-        z = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    dscale = (dy2 * reference.activate(z, ctx.activation)).sum(0) if scale is not None and need[5] else None
-    dz = dy2 * scale if scale is not None else dy2
-    dz = _activation_grad(dz, z, ctx.activation) if ctx.activation is not None else dz
-    dx = (dz @ weight).reshape(x.shape) if need[0] else None
-    dw = dz.t() @ x2 if need[1] else None
-    db = dz.sum(0) if bias is not None and need[2] else None
-    dres = dy if need[4] else None
-    return dx, dw, db, None, dres, dscale
+    return _linear_grads(dy, x, weight, bias, scale, None, ctx.activation, ctx.needs_input_grad)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_preact_setup(ctx, inputs, output):
+    x, weight, bias, activation, residual, scale = inputs
+    ctx.save_for_backward(x, weight, bias, scale, output[1])
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+
+
+def _linear_preact_backward(ctx, dy, _dz):
+    x, weight, bias, scale, z = ctx.saved_tensors
+    return _linear_grads(dy, x, weight, bias, scale, z, ctx.activation, ctx.needs_input_grad)
+
+
+_linear_preact_op.register_autograd(_linear_preact_backward, setup_context=_linear_preact_setup)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
@@ -720,14 +842,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     _check_linear(x, weight, bias, activation, residual, scale)
     if _direct(x, weight, bias, residual, scale):
         return _linear_impl(x, weight, bias, activation, residual, scale)
-    if (activation is not None or scale is not None) and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual, scale)):
-        # Training: the GEMM (bias in its epilogue) as the op, the activation / layer-scale / residual after
-        # it through torch's autograd, which keeps the pre-activation z for act'(z): the backward then
-        # needs no second GEMM to rebuild z (the fused form saves only its inputs).
-        y = reference.activate(_linear_op(x, weight, bias, None, None, None), activation)
-        y = y if scale is None else y * scale
-        return y if residual is None else y + residual
+    if torch.is_grad_enabled() and ((scale is not None and scale.requires_grad) or (activation is not None and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)))):
+        # Training: the same fused GEMM also stores the pre-activation z, which the backward reads for act'(z)
+        # (and the layer-scale gradient) instead of a second GEMM rebuilding it.
+        return _linear_preact_op(x, weight, bias, activation, residual, scale)[0]
     return _linear_op(x, weight, bias, activation, residual, scale)
 
 

@@ -1,8 +1,9 @@
 """Tuning that persists, and `vitfast tune`.
 
-What vitfast learns by timing on a GPU — each Triton autotuner's config per shape key, and `ops.linear`'s
-choice between cuBLAS and its Triton forms per shape — is kept on disk, so that a new process runs no
-timing for shapes it has seen:
+What vitfast learns by timing on a GPU — each Triton autotuner's config per shape key (forward and
+backward kernels), and `ops.linear`'s choice between cuBLAS and its Triton forms per shape (forward, and
+the backward's fused kernel against torch's elementwise pass + cuBLAS) — is kept on disk, so that a new
+process runs no timing for shapes it has seen:
 
     $VITFAST_CACHE_DIR (default ~/.cache/vitfast) / tuning-<gpu>-<hash>.json
 
@@ -16,7 +17,7 @@ processes wrote meanwhile. Nothing is read or written under VITFAST_AUTOTUNE=qui
     vitfast tune --model vit_base_patch16_224 --batch-size 256 [--dtype bf16]
 
 runs the model once at every batch-size bucket the engine uses (1, 2, 4, ... and the batch size), which
-tunes every shape of its forward ahead of time.
+tunes every shape of its forward ahead of time (a training run tunes its backward shapes on its first step).
 """
 
 from __future__ import annotations
@@ -169,7 +170,10 @@ def install(kernels) -> None:
     """Give every Triton autotuner of `kernels` (vitfast.kernels, imported) a persistent cache."""
     tuners = {"attention": kernels.attention._attention_fwd_kernel, "linear": kernels.linear._linear_kernel,
               "linear_persistent": kernels.linear._linear_persistent_kernel,
-              "patch_embed": kernels.patch_embed._patch_embed_kernel}
+              "patch_embed": kernels.patch_embed._patch_embed_kernel,
+              "attention_bwd_dkdv": kernels.attention._attention_bwd_dkdv_kernel,
+              "attention_bwd_dq": kernels.attention._attention_bwd_dq_kernel,
+              "linear_bwd": kernels.linear._linear_bwd_kernel}
     for name, tuner in tuners.items():
         if not isinstance(tuner.cache, PersistentTable):
             tuner.cache = autotuner_table(name, tuner)
@@ -219,7 +223,8 @@ def _tables(kernels) -> dict:
     return {"linear paths": ops._LINEAR_PATHS, "attention": kernels.attention._attention_fwd_kernel.cache,
             "linear": kernels.linear._linear_kernel.cache,
             "linear persistent": kernels.linear._linear_persistent_kernel.cache,
-            "patch_embed": kernels.patch_embed._patch_embed_kernel.cache}
+            "patch_embed": kernels.patch_embed._patch_embed_kernel.cache,
+            "linear backward paths": ops._LINEAR_BWD_PATHS}
 
 
 if __name__ == "__main__":
