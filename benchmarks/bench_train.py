@@ -11,6 +11,9 @@ with the median step time, images/s, the peak memory of a step (CUDA) and the sp
 and compile. ViT-B/16 in bf16 (parameters and AdamW state in bf16) at batch 64 on a GPU; a ViT-Ti in
 fp32 at batch 2 without one (a dry run of the script: those numbers say nothing about GPU speed).
 
+Linear backward alone (GPU): ViT-B's fc1 with GELU, the layer's backward against torch's, and the fused
+dX / dZ kernel against torch's gelu_backward + cuBLAS (the two paths vitfast's dispatch chooses between).
+
 Attention backward alone: dq, dk, dv of one ViT-B layer's attention (12 heads of 64, N = 197 and 577,
 batch 64) by vitfast's kernels and by SDPA's backward (the flash backend where torch picks it), in
 TFLOP/s counting 2.5 x the forward's 4·B·H·N²·D (FlashAttention-2's count, recompute included).
@@ -124,6 +127,35 @@ def attention_backward(batch: int, dtype, reps: int) -> list[dict]:
     return rows
 
 
+def linear_backward(batch: int, dtype, reps: int, K: int = 768, N: int = 3072) -> list[dict]:
+    """ViT-B's fc1 (768 -> 3072, GELU) at `batch` images of 197 tokens: the layer's backward (dX, dW, db) through
+    autograd, vitfast's training path against torch's F.gelu(F.linear(...)); then the two ways vitfast can form
+    dX and dZ = dY ⊙ GELU'(z), which its dispatch times against each other: the fused Triton kernel, and
+    torch's gelu_backward + cuBLAS. TFLOP/s count 2·M·N·K per GEMM (two in the layer, one in the dX rows)."""
+    M = batch * 197
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = (torch.randn(N, K, device=DEVICE) * K ** -0.5).to(dtype).requires_grad_()
+    b = torch.zeros(N, device=DEVICE, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    gemm = 2 * M * N * K
+    rows = []
+    for name, out in (("layer backward: vitfast", ops.linear(x, w, b, activation="gelu")),
+                      ("layer backward: torch", F.gelu(F.linear(x, w, b)))):
+        ms = _median_ms(lambda o=out: torch.autograd.grad(o, (x, w, b), dy, retain_graph=True), reps)
+        rows.append({"what": name, "ms": ms, "tflops": 2 * gemm / ms / 1e9})
+    z, w0 = F.linear(x, w, b).detach(), w.detach()
+    kernels = ops._kernels()
+    for name, fn in (("dX + dZ: fused Triton kernel",
+                      lambda: kernels.linear.linear_backward(dy, z, w0, None, "gelu")),
+                     ("dX + dZ: gelu_backward + cuBLAS",
+                      lambda: ops._linear_bwd_torch(dy, z, w0, None, "gelu", True, False))):
+        ms = _median_ms(fn, reps)
+        rows.append({"what": name, "ms": ms, "tflops": gemm / ms / 1e9})
+    chosen = sorted({v for k, v in ops._LINEAR_BWD_PATHS.items() if k[2:4] == (N, K)})
+    rows[0]["what"] += f" (dX path chosen: {', '.join(chosen) or '?'})"
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: vit_base_patch16_224 on a GPU, vit_tiny_patch16_224 on CPU")
@@ -150,6 +182,7 @@ def main(argv=None) -> int:
         fns[b] = lambda x, y, m=model, o=opt: step(m, o, x, y)
     results = time_steps(fns, (x, labels), steps, warmup=3 if HAS_CUDA else 1)
     attn = attention_backward(batch, dtype, reps=20 if HAS_CUDA else 2) if HAS_CUDA else []
+    lin = linear_backward(batch, dtype, reps=20) if HAS_CUDA else []
     where = torch.cuda.get_device_name() if HAS_CUDA else "cpu (a dry run: says nothing about GPU speed)"
     lines = [f"# bench_train: {name} {str(dtype).replace('torch.', '')} batch {batch} on {where}, torch "
              f"{torch.__version__}, {datetime.date.today()}", "",
@@ -169,6 +202,10 @@ def main(argv=None) -> int:
         lines += ["", "| attention backward | tokens | batch | ms | TFLOP/s |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['backend']} | {r['tokens']} | {r['batch']} | {r['ms']:.3f} | {r['tflops']:.1f} |"
                   for r in attn]
+    if lin:
+        lines += ["", f"| linear backward (fc1 768 -> 3072, GELU, {batch * 197} rows) | ms | TFLOP/s |",
+                  "|---|---:|---:|"]
+        lines += [f"| {r['what']} | {r['ms']:.3f} | {r['tflops']:.1f} |" for r in lin]
     text = "\n".join(lines)
     print(text)
     if args.json:
@@ -176,7 +213,7 @@ def main(argv=None) -> int:
             "model": name, "batch": batch, "dtype": str(dtype), "device": where, "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "steps": {b: {"ms": ms, "peak_bytes": peak, "error": err} for b, (ms, peak, err) in results.items()},
-            "attention_backward": attn, "markdown": text}, indent=1))
+            "attention_backward": attn, "linear_backward": lin, "markdown": text}, indent=1))
     return 0
 
 

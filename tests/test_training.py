@@ -70,3 +70,22 @@ def test_torch_compile_traces_forward_and_backward():
     got = torch.autograd.grad(compiled(x, *params), [x, *params])
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_bench_train_linear_backward_rows():
+    """benchmarks/bench_train.py's linear-backward section (a GPU table) on a small fc1 under the interpreter:
+    the layer's backward by vitfast and torch, and the two dX / dZ paths, each timed, TFLOP/s from its ms."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("vitfast_bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.linear_backward(1, torch.float32, reps=1, K=32, N=48)
+    assert [r["what"].split(" (")[0] for r in rows] == [
+        "layer backward: vitfast", "layer backward: torch", "dX + dZ: fused Triton kernel",
+        "dX + dZ: gelu_backward + cuBLAS"]
+    gemm = 2 * 197 * 32 * 48
+    for r, flops in zip(rows, (2 * gemm, 2 * gemm, gemm, gemm)):
+        assert r["ms"] > 0 and r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
