@@ -205,6 +205,11 @@ def test_hf_output_objects_come_out_of_a_graph_whole():
         assert_close(out.loss, want.loss, name="loss")
         assert len(out.hidden_states) == 2 and out.attentions is None
     assert outs[2].logits.data_ptr() != outs[1].logits.data_ptr()
+    with torch.no_grad():                         # HF's own q projection changed in place: graphs recaptured,
+        hf.vit.layers[0].attention.q_proj.weight.add_(0.5)     # the packed qkv rebuilt from it
+        for _ in range(3):
+            assert_close(opt(pixel_values=x).logits, hf(pixel_values=x).logits)
+    assert opt.cuda_graphs.captures == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import vitfast
 from vitfast import reference
 from vitfast.checkpoint import load_checkpoint
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import CLASSES
+from vitfast.layers import JoinedLinear
 from vitfast.testing import MODEL_TOLERANCE, assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -107,6 +109,52 @@ def test_optimize_hf_families_share_weights():
     siglip = hf_model("SiglipVisionModel")
     core, head = vitfast.optimize(siglip).core, getattr(siglip, "vision_model", siglip).head
     assert core.attn_pool.latent is head.probe and core.attn_pool.proj.weight is head.attention.out_proj.weight
+
+
+# The converted model's parameters that are not HF's own tensor objects: reshaped views of HF's storage (CLIP's
+# class embedding [D] -> [1, 1, D], the position tables [T, D] -> [1, T, D]), or, for DINOv2 with registers, a
+# copy (the class token plus its position row; the table without that row is a view).
+NOT_HF_OBJECTS = {"CLIPVisionModel": {"core.cls_token": "view", "core.pos_embed": "view"},
+                  "CLIPVisionModelWithProjection": {"vision_model.core.cls_token": "view",
+                                                    "vision_model.core.pos_embed": "view"},
+                  "SiglipVisionModel": {"core.pos_embed": "view"},
+                  "Dinov2WithRegistersModel": {"core.cls_token": "copy", "core.pos_embed": "view"}}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_optimized_hf_trains_hf_tensors(name):
+    """optimize(hf) holds HF's parameters (q / k / v included: the packed qkv is built from them) and no others
+    but the few reshaped views and the one DINOv2-with-registers copy above; the views share HF's memory."""
+    hf = hf_model(name)
+    opt = vitfast.optimize(hf)
+    hf_ids = {id(p) for p in hf.parameters()}
+    others = {n: p for n, p in opt.named_parameters() if id(p) not in hf_ids}
+    expected = NOT_HF_OBJECTS.get(name, {})
+    assert set(others) == set(expected)
+    storages = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    for n, p in others.items():
+        assert (p.untyped_storage().data_ptr() in storages) == (expected[n] == "view"), n
+
+
+def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
+    a, b = nn.Linear(4, 3), nn.Linear(4, 2)
+    joined = JoinedLinear([(a, "weight", "bias", None), (b, "weight", "bias", None)])
+    want = lambda: (torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
+    with torch.no_grad():
+        w = joined.weight
+        assert torch.equal(w, want()[0]) and torch.equal(joined.bias, want()[1]) and joined.weight is w   # cached
+        a.weight.add_(1.0)                                        # in place: rebuilt
+        assert torch.equal(joined.weight, want()[0])
+        b.weight = nn.Parameter(torch.randn(2, 4))                # replaced: rebuilt
+        assert torch.equal(joined.weight, want()[0])
+    x, g = torch.randn(5, 4), torch.randn(5, 5)
+    (joined(x) * g).sum().backward()                              # grad mode: built live, gradients reach a and b
+    assert torch.allclose(torch.cat([a.weight.grad, b.weight.grad]), g.t() @ x, atol=1e-6)
+    assert torch.allclose(torch.cat([a.bias.grad, b.bias.grad]), g.sum(0), atol=1e-6)
+    mha = nn.MultiheadAttention(4, 2)
+    kv = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(4, 12))])
+    assert kv.weight.data_ptr() == mha.in_proj_weight[4:].data_ptr() and (kv.in_features, kv.out_features) == (4, 8)
+    assert JoinedLinear([(nn.Linear(4, 3, bias=False), "weight", "bias", None)]).bias is None
 
 
 def test_optimize_hf_family_refusals_are_named():

@@ -2,9 +2,10 @@
 
 Each supported transformers class becomes a module with the same forward arguments that returns the same
 output object, its transformer running as `.core`, a `vitfast.VisionTransformer` (or its distilled
-variant) with timm's layout, built from the HF weights by `vitfast.checkpoint.hf_to_timm` (parameters
-shared where the two hold the same values, copied once where they differ: packed q/k/v, and DINOv2 with
-registers' class token plus its position row):
+variant) with timm's layout, built from the HF weights by `vitfast.checkpoint.hf_to_timm`: HF's parameter
+tensors themselves, the packed q/k/v built from HF's separate projections (`layers.JoinedLinear`: HF's
+tensors stay the parameters and get the gradients), CLIP's / SigLIP's class embedding and position table
+as reshaped views, DINOv2 with registers' class token plus its position row as the one copy:
 
 | transformers class | output | last_hidden_state | pooler_output / heads |
 |---|---|---|---|
@@ -28,9 +29,10 @@ from __future__ import annotations
 from torch import nn
 
 from vitfast import ops
-from vitfast.checkpoint import hf_to_timm
+from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, hf_to_timm
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
 
@@ -76,6 +78,7 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     state = {k: v for k, v in hf_to_timm(base.state_dict(keep_vars=True)).items()
              if not k.startswith(("head.", "head_dist."))}
     core = _build(core_cfg, state, model, f, VisionTransformerDistilled if family == "deit" else VisionTransformer)
+    _join_projections(core, base)
     vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
     if head is None:
         return vision
@@ -86,6 +89,26 @@ def optimize_hf(model: nn.Module) -> nn.Module:
                                  model.distillation_classifier).train(model.training)
     return HFImageClassifier(cfg, vision, model.classifier, getattr(model, "loss_function", None),
                              _BASE_ATTR[family]).train(model.training)
+
+
+def _join_projections(core: VisionTransformer, base: nn.Module) -> None:
+    """Point each block's packed qkv at HF's own q / k / v projections, and SigLIP's pooling-head q / kv at the
+    rows of its packed in_proj (`JoinedLinear`): the converted model trains HF's parameters, and the copies
+    `hf_to_timm` made for `_build` are dropped."""
+    parts: dict[int, list] = {}
+    for key, _ in base.named_parameters():
+        m = _HF_LAYER.match(key)
+        stem, _, param = m.group(2).rpartition(".") if m else ("", "", "")
+        slot = _HF_LAYER_KEYS.get(stem, (None, None))[1]
+        if slot is not None and param == "weight":
+            parts.setdefault(int(m.group(1)), [None, None, None])[slot] = base.get_submodule(key.rpartition(".")[0])
+    for idx, modules in parts.items():
+        core.blocks[idx].attn.qkv = JoinedLinear([(mod, "weight", "bias", None) for mod in modules])
+    pool = getattr(base, "head", None)
+    if core.attn_pool is not None and isinstance(getattr(pool, "attention", None), nn.MultiheadAttention):
+        mha, dim = pool.attention, pool.attention.embed_dim
+        core.attn_pool.q = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(0, dim))])
+        core.attn_pool.kv = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(dim, 3 * dim))])
 
 
 def _core_config(cfg, family: str, f: _Findings) -> dict:

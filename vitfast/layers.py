@@ -15,7 +15,7 @@ No permute or contiguous copy sits between two ops.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vitfast import ops, reference
 from vitfast.reference import resample_pos_embed
@@ -151,3 +151,64 @@ class AttentionPoolLatent(reference.AttentionPoolLatent):
         out = ops.attention(q.view(B, 1, H, Dh).transpose(1, 2), k, v, scale=self.scale)     # (B, H, 1, Dh)
         y = ops.linear(out.transpose(1, 2).reshape(B, 1, D), self.proj.weight, self.proj.bias)   # (B, 1, D)
         return self.mlp(self.norm(y), residual=y)[:, 0]
+
+
+class JoinedLinear(nn.Module):
+    """An nn.Linear whose `weight` and `bias` are row ranges of other modules' parameters, which stay the
+    parameters: Hugging Face's separate q / k / v projections as timm's packed qkv, or the rows of a packed
+    in_proj. The converted model then trains (and its optimizer and `save_pretrained` see) the source's own
+    tensors, and holds no copy of them.
+
+    sources: (module, weight attribute, bias attribute or None, row slice or None for all rows) per part, in
+    row order. While autograd records a gradient, each access builds the tensor from the live parameters (a
+    concatenation, or a view for one part), so gradients reach them; otherwise one cached concatenation
+    serves, rebuilt when a part is replaced, moved or modified in place (its identity, data pointer or
+    version counter changes)."""
+
+    def __init__(self, sources):
+        super().__init__()
+        self.sources = nn.ModuleList([m for m, *_ in sources])
+        self._spec = [tuple(s[1:]) for s in sources]
+        self._cache: dict[int, tuple] = {}
+
+    @property
+    def weight(self) -> Tensor:
+        return self._joined(0)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._joined(1)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+    def _joined(self, which: int) -> Tensor | None:
+        parts = []
+        for module, spec in zip(self.sources, self._spec):
+            t = None if spec[which] is None else getattr(module, spec[which])
+            if t is None:
+                return None
+            parts.append(t if spec[2] is None else t[spec[2]])
+        live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
+        if len(parts) == 1 or live:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        try:
+            stamp = tuple((id(m), p.data_ptr(), p._version, p.dtype, p.device) for m, p in zip(self.sources, parts))
+        except RuntimeError:                 # inference tensors keep no version counter: nothing to cache by
+            return torch.cat(parts, 0)
+        cached = self._cache.get(which)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                cached = self._cache[which] = (stamp, torch.cat(parts, 0))
+        return cached[1]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts={len(self._spec)}"
