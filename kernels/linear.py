@@ -515,8 +515,9 @@ def linear_bwd_configs() -> list[triton.Config]:
     a 32-wide step for the 128-row tiles; the 64-wide steps on 4 warps of 128x64 / 128x128 spill on sm_90
     with the erf GELU (ptxas -v, bf16 and fp16)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # BLOCK_N=16 so the tests' N (12, 37, 48) run full and partial reduction steps.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        # BLOCK_N=16 so the tests' N (12, 37, 48) run full and partial reduction steps; BLOCK_M=64: two
+        # dscale partial sums per tile.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     tiles = [  # (BLOCK_M, BLOCK_K, BLOCK_N, num_stages, num_warps)
         (128, 128, 32, 3, 8),
         (128, 128, 32, 4, 8),
@@ -529,8 +530,9 @@ def linear_bwd_configs() -> list[triton.Config]:
             for bm, bk, bn, s, w in tiles]
 
 
-# dscale partial sums: one row per BLOCK_M rows of dY, allocated for the smallest BLOCK_M of any config.
-_MIN_BLOCK_M = 32
+# dscale partial sums: one row per DS_ROWS rows of dY, whatever the tile (BLOCK_M a multiple of it): every
+# config writes every row, so no value of a config timed while autotuning survives into the result.
+DS_ROWS = 32
 
 
 def _prune_bwd_configs(configs, named_args, **kwargs):
@@ -563,7 +565,7 @@ def _linear_bwd_kernel(
     s_ptr,   # [N] layer-scale (read when HAS_SCALE)
     dx_ptr,  # [M, K] output: dZ W
     dz_ptr,  # [M, N] output when STORE_DZ: dZ, for dW = dZᵀ x and db = Σ dZ
-    ds_ptr,  # [cdiv(M, _MIN_BLOCK_M), N] fp32 output when DSCALE: row pid_m = Σ over the tile's rows of dY ⊙ act(z)
+    ds_ptr,  # [cdiv(M, DS_ROWS), N] fp32 output when DSCALE: row r = Σ over dY rows r·DS_ROWS... of dY ⊙ act(z)
     M, N, K,
     M_BUCKET,  # autotune key only (see m_bucket)
     stride_dym, stride_dyn,
@@ -576,6 +578,7 @@ def _linear_bwd_kernel(
     HAS_SCALE: tl.constexpr,
     STORE_DZ: tl.constexpr,
     DSCALE: tl.constexpr,
+    DS_ROWS: tl.constexpr,          # rows of dY per dscale partial sum (BLOCK_M is a multiple of it)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only; fp16/bf16 ignore it)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -612,8 +615,12 @@ def _linear_bwd_kernel(
         if pid_k == 0:   # this row tile's dZ / dscale writer
             if STORE_DZ:
                 tl.store(dz_ptr + rows[:, None] * stride_dzm + n64[None, :] * stride_dzn, dz, mask=mask)
-            if DSCALE:   # masked rows load dY = 0: they add nothing
-                tl.store(ds_ptr + pid_m * N + offs_n, tl.sum(dy * _activate(z, ACTIVATION), axis=0), mask=n_mask)
+            if DSCALE:   # one partial sum per DS_ROWS rows; masked rows load dY = 0: they add nothing
+                GROUPS: tl.constexpr = BLOCK_M // DS_ROWS
+                prod = tl.reshape(dy * _activate(z, ACTIVATION), (GROUPS, DS_ROWS, BLOCK_N))
+                grp = pid_m * GROUPS + tl.arange(0, GROUPS)
+                grp_mask = (grp < tl.cdiv(M, DS_ROWS))[:, None] & n_mask[None, :]
+                tl.store(ds_ptr + grp[:, None] * N + offs_n[None, :], tl.sum(prod, axis=1), mask=grp_mask)
         w = tl.load(w_ptr + n64[:, None] * stride_wn64 + cols[None, :] * stride_wk, mask=n_mask[:, None], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION)
     mask = m_mask[:, None] & (offs_k < K)[None, :]
@@ -650,8 +657,7 @@ def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tens
     z2 = z.reshape(M, N) if reads_z else dy2                              # dummy when unused
     dx = torch.empty((*lead, K), dtype=dy.dtype, device=dy.device)
     dz = torch.empty((*lead, N), dtype=dy.dtype, device=dy.device) if need_dz else None
-    rows = triton.cdiv(M, _MIN_BLOCK_M)
-    ds = torch.zeros((rows, N), dtype=torch.float32, device=dy.device) if need_dscale else None
+    ds = torch.empty((triton.cdiv(M, DS_ROWS), N), dtype=torch.float32, device=dy.device) if need_dscale else None
     if K == 0 and M * N:   # dX is empty; dZ and dscale are not: run on one zero column
         dx1, dz, dscale = linear_backward(dy, z, weight.new_zeros((N, 1)), scale, activation, need_dz=need_dz,
                                           need_dscale=need_dscale)
@@ -675,6 +681,7 @@ def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tens
         HAS_SCALE=scale is not None,
         STORE_DZ=need_dz,
         DSCALE=need_dscale,
+        DS_ROWS=DS_ROWS,
         INPUT_PRECISION="tf32" if (fp32_tf32 or dy.dtype != torch.float32) else "ieee",
     )
     return dx, dz, None if ds is None else ds.sum(0).to(scale.dtype)

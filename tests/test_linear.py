@@ -525,6 +525,25 @@ def test_linear_backward_kernel_strided_inputs_and_empty_dims():
     assert dx.shape == (0, 24) and dz.shape == (0, 37) and torch.equal(ds, torch.zeros(37))
 
 
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_dscale_partial_sums_cover_every_row_whatever_the_tile(block_m):
+    """Autotuning runs each config into the same buffers before the chosen one runs: every config must write
+    every row of the layer-scale partial sums (one per DS_ROWS rows of dY, whatever BLOCK_M), so that none is
+    left from another config. The kernel launched directly with each tile height into a NaN-filled buffer."""
+    M, K, N = 200, 16, 24
+    dy, z, w, s = torch.randn(M, N), torch.randn(M, N), torch.randn(N, K) / 5, torch.rand(N) + 0.5
+    dx, dz = torch.empty(M, K), torch.empty(M, N)
+    ds = torch.full((-(-M // linear_kernels.DS_ROWS), N), float("nan"))
+    grid = (-(-M // block_m) * -(-K // 32),)
+    linear_kernels._linear_bwd_kernel.fn[grid](
+        dy, z, w, s, dx, dz, ds, M, N, K, M, *dy.stride(), *z.stride(), *w.stride(), s.stride(0), *dx.stride(),
+        *dz.stride(), ACTIVATION=1, HAS_SCALE=True, STORE_DZ=True, DSCALE=True, DS_ROWS=linear_kernels.DS_ROWS,
+        INPUT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_K=32, BLOCK_N=16, GROUP_M=4)
+    want = backward_reference64(dy, z, w, s, "gelu")
+    assert_close(ds.sum(0), want[2], dtype=torch.float32, name="dscale")
+    assert_close(dx, want[0], dtype=torch.float32, name="dx")
+
+
 @pytest.mark.parametrize("call,match", [
     (dict(activation="relu"), r"activation: expected one of \[None, 'gelu'"),
     (dict(dy=torch.zeros(3, 5)), r"dy: expected last dim 6 \(weight.shape\[0\]\), got shape \[3, 5\]"),
