@@ -729,7 +729,8 @@ def _linear_bwd_impl(dy: Tensor, z: Tensor | None, weight: Tensor, scale: Tensor
     else:                                                                                       # interpreter
         dx, dz, dscale = _kernels().linear.linear_backward(dy, z, weight, scale, activation, need_dz=need_dz,
                                                            need_dscale=need_dscale)
-    return dx, (dz if need_dz else dy.new_empty(0)), (dscale if need_dscale else dy.new_empty(0))
+    dz = (dz if dz is not dy else dy.clone()) if need_dz else dy.new_empty(0)   # an op's output never aliases dy
+    return dx, dz, (dscale if need_dscale else dy.new_empty(0))
 
 
 _linear_bwd_op = torch.library.custom_op("vitfast::linear_backward", _linear_bwd_impl, mutates_args=())
