@@ -3,9 +3,9 @@ no register spills and with the bf16 / fp16 dots lowered to Hopper's warpgroup t
 (`wgmma.mma_async`, never the Ampere-style `mma.sync`). Needs Triton's CUDA backend and the ptxas
 bundled with it, not a GPU: nothing is run.
 
-How a case is compiled: the real launcher (`attention_qkv`, `linear`, `patch_embed`) is called on
-CPU tensors with the autotuner's `run` intercepted, so the kernel receives exactly the arguments a
-ViT forward passes (strides equal to 1 become constexprs, 16-divisible ints and pointers get
+How a case is compiled: the real launcher (`attention_qkv`, `linear`, `patch_embed`, and the backward's
+`attention_qkv_backward`, `linear_backward`) is called on CPU tensors with the autotuner's `run`
+intercepted, so the kernel receives exactly the arguments a ViT forward (or backward) passes (strides equal to 1 become constexprs, 16-divisible ints and pointers get
 divisibility hints, as on the device). The autotuner's own prune function, run as on an H100 / H200,
 says which configs it keeps; each case compiles every one of them with `triton.compile` for
 GPUTarget("cuda", 90, 32), so a config the autotuner could pick on the device is never left
