@@ -5,11 +5,12 @@ bundled with it, not a GPU: nothing is run.
 
 How a case is compiled: the real launcher (`attention_qkv`, `linear`, `patch_embed`, and the backward's
 `attention_qkv_backward`, `linear_backward`) is called on CPU tensors with the autotuner's `run`
-intercepted, so the kernel receives exactly the arguments a ViT forward (or backward) passes (strides equal to 1 become constexprs, 16-divisible ints and pointers get
-divisibility hints, as on the device). The autotuner's own prune function, run as on an H100 / H200,
-says which configs it keeps; each case compiles every one of them with `triton.compile` for
-GPUTarget("cuda", 90, 32), so a config the autotuner could pick on the device is never left
-out. Registers and spills come from the `ptxas -v` log Triton writes.
+intercepted, so the kernel receives exactly the arguments a ViT forward (or backward) passes (strides
+equal to 1 become constexprs, 16-divisible ints and pointers get divisibility hints, as on the device).
+The autotuner's own prune function, run as on an H100 / H200, says which configs it keeps; each case
+compiles every one of them with `triton.compile` for GPUTarget("cuda", 90, 32), so a config the
+autotuner could pick on the device is never left out. Registers and spills come from the `ptxas -v` log
+Triton writes.
 
 Compilation happens in subprocesses (one Triton import each, ~1 s) without TRITON_INTERPRET, which
 conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter objects, and
