@@ -10,9 +10,9 @@
   given, ...), or its tuple with `return_dict=False` (vitfast.hf).
 - torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
 
-Parameters are shared with the source model (the same `nn.Parameter` objects); HF's separate q/k/v
-projections stay the parameters of timm's packed qkv (`layers.JoinedLinear`), and a few HF tensors are
-reshaped views or, for DINOv2 with registers' class token, a copy (vitfast.hf). dtype, device, train/eval
+Parameters are shared with the source model (the same `nn.Parameter` objects); tensors timm's layout
+holds in another form are built from the source's on use (HF's separate q/k/v as timm's packed qkv, CLIP's
+class embedding, ...: vitfast.hf), so the source's parameters are the only ones. dtype, device, train/eval
 mode and requires_grad are kept. timm, transformers and torchvision are never imported: models are
 recognised by their class names and attributes.
 

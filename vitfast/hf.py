@@ -2,10 +2,11 @@
 
 Each supported transformers class becomes a module with the same forward arguments that returns the same
 output object, its transformer running as `.core`, a `vitfast.VisionTransformer` (or its distilled
-variant) with timm's layout, built from the HF weights by `vitfast.checkpoint.hf_to_timm`: HF's parameter
-tensors themselves, the packed q/k/v built from HF's separate projections (`layers.JoinedLinear`: HF's
-tensors stay the parameters and get the gradients), CLIP's / SigLIP's class embedding and position table
-as reshaped views, DINOv2 with registers' class token plus its position row as the one copy:
+variant) with timm's layout, built from the HF weights by `vitfast.checkpoint.hf_to_timm`, whose
+parameters are HF's parameter tensors themselves: the packed q/k/v is built from HF's separate
+projections (`layers.JoinedLinear`), and CLIP's, SigLIP's and DINOv2-with-registers' class token and
+position table from HF's embeddings on each access (`VisionTransformer.derived_tensors`), so HF's tensors
+get the gradients and an optimizer over either model trains both:
 
 | transformers class | output | last_hidden_state | pooler_output / heads |
 |---|---|---|---|
@@ -79,6 +80,7 @@ def optimize_hf(model: nn.Module) -> nn.Module:
              if not k.startswith(("head.", "head_dist."))}
     core = _build(core_cfg, state, model, f, VisionTransformerDistilled if family == "deit" else VisionTransformer)
     _join_projections(core, base)
+    _derive_embeddings(core, base, family)
     vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
     if head is None:
         return vision
@@ -109,6 +111,44 @@ def _join_projections(core: VisionTransformer, base: nn.Module) -> None:
         mha, dim = pool.attention, pool.attention.embed_dim
         core.attn_pool.q = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(0, dim))])
         core.attn_pool.kv = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(dim, 3 * dim))])
+
+
+# The class token and position table in timm's layout, built from HF's embedding tensors on each access
+# (`VisionTransformer.derived_tensors`): views, or for DINOv2 with registers one small sum.
+def _class_embedding(core):                    # CLIP: [D] -> [1, 1, D]
+    return core.hf_embeddings.class_embedding.view(1, 1, -1)
+
+
+def _position_embedding(core):                 # CLIP / SigLIP: nn.Embedding [T, D] -> [1, T, D]
+    return core.hf_embeddings.position_embedding.weight.unsqueeze(0)
+
+
+def _registers_class_token(core):              # DINOv2 with registers: the class token plus its position row
+    e = core.hf_embeddings
+    return e.cls_token + e.position_embeddings[:, :1]
+
+
+def _registers_position_table(core):           # ... and the patches' rows (the registers have none)
+    return core.hf_embeddings.position_embeddings[:, 1:]
+
+
+_DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
+            "siglip": {"pos_embed": _position_embedding},
+            "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
+
+
+def _derive_embeddings(core: VisionTransformer, base: nn.Module, family: str) -> None:
+    """Replace the class token / position table that `_build` made from reshaped views or a sum of HF's
+    tensors with ones built from HF's embedding module on each access, which becomes a submodule of `core`:
+    HF's tensors are then the parameters (an optimizer over either model trains them, and gradients reach
+    them)."""
+    derived = _DERIVED.get(family, {})
+    if not derived:
+        return
+    core.hf_embeddings = base.embeddings
+    for name in derived:
+        delattr(core, name)
+    core.derived_tensors = dict(derived)
 
 
 def _core_config(cfg, family: str, f: _Findings) -> dict:

@@ -60,6 +60,15 @@ class VisionTransformer(reference.VisionTransformer):
         # = CUDAGraphRunner(False)` or `vitfast.optimize(model, cuda_graphs=False)` turns that off.
         self.cuda_graphs = CUDAGraphRunner()
 
+    def __getattr__(self, name: str):
+        # A converted model can hold tensors built from its source model's parameters on each access
+        # (vitfast.hf: CLIP's class embedding as [1, 1, D], DINOv2 with registers' class token plus its
+        # position row), so that the source's tensors stay the parameters: {name: function(model)}.
+        derived = self.__dict__.get("derived_tensors")
+        if derived is not None and name in derived:
+            return derived[name](self)
+        return super().__getattr__(name)
+
     def set_input_normalization(self, mean, std) -> VisionTransformer:
         """Fuse `(x - mean) / std` per channel (mean/std in [0, 1] units, e.g. ImageNet's) into the
         patch embedding. Images are then raw pixels: uint8 in 0..255 (divided by 255 in the kernel)
