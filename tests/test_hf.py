@@ -137,6 +137,16 @@ def test_optimized_hf_trains_hf_tensors(name):
             assert_close(p.grad, p64.grad, name=f"grad {n}")
 
 
+def test_derived_class_token_follows_hf_and_yields_to_an_assigned_parameter():
+    clip = hf_model("CLIPVisionModel")
+    core = vitfast.optimize(clip).core
+    with torch.no_grad():
+        clip.embeddings.class_embedding.add_(1.0)
+    assert torch.equal(core.cls_token, clip.embeddings.class_embedding.view(1, 1, -1))
+    core.cls_token = nn.Parameter(torch.zeros(1, 1, 48))
+    assert torch.equal(core.cls_token, torch.zeros(1, 1, 48)) and "cls_token" in dict(core.named_parameters())
+
+
 def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
     a, b = nn.Linear(4, 3), nn.Linear(4, 2)
     joined = JoinedLinear([(a, "weight", "bias", None), (b, "weight", "bias", None)])

@@ -69,6 +69,12 @@ class VisionTransformer(reference.VisionTransformer):
             return derived[name](self)
         return super().__getattr__(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        derived = self.__dict__.get("derived_tensors")
+        if derived is not None and name in derived:       # an assigned tensor replaces the derived one
+            del derived[name]
+        super().__setattr__(name, value)
+
     def set_input_normalization(self, mean, std) -> VisionTransformer:
         """Fuse `(x - mean) / std` per channel (mean/std in [0, 1] units, e.g. ImageNet's) into the
         patch embedding. Images are then raw pixels: uint8 in 0..255 (divided by 255 in the kernel)
