@@ -191,24 +191,27 @@ class JoinedLinear(nn.Module):
         return ops.linear(x, self.weight, self.bias)
 
     def _joined(self, which: int) -> Tensor | None:
-        parts = []
+        tensors, parts = [], []
         for module, spec in zip(self.sources, self._spec):
             t = None if spec[which] is None else getattr(module, spec[which])
             if t is None:
                 return None
+            tensors.append(t)
             parts.append(t if spec[2] is None else t[spec[2]])
         live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
         if len(parts) == 1 or live:
             return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        # The source tensors themselves are kept in the entry (identity cannot be fooled by a reused address);
+        # the version counter catches in-place updates, the data pointer, dtype and device a .to() / .half().
         try:
-            stamp = tuple((id(m), p.data_ptr(), p._version, p.dtype, p.device) for m, p in zip(self.sources, parts))
+            stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         except RuntimeError:                 # inference tensors keep no version counter: nothing to cache by
             return torch.cat(parts, 0)
-        cached = self._cache.get(which)
-        if cached is None or cached[0] != stamp:
+        hit = self._cache.get(which)
+        if hit is None or hit[1] != stamp or any(a is not b for a, b in zip(hit[0], tensors)):
             with torch.no_grad():
-                cached = self._cache[which] = (stamp, torch.cat(parts, 0))
-        return cached[1]
+                hit = self._cache[which] = (tuple(tensors), stamp, torch.cat(parts, 0))
+        return hit[2]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={len(self._spec)}"
