@@ -256,6 +256,31 @@ def test_fastest_path_times_once_and_never_while_capturing():
     assert ops._fastest_path("tie", timers, cache, capturing=False) == "triton"
 
 
+def test_backward_dispatch_logic_on_cpu_tensors(monkeypatch):
+    """The CUDA backward dispatch's own logic, run on CPU tensors under the interpreter (the device itself is
+    not needed by it): the fused kernel and torch's path are timed once per key and the choice cached (none
+    while capturing: torch's path, uncached); both paths give the same dX, dZ and layer-scale gradient."""
+    monkeypatch.setattr(ops, "_LINEAR_BWD_PATHS", {})
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    timed = []
+    import vitfast.timing
+    monkeypatch.setattr(vitfast.timing, "caller_ms", lambda fn, **kw: timed.append(fn()) or 1.0)
+    torch.manual_seed(0)
+    dy, z, w, s = torch.randn(40, 12), torch.randn(40, 12), torch.randn(12, 20) / 4, torch.rand(12) + 0.5
+    want = ops._linear_bwd_torch(dy, z, w, s, "gelu", True, True)
+    got = ops._linear_bwd_cuda(dy, z, w, s, "gelu", True, True)      # capturing: torch's path, nothing timed
+    assert not timed and not ops._LINEAR_BWD_PATHS
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    capturing[0] = False
+    got = ops._linear_bwd_cuda(dy, z, w, s, "gelu", True, True)
+    assert len(timed) == 2 and list(ops._LINEAR_BWD_PATHS.values()) == ["triton"]   # a tie goes to the first
+    ops._linear_bwd_cuda(dy, z, w, s, "gelu", True, True)
+    assert len(timed) == 2                                                          # decided once per key
+    for name, g, e in zip(("dx", "dz", "dscale"), got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_linear_candidates():
     """What the CUDA dispatch times once per key: the TMA form only where eligible, the persistent forms
     not for fp32 ieee; cuBLAS last (ties go to the earlier path); every Triton path maps to a variant."""
