@@ -370,10 +370,18 @@ def _linear_epilogue(
 VARIANTS = ("tiled", "persistent", "tma")
 
 
+_SMS: dict[int, int] = {}   # CUDA device index -> SM count (read once: launches are host-time critical)
+
+
 def _num_programs(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM on a GPU; 3 under the interpreter, so that small
     test problems give each program several tiles."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    if device.type != "cuda":
+        return 3
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def tma_eligible(x: torch.Tensor, weight: torch.Tensor, capability: tuple[int, int] | None) -> bool:
@@ -450,7 +458,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                     ("preact", preact)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
-    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda and variant == "tma" else None
     if variant == "tma" and M * N > 0 and not tma_eligible(x, weight, capability):
         raise ValueError(f"variant: 'tma' needs compute capability >= 9 (got {capability}), unit stride along K, "
                          f"16-byte aligned pointers and row strides, 0 < M, N, K < 2^31; got x {list(x.shape)} "
