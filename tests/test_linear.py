@@ -179,6 +179,15 @@ def test_cublas_fallback_epilogue_matches_reference():
         x, w, b, r = make_inputs(17, 64, 48, True, res, "3d", torch.float32, "cpu")
         y = ops._linear_cublas(x, w, b, activation, r)
         assert_close(y, reference64(x, w, b, activation, r), dtype=torch.float32)
+    # Training's form: the GEMM also writes the pre-activation into a buffer; y is a separate tensor.
+    for activation, bias in ((None, True), ("quick_gelu", False)):
+        x, w, b, r = make_inputs(17, 64, 48, bias, True, "3d", torch.float32, "cpu")
+        s, z = torch.rand(48) + 0.5, poisoned((*x.shape[:-1], 48), torch.float32)
+        y = ops._linear_cublas(x, w, b, activation, r, s, z)
+        assert y.data_ptr() != z.data_ptr()
+        assert_close(z, reference64(x, w, b, None, None), dtype=torch.float32, name="preact")
+        d = lambda t: None if t is None else t.double()
+        assert_close(y, reference.linear(d(x), d(w), d(b), activation, d(r), d(s)), dtype=torch.float32)
 
 
 # Every epilogue the CPU dispatch can meet: (activation, bias, residual, layer-scale).

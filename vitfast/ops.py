@@ -530,22 +530,7 @@ def _linear_candidates(tma_ok: bool, fp32_ieee: bool) -> tuple[str, ...]:
 def _linear_cublas(x, weight, bias, activation, residual, scale=None, preact=None):
     """cuBLAS GEMM with the bias in its epilogue, then the activation / layer-scale / residual in place
     (one elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation)."""
-    if preact is not None:
-        return _linear_torch_preact(x, weight, bias, activation, residual, scale, preact)
-    return reference.torch_linear(x, weight, bias, activation, residual, scale)
-
-
-def _linear_torch_preact(x, weight, bias, activation, residual, scale, preact):
-    """torch's GEMM (the bias in it) into `preact` [..., N], then y = act(z) · scale + residual as a new tensor."""
-    x2, z2 = x.reshape(-1, x.shape[-1]), preact.view(-1, weight.shape[0])
-    if bias is not None:
-        torch.addmm(bias, x2, weight.t(), out=z2)
-    else:
-        torch.mm(x2, weight.t(), out=z2)
-    y = reference.activate(preact, activation) if activation is not None else preact.clone()
-    if scale is not None:
-        y = y.mul_(scale)
-    return y if residual is None else y.add_(residual)
+    return reference.torch_linear(x, weight, bias, activation, residual, scale, preact)
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}     # device index -> compute capability
@@ -693,7 +678,7 @@ def _linear_preact_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activati
                         residual: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor]:
     z = x.new_empty((*x.shape[:-1], weight.shape[0]))
     if not use_triton(x) or x.dtype == torch.float64:
-        return _linear_torch_preact(x, weight, bias, activation, residual, scale, z), z
+        return reference.torch_linear(x, weight, bias, activation, residual, scale, preact=z), z
     if x.is_cuda:
         return _linear_cuda(x, weight, bias, activation, residual, scale, preact=z), z
     return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,

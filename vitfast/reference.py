@@ -188,9 +188,19 @@ def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
 
 
 def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-                 residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-    """F.linear (the bias in the GEMM), the activation, then scale and residual in place on the fresh output."""
-    y = activate(F.linear(x, weight, bias), activation)
+                 residual: Tensor | None = None, scale: Tensor | None = None, preact: Tensor | None = None) -> Tensor:
+    """F.linear (the bias in the GEMM), the activation, then scale and residual in place on the fresh output.
+    preact: a contiguous [..., N] buffer the GEMM writes z = x Wᵀ + b into (training keeps it); y is then a
+    new tensor."""
+    if preact is None:
+        y = activate(F.linear(x, weight, bias), activation)
+    else:
+        x2, z2 = x.reshape(-1, x.shape[-1]), preact.view(-1, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias, x2, weight.t(), out=z2)
+        else:
+            torch.mm(x2, weight.t(), out=z2)
+        y = activate(preact, activation) if activation is not None else preact.clone()
     if scale is not None:
         y = y.mul_(scale)
     return y if residual is None else y.add_(residual)
