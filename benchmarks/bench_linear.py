@@ -12,7 +12,8 @@ and the full MLP (fc1 + GELU, fc2 + residual): `vitfast.ops.mlp` vs eager.
     python benchmarks/bench_linear.py                          # markdown table
     pytest benchmarks/bench_linear.py --benchmark-only         # pytest-benchmark
 
-Without CUDA it runs a tiny CPU problem (the reference path: the Triton kernels need an NVIDIA GPU).
+Without CUDA, `main` times the CPU paths `ops.linear` chooses between at ViT-Ti rows instead (one
+thread; the Triton kernels need an NVIDIA GPU), and the pytest-benchmark suites run a tiny CPU problem.
 """
 
 from __future__ import annotations
@@ -83,11 +84,47 @@ def _time(fn, inputs):
     return bench(fn, inputs, device=DEVICE)
 
 
+# ViT-Ti/16 (C = 192): 2 images at 224 px (2 x 197 rows), one at 512 px (1025 rows).
+CPU_ROWS, CPU_WIDTH = (2 * 197, 1025), 192
+
+
+def cpu_main():
+    """Per ViT-Ti linear on the CPU, one thread, the calls timed in turn (vitfast.bench.Timer): F.linear then
+    the epilogue in place (what eager PyTorch runs), oneDNN's GEMM with the epilogue as a post-op reading the
+    plain weight (oneDNN reorders it on every call), the same with the weight packed once
+    (`ops._packed_weight`), and `ops.linear` under inference_mode (the path it chose for the shape)."""
+    from vitfast.bench import Timer
+
+    torch.set_num_threads(1)
+    print(f"# bench_linear  CPU, 1 thread  torch {torch.__version__}  {datetime.date.today()}  fp32, ViT-Ti "
+          f"(C = {CPU_WIDTH}), median of 30 interleaved calls")
+    print("\n| rows | layer | K -> N | epilogue | F.linear + epilogue ms | oneDNN ms | oneDNN packed ms "
+          "| vitfast ms | vitfast GFLOP/s | F.linear / vitfast | path |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    timer = Timer("cpu", reps=30, rep_ms=0)
+    for M in CPU_ROWS:
+        for name, K, N, act, res in vit_linears(CPU_WIDTH):
+            x = torch.randn(M, K)
+            w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
+            r = torch.randn(M, N) if res else None
+            fns = {"torch": lambda x, w, b, act, r: ops._linear_torch(x, w, b, act, r, None),
+                   "onednn": lambda x, w, b, act, r: ops._linear_mkldnn(x, w, b, act, r, None),
+                   "packed": lambda x, w, b, act, r: ops._linear_mkldnn(x, w, b, act, r, None, pack=True),
+                   "vitfast": lambda x, w, b, act, r: ops.linear(x, w, b, activation=act, residual=r)}
+            ms = timer.measure_interleaved(fns, [x, w, b, act, r])
+            key = next(k for k in ops._LINEAR_CPU_PATHS if k[:3] == (M, N, K))
+            path = ("F.linear", "oneDNN")[ops._LINEAR_CPU_PATHS[key]] + (" packed" if key[-1] else "")
+            epi = "+".join(["bias"] + ([act] if act else []) + (["residual"] if res else []))
+            gflops = 2.0 * M * N * K / (ms["vitfast"] * 1e-3) / 1e9
+            print(f"| {M} | {name} | {K} -> {N} | {epi} | {ms['torch']:.3f} | {ms['onednn']:.3f} | {ms['packed']:.3f} "
+                  f"| {ms['vitfast']:.3f} | {gflops:.1f} | {ms['torch'] / ms['vitfast']:.2f} | {path} |")
+
+
 def main():
-    props = torch.cuda.get_device_properties(0).name if HAS_CUDA else "CPU (no CUDA)"
-    print(f"# bench_linear  {props}  torch {torch.__version__}  {datetime.date.today()}  M = {M}")
     if not HAS_CUDA:
-        print("No CUDA device: the Triton kernels need an NVIDIA GPU. This tiny CPU run times the reference path.")
+        return cpu_main()
+    props = torch.cuda.get_device_properties(0).name
+    print(f"# bench_linear  {props}  torch {torch.__version__}  {datetime.date.today()}  M = {M}")
     print("\n| model | layer | dtype | K -> N | epilogue | vitfast ms | vitfast TF/s | triton TF/s | persistent TF/s "
           "| tma TF/s | cuBLAS TF/s | eager TF/s | vitfast / cuBLAS | path |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -4,6 +4,7 @@ variants (tiled, persistent, TMA descriptors: the interpreter emulates them); bf
 the cuBLAS/Triton dispatch and CUDA-graph capture run on a GPU."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -248,6 +249,111 @@ def test_cpu_path_falls_back_when_the_fused_op_fails(monkeypatch):
     x, w, b, _ = make_inputs(34, 64, 48, True, False, "3d", torch.float32, "cpu")
     assert_close(ops.linear(x, w, b, activation="gelu"), reference64(x, w, b, "gelu", None), dtype=torch.float32)
     assert list(ops._LINEAR_CPU_PATHS.values()) == [0]
+
+
+needs_pack = pytest.mark.skipif(not ops._MKLDNN_PACK, reason="this torch build has no oneDNN weight packing")
+
+
+def _oned_nn_path(monkeypatch):
+    """CPU tensors without the interpreter, every CPU linear key on oneDNN's path, no packed weight kept."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_PACKED", ops.WeakIdKeyDictionary())
+    paths = {}
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", paths)
+    monkeypatch.setattr(ops, "_cpu_fastest", lambda fns, args: 1)
+    return paths
+
+
+@needs_pack
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_weight_follows_every_change_of_the_weight(dtype, monkeypatch):
+    """Inference keeps each weight in oneDNN's layout: the output follows an in-place update (version
+    counter), a replaced tensor, `.data` swapped for another tensor (data pointer), and equals the float64
+    reference each time; the copy goes with the weight."""
+    import gc
+
+    _oned_nn_path(monkeypatch)
+    x, w, b, r = make_inputs(394, 96, 384, True, True, "3d", dtype, "cpu")
+    lin = torch.nn.Linear(96, 384).to(dtype)
+    d = lambda t: None if t is None else t.double()
+
+    def check(y, name, m=lin):
+        assert_close(y, reference.linear(d(x), d(m.weight), d(m.bias), "gelu", None), dtype=dtype,
+                     eager=reference.linear(x, m.weight, m.bias, "gelu"), name=name)
+
+    with torch.no_grad():
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "first call")
+        assert list(ops._PACKED.keys()) == [lin.weight]
+        packed = ops._PACKED[lin.weight][1]
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "cached")
+        assert ops._PACKED[lin.weight][1] is packed                      # no second reorder
+        lin.weight.mul_(-0.5)                                            # an optimizer / load_state_dict step
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "after an in-place update")
+        lin.weight.data = w.clone()                                      # Module.to() / .half() swap .data
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "after .data was replaced")
+        lin.weight = torch.nn.Parameter(w * 2)                           # a new Parameter
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "with a new parameter")
+        lin.weight.data.copy_(w)                   # bypasses the version counter: documented, cleared by hand
+        ops.clear_cpu_weight_cache()
+        assert len(ops._PACKED) == 0
+        check(ops.linear(x, lin.weight, lin.bias, activation="gelu"), "after clear_cpu_weight_cache")
+        assert_close(ops.linear(x, w, b, residual=r), reference.linear(d(x), d(w), d(b), None, d(r)), dtype=dtype,
+                     eager=reference.linear(x, w, b, None, r), name="residual post-op on a packed weight")
+    del lin, check
+    gc.collect()
+    assert list(ops._PACKED.keys()) == [w]                               # the dead weight's copy is gone
+
+
+@needs_pack
+def test_cpu_packed_weight_modes(monkeypatch):
+    """A pack made under inference_mode serves no_grad and grad-enabled calls with nothing to differentiate;
+    an inference tensor as the weight (no version counter) and a view are never packed; training takes the
+    plain weight (the op path: nothing kept), with the right gradient."""
+    _oned_nn_path(monkeypatch)
+    x, w, b, _ = make_inputs(197, 64, 192, True, False, "3d", torch.float32, "cpu")
+    want = reference64(x, w, b, "gelu_tanh", None)
+    with torch.inference_mode():
+        assert_close(ops.linear(x, w, b, activation="gelu_tanh"), want, dtype=torch.float32, name="inference_mode")
+        w_inf = w.clone()
+        assert_close(ops.linear(x, w_inf, b, activation="gelu_tanh"), want, dtype=torch.float32, name="inference w")
+    rows = torch.cat([torch.randn(5, 64), w])[5:]                        # a view (rows of a packed in_proj)
+    assert_close(ops.linear(x, rows, b, activation="gelu_tanh"), want, dtype=torch.float32, name="a view")
+    assert list(ops._PACKED.keys()) == [w]
+    with torch.no_grad():
+        assert_close(ops.linear(x, w, b, activation="gelu_tanh"), want, dtype=torch.float32, name="no_grad")
+    assert_close(ops.linear(x, w, b, activation="gelu_tanh"), want, dtype=torch.float32, name="grad enabled")
+    ops.clear_cpu_weight_cache()
+    wt = w.clone().requires_grad_()
+    y = ops.linear(x, wt, b, activation="gelu_tanh")
+    assert_close(y, want, dtype=torch.float32, name="training forward")
+    assert len(ops._PACKED) == 0
+    y.square().sum().backward()
+    w64 = w.double().requires_grad_()
+    reference.linear(x.double(), w64, b.double(), "gelu_tanh", None).square().sum().backward()
+    assert_close(wt.grad, w64.grad, dtype=torch.float32, name="dW")
+
+
+def test_cpu_fastest_times_interleaved_rounds_and_keeps_the_best():
+    """The once-per-shape CPU decision: a warm-up call each, then interleaved timed rounds (five here: far
+    inside the budget), the best time of each; a candidate that raises is dropped."""
+    calls = []
+
+    def fake(name, seconds):
+        def fn(*args):
+            calls.append(name)
+            if seconds is None:
+                raise RuntimeError("no kernel")
+            t = time.perf_counter() + seconds
+            while time.perf_counter() < t:
+                pass
+        return fn
+
+    fns = [fake("slow", 2e-3), fake("broken", None), fake("fast", 5e-4)]
+    assert ops._cpu_fastest(fns, ()) == 2
+    assert calls == ["slow", "broken", "fast"] + ["slow", "fast"] * 5
+    calls.clear()
+    assert ops._cpu_fastest(fns[:1] + fns[2:], (), rounds=50, budget_s=0.02) == 1
+    assert 3 * 2 <= len(calls) < 50 * 2                                   # the budget ends it early
 
 
 def test_fastest_path_times_once_and_never_while_capturing():

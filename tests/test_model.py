@@ -61,6 +61,37 @@ def test_equals_reference_and_state_dicts_interchange(case):
         assert torch.equal(again(x), out)
 
 
+
+def test_cpu_path_follows_training_and_loaded_weights(monkeypatch):
+    """CPU tensors without the interpreter (torch's CPU kernels, oneDNN GEMMs on weights packed once): the
+    model equals the float64 reference in eval, and after an optimizer step in train mode and after
+    load_state_dict its eval output follows the new weights (no stale packed copy)."""
+    from vitfast import ops
+
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_PACKED", ops.WeakIdKeyDictionary())
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", {})
+    monkeypatch.setattr(ops, "_cpu_fastest", lambda fns, args: len(fns) - 1)        # oneDNN wherever it can run
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model, ref, ref64 = pair(**kw)
+    x = images(kw)
+
+    def check(name):
+        ref64.load_state_dict(model.state_dict(), strict=True)
+        with torch.inference_mode():
+            assert_close(model.eval()(x), ref64(x.double()), name=name)
+
+    check("eval")
+    assert len(ops._PACKED) == 4 * kw["depth"]      # every block linear (the head reads a strided class-token view)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).square().mean().backward()
+    opt.step()
+    check("after an optimizer step")
+    model.load_state_dict(reference.VisionTransformer(**kw).state_dict())
+    check("after load_state_dict")
+
+
 def test_forward_head_pre_logits_and_pool():
     kw = CASES["avg"]
     model, ref, ref64 = pair(**kw)

@@ -210,7 +210,7 @@ def parse_args(argv) -> argparse.Namespace:
                         "e.g. 50,197,577,1025,2305,4097; the attention exponent is then fitted on these")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no new measurement starts (the rest are recorded as skipped)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 5)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement on CPU (median; default 15)")
     p.add_argument("--rep-ms", type=float, default=None,
                    help="milliseconds of repetitions per measurement on GPU (do_bench median; default 200)")
     p.add_argument("--quick", action="store_true",
@@ -852,7 +852,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     batch_sizes = sorted(set(args.batch_size or (GPU_BATCH_SIZES if gpu else (2,))))
     batch_size = batch_sizes[-1]                 # the attention sweep's and the op timings' batch
-    reps = args.reps or (1 if args.quick else 5)
+    reps = args.reps or (1 if args.quick else 15)
     rep_ms = args.rep_ms or (50 if args.quick else 200)
     if min(batch_sizes[0], reps, spec.depth) < 1:
         raise SystemExit("vitfast bench: --batch-size, --reps and --depth must be >= 1")

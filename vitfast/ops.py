@@ -22,6 +22,7 @@ import time
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from vitfast import reference, tuning
 
@@ -577,11 +578,16 @@ def _choose_linear_path(key, x, weight, bias, activation, residual, scale, preac
     return _fastest_path(key, timers, _LINEAR_PATHS, torch.cuda.is_current_stream_capturing())
 
 
-def _cpu_fastest(fns, args) -> int:
-    """Index of the fastest of `fns` on `args` (CPU): each called three times in turn, best of the last
-    two; a function that raises is never chosen. For decisions made once per shape."""
-    seconds = [[] for _ in fns]
-    for _ in range(3):
+def _cpu_fastest(fns, args, rounds: int = 5, budget_s: float = 0.2) -> int:
+    """Index of the fastest of `fns` on `args` (CPU), for decisions made once per shape: one warm-up call
+    each, then timed rounds of one call each in turn, the best time of each (interleaved, so a slow spell
+    of a shared machine falls on all of them). Up to `rounds` rounds; none after the second once `budget_s`
+    seconds have passed. A function that raises is never chosen."""
+    seconds: list[list[float] | None] = [[] for _ in fns]
+    start = time.perf_counter()
+    for r in range(rounds + 1):
+        if r > 2 and time.perf_counter() - start > budget_s:
+            break
         for i, fn in enumerate(fns):
             if seconds[i] is None:
                 continue
@@ -591,18 +597,53 @@ def _cpu_fastest(fns, args) -> int:
             except (RuntimeError, TypeError, NotImplementedError):   # an op this torch build or CPU lacks
                 seconds[i] = None
                 continue
-            seconds[i].append(time.perf_counter() - t0)
-    best = [min(s[1:]) if s else float("inf") for s in seconds]
+            if r:                                                    # round 0 is the warm-up
+                seconds[i].append(time.perf_counter() - t0)
+    best = [min(s) if s else float("inf") for s in seconds]
     return best.index(min(best))
 
 
 # oneDNN's GEMM with the activation or the residual add as a post-op (the kernel torch.compile's CPU
-# backend emits), unpacked weights: no elementwise pass after the GEMM.
+# backend emits): no elementwise pass after the GEMM.
 _MKLDNN_ACT = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
+_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_MKLDNN_PACK = _MKLDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+# weight -> (its data pointer and version, the weight in oneDNN's blocked layout). oneDNN reorders a plain
+# weight into that layout on every call; done once per weight (as torch.compile's CPU backend does when it
+# freezes a model) the GEMM is 5-10% faster at ViT shapes (benchmarks/RESULTS.md). The copy lives as long
+# as the weight and is made again when the weight is replaced, moved or modified in place (its data
+# pointer or version counter changes; a write through `.data` bypasses the counter: call
+# `clear_cpu_weight_cache()` after one).
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _linear_mkldnn(x, weight, bias, activation, residual, scale):
+def clear_cpu_weight_cache() -> None:
+    """Drop the oneDNN-layout copies of linear weights that CPU inference keeps (see `linear`)."""
+    _PACKED.clear()
+
+
+def _packed_weight(weight: Tensor, rows: int) -> Tensor:
+    """`weight` [N, K] in oneDNN's layout for a GEMM of about `rows` rows, kept per weight. The weight itself
+    when it is a view (one made on each access, such as rows of an in_proj, would be reordered on every
+    call) or carries no version counter (an inference tensor: an in-place change would go unseen)."""
+    if weight._base is not None:
+        return weight
+    try:
+        stamp = (weight.data_ptr(), weight._version)
+    except RuntimeError:
+        return weight
+    hit = _PACKED.get(weight)
+    if hit is None or hit[0] != stamp:
+        hit = _PACKED[weight] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+    return hit[1]
+
+
+def _linear_mkldnn(x, weight, bias, activation, residual, scale, pack=False):
     op = torch.ops.mkldnn._linear_pointwise
+    if pack:
+        weight = _packed_weight(weight, x.numel() // x.shape[-1])
     if residual is not None and scale is None and activation is None:
         return op.binary(x, residual, weight, bias, "add")
     attr, algorithm = _MKLDNN_ACT.get(activation, ("none", ""))
@@ -614,44 +655,50 @@ def _linear_mkldnn(x, weight, bias, activation, residual, scale):
     return y if residual is None else y.add_(residual)
 
 
-def _linear_torch(x, weight, bias, activation, residual, scale):
+def _linear_torch(x, weight, bias, activation, residual, scale, pack=False):
     return reference.torch_linear(x, weight, bias, activation, residual, scale).contiguous()
 
 
-# CPU linear: key (M, N, K, dtype, epilogue) -> index into _LINEAR_CPU of the faster path, timed once.
-# oneDNN's fused form is faster at most ViT shapes, slower at some tiny ones: hence the timing per key.
+# CPU linear: key (M, N, K, dtype, epilogue, packed weight) -> index into _LINEAR_CPU of the faster path,
+# timed once. oneDNN's fused form is faster at most ViT shapes, slower at some tiny ones: hence the timing
+# per key.
 _LINEAR_CPU_PATHS: dict[tuple, int] = {}
 _LINEAR_CPU = (_linear_torch, _linear_mkldnn)
-_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
-_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _linear_cpu(x, weight, bias, activation, residual, scale):
-    args = (x, weight, bias, activation, residual, scale)
+def _linear_cpu(x, weight, bias, activation, residual, scale, pack=False):
+    """pack: the oneDNN path may keep the weight in its layout (`_packed_weight`): a call with nothing to
+    differentiate. Training steps change the weights every step, so they take the plain weight."""
     # oneDNN reads a strided bias wrongly (silently): the fused path takes contiguous operands only.
     if (not _MKLDNN or x.dtype not in _MKLDNN_DTYPES or x.dim() < 2 or not x.numel() or not x.is_contiguous()
             or not weight.is_contiguous() or not (bias is None or bias.is_contiguous())
             or not (residual is None or residual.is_contiguous()) or not (scale is None or scale.is_contiguous())):
-        return _linear_torch(*args)
+        return _linear_torch(x, weight, bias, activation, residual, scale)
+    args = (x, weight, bias, activation, residual, scale, pack and _MKLDNN_PACK)
     key = (x.numel() // x.shape[-1], *weight.shape, x.dtype, bias is not None, activation,
-           residual is not None, scale is not None)
+           residual is not None, scale is not None, args[-1])
     best = _LINEAR_CPU_PATHS.get(key)
     if best is None:
         best = _LINEAR_CPU_PATHS[key] = _cpu_fastest(_LINEAR_CPU, args)
     return _LINEAR_CPU[best](*args)
 
 
-def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
-                 residual: Tensor | None, scale: Tensor | None) -> Tensor:
+def _linear_run(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                residual: Tensor | None, scale: Tensor | None, pack: bool = False) -> Tensor:
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if not use_triton(x) or x.dtype == torch.float64:
         if x.device.type == "cpu":
-            return _linear_cpu(x, weight, bias, activation, residual, scale)
+            return _linear_cpu(x, weight, bias, activation, residual, scale, pack)
         return _linear_torch(x, weight, bias, activation, residual, scale)
     if x.is_cuda:
         return _linear_cuda(x, weight, bias, activation, residual, scale)
     return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual,  # interpreter
                                     scale=scale)
+
+
+def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                 residual: Tensor | None, scale: Tensor | None) -> Tensor:
+    return _linear_run(x, weight, bias, activation, residual, scale)
 
 
 _linear_op = torch.library.custom_op("vitfast::linear", _linear_impl, mutates_args=())
@@ -823,11 +870,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     All tensors share x's dtype and device; fp32 uses tf32 when torch allows it for matmuls.
     Returns y [..., N] (contiguous) in x's dtype. On CUDA the first call per shape bucket times
     the Triton kernel against cuBLAS + one elementwise pass and keeps the faster (never while a
-    CUDA graph is being captured: call once before capturing).
+    CUDA graph is being captured: call once before capturing). On the CPU it times F.linear + the
+    epilogue against oneDNN's GEMM with the epilogue as a post-op; with nothing to differentiate, oneDNN
+    reads a copy of the weight in its own layout, kept while the weight lives and unchanged
+    (`clear_cpu_weight_cache`).
     """
     _check_linear(x, weight, bias, activation, residual, scale)
     if _direct(x, weight, bias, residual, scale):
-        return _linear_impl(x, weight, bias, activation, residual, scale)
+        return _linear_run(x, weight, bias, activation, residual, scale, pack=True)
     if torch.is_grad_enabled() and ((scale is not None and scale.requires_grad) or (activation is not None and any(
             t is not None and t.requires_grad for t in (x, weight, bias)))):
         # Training: the same fused GEMM also stores the pre-activation z, which the backward reads for act'(z)
