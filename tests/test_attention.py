@@ -235,6 +235,15 @@ def test_ops_reference_dtypes_on_cpu(dtype):
     assert out.dtype == dtype
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=32 ** -0.5))
     assert_close(out, reference.attention(*f64(q, k, v)), dtype=dtype, eager=reference.attention(q, k, v))
+    qkv = make_qkv(2, 17, 3, 32, True, dtype)
+    ref_out, ref_cls = reference.attention_qkv(qkv.double(), 3, return_cls_attn=True)
+    eager_out, eager_cls = reference.attention_qkv(qkv, 3, return_cls_attn=True)
+    out, cls_attn = ops.attention_qkv(qkv, 3, return_cls_attn=True)
+    assert out.is_contiguous() and cls_attn.is_contiguous() and cls_attn.dtype == torch.float32
+    assert_close(out, ref_out, dtype=dtype, eager=eager_out)
+    assert_close(cls_attn, ref_cls, dtype=dtype, eager=eager_cls, name="cls_attn")
+    assert torch.equal(ops.attention_qkv(qkv, 3), out)
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv, 3, 32 ** -0.5, False))
 
 
 def test_opcheck():

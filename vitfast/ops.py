@@ -17,6 +17,7 @@ Bad input raises ValueError naming the argument, what was expected and what came
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -103,27 +104,29 @@ def _require_extension():
 
 def _check_layer_norm(x, residual, weight, bias, eps) -> None:
     _check_float("x", x, _LAYER_NORM_DTYPES)
-    if x.dim() < 1:
+    shape, device, dtype = x.shape, x.device, x.dtype
+    if not shape:
         _fail("x: expected at least 1 dim [..., C], got a 0-dim tensor")
-    if x.is_cuda and x.dtype == torch.float64:
+    if dtype == torch.float64 and device.type == "cuda":
         _fail("x: expected dtype torch.float16, torch.bfloat16 or torch.float32 on CUDA, got torch.float64")
-    C = x.shape[-1]
+    C = shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         _check_float(name, t, _LAYER_NORM_DTYPES)
-        if t.dim() != 1 or t.shape[0] != C:
-            _fail(f"{name}: expected shape ({C},) (the last dim of x {tuple(x.shape)}), got {tuple(t.shape)}")
-        if t.device != x.device:
-            _fail(f"{name}: expected device {x.device} (like x), got {t.device}")
-    if weight.dtype not in (torch.float32, x.dtype):
-        _fail(f"weight: expected dtype {x.dtype} (like x){'' if x.dtype == torch.float32 else ' or torch.float32'}"
+        if t.shape != (C,):
+            _fail(f"{name}: expected shape ({C},) (the last dim of x {tuple(shape)}), got {tuple(t.shape)}")
+        if t.device != device:
+            _fail(f"{name}: expected device {device} (like x), got {t.device}")
+    if weight.dtype not in (torch.float32, dtype):
+        _fail(f"weight: expected dtype {dtype} (like x){'' if dtype == torch.float32 else ' or torch.float32'}"
               f", got {weight.dtype}")
-    _check_same("bias", bias, "weight", weight)
+    if bias.dtype != weight.dtype:
+        _fail(f"bias: expected dtype {weight.dtype} (like weight), got {bias.dtype}")
     if residual is not None:
         _check_float("residual", residual, _LAYER_NORM_DTYPES)
         _check_same("residual", residual, "x", x)
-        if residual.shape != x.shape:
-            _fail(f"residual: expected shape {tuple(x.shape)} (like x), got {tuple(residual.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        if residual.shape != shape:
+            _fail(f"residual: expected shape {tuple(shape)} (like x), got {tuple(residual.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         _fail(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
@@ -274,12 +277,14 @@ def _attention_scale(scale, head_dim: int) -> float:
 # The ops return each query row's log-sum-exp (log2 domain, [B, H, N_Q] fp32) next to the output: the
 # Triton backward (FlashAttention-2) rebuilds the probabilities from it. On torch's path (CPU, float64)
 # it is zeros and unused: there the backward is SDPA's own, through autograd on a recomputed forward.
-def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, with_lse: bool = True
+                    ) -> tuple[Tensor, Tensor | None]:
     """(out, lse); with_lse=False (a direct call: nothing to differentiate) skips the lse."""
     if _attention_on_triton(q):
         lse = q.new_empty(q.shape[:3] if with_lse else (0,), dtype=torch.float32)   # every row written
         return _kernels().attention.attention(q, k, v, scale, lse=lse if with_lse else None), lse
-    return reference.torch_attention(q, k, v, scale).contiguous(), q.new_zeros(q.shape[:3], dtype=torch.float32)
+    lse = q.new_zeros(q.shape[:3], dtype=torch.float32) if with_lse else None
+    return reference.torch_attention(q, k, v, scale).contiguous(), lse
 
 
 def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -342,19 +347,25 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 
 
 def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, with_lse: bool = True
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, cls_attn or an empty tensor, lse); with_lse=False (a direct call) skips the lse."""
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(out, cls_attn, lse). The op (with_lse=True) returns an empty cls_attn when it was not asked for;
+    a direct call (with_lse=False: nothing to differentiate) gets None there and no lse."""
     B, N, _ = qkv.shape
     if _attention_on_triton(qkv):
-        lse = qkv.new_empty((B, num_heads, N) if with_lse else (0,), dtype=torch.float32)   # every row written
+        lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None   # every row written
         out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn,
-                                                           lse=lse if with_lse else None)
-        return out, cls_attn if cls_attn is not None else qkv.new_empty(0, dtype=torch.float32), lse
-    lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32)
-    if return_cls_attn:
-        out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True)
-        return out.contiguous(), cls_attn.contiguous(), lse
-    return reference.torch_attention_qkv(qkv, num_heads, scale).contiguous(), qkv.new_empty(0, dtype=torch.float32), lse
+                                                           lse=lse)
+    else:
+        lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None
+        if return_cls_attn:
+            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True)
+            cls_attn = cls_attn.contiguous()
+        else:
+            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale), None
+        out = out.contiguous()
+    if cls_attn is None and with_lse:
+        cls_attn = qkv.new_empty(0, dtype=torch.float32)
+    return out, cls_attn, lse
 
 
 def _attention_qkv_with_lse(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool
