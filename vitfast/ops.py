@@ -623,7 +623,7 @@ _MKLDNN_PACK = _MKLDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # weight -> (its data pointer and version, the weight in oneDNN's blocked layout). oneDNN reorders a plain
 # weight into that layout on every call; done once per weight (as torch.compile's CPU backend does when it
-# freezes a model) the GEMM is 5-10% faster at ViT shapes (benchmarks/RESULTS.md). The copy lives as long
+# freezes a model) the GEMM is 2-11% faster at ViT-Ti shapes (benchmarks/RESULTS.md). The copy lives as long
 # as the weight and is made again when the weight is replaced, moved or modified in place (its data
 # pointer or version counter changes; a write through `.data` bypasses the counter: call
 # `clear_cpu_weight_cache()` after one).
