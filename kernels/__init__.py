@@ -1,6 +1,6 @@
 """Triton kernels, one file per op (installed as `vitfast.kernels`), and what their launchers and
-autotuners share: the device's shared-memory limit, the TF32 setting, the autotune budget and the
-guard that keeps autotuning out of CUDA-graph captures."""
+autotuners share: host integer helpers, the device's shared-memory limit, the TF32 setting, the autotune
+budget and the guard that keeps autotuning out of CUDA-graph captures."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ import torch
 # briefly. For test runs on a GPU, where correctness matters and tuning time does not pay.
 AUTOTUNE_ENV = "VITFAST_AUTOTUNE"
 AUTOTUNE_MODES = ("full", "quick")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers: the launchers' grids and shapes. Not `triton.cdiv`, which since
+    Triton 3 is a constexpr function costing about 3 µs per call from Python, on every launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host integers (see `cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def smem_limit(device: torch.device) -> int:

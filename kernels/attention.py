@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
+from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 MAX_HEAD_DIM = 256
@@ -87,7 +87,7 @@ def _prune_configs(configs, named_args, **kwargs):
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     keep = [c for c in fits
-            if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n_kv))]
+            if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, next_power_of_2(n_kv))]
     return keep or [min(fits, key=words)]
 
 
@@ -249,7 +249,7 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     each at least 16 (tl.dot's minimum): 64 -> (64, 0), 80 -> (64, 16), 96 -> (64, 32), 8 -> (16, 0)."""
     lo = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - lo
-    return lo, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+    return lo, (max(16, next_power_of_2(rest)) if rest > 0 else 0)
 
 
 def _check_out(name: str, t: torch.Tensor, shape, dtype, device):
@@ -289,7 +289,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = D ** -0.5 if scale is None else float(scale)
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)
+    grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)
     _attention_fwd_kernel[grid](
         q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -554,11 +554,11 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, DOT_PRECISION=precision)
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](
+    _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](
         q, k, v, dout, lse, delta, dk, dv, *qkvo_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="n", **common)
-    _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
+    _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
         q, k, v, dout, lse, delta, dq, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="m", **common)
     return dq, dk, dv

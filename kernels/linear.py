@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
+from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 # activation name -> the kernel's ACTIVATION constexpr
@@ -44,7 +44,7 @@ ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 def m_bucket(M: int) -> int:
     """Autotune / dispatch bucket for the row count: the next power of two (>= 16), so a new batch
     size re-uses the tuning of a nearby one instead of re-tuning."""
-    return max(16, triton.next_power_of_2(max(M, 1)))
+    return max(16, next_power_of_2(max(M, 1)))
 
 
 def linear_configs() -> list[triton.Config]:
@@ -83,7 +83,7 @@ def _prune_configs(configs, named_args, **kwargs):
     if not x.is_cuda:
         return configs
     limit = _smem_limit(x.device) - 8 * 1024   # head-room: epilogue layout conversions use shared memory
-    m_cap, n_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(N))
+    m_cap, n_cap = max(64, next_power_of_2(M)), max(64, next_power_of_2(N))
     smem = lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
     fma = x.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
     acc_per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
@@ -370,18 +370,28 @@ def _linear_epilogue(
 VARIANTS = ("tiled", "persistent", "tma")
 
 
-_SMS: dict[int, int] = {}   # CUDA device index -> SM count (read once: launches are host-time critical)
+# CUDA device index -> (compute capability, SM count), read once: launches are host-time critical.
+_DEVICES: dict[int, tuple[tuple[int, int], int]] = {}
+
+
+def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    facts = _DEVICES.get(index)
+    if facts is None:
+        props = torch.cuda.get_device_properties(index)
+        facts = _DEVICES[index] = ((props.major, props.minor), props.multi_processor_count)
+    return facts
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA `device`, read once per device."""
+    return _device_facts(device)[0]
 
 
 def _num_programs(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM on a GPU; 3 under the interpreter, so that small
     test problems give each program several tiles."""
-    if device.type != "cuda":
-        return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return _device_facts(device)[1] if device.type == "cuda" else 3
 
 
 def tma_eligible(x: torch.Tensor, weight: torch.Tensor, capability: tuple[int, int] | None) -> bool:
@@ -454,13 +464,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError(f"{name}: expected shape [{N}], got {list(t.shape)}")
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
+    dtype, device = x.dtype, x.device
     for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("residual", residual), ("out", out),
                     ("preact", preact)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name}: expected {x.dtype} on {x.device} (like x), got {t.dtype} on {t.device}")
-    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda and variant == "tma" else None
-    if variant == "tma" and M * N > 0 and not tma_eligible(x, weight, capability):
-        raise ValueError(f"variant: 'tma' needs compute capability >= 9 (got {capability}), unit stride along K, "
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"{name}: expected {dtype} on {device} (like x), got {t.dtype} on {t.device}")
+    cc = device_capability(device) if x.is_cuda and variant == "tma" else None
+    if variant == "tma" and M * N > 0 and not tma_eligible(x, weight, cc):
+        raise ValueError(f"variant: 'tma' needs compute capability >= 9 (got {cc}), unit stride along K, "
                          f"16-byte aligned pointers and row strides, 0 < M, N, K < 2^31; got x {list(x.shape)} "
                          f"strides {x.stride()}, weight {list(weight.shape)} strides {weight.stride()}, {x.dtype}")
 
@@ -484,7 +495,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out
 
     fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and tf32_enabled()
-    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    tiles = lambda meta: cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     if variant == "tiled":
         kernel, grid, extra = _linear_kernel, lambda meta: (tiles(meta),), {}
     else:
@@ -496,12 +507,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel[grid](
         x2, weight, b, s, r2, y2, z2,
         M, N, K, m_bucket(M),
-        x2.stride(0), x2.stride(1),
-        weight.stride(0), weight.stride(1),
+        *x2.stride(), *weight.stride(),               # 2-D: (row, column) strides
         b.stride(0), s.stride(0),
-        r2.stride(0), r2.stride(1),
-        y2.stride(0), y2.stride(1),
-        z2.stride(0), z2.stride(1),
+        *r2.stride(), *y2.stride(), *z2.stride(),
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         HAS_SCALE=scale is not None,
@@ -556,7 +564,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
     reads_z = kwargs["ACTIVATION"] != 0 or kwargs["DSCALE"]
     smem = lambda c: c.num_stages * c.kwargs["BLOCK_N"] * (
         c.kwargs["BLOCK_M"] * (2 if reads_z else 1) + c.kwargs["BLOCK_K"]) * dy.element_size()
-    m_cap, k_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(K))
+    m_cap, k_cap = max(64, next_power_of_2(M)), max(64, next_power_of_2(K))
     kept = [c for c in configs if smem(c) <= limit and c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_K"] <= k_cap
             and not (fma and acc_per_thread(c) > 64)]
     return kept or [min(configs, key=smem)]
@@ -666,7 +674,7 @@ def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tens
     z2 = z.reshape(M, N) if reads_z else dy2                              # dummy when unused
     dx = torch.empty((*lead, K), dtype=dy.dtype, device=dy.device)
     dz = torch.empty((*lead, N), dtype=dy.dtype, device=dy.device) if need_dz else None
-    ds = torch.empty((triton.cdiv(M, DS_ROWS), N), dtype=torch.float32, device=dy.device) if need_dscale else None
+    ds = torch.empty((cdiv(M, DS_ROWS), N), dtype=torch.float32, device=dy.device) if need_dscale else None
     if K == 0 and M * N:   # dX is empty; dZ and dscale are not: run on one zero column
         dx1, dz, dscale = linear_backward(dy, z, weight.new_zeros((N, 1)), scale, activation, need_dz=need_dz,
                                           need_dscale=need_dscale)
@@ -676,7 +684,7 @@ def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tens
     dx2, dz2 = dx.view(M, K), (dz.view(M, N) if dz is not None else dy2)
     s = scale if scale is not None else dy2
     fp32_tf32 = dy.dtype == torch.float32 and dy.is_cuda and tf32_enabled()
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
     _linear_bwd_kernel[grid](
         dy2, z2, weight, s, dx2, dz2, ds if ds is not None else dx2,
         M, N, K, m_bucket(M),

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, tf32_enabled
+from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 
@@ -223,14 +223,14 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dummy = weight   # stands in for absent optional tensors; never read (the HAS_* flag is off)
     use_tf32 = weight.dtype == torch.float32 and images.is_cuda and tf32_enabled()
     M, K = B * n_tok, C * P * P
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D, meta["BLOCK_N"]),)
     _patch_embed_kernel[grid](
         images, weight,
         bias if bias is not None else dummy, prefix if prefix is not None else dummy,
         pos_embed if pos_embed is not None else dummy,
         mean_v if mean_v is not None else dummy, std_v if std_v is not None else dummy,
         out,
-        M, D, K, triton.next_power_of_2(M), n_tok, grid_w,
+        M, D, K, next_power_of_2(M), n_tok, grid_w,
         *images.stride(), *weight.stride(),
         stride0(bias), *(prefix.stride() if prefix is not None else (0, 0)),
         pos_embed.stride(0) if pos_embed is not None else 0, pos_embed.stride(1) if pos_embed is not None else 0,

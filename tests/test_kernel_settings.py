@@ -162,3 +162,32 @@ def test_new_shape_during_capture_raises_and_a_warmed_shape_replays(name, monkey
     assert len(tuner.cache) == 1
     capturing["on"] = True
     assert_close(run(), expected, dtype=torch.float32)     # a tuned key launches inside a capture
+
+
+def test_host_integer_helpers_equal_tritons():
+    """The launchers' grids use kernels.cdiv / next_power_of_2 (plain Python), not Triton's constexpr
+    functions (microseconds per call from the host): the same values."""
+    for n in [*range(1, 1100), 2**31 - 1, 2**31, 2**31 + 1, 50432, 12345678901]:
+        assert kernels.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128, 257):
+            assert kernels.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert kernels.cdiv(0, 64) == 0 and kernels.next_power_of_2(0) == 1
+
+
+def test_device_facts_are_read_once_per_device(monkeypatch):
+    """The linear launcher's compute capability (TMA) and SM count (persistent grid) come from one read of
+    the device's properties per device, not one per launch."""
+    from types import SimpleNamespace
+
+    reads = []
+    props = {0: SimpleNamespace(major=9, minor=0, multi_processor_count=132),
+             1: SimpleNamespace(major=8, minor=0, multi_processor_count=108)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: reads.append(i) or props[i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(linear_kernels, "_DEVICES", {})
+    for _ in range(3):
+        assert linear_kernels.device_capability(torch.device("cuda", 0)) == (9, 0)
+        assert linear_kernels._num_programs(torch.device("cuda", 0)) == 132
+        assert linear_kernels._num_programs(torch.device("cuda")) == 108           # the current device
+    assert reads == [0, 1]
+    assert linear_kernels._num_programs(torch.device("cpu")) == 3                   # the interpreter

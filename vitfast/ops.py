@@ -545,19 +545,14 @@ def _linear_cublas(x, weight, bias, activation, residual, scale=None, preact=Non
     return reference.torch_linear(x, weight, bias, activation, residual, scale, preact)
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}     # device index -> compute capability
-
-
 def _linear_key(x, weight, bias, activation, residual, scale=None, preact=False) -> tuple:
     """Dispatch key: device, M bucket, N, K, dtype, tf32 setting, epilogue, whether the pre-activation is
     stored too (training), TMA eligibility (last; it depends on alignment and strides, so a cached
     "triton-tma" never meets operands it cannot read)."""
-    kernels, dev, K = _kernels(), x.device.index, x.shape[-1]
-    if dev not in _CAPABILITY:
-        _CAPABILITY[dev] = torch.cuda.get_device_capability(x.device)
-    return (dev, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
+    kernels, device, K = _kernels(), x.device, x.shape[-1]
+    return (device.index, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
             kernels.tf32_enabled(), bias is not None, activation, residual is not None, scale is not None,
-            preact, kernels.linear.tma_eligible(x, weight, _CAPABILITY[dev]))
+            preact, kernels.linear.tma_eligible(x, weight, kernels.linear.device_capability(device)))
 
 
 def _linear_cuda(x, weight, bias, activation, residual, scale, preact=None):
