@@ -8,19 +8,27 @@ not the kernels, sets its speed. Measured here:
   torch eager       the `torch` baseline of `vitfast bench` (timm-style eager PyTorch), for scale
   <op>              host time of one vitfast.ops call at the model's shapes, and of the torch call it
                     replaces (F.linear, SDPA, F.layer_norm)
+  launcher <op>     vitfast's own share of a Triton launch: the launcher (checks, allocation, grid, the
+                    kernel's arguments) with the kernel replaced by a stub that evaluates the grid and
+                    returns; what Triton's dispatcher adds after that is not in it. ViT-B/16 batch 2
+                    shapes on any device (on a CPU too: nothing runs)
 ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
 
-    python benchmarks/bench_host.py                    # table
+    python benchmarks/bench_host.py [--json out.json]   # table
     pytest benchmarks/bench_host.py --benchmark-only   # pytest-benchmark (host clock)
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +87,52 @@ def op_calls(model):
     ]
 
 
-def main() -> None:
+class _GridOnly:
+    """Stands in for a @triton.jit / autotuned kernel: `kernel[grid](*args, **meta)` evaluates the grid as
+    Triton does before a launch, and launches nothing."""
+    META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: grid(self.META) if callable(grid) else grid
+
+
+def launcher_us(calls: int = 20000) -> list[tuple[str, float]]:
+    """(name, best of 5 rounds of `calls` calls, in µs per call) of each Triton launcher with its kernel
+    stubbed (`_GridOnly`), at ViT-B/16 shapes with batch 2, on DEVICE."""
+    from vitfast.kernels import attention as A
+    from vitfast.kernels import linear as L
+    from vitfast.kernels import patch_embed as P
+
+    d = dict(device=DEVICE, dtype=DTYPE)
+    x, w, b = torch.randn(2, 197, 768, **d), torch.randn(2304, 768, **d), torch.randn(2304, **d)
+    r, qkv = torch.randn(2, 197, 2304, **d), torch.randn(2, 197, 2304, **d)
+    img, pw, pb = torch.randn(2, 3, 224, 224, **d), torch.randn(768, 3, 16, 16, **d), torch.randn(768, **d)
+    cls, pos = torch.randn(1, 768, **d), torch.randn(197, 768, **d)
+    calls_of = [("launcher linear (+ residual)", L, "_linear_kernel", lambda: L.linear(x, w, b, residual=r)),
+                ("launcher attention_qkv", A, "_attention_fwd_kernel", lambda: A.attention_qkv(qkv, 12, 0.125)),
+                ("launcher patch_embed", P, "_patch_embed_kernel", lambda: P.patch_embed(img, pw, pb, cls, pos))]
+    rows = []
+    for name, module, kernel, fn in calls_of:
+        real = getattr(module, kernel)
+        setattr(module, kernel, _GridOnly())
+        try:
+            best = float("inf")
+            for _ in range(5):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        finally:
+            setattr(module, kernel, real)
+        rows.append((name, best))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here as JSON")
+    args = p.parse_args(argv)
     fast, eager, base, x = models()
     with torch.inference_mode():
         for _ in range(3):
@@ -89,13 +142,23 @@ def main() -> None:
                 ("torch eager forward", host_ms(lambda: base(x)), None)]
         for name, mine, theirs in op_calls(fast):
             rows.append((name, host_ms(mine) * 1e3, host_ms(theirs) * 1e3))
+        rows += [(name, us, None) for name, us in launcher_us()]
     gpu = torch.cuda.get_device_name() if HAS_CUDA else "cpu (ops run synchronously: compute included)"
-    print(f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
-          f"torch {torch.__version__}, {datetime.date.today()}\n")
-    print("| what | vitfast | torch call |\n|---|---:|---:|")
-    for name, mine, theirs in rows:
-        unit = "ms" if name.startswith(("forward", "torch")) else "µs"
-        print(f"| {name} | {mine:.3g} {unit} | {'–' if theirs is None else f'{theirs:.3g} {unit}'} |")
+    lines = [f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
+             f"torch {torch.__version__}, {datetime.date.today()}", "", "| what | vitfast | torch call |",
+             "|---|---:|---:|"]
+    units = [("ms" if name.startswith(("forward", "torch")) else "µs") for name, _, _ in rows]
+    lines += [f"| {name} | {mine:.3g} {unit} | {'–' if theirs is None else f'{theirs:.3g} {unit}'} |"
+              for (name, mine, theirs), unit in zip(rows, units)]
+    text = "\n".join(lines)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": MODEL, "dtype": str(DTYPE), "device": gpu, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "rows": [{"what": name, "vitfast": mine, "torch": theirs, "unit": unit}
+                     for (name, mine, theirs), unit in zip(rows, units)], "markdown": text}, indent=1))
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -121,4 +184,4 @@ def test_forward_host_time(benchmark, setup, which):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -149,7 +149,7 @@ def test_bench_models_runs_each_name_and_merges_its_results(tmp_path, monkeypatc
 def test_decode_step_runs_the_decode_benchmark_and_reports_it(tmp_path, monkeypatch):
     """`--steps decode`: benchmarks/bench_decode.py (run for real, on this machine's CPU, with few images),
     its results and table in results.json / results.md."""
-    def small_run(self, cmd, seconds):
+    def small_run(self, cmd, seconds, env=None):
         assert cmd[1] == "benchmarks/bench_decode.py"
         rc = subprocess.run([*cmd, "--images", "3", "--big-images", "1"], cwd=gpu_tool.ROOT, capture_output=True,
                             text=True, timeout=300)
@@ -169,7 +169,7 @@ def test_decode_step_runs_the_decode_benchmark_and_reports_it(tmp_path, monkeypa
 def test_train_step_runs_the_training_benchmark_and_reports_it(tmp_path, monkeypatch):
     """`--steps train`: benchmarks/bench_train.py (run for real on this machine's CPU: a dry run with a
     ViT-Ti, one step per backend), its table in results.md."""
-    def small_run(self, cmd, seconds):
+    def small_run(self, cmd, seconds, env=None):
         assert cmd[1] == "benchmarks/bench_train.py"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, no interpreter
         rc = subprocess.run([*cmd, "--steps", "1"], cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300,
@@ -232,3 +232,25 @@ def test_pytest_plugin_reports_every_test_and_stops_at_the_deadline(tmp_path, de
     assert (counts["passed"], counts["failed"], counts["skipped"], counts["not run"]) == (
         (0, 0, 0, 4) if deadline_passed else (2, 1, 1, 0))
     assert counts["failures"] == ([] if deadline_passed else ["test_sample.py::test_fails"])
+
+
+def test_host_step_runs_the_host_benchmark_and_reports_it(tmp_path, monkeypatch):
+    """`--steps host`: benchmarks/bench_host.py (run for real on this machine's CPU: a ViT-Ti, ops computed
+    synchronously), with autotuning cut to one config; its rows in results.json, its table in results.md."""
+    def small_run(self, cmd, seconds, env=None):
+        assert cmd[1] == "benchmarks/bench_host.py" and env == {"VITFAST_AUTOTUNE": "quick"}
+        full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}    # the CPU path, no interpreter
+        rc = subprocess.run(cmd, cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300, env={**full, **env})
+        return rc.returncode, rc.stdout + rc.stderr
+
+    monkeypatch.setattr(gpu_tool.Run, "run", small_run)
+    run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
+    assert gpu_tool.host(run)
+    rows = {r["what"]: r for r in run.result["host"]["rows"]}
+    assert {"forward, eager", "forward, graphs", "launcher linear (+ residual)", "launcher attention_qkv",
+            "launcher patch_embed"} <= set(rows)
+    assert all(r["vitfast"] > 0 for r in rows.values()) and rows["forward, eager"]["unit"] == "ms"
+    assert rows["launcher linear (+ residual)"]["unit"] == "µs"
+    assert "forward, eager" in run.result["steps"][-1]["detail"]
+    md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
+    assert "## Host cost" in md and "| launcher patch_embed |" in md

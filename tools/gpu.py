@@ -16,6 +16,9 @@ fails or runs out of time does not stop the later ones:
            vitfast with its CUDA graphs and without (vitfast-eager); per-op TFLOP/s and GB/s;
            attention alone over N; with --bench-models NAMES instead: each named model (DINOv2, CLIP,
            SigLIP, ...) at its own size, end to end, against timm and torch.compile
+  host     (only when --steps names it) `benchmarks/bench_host.py`: host time of one ViT-B/16 bf16 batch-1
+           forward (eager and with CUDA graphs) and of one op call, and vitfast's share of each Triton
+           launch (the kernel stubbed); autotuning cut to one config per shape
   decode   (only when --steps names it) `benchmarks/bench_decode.py`: CPU decode per core (exact and
            fast paths), nvJPEG decode, and `vitfast predict --profile` on a folder of JPEGs against the
            engine on synthetic uint8 (ViT-B/16 bf16, batch 256)
@@ -24,7 +27,7 @@ fails or runs out of time does not stop the later ones:
            backward against SDPA's
 
 --steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
-or `--steps decode,train` for a second call that only measures).
+or `--steps host,decode,train` for a second call that only measures).
 
 Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
 tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
@@ -74,7 +77,7 @@ class Run:
             (self.out / name).unlink(missing_ok=True)
         self.log = open(self.out / "gpu.log", "w", buffering=1)
         self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None,
-                       "decode": None, "train": None}
+                       "host": None, "decode": None, "train": None}
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -321,14 +324,27 @@ def bench_models(run: Run, args) -> bool:
     return run.step("bench", status, t0, detail)
 
 
-def _json_step(run: Run, name: str, script: str, seconds: float):
+def _json_step(run: Run, name: str, script: str, seconds: float, env: dict | None = None):
     """Run benchmarks/<script> --json into a temporary file within `seconds`: (rc, output tail); the
     parsed JSON (or None) goes to run.result[name]."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
-        rc, tail = run.run([sys.executable, f"benchmarks/{script}", "--json", str(out)], seconds)
+        rc, tail = run.run([sys.executable, f"benchmarks/{script}", "--json", str(out)], seconds, env)
         run.result[name] = json.loads(out.read_text()) if out.is_file() else None
     return rc, tail
+
+
+def host(run: Run, seconds: float | None = None) -> bool:
+    """benchmarks/bench_host.py: host time per forward, per op call and per launch (issue: eager forward
+    <= 1 ms). Autotuning is cut to one config per shape: host time does not depend on the tile."""
+    t0 = time.monotonic()
+    rc, tail = _json_step(run, "host", "bench_host.py", seconds or run.left() - 10, {"VITFAST_AUTOTUNE": "quick"})
+    result = run.result["host"]
+    if result is None:
+        return run.step("host", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    detail = ", ".join(f"{r['what']} {r['vitfast']:.3g} {r['unit']}" for r in result["rows"]
+                       if r["what"].startswith(("forward", "launcher linear")))
+    return run.step("host", "ok" if rc == 0 else "failed", t0, detail)
 
 
 def decode(run: Run, seconds: float | None = None) -> bool:
@@ -391,6 +407,9 @@ def markdown(result: dict) -> str:
     if result["bench"]:
         body = result["bench"]["markdown"].split("\n", 1)[1] if "\n" in result["bench"]["markdown"] else ""
         lines += ["", "## Benchmark (`vitfast bench`)", body.replace("\n## ", "\n### ")]
+    if result.get("host"):
+        lines += ["", "## Host cost (`benchmarks/bench_host.py`)", "",
+                  result["host"]["markdown"].split("\n", 1)[1].lstrip("\n")]
     if result.get("decode"):
         lines += ["", "## Batch inference by stage (`benchmarks/bench_decode.py`)", "",
                   result["decode"]["markdown"].split("\n", 1)[1].lstrip("\n")]
@@ -426,8 +445,8 @@ def main(argv=None) -> int:
                    help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
                         "graphs, no GEMM autotuning, which would not fit the time box)")
     p.add_argument("--steps", default="smoke,tests,bench",
-                   help="comma-separated steps after the build, from smoke, tests, bench, decode, train (default: "
-                        "smoke,tests,bench)")
+                   help="comma-separated steps after the build, from smoke, tests, bench, host, decode, train "
+                        "(default: smoke,tests,bench)")
     p.add_argument("--bench-models", default=None, metavar="NAMES",
                    help="comma-separated timm names (vitfast.list_models()): the bench step measures each at its "
                         "own size end to end instead of the ViT-B sweep, e.g. vit_base_patch14_dinov2,"
@@ -436,8 +455,9 @@ def main(argv=None) -> int:
                    help="extra arguments for `vitfast bench` (last on the command line)")
     args = p.parse_args(argv)
     steps = [x.strip() for x in args.steps.split(",") if x.strip()]
-    if not steps or set(steps) - {"smoke", "tests", "bench", "decode", "train"}:
-        p.error(f"--steps: expected a comma-separated subset of smoke,tests,bench,decode,train, got {args.steps!r}")
+    if not steps or set(steps) - {"smoke", "tests", "bench", "host", "decode", "train"}:
+        p.error("--steps: expected a comma-separated subset of smoke,tests,bench,host,decode,train, "
+                f"got {args.steps!r}")
     run = Run(Path(args.out), args.budget, args.bench_seconds)
     run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
     if not check_modules(run):
@@ -460,6 +480,8 @@ def main(argv=None) -> int:
         ok &= tests(run)
     if "bench" in steps:
         ok &= bench(run, args)
+    if "host" in steps:
+        ok &= host(run, min(150.0, run.left() / 2) if {"decode", "train"} & set(steps) else None)
     if "decode" in steps:
         ok &= decode(run, run.left() / 2 if "train" in steps else None)
     if "train" in steps:
