@@ -616,9 +616,9 @@ _MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _MKLDNN_PACK = _MKLDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
-# weight -> (its data pointer and version, the weight in oneDNN's blocked layout). oneDNN reorders a plain
+# weight -> (its data pointer and version, the weight in oneDNN's blocked layout). oneDNN converts a plain
 # weight into that layout on every call; done once per weight (as torch.compile's CPU backend does when it
-# freezes a model) the GEMM is 2-11% faster at ViT-Ti shapes (benchmarks/RESULTS.md). The copy lives as long
+# freezes a model) the GEMM is typically 2-11% faster at ViT-Ti shapes (benchmarks/RESULTS.md). The copy lives as long
 # as the weight and is made again when the weight is replaced, moved or modified in place (its data
 # pointer or version counter changes; a write through `.data` bypasses the counter: call
 # `clear_cpu_weight_cache()` after one).
@@ -662,6 +662,7 @@ def _linear_mkldnn(x, weight, bias, activation, residual, scale, pack=False):
 
 
 def _linear_torch(x, weight, bias, activation, residual, scale, pack=False):
+    """F.linear and the epilogue (`pack` unused: the CPU candidates share one signature)."""
     return reference.torch_linear(x, weight, bias, activation, residual, scale).contiguous()
 
 
