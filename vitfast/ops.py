@@ -281,8 +281,8 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, with_lse: boo
                     ) -> tuple[Tensor, Tensor | None]:
     """(out, lse); with_lse=False (a direct call: nothing to differentiate) skips the lse."""
     if _attention_on_triton(q):
-        lse = q.new_empty(q.shape[:3] if with_lse else (0,), dtype=torch.float32)   # every row written
-        return _kernels().attention.attention(q, k, v, scale, lse=lse if with_lse else None), lse
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32) if with_lse else None   # every row written
+        return _kernels().attention.attention(q, k, v, scale, lse=lse), lse
     lse = q.new_zeros(q.shape[:3], dtype=torch.float32) if with_lse else None
     return reference.torch_attention(q, k, v, scale).contiguous(), lse
 
