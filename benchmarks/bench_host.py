@@ -8,10 +8,13 @@ not the kernels, sets its speed. Measured here:
   torch eager       the `torch` baseline of `vitfast bench` (timm-style eager PyTorch), for scale
   <op>              host time of one vitfast.ops call at the model's shapes, and of the torch call it
                     replaces (F.linear, SDPA, F.layer_norm)
-  launcher <op>     vitfast's own share of a Triton launch: the launcher (checks, allocation, grid, the
-                    kernel's arguments) with the kernel replaced by a stub that evaluates the grid and
-                    returns; what Triton's dispatcher adds after that is not in it. ViT-B/16 batch 2
-                    shapes on any device (on a CPU too: nothing runs)
+  launcher <op>     vitfast's share of a Triton launch through the kernels' public launcher, which checks
+                    its arguments and plans the launch on every call: up to Triton's JIT dispatch, the
+                    kernel's autotuner included (the JIT function replaced by a stub that evaluates the
+                    grid and returns). ViT-B/16 batch 2 shapes on any device (on a CPU too: nothing runs)
+  steady <op>       the same for ops' Triton path at a layout it has seen, as in a model's forward:
+                    one key, the cached plan, the output allocated, the autotuner's settled config
+                    launched without the autotuner
 ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
@@ -87,35 +90,49 @@ def op_calls(model):
     ]
 
 
-class _GridOnly:
-    """Stands in for a @triton.jit / autotuned kernel: `kernel[grid](*args, **meta)` evaluates the grid as
-    Triton does before a launch, and launches nothing."""
-    META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+class _NoLaunch:
+    """Stands in for the JIT function under a kernel's autotuner: `run` evaluates the grid as Triton does
+    before a launch, and launches nothing."""
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: grid(self.META) if callable(grid) else grid
+    def run(self, *args, grid, warmup, **kwargs):
+        return grid(kwargs) if callable(grid) else grid
 
 
-def launcher_us(calls: int = 20000) -> list[tuple[str, float]]:
-    """(name, best of 5 rounds of `calls` calls, in µs per call) of each Triton launcher with its kernel
-    stubbed (`_GridOnly`), at ViT-B/16 shapes with batch 2, on DEVICE."""
+def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
+    """(name, best of 5 rounds of `calls` calls, in µs per call) of vitfast's part of each Triton launch at
+    ViT-B/16 shapes with batch 2, on DEVICE: everything up to Triton's JIT dispatch, the kernels' autotuners
+    included (the JIT functions replaced by `_NoLaunch`; autotuning cut to one config, VITFAST_AUTOTUNE=quick).
+    "launcher": the kernels' public launcher (validates and plans every call); "steady": ops' Triton path for
+    a layout it has seen (plan looked up, the autotuner's settled config launched directly)."""
+    import os
+
     from vitfast.kernels import attention as A
     from vitfast.kernels import linear as L
     from vitfast.kernels import patch_embed as P
 
+    kernels = ops._kernels()
     d = dict(device=DEVICE, dtype=DTYPE)
     x, w, b = torch.randn(2, 197, 768, **d), torch.randn(2304, 768, **d), torch.randn(2304, **d)
     r, qkv = torch.randn(2, 197, 2304, **d), torch.randn(2, 197, 2304, **d)
     img, pw, pb = torch.randn(2, 3, 224, 224, **d), torch.randn(768, 3, 16, 16, **d), torch.randn(768, **d)
     cls, pos = torch.randn(1, 768, **d), torch.randn(197, 768, **d)
-    calls_of = [("launcher linear (+ residual)", L, "_linear_kernel", lambda: L.linear(x, w, b, residual=r)),
-                ("launcher attention_qkv", A, "_attention_fwd_kernel", lambda: A.attention_qkv(qkv, 12, 0.125)),
-                ("launcher patch_embed", P, "_patch_embed_kernel", lambda: P.patch_embed(img, pw, pb, cls, pos))]
+    calls_of = [("launcher linear (+ residual)", lambda: L.linear(x, w, b, residual=r)),
+                ("steady linear (+ residual)", lambda: ops._linear_triton(x, w, b, None, r, None)),
+                ("launcher attention_qkv", lambda: A.attention_qkv(qkv, 12, 0.125)),
+                ("steady attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
+                ("launcher patch_embed", lambda: P.patch_embed(img, pw, pb, cls, pos))]
+    tuners = (L._linear_kernel, L._linear_persistent_kernel, A._attention_fwd_kernel, P._patch_embed_kernel)
+    saved = ([t.fn for t in tuners], ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS,
+             os.environ.get(kernels.AUTOTUNE_ENV))
+    os.environ[kernels.AUTOTUNE_ENV] = "quick"
+    # ops' path for the linear: the tiled Triton kernel (decided here, not timed: nothing runs)
+    ops._LINEAR_PATHS = {ops._linear_key(x, w, b, None, r): "triton"} if x.is_cuda else {}
+    ops._LINEAR_PLANS, ops._ATTENTION_PLANS = {}, {}
     rows = []
-    for name, module, kernel, fn in calls_of:
-        real = getattr(module, kernel)
-        setattr(module, kernel, _GridOnly())
-        try:
+    try:
+        for t in tuners:
+            t.fn = _NoLaunch()
+        for name, fn in calls_of:
             best = float("inf")
             for _ in range(5):
                 fn()
@@ -123,9 +140,15 @@ def launcher_us(calls: int = 20000) -> list[tuple[str, float]]:
                 for _ in range(calls):
                     fn()
                 best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        finally:
-            setattr(module, kernel, real)
-        rows.append((name, best))
+            rows.append((name, best))
+    finally:
+        fns, ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS, mode = saved
+        for t, fn in zip(tuners, fns):
+            t.fn = fn
+        if mode is None:
+            os.environ.pop(kernels.AUTOTUNE_ENV, None)
+        else:
+            os.environ[kernels.AUTOTUNE_ENV] = mode
     return rows
 
 
@@ -142,7 +165,7 @@ def main(argv=None) -> int:
                 ("torch eager forward", host_ms(lambda: base(x)), None)]
         for name, mine, theirs in op_calls(fast):
             rows.append((name, host_ms(mine) * 1e3, host_ms(theirs) * 1e3))
-        rows += [(name, us, None) for name, us in launcher_us()]
+        rows += [(name, us, None) for name, us in launch_us()]
     gpu = torch.cuda.get_device_name() if HAS_CUDA else "cpu (ops run synchronously: compute included)"
     lines = [f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
              f"torch {torch.__version__}, {datetime.date.today()}", "", "| what | vitfast | torch call |",

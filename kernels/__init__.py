@@ -84,3 +84,46 @@ def autotune_bench(kernel: str):
 
         return triton.testing.do_bench(kernel_call, quantiles=quantiles)
     return do_bench
+
+
+def tuned_config(kernel, args: tuple, kwargs: dict):
+    """The config `kernel` (a Triton Autotuner) runs for a call with these arguments: its only config, or
+    the one its cache holds for the call's key, built as `Autotuner.run` builds it (the `key` arguments'
+    values, then the dtype of each tensor argument). None when that key is not cached (not tuned yet, or
+    a Triton that builds its keys otherwise) or `kernel` is no autotuner."""
+    configs = getattr(kernel, "configs", None)
+    if not configs or not hasattr(kernel, "fn"):
+        return None
+    if len(configs) == 1:
+        return configs[0]
+    named = dict(zip(kernel.arg_names, args))
+    named.update((k, v) for k, v in kwargs.items() if k in kernel.arg_names)
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return dict.get(kernel.cache, tuple(key))          # what this process holds (read without a disk lookup)
+
+
+class Launch:
+    """One launch of an autotuned kernel with everything but its tensors fixed: grid, scalar arguments and
+    constexprs, as a launcher computes them once per shape key. `launch(*tensors)` passes the tensors
+    first, then the scalars. The first call goes through the autotuner (which tunes the key when it has
+    to); once the autotuner holds a config for the key, calls go straight to the JIT function with that
+    config, without the autotuner's per-call work (a dict of every argument and a key with each
+    tensor's dtype as a string: about 14 µs of host time per launch)."""
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "_run", "_kwargs")
+
+    def __init__(self, kernel, grid, scalars: tuple, meta: dict):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
+        self._run = self._kwargs = None
+
+    def __call__(self, *tensors):
+        if self._run is not None:
+            return self._run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self._kwargs)
+        args = (*tensors, *self.scalars)
+        ret = self.kernel[self.grid](*args, **self.meta)
+        config = tuned_config(self.kernel, args, self.meta)
+        if config is not None and config.pre_hook is None:
+            self._kwargs = {**self.meta, **config.all_kwargs()}
+            self._run = self.kernel.fn.run
+        return ret

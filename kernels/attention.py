@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
+from vitfast.kernels import Launch, autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 MAX_HEAD_DIM = 256
@@ -327,6 +327,47 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
     attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse)
     return out, (cls_attn if return_cls_attn else None)
+
+
+class QKVPlan:
+    """What an `attention_qkv` launch fixes for a qkv of given shape, strides, dtype and device, head
+    count, scale and outputs (`qkv_plan`); `qkv_run` then allocates the outputs and launches."""
+
+    __slots__ = ("launch", "out_shape", "cls_shape", "C")
+
+    def __init__(self, launch, out_shape, cls_shape, C):
+        self.launch, self.out_shape, self.cls_shape, self.C = launch, out_shape, cls_shape, C
+
+
+def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool) -> QKVPlan:
+    """The launch of `attention_qkv` (arguments validated by vitfast.ops; B, N >= 1) for any qkv with this
+    shape, strides, dtype and device: q, k and v [B, H, N, D] are read from qkv's three thirds through the
+    strides (qkv.stride(0), D, qkv.stride(1)), out [B, N, C] contiguous as [B, H, N, D] through
+    (N·C, D, C)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    sb, sn = qkv.stride(0), qkv.stride(1)
+    precision = "tf32" if qkv.dtype == torch.float32 and qkv.is_cuda and tf32_enabled() else "ieee"
+    d_lo, d_hi = head_dim_chunks(D)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
+    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, num_heads, N, N, scale * LOG2E)
+    meta = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=return_cls_attn, RETURN_LSE=return_lse,
+                DOT_PRECISION=precision)
+    return QKVPlan(Launch(_attention_fwd_kernel, grid, scalars, meta), (B, N, C),
+                   (B, num_heads, N) if return_cls_attn else None, C)
+
+
+def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch `p` on a qkv it was planned for (nothing is checked; lse: a contiguous [B, H, N] fp32 buffer
+    exactly when the plan returns it): (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors."""
+    out = torch.empty(p.out_shape, dtype=qkv.dtype, device=qkv.device)
+    cls_attn = None if p.cls_shape is None else torch.empty(p.cls_shape, dtype=torch.float32, device=qkv.device)
+    C = p.C
+    p.launch(qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out if cls_attn is None else cls_attn,
+             out if lse is None else lse)
+    return out, cls_attn
 
 
 # --------------------------------------------------------------------------------------------

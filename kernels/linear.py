@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
+from vitfast.kernels import Launch, autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 # activation name -> the kernel's ACTIVATION constexpr
@@ -475,49 +475,92 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"16-byte aligned pointers and row strides, 0 < M, N, K < 2^31; got x {list(x.shape)} "
                          f"strides {x.stride()}, weight {list(weight.shape)} strides {weight.stride()}, {x.dtype}")
 
-    x2 = x.reshape(M, K)                                                  # [M, K]
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (*lead, N):
         raise ValueError(f"out: expected shape {[*lead, N]}, got {list(out.shape)}")
     elif any(t is not None and t.data_ptr() == out.data_ptr() for t in (x, residual, preact)):
         raise ValueError("out: must not share memory with x, residual or preact (autotuning re-runs the kernel)")
-    y2 = _rows(out, "out", M, N)                                          # [M, N]
     if preact is not None and tuple(preact.shape) != (*lead, N):
         raise ValueError(f"preact: expected shape {[*lead, N]}, got {list(preact.shape)}")
     if preact is not None and any(t is not None and t.data_ptr() == preact.data_ptr() for t in (x, residual)):
         raise ValueError("preact: must not share memory with x or residual")
-    z2 = y2 if preact is None else _rows(preact, "preact", M, N)          # [M, N] (dummy when unused)
-    r2 = residual.reshape(M, N) if residual is not None else y2           # [M, N] (dummy when unused)
-    b = bias if bias is not None else y2                                   # [N] (dummy when unused)
-    s = scale if scale is not None else y2                                 # [N] (dummy when unused)
     if M == 0 or N == 0:
         return out
+    return run(plan(x, weight, bias, activation, residual, scale, preact, variant, out), x, weight, bias, residual,
+               scale, preact, out)
 
+
+class LinearPlan:
+    """What a launch fixes for operands of given shapes, strides, dtype and device, an epilogue and a
+    variant (`plan`): `run` then allocates the output and launches."""
+
+    __slots__ = ("launch", "out_shape", "M", "N", "K", "x_view", "r_view", "allocator")
+
+    def __init__(self, launch, out_shape, M, N, K, x_view, r_view, allocator):
+        self.launch, self.out_shape, self.M, self.N, self.K = launch, out_shape, M, N, K
+        self.x_view, self.r_view, self.allocator = x_view, r_view, allocator
+
+
+def _rows_strides(t: torch.Tensor, M: int, N: int) -> tuple[int, int] | None:
+    """The strides of t [..., N] read as [M, N] rows in place, or None when that needs a copy."""
+    try:
+        return t.view(M, N).stride()
+    except RuntimeError:
+        return None
+
+
+def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+         residual: torch.Tensor | None, scale: torch.Tensor | None, preact: torch.Tensor | None,
+         variant: str, out: torch.Tensor | None = None) -> LinearPlan:
+    """The launch of `linear` for these operands (validated; M, N > 0), valid for any later operands with
+    the same shapes, strides, dtype, device, 16-byte alignment of x and weight, tf32 setting and
+    epilogue. out / preact None: a contiguous buffer (what `run` allocates, what ops passes)."""
+    K, N = x.shape[-1], weight.shape[0]
+    lead = tuple(x.shape[:-1])
+    M = math.prod(lead)
+    xs = _rows_strides(x, M, K)
+    ys = (N, 1) if out is None else _rows(out, "out", M, N).stride()
+    zs = ys if preact is None else _rows(preact, "preact", M, N).stride()
+    rs = ys if residual is None else (_rows_strides(residual, M, N) or (N, 1))
     fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and tf32_enabled()
     tiles = lambda meta: cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], HAS_SCALE=scale is not None,
+                HAS_RESIDUAL=residual is not None, STORE_Z=preact is not None,
+                INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee")
+    allocator = None
     if variant == "tiled":
-        kernel, grid, extra = _linear_kernel, lambda meta: (tiles(meta),), {}
+        kernel, grid = _linear_kernel, lambda meta: (tiles(meta),)
     else:
         programs = _num_programs(x.device)
-        kernel, grid, extra = _linear_persistent_kernel, lambda meta: (min(programs, tiles(meta)),), {
-            "USE_TMA": variant == "tma"}
+        kernel, grid = _linear_persistent_kernel, lambda meta: (min(programs, tiles(meta)),)
+        meta["USE_TMA"] = variant == "tma"
         if variant == "tma":
-            triton.set_allocator(_tma_allocator(x.device))
-    kernel[grid](
-        x2, weight, b, s, r2, y2, z2,
-        M, N, K, m_bucket(M),
-        *x2.stride(), *weight.stride(),               # 2-D: (row, column) strides
-        b.stride(0), s.stride(0),
-        *r2.stride(), *y2.stride(), *z2.stride(),
-        HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None,
-        STORE_Z=preact is not None,
-        INPUT_PRECISION="tf32" if (fp32_tf32 or x.dtype != torch.float32) else "ieee",
-        **extra,
-    )
+            allocator = _tma_allocator(x.device)
+    scalars = (M, N, K, m_bucket(M),
+               *(xs or (K, 1)), *weight.stride(),             # 2-D: (row, column) strides
+               bias.stride(0) if bias is not None else ys[0], scale.stride(0) if scale is not None else ys[0],
+               *rs, *ys, *zs)
+    return LinearPlan(Launch(kernel, grid, scalars, meta), (*lead, N), M, N, K, xs is not None,
+                      residual is None or _rows_strides(residual, M, N) is not None, allocator)
+
+
+def run(p: LinearPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        residual: torch.Tensor | None, scale: torch.Tensor | None, preact: torch.Tensor | None = None,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch `p` on operands it was planned for (nothing is checked): returns y (`out`, or a new
+    contiguous tensor). x and residual are passed as they are when they read as rows in place (the kernel
+    takes pointers and the planned strides), else as contiguous copies."""
+    if out is None:
+        out = torch.empty(p.out_shape, dtype=x.dtype, device=x.device)
+    if not p.x_view:
+        x = x.reshape(p.M, p.K)
+    if residual is not None and not p.r_view:
+        residual = residual.reshape(p.M, p.N)
+    if p.allocator is not None:
+        triton.set_allocator(p.allocator)
+    p.launch(x, weight, out if bias is None else bias, out if scale is None else scale,
+             out if residual is None else residual, out, out if preact is None else preact)
     return out
 
 

@@ -366,18 +366,23 @@ def test_ops_backward_runs_the_kernels_not_the_reference(packed, monkeypatch):
 def test_inference_calls_skip_the_lse(monkeypatch):
     """Nothing to differentiate: the kernel stores no log-sum-exp; under autograd it does."""
     seen = []
-    real = attention_kernels.attention
+    real, real_run = attention_kernels.attention, attention_kernels.qkv_run
 
     def spy(*args, lse=None, **kwargs):
         seen.append(lse)
         return real(*args, lse=lse, **kwargs)
+
+    def spy_run(plan, qkv, lse=None):
+        seen.append(lse)
+        return real_run(plan, qkv, lse)
     monkeypatch.setattr(attention_kernels, "attention", spy)
+    monkeypatch.setattr(attention_kernels, "qkv_run", spy_run)
     qkv = make_qkv(1, 9, 2, 16, False, torch.float32)
     with torch.no_grad():
         ops.attention_qkv(qkv, 2)
         ops.attention(*attention_kernels.qkv_heads(qkv, 2))
     ops.attention_qkv(qkv.requires_grad_(), 2)
-    assert seen[0] is None and seen[1] is None and seen[2].shape == (1, 2, 9)
+    assert len(seen) == 3 and seen[0] is None and seen[1] is None and seen[2].shape == (1, 2, 9)
 
 
 def test_gradcheck_float64_cpu_path():

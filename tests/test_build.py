@@ -247,10 +247,10 @@ def test_host_step_runs_the_host_benchmark_and_reports_it(tmp_path, monkeypatch)
     run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
     assert gpu_tool.host(run)
     rows = {r["what"]: r for r in run.result["host"]["rows"]}
-    assert {"forward, eager", "forward, graphs", "launcher linear (+ residual)", "launcher attention_qkv",
-            "launcher patch_embed"} <= set(rows)
+    assert {"forward, eager", "forward, graphs", "launcher linear (+ residual)", "steady linear (+ residual)",
+            "launcher attention_qkv", "steady attention_qkv", "launcher patch_embed"} <= set(rows)
     assert all(r["vitfast"] > 0 for r in rows.values()) and rows["forward, eager"]["unit"] == "ms"
-    assert rows["launcher linear (+ residual)"]["unit"] == "µs"
+    assert rows["launcher linear (+ residual)"]["unit"] == rows["steady linear (+ residual)"]["unit"] == "µs"
     assert "forward, eager" in run.result["steps"][-1]["detail"]
     md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
     assert "## Host cost" in md and "| launcher patch_embed |" in md

@@ -725,9 +725,8 @@ def test_training_forward_saves_the_pre_activation_and_the_backward_reads_it(mon
     x, w, b, r = make_inputs(34, 20, 12, True, True, "3d", torch.float32, "cpu")
     s = torch.rand(12) + 0.5
     leaves = [t.detach().requires_grad_() for t in (x, w, b, r, s)]
-    launches, launch = [], linear_kernels.linear
-    monkeypatch.setattr(linear_kernels, "linear",
-                        lambda *a, **kw: launches.append(kw.get("preact")) or launch(*a, **kw))
+    launches, launch = [], linear_kernels.run          # (plan, x, weight, bias, residual, scale, preact)
+    monkeypatch.setattr(linear_kernels, "run", lambda *a: launches.append(a[6]) or launch(*a))
     y = ops.linear(leaves[0], leaves[1], leaves[2], activation="gelu", residual=leaves[3], scale=leaves[4])
     assert len(launches) == 1 and launches[0] is not None          # one GEMM, z stored by its epilogue
     assert y.grad_fn is not None and "linear_preact" in y.grad_fn.name()
@@ -748,17 +747,19 @@ def test_training_forward_saves_the_pre_activation_and_the_backward_reads_it(mon
 def test_inference_and_frozen_layer_scale_do_not_store_the_pre_activation(monkeypatch):
     x, w, b, r = make_inputs(6, 20, 12, True, True, "3d", torch.float32, "cpu")
     s = torch.rand(12) + 0.5
-    launch = linear_kernels.linear
+    launch, launches = linear_kernels.run, []
 
-    def no_preact(*a, **kw):
-        assert kw.get("preact") is None, "stored z without a gradient needing it"
-        return launch(*a, **kw)
-    monkeypatch.setattr(linear_kernels, "linear", no_preact)
+    def no_preact(*a):                                  # (plan, x, weight, bias, residual, scale, preact)
+        assert a[6] is None, "stored z without a gradient needing it"
+        launches.append(a)
+        return launch(*a)
+    monkeypatch.setattr(linear_kernels, "run", no_preact)
     with torch.no_grad():
         ops.linear(x.requires_grad_(), w, b, activation="gelu")
     ops.linear(torch.randn(6, 20), w, b, activation="gelu")               # nothing requires grad
     y = ops.linear(x, w, b, residual=r, scale=s)                          # layer-scale frozen, no activation: dz = dy·s
     (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert len(launches) == 3
     assert_close(gx, (torch.ones(2, 3, 12).double() * s.double()) @ w.double(), dtype=torch.float32)
 
 
@@ -825,6 +826,7 @@ def test_dispatch_decides_once_and_captures_in_cuda_graph(monkeypatch):
     x, w, b, r = make_inputs(4 * 197, 256, 512, True, True, "3d", torch.float16, "cuda")
     ref = reference64(x, w, b, None, r)
     monkeypatch.setattr(ops, "_LINEAR_PATHS", {})       # in memory only: no decision read from disk
+    monkeypatch.setattr(ops, "_LINEAR_PLANS", {})
     torch.nn.functional.linear(x, w, b)   # cuBLAS handle / workspace exist before the first capture
     torch.cuda.synchronize()
     # A new key while capturing: no timing, the capture-safe path.

@@ -100,6 +100,8 @@ def test_a_new_process_times_nothing_for_shapes_it_has_seen(tmp_path, monkeypatc
 
     def fresh_tables():
         monkeypatch.setattr(ops, "_LINEAR_PATHS", tuning.PersistentTable("linear_paths"))
+        monkeypatch.setattr(ops, "_LINEAR_PLANS", {})
+        monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
         monkeypatch.setattr(attention, "cache", tuning.autotuner_table("attention", attention))
 
     fresh_tables()

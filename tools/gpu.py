@@ -343,7 +343,7 @@ def host(run: Run, seconds: float | None = None) -> bool:
     if result is None:
         return run.step("host", "timeout" if rc is None else "failed", t0, _last_error(tail))
     detail = ", ".join(f"{r['what']} {r['vitfast']:.3g} {r['unit']}" for r in result["rows"]
-                       if r["what"].startswith(("forward", "launcher linear")))
+                       if r["what"].startswith(("forward", "launcher linear", "steady linear")))
     return run.step("host", "ok" if rc == 0 else "failed", t0, detail)
 
 

@@ -346,6 +346,27 @@ def _attention_backward(ctx, dout, _dlse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+# Steady state of attention_qkv on the Triton path: qkv's layout, heads, scale and outputs -> the launch plan
+# (`kernels.attention.qkv_plan`), so that a call seen before builds one small key, allocates and launches.
+# (Each plan table holds one entry per layout; past _MAX_PLANS, many batch sizes say, it starts again.)
+_ATTENTION_PLANS: dict[tuple, object] = {}
+_MAX_PLANS = 4096
+
+
+def _attention_qkv_triton(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, lse: Tensor | None):
+    attention = _kernels().attention
+    if qkv.shape[0] == 0:
+        return attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn, lse=lse)
+    key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, return_cls_attn, lse is not None,
+           qkv.dtype == torch.float32 and _kernels().tf32_enabled())
+    plan = _ATTENTION_PLANS.get(key)
+    if plan is None:
+        if len(_ATTENTION_PLANS) >= _MAX_PLANS:
+            _ATTENTION_PLANS.clear()
+        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, return_cls_attn, lse is not None)
+    return attention.qkv_run(plan, qkv, lse)
+
+
 def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, with_lse: bool = True
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(out, cls_attn, lse). The op (with_lse=True) returns an empty cls_attn when it was not asked for;
@@ -353,8 +374,7 @@ def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_at
     B, N, _ = qkv.shape
     if _attention_on_triton(qkv):
         lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None   # every row written
-        out, cls_attn = _kernels().attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn,
-                                                           lse=lse)
+        out, cls_attn = _attention_qkv_triton(qkv, num_heads, scale, return_cls_attn, lse)
     else:
         lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None
         if return_cls_attn:
@@ -555,16 +575,62 @@ def _linear_key(x, weight, bias, activation, residual, scale=None, preact=False)
             preact, kernels.linear.tma_eligible(x, weight, kernels.linear.device_capability(device)))
 
 
-def _linear_cuda(x, weight, bias, activation, residual, scale, preact=None):
-    """Fastest correct path on CUDA among _linear_candidates, per `_linear_key`, decided on first use; a
-    later call with the same key is one dictionary lookup and the launch. `preact`: a buffer that also
-    receives the pre-activation z (training)."""
-    key = _linear_key(x, weight, bias, activation, residual, scale, preact is not None)
-    path = _LINEAR_PATHS.get(key) or _choose_linear_path(key, x, weight, bias, activation, residual, scale, preact)
-    if path == "cublas":
+# Steady state of a linear on the Triton path: the operands' layout -> the launch plan of its path
+# (`kernels.linear.plan`), or None for cuBLAS. A call whose layout was seen builds one small key, looks it
+# up and launches: no second validation, no dispatch key, no timing.
+_LINEAR_PLANS: dict[tuple, object] = {}
+_MISSING = object()
+
+
+def _plan_key(x, weight, bias, activation, residual, scale, preact) -> tuple:
+    """What a linear's path and launch depend on: shapes, strides, dtype, device, the 16-byte alignment of x
+    and weight (TMA eligibility), the epilogue, and for fp32 the TF32 setting (validated operands: one dtype)."""
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, weight.shape, weight.stride(),
+            weight.data_ptr() % 16, None if bias is None else bias.stride(), activation,
+            None if residual is None else residual.stride(), None if scale is None else scale.stride(),
+            preact is not None, x.dtype == torch.float32 and _kernels().tf32_enabled())
+
+
+def _linear_triton(x, weight, bias, activation, residual, scale, preact=None):
+    """A linear on the Triton path: on CUDA the fastest correct path among _linear_candidates (per
+    `_linear_key`, decided on first use), under the interpreter the tiled kernel. `preact`: a contiguous
+    buffer that also receives the pre-activation z (training)."""
+    if x.numel() == 0 or weight.shape[0] == 0:
+        return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
+                                        preact=preact)
+    key = _plan_key(x, weight, bias, activation, residual, scale, preact)
+    plan = _LINEAR_PLANS.get(key, _MISSING)
+    if plan is _MISSING:
+        plan = _linear_plan(key, x, weight, bias, activation, residual, scale, preact)
+    if plan is None:
         return _linear_cublas(x, weight, bias, activation, residual, scale, preact)
-    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
-                                    preact=preact, variant=_LINEAR_VARIANTS[path])
+    return _kernels().linear.run(plan, x, weight, bias, residual, scale, preact)
+
+
+def _linear_plan(key, x, weight, bias, activation, residual, scale, preact):
+    """The plan for a new layout `key` (None: cuBLAS), kept in _LINEAR_PLANS unless the path is a capture's
+    provisional cuBLAS (not decided, see `_fastest_path`)."""
+    kernels, variant, decided = _kernels(), "tiled", True
+    if x.is_cuda:
+        dkey = _linear_key(x, weight, bias, activation, residual, scale, preact is not None)
+        path = _LINEAR_PATHS.get(dkey) or _choose_linear_path(dkey, x, weight, bias, activation, residual, scale,
+                                                              preact)
+        decided = dkey in _LINEAR_PATHS
+        if path == "cublas":
+            if decided:
+                _remember_plan(key, None)
+            return None
+        variant = _LINEAR_VARIANTS[path]
+    plan = kernels.linear.plan(x, weight, bias, activation, residual, scale, preact, variant)
+    if decided:
+        _remember_plan(key, plan)
+    return plan
+
+
+def _remember_plan(key, plan) -> None:
+    if len(_LINEAR_PLANS) >= _MAX_PLANS:
+        _LINEAR_PLANS.clear()
+    _LINEAR_PLANS[key] = plan
 
 
 def _choose_linear_path(key, x, weight, bias, activation, residual, scale, preact=None) -> str:
@@ -697,10 +763,7 @@ def _linear_run(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
         if x.device.type == "cpu":
             return _linear_cpu(x, weight, bias, activation, residual, scale, pack)
         return _linear_torch(x, weight, bias, activation, residual, scale)
-    if x.is_cuda:
-        return _linear_cuda(x, weight, bias, activation, residual, scale)
-    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual,  # interpreter
-                                    scale=scale)
+    return _linear_triton(x, weight, bias, activation, residual, scale)
 
 
 def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
@@ -733,10 +796,7 @@ def _linear_preact_impl(x: Tensor, weight: Tensor, bias: Tensor | None, activati
     z = x.new_empty((*x.shape[:-1], weight.shape[0]))
     if not use_triton(x) or x.dtype == torch.float64:
         return reference.torch_linear(x, weight, bias, activation, residual, scale, preact=z), z
-    if x.is_cuda:
-        return _linear_cuda(x, weight, bias, activation, residual, scale, preact=z), z
-    return _kernels().linear.linear(x, weight, bias, activation=activation, residual=residual, scale=scale,
-                                    preact=z), z                                            # interpreter
+    return _linear_triton(x, weight, bias, activation, residual, scale, preact=z), z
 
 
 _linear_preact_op = torch.library.custom_op("vitfast::linear_preact", _linear_preact_impl, mutates_args=())
