@@ -100,6 +100,30 @@ def test_weights_modified_moved_or_replaced_recapture(tiny):
         assert tiny.cuda_graphs.captures == 3
 
 
+def test_the_module_tree_is_listed_once_and_again_after_a_registration(tiny):
+    """A replay does not walk the module tree: the runner keeps its list of submodules until a parameter,
+    buffer or submodule is registered somewhere; the stamp still reads each submodule's own tables, so a
+    parameter put there directly (as some checkpoint loaders do) makes the graphs be captured again."""
+    x = torch.randn(2, 4)
+    runner = tiny.cuda_graphs
+    with torch.no_grad():
+        tiny(x), tiny(x), tiny(x)
+        listed = runner._submodules
+        assert runner.captures == 1 and listed == [tiny, tiny.lin]
+        tiny(x)
+        assert runner._submodules is listed                                        # not listed again
+        tiny.lin._parameters["weight"] = nn.Parameter(torch.randn(3, 4))             # no registration hook
+        assert torch.equal(tiny(x), tiny.lin(x)) and runner.captures == 2
+        assert runner._submodules is listed
+        tiny.lin = nn.Sequential(nn.Linear(4, 3))                                    # a submodule registered
+        assert torch.equal(tiny(x), tiny.lin(x)) and runner.captures == 3
+        assert runner._submodules == [tiny, tiny.lin, tiny.lin[0]]
+        listed = runner._submodules
+        tiny.lin[0].register_buffer("offset", torch.zeros(3))                        # a buffer registered
+        tiny(x)
+        assert runner._submodules is not listed and runner._submodules == listed
+
+
 def test_training_grad_and_disabled_run_eagerly(tiny):
     x = torch.randn(2, 4)
     tiny(x), tiny(x)                                       # grad mode and parameters that require grad

@@ -34,6 +34,21 @@ from torch.utils import _pytree as pytree
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
+# Registrations of parameters, buffers and submodules in any module of the process (attribute assignment,
+# register_*, load_state_dict(assign=True)) are counted: a runner lists its module's submodules again
+# when the count has moved, instead of walking the module tree on every call (a few hundred µs for a ViT-B).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
 
 class CUDAGraphRunner:
     """Replays a module's forward as CUDA graphs (see the module docstring).
@@ -60,6 +75,7 @@ class CUDAGraphRunner:
         self._failed: dict[tuple, str] = {}
         self._pool = None
         self._stamp = None
+        self._module, self._listed, self._submodules = None, -1, []
         self.captures = 0          # graphs captured so far (tests and benchmarks read it)
 
     # A runner is per-process state: copies and pickles of a model start with none of its graphs.
@@ -85,8 +101,8 @@ class CUDAGraphRunner:
         if not tensors or any(t.device.type != self.device_type for t in tensors) \
                 or (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return fn(*args, **kwargs)
-        stamp, params_need_grad = _weights_stamp(module)
-        if torch.is_grad_enabled() and (params_need_grad or any(t.requires_grad for t in tensors)):
+        submodules = self._submodules_of(module)
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or _params_need_grad(submodules)):
             return fn(*args, **kwargs)
         try:
             sig = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x for x in leaves),
@@ -97,6 +113,7 @@ class CUDAGraphRunner:
             return fn(*args, **kwargs)
         if sig in self._failed:
             return fn(*args, **kwargs)
+        stamp = _weights_stamp(submodules)
         if stamp != self._stamp:                           # weights moved / replaced / updated: recapture
             self._graphs.clear()
             self._pool, self._stamp = None, stamp
@@ -121,6 +138,12 @@ class CUDAGraphRunner:
         return graph.replay(tensors)
 
 
+    def _submodules_of(self, module: nn.Module) -> list[nn.Module]:
+        """module.modules(), listed again when a parameter, buffer or submodule was registered anywhere since."""
+        if module is not self._module or self._listed != _REGISTRATIONS[0]:
+            self._module, self._listed, self._submodules = module, _REGISTRATIONS[0], list(module.modules())
+        return self._submodules
+
     def cached_inputs(self) -> list[list[tuple[int, ...]]]:
         """The tensor-argument shapes of each captured graph, least recently used first."""
         return [[tuple(t.shape) for t in g.inputs] for g in self._graphs.values()]
@@ -131,15 +154,16 @@ class CUDAGraphRunner:
         return _Graph(fn, leaves, spec, device, self._pool)
 
 
-def _weights_stamp(module: nn.Module) -> tuple[tuple, bool]:
-    """(where each parameter / buffer lives and its version, whether any parameter requires grad)."""
-    stamp, need_grad = [], False
-    for p in module.parameters():
-        stamp.append((p.data_ptr(), p._version))
-        need_grad |= p.requires_grad
-    for b in module.buffers():
-        stamp.append((b.data_ptr(), b._version))
-    return tuple(stamp), need_grad
+def _weights_stamp(submodules: list[nn.Module]) -> list[tuple[int, int]]:
+    """Where each parameter and buffer of `submodules` lives, and its version. Read from the submodules'
+    own tables on every call, so a tensor put there directly (`module._parameters[name] = ...`, as some
+    loaders do) is seen too."""
+    return [(t.data_ptr(), t._version) for m in submodules for table in (m._parameters, m._buffers)
+            for t in table.values() if t is not None]
+
+
+def _params_need_grad(submodules: list[nn.Module]) -> bool:
+    return any(p is not None and p.requires_grad for m in submodules for p in m._parameters.values())
 
 
 class _Graph:
