@@ -163,3 +163,37 @@ def test_ops_attention_qkv_plans_once_per_layout(plans, padded):
     out = ops.attention_qkv(qkv, 2, scale=0.2)                     # another scale: another plan
     assert_close(out, reference.attention_qkv(qkv.double(), 2, 0.2), dtype=torch.float32)
     assert plans == ["attention"] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["triton", "triton-persistent", "triton-tma"])
+def test_steady_launches_on_the_gpu_equal_the_first(monkeypatch, path):
+    """On the device: once a layout's launch has settled, later calls (new data, same layout) go straight to
+    the JIT function with the autotuner's config and stay right, for each Triton form of the linear."""
+    monkeypatch.setattr(ops, "_LINEAR_PLANS", {})
+    x, w, b, r = (t.cuda().to(torch.bfloat16) for t in linear_inputs(394, 768, 2304))
+    dkey = ops._linear_key(x, w, b, "gelu", r)
+    if path == "triton-tma" and not dkey[-1]:
+        pytest.skip("the GPU or the operands do not allow TMA")
+    monkeypatch.setattr(ops, "_LINEAR_PATHS", {dkey: path})
+    for seed in range(3):                                   # the weights stay, the activations change
+        x, _, _, r = (t.cuda().to(torch.bfloat16) for t in linear_inputs(394, 768, 2304, seed))
+        x, r = x.view(2, 197, 768), r.view(2, 197, 2304)
+        y = ops.linear(x, w, b, activation="gelu", residual=r)
+        assert_close(y, expected(x, w, b, r, "gelu"), dtype=torch.bfloat16)
+    (plan,) = ops._LINEAR_PLANS.values()
+    assert plan.launch._run is not None                    # settled: the autotuner is out of the way
+
+
+@pytest.mark.gpu
+def test_steady_attention_launches_on_the_gpu_equal_the_first(monkeypatch):
+    from test_attention import check_qkv, make_qkv
+
+    monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
+    for seed in range(3):
+        torch.manual_seed(seed)
+        qkv = make_qkv(2, 197, 12, 64, seed == 2, torch.bfloat16, "cuda")
+        out, cls_attn = ops.attention_qkv(qkv, 12, return_cls_attn=True)
+        check_qkv(qkv, 12, out, cls_attn, torch.bfloat16)
+    assert len(ops._ATTENTION_PLANS) == 2                   # contiguous, then padded rows
+    assert all(p.launch._run is not None for p in ops._ATTENTION_PLANS.values())
