@@ -7,6 +7,7 @@ outputs run through the real runner. The real capture runs in the `gpu` tests (m
 
 import copy
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -101,27 +102,36 @@ def test_weights_modified_moved_or_replaced_recapture(tiny):
 
 
 def test_the_module_tree_is_listed_once_and_again_after_a_registration(tiny):
-    """A replay does not walk the module tree: the runner keeps its list of submodules until a parameter,
-    buffer or submodule is registered somewhere; the stamp still reads each submodule's own tables, so a
-    parameter put there directly (as some checkpoint loaders do) makes the graphs be captured again."""
+    """A replay does not walk the module tree: the runner keeps the parameter and buffer tables of its
+    submodules until a parameter, buffer or submodule is registered somewhere; the stamp still reads the
+    tables on every call, so a parameter put there directly (as some checkpoint loaders do) makes the graphs
+    be captured again. The runner holds no strong reference to the model."""
     x = torch.randn(2, 4)
     runner = tiny.cuda_graphs
     with torch.no_grad():
         tiny(x), tiny(x), tiny(x)
-        listed = runner._submodules
-        assert runner.captures == 1 and listed == [tiny, tiny.lin]
+        listed = runner._tables
+        assert runner.captures == 1 and listed == [(m._parameters, m._buffers) for m in (tiny, tiny.lin)]
         tiny(x)
-        assert runner._submodules is listed                                        # not listed again
+        assert runner._tables is listed                                            # not listed again
         tiny.lin._parameters["weight"] = nn.Parameter(torch.randn(3, 4))             # no registration hook
         assert torch.equal(tiny(x), tiny.lin(x)) and runner.captures == 2
-        assert runner._submodules is listed
+        assert runner._tables is listed
         tiny.lin = nn.Sequential(nn.Linear(4, 3))                                    # a submodule registered
         assert torch.equal(tiny(x), tiny.lin(x)) and runner.captures == 3
-        assert runner._submodules == [tiny, tiny.lin, tiny.lin[0]]
-        listed = runner._submodules
+        assert len(runner._tables) == 3
+        listed = runner._tables
         tiny.lin[0].register_buffer("offset", torch.zeros(3))                        # a buffer registered
         tiny(x)
-        assert runner._submodules is not listed and runner._submodules == listed
+        assert runner._tables is not listed and runner._tables == listed
+    model = Tiny().eval()
+    with torch.no_grad():
+        model(x), model(x), model(x)
+    assert model.cuda_graphs._tables
+    model.cuda_graphs._graphs.clear()                    # the stand-in graphs' replays call the model's forward
+    ref = weakref.ref(model)
+    del model
+    assert ref() is None                                 # freed by reference counting: no cycle through the runner
 
 
 def test_training_grad_and_disabled_run_eagerly(tiny):

@@ -26,6 +26,7 @@ then stays eager, and a warning says why once).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -75,7 +76,7 @@ class CUDAGraphRunner:
         self._failed: dict[tuple, str] = {}
         self._pool = None
         self._stamp = None
-        self._module, self._listed, self._submodules = None, -1, []
+        self._module, self._listed, self._tables = None, -1, []
         self.captures = 0          # graphs captured so far (tests and benchmarks read it)
 
     # A runner is per-process state: copies and pickles of a model start with none of its graphs.
@@ -101,8 +102,8 @@ class CUDAGraphRunner:
         if not tensors or any(t.device.type != self.device_type for t in tensors) \
                 or (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return fn(*args, **kwargs)
-        submodules = self._submodules_of(module)
-        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or _params_need_grad(submodules)):
+        tables = self._tables_of(module)
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or _params_need_grad(tables)):
             return fn(*args, **kwargs)
         try:
             sig = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x for x in leaves),
@@ -113,7 +114,7 @@ class CUDAGraphRunner:
             return fn(*args, **kwargs)
         if sig in self._failed:
             return fn(*args, **kwargs)
-        stamp = _weights_stamp(submodules)
+        stamp = _weights_stamp(tables)
         if stamp != self._stamp:                           # weights moved / replaced / updated: recapture
             self._graphs.clear()
             self._pool, self._stamp = None, stamp
@@ -138,11 +139,14 @@ class CUDAGraphRunner:
         return graph.replay(tensors)
 
 
-    def _submodules_of(self, module: nn.Module) -> list[nn.Module]:
-        """module.modules(), listed again when a parameter, buffer or submodule was registered anywhere since."""
-        if module is not self._module or self._listed != _REGISTRATIONS[0]:
-            self._module, self._listed, self._submodules = module, _REGISTRATIONS[0], list(module.modules())
-        return self._submodules
+    def _tables_of(self, module: nn.Module) -> list[tuple[dict, dict]]:
+        """The (parameters, buffers) tables of module.modules(), listed again when a parameter, buffer or
+        submodule was registered anywhere since. Only the tables are kept, and the module through a weak
+        reference: the runner is an attribute of the module, which is freed as soon as it is dropped."""
+        if self._module is None or self._module() is not module or self._listed != _REGISTRATIONS[0]:
+            self._module, self._listed = weakref.ref(module), _REGISTRATIONS[0]
+            self._tables = [(m._parameters, m._buffers) for m in module.modules()]
+        return self._tables
 
     def cached_inputs(self) -> list[list[tuple[int, ...]]]:
         """The tensor-argument shapes of each captured graph, least recently used first."""
@@ -154,16 +158,15 @@ class CUDAGraphRunner:
         return _Graph(fn, leaves, spec, device, self._pool)
 
 
-def _weights_stamp(submodules: list[nn.Module]) -> list[tuple[int, int]]:
-    """Where each parameter and buffer of `submodules` lives, and its version. Read from the submodules'
-    own tables on every call, so a tensor put there directly (`module._parameters[name] = ...`, as some
-    loaders do) is seen too."""
-    return [(t.data_ptr(), t._version) for m in submodules for table in (m._parameters, m._buffers)
-            for t in table.values() if t is not None]
+def _weights_stamp(tables: list[tuple[dict, dict]]) -> list[tuple[int, int]]:
+    """Where each parameter and buffer in the modules' `tables` lives, and its version. Read from the tables
+    on every call, so a tensor put there directly (`module._parameters[name] = ...`, as some loaders do)
+    is seen too."""
+    return [(t.data_ptr(), t._version) for pair in tables for table in pair for t in table.values() if t is not None]
 
 
-def _params_need_grad(submodules: list[nn.Module]) -> bool:
-    return any(p is not None and p.requires_grad for m in submodules for p in m._parameters.values())
+def _params_need_grad(tables: list[tuple[dict, dict]]) -> bool:
+    return any(p is not None and p.requires_grad for params, _ in tables for p in params.values())
 
 
 class _Graph:
