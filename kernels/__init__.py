@@ -1,6 +1,7 @@
 """Triton kernels, one file per op (installed as `vitfast.kernels`), and what their launchers and
 autotuners share: host integer helpers, the device's shared-memory limit, the TF32 setting, the autotune
-budget and the guard that keeps autotuning out of CUDA-graph captures."""
+budget, the guard that keeps autotuning out of CUDA-graph captures, and `Launch`, a planned launch that
+leaves the autotuner out once it has chosen."""
 
 from __future__ import annotations
 
