@@ -15,6 +15,11 @@ not the kernels, sets its speed. Measured here:
   steady <op>       the same for ops' Triton path at a layout it has seen, as in a model's forward:
                     one key, the cached plan, the output allocated, the autotuner's settled config
                     launched without the autotuner
+  forward, Triton path, nothing launched
+                    (without CUDA only) a whole eager ViT-B/16 forward down the Triton path on CPU
+                    tensors with every launch stubbed as above: vitfast's host work per forward on a
+                    GPU, less Triton's JIT dispatch and the CUDA launches (32 px images: the LayerNorms,
+                    which do run, cost little)
 ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
@@ -121,6 +126,13 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
                 ("launcher attention_qkv", lambda: A.attention_qkv(qkv, 12, 0.125)),
                 ("steady attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
                 ("launcher patch_embed", lambda: P.patch_embed(img, pw, pb, cls, pos))]
+    if not HAS_CUDA:
+        # A whole eager ViT-B/16 forward down the Triton path on CPU tensors, 32 px images (5 tokens, so that
+        # the LayerNorms, which do run, cost little): vitfast's host work per forward, nothing launched.
+        tiny_images = create_model("vit_base_patch16_224", img_size=32).eval()
+        tiny_images.cuda_graphs = CUDAGraphRunner(False)
+        x32 = torch.randn(1, 3, 32, 32)
+        calls_of.append(("forward, Triton path, nothing launched", lambda: tiny_images(x32)))
     tuners = (L._linear_kernel, L._linear_persistent_kernel, A._attention_fwd_kernel, P._patch_embed_kernel)
     saved = ([t.fn for t in tuners], ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS,
              os.environ.get(kernels.AUTOTUNE_ENV))
@@ -128,20 +140,24 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
     # ops' path for the linear: the tiled Triton kernel (decided here, not timed: nothing runs)
     ops._LINEAR_PATHS = {ops._linear_key(x, w, b, None, r): "triton"} if x.is_cuda else {}
     ops._LINEAR_PLANS, ops._ATTENTION_PLANS = {}, {}
+    interpret, ops.INTERPRET = ops.INTERPRET, True      # CPU tensors take the Triton path (its launches stubbed)
     rows = []
     try:
         for t in tuners:
             t.fn = _NoLaunch()
-        for name, fn in calls_of:
-            best = float("inf")
-            for _ in range(5):
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(calls):
+        with torch.inference_mode():
+            for name, fn in calls_of:
+                n = calls if name.startswith(("launcher", "steady")) else calls // 400
+                best = float("inf")
+                for _ in range(5):
                     fn()
-                best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-            rows.append((name, best))
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    best = min(best, (time.perf_counter() - t0) / n * 1e6)
+                rows.append((name, best if n == calls else best / 1e3))
     finally:
+        ops.INTERPRET = interpret
         fns, ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS, mode = saved
         for t, fn in zip(tuners, fns):
             t.fn = fn

@@ -75,10 +75,14 @@ def _check_float(name: str, t: Tensor, allowed=(torch.float16, torch.bfloat16, t
 
 
 def _check_same(name: str, t: Tensor, ref_name: str, ref: Tensor):
-    if t.device != ref.device:
-        _fail(f"{name}: expected device {ref.device} (like {ref_name}), got {t.device}")
-    if t.dtype != ref.dtype:
-        _fail(f"{name}: expected dtype {ref.dtype} (like {ref_name}), got {t.dtype}")
+    _check_like(name, t, ref_name, ref.device, ref.dtype)
+
+
+def _check_like(name: str, t: Tensor, ref_name: str, device: torch.device, dtype: torch.dtype):
+    if t.device != device:
+        _fail(f"{name}: expected device {device} (like {ref_name}), got {t.device}")
+    if t.dtype != dtype:
+        _fail(f"{name}: expected dtype {dtype} (like {ref_name}), got {t.dtype}")
 
 
 # ============================================================================================
@@ -506,27 +510,28 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
 # ============================================================================================
 def _check_linear(x, weight, bias, activation, residual, scale=None) -> None:
     _check_float("x", x)
-    if x.dim() < 1:
+    shape, device, dtype = x.shape, x.device, x.dtype
+    if not shape:
         _fail("x: expected a tensor [..., K] with at least 1 dim, got a 0-d tensor")
     _check_float("weight", weight)
-    _check_same("weight", weight, "x", x)
-    K = x.shape[-1]
+    _check_like("weight", weight, "x", device, dtype)
+    K = shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K:
         _fail(f"weight: expected shape (N, {K}) like nn.Linear (K = x.shape[-1]), got {tuple(weight.shape)}")
     N = weight.shape[0]
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None:
             _check_float(name, t)
-            _check_same(name, t, "x", x)
-            if tuple(t.shape) != (N,):
+            _check_like(name, t, "x", device, dtype)
+            if t.shape != (N,):
                 _fail(f"{name}: expected shape ({N},) (weight.shape[0]), got {tuple(t.shape)}")
     if activation not in reference.ACTIVATIONS:
         _fail(f"activation: expected one of {reference.ACTIVATIONS}, got {activation!r}")
     if residual is not None:
         _check_float("residual", residual)
-        _check_same("residual", residual, "x", x)
-        if tuple(residual.shape) != (*x.shape[:-1], N):
-            _fail(f"residual: expected shape {(*x.shape[:-1], N)} (x.shape[:-1] + (N,)), got {tuple(residual.shape)}")
+        _check_like("residual", residual, "x", device, dtype)
+        if residual.shape != (*shape[:-1], N):
+            _fail(f"residual: expected shape {(*shape[:-1], N)} (x.shape[:-1] + (N,)), got {tuple(residual.shape)}")
 
 
 # Dispatch on CUDA: key -> one of _linear_candidates(...), decided once by timing them and kept on disk

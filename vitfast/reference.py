@@ -331,7 +331,12 @@ class LayerScale(nn.Module):
 
 
 def layer_scale(ls: nn.Module) -> Tensor | None:
-    """The gamma of a LayerScale module, None for nn.Identity (no layer-scale)."""
+    """The gamma of a LayerScale module, None for nn.Identity (no layer-scale). Read from the module's
+    parameters first: getattr of a missing name on a module raises and catches an AttributeError, a few µs
+    on each of the forward's blocks."""
+    gamma = ls._parameters.get("gamma")
+    if gamma is not None or isinstance(ls, nn.Identity):
+        return gamma
     return getattr(ls, "gamma", None)
 
 
