@@ -14,7 +14,8 @@ Graphs live in an LRU cache of `max_graphs` entries over one shared memory pool.
 caller are clones, so a later replay (of any graph of the pool) never overwrites them. The graphs read
 the parameters' and buffers' memory: when one is moved, replaced or modified in place (its data
 pointer or version counter changes), every graph is dropped and captured again. Other changes to the
-model (attributes such as `global_pool`) need `runner.reset()`.
+model (attributes such as `global_pool`, or a submodule put into `_modules` directly, past the
+registration hooks) need `runner.reset()`.
 
 A call runs eagerly, never with an error, when graphs cannot apply: disabled, CPU tensors, training
 mode, a gradient being recorded (grad mode with a parameter or input that requires grad), torch.compile
