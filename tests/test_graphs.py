@@ -124,6 +124,11 @@ def test_the_module_tree_is_listed_once_and_again_after_a_registration(tiny):
         tiny.lin[0].register_buffer("offset", torch.zeros(3))                        # a buffer registered
         tiny(x)
         assert runner._tables is not listed and runner._tables == listed
+        new = nn.Linear(4, 3)                                                        # registers its parameters
+        tiny(x)
+        assert runner.captures == 4
+        tiny.lin._modules["0"] = new                                                 # no registration hook
+        assert torch.equal(tiny(x), tiny.lin(x)) and runner.captures == 5
     model = Tiny().eval()
     with torch.no_grad():
         model(x), model(x), model(x)

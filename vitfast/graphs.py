@@ -14,8 +14,7 @@ Graphs live in an LRU cache of `max_graphs` entries over one shared memory pool.
 caller are clones, so a later replay (of any graph of the pool) never overwrites them. The graphs read
 the parameters' and buffers' memory: when one is moved, replaced or modified in place (its data
 pointer or version counter changes), every graph is dropped and captured again. Other changes to the
-model (attributes such as `global_pool`, or a submodule put into `_modules` directly, past the
-registration hooks) need `runner.reset()`.
+model (attributes such as `global_pool`) need `runner.reset()`.
 
 A call runs eagerly, never with an error, when graphs cannot apply: disabled, CPU tensors, training
 mode, a gradient being recorded (grad mode with a parameter or input that requires grad), torch.compile
@@ -77,7 +76,7 @@ class CUDAGraphRunner:
         self._failed: dict[tuple, str] = {}
         self._pool = None
         self._stamp = None
-        self._module, self._listed, self._tables = None, -1, []
+        self._module, self._listed, self._tables, self._children, self._tree = None, -1, [], [], []
         self.captures = 0          # graphs captured so far (tests and benchmarks read it)
 
     # A runner is per-process state: copies and pickles of a model start with none of its graphs.
@@ -142,11 +141,16 @@ class CUDAGraphRunner:
 
     def _tables_of(self, module: nn.Module) -> list[tuple[dict, dict]]:
         """The (parameters, buffers) tables of module.modules(), listed again when a parameter, buffer or
-        submodule was registered anywhere since. Only the tables are kept, and the module through a weak
-        reference: the runner is an attribute of the module, which is freed as soon as it is dropped."""
-        if self._module is None or self._module() is not module or self._listed != _REGISTRATIONS[0]:
+        submodule was registered anywhere since, or a submodule table holds other modules (one put into
+        `_modules` directly). Only tables are kept, and the module through a weak reference: the runner
+        is an attribute of the module, which is freed as soon as it is dropped."""
+        if (self._module is None or self._module() is not module or self._listed != _REGISTRATIONS[0]
+                or [c for table in self._children for c in table.values()] != self._tree):
             self._module, self._listed = weakref.ref(module), _REGISTRATIONS[0]
-            self._tables = [(m._parameters, m._buffers) for m in module.modules()]
+            modules = list(module.modules())
+            self._tables = [(m._parameters, m._buffers) for m in modules]
+            self._children = [m._modules for m in modules]
+            self._tree = [c for table in self._children for c in table.values()]
         return self._tables
 
     def cached_inputs(self) -> list[list[tuple[int, ...]]]:
