@@ -36,8 +36,9 @@ from torch.utils import _pytree as pytree
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 # Registrations of parameters, buffers and submodules in any module of the process (attribute assignment,
-# register_*, load_state_dict(assign=True)) are counted: a runner lists its module's submodules again
-# when the count has moved, instead of walking the module tree on every call (a few hundred µs for a ViT-B).
+# register_*, load_state_dict(assign=True)) are counted: a runner lists the tables of its module's
+# submodules again when the count has moved, instead of walking the module tree on every call (a few
+# hundred µs for a ViT-B).
 _REGISTRATIONS = [0]
 
 
