@@ -108,7 +108,8 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
     ViT-B/16 shapes with batch 2, on DEVICE: everything up to Triton's JIT dispatch, the kernels' autotuners
     included (the JIT functions replaced by `_NoLaunch`; autotuning cut to one config, VITFAST_AUTOTUNE=quick).
     "launcher": the kernels' public launcher (validates and plans every call); "steady": ops' Triton path for
-    a layout it has seen (plan looked up, the autotuner's settled config launched directly)."""
+    a layout it has seen (plan looked up, the autotuner's settled config launched directly). Without CUDA
+    also a whole forward down that path (in ms per forward, best of 5 rounds of calls / 400)."""
     import os
 
     from vitfast.kernels import attention as A
