@@ -29,7 +29,7 @@ test: env
 
 compile-check-oldest:
 	bash tools/bootstrap.sh $(VENV_OLDEST) --triton $(TRITON_OLDEST) --compile-check-only
-	$(VENV_OLDEST)/bin/python -m pytest -p no:cacheprovider tests/test_triton_compile.py \
+	$(VENV_OLDEST)/bin/python -m pytest -p no:cacheprovider tests/test_triton_compile.py tests/test_direct_launch.py \
 		tests/test_launch.py::test_tuned_config_is_the_autotuners_entry_for_the_calls_key
 
 bench: env

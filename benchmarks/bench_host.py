@@ -20,6 +20,12 @@ not the kernels, sets its speed. Measured here:
                     tensors with every launch stubbed as above: vitfast's host work per forward on a
                     GPU, less Triton's JIT dispatch and the CUDA launches (32 px images: the LayerNorms,
                     which do run, cost little)
+  direct <op>, forward, Triton path, compiled, nothing run
+                    (without CUDA only, Triton's compiler rather than its interpreter) the steady op and
+                    the whole forward with Triton's real JIT function: kernels compiled for sm_90 and
+                    launched directly once settled (`vitfast.kernels.DirectLaunch`), the launches
+                    recorded and not run (`vitfast.testing.compile_only_triton`): a GPU host's cost
+                    per op and per forward, less the CUDA launch calls themselves
 ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
@@ -126,7 +132,8 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
                 ("steady linear (+ residual)", lambda: ops._linear_triton(x, w, b, None, r, None)),
                 ("launcher attention_qkv", lambda: A.attention_qkv(qkv, 12, 0.125)),
                 ("steady attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
-                ("launcher patch_embed", lambda: P.patch_embed(img, pw, pb, cls, pos))]
+                ("launcher patch_embed", lambda: P.patch_embed(img, pw, pb, cls, pos)),
+                ("steady patch_embed", lambda: ops._patch_embed_triton(img, pw, pb, cls, pos, None, None, True))]
     if not HAS_CUDA:
         # A whole eager ViT-B/16 forward down the Triton path on CPU tensors, 32 px images (5 tokens, so that
         # the LayerNorms, which do run, cost little): vitfast's host work per forward, nothing launched.
@@ -136,11 +143,11 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
         calls_of.append(("forward, Triton path, nothing launched", lambda: tiny_images(x32)))
     tuners = (L._linear_kernel, L._linear_persistent_kernel, A._attention_fwd_kernel, P._patch_embed_kernel)
     saved = ([t.fn for t in tuners], ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS,
-             os.environ.get(kernels.AUTOTUNE_ENV))
+             ops._PATCH_EMBED_PLANS, os.environ.get(kernels.AUTOTUNE_ENV))
     os.environ[kernels.AUTOTUNE_ENV] = "quick"
     # ops' path for the linear: the tiled Triton kernel (decided here, not timed: nothing runs)
     ops._LINEAR_PATHS = {ops._linear_key(x, w, b, None, r): "triton"} if x.is_cuda else {}
-    ops._LINEAR_PLANS, ops._ATTENTION_PLANS = {}, {}
+    ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS = {}, {}, {}
     interpret, ops.INTERPRET = ops.INTERPRET, True      # CPU tensors take the Triton path (its launches stubbed)
     rows = []
     try:
@@ -159,9 +166,63 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
                 rows.append((name, best if n == calls else best / 1e3))
     finally:
         ops.INTERPRET = interpret
-        fns, ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS, mode = saved
+        fns, ops._LINEAR_PATHS, ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS, mode = saved
         for t, fn in zip(tuners, fns):
             t.fn = fn
+        if mode is None:
+            os.environ.pop(kernels.AUTOTUNE_ENV, None)
+        else:
+            os.environ[kernels.AUTOTUNE_ENV] = mode
+    return rows
+
+
+def direct_us(calls: int = 20000) -> list[tuple[str, float]]:
+    """Without CUDA, and with Triton's compiler (not its interpreter): (name, best of 5 rounds, µs per call;
+    the forward in ms) of ops' Triton path at a layout it has seen, Triton's JIT function and the direct
+    launch of its compiled kernel included, under `vitfast.testing.compile_only_triton` (kernels compiled
+    for sm_90, launches recorded, nothing run): what a GPU's host pays per op, less the CUDA launch itself.
+    The first calls compile (about a minute for the whole forward; Triton caches the kernels on disk)."""
+    import os
+
+    from vitfast.kernels import linear as L
+    from vitfast.testing import compile_only_triton
+
+    if HAS_CUDA or type(L._linear_kernel.fn).__name__ != "JITFunction":
+        return []
+    kernels = ops._kernels()
+    d = dict(device=DEVICE, dtype=torch.bfloat16)
+    x, w, b = torch.randn(2, 197, 768, **d), torch.randn(2304, 768, **d), torch.randn(2304, **d)
+    r, qkv = torch.randn(2, 197, 2304, **d), torch.randn(2, 197, 2304, **d)
+    img, pw, pb = torch.randn(2, 3, 224, 224, **d), torch.randn(768, 3, 16, 16, **d), torch.randn(768, **d)
+    cls, pos = torch.randn(1, 1, 768, **d), torch.randn(1, 197, 768, **d)
+    tiny_images = create_model("vit_base_patch16_224", img_size=32).eval()
+    tiny_images.cuda_graphs = CUDAGraphRunner(False)
+    x32 = torch.randn(1, 3, 32, 32)
+    calls_of = [("direct linear (+ residual)", lambda: ops._linear_triton(x, w, b, None, r, None)),
+                ("direct attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
+                ("direct patch_embed", lambda: ops._patch_embed_triton(img, pw, pb, cls, pos, None, None, True)),
+                ("forward, Triton path, compiled, nothing run", lambda: tiny_images(x32))]
+    saved = ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS, os.environ.get(kernels.AUTOTUNE_ENV)
+    os.environ[kernels.AUTOTUNE_ENV] = "quick"
+    ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS = {}, {}, {}
+    interpret, ops.INTERPRET = ops.INTERPRET, True      # CPU tensors take the Triton path (compiled, not run)
+    rows = []
+    try:
+        with compile_only_triton(), torch.inference_mode():
+            for name, fn in calls_of:
+                n = calls if name.startswith("direct") else calls // 400
+                for _ in range(3):
+                    fn()                                 # compile, tune (one config), settle
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    best = min(best, (time.perf_counter() - t0) / n * 1e6)
+                rows.append((name, best if n == calls else best / 1e3))
+    finally:
+        ops.INTERPRET = interpret
+        ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS, mode = saved
         if mode is None:
             os.environ.pop(kernels.AUTOTUNE_ENV, None)
         else:
@@ -182,7 +243,7 @@ def main(argv=None) -> int:
                 ("torch eager forward", host_ms(lambda: base(x)), None)]
         for name, mine, theirs in op_calls(fast):
             rows.append((name, host_ms(mine) * 1e3, host_ms(theirs) * 1e3))
-        rows += [(name, us, None) for name, us in launch_us()]
+        rows += [(name, us, None) for name, us in launch_us() + direct_us()]
     gpu = torch.cuda.get_device_name() if HAS_CUDA else "cpu (ops run synchronously: compute included)"
     lines = [f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
              f"torch {torch.__version__}, {datetime.date.today()}", "", "| what | vitfast | torch call |",

@@ -106,21 +106,39 @@ def tuned_config(kernel, args: tuple, kwargs: dict):
 
 class Launch:
     """One launch of an autotuned kernel with everything but its tensors fixed: grid, scalar arguments and
-    constexprs, as a launcher computes them once per shape key. `launch(*tensors)` passes the tensors
-    first, then the scalars. The first call goes through the autotuner (which tunes the key when it has
-    to); once the autotuner holds a config for the key, calls go straight to the JIT function with that
-    config, without the autotuner's per-call work (a dict of every argument and a key with each
-    tensor's dtype as a string: about 14 µs of host time per launch)."""
+    constexprs, as a launcher computes them once per shape key; the tensors keep their dtypes (the plans
+    fix them). `launch(*tensors)` passes the tensors first, then the scalars.
 
-    __slots__ = ("kernel", "grid", "scalars", "meta", "_run", "_kwargs")
+    Three stages, each call taking the cheapest one that is right for it:
+    1. The first call goes through the autotuner, which tunes the key when it has to.
+    2. Once the autotuner holds a config for the key, calls go straight to the JIT function with that
+       config, without the autotuner's per-call work (a dict of every argument and a key with each
+       tensor's dtype as a string: about 14 µs of host time per launch).
+    3. The JIT function returns the kernel it compiled for the call; later calls whose tensors have the
+       same dtypes and 16-byte alignment, on the same current device, launch that compiled kernel with
+       the arguments the JIT function would pass it (`DirectLaunch`), without its per-call binding,
+       specialization and cache key: 13 to 25 µs of host time per launch on the CPU machine, Triton 3.6
+       to 3.9 (benchmarks/bench_host.py). Any other call takes stage 2, which compiles what it needs."""
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "_run", "_kwargs", "_direct")
 
     def __init__(self, kernel, grid, scalars: tuple, meta: dict):
         self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
-        self._run = self._kwargs = None
+        self._run = self._kwargs = self._direct = None
 
     def __call__(self, *tensors):
+        direct = self._direct                      # None: not tried yet; False: not possible
+        if direct and direct(tensors):
+            return direct.compiled
         if self._run is not None:
-            return self._run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self._kwargs)
+            ret = self._run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self._kwargs)
+            if direct is None:
+                try:
+                    direct = DirectLaunch.of(self.kernel.fn, ret, tensors, self.scalars, self._kwargs, self.grid)
+                except Exception:      # a Triton whose internals differ: this stage stays, right and slower
+                    direct = None
+                self._direct = direct or False
+            return ret
         args = (*tensors, *self.scalars)
         ret = self.kernel[self.grid](*args, **self.meta)
         config = tuned_config(self.kernel, args, self.meta)
@@ -128,3 +146,71 @@ class Launch:
             self._kwargs = {**self.meta, **config.all_kwargs()}
             self._run = self.kernel.fn.run
         return ret
+
+
+class DirectLaunch:
+    """A kernel Triton's JIT function compiled for a launch, launched again as `JITFunction.run` launches
+    it (Triton 3.6 to 3.9 call it the same way): the grid, the current stream, the launch-metadata and
+    enter / exit hooks that profilers use, then every argument in the kernel's signature order.
+
+    Valid while the call's tensors have the dtypes and 16-byte alignment the kernel was specialized on,
+    and the current device is the one it was loaded on; `__call__` checks these and launches (True) or
+    returns False without launching. What else the JIT function specializes on (the scalars, constexprs
+    and config) is fixed by the Launch; what it reads per call and this keeps from the first call: Triton's
+    debug and instrumentation settings, and its globals check."""
+
+    __slots__ = ("fn", "compiled", "launcher", "grid", "grid3", "rest", "dtypes", "aligned", "device",
+                 "current_device", "current_stream", "hooks")
+
+    @classmethod
+    def of(cls, fn, compiled, tensors: tuple, scalars: tuple, kwargs: dict, grid):
+        """The direct launch of what `fn.run(*tensors, *scalars, grid=grid, warmup=False, **kwargs)` just
+        launched and returned (`compiled`), or None when that is not a kernel Triton compiled (an
+        interpreter's function, a stub), the JIT function has pre-run hooks, or its signature has a
+        parameter the call left to no value."""
+        import inspect
+
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        if type(fn).__name__ != "JITFunction" or getattr(fn, "pre_run_hooks", True):
+            return None
+        if hasattr(compiled, "result") or not all(
+                hasattr(compiled, a) for a in ("function", "packed_metadata", "launch_metadata", "run")):
+            return None
+        if not all(hasattr(knobs.runtime, h) for h in ("launch_enter_hook", "launch_exit_hook")):
+            return None
+        names, params = fn.arg_names, fn.signature.parameters
+        given = len(tensors) + len(scalars)
+        tail = []
+        for name in names[given:]:
+            value = kwargs.get(name, params[name].default)
+            if value is inspect.Parameter.empty:
+                return None
+            tail.append(value)
+        self = cls()
+        args = (*tensors, *scalars, *tail)
+        self.grid = grid(dict(zip(names, args))) if callable(grid) else grid
+        self.grid3 = (*self.grid, 1, 1)[:3]
+        self.fn, self.compiled, self.launcher, self.rest = fn, compiled, compiled.run, (*scalars, *tail)
+        self.dtypes = tuple(t.dtype for t in tensors)
+        self.aligned = tuple(t.data_ptr() % 16 == 0 for t in tensors)     # Triton's "D" attribute
+        active = driver.active
+        self.current_device, self.current_stream = active.get_current_device, active.get_current_stream
+        self.device = self.current_device()
+        self.hooks = knobs.runtime                  # read per launch: profilers set the hooks at any time
+        return self
+
+    def __call__(self, tensors: tuple) -> bool:
+        for t, dtype, aligned in zip(tensors, self.dtypes, self.aligned):
+            if t.dtype != dtype or (t.data_ptr() % 16 == 0) != aligned:
+                return False
+        device = self.current_device()
+        if device != self.device or self.fn.pre_run_hooks:
+            return False
+        stream = self.current_stream(device)
+        args = (*tensors, *self.rest)
+        k, (g0, g1, g2), hooks = self.compiled, self.grid3, self.hooks
+        self.launcher(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *args),
+                      hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+        return True

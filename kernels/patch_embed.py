@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.kernels import autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
+from vitfast.kernels import Launch, autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
 
@@ -216,30 +216,71 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     if out.numel() == 0:
         return out
+    p = plan(images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix, out)
+    return run(p, images, weight, bias, prefix_tokens, pos_embed, mean, std, out)
 
-    vec = lambda t: t.reshape(-1) if t is not None else None             # [C] -> 1-D views
-    mean_v, std_v = vec(mean), vec(std)
+
+class PatchEmbedPlan:
+    """What a `patch_embed` launch fixes for operands of given shapes, strides, dtypes and device (`plan`):
+    `run` then allocates the output and launches."""
+
+    __slots__ = ("launch", "out_shape", "D")
+
+    def __init__(self, launch, out_shape, D):
+        self.launch, self.out_shape, self.D = launch, out_shape, D
+
+
+def _rows(t: torch.Tensor | None, D: int) -> torch.Tensor | None:
+    """prefix_tokens or pos_embed ([1, R, D], [R, D] or [D]) as [R, D] (a view when one exists)."""
+    return None if t is None else t.reshape(-1, D)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """mean or std (C values) as [C]."""
+    return None if t is None else t.reshape(-1)
+
+
+def plan(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix_tokens: torch.Tensor | None,
+         pos_embed: torch.Tensor | None, mean: torch.Tensor | None, std: torch.Tensor | None,
+         pos_embed_prefix: bool, out: torch.Tensor | None = None) -> PatchEmbedPlan:
+    """The launch of `patch_embed` for these operands (validated; a non-empty output), valid for any later
+    operands with the same shapes, strides, dtypes and device, and the same TF32 setting for fp32. out None:
+    a contiguous output (what `run` allocates)."""
+    B, C, H, W = images.shape
+    D, _, P, _ = weight.shape
+    grid_w = W // P
+    n_tok = (H // P) * grid_w
+    prefix, pos = _rows(prefix_tokens, D), _rows(pos_embed, D)
+    mean, std = _flat(mean), _flat(std)
+    n_prefix = 0 if prefix is None else prefix.shape[0]
     stride0 = lambda t: t.stride(0) if t is not None else 0
-    dummy = weight   # stands in for absent optional tensors; never read (the HAS_* flag is off)
     use_tf32 = weight.dtype == torch.float32 and images.is_cuda and tf32_enabled()
     M, K = B * n_tok, C * P * P
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D, meta["BLOCK_N"]),)
-    _patch_embed_kernel[grid](
-        images, weight,
-        bias if bias is not None else dummy, prefix if prefix is not None else dummy,
-        pos_embed if pos_embed is not None else dummy,
-        mean_v if mean_v is not None else dummy, std_v if std_v is not None else dummy,
-        out,
-        M, D, K, next_power_of_2(M), n_tok, grid_w,
-        *images.stride(), *weight.stride(),
-        stride0(bias), *(prefix.stride() if prefix is not None else (0, 0)),
-        pos_embed.stride(0) if pos_embed is not None else 0, pos_embed.stride(1) if pos_embed is not None else 0,
-        stride0(mean_v), stride0(std_v),
-        *out.stride(),
-        PATCH=P,
-        HAS_BIAS=bias is not None, PREFIX=n_prefix, HAS_POS=pos_embed is not None,
-        POS_PREFIX=bool(pos_embed_prefix) and n_prefix > 0,
-        HAS_MEAN=mean is not None, HAS_STD=std is not None, IS_UINT8=images.dtype == torch.uint8,
-        DOT_PRECISION="tf32" if use_tf32 else "ieee",
-    )
+    out_strides = out.stride() if out is not None else ((n_tok + n_prefix) * D, D, 1)
+    scalars = (M, D, K, next_power_of_2(M), n_tok, grid_w,
+               *images.stride(), *weight.stride(),
+               stride0(bias), *(prefix.stride() if prefix is not None else (0, 0)),
+               *(pos.stride() if pos is not None else (0, 0)),
+               stride0(mean), stride0(std),
+               *out_strides)
+    meta = dict(PATCH=P, HAS_BIAS=bias is not None, PREFIX=n_prefix, HAS_POS=pos is not None,
+                POS_PREFIX=bool(pos_embed_prefix) and n_prefix > 0,
+                HAS_MEAN=mean is not None, HAS_STD=std is not None, IS_UINT8=images.dtype == torch.uint8,
+                DOT_PRECISION="tf32" if use_tf32 else "ieee")
+    return PatchEmbedPlan(Launch(_patch_embed_kernel, grid, scalars, meta), (B, n_tok + n_prefix, D), D)
+
+
+def run(p: PatchEmbedPlan, images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        prefix_tokens: torch.Tensor | None, pos_embed: torch.Tensor | None, mean: torch.Tensor | None,
+        std: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch `p` on operands it was planned for (nothing is checked): returns the tokens (`out`, or a new
+    contiguous tensor). Absent optional tensors are passed as the weight (never read: their flag is off)."""
+    if out is None:
+        out = torch.empty(p.out_shape, dtype=weight.dtype, device=images.device)
+    D = p.D
+    prefix = weight if prefix_tokens is None else prefix_tokens.reshape(-1, D)
+    pos = weight if pos_embed is None else pos_embed.reshape(-1, D)
+    p.launch(images, weight, weight if bias is None else bias, prefix, pos,
+             weight if mean is None else mean.reshape(-1), weight if std is None else std.reshape(-1), out)
     return out

@@ -14,6 +14,7 @@ import triton
 from vitfast import kernels, ops, reference
 from vitfast.kernels import attention as attention_kernels
 from vitfast.kernels import linear as linear_kernels
+from vitfast.kernels import patch_embed as patch_embed_kernels
 from vitfast.testing import assert_close
 
 KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_SCALE", "HAS_RESIDUAL", "STORE_Z", "INPUT_PRECISION"]
@@ -72,6 +73,7 @@ def test_a_settled_launch_skips_the_autotuner_and_runs_its_config(monkeypatch, t
         y = linear_kernels.run(plan, x, w, b, r, None)
         assert_close(y, expected(x, w, b, r, "gelu"), dtype=torch.float32)
     assert spy.tuned == 1 and spy.blocks == [32, 32, 32]
+    assert plan.launch._direct is False             # the interpreter's kernels have no compiled form to call
 
 
 def test_tuned_config_is_the_autotuners_entry_for_the_calls_key(monkeypatch, two_config_linear):
@@ -109,10 +111,12 @@ def test_a_launch_keeps_the_autotuner_when_its_key_cannot_be_found(monkeypatch, 
 def plans(monkeypatch):
     monkeypatch.setattr(ops, "_LINEAR_PLANS", {})
     monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
+    monkeypatch.setattr(ops, "_PATCH_EMBED_PLANS", {})
     made = []
-    real_plan, real_qkv_plan = linear_kernels.plan, attention_kernels.qkv_plan
+    real_plan, real_qkv_plan, real_pe_plan = linear_kernels.plan, attention_kernels.qkv_plan, patch_embed_kernels.plan
     monkeypatch.setattr(linear_kernels, "plan", lambda *a: made.append("linear") or real_plan(*a))
     monkeypatch.setattr(attention_kernels, "qkv_plan", lambda *a: made.append("attention") or real_qkv_plan(*a))
+    monkeypatch.setattr(patch_embed_kernels, "plan", lambda *a: made.append("patch_embed") or real_pe_plan(*a))
     return made
 
 
@@ -165,6 +169,29 @@ def test_ops_attention_qkv_plans_once_per_layout(plans, padded):
     assert plans == ["attention"] * 3
 
 
+def test_ops_patch_embed_plans_once_per_layout(plans):
+    """New images of the same layout reuse the plan (and are right); another image layout, image dtype with
+    its normalisation, or set of extras gets a plan of its own."""
+    from test_patch_embed import make_inputs, reference64
+
+    def embed(args):
+        images, weight, bias, cls_token, pos_embed, mean, std = args
+        out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+        assert_close(out, reference64(*args), dtype=weight.dtype)
+
+    args = make_inputs(2, 3, 32, 32, 8, 40, "fp32", True, True)
+    for seed in (1, 2):                                            # new images, same weights
+        torch.manual_seed(seed)
+        embed((make_inputs(2, 3, 32, 32, 8, 40, "fp32", True, True)[0], *args[1:]))
+    assert plans == ["patch_embed"]
+    embed((args[0].to(memory_format=torch.channels_last), *args[1:]))
+    embed(make_inputs(2, 3, 32, 32, 8, 40, "u8_fp32", True, True))
+    embed((*args[:3], None, None, None, None))                   # no class token, no position table
+    assert plans == ["patch_embed"] * 4 and len(ops._PATCH_EMBED_PLANS) == 4
+    launch = next(iter(ops._PATCH_EMBED_PLANS.values())).launch
+    assert launch._run is not None and launch._direct is False     # settled (interpreter: nothing compiled)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["triton", "triton-persistent", "triton-tma"])
 def test_steady_launches_on_the_gpu_equal_the_first(monkeypatch, path):
@@ -176,13 +203,16 @@ def test_steady_launches_on_the_gpu_equal_the_first(monkeypatch, path):
     if path == "triton-tma" and not dkey[-1]:
         pytest.skip("the GPU or the operands do not allow TMA")
     monkeypatch.setattr(ops, "_LINEAR_PATHS", {dkey: path})
-    for seed in range(3):                                   # the weights stay, the activations change
+    for seed in range(6):                                   # the weights stay, the activations change
         x, _, _, r = (t.cuda().to(torch.bfloat16) for t in linear_inputs(394, 768, 2304, seed))
         x, r = x.view(2, 197, 768), r.view(2, 197, 2304)
-        y = ops.linear(x, w, b, activation="gelu", residual=r)
+        if seed == 4:                                       # a residual off 16-byte alignment: same plan,
+            r = torch.empty(r.numel() + 2, dtype=r.dtype, device=r.device)[2:].view(r.shape).copy_(r)
+        y = ops.linear(x, w, b, activation="gelu", residual=r)   # not the direct launch (then seed 5 is)
         assert_close(y, expected(x, w, b, r, "gelu"), dtype=torch.bfloat16)
     (plan,) = ops._LINEAR_PLANS.values()
     assert plan.launch._run is not None                    # settled: the autotuner is out of the way
+    assert isinstance(plan.launch._direct, kernels.DirectLaunch)    # and Triton's JIT dispatch too
 
 
 @pytest.mark.gpu
@@ -190,10 +220,26 @@ def test_steady_attention_launches_on_the_gpu_equal_the_first(monkeypatch):
     from test_attention import check_qkv, make_qkv
 
     monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
-    for seed in range(3):
+    for seed in range(6):                                   # 3 contiguous qkv, then 3 with padded rows
         torch.manual_seed(seed)
-        qkv = make_qkv(2, 197, 12, 64, seed == 2, torch.bfloat16, "cuda")
+        qkv = make_qkv(2, 197, 12, 64, seed >= 3, torch.bfloat16, "cuda")
         out, cls_attn = ops.attention_qkv(qkv, 12, return_cls_attn=True)
         check_qkv(qkv, 12, out, cls_attn, torch.bfloat16)
     assert len(ops._ATTENTION_PLANS) == 2                   # contiguous, then padded rows
-    assert all(p.launch._run is not None for p in ops._ATTENTION_PLANS.values())
+    assert all(isinstance(p.launch._direct, kernels.DirectLaunch) for p in ops._ATTENTION_PLANS.values())
+
+
+@pytest.mark.gpu
+def test_steady_patch_embed_launches_on_the_gpu_equal_the_first(monkeypatch):
+    from test_patch_embed import make_inputs, reference64
+
+    monkeypatch.setattr(ops, "_PATCH_EMBED_PLANS", {})
+    weights = make_inputs(8, 3, 224, 224, 16, 768, "u8_bf16", True, True, device="cuda")[1:]
+    for seed in range(6):                                  # new uint8 images, normalised in the kernel
+        torch.manual_seed(seed)
+        args = (make_inputs(8, 3, 224, 224, 16, 768, "u8_bf16", True, True, device="cuda")[0], *weights)
+        images, weight, bias, cls_token, pos_embed, mean, std = args
+        out = ops.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+        assert_close(out, reference64(*args), dtype=torch.bfloat16)
+    (plan,) = ops._PATCH_EMBED_PLANS.values()
+    assert isinstance(plan.launch._direct, kernels.DirectLaunch)

@@ -5,9 +5,9 @@
 # is importable: an unpinned torch would pull several GB of CUDA packages onto a CPU machine.
 # timm and torchvision are never installed here (they need a CUDA torch; GPU tests use them
 # where they already exist).
-# --compile-check-only: just what tests/test_triton_compile.py needs (torch, the given Triton, numpy,
-# pytest, vitfast without its C++ extension): the environment that checks the kernels under the
-# oldest Triton vitfast supports.
+# --compile-check-only: just what tests/test_triton_compile.py and tests/test_direct_launch.py need
+# (torch, the given Triton, numpy, pytest, vitfast without its C++ extension): the environment that
+# checks the kernels under the oldest Triton vitfast supports.
 set -euo pipefail
 VENV=${1:-.venv}
 [ $# -gt 0 ] && shift

@@ -1035,6 +1035,32 @@ def _check_patch_embed(images, weight, bias, cls_token, prefix_tokens, pos_embed
                 _fail(f"{name}: expected shape ({C},) (one value per image channel), got {tuple(t.shape)}")
 
 
+# Steady state of patch_embed on the Triton path: the operands' layout -> the launch plan
+# (`kernels.patch_embed.plan`), as for attention_qkv and linear.
+_PATCH_EMBED_PLANS: dict[tuple, object] = {}
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride())
+
+
+def _patch_embed_triton(images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix):
+    patch_embed = _kernels().patch_embed
+    if images.shape[0] == 0:
+        return patch_embed.patch_embed(images, weight, bias, prefix_tokens, pos_embed, mean, std,
+                                       pos_embed_prefix=pos_embed_prefix)
+    key = (images.shape, images.stride(), images.dtype, images.device, weight.shape, weight.stride(), weight.dtype,
+           _layout(bias), _layout(prefix_tokens), _layout(pos_embed), _layout(mean), _layout(std), pos_embed_prefix,
+           weight.dtype == torch.float32 and _kernels().tf32_enabled())
+    plan = _PATCH_EMBED_PLANS.get(key)
+    if plan is None:
+        if len(_PATCH_EMBED_PLANS) >= _MAX_PLANS:
+            _PATCH_EMBED_PLANS.clear()
+        plan = _PATCH_EMBED_PLANS[key] = patch_embed.plan(images, weight, bias, prefix_tokens, pos_embed, mean, std,
+                                                          pos_embed_prefix)
+    return patch_embed.run(plan, images, weight, bias, prefix_tokens, pos_embed, mean, std)
+
+
 # CPU patch embedding: shape key -> index into _PATCH_EMBED_TORCH of the faster path, timed once.
 _PATCH_EMBED_PATHS: dict[tuple, int] = {}
 _PATCH_EMBED_TORCH = (reference.torch_patch_embed, reference.patch_embed)     # F.conv2d, im2col GEMM
@@ -1046,7 +1072,7 @@ def _patch_embed_impl(images: Tensor, weight: Tensor, bias: Tensor | None, prefi
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     args = (images, weight, bias, prefix_tokens, pos_embed, mean, std, pos_embed_prefix)
     if use_triton(images) and weight.dtype != torch.float64:
-        return _kernels().patch_embed.patch_embed(*args[:7], pos_embed_prefix=pos_embed_prefix)
+        return _patch_embed_triton(*args)
     if images.device.type != "cpu":
         return reference.torch_patch_embed(*args).contiguous()
     # On the CPU, mkldnn's F.conv2d is about twice slower than the im2col GEMM at patch 32 and faster at

@@ -141,3 +141,58 @@ def photo(width: int, height: int, seed: int, shapes: int = 30):
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + s, y0 + s), fill=fill)
     noisy = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@contextlib.contextmanager
+def compile_only_triton(launches: list | None = None):
+    """Triton's CUDA driver for a machine without a GPU, as on an H100 / H200 (sm_90, 227 KiB of shared
+    memory per block): kernels compile with Triton's bundled ptxas and are "loaded" (each load gets a new
+    function handle, an int); a launch runs nothing and, with `launches`, appends what it received to it:
+    (gridX, gridY, gridZ, stream, function, kernel metadata, launch metadata, enter hook, exit hook,
+    *arguments). For measuring and testing vitfast's part of a launch and what it passes to Triton's
+    launcher, under Triton 3.6 to 3.9, in a process without TRITON_INTERPRET (whose `@triton.jit` gives
+    interpreter functions). The current device is 0, its stream 0; CPU tensors stand in for device ones."""
+    import itertools
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime.driver import driver
+
+    handles = itertools.count(1)
+
+    class Utils:
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                    "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 6144}
+
+        def load_binary(self, name, kernel, shared, device):
+            return next(handles), next(handles), 128, 0, 1024     # module, function, registers, spills, threads
+
+        def unload_module(self, module):
+            pass
+
+    class Launcher:
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args):
+            if launches is not None:
+                launches.append(args)
+
+    class CompileOnlyDriver(CudaDriver):
+        def __init__(self):        # CudaDriver's would load libcuda
+            self.utils, self.launcher_cls = Utils(), Launcher
+            self.get_current_device = lambda: 0
+            self.get_current_stream = lambda device=None: 0
+            self.get_device_capability = lambda device=None: (9, 0)
+            self.set_current_device = lambda device: None
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    saved = driver._active
+    driver.set_active(CompileOnlyDriver())
+    try:
+        yield
+    finally:
+        driver._active = saved
