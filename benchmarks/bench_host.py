@@ -26,6 +26,9 @@ not the kernels, sets its speed. Measured here:
                     launched directly once settled (`vitfast.kernels.DirectLaunch`), the launches
                     recorded and not run (`vitfast.testing.compile_only_triton`): a GPU host's cost
                     per op and per forward, less the CUDA launch calls themselves
+  jit <op>, forward, ..., JIT function per launch
+                    the same with the direct launch turned off: every launch through Triton's JIT
+                    function (binding, specialization, cache key), as before it existed
 ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms, about 10 µs per op).
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
@@ -181,7 +184,8 @@ def direct_us(calls: int = 20000) -> list[tuple[str, float]]:
     the forward in ms) of ops' Triton path at a layout it has seen, Triton's JIT function and the direct
     launch of its compiled kernel included, under `vitfast.testing.compile_only_triton` (kernels compiled
     for sm_90, launches recorded, nothing run): what a GPU's host pays per op, less the CUDA launch itself.
-    The first calls compile (about a minute for the whole forward; Triton caches the kernels on disk)."""
+    Then the same rows with the direct launch off ("jit"). The first calls compile (about a minute for the
+    whole forward; Triton caches the kernels on disk)."""
     import os
 
     from vitfast.kernels import linear as L
@@ -206,21 +210,28 @@ def direct_us(calls: int = 20000) -> list[tuple[str, float]]:
     os.environ[kernels.AUTOTUNE_ENV] = "quick"
     ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS = {}, {}, {}
     interpret, ops.INTERPRET = ops.INTERPRET, True      # CPU tensors take the Triton path (compiled, not run)
-    rows = []
+    rows, direct_of = [], kernels.DirectLaunch.of
     try:
         with compile_only_triton(), torch.inference_mode():
-            for name, fn in calls_of:
-                n = calls if name.startswith("direct") else calls // 400
-                for _ in range(3):
-                    fn()                                 # compile, tune (one config), settle
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        fn()
-                    best = min(best, (time.perf_counter() - t0) / n * 1e6)
-                rows.append((name, best if n == calls else best / 1e3))
+            for stage in ("direct", "jit"):
+                if stage == "jit":                       # the same, every launch through the JIT function
+                    kernels.DirectLaunch.of = classmethod(lambda cls, *args: None)
+                    ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS = {}, {}, {}
+                for name, fn in calls_of:
+                    n = calls if name.startswith("direct") else calls // 400
+                    for _ in range(3):
+                        fn()                             # compile, tune (one config), settle
+                    best = float("inf")
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            fn()
+                        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+                    name = name if stage == "direct" else name.replace("direct", "jit").replace(
+                        "compiled", "compiled, JIT function per launch")
+                    rows.append((name, best if n == calls else best / 1e3))
     finally:
+        kernels.DirectLaunch.of = direct_of
         ops.INTERPRET = interpret
         ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS, mode = saved
         if mode is None:
@@ -254,8 +265,13 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.json:
+        import platform
+
+        import triton
+
         Path(args.json).write_text(json.dumps({
             "model": MODEL, "dtype": str(DTYPE), "device": gpu, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
             "rows": [{"what": name, "vitfast": mine, "torch": theirs, "unit": unit}
                      for (name, mine, theirs), unit in zip(rows, units)], "markdown": text}, indent=1))

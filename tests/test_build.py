@@ -251,6 +251,11 @@ def test_host_step_runs_the_host_benchmark_and_reports_it(tmp_path, monkeypatch)
             "launcher attention_qkv", "steady attention_qkv", "launcher patch_embed"} <= set(rows)
     assert all(r["vitfast"] > 0 for r in rows.values()) and rows["forward, eager"]["unit"] == "ms"
     assert rows["launcher linear (+ residual)"]["unit"] == rows["steady linear (+ residual)"]["unit"] == "µs"
+    # without CUDA: the steady ops and a forward with Triton's real JIT function, compiled and not run
+    assert {"direct linear (+ residual)", "jit linear (+ residual)", "direct patch_embed",
+            "forward, Triton path, compiled, nothing run"} <= set(rows)
+    assert rows["direct linear (+ residual)"]["unit"] == "µs"
+    assert rows["forward, Triton path, compiled, nothing run"]["unit"] == "ms"
     assert "forward, eager" in run.result["steps"][-1]["detail"]
     md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
     assert "## Host cost" in md and "| launcher patch_embed |" in md
