@@ -117,8 +117,9 @@ class Launch:
     3. The JIT function returns the kernel it compiled for the call; later calls whose tensors have the
        same dtypes and 16-byte alignment, on the same current device, launch that compiled kernel with
        the arguments the JIT function would pass it (`DirectLaunch`), without its per-call binding,
-       specialization and cache key: 13 to 25 µs of host time per launch on the CPU machine, Triton 3.6
-       to 3.9 (benchmarks/bench_host.py). Any other call takes stage 2, which compiles what it needs."""
+       specialization and cache key: 10 to 15 µs less host time per launch, Triton 3.6 to 3.9
+       (benchmarks/RESULTS.md, measured on a CPU). Any other call takes stage 2, which compiles what it
+       needs."""
 
     __slots__ = ("kernel", "grid", "scalars", "meta", "_run", "_kwargs", "_direct")
 
@@ -156,8 +157,9 @@ class DirectLaunch:
     Valid while the call's tensors have the dtypes and 16-byte alignment the kernel was specialized on,
     and the current device is the one it was loaded on; `__call__` checks these and launches (True) or
     returns False without launching. What else the JIT function specializes on (the scalars, constexprs
-    and config) is fixed by the Launch; what it reads per call and this keeps from the first call: Triton's
-    debug and instrumentation settings, and its globals check."""
+    and config) is fixed by the Launch. Two things the JIT function reads on every call are not read here:
+    Triton's debug and instrumentation settings (those of the first call stay), and its check that the
+    kernel's globals have not changed."""
 
     __slots__ = ("fn", "compiled", "launcher", "grid", "grid3", "rest", "dtypes", "aligned", "device",
                  "current_device", "current_stream", "hooks")

@@ -151,7 +151,9 @@ def compile_only_triton(launches: list | None = None):
     (gridX, gridY, gridZ, stream, function, kernel metadata, launch metadata, enter hook, exit hook,
     *arguments). For measuring and testing vitfast's part of a launch and what it passes to Triton's
     launcher, under Triton 3.6 to 3.9, in a process without TRITON_INTERPRET (whose `@triton.jit` gives
-    interpreter functions). The current device is 0, its stream 0; CPU tensors stand in for device ones."""
+    interpreter functions). The current device is 0, its stream 0; CPU tensors stand in for device ones.
+    Use it where no GPU is used afterwards (a process of its own, or a machine without one): what it
+    compiles stays in Triton's in-memory caches after the block, with handles no GPU can launch."""
     import itertools
 
     from triton.backends.compiler import GPUTarget
