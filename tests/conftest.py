@@ -1,11 +1,24 @@
 """Test harness: Triton's interpreter on CPU-only machines, the `gpu` marker, seeding."""
 
 import os
+import sys
 import tempfile
+from pathlib import Path
+
+# The repository root holds `kernels/`, installed as `vitfast.kernels`. With the root on sys.path
+# (`python -m pytest` puts the working directory there, and so do pytest-xdist's workers, in sys.path
+# and PYTHONPATH), `import kernels` finds that folder instead of Hugging Face's `kernels` package, which
+# transformers >= 5.25 requires and imports: importing transformers then fails. vitfast is imported from
+# its (editable) installation, which needs no root on the path.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p and Path(p).resolve() != _ROOT)
 
 # Must happen before anything imports triton (vitfast.kernels does): without a GPU, Triton
 # kernels run on CPU tensors in the interpreter. torch itself does not import triton.
-import torch
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
