@@ -187,6 +187,13 @@ def test_hf_unsupported_features_are_named():
 # --------------------------------------------------------------------------------------------
 # timm's module tree, exercised on the CPU through vitfast.reference (which has timm's names)
 # --------------------------------------------------------------------------------------------
+class SwiGLU(nn.Module):            # timm.layers.SwiGLU's shape (gate and up as two linears: not the packed one)
+    def __init__(self, dim=32, hidden=64):
+        super().__init__()
+        self.fc1_g, self.fc1_x, self.act, self.fc2 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.SiLU(), \
+            nn.Linear(hidden, dim)
+
+
 class LayerScale(nn.Module):        # timm.layers.LayerScale's shape
     def __init__(self, dim):
         super().__init__()
@@ -221,9 +228,23 @@ def test_optimize_timm_tree_shares_parameters_and_matches():
     (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
     (r"blocks.1.norm2: RMSNorm", lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
     ("LayerNorms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
+    (r"blocks.0.mlp: SwiGLU \(only timm's Mlp and SwiGLUPacked", lambda m: setattr(m.blocks[0], "mlp", SwiGLU())),
 ])
 def test_timm_unsupported_features_are_named(feature, mutate):
     model = timm_like()
+    mutate(model)
+    with pytest.raises(UnsupportedFeatureError, match=feature):
+        vitfast.optimize(model)
+
+
+@pytest.mark.parametrize("feature, mutate", [
+    (r"blocks.1.mlp: gate_last=True", lambda m: setattr(m.blocks[1].mlp, "gate_last", True)),
+    (r"blocks.0.mlp.act: GELU \(a GluMlp only with SiLU", lambda m: setattr(m.blocks[0].mlp, "act", nn.GELU())),
+    ("blocks differ in mlp layer", lambda m: setattr(m.blocks[1], "mlp", reference.Mlp(32, 128))),
+])
+def test_timm_swiglu_variants_vitfast_lacks_are_named(feature, mutate):
+    """timm's packed SwiGLU converts (test_optimize_timm_families); its other settings are refused by name."""
+    model = timm_like(mlp_layer="swiglu")
     mutate(model)
     with pytest.raises(UnsupportedFeatureError, match=feature):
         vitfast.optimize(model)
@@ -239,6 +260,8 @@ TIMM_FAMILIES = {
     "siglip_map": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, class_token=False,
                        global_pool="map", num_classes=0),
     "deit_distilled": dict(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2, num_classes=4),
+    "dinov2_giant_swiglu": dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=0.5,
+                                mlp_ratio=2.66667 * 2, mlp_layer="swiglu", num_classes=0),
 }
 
 

@@ -168,9 +168,44 @@ def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
     assert JoinedLinear([(nn.Linear(4, 3, bias=False), "weight", "bias", None)]).bias is None
 
 
+def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
+    """DINOv2-giant's MLP (use_swiglu_ffn): timm's packed fc1 is built from HF's gate and up projections, which
+    stay the parameters (their gradients are HF's own)."""
+    hf = hf_model("Dinov2Model", use_swiglu_ffn=True)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    mlp, hf_mlp = opt.core.blocks[1].mlp, hf.layers[1].mlp if hasattr(hf, "layers") else hf.encoder.layer[1].mlp
+    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.fc1, JoinedLinear)
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()} - {id(hf.embeddings.mask_token)}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref, eager = (m(xi, output_hidden_states=True) for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
+        compare(out, ref, eager)
+    parts = [getattr(hf_mlp, n) for n in ("gate_proj", "up_proj")] if hasattr(hf_mlp, "gate_proj") else \
+        [hf_mlp.weights_in]
+    g = torch.randn_like(out.pooler_output)
+    (opt(x).pooler_output * g).sum().backward()
+    got = [p.weight.grad.clone() for p in parts]
+    hf.zero_grad()
+    (hf(x).pooler_output * g).sum().backward()
+    for mine, p in zip(got, parts):
+        assert_close(mine, p.weight.grad, dtype=torch.float32, name="fc1 part grad")
+
+
+def test_dinov2_giant_has_hf_giants_parameters():
+    """vit_giant_patch14_dinov2 at full size (on the meta device) holds HF's DINOv2-giant parameters, less
+    HF's mask token (masked patches, which vitfast does not implement)."""
+    cfg = transformers.Dinov2Config(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
+                                    use_swiglu_ffn=True, image_size=518, patch_size=14)
+    with torch.device("meta"):
+        hf, mine = transformers.Dinov2Model(cfg), vitfast.create_model("vit_giant_patch14_dinov2")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() == 1_136_479_232
+    assert tuple(mine.blocks[0].mlp.fc1.weight.shape) == (8192, 1536)
+    assert tuple(mine.blocks[0].mlp.fc2.weight.shape) == (1536, 4096)
+
+
 def test_optimize_hf_family_refusals_are_named():
-    with pytest.raises(UnsupportedFeatureError, match=r"use_swiglu_ffn=True \(SwiGLU MLP, DINOv2-giant\)"):
-        vitfast.optimize(hf_model("Dinov2Model", use_swiglu_ffn=True))
     with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
         vitfast.optimize(hf_model("CLIPVisionModel", hidden_act="relu"))
     opt = vitfast.optimize(hf_model("Dinov2Model"))
@@ -190,6 +225,9 @@ CHECKPOINTS = {
     "vit_small_patch14_reg4_dinov2": ("Dinov2WithRegistersModel", dict(image_size=28, patch_size=14, mlp_ratio=4),
                                       dict(img_size=28), "last_hidden_state"),
     "vit_small_patch14_dinov2": ("Dinov2Model", dict(image_size=28, patch_size=14, mlp_ratio=4),
+                                 dict(img_size=28), "last_hidden_state"),
+    # DINOv2-giant's SwiGLU: HF's gate and up projections -> timm's packed fc1 (2 x 128 at this width)
+    "vit_giant_patch14_dinov2": ("Dinov2Model", dict(image_size=28, patch_size=14, mlp_ratio=4, use_swiglu_ffn=True),
                                  dict(img_size=28), "last_hidden_state"),
     # CLIP's projection (no bias) becomes the head
     "vit_base_patch16_clip_quickgelu_224": ("CLIPVisionModelWithProjection",

@@ -251,8 +251,10 @@ def test_model_zoo():
 
 
 def test_create_model_names_what_it_does_not_implement():
-    with pytest.raises(ValueError, match=r"'vit_giant_patch14_reg4_dinov2' is not supported: .* SwiGLU MLP"):
-        vitfast.create_model("vit_giant_patch14_reg4_dinov2")
+    with pytest.raises(ValueError, match=r"mlp_layer='glu': vitfast does not implement MLP layers other than"):
+        vitfast.create_model("vit_small_patch16_224", mlp_layer="glu")
+    with pytest.raises(ValueError, match=r"mlp_layer must be one of \('mlp', 'swiglu'\), got 'glu'"):
+        reference.VisionTransformer(mlp_layer="glu")
     with pytest.raises(ValueError, match=r"qk_norm=True: vitfast does not implement qk-norm"):
         vitfast.create_model("vit_small_patch16_224", qk_norm=True)
     with pytest.raises(ValueError, match=r"mlp_layer=.*SwiGLU"):
@@ -284,6 +286,10 @@ FAMILIES = {  # name -> (distilled, kwargs, image size fed in)
                                             num_classes=4), None),
     "deit_distilled": (True, dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2,
                                   num_classes=6), None),
+    # DINOv2-giant-like: SwiGLUPacked MLP (fc1 to 256 = gate and up halves of 128), layer-scale, registers
+    "dinov2_giant_swiglu": (False, dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3,
+                                        mlp_ratio=2.66667 * 2, mlp_layer="swiglu", init_values=0.3, reg_tokens=4,
+                                        no_embed_class=True, num_classes=5), None),
     "no_final_norm_avg": (False, dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
                                       global_pool="avg", final_norm=False, num_classes=3), None),
 }

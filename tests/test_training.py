@@ -18,13 +18,15 @@ REFERENCE_MATH = ("attention", "attention_qkv", "attention_probs", "split_qkv", 
 
 
 # DINOv2-like (registers, layer-scale, positions for the patches only), CLIP-like (pre-norm, QuickGELU),
-# and a plain ViT with the class token.
+# DINOv2-giant-like (the SwiGLUPacked MLP) and a plain ViT with the class token.
 MODELS = {
     "vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=6),
     "dinov2_reg": dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=4, reg_tokens=4,
                        init_values=0.5, no_embed_class=True),
     "clip": dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5, pre_norm=True,
                  act_layer="quick_gelu"),
+    "dinov2_giant_swiglu": dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                                init_values=0.5, mlp_ratio=2.66667 * 2, mlp_layer="swiglu"),
 }
 
 

@@ -37,8 +37,9 @@ from vitfast.reference import resample_pos_embed
 _HF_PREFIX = re.compile(r"^(?:vit|deit|dinov2|vision_model)\.")
 _HF_LAYER = re.compile(r"^(?:vit\.|deit\.|dinov2\.|vision_model\.)?(?:encoder\.layers?|layers)\.(\d+)\.(.+)$")
 
-# HF per-layer module -> (timm module, qkv slot or None). Classic ViT / DeiT (`attention.attention.query`),
-# current transformers (`attention.q_proj`), CLIP / SigLIP (`self_attn.q_proj`), DINOv2 (`norm1`, layer-scale).
+# HF per-layer module -> (timm module, slot or None: its row block when the timm module packs several HF
+# ones, `_HF_PACKED`). Classic ViT / DeiT (`attention.attention.query`), current transformers
+# (`attention.q_proj`), CLIP / SigLIP (`self_attn.q_proj`), DINOv2 (`norm1`, layer-scale).
 _HF_LAYER_KEYS = {
     "attention.attention.query": ("attn.qkv", 0), "attention.q_proj": ("attn.qkv", 0),
     "self_attn.q_proj": ("attn.qkv", 0),
@@ -50,10 +51,16 @@ _HF_LAYER_KEYS = {
     "self_attn.out_proj": ("attn.proj", None),
     "intermediate.dense": ("mlp.fc1", None), "mlp.fc1": ("mlp.fc1", None),
     "output.dense": ("mlp.fc2", None), "mlp.fc2": ("mlp.fc2", None),
+    # DINOv2-giant's SwiGLU: the gate and up projections are the halves of timm's packed fc1 (older
+    # transformers packed them itself, as weights_in)
+    "mlp.gate_proj": ("mlp.fc1", 0), "mlp.up_proj": ("mlp.fc1", 1), "mlp.weights_in": ("mlp.fc1", None),
+    "mlp.down_proj": ("mlp.fc2", None), "mlp.weights_out": ("mlp.fc2", None),
     "layernorm_before": ("norm1", None), "layer_norm1": ("norm1", None), "norm1": ("norm1", None),
     "layernorm_after": ("norm2", None), "layer_norm2": ("norm2", None), "norm2": ("norm2", None),
     "layer_scale1": ("ls1", None), "layer_scale2": ("ls2", None),
 }
+# timm modules packed from several HF ones, in row order: their parts
+_HF_PACKED = {"attn.qkv": ("query", "key", "value"), "mlp.fc1": ("gate", "up")}
 _HF_TOP_KEYS = {
     "embeddings.cls_token": "cls_token",
     "embeddings.class_embedding": "cls_token",                     # CLIP: [D]
@@ -101,13 +108,14 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """HF ViT, DeiT, DINOv2 (with or without registers), CLIP vision and SigLIP vision keys (either ViT
     layout, with or without the base model's prefix) -> timm keys. Tensors pass through where the two
     hold the same values; separate q/k/v projections are concatenated into timm's packed qkv ([3·C, C]:
-    q rows, then k, then v), SigLIP's head splits its packed q/k/v into the pool's q and kv, CLIP's
-    class embedding [D] becomes [1, 1, D] and its position table [T, D] becomes [1, T, D] (views).
+    q rows, then k, then v), DINOv2-giant's gate and up projections into timm's packed fc1, SigLIP's
+    head splits its packed q/k/v into the pool's q and kv, CLIP's class embedding [D] becomes [1, 1, D]
+    and its position table [T, D] becomes [1, T, D] (views).
     DINOv2 with registers gives the class token a position row and the registers none: timm's layout
     (no_embed_class) holds cls_token + pos[0] and the patches' rows, as timm's own conversion does.
     CLIP's projection has no bias: it becomes a head with a zero bias."""
     out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str], list] = {}
+    packed: dict[tuple[int, str, str], list] = {}
     unknown = []
     for key, value in state_dict.items():
         name = _HF_PREFIX.sub("", key)
@@ -124,7 +132,7 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             if slot is None:
                 out[f"blocks.{idx}.{target}.{'gamma' if param == 'lambda1' else param}"] = value
             else:
-                qkv.setdefault((idx, param), [None, None, None])[slot] = value
+                packed.setdefault((idx, target, param), [None] * len(_HF_PACKED[target]))[slot] = value
         elif name in _HF_TOP_KEYS:
             out[_HF_TOP_KEYS[name]] = value
         elif name in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
@@ -135,10 +143,10 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             unknown.append(key)
     if unknown:
         raise ValueError(f"state_dict: keys with no ViT counterpart in the HF layout: {unknown[:8]}")
-    for (idx, param), parts in qkv.items():
+    for (idx, target, param), parts in packed.items():
         if any(p is None for p in parts):
-            raise ValueError(f"state_dict: layer {idx} lacks one of query/key/value {param}")
-        out[f"blocks.{idx}.attn.qkv.{param}"] = torch.cat(parts, dim=0)
+            raise ValueError(f"state_dict: layer {idx} lacks one of {'/'.join(_HF_PACKED[target])} {param}")
+        out[f"blocks.{idx}.{target}.{param}"] = torch.cat(parts, dim=0)
     if "cls_token" in out and out["cls_token"].dim() == 1:                   # CLIP's class embedding
         out["cls_token"] = out["cls_token"].view(1, 1, -1)
     if "pos_embed" in out and out["pos_embed"].dim() == 2:                   # an nn.Embedding's weight

@@ -7,6 +7,8 @@ of the same name (e.g. vit_base_patch16_224: 86,567,656; vit_base_patch14_reg4_d
 The names in DISTILLED build the distilled variant (`VisionTransformerDistilled`, DeiT).
 """
 
+MLP_LAYERS = ("mlp", "swiglu")      # vitfast.reference.MLP_LAYERS (configs imports nothing of vitfast)
+
 _CLIP = dict(pre_norm=True, norm_eps=1e-5)
 _SIGLIP = dict(class_token=False, global_pool="map", num_classes=0)
 _SO400M = dict(patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, **_SIGLIP)
@@ -16,6 +18,7 @@ _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 _LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu")
 
 CONFIGS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, **_TINY),
@@ -33,6 +36,9 @@ CONFIGS: dict[str, dict] = {
     "vit_small_patch14_reg4_dinov2": dict(**_DINOV2, **_SMALL, **_REG4),
     "vit_base_patch14_reg4_dinov2": dict(**_DINOV2, **_BASE, **_REG4),
     "vit_large_patch14_reg4_dinov2": dict(**_DINOV2, **_LARGE, **_REG4),
+    # DINOv2-giant: SwiGLU MLP (timm's SwiGLUPacked: fc1 1536 -> 8192, gate and up halves, fc2 4096 -> 1536)
+    "vit_giant_patch14_dinov2": dict(**_DINOV2, **_GIANT),
+    "vit_giant_patch14_reg4_dinov2": dict(**_DINOV2, **_GIANT, **_REG4),
     # CLIP image towers (pre-norm, LayerNorm eps 1e-5; QuickGELU for the OpenAI weights)
     "vit_base_patch16_clip_224": dict(patch_size=16, **_BASE, **_CLIP),
     "vit_base_patch16_clip_quickgelu_224": dict(patch_size=16, **_BASE, **_CLIP, act_layer="quick_gelu",
@@ -76,17 +82,14 @@ DATA_CONFIGS: dict[str, dict] = {
 
 
 # timm names vitfast does not run: the feature its kernels lack.
-UNSUPPORTED = {
-    "vit_giant_patch14_dinov2": "the SwiGLU MLP (timm's mlp_layer=SwiGLUPacked)",
-    "vit_giant_patch14_reg4_dinov2": "the SwiGLU MLP (timm's mlp_layer=SwiGLUPacked)",
-}
+UNSUPPORTED: dict[str, str] = {}
 # timm VisionTransformer kwargs vitfast does not implement: (their off value, the feature). An override at
 # the off value is dropped; any other value is refused by name.
 UNSUPPORTED_KWARGS = {
     "qk_norm": (False, "qk-norm (LayerNorm on q and k)"),
     "scale_attn_norm": (False, "a norm inside the attention"),
     "scale_mlp_norm": (False, "a norm inside the MLP"),
-    "mlp_layer": (None, "MLP layers other than fc1-act-fc2 (SwiGLU, ...)"),
+    "mlp_layer": (None, "MLP layers other than fc1-act-fc2 and the packed SwiGLU (mlp_layer='mlp' or 'swiglu')"),
     "block_fn": (None, "blocks other than timm's Block"),
     "embed_layer": (None, "patch embeddings other than a patchify conv (conv stems, ...)"),
     "norm_layer": (None, "norm layers other than LayerNorm (its eps: norm_eps)"),
@@ -101,6 +104,8 @@ def get_config(name: str, **overrides) -> dict:
     if name not in CONFIGS:
         raise ValueError(f"unknown model name {name!r}; expected one of {sorted(CONFIGS)}")
     for key, (off, feature) in UNSUPPORTED_KWARGS.items():
+        if key == "mlp_layer" and overrides.get(key) in MLP_LAYERS:
+            continue                                     # vitfast's own names of the MLPs it runs
         if key in overrides:
             value = overrides.pop(key)
             if value is not off and value != off:

@@ -2,9 +2,10 @@
 
 - timm `VisionTransformer` (and `vitfast.reference.VisionTransformer`, which has timm's tree) ->
   `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept),
-  with the features of DINOv2 (layer-scale, registers, no_embed_class), CLIP (pre-norm, QuickGELU,
-  eps), SigLIP (attention pooling); timm's DeiT `VisionTransformerDistilled` -> vitfast's.
-- HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers), CLIP vision (incl.
+  with the features of DINOv2 (layer-scale, registers, no_embed_class, the giant's SwiGLUPacked MLP),
+  CLIP (pre-norm, QuickGELU, eps), SigLIP (attention pooling); timm's DeiT `VisionTransformerDistilled`
+  -> vitfast's.
+- HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers and SwiGLU), CLIP vision (incl.
   WithProjection) and SigLIP vision models -> a module with HF's forward arguments that returns HF's
   output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
   given, ...), or its tuple with `return_dict=False` (vitfast.hf).
@@ -18,9 +19,10 @@ recognised by their class names and attributes.
 
 A feature vitfast does not implement raises `UnsupportedFeatureError` (a ValueError) naming it:
 qk-norm, norm layers inside the attention or MLP, other pooling heads, activations other than GELU and
-QuickGELU, SwiGLU, conv stems, HF masks and attention outputs, ... Dropout and drop-path are
-no-ops in eval mode: converting a model that has them in train mode raises, and a converted model
-refuses to run forward in train mode (`VisionTransformer.train_only_features`).
+QuickGELU, MLPs other than timm's Mlp and SwiGLUPacked (timm's unpacked SwiGLU, ...), conv stems, HF
+masks and attention outputs, ... Dropout and drop-path are no-ops in eval mode: converting a model that
+has them in train mode raises, and a converted model refuses to run forward in train mode
+(`VisionTransformer.train_only_features`).
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
             f.linear(getattr(model, name), name)
 
     seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
-            "layer-scale": set()}
+            "layer-scale": set(), "mlp layer": set()}
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "Block", f"{w}: block type {type(blk).__name__} (only timm's Block)"):
@@ -259,8 +261,10 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
                    f"{w}.attn: attention scale {attn.scale} (only head_dim ** -0.5)")
             seen["num_heads"].add(heads)
             seen["qkv bias"].add(attn.qkv.bias is not None)
-        if f.need(type(mlp).__name__ == "Mlp", f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp, e.g. no SwiGLU)"):
-            _timm_mlp(f, mlp, f"{w}.mlp", seen)
+        kind = {"Mlp": "mlp", "GluMlp": "swiglu"}.get(type(mlp).__name__)
+        if f.need(kind is not None, f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp and SwiGLUPacked, a GluMlp)"):
+            (_timm_mlp if kind == "mlp" else _timm_swiglu)(f, mlp, f"{w}.mlp", seen)
+            seen["mlp layer"].add(kind)
     pool = getattr(model, "attn_pool", None)
     if gp == "map" and f.need(type(pool).__name__ == "AttentionPoolLatent",
                               f"attn_pool: {type(pool).__name__} (only timm's AttentionPoolLatent)"):
@@ -290,7 +294,8 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
                act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop(),
                init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
                reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
-               no_embed_class=bool(getattr(model, "no_embed_class", False)), pre_norm=pre_norm, final_norm=final_norm)
+               no_embed_class=bool(getattr(model, "no_embed_class", False)), pre_norm=pre_norm, final_norm=final_norm,
+               mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp")
     out = _build(cfg, model.state_dict(keep_vars=True), model, f,
                  VisionTransformerDistilled if distilled else VisionTransformer)
     for attr in ("pretrained_cfg", "default_cfg"):
@@ -311,6 +316,26 @@ def _timm_mlp(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
     seen["activation"].add(act)
     seen["mlp hidden size"].add(getattr(mlp.fc1, "out_features", None))
+
+
+def _timm_swiglu(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
+    """Check one timm GluMlp: SwiGLUPacked's (SiLU of the first half times the second, no norm inside); its
+    width (fc1's, both halves) goes to `seen`, its activation does not (act_layer is the other MLPs')."""
+    f.need(type(getattr(mlp, "act", None)).__name__ == "SiLU",
+           f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (a GluMlp only with SiLU: SwiGLUPacked)")
+    f.need(getattr(mlp, "gate_last", None) is False and getattr(mlp, "chunk_dim", None) in (-1, 2),
+           f"{where}: gate_last={getattr(mlp, 'gate_last', None)}, chunk_dim={getattr(mlp, 'chunk_dim', None)} "
+           "(only the gate on the first half along the features, SwiGLUPacked's)")
+    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
+    f.linear(mlp.fc1, f"{where}.fc1")
+    f.linear(mlp.fc2, f"{where}.fc2")
+    hidden = getattr(mlp.fc1, "out_features", 0)
+    f.need(hidden % 2 == 0 and getattr(mlp.fc2, "in_features", None) == hidden // 2,
+           f"{where}: fc1 width {hidden} and fc2 input {getattr(mlp.fc2, 'in_features', None)} (expected an even "
+           "width and half of it)")
+    f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
+    f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
+    seen["mlp hidden size"].add(hidden)
 
 
 # --------------------------------------------------------------------------------------------

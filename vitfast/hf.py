@@ -21,8 +21,9 @@ get the gradients and an optimizer over either model trains both:
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
 (`interpolate_pos_encoding=True`). HF computes that resampling in float32 (DINOv2) or the model's dtype.
-Not supported (named in the error): masked patches (bool_masked_pos), attention masks, attention
-outputs, SwiGLU (DINOv2-giant), other activations.
+DINOv2-giant's SwiGLU MLP (use_swiglu_ffn) runs as timm's packed one, its fc1 built from HF's gate and up
+projections. Not supported (named in the error): masked patches (bool_masked_pos), attention masks,
+attention outputs, other activations.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 from torch import nn
 
 from vitfast import ops
-from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, hf_to_timm
+from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import JoinedLinear
@@ -94,18 +95,22 @@ def optimize_hf(model: nn.Module) -> nn.Module:
 
 
 def _join_projections(core: VisionTransformer, base: nn.Module) -> None:
-    """Point each block's packed qkv at HF's own q / k / v projections, and SigLIP's pooling-head q / kv at the
-    rows of its packed in_proj (`JoinedLinear`): the converted model trains HF's parameters, and the copies
-    `hf_to_timm` made for `_build` are dropped."""
-    parts: dict[int, list] = {}
+    """Point each block's packed qkv at HF's own q / k / v projections (and DINOv2-giant's packed fc1 at its
+    gate and up projections), and SigLIP's pooling-head q / kv at the rows of its packed in_proj
+    (`JoinedLinear`): the converted model trains HF's parameters, and the copies `hf_to_timm` made for
+    `_build` are dropped."""
+    parts: dict[tuple[int, str], list] = {}
     for key, _ in base.named_parameters():
         m = _HF_LAYER.match(key)
         stem, _, param = m.group(2).rpartition(".") if m else ("", "", "")
-        slot = _HF_LAYER_KEYS.get(stem, (None, None))[1]
+        target, slot = _HF_LAYER_KEYS.get(stem, (None, None))
         if slot is not None and param == "weight":
-            parts.setdefault(int(m.group(1)), [None, None, None])[slot] = base.get_submodule(key.rpartition(".")[0])
-    for idx, modules in parts.items():
-        core.blocks[idx].attn.qkv = JoinedLinear([(mod, "weight", "bias", None) for mod in modules])
+            parts.setdefault((int(m.group(1)), target), [None] * len(_HF_PACKED[target]))[slot] = \
+                base.get_submodule(key.rpartition(".")[0])
+    for (idx, target), modules in parts.items():
+        parent, _, name = target.rpartition(".")
+        setattr(core.blocks[idx].get_submodule(parent), name,
+                JoinedLinear([(mod, "weight", "bias", None) for mod in modules]))
     pool = getattr(base, "head", None)
     if core.attn_pool is not None and isinstance(getattr(pool, "attention", None), nn.MultiheadAttention):
         mha, dim = pool.attention, pool.attention.embed_dim
@@ -161,8 +166,10 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "drop_path_rate"):
         if isinstance(getattr(cfg, name, None), (int, float)):
             f.dropout(getattr(cfg, name), name)
-    if family.startswith("dinov2"):
-        f.need(not getattr(cfg, "use_swiglu_ffn", False), "use_swiglu_ffn=True (SwiGLU MLP, DINOv2-giant)")
+    swiglu = family.startswith("dinov2") and bool(getattr(cfg, "use_swiglu_ffn", False))
+    if swiglu:                 # Dinov2SwiGLUFFN: two thirds of the width, rounded up to 8, for gate and up each
+        hidden = 2 * ((int(int(dim * cfg.mlp_ratio) * 2 / 3) + 7) // 8 * 8)
+    elif family.startswith("dinov2"):
         hidden = int(dim * cfg.mlp_ratio)
     else:
         hidden = cfg.intermediate_size
@@ -170,7 +177,7 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
                act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps, class_token=family != "siglip",
-               global_pool="map" if family == "siglip" else "token")
+               global_pool="map" if family == "siglip" else "token", mlp_layer="swiglu" if swiglu else "mlp")
     if family.startswith("dinov2"):
         out.update(init_values=1.0, dynamic_img_size=True)        # the gammas come from the weights
     if family == "dinov2_reg":

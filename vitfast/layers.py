@@ -15,6 +15,7 @@ No permute or contiguous copy sits between two ops.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops, reference
@@ -119,11 +120,21 @@ class Mlp(reference.Mlp):
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)   # (B, T, C)
 
 
+class GluMlp(reference.GluMlp):
+    """fc2(silu(gate) · up) · scale (+ residual), [gate | up] = fc1(x) (timm's SwiGLUPacked, DINOv2-giant):
+    fc1 one GEMM, the gating one elementwise pass in torch, the layer-scale and the residual in fc2's
+    epilogue."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        gate, up = ops.linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)          # (B, T, hidden / 2) x 2
+        return ops.linear(F.silu(gate) * up, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)
+
+
 class Block(reference.Block):
     """Pre-LN transformer block: x + ls1·attn(norm1(x)), then + ls2·mlp(norm2(x)); both layer-scales and
     residual adds happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
 
-    norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
+    norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
     def forward(self, x: Tensor, return_cls_attn: bool = False):
         """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn)."""

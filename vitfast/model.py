@@ -5,10 +5,10 @@ The model has timm's constructor kwargs and state_dict keys (the same as
 model's state_dict loads into this one and back. Checkpoints in timm, Hugging Face or torchvision
 key layouts load through `create_model(name, checkpoint_path=...)` / `vitfast.checkpoint.load_checkpoint`.
 
-The timm features of DINOv2 (layer-scale, register tokens, no_embed_class), CLIP (pre-norm, LayerNorm
-eps, QuickGELU), SigLIP (no class token, attention pooling) and DeiT (the distilled variant) are here,
-on the kernels. Not supported: qk-norm, SwiGLU MLPs, other pooling heads, dropout / drop-path in
-training; `vitfast.optimize` names them when it meets them.
+The timm features of DINOv2 (layer-scale, register tokens, no_embed_class, the giant's SwiGLU MLP), CLIP
+(pre-norm, LayerNorm eps, QuickGELU), SigLIP (no class token, attention pooling) and DeiT (the distilled
+variant) are here, on the kernels. Not supported: qk-norm, other MLPs (timm's unpacked SwiGLU, ...), other
+pooling heads, dropout / drop-path in training; `vitfast.optimize` names them when it meets them.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ class VisionTransformer(reference.VisionTransformer):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
-                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True):
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp"):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
                          dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps,
                          init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
-                         pre_norm=pre_norm, final_norm=final_norm)
+                         pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer)
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)
         self.register_buffer("img_std", None, persistent=False)

@@ -312,6 +312,31 @@ class Mlp(nn.Module):
         return lin(lin(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
 
 
+class GluMlp(nn.Module):
+    """timm's GluMlp as its SwiGLUPacked builds it (SiLU, the gate on the first half), DINOv2-giant's MLP:
+    fc1 [hidden, C] gives [gate | up] (hidden / 2 features each), then fc2(silu(gate) · up) with fc2
+    [C, hidden / 2]. Hugging Face's Dinov2SwiGLUFFN holds the same (its gate_proj and up_proj, or its
+    weights_in, are the two halves of fc1)."""
+
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"hidden_features: expected an even width (gate and up halves), got {hidden_features}")
+        self.fused = False      # True: torch_linear (F.linear)
+        self.gate_last, self.chunk_dim = False, -1       # timm's attributes: silu(first half) * second half
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lin = torch_linear if self.fused else linear
+        gate, up = lin(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
+        return lin(self.act(gate) * up, self.fc2.weight, self.fc2.bias)
+
+
+MLP_LAYERS = ("mlp", "swiglu")
+
+
 class LayerNorm(nn.LayerNorm):
     fused = False               # True: F.layer_norm
 
@@ -343,16 +368,17 @@ def layer_scale(ls: nn.Module) -> Tensor | None:
 class Block(nn.Module):
     # The layer classes are attributes so that vitfast.layers.Block builds the same tree from its
     # own (kernel-backed) layers.
-    norm_layer, attn_layer, mlp_layer = LayerNorm, Attention, Mlp
+    norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6,
-                 init_values=None):
+                 init_values=None, mlp="mlp"):
         super().__init__()
         self.norm1 = self.norm_layer(dim, eps=eps)
         self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = self.norm_layer(dim, eps=eps)
-        self.mlp = self.mlp_layer(dim, int(dim * mlp_ratio), act=act)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = self.glu_layer(dim, hidden) if mlp == "swiglu" else self.mlp_layer(dim, hidden, act=act)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -408,7 +434,9 @@ class VisionTransformer(nn.Module):
     timm's kwargs beyond the original ViT: init_values (layer-scale), reg_tokens (register tokens),
     no_embed_class (position rows for the patches only), pre_norm (a LayerNorm before the blocks,
     patch embedding without bias: CLIP), final_norm, fc_norm, global_pool "map" (attention pooling
-    with a latent query: SigLIP), act_layer "gelu" / "gelu_tanh" / "quick_gelu", norm_eps.
+    with a latent query: SigLIP), act_layer "gelu" / "gelu_tanh" / "quick_gelu", norm_eps, and
+    mlp_layer "swiglu" (timm's SwiGLUPacked, DINOv2-giant: fc1 to int(embed_dim · mlp_ratio) features, the
+    gate and up halves, SiLU; act_layer then applies to an attention-pooling head's MLP only).
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -417,8 +445,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
-                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True):
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp"):
         super().__init__()
+        if mlp_layer not in MLP_LAYERS:
+            raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {mlp_layer!r}")
         if global_pool not in ("token", "avg", "map", ""):
             raise ValueError(f"global_pool must be 'token', 'avg', 'map' or '', got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -445,7 +475,7 @@ class VisionTransformer(nn.Module):
         self.norm_pre = self.norm_layer(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
             self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps,
-                             init_values=init_values)
+                             init_values=init_values, mlp=mlp_layer)
             for _ in range(depth)])
         self.norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = (self.pool_layer(embed_dim, num_heads, mlp_ratio, act=act_layer, eps=norm_eps)
@@ -495,7 +525,7 @@ class VisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (Attention, AttentionPoolLatent)):
                 m.fused_attn = on
-            elif isinstance(m, (LayerNorm, Mlp)):
+            elif isinstance(m, (LayerNorm, Mlp, GluMlp)):
                 m.fused = on
         return self
 
