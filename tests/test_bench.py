@@ -242,7 +242,8 @@ def test_time_budget_skips_what_is_left_and_still_writes_results(tmp_path, monke
 
 # --model NAME: a named configuration (prefix tokens, layer-scale, pre-norm, eps, QuickGELU, MAP head)
 NAMED = {"vit_small_patch14_reg4_dinov2": 5, "vit_base_patch16_clip_quickgelu_224": 1,
-         "vit_base_patch16_siglip_224": 0, "deit_tiny_distilled_patch16_224": 2}     # name -> prefix tokens
+         "vit_base_patch16_siglip_224": 0, "deit_tiny_distilled_patch16_224": 2,
+         "vit_giant_patch14_dinov2": 1}                                              # name -> prefix tokens
 
 
 @pytest.mark.parametrize("name", sorted(NAMED))

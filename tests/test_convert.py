@@ -371,7 +371,9 @@ def test_timm_unsupported_features_are_named_on_real_timm():
 # float64, bf16 within 2x timm's own bf16 error.
 TIMM_FAMILY_NAMES = {"vit_base_patch14_reg4_dinov2": {}, "vit_base_patch16_clip_quickgelu_224": {},
                      "vit_so400m_patch14_siglip_384": dict(embed_dim=288, num_heads=4),
-                     "deit_small_distilled_patch16_224": {}}
+                     "deit_small_distilled_patch16_224": {},
+                     # timm's SwiGLUPacked MLP (GluMlp): fc1 384 -> 2048, fc2 1024 -> 384
+                     "vit_giant_patch14_dinov2": dict(embed_dim=384, num_heads=6, img_size=224)}
 
 
 @pytest.mark.gpu

@@ -175,14 +175,14 @@ def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     mlp, hf_mlp = opt.core.blocks[1].mlp, hf.layers[1].mlp if hasattr(hf, "layers") else hf.encoder.layer[1].mlp
-    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.fc1, JoinedLinear)
+    packed = not hasattr(hf_mlp, "gate_proj")                     # older transformers: weights_in holds both
+    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.fc1, nn.Linear if packed else JoinedLinear)
     assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()} - {id(hf.embeddings.mask_token)}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out, ref, eager = (m(xi, output_hidden_states=True) for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
         compare(out, ref, eager)
-    parts = [getattr(hf_mlp, n) for n in ("gate_proj", "up_proj")] if hasattr(hf_mlp, "gate_proj") else \
-        [hf_mlp.weights_in]
+    parts = [hf_mlp.weights_in] if packed else [hf_mlp.gate_proj, hf_mlp.up_proj]
     g = torch.randn_like(out.pooler_output)
     (opt(x).pooler_output * g).sum().backward()
     got = [p.weight.grad.clone() for p in parts]

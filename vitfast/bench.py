@@ -136,6 +136,17 @@ class Spec:
         return self.options.get("act_layer", "gelu")
 
     @property
+    def swiglu(self) -> bool:
+        """The MLP is timm's SwiGLUPacked (DINOv2-giant): fc1 to `hidden` (gate and up halves), fc2 from half."""
+        return self.options.get("mlp_layer", "mlp") == "swiglu"
+
+    @property
+    def mlp_flops(self) -> int:
+        """Multiply-adds x 2 of one token's MLP: fc1 and fc2."""
+        C, Hd = self.embed_dim, self.hidden
+        return 2 * C * Hd + 2 * (Hd // 2 if self.swiglu else Hd) * C
+
+    @property
     def norm_eps(self) -> float:
         return self.options.get("norm_eps", 1e-6)
 
@@ -337,6 +348,9 @@ def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, devi
         eps = kwargs.pop("norm_eps", None)             # timm takes the eps through its norm layer
         if eps is not None:
             kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=eps)
+        if kwargs.pop("mlp_layer", "mlp") == "swiglu":  # timm's class for it, with its SiLU
+            from timm.layers import SwiGLUPacked
+            kwargs.update(mlp_layer=SwiGLUPacked, act_layer="silu")
         with torch.device(device):
             model = _timm_class(spec.distilled)(**kwargs)
     else:
@@ -396,6 +410,17 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
                  "torch": lambda x, r=None: _torch_residual(R.torch_linear(x, w, b), r, g),
                  "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r, scale=g)},
                 {"flops": 2 * B * T * C * n_out})
+    if op == "mlp" and spec.swiglu:                  # fc1 to [gate | up], silu(gate) * up, fc2
+        Hd = spec.hidden
+        w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
+        w2, b2 = rand(C, Hd // 2, scale=(Hd // 2) ** -0.5), rand(C, scale=0.1)
+        glu = lambda h: (lambda gate, up: torch.nn.functional.silu(gate) * up)(*h.chunk(2, dim=-1))
+        return (lambda: [rand(B, T, C), rand(B, T, C)],
+                {"reference": lambda x, r: R.linear(glu(R.linear(x, w1, b1)), w2, b2, None, r, gamma),
+                 "torch": lambda x, r: _torch_residual(R.torch_linear(glu(R.torch_linear(x, w1, b1)), w2, b2), r,
+                                                       gamma),
+                 "vitfast": lambda x, r: ops.linear(glu(ops.linear(x, w1, b1)), w2, b2, residual=r, scale=gamma)},
+                {"flops": B * T * spec.mlp_flops})
     if op == "mlp":
         Hd = spec.hidden
         w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
@@ -407,7 +432,7 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
                                                        gamma),
                  "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation=act), w2, b2, residual=r,
                                                     scale=gamma)},
-                {"flops": 4 * B * T * C * Hd})
+                {"flops": B * T * spec.mlp_flops})
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -421,7 +446,7 @@ def _torch_residual(y, residual, gamma):
 def model_flops(spec: Spec, cfg: Config) -> int:
     """Forward FLOPs of one batch (matmuls only; the attention-pooling head of "map" models left out)."""
     B, T, C, P = cfg.batch, cfg.tokens, spec.embed_dim, cfg.patch_size
-    block = 2 * T * C * 3 * C + 4 * T * T * C + 2 * T * C * C + 4 * T * C * spec.hidden
+    block = 2 * T * C * 3 * C + 4 * T * T * C + 2 * T * C * C + T * spec.mlp_flops
     heads = 2 if spec.distilled else 1
     return B * (2 * (T - cfg.prefix) * 3 * P * P * C + spec.depth * block + heads * 2 * C * spec.num_classes)
 
