@@ -192,15 +192,25 @@ def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
         assert_close(mine, p.weight.grad, dtype=torch.float32, name="fc1 part grad")
 
 
-def test_dinov2_giant_has_hf_giants_parameters():
-    """vit_giant_patch14_dinov2 at full size (on the meta device) holds HF's DINOv2-giant parameters, less
-    HF's mask token (masked patches, which vitfast does not implement)."""
-    cfg = transformers.Dinov2Config(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
-                                    use_swiglu_ffn=True, image_size=518, patch_size=14)
+GIANT_PARAMS = {"vit_giant_patch14_dinov2": 1_136_479_232, "vit_giant_patch14_reg4_dinov2": 1_136_483_840}
+
+
+@pytest.mark.parametrize("name", sorted(GIANT_PARAMS))
+def test_dinov2_giant_has_hf_giants_parameters(name):
+    """The DINOv2-giants at full size (on the meta device) hold HF's parameters, less HF's mask token (masked
+    patches, which vitfast does not implement) and, with registers, the class token's position row (timm's
+    layout folds it into cls_token). timm's own counts of these two are not checked here (no timm on the CPU
+    machine; test_reference.py holds timm's counts of the other names)."""
+    registers = "reg4" in name
+    cfg = (transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config)(
+        hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4, use_swiglu_ffn=True,
+        image_size=518, patch_size=14, **(dict(num_register_tokens=4) if registers else {}))
     with torch.device("meta"):
-        hf, mine = transformers.Dinov2Model(cfg), vitfast.create_model("vit_giant_patch14_dinov2")
+        hf = (transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model)(cfg)
+        mine = vitfast.create_model(name)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() == 1_136_479_232
+    folded = 1536 if registers else 0
+    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() - folded == GIANT_PARAMS[name]
     assert tuple(mine.blocks[0].mlp.fc1.weight.shape) == (8192, 1536)
     assert tuple(mine.blocks[0].mlp.fc2.weight.shape) == (1536, 4096)
 
