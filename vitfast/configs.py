@@ -3,11 +3,13 @@
 `CONFIGS[name]` is a dict of `VisionTransformer(**kwargs)` arguments (the same kwargs for
 `vitfast.reference.VisionTransformer` and `vitfast.VisionTransformer`), with the image size and class
 count of timm's default pretrained configuration of that name. Parameter counts match timm's models
-of the same name (e.g. vit_base_patch16_224: 86,567,656; vit_base_patch14_reg4_dinov2: 86,582,016).
+of the same name (e.g. vit_base_patch16_224: 86,567,656; vit_base_patch14_reg4_dinov2: 86,582,016); those
+of the two DINOv2-giants are checked against Hugging Face's models of them instead.
 The names in DISTILLED build the distilled variant (`VisionTransformerDistilled`, DeiT).
 """
 
-MLP_LAYERS = ("mlp", "swiglu")      # vitfast.reference.MLP_LAYERS (configs imports nothing of vitfast)
+# The MLPs a block can have: timm's Mlp (fc1, activation, fc2) or its SwiGLUPacked (DINOv2-giant's).
+MLP_LAYERS = ("mlp", "swiglu")
 
 _CLIP = dict(pre_norm=True, norm_eps=1e-5)
 _SIGLIP = dict(class_token=False, global_pool="map", num_classes=0)

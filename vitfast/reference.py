@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitfast.configs import MLP_LAYERS
+
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
 
 
@@ -332,9 +334,6 @@ class GluMlp(nn.Module):
         lin = torch_linear if self.fused else linear
         gate, up = lin(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
         return lin(self.act(gate) * up, self.fc2.weight, self.fc2.bias)
-
-
-MLP_LAYERS = ("mlp", "swiglu")
 
 
 class LayerNorm(nn.LayerNorm):
