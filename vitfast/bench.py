@@ -414,7 +414,7 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
         Hd = spec.hidden
         w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
         w2, b2 = rand(C, Hd // 2, scale=(Hd // 2) ** -0.5), rand(C, scale=0.1)
-        glu = lambda h: (lambda gate, up: torch.nn.functional.silu(gate) * up)(*h.chunk(2, dim=-1))
+        glu = R.swiglu
         return (lambda: [rand(B, T, C), rand(B, T, C)],
                 {"reference": lambda x, r: R.linear(glu(R.linear(x, w1, b1)), w2, b2, None, r, gamma),
                  "torch": lambda x, r: _torch_residual(R.torch_linear(glu(R.torch_linear(x, w1, b1)), w2, b2), r,

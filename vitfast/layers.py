@@ -15,7 +15,6 @@ No permute or contiguous copy sits between two ops.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops, reference
@@ -126,8 +125,8 @@ class GluMlp(reference.GluMlp):
     epilogue."""
 
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        gate, up = ops.linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)          # (B, T, hidden / 2) x 2
-        return ops.linear(F.silu(gate) * up, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)
+        h = reference.swiglu(ops.linear(x, self.fc1.weight, self.fc1.bias))                  # (B, T, hidden / 2)
+        return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)
 
 
 class Block(reference.Block):

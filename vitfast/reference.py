@@ -314,6 +314,12 @@ class Mlp(nn.Module):
         return lin(lin(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
 
 
+def swiglu(h: Tensor) -> Tensor:
+    """SwiGLU's gating: h [..., 2·H] = [gate | up] -> silu(gate) · up [..., H] (timm's SwiGLUPacked order)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class GluMlp(nn.Module):
     """timm's GluMlp as its SwiGLUPacked builds it (SiLU, the gate on the first half), DINOv2-giant's MLP:
     fc1 [hidden, C] gives [gate | up] (hidden / 2 features each), then fc2(silu(gate) · up) with fc2
@@ -327,13 +333,12 @@ class GluMlp(nn.Module):
         self.fused = False      # True: torch_linear (F.linear)
         self.gate_last, self.chunk_dim = False, -1       # timm's attributes: silu(first half) * second half
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.SiLU()
+        self.act = nn.SiLU()                             # timm's tree; `swiglu` applies it
         self.fc2 = nn.Linear(hidden_features // 2, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         lin = torch_linear if self.fused else linear
-        gate, up = lin(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
-        return lin(self.act(gate) * up, self.fc2.weight, self.fc2.bias)
+        return lin(swiglu(lin(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
 
 class LayerNorm(nn.LayerNorm):
