@@ -197,7 +197,34 @@ CPU_EPILOGUES = [("gelu", True, False, False), ("gelu_tanh", False, False, False
                  (None, True, True, True), ("gelu_tanh", True, True, False)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bf16 on oneDNN's path: only on CPUs where oneDNN has a bf16 GEMM (elsewhere bf16 takes F.linear, checked by
+# test_cpu_bf16_without_onednn_bf16_takes_torch).
+ONEDNN_BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ops._MKLDNN_BF16, reason="oneDNN has no bf16 GEMM on this CPU (needs avx512bw/vl/dq or avx_ne_convert)"))
+
+
+def test_cpu_bf16_without_onednn_bf16_takes_torch(monkeypatch):
+    """ops detects whether oneDNN can run a bf16 GEMM on this CPU (it refuses to build the primitive without
+    AVX512-era instructions); without, bf16 takes F.linear and the epilogue, nothing timed, and stays right."""
+    x, w, b = torch.randn(8, 16).bfloat16(), torch.randn(32, 16).bfloat16(), torch.randn(32).bfloat16()
+    try:
+        torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        works = True
+    except RuntimeError:
+        works = False
+    assert ops._MKLDNN_BF16 == (works and ops._MKLDNN)
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_LINEAR_CPU_PATHS", {})
+    monkeypatch.setattr(ops, "_MKLDNN_DTYPES", (torch.float32,))
+    monkeypatch.setattr(ops, "_LINEAR_CPU", (ops._linear_torch, poisoned))     # the fused path must not run
+    x, w, b, r = make_inputs(34, 64, 48, True, True, "3d", torch.bfloat16, "cpu")
+    y = ops.linear(x, w, b, activation="gelu", residual=r)
+    assert_close(y, reference64(x, w, b, "gelu", r), dtype=torch.bfloat16,
+                 eager=reference.linear(x, w, b, "gelu", r))
+    assert not ops._LINEAR_CPU_PATHS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, ONEDNN_BF16])
 @pytest.mark.parametrize("activation,bias,residual,scale", CPU_EPILOGUES)
 def test_cpu_path_picks_mkldnn_or_torch_once_per_key_and_both_are_right(activation, bias, residual, scale,
                                                                         dtype, monkeypatch):
@@ -265,7 +292,7 @@ def _oned_nn_path(monkeypatch):
 
 
 @needs_pack
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, ONEDNN_BF16])
 def test_cpu_packed_weight_follows_every_change_of_the_weight(dtype, monkeypatch):
     """Inference keeps each weight in oneDNN's layout: the output follows an in-place update (version
     counter), a replaced tensor, `.data` swapped for another tensor (data pointer), and equals the float64

@@ -683,8 +683,11 @@ def _cpu_fastest(fns, args, rounds: int = 5, budget_s: float = 0.2) -> int:
 # oneDNN's GEMM with the activation or the residual add as a post-op (the kernel torch.compile's CPU
 # backend emits): no elementwise pass after the GEMM.
 _MKLDNN_ACT = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 GEMM needs AVX512-BF16-era instructions (avx512bw/vl/dq or avx_ne_convert): on CPUs without them
+# it refuses to build the primitive, so bf16 then takes F.linear.
+_MKLDNN_BF16 = _MKLDNN and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+_MKLDNN_DTYPES = (torch.float32, torch.bfloat16) if _MKLDNN_BF16 else (torch.float32,)
 _MKLDNN_PACK = _MKLDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # weight -> (its data pointer and version, the weight in oneDNN's blocked layout). oneDNN converts a plain
