@@ -105,9 +105,10 @@ def tuned_config(kernel, args: tuple, kwargs: dict):
 
 
 class Launch:
-    """One launch of an autotuned kernel with everything but its tensors fixed: grid, scalar arguments and
-    constexprs, as a launcher computes them once per shape key; the tensors keep their dtypes (the plans
-    fix them). `launch(*tensors)` passes the tensors first, then the scalars.
+    """One launch of a kernel (autotuned, or a plain JIT function) with everything but its tensors fixed: grid,
+    scalar arguments and constexprs, as a launcher computes them once per shape key; the tensors keep their
+    dtypes (the plans fix them). `launch(*tensors)` passes the tensors first, then the scalars. A plain JIT
+    function starts at stage 2 after its first call.
 
     Three stages, each call taking the cheapest one that is right for it:
     1. The first call goes through the autotuner, which tunes the key when it has to.
@@ -135,13 +136,17 @@ class Launch:
             ret = self._run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self._kwargs)
             if direct is None:
                 try:
-                    direct = DirectLaunch.of(self.kernel.fn, ret, tensors, self.scalars, self._kwargs, self.grid)
+                    jit = self.kernel.fn if hasattr(self.kernel, "configs") else self.kernel
+                    direct = DirectLaunch.of(jit, ret, tensors, self.scalars, self._kwargs, self.grid)
                 except Exception:      # a Triton whose internals differ: this stage stays, right and slower
                     direct = None
                 self._direct = direct or False
             return ret
         args = (*tensors, *self.scalars)
         ret = self.kernel[self.grid](*args, **self.meta)
+        if not hasattr(self.kernel, "configs"):          # a plain JIT function (no autotuner): stage 2 is its run
+            self._kwargs, self._run = dict(self.meta), self.kernel.run
+            return ret
         config = tuned_config(self.kernel, args, self.meta)
         if config is not None and config.pre_hook is None:
             self._kwargs = {**self.meta, **config.all_kwargs()}

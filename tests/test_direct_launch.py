@@ -33,6 +33,7 @@ import torch
 from vitfast.kernels import attention as A
 from vitfast.kernels import linear as L
 from vitfast.kernels import patch_embed as P
+from vitfast.kernels import rope as R
 from vitfast.testing import compile_only_triton
 
 launches = []
@@ -58,7 +59,7 @@ def same(a, b):
 def check(launch, new_tensors):
     """Settles `launch`, then checks its direct launches against the JIT function's own on the same tensors,
     and which calls go back through the JIT function."""
-    fn = launch.kernel.fn
+    fn = launch.kernel.fn if hasattr(launch.kernel, "configs") else launch.kernel   # autotuned, or a JIT function
     real_run, jit_calls = fn.run, []
     def counted(*args, **kwargs):
         jit_calls.append(1)
@@ -143,6 +144,12 @@ with compile_only_triton(launches), torch.inference_mode():
         out = torch.empty(B, 5, D, dtype=torch.bfloat16)
         return (images, weight, bias, cls.reshape(-1, D), pos.reshape(-1, D), mean, std, out)  # as run passes
     results["patch_embed"] = check(plan.launch, patch_embed_tensors)
+    B, T, H, D = 2, 17, 2, 64                            # RoPE: a plain JIT function (no autotuner)
+    plan = R.plan(torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H, T - 1).launch
+    def rope_tensors():
+        qkv = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16)
+        return (qkv, torch.empty_like(qkv), torch.rand(T - 1, D // 2), torch.rand(T - 1, D // 2))
+    results["rope"] = check(plan, rope_tensors)
 print(json.dumps({"results": results}))
 '''
 
@@ -162,7 +169,7 @@ def results(tmp_path_factory):
     return report["results"]
 
 
-@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed"])
+@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed", "rope"])
 def test_direct_launches_pass_what_the_jit_function_passes(results, case):
     r = results[case]
     assert r["settled"] == ["DirectLaunch", 1]           # after the autotuner's call, one JIT call
@@ -171,7 +178,7 @@ def test_direct_launches_pass_what_the_jit_function_passes(results, case):
     assert r["direct"] == [[True] * 5] * 3
 
 
-@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed"])
+@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed", "rope"])
 def test_calls_the_compiled_kernel_does_not_fit_go_through_the_jit_function(results, case):
     r = results[case]
     refused, nothing_launched = r["refused"]

@@ -72,7 +72,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from vitfast.kernels import attention, linear, patch_embed
+from vitfast.kernels import attention, linear, patch_embed, rope
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -137,13 +137,22 @@ def launch_attention_bwd(c):
     return kernels[c["part"]], launch
 
 
+def launch_rope(c):
+    """RoPE on the packed qkv (a plain JIT function, no autotuner): class + 4 registers before the patches."""
+    dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
+    qkv = torch.empty(2, N, 3 * H * D, dtype=dt)
+    cos, sin = torch.empty(N - 5, D // 2), torch.empty(N - 5, D // 2)
+    return rope._rope_qkv_kernel, lambda: rope.rope_qkv(qkv, H, cos, sin, inverse=c.get("inverse", False),
+                                                        in_place=c.get("in_place", False))
+
+
 LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed,
-             "attention_bwd": launch_attention_bwd, "linear_bwd": launch_linear_bwd}
+             "attention_bwd": launch_attention_bwd, "linear_bwd": launch_linear_bwd, "rope": launch_rope}
 
 
 HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
 MODULES = {"attention": attention, "linear": linear, "patch_embed": patch_embed, "attention_bwd": attention,
-           "linear_bwd": linear}
+           "linear_bwd": linear, "rope": rope}
 
 
 class OnHopper:
@@ -164,6 +173,8 @@ def capture(kernel, tuner, launch):
     with mock.patch.object(tuner, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)), create=True):
         launch()
     (args, kwargs), = calls
+    if not hasattr(tuner, "configs"):              # a plain JIT function: its launch is the one config
+        return args, kwargs, [triton.Config({})]
     tuner.nargs = {n: OnHopper(a) if isinstance(a, torch.Tensor) else a for n, a in zip(tuner.arg_names, args)}
     with mock.patch.object(MODULES[kernel], "_smem_limit", lambda device: HOPPER_SMEM):
         kept = tuner.prune_configs(kwargs)
@@ -215,9 +226,10 @@ def main():
             tuner, launch = LAUNCHERS[v["kernel"]](v["launch"])
             args, kwargs, kept = capture(v["kernel"], tuner, launch)
             res = {"kept": {}}
-            for config in kept:
-                res["kept"][str(tuner.configs.index(config))] = {
-                    "config": str(config), **compile_config(tuner.fn, args, kwargs, config, done)}
+            tuned = hasattr(tuner, "configs")
+            for i, config in enumerate(kept):
+                res["kept"][str(tuner.configs.index(config) if tuned else i)] = {
+                    "config": str(config), **compile_config(tuner.fn if tuned else tuner, args, kwargs, config, done)}
         except Exception:
             res = {"error": traceback.format_exc()[-3000:]}
         results[v["id"]] = res
@@ -294,6 +306,14 @@ def _cases():
     # DINOv2 with registers: class + 4 register rows, position rows for the patches only.
     cases.append(_variant("patch_embed", "uint8-p14-reg4", "bf16",
                           {"image": "uint8", "weight": "bf16", "patch": 14, "prefix": 5, "pos_prefix": False}))
+    # RoPE on the packed qkv (DINOv3 at 256 px: 5 prefix tokens and 16 x 16 patches; no dot): ViT-B/L's head
+    # dim 64, a padded half (80 -> 40 of 64), the backward's inverse rotation, fp16, and in place (inference).
+    for dtype, head_dim, inverse, in_place in (("bf16", 64, False, False), ("bf16", 80, False, False),
+                                               ("bf16", 64, True, False), ("fp16", 64, False, False),
+                                               ("bf16", 64, False, True)):
+        name = f"{dtype}-d{head_dim}{'-inverse' if inverse else ''}{'-in_place' if in_place else ''}"
+        cases.append(_variant("rope", name, None, {"dtype": dtype, "head_dim": head_dim, "heads": 12, "seq": 261,
+                                                   "inverse": inverse, "in_place": in_place}))
     return cases
 
 
@@ -371,7 +391,10 @@ def test_kept_configs_compile_for_sm90_with_wgmma_and_no_spills(case, compiled):
             continue
         if r["shared"] > HOPPER_SMEM:
             problems.append(f"{what} needs {r['shared']} bytes of shared memory, at most {HOPPER_SMEM}")
-        if r["n_wgmma"] == 0 or r["n_mma_sync"] != 0 or not all(op.endswith(dot) for op in r["wgmma"]):
+        if case["dot"] is None:                    # no dot (RoPE): no MMA expected either
+            if r["n_wgmma"] or r["n_mma_sync"]:
+                problems.append(f"{what}: unexpected MMA instructions {r['wgmma']}, {r['n_mma_sync']} mma.sync")
+        elif r["n_wgmma"] == 0 or r["n_mma_sync"] != 0 or not all(op.endswith(dot) for op in r["wgmma"]):
             problems.append(f"{what}: expected {dot} wgmma.mma_async for the dots, found {r['wgmma']} "
                             f"and {r['n_mma_sync']} mma.sync")
         if (r["spill_stores"], r["spill_loads"]) != (0, 0):

@@ -44,12 +44,13 @@ _KERNELS = None
 
 
 def _kernels():
-    """vitfast.kernels with its three launchers, imported on first use (it imports Triton)."""
+    """vitfast.kernels with its four launchers, imported on first use (it imports Triton)."""
     global _KERNELS
     if _KERNELS is None:
         import vitfast.kernels.attention
         import vitfast.kernels.linear
-        import vitfast.kernels.patch_embed  # noqa: F401
+        import vitfast.kernels.patch_embed
+        import vitfast.kernels.rope  # noqa: F401
         tuning.install(vitfast.kernels)      # autotune results kept on disk per GPU and versions
         _KERNELS = vitfast.kernels
     return _KERNELS
@@ -503,6 +504,116 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     else:
         out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn)
     return (out, cls_attn) if return_cls_attn else out
+
+
+# ============================================================================================
+# rope_qkv  (kernels/rope.py)
+# ============================================================================================
+_ROPE_PLANS: dict[tuple, object] = {}
+
+
+def _rope_impl(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool, in_place: bool = False
+               ) -> Tensor:
+    if _attention_on_triton(qkv):
+        rope = _kernels().rope
+        key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, cos.shape[0], inverse, in_place)
+        plan = _ROPE_PLANS.get(key)
+        if plan is None:
+            if len(_ROPE_PLANS) >= _MAX_PLANS:
+                _ROPE_PLANS.clear()
+            plan = _ROPE_PLANS[key] = rope.plan(qkv, num_heads, cos.shape[0], inverse, in_place)
+        return rope.run(plan, qkv, cos, sin)
+    return _rope_torch(qkv, num_heads, cos, sin, inverse, in_place)
+
+
+def _rope_torch(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool, in_place: bool = False
+                ) -> Tensor:
+    """The rotation in torch (CPU tensors, float64): q and k of the rotated tokens rewritten through a view of
+    qkv itself (in place) or of one contiguous copy, in the tables' dtype, rounded once (the kernel's
+    arithmetic)."""
+    B, N, C3 = qkv.shape
+    D, n = C3 // (3 * num_heads), cos.shape[0]
+    if in_place:
+        out = qkv
+    else:
+        out = qkv.clone() if qkv.is_contiguous() else qkv.contiguous()
+    qk = out.unflatten(2, (3, num_heads, D))[:, N - n:, :2]                     # (B, n, 2, H, D), a view
+    x1, x2 = qk[..., : D // 2], qk[..., D // 2:]
+    c, s = cos[:, None, None, :], (-sin if inverse else sin)[:, None, None, :]    # (n, 1, 1, D/2)
+    a, e = x1.to(cos.dtype, copy=True), x2.to(cos.dtype, copy=True)          # copies: x1, x2 are overwritten
+    x1.copy_(a * c - e * s)
+    x2.copy_(e * c + a * s)
+    return out
+
+
+def _rope_new(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    return _rope_impl(qkv, num_heads, cos, sin, inverse)
+
+
+_rope_op = torch.library.custom_op("vitfast::rope_qkv", _rope_new, mutates_args=())      # out of place
+
+
+@_rope_op.register_fake
+def _(qkv, num_heads, cos, sin, inverse):
+    return qkv.new_empty(qkv.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, ctx.num_heads, cos, sin, ctx.inverse = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, dout):
+    # The rotation is orthogonal: its backward is the inverse rotation of the gradient (v and the prefix
+    # tokens pass through), the same kernel.
+    cos, sin = ctx.saved_tensors
+    return _rope_op(dout.contiguous(), ctx.num_heads, cos, sin, not ctx.inverse), None, None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: bool = False) -> Tensor:
+    """Rotary position embedding on the packed qkv projection: q and k of the last N_rope tokens rotated pair by
+    pair (pair j: columns j and D/2 + j of a head, DINOv3's rotate-half layout), v and the tokens before them
+    (class, registers) unchanged; one Triton pass on the GPU (`kernels/rope.py`), fp32 math rounded once.
+
+    qkv [B, N, 3·C] as `attention_qkv` takes it (even head dim D); cos, sin [N_rope, D/2] with 1 <= N_rope <= N,
+    float32 (float64 for a float64 qkv), on qkv's device, not requiring grad (`reference.dinov3_rope` makes
+    them). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself rotated
+    in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
+    and is not traced by torch.compile, else a new tensor as without it: use the tensor returned."""
+    _check_float("qkv", qkv, _ATTENTION_DTYPES)
+    if qkv.dim() != 3:
+        _fail(f"qkv: expected 3 dims [B, N, 3*C], got shape {tuple(qkv.shape)}")
+    _check_unit_last("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        _fail(f"num_heads: expected a positive int, got {num_heads!r}")
+    B, N, C3 = qkv.shape
+    if C3 == 0 or C3 % (3 * num_heads) != 0:
+        _fail(f"qkv: expected a last dim divisible by 3 * num_heads = {3 * num_heads}, got {C3}")
+    D = C3 // (3 * num_heads)
+    if D % 2:
+        _fail(f"qkv: rotary embedding needs an even head dim, got {D}")
+    table_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            _fail(f"{name}: expected a Tensor, got {type(t).__name__}")
+        _check_like(name, t, "qkv", qkv.device, t.dtype)
+        if t.dtype != table_dtype:
+            _fail(f"{name}: expected dtype {table_dtype} for a {qkv.dtype} qkv, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != D // 2 or not 1 <= t.shape[0] <= N:
+            _fail(f"{name}: expected shape [N_rope, D/2] = [1..{N}, {D // 2}], got {tuple(t.shape)}")
+        if t.requires_grad:
+            _fail(f"{name}: expected a table that does not require grad (the rotation's angles are fixed)")
+    if sin.shape != cos.shape:
+        _fail(f"sin: expected shape {tuple(cos.shape)} (like cos), got {tuple(sin.shape)}")
+    if not isinstance(inplace, bool):
+        _fail(f"inplace: expected a bool, got {inplace!r}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if _direct(qkv):
+        return _rope_impl(qkv, num_heads, cos, sin, False, inplace)
+    return _rope_op(qkv, num_heads, cos, sin, False)
 
 
 # ============================================================================================

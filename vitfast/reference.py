@@ -77,6 +77,54 @@ def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
     return out
 
 
+# Rotary position embedding (RoPE), as DINOv3 has it (Hugging Face's and timm's): the head dim's two halves
+# are the pairs (column j with column D/2 + j), one angle per pair and token; the tables cos, sin [N_rope, D/2]
+# cover the last N_rope tokens (the patches), the prefix tokens before them (class, registers) are not rotated.
+ROPE_TYPES = (None, "dinov3")
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """x [..., N, D] with its last cos.shape[0] tokens rotated: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)
+    for the halves x1, x2, computed in the tables' dtype when it is wider, returned in x's. inverse: rotate by
+    −angle (the transpose: the backward of the rotation)."""
+    n = cos.shape[0]
+    if inverse:
+        sin = -sin
+    keep, rot = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n:, :]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([keep, rot], dim=-2)
+
+
+def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Packed qkv [B, N, 3·C] -> the same layout with q and k rotated (apply_rope), v as it is."""
+    B, N, C3 = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)                                                   # (B, H, N, D)
+    q, k = apply_rope(q, cos, sin, inverse), apply_rope(k, cos, sin, inverse)
+    return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(B, N, C3)
+
+
+def dinov3_rope(grid: tuple[int, int], head_dim: int, temperature: float = 100.0, dtype: torch.dtype = torch.float32,
+                device=None) -> tuple[Tensor, Tensor]:
+    """DINOv3's RoPE tables for a patch grid (gh, gw): cos, sin [gh·gw, head_dim / 2] in `dtype`, patches in
+    row-major order. Patch centres in [-1, 1] per axis ((i + 0.5) / g · 2 − 1), frequencies
+    1 / temperature^(4i / head_dim) for i < head_dim / 4, angles 2π · coordinate · frequency: the first
+    head_dim / 4 pairs from the row coordinate, the next from the column: Hugging Face's
+    DINOv3ViTRopePositionEmbedding in eval mode, with its rounding: coordinates and frequencies in float32,
+    the angles and their cos / sin in float32, or in float64 from those float32 values for a float64 `dtype`
+    (what HF's model computes after `.double()`)."""
+    if head_dim % 4:
+        raise ValueError(f"head_dim: DINOv3's RoPE needs a multiple of 4, got {head_dim}")
+    f32, work = torch.float32, torch.float64 if dtype == torch.float64 else torch.float32
+    gh, gw = grid
+    ys = (torch.arange(0.5, gh, device=device, dtype=f32) / gh) * 2 - 1
+    xs = (torch.arange(0.5, gw, device=device, dtype=f32) / gw) * 2 - 1
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)        # (gh·gw, 2)
+    freqs = (1 / temperature ** torch.arange(0, 1, 4 / head_dim, device=device, dtype=f32)).to(work)  # (head_dim/4,)
+    angles = (2 * math.pi * coords[:, :, None] * freqs).reshape(gh * gw, head_dim // 2)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(x, approximate=approximate)
 
@@ -293,8 +341,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, N, C] -> [B, N, C]; rope: (cos, sin) tables rotating q and k of the last tokens (rope_qkv)."""
         qkv = self.qkv(x)                                                          # (B, N, 3C)
+        if rope is not None:
+            qkv = rope_qkv(qkv, self.num_heads, *rope)
         attend = torch_attention_qkv if self.fused_attn else attention_qkv
         return self.proj(attend(qkv, self.num_heads, self.scale))                 # (B, N, C)
 
@@ -385,8 +436,8 @@ class Block(nn.Module):
         self.mlp = self.glu_layer(dim, hidden) if mlp == "swiglu" else self.mlp_layer(dim, hidden, act=act)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope=rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -440,7 +491,9 @@ class VisionTransformer(nn.Module):
     patch embedding without bias: CLIP), final_norm, fc_norm, global_pool "map" (attention pooling
     with a latent query: SigLIP), act_layer "gelu" / "gelu_tanh" / "quick_gelu", norm_eps, and
     mlp_layer "swiglu" (timm's SwiGLUPacked, DINOv2-giant: fc1 to int(embed_dim · mlp_ratio) features, the
-    gate and up halves, SiLU; act_layer then applies to an attention-pooling head's MLP only).
+    gate and up halves, SiLU; act_layer then applies to an attention-pooling head's MLP only), and pos_embed
+    "none" (no position table). rope="dinov3" (with rope_temperature) rotates q and k of the patch tokens in
+    every attention by DINOv3's rotary position embedding (`dinov3_rope`, made for each image's patch grid).
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -449,8 +502,16 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
-                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp"):
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
+                 pos_embed="learn", rope=None, rope_temperature=100.0):
         super().__init__()
+        if pos_embed not in ("learn", "none"):
+            raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
+        if rope not in ROPE_TYPES:
+            raise ValueError(f"rope must be one of {ROPE_TYPES}, got {rope!r}")
+        if rope is not None and (embed_dim // num_heads) % 4:
+            raise ValueError(f"rope={rope!r}: needs a head dim (embed_dim / num_heads) divisible by 4, got "
+                             f"{embed_dim} / {num_heads}")
         if mlp_layer not in MLP_LAYERS:
             raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {mlp_layer!r}")
         if global_pool not in ("token", "avg", "map", ""):
@@ -467,6 +528,7 @@ class VisionTransformer(nn.Module):
         self.has_class_token = class_token
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.dynamic_img_size = dynamic_img_size
+        self.rope_type, self.rope_temperature = rope, float(rope_temperature)
         self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
@@ -475,7 +537,7 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self._init_extra_tokens(embed_dim)
         embed_len = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
-        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02) if pos_embed == "learn" else None
         self.norm_pre = self.norm_layer(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
             self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps,
@@ -504,7 +566,9 @@ class VisionTransformer(nn.Module):
         """How many rows of pos_embed belong to prefix tokens (0 with no_embed_class)."""
         return 0 if self.no_embed_class else self.num_prefix_tokens
 
-    def _pos_embed_for(self, H: int, W: int) -> Tensor:
+    def _pos_embed_for(self, H: int, W: int) -> Tensor | None:
+        if self.pos_embed is None:
+            return None
         P = self.patch_embed.patch_size
         grid = (H // P[0], W // P[1])
         return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.pos_embed_prefix)
@@ -514,12 +578,25 @@ class VisionTransformer(nn.Module):
         pe = self.patch_embed
         check_image_size(x, self.in_chans, pe.patch_size, None if self.dynamic_img_size else pe.img_size)
         x = crop_to_patches(x, pe.patch_size)
-        w = pe.proj.weight
+        w, rope = pe.proj.weight, self.rope_for(x)
         embed = torch_patch_embed if self.fused else patch_embed
         x = embed(x.to(w.dtype), w, pe.proj.bias, self.prefix_tokens(), self._pos_embed_for(*x.shape[-2:]),
                   None, None, not self.no_embed_class)
-        x = self.blocks(self.norm_pre(x))
+        x = self.norm_pre(x)
+        for blk in self.blocks:
+            x = blk(x, rope=rope)
         return self.norm(x)
+
+    def rope_for(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The RoPE tables (cos, sin) for the patch grid of `images` [B, C, H, W], or None without RoPE; in
+        float64 for a float64 model, else float32."""
+        if self.rope_type is None:
+            return None
+        P, w = self.patch_embed.patch_size, self.patch_embed.proj.weight
+        grid = (images.shape[-2] // P[0], images.shape[-1] // P[1])
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return dinov3_rope(grid, self.embed_dim // self.blocks[0].attn.num_heads, self.rope_temperature, dtype,
+                           w.device)
 
     def use_torch_ops(self, on: bool = True) -> VisionTransformer:
         """Run on torch's fused ops (F.conv2d patchify, F.layer_norm, SDPA, F.linear + F.gelu) instead of

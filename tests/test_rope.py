@@ -1,0 +1,190 @@
+"""Rotary position embedding on the packed qkv (kernels/rope.py, vitfast.ops.rope_qkv) and DINOv3's tables.
+
+Results are compared with vitfast.reference in float64 (and eager PyTorch in the same dtype); without CUDA
+the kernel runs in Triton's interpreter. Each case also checks that the rotation moved the values, so that
+it is what is being tested.
+"""
+
+import math
+
+import pytest
+import torch
+
+import vitfast.ops as ops
+from vitfast import reference
+from vitfast.testing import assert_close, forbid_reference
+
+
+def tables(n_rope: int, head_dim: int, dtype=torch.float32, device="cpu"):
+    angles = torch.rand(n_rope, head_dim // 2, dtype=torch.float64, device=device) * 2 * math.pi
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def hf_rotate_half(x, cos, sin):
+    """Hugging Face's DINOv3 formula with full [N, D] tables: x · cos + rotate_half(x) · sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.tile(2) + torch.cat([-x2, x1], dim=-1) * sin.tile(2)
+
+
+def test_apply_rope_is_hf_rotate_half_on_the_last_tokens():
+    x = torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    cos, sin = tables(5, 16, torch.float64)
+    out = reference.apply_rope(x, cos, sin)
+    assert torch.equal(out[..., :4, :], x[..., :4, :])                     # prefix tokens untouched
+    torch.testing.assert_close(out[..., 4:, :], hf_rotate_half(x[..., 4:, :], cos, sin), rtol=0, atol=1e-14)
+    torch.testing.assert_close(reference.apply_rope(out, cos, sin, inverse=True), x, rtol=0, atol=1e-14)
+
+
+def test_dinov3_tables_follow_the_definition():
+    """Patch centres in [-1, 1], frequencies 1 / 100^(4i / D), the row coordinate's angles first."""
+    gh, gw, D = 3, 5, 16
+    cos, sin = reference.dinov3_rope((gh, gw), D, 100.0, torch.float64)
+    assert cos.shape == sin.shape == (gh * gw, D // 2)
+    freqs = 100.0 ** (-torch.arange(D // 4, dtype=torch.float64) * 4 / D)
+    for idx in (0, 7, gh * gw - 1):
+        i, j = divmod(idx, gw)
+        y, x = (i + 0.5) / gh * 2 - 1, (j + 0.5) / gw * 2 - 1
+        want = torch.cat([2 * math.pi * y * freqs, 2 * math.pi * x * freqs])
+        torch.testing.assert_close(cos[idx], want.cos(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[idx], want.sin(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="head_dim: DINOv3's RoPE needs a multiple of 4, got 6"):
+        reference.dinov3_rope((2, 2), 6)
+
+
+# (B, N, H, D, N_rope, layout): with and without prefix tokens (class, registers), head dims with padded halves
+# (80 -> 40 in a 64-wide block, 30 -> 15 in 16), token counts over several token blocks.
+CASES = [
+    (2, 21, 2, 64, 16, "contiguous"),     # class + 4 registers before 16 patches
+    (1, 12, 3, 80, 12, "contiguous"),     # no prefix
+    (2, 7, 1, 30, 6, "sliced"),           # class token, odd half
+    (1, 300, 2, 8, 299, "sliced"),        # several token blocks of a small head
+]
+
+
+def packed(B, N, H, D, layout, dtype, device="cpu"):
+    """qkv [B, N, 3·H·D]; "sliced": a view into wider rows (a token stride larger than 3·C)."""
+    if layout == "sliced":
+        return torch.randn(B, N, 3 * H * D + 8, device=device).to(dtype)[..., 4:4 + 3 * H * D]
+    return torch.randn(B, N, 3 * H * D, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}")
+def test_rope_qkv_equals_reference(case, dtype, device):
+    B, N, H, D, n_rope, layout = case
+    qkv = packed(B, N, H, D, layout, dtype, device)
+    cos, sin = tables(n_rope, D, device=device)
+    out = ops.rope_qkv(qkv, H, cos, sin)
+    assert out.shape == qkv.shape and out.dtype == dtype and out.is_contiguous()
+    ref64 = reference.rope_qkv(qkv.double(), H, cos.double(), sin.double())
+    assert_close(out, ref64, eager=reference.rope_qkv(qkv, H, cos, sin))
+    C = H * D
+    prefix = N - n_rope
+    assert torch.equal(out[:, :prefix], qkv[:, :prefix])                       # prefix tokens as they were
+    assert torch.equal(out[..., 2 * C:], qkv[..., 2 * C:])                     # v as it was
+    moved = (out[:, prefix:, :2 * C].float() - qkv[:, prefix:, :2 * C].float()).abs().max()
+    assert moved > 0.1                                                         # q and k rotated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}")
+def test_rope_qkv_cpu_path_equals_reference(case, dtype, monkeypatch):
+    """CPU tensors without the interpreter: torch, one copy of qkv rotated in place through a view."""
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    B, N, H, D, n_rope, layout = case
+    qkv = packed(B, N, H, D, layout, dtype)
+    before = qkv.clone()
+    cos, sin = tables(n_rope, D)
+    out = ops.rope_qkv(qkv, H, cos, sin)
+    assert torch.equal(qkv, before) and out.is_contiguous()                   # the input is not touched
+    assert_close(out, reference.rope_qkv(qkv.double(), H, cos.double(), sin.double()),
+                 eager=reference.rope_qkv(qkv, H, cos, sin))
+    back = ops._rope_torch(out, H, cos, sin, True)                            # the backward's rotation
+    assert_close(back, qkv.double(), dtype=dtype, name="inverse")
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "cpu_path"])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}")
+def test_rope_qkv_in_place_rotates_qkv_itself(case, interpret, monkeypatch):
+    """inplace=True with nothing to differentiate: qkv itself holds the rotation, the same values as out of
+    place; the memory around a strided qkv is untouched. With a gradient to record, a new tensor instead."""
+    monkeypatch.setattr(ops, "INTERPRET", interpret and ops.INTERPRET)
+    B, N, H, D, n_rope, layout = case
+    base = torch.randn(B, N, 3 * H * D + 8)
+    qkv = base[..., 4:4 + 3 * H * D] if layout == "sliced" else base[..., :3 * H * D].contiguous()
+    cos, sin = tables(n_rope, D)
+    want = ops.rope_qkv(qkv, H, cos, sin)
+    around = base.clone()
+    out = ops.rope_qkv(qkv, H, cos, sin, inplace=True)
+    assert out is qkv and torch.equal(qkv, want)
+    if layout == "sliced":
+        assert torch.equal(base[..., :4], around[..., :4]) and torch.equal(base[..., -4:], around[..., -4:])
+    x = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    y = ops.rope_qkv(x, H, cos, sin, inplace=True)
+    assert y is not x and y.grad_fn is not None
+    with pytest.raises(ValueError, match="inplace: expected a bool, got 1"):
+        ops.rope_qkv(x, H, cos, sin, inplace=1)
+
+
+def test_rope_qkv_backward_is_the_inverse_rotation_without_the_reference(monkeypatch, device):
+    B, N, H, D = 2, 13, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    cos, sin = tables(N - 1, D, device=device)
+    dout = torch.randn(B, N, 3 * H * D, device=device)
+    x64 = qkv.detach().double().requires_grad_()
+    reference.rope_qkv(x64, H, cos.double(), sin.double()).backward(dout.double())
+    forbid_reference(monkeypatch, "rope_qkv", "apply_rope")
+    if device == "cpu" and not ops.INTERPRET:
+        pytest.skip("the torch path's backward is the same op on the torch path")
+    ops.rope_qkv(qkv, H, cos, sin).backward(dout)
+    assert_close(qkv.grad, x64.grad, name="dqkv")
+
+
+def test_rope_qkv_float64_gradcheck_and_opcheck():
+    qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(4, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ops.rope_qkv(x, 2, cos, sin), (qkv,))
+    torch.library.opcheck(torch.ops.vitfast.rope_qkv.default, (qkv.detach(), 2, cos, sin, False))
+
+
+def test_rope_qkv_traces_in_torch_compile():
+    qkv = torch.randn(1, 5, 24)
+    cos, sin = tables(4, 4)
+    fn = torch.compile(lambda x: ops.rope_qkv(x, 2, cos, sin), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(qkv), ops.rope_qkv(qkv, 2, cos, sin))
+
+
+def test_rope_qkv_refuses_bad_tables_by_name():
+    qkv = torch.randn(2, 5, 3 * 2 * 8)
+    cos, sin = tables(4, 8)
+    bad = [
+        (dict(cos=cos.double()), r"cos: expected dtype torch.float32 for a torch.float32 qkv, got torch.float64"),
+        (dict(cos=cos[:, :3].contiguous()), r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\], got \(4, 3\)"),
+        (dict(cos=torch.ones(6, 4)), r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\], got \(6, 4\)"),
+        (dict(sin=sin[:3]), r"sin: expected shape \(4, 4\) \(like cos\), got \(3, 4\)"),
+        (dict(sin=sin.clone().requires_grad_()), r"sin: expected a table that does not require grad"),
+        (dict(cos=cos.to("meta")), r"cos: expected device cpu \(like qkv\), got meta"),
+        (dict(sin=None), r"sin: expected a Tensor, got NoneType"),
+        (dict(qkv=torch.randn(2, 5, 3 * 2 * 7)), r"qkv: rotary embedding needs an even head dim, got 7"),
+        (dict(qkv=torch.randn(2, 5, 3 * 2 * 8).long()), r"qkv: expected dtype in"),
+        (dict(num_heads=0), r"num_heads: expected a positive int, got 0"),
+    ]
+    for change, message in bad:
+        args = dict(qkv=qkv, num_heads=2, cos=cos, sin=sin, **{})
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            ops.rope_qkv(args["qkv"], args["num_heads"], args["cos"], args["sin"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rope_qkv_on_gpu(dtype):
+    B, N, H, D = 4, 261, 12, 64                  # ViT-B/16 at 256 px: class, 4 registers and 256 patches
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda").to(dtype)
+    cos, sin = reference.dinov3_rope((16, 16), D, device="cuda")
+    for _ in range(3):                           # the direct launch after two calls gives the same result
+        out = ops.rope_qkv(qkv, H, cos, sin)
+        assert_close(out, reference.rope_qkv(qkv.double(), H, cos.double(), sin.double()),
+                     eager=reference.rope_qkv(qkv, H, cos, sin))
+        mine = qkv.clone()
+        assert ops.rope_qkv(mine, H, cos, sin, inplace=True) is mine and torch.equal(mine, out)
