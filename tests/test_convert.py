@@ -296,6 +296,14 @@ def test_timm_drop_path_only_refused_in_train_mode():
         opt.train()(x)
 
 
+def test_timm_eva_is_refused_by_name():
+    """timm runs DINOv3 (and EVA-02) as its Eva class: refused, naming the ways vitfast runs DINOv3."""
+    eva = type("Eva", (nn.Module,), {"__module__": "timm.models.eva"})()
+    eva.patch_embed, eva.blocks, eva.pos_embed = nn.Identity(), nn.ModuleList(), None
+    with pytest.raises(UnsupportedFeatureError, match=r"timm's Eva class .*DINOv3ViTModel.*vit_base_patch16_dinov3"):
+        vitfast.optimize(eva)
+
+
 # --------------------------------------------------------------------------------------------
 # timm and torchvision themselves (GPU machines, where CUDA torch builds of them are installed)
 # --------------------------------------------------------------------------------------------

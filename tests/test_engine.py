@@ -198,6 +198,7 @@ FAMILY_NAMES = {
     "vit_base_patch16_clip_quickgelu_224": dict(img_size=32, num_classes=16),     # pre-norm, projection head
     "vit_base_patch16_siglip_224": dict(img_size=32),                             # no class token, MAP pooling
     "deit_tiny_distilled_patch16_224": dict(img_size=32, num_classes=5),          # class + distillation heads
+    "vit_small_patch16_dinov3": dict(img_size=32, init_values=0.5),               # RoPE, no position table
 }
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face's DeiT, DINOv2 (with and without registers), CLIP vision and SigLIP vision models on
+"""Hugging Face's DeiT, DINOv2 (with and without registers), DINOv3, CLIP vision and SigLIP vision models on
 vitfast, on the CPU: `vitfast.optimize` (fp32 vs HF in float64, bounded by HF's own fp32 error; every
 output field, other image sizes by each family's rule) and their checkpoints loaded into
 `vitfast.VisionTransformer`. HF's ViT itself is in test_convert.py."""
@@ -32,6 +32,8 @@ FAMILIES = {
     "CLIPVisionModel": ("CLIPVisionConfig", dict(intermediate_size=96)),
     "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(intermediate_size=96, projection_dim=16)),
     "SiglipVisionModel": ("SiglipVisionConfig", dict(intermediate_size=96)),
+    # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
+    "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
 }
 
 
@@ -79,18 +81,20 @@ def test_optimize_hf_family_equals_hf(name):
 
 
 @pytest.mark.parametrize("name", ["DeiTForImageClassification", "Dinov2Model", "Dinov2WithRegistersModel",
-                                  "CLIPVisionModelWithProjection", "SiglipVisionModel"])
+                                  "CLIPVisionModelWithProjection", "SiglipVisionModel", "DINOv3ViTModel"])
 def test_optimize_hf_family_other_image_size(name):
     """Position tables resampled by each family's HF rule: DINOv2 always (with antialias when it has
-    registers), the others when asked with interpolate_pos_encoding=True."""
+    registers), the others when asked with interpolate_pos_encoding=True; DINOv3's RoPE tables are made for
+    any patch grid."""
     hf = hf_model(name)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     x = torch.randn(2, 3, 48, 40)
-    kw = {} if name.startswith("Dinov2") else dict(interpolate_pos_encoding=True)
+    any_size = name.startswith(("Dinov2", "DINOv3"))
+    kw = {} if any_size else dict(interpolate_pos_encoding=True)
     with torch.no_grad():
         compare(opt(x, **kw), hf64(x.double(), **kw), hf(x, **kw))
-    if not name.startswith("Dinov2"):
+    if not any_size:
         with pytest.raises(ValueError, match="built for 32x32 images, got 48x40"):
             opt(x)
 
@@ -192,6 +196,79 @@ def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
         assert_close(mine, p.weight.grad, dtype=torch.float32, name="fc1 part grad")
 
 
+def test_optimize_hf_dinov3_gated_mlp_and_rope_ablation():
+    """DINOv3's gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU built from HF's gate and up projections;
+    with the rotation taken out, the comparison fails (so the RoPE is what makes it pass)."""
+    hf = hf_model("DINOv3ViTModel", use_gated_mlp=True, hidden_act="silu")
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    mlp = opt.core.blocks[0].mlp
+    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.fc1, JoinedLinear)
+    assert opt.core.pos_embed is None and opt.core.rope_type == "dinov3"
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        out, ref, eager = (m(xi, output_hidden_states=True) for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
+        compare(out, ref, eager)
+        opt.core.rope_type = None
+        unrotated = opt(x).last_hidden_state
+    assert (unrotated.double() - ref.last_hidden_state).abs().max() > 1e-2
+
+
+def test_optimize_hf_dinov3_refusals_are_named():
+    """HF moves DINOv3's RoPE coordinates at random in train mode (pos_embed_rescale=2.0 by default), which
+    vitfast does not: eval works, train mode is refused by name; output projections without bias too."""
+    hf = hf_model("DINOv3ViTModel", pos_embed_rescale=2.0)
+    opt = vitfast.optimize(hf)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(opt(x).pooler_output, copy.deepcopy(hf).double()(x.double()).pooler_output)
+    with pytest.raises(ValueError, match=r"RoPE coordinate augmentation \(pos_embed_rescale=2.0\)"):
+        opt.train()(x)
+    with pytest.raises(UnsupportedFeatureError, match=r"RoPE coordinate augmentation \(pos_embed_rescale=2.0\)"):
+        vitfast.optimize(hf.train())
+    with pytest.raises(UnsupportedFeatureError, match="proj_bias=False"):
+        vitfast.optimize(hf_model("DINOv3ViTModel", proj_bias=False))
+
+
+DINOV3_PARAMS = {"vit_small_patch16_dinov3": 21_586_944, "vit_base_patch16_dinov3": 85_641_216,
+                 "vit_large_patch16_dinov3": 303_079_424}
+
+
+@pytest.mark.parametrize("name", sorted(DINOV3_PARAMS))
+def test_dinov3_has_hf_dinov3s_parameters(name):
+    """The DINOv3 names at full size (meta device) hold HF's parameters less its mask token and its query and
+    value biases (timm's configurations of these names have no qkv bias; the released ones are zeros)."""
+    dim, heads, depth = {"small": (384, 6, 12), "base": (768, 12, 12), "large": (1024, 16, 24)}[name.split("_")[1]]
+    cfg = transformers.DINOv3ViTConfig(hidden_size=dim, num_attention_heads=heads, intermediate_size=4 * dim,
+                                       num_hidden_layers=depth, num_register_tokens=4, image_size=256, patch_size=16)
+    with torch.device("meta"):
+        hf = transformers.DINOv3ViTModel(cfg)
+        mine = vitfast.create_model(name)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    biases = 2 * depth * dim
+    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() - biases == DINOV3_PARAMS[name]
+
+
+def test_dinov3_checkpoint_with_zero_qkv_biases_loads_into_the_timm_name(tmp_path):
+    """HF's released DINOv3 checkpoints hold zero query / value biases: they load into the name's model (no qkv
+    bias), and the same checkpoint with a non-zero bias is refused, naming the keys."""
+    hf = hf_model("DINOv3ViTModel", patch_size=16, intermediate_size=192, num_register_tokens=4)
+    with torch.no_grad():
+        for layer in hf.model.layer:
+            layer.attention.q_proj.bias.zero_()
+            layer.attention.v_proj.bias.zero_()
+    model = vitfast.create_model("vit_small_patch16_dinov3", **SHRINK, img_size=32)
+    load_checkpoint(model, hf.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert_close(model.eval().forward_features(x), copy.deepcopy(hf).double()(x.double()).last_hidden_state,
+                     eager=hf(x).last_hidden_state)
+    with torch.no_grad():
+        hf.model.layer[1].attention.v_proj.bias[3] = 0.5
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks.1.attn.qkv.bias'\]"):
+        load_checkpoint(model, hf.state_dict())
+
+
 GIANT_PARAMS = {"vit_giant_patch14_dinov2": 1_136_479_232, "vit_giant_patch14_reg4_dinov2": 1_136_483_840}
 
 
@@ -246,6 +323,9 @@ CHECKPOINTS = {
     # HF's SigLIP runs the tanh GELU where timm's runs the exact one; its packed in_proj -> the pool's q, kv
     "vit_base_patch16_siglip_224": ("SiglipVisionModel", dict(patch_size=16, intermediate_size=192),
                                     dict(img_size=32, act_layer="gelu_tanh"), "pooler_output"),
+    # DINOv3: RoPE, registers, a zero key bias in the packed qkv (HF's q and v biases: qkv_bias=True)
+    "vit_small_patch16_dinov3": ("DINOv3ViTModel", dict(patch_size=16, intermediate_size=192, num_register_tokens=4),
+                                 dict(img_size=32, qkv_bias=True), "last_hidden_state"),
     # HF's DeiT configs keep LayerNorm eps 1e-12 where timm's use 1e-6
     "deit_tiny_distilled_patch16_224": ("DeiTForImageClassificationWithTeacher",
                                         dict(patch_size=16, intermediate_size=192, num_labels=5),

@@ -290,6 +290,11 @@ FAMILIES = {  # name -> (distilled, kwargs, image size fed in)
     "dinov2_giant_swiglu": (False, dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3,
                                         mlp_ratio=2.66667 * 2, mlp_layer="swiglu", init_values=0.3, reg_tokens=4,
                                         no_embed_class=True, num_classes=5), None),
+    # DINOv3-like: RoPE on the patch tokens (no position table), registers, no qkv bias, mean of the patches;
+    # a non-square image (any size: the tables are made for each grid)
+    "dinov3_rope": (False, dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, pos_embed="none",
+                                rope="dinov3", reg_tokens=4, init_values=0.3, qkv_bias=False, norm_eps=1e-5,
+                                global_pool="avg", fc_norm=False, num_classes=5, dynamic_img_size=True), (48, 32)),
     "no_final_norm_avg": (False, dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
                                       global_pool="avg", final_norm=False, num_classes=3), None),
 }

@@ -405,6 +405,42 @@ def test_attention_map_png_and_cls_maps_equal_reference(workdir, tmp_path):
     assert_close(maps[H + 1], torch.from_numpy(rollout[0, 1:].reshape(gh, gh)), torch.float32, name="rollout")
 
 
+def test_attention_map_of_a_rope_model_with_registers(workdir, tmp_path):
+    """DINOv3-like (RoPE, 4 registers): the per-head maps come from the kernels' CLS row over the patches only,
+    and equal the float64 reference's attention (with its rotation) of the last layer."""
+    root, _, _ = workdir
+    name, kw = "vit_small_patch16_dinov3", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, init_values=0.5)
+    torch.manual_seed(0)
+    ref = reference.create_model(name, **kw)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ckpt, out_npy = tmp_path / "dinov3.pt", tmp_path / "maps.npy"
+    torch.save(ref.state_dict(), ckpt)
+    image = root / "imgs" / "img01.png"
+    rc = attention_map.main([str(image), "--model", name, "--model-kwargs", json.dumps(kw), "--checkpoint",
+                             str(ckpt), "--out", str(tmp_path / "map.png"), "--save-npy", str(out_npy),
+                             "--device", "cpu"])
+    assert rc == 0
+    maps = torch.from_numpy(np.load(out_npy)).double()
+    H, gh = 2, 2
+    assert maps.shape == (H + 2, gh, gh)
+    mean, std = DATA_CONFIGS[name]["mean"], DATA_CONFIGS[name]["std"]
+    x = reference.normalize_images(load_image(str(image), 32, DATA_CONFIGS[name]["crop_pct"])[None],
+                                   torch.tensor(mean), torch.tensor(std), torch.float64)
+    ref = ref.double().eval()
+    with torch.no_grad():
+        t = ref.norm_pre(reference.patch_embed(x, ref.patch_embed.proj.weight, ref.patch_embed.proj.bias,
+                                               ref.prefix_tokens()))
+        rope = reference.dinov3_rope((gh, gh), 16, dtype=torch.float64)
+        for blk in ref.blocks:
+            qkv = reference.rope_qkv(blk.attn.qkv(blk.norm1(t)), H, *rope)
+            q, k, _ = reference.split_qkv(qkv, H)
+            probs = reference.attention_probs(q, k)[0]                        # (H, T, T)
+            t = blk(t, rope=rope)
+    assert_close(maps[:H], probs[:, 0, 5:].reshape(H, gh, gh), torch.float32, name="per-head CLS maps")
+
+
 def test_attention_map_bad_image(workdir, tmp_path, capsys):
     root, ckpt, corrupt = workdir
     rc = attention_map.main([corrupt[0], *MODEL_ARGS, "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png")])

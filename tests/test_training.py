@@ -13,12 +13,13 @@ from vitfast.testing import assert_close, forbid_reference
 # Every function of vitfast.reference that an op's old backward recomputed, or that such a recompute calls.
 REFERENCE_MATH = ("attention", "attention_qkv", "attention_probs", "split_qkv", "linear", "activate", "gelu",
                   "quick_gelu", "layer_norm", "add_layer_norm", "patch_embed", "torch_patch_embed",
-                  "normalize_images", "add_prefix_and_pos", "torch_attention", "torch_attention_qkv")
+                  "normalize_images", "add_prefix_and_pos", "torch_attention", "torch_attention_qkv", "rope_qkv",
+                  "apply_rope")
 
 
 
 # DINOv2-like (registers, layer-scale, positions for the patches only), CLIP-like (pre-norm, QuickGELU),
-# DINOv2-giant-like (the SwiGLUPacked MLP) and a plain ViT with the class token.
+# DINOv2-giant-like (the SwiGLUPacked MLP), DINOv3-like (RoPE, no position table) and a plain ViT.
 MODELS = {
     "vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=6),
     "dinov2_reg": dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=4, reg_tokens=4,
@@ -27,6 +28,9 @@ MODELS = {
                  act_layer="quick_gelu"),
     "dinov2_giant_swiglu": dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_classes=3,
                                 init_values=0.5, mlp_ratio=2.66667 * 2, mlp_layer="swiglu"),
+    "dinov3_rope": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, reg_tokens=4,
+                        init_values=0.5, pos_embed="none", rope="dinov3", qkv_bias=False, global_pool="avg",
+                        fc_norm=False),
 }
 
 

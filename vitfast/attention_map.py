@@ -55,13 +55,18 @@ def reference_attention(model, name: str, model_kwargs: dict, x: Tensor) -> list
     x = x.detach().cpu().double()
     pe = ref.patch_embed
     with torch.no_grad():
-        tokens = reference.patch_embed(x, pe.proj.weight, pe.proj.bias, ref.cls_token,
-                                       ref._pos_embed_for(*x.shape[-2:]))                 # (1, T, D)
+        tokens = reference.patch_embed(x, pe.proj.weight, pe.proj.bias, ref.prefix_tokens(),
+                                       ref._pos_embed_for(*x.shape[-2:]), None, None,
+                                       not ref.no_embed_class)                              # (1, T, D)
+        tokens, rope = ref.norm_pre(tokens), ref.rope_for(x)
         probs = []
         for blk in ref.blocks:
-            q, k, _ = reference.split_qkv(blk.attn.qkv(blk.norm1(tokens)), blk.attn.num_heads)  # (1, H, T, Dh)
+            qkv = blk.attn.qkv(blk.norm1(tokens))
+            if rope is not None:
+                qkv = reference.rope_qkv(qkv, blk.attn.num_heads, *rope)
+            q, k, _ = reference.split_qkv(qkv, blk.attn.num_heads)                              # (1, H, T, Dh)
             probs.append(reference.attention_probs(q, k, blk.attn.scale)[0])                   # (H, T, T)
-            tokens = blk(tokens)
+            tokens = blk(tokens, rope=rope)
     return probs
 
 
@@ -88,8 +93,9 @@ def compute_maps(model, name: str, model_kwargs: dict, image: Tensor, mean, std,
     with torch.inference_mode():
         _, cls_attn = model.to(device)(x.to(device), return_cls_attn=True)
     last = cls_attn[-1][0].float().cpu()                          # (H, T)
-    heads = last[:, 1:].reshape(-1, gh, gw)                       # (H, gh, gw): CLS -> patches
-    rollout = attention_rollout(reference_attention(model, name, model_kwargs, x))[0, 1:].reshape(1, gh, gw)
+    npt = getattr(model, "num_prefix_tokens", 1)                  # class, registers: before the patches
+    heads = last[:, npt:].reshape(-1, gh, gw)                     # (H, gh, gw): CLS -> patches
+    rollout = attention_rollout(reference_attention(model, name, model_kwargs, x))[0, npt:].reshape(1, gh, gw)
     return torch.cat([heads, heads.mean(dim=0, keepdim=True), rollout.float()]).numpy().astype(np.float32)
 
 

@@ -972,6 +972,9 @@ def select_backends(args, gpu: bool) -> tuple[list[str], list[str]]:
                 notes.append(f"backend {b} skipped: it needs CUDA")
         elif b == "compile" and (args.no_compile or args.quick):
             notes.append("backend compile skipped (--no-compile / --quick)")
+        elif b == "timm" and CONFIGS.get(getattr(args, "model", None) or "", {}).get("rope"):
+            notes.append(f"backend timm skipped: timm runs {args.model} (RoPE) as its Eva class, not its "
+                         "VisionTransformer")
         elif b == "timm" and _timm_class() is None:
             if args.backends:
                 notes.append("backend timm skipped: timm is not installed")

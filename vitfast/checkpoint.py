@@ -35,7 +35,8 @@ from vitfast.reference import resample_pos_embed
 # HF's vision transformers share one skeleton: an optional prefix (the base model inside a head model),
 # layers under `encoder.layer.N`, `encoder.layers.N` or `layers.N`, top-level embeddings and norms.
 _HF_PREFIX = re.compile(r"^(?:vit|deit|dinov2|vision_model)\.")
-_HF_LAYER = re.compile(r"^(?:vit\.|deit\.|dinov2\.|vision_model\.)?(?:encoder\.layers?|layers)\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^(?:vit\.|deit\.|dinov2\.|vision_model\.)?"
+                       r"(?:encoder\.layers?|layers|model\.layer)\.(\d+)\.(.+)$")        # model.layer: DINOv3
 
 # HF per-layer module -> (timm module, slot or None: its row block when the timm module packs several HF
 # ones, `_HF_PACKED`). Classic ViT / DeiT (`attention.attention.query`), current transformers
@@ -72,6 +73,9 @@ _HF_TOP_KEYS = {
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
     "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",                         # DINOv3
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight", "norm.bias": "norm.bias",                                 # DINOv3
     "pre_layrnorm.weight": "norm_pre.weight", "pre_layrnorm.bias": "norm_pre.bias",          # CLIP
     "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
     "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",              # CLIP / SigLIP
@@ -144,6 +148,15 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     if unknown:
         raise ValueError(f"state_dict: keys with no ViT counterpart in the HF layout: {unknown[:8]}")
     for (idx, target, param), parts in packed.items():
+        if target == "mlp.fc1" and parts[0] is None and (idx, target, "weight") in packed \
+                and packed[idx, target, "weight"][0] is None:
+            parts = parts[1:]                                   # DINOv3's plain MLP: up_proj alone is fc1
+        elif param == "bias" and target == "attn.qkv" and all(
+                w is not None for w in packed.get((idx, target, "weight"), [None])):
+            # DINOv3: q and v have biases, k has none (a zero bias, as timm's conversion makes it)
+            rows = [w.shape[0] for w in packed[idx, target, "weight"]]
+            parts = [p if p is not None else next(q for q in parts if q is not None).new_zeros(r)
+                     for p, r in zip(parts, rows)]
         if any(p is None for p in parts):
             raise ValueError(f"state_dict: layer {idx} lacks one of {'/'.join(_HF_PACKED[target])} {param}")
         out[f"blocks.{idx}.{target}.{param}"] = torch.cat(parts, dim=0)
@@ -151,7 +164,7 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         out["cls_token"] = out["cls_token"].view(1, 1, -1)
     if "pos_embed" in out and out["pos_embed"].dim() == 2:                   # an nn.Embedding's weight
         out["pos_embed"] = out["pos_embed"].unsqueeze(0)
-    if "reg_token" in out and "cls_token" in out:                            # DINOv2 with registers
+    if "reg_token" in out and "cls_token" in out and "pos_embed" in out:     # DINOv2 with registers
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
     if "head.weight" in out and "head.bias" not in out and any(k.endswith("visual_projection.weight")
@@ -260,6 +273,9 @@ def load_checkpoint(model, checkpoint: str | os.PathLike | Mapping[str, Tensor])
     sd = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_state_dict_file(checkpoint)
     sd = fit_pos_embed(to_timm(sd), model)
     expected = model.state_dict()
+    # A qkv bias the model does not have, all zeros, holds nothing: HF's DINOv3 checkpoints carry zero query and
+    # value biases that timm's configurations of those models leave out (as timm's conversion drops them).
+    sd = {k: v for k, v in sd.items() if k in expected or not (k.endswith(".attn.qkv.bias") and not v.any())}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"

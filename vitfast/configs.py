@@ -16,6 +16,11 @@ _SIGLIP = dict(class_token=False, global_pool="map", num_classes=0)
 _SO400M = dict(patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, **_SIGLIP)
 _DINOV2 = dict(patch_size=14, img_size=518, init_values=1e-5, num_classes=0)
 _REG4 = dict(reg_tokens=4, no_embed_class=True)
+# DINOv3 (timm's Eva configurations of these names): RoPE instead of a position table, 4 registers, layer-scale,
+# no qkv bias, LayerNorm eps 1e-5, the final norm then the mean of the patch tokens, any image size
+_DINOV3 = dict(patch_size=16, img_size=256, pos_embed="none", rope="dinov3", rope_temperature=100.0, reg_tokens=4,
+               init_values=1e-5, qkv_bias=False, norm_eps=1e-5, global_pool="avg", fc_norm=False, num_classes=0,
+               dynamic_img_size=True)
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
@@ -41,6 +46,10 @@ CONFIGS: dict[str, dict] = {
     # DINOv2-giant: SwiGLU MLP (timm's SwiGLUPacked: fc1 1536 -> 8192, gate and up halves, fc2 4096 -> 1536)
     "vit_giant_patch14_dinov2": dict(**_DINOV2, **_GIANT),
     "vit_giant_patch14_reg4_dinov2": dict(**_DINOV2, **_GIANT, **_REG4),
+    # DINOv3 (RoPE; timm's state_dict keys for these are Eva's, vitfast's are VisionTransformer's)
+    "vit_small_patch16_dinov3": dict(**_DINOV3, **_SMALL),
+    "vit_base_patch16_dinov3": dict(**_DINOV3, **_BASE),
+    "vit_large_patch16_dinov3": dict(**_DINOV3, **_LARGE),
     # CLIP image towers (pre-norm, LayerNorm eps 1e-5; QuickGELU for the OpenAI weights)
     "vit_base_patch16_clip_224": dict(patch_size=16, **_BASE, **_CLIP),
     "vit_base_patch16_clip_quickgelu_224": dict(patch_size=16, **_BASE, **_CLIP, act_layer="quick_gelu",
@@ -71,10 +80,10 @@ _HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 _OPENAI = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 DATA_CONFIGS: dict[str, dict] = {
-    **{n: dict(**_HALF, crop_pct=0.9) for n in CONFIGS if n.startswith("vit_") and "dinov2" not in n
+    **{n: dict(**_HALF, crop_pct=0.9) for n in CONFIGS if n.startswith("vit_") and "dinov" not in n
        and "clip" not in n},
     "vit_base_patch16_384": dict(**_HALF, crop_pct=1.0),
-    **{n: dict(**_IMAGENET, crop_pct=1.0) for n in CONFIGS if "dinov2" in n},
+    **{n: dict(**_IMAGENET, crop_pct=1.0) for n in CONFIGS if "dinov2" in n or "dinov3" in n},
     "vit_base_patch16_clip_224": dict(**_OPENAI, crop_pct=0.95),
     "vit_base_patch16_clip_quickgelu_224": dict(**_OPENAI, crop_pct=1.0),
     "vit_large_patch14_clip_224": dict(**_HALF, crop_pct=1.0),

@@ -59,6 +59,11 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
         out = optimize_hf(model)
     elif all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
         out = _from_torchvision(model)
+    elif type(model).__name__ == "Eva" and type(model).__module__.startswith("timm."):
+        raise UnsupportedFeatureError(
+            "model: timm's Eva class (EVA-02, DINOv3, ...) is not supported (its blocks and RoPE differ from "
+            "VisionTransformer's); DINOv3 runs as Hugging Face's DINOv3ViTModel through vitfast.optimize, or as "
+            "vitfast.create_model('vit_base_patch16_dinov3', checkpoint_path=...) with HF's weights")
     elif all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
         out = _from_timm(model)
     else:
@@ -153,7 +158,8 @@ class _Findings:
         if training and self.train_only:
             raise UnsupportedFeatureError(
                 f"optimize: this {self.what} is in train mode with {_summary(self.train_only)}; vitfast does not "
-                "implement dropout / drop-path: call .eval() first (they are inactive in eval mode)")
+                "implement dropout / drop-path or train-time augmentations: call .eval() first (they are inactive "
+                "in eval mode)")
 
 
 def _summary(items: list[str], n: int = 4) -> str:

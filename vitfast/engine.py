@@ -149,8 +149,11 @@ class InferenceEngine:
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images [B, 3, H, W] on the device -> (features [B, F], logits [B, K]), float32."""
         m = self.model
+        rope = m.rope_for(images) if hasattr(m, "rope_for") else None                 # RoPE tables, cached
         x = m.embed(images, pos_embed=self._pos_embed, mean=self.mean, std=self.std)   # (B, T, D)
-        x = m.norm(m.blocks(x))                                                       # (B, T, D)
+        for blk in m.blocks:
+            x = blk(x, rope=rope) if rope is not None else blk(x)
+        x = m.norm(x)                                                                 # (B, T, D)
         feats = m.forward_head(x, pre_logits=True)                                    # (B, F)
         logits = m.forward_head(x) if self.output != "embeddings" else feats          # (B, K); pool is cheap
         return feats.float(), logits.float()
@@ -186,12 +189,16 @@ class InferenceEngine:
     def _weights_stamp(self) -> tuple:
         """Where the parameters live and the position table's version: graphs read the parameters'
         memory, and `_pos_embed` may be a resampled copy of the table."""
-        return tuple(p.data_ptr() for p in self.model.parameters()), self.model.pos_embed._version
+        pos = self.model.pos_embed
+        return tuple(p.data_ptr() for p in self.model.parameters()), None if pos is None else pos._version
 
     def _refresh(self) -> None:
         """(Re)make the position table for the image grid (the graph runner recaptures on its own: the
         weights it stamps moved or changed too)."""
         m = self.model
+        if m.pos_embed is None:                          # no position table (RoPE models)
+            self._pos_embed, self._stamp = None, self._weights_stamp()
+            return
         with torch.no_grad():
             self._pos_embed = reference.resample_pos_embed(m.pos_embed.detach(), self._grid,
                                                            getattr(m.patch_embed, "grid_size", None),

@@ -17,12 +17,17 @@ get the gradients and an optimizer over either model trains both:
 | CLIPVisionModel | BaseModelOutputWithPooling | before the final norm | final norm of the class token |
 | CLIPVisionModelWithProjection | CLIPVisionModelOutput | before the final norm | image_embeds: projection of that |
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
+| DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
 (`interpolate_pos_encoding=True`). HF computes that resampling in float32 (DINOv2) or the model's dtype.
 DINOv2-giant's SwiGLU MLP (use_swiglu_ffn) runs as timm's packed one, its fc1 built from HF's gate and up
-projections. Not supported (named in the error): masked patches (bool_masked_pos), attention masks,
+projections. DINOv3 has no position table: q and k of its patch tokens are rotated by its RoPE
+(`ops.rope_qkv`); its gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU too, and its key projection
+without bias gets a zero bias in the packed qkv. In train mode HF moves DINOv3's RoPE coordinates at random
+(pos_embed_shift / jitter / rescale), which vitfast does not: such a model runs in eval mode only. Not
+supported (named in the error): masked patches (bool_masked_pos), attention masks,
 attention outputs, other activations.
 """
 
@@ -50,11 +55,12 @@ CLASSES = {
     "Dinov2Model": ("dinov2", None), "Dinov2WithRegistersModel": ("dinov2_reg", None),
     "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
     "SiglipVisionModel": ("siglip", None),
+    "DINOv3ViTModel": ("dinov3", None),
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False)}
+             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -109,8 +115,8 @@ def _join_projections(core: VisionTransformer, base: nn.Module) -> None:
                 base.get_submodule(key.rpartition(".")[0])
     for (idx, target), modules in parts.items():
         parent, _, name = target.rpartition(".")
-        setattr(core.blocks[idx].get_submodule(parent), name,
-                JoinedLinear([(mod, "weight", "bias", None) for mod in modules]))
+        setattr(core.blocks[idx].get_submodule(parent), name,                 # (DINOv3's plain MLP: up_proj alone)
+                JoinedLinear([(mod, "weight", "bias", None) for mod in modules if mod is not None]))
     pool = getattr(base, "head", None)
     if core.attn_pool is not None and isinstance(getattr(pool, "attention", None), nn.MultiheadAttention):
         mha, dim = pool.attention, pool.attention.embed_dim
@@ -158,6 +164,8 @@ def _derive_embeddings(core: VisionTransformer, base: nn.Module, family: str) ->
 
 def _core_config(cfg, family: str, f: _Findings) -> dict:
     """The vitfast ViT's kwargs for a HF config; unsupported options go to `f`."""
+    if family == "dinov3":
+        return _dinov3_config(cfg, f)
     act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
     f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
     heads, dim = cfg.num_attention_heads, cfg.hidden_size
@@ -187,6 +195,38 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
     return out
 
 
+def _dinov3_config(cfg, f: _Findings) -> dict:
+    """DINOv3ViTConfig -> the vitfast ViT's kwargs: no position table, RoPE on the patch tokens, registers,
+    layer-scale, the plain MLP (GELU family) or the gated one (use_gated_mlp with SiLU: timm's packed SwiGLU,
+    fc1 = [gate_proj | up_proj]). A k, q or v without bias gets a zero bias in the packed qkv."""
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size
+    f.need(dim % heads == 0 and (dim // heads) % 4 == 0,
+           f"hidden_size={dim} with num_attention_heads={heads} (RoPE needs a head dim divisible by 4)")
+    gated = bool(getattr(cfg, "use_gated_mlp", False))
+    act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
+    if gated:
+        f.need(cfg.hidden_act == "silu", f"use_gated_mlp with hidden_act={cfg.hidden_act!r} (only 'silu')")
+    else:
+        f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
+    f.need(bool(getattr(cfg, "proj_bias", True)), "proj_bias=False (an output projection without bias)")
+    f.need(bool(getattr(cfg, "mlp_bias", True)), "mlp_bias=False (MLP projections without bias)")
+    for name in ("attention_dropout", "drop_path_rate"):
+        if isinstance(getattr(cfg, name, None), (int, float)):
+            f.dropout(getattr(cfg, name), name)
+    augment = {n: getattr(cfg, f"pos_embed_{n}", None) for n in ("shift", "jitter", "rescale")}
+    augment = [f"pos_embed_{n}={v!r}" for n, v in augment.items() if v is not None]
+    if augment:
+        f.train_only.append(f"RoPE coordinate augmentation ({', '.join(augment)})")
+    hidden = 2 * cfg.intermediate_size if gated else cfg.intermediate_size
+    return dict(img_size=to_2tuple(cfg.image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
+                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
+                mlp_ratio=_mlp_ratio(hidden, dim), act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps,
+                qkv_bias=any(bool(getattr(cfg, f"{n}_bias", True)) for n in ("query", "key", "value")),
+                mlp_layer="swiglu" if gated else "mlp", init_values=1.0, dynamic_img_size=True,
+                reg_tokens=int(getattr(cfg, "num_register_tokens", 0)), pos_embed="none", rope="dinov3",
+                rope_temperature=float(cfg.rope_theta))
+
+
 def _output_dict(config, return_dict) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
@@ -210,7 +250,7 @@ class HFVisionModel(nn.Module):
         core, pe = self.core, self.core.patch_embed
         antialias, always = _POS_RULE[self.family]
         pos_embed = None
-        if interpolate_pos_encoding or always:
+        if (interpolate_pos_encoding or always) and core.pos_embed is not None:
             check_image_size(pixel_values, core.in_chans, pe.patch_size)
             grid = pe.grid_for(pixel_values)
             if grid != pe.grid_size:
@@ -228,7 +268,7 @@ class HFVisionModel(nn.Module):
         if self.family == "clip":                       # the final norm applies to the pooled class token only
             return tokens, core.norm(tokens[:, 0])
         seq = core.norm(tokens)
-        if self.family.startswith("dinov2"):
+        if self.family.startswith(("dinov2", "dinov3")):
             return seq, seq[:, 0]
         if self.family == "siglip":
             return seq, core.attn_pool(seq) if core.attn_pool is not None else None

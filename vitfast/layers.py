@@ -98,11 +98,14 @@ class Attention(reference.Attention):
     """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`)."""
 
     def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False,
-                scale: Tensor | None = None):
+                scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None):
         """x [B, T, C] -> proj(attention(qkv(x))) · scale (+ residual) [B, T, C] (scale: a layer-scale
         gamma [C], in the projection's epilogue); with return_cls_attn also the softmax row of the CLS
-        query, cls_attn [B, H, T] in fp32."""
+        query, cls_attn [B, H, T] in fp32. rope: (cos, sin) tables, q and k of the last tokens rotated
+        (`ops.rope_qkv`) before the attention."""
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
+        if rope is not None:
+            qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)             # qkv: this call's own
         if return_cls_attn:
             out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True)
             return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale), cls_attn
@@ -135,13 +138,14 @@ class Block(reference.Block):
 
     norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
-    def forward(self, x: Tensor, return_cls_attn: bool = False):
-        """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn)."""
+    def forward(self, x: Tensor, return_cls_attn: bool = False, rope: tuple[Tensor, Tensor] | None = None):
+        """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn); rope: the attention's
+        RoPE tables."""
         g1, g2 = reference.layer_scale(self.ls1), reference.layer_scale(self.ls2)
         if return_cls_attn:
-            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1)
+            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1, rope=rope)
             return self.mlp(self.norm2(x), residual=x, scale=g2), cls_attn
-        x = self.attn(self.norm1(x), residual=x, scale=g1)
+        x = self.attn(self.norm1(x), residual=x, scale=g1, rope=rope)
         return self.mlp(self.norm2(x), residual=x, scale=g2)
 
 
@@ -170,7 +174,8 @@ class JoinedLinear(nn.Module):
     tensors, and holds no copy of them.
 
     sources: (module, weight attribute, bias attribute or None, row slice or None for all rows) per part, in
-    row order. While autograd records a gradient, each access builds the tensor from the live parameters (a
+    row order; a part without bias, next to parts with one, counts as a zero bias. While autograd records a
+    gradient, each access builds the tensor from the live parameters (a
     concatenation, or a view for one part), so gradients reach them; otherwise one cached concatenation
     serves, rebuilt when a part is replaced, moved or modified in place (its identity, data pointer or
     version counter changes)."""
@@ -180,6 +185,7 @@ class JoinedLinear(nn.Module):
         self.sources = nn.ModuleList([m for m, *_ in sources])
         self._spec = [tuple(s[1:]) for s in sources]
         self._cache: dict[int, tuple] = {}
+        self._zeros: dict[int, Tensor] = {}
 
     @property
     def weight(self) -> Tensor:
@@ -200,12 +206,26 @@ class JoinedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.bias)
 
+    def _zero_bias(self, i: int, module: nn.Module, spec: tuple) -> Tensor:
+        """A zero bias for part i, which has none while others have one (DINOv3's key projection): one
+        constant tensor per part, kept while its rows, dtype and device fit (so the joined cache still hits)."""
+        w = getattr(module, spec[0])
+        rows = w.shape[0] if spec[2] is None else len(range(w.shape[0])[spec[2]])
+        z = self._zeros.get(i)
+        if z is None or z.shape[0] != rows or z.dtype != w.dtype or z.device != w.device:
+            z = self._zeros[i] = torch.zeros(rows, dtype=w.dtype, device=w.device)
+        return z
+
     def _joined(self, which: int) -> Tensor | None:
         tensors, parts = [], []
-        for module, spec in zip(self.sources, self._spec):
-            t = None if spec[which] is None else getattr(module, spec[which])
-            if t is None:
-                return None
+        found = [None if spec[which] is None else getattr(module, spec[which])
+                 for module, spec in zip(self.sources, self._spec)]
+        if all(t is None for t in found):
+            return None
+        for i, (module, spec, t) in enumerate(zip(self.sources, self._spec, found)):
+            if t is None:                           # a bias some parts lack: zeros there
+                t = self._zero_bias(i, module, spec)
+                spec = (*spec[:2], None)
             tensors.append(t)
             parts.append(t if spec[2] is None else t[spec[2]])
         live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))

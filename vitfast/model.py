@@ -6,8 +6,9 @@ model's state_dict loads into this one and back. Checkpoints in timm, Hugging Fa
 key layouts load through `create_model(name, checkpoint_path=...)` / `vitfast.checkpoint.load_checkpoint`.
 
 The timm features of DINOv2 (layer-scale, register tokens, no_embed_class, the giant's SwiGLU MLP), CLIP
-(pre-norm, LayerNorm eps, QuickGELU), SigLIP (no class token, attention pooling) and DeiT (the distilled
-variant) are here, on the kernels. Not supported: qk-norm, other MLPs (timm's unpacked SwiGLU, ...), other
+(pre-norm, LayerNorm eps, QuickGELU), SigLIP (no class token, attention pooling), DeiT (the distilled
+variant) and DINOv3 (RoPE instead of a position table: pos_embed="none", rope="dinov3") are here, on the
+kernels. Not supported: qk-norm, other MLPs (timm's unpacked SwiGLU, ...), other
 pooling heads, dropout / drop-path in training; `vitfast.optimize` names them when it meets them.
 """
 
@@ -42,13 +43,16 @@ class VisionTransformer(reference.VisionTransformer):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
-                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp"):
+                 reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
+                 pos_embed="learn", rope=None, rope_temperature=100.0):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
                          dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps,
                          init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
-                         pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer)
+                         pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer, pos_embed=pos_embed,
+                         rope=rope, rope_temperature=rope_temperature)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}     # RoPE tables per patch grid, see rope_for
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)
         self.register_buffer("img_std", None, persistent=False)
@@ -98,17 +102,34 @@ class VisionTransformer(reference.VisionTransformer):
                              f"{', '.join(self.train_only_features)}; call .eval() (those are inactive in eval)")
         if return_cls_attn and not self.has_class_token:
             raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
+        rope = self.rope_for(x)
         x = self.embed(x, pos_embed=pos_embed)                                               # (B, T, D)
         cls_attns, hidden = [], [x] if return_hidden else []
         for blk in self.blocks:
             if return_cls_attn:
-                x, a = blk(x, return_cls_attn=True)
+                x, a = blk(x, return_cls_attn=True, rope=rope)
                 cls_attns.append(a)
             else:
-                x = blk(x)
+                x = blk(x, rope=rope)
             if return_hidden:
                 hidden.append(x)
         return x, cls_attns, hidden
+
+    def rope_for(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The RoPE tables (cos, sin) for the patch grid of `images`, or None without RoPE: made once per grid,
+        dtype (float64 for a float64 model, else float32) and device, then cached (they depend on nothing
+        else; a CUDA graph captured on them reads the cached tensors)."""
+        if self.rope_type is None:
+            return None
+        if torch.compiler.is_compiling():
+            return super().rope_for(images)
+        w, P = self.patch_embed.proj.weight, self.patch_embed.patch_size
+        key = (images.shape[-2] // P[0], images.shape[-1] // P[1], w.dtype == torch.float64, w.device)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            with torch.no_grad():
+                tables = self._rope_cache[key] = super().rope_for(images)
+        return tables
 
     def embed(self, x: Tensor, *, pos_embed: Tensor | None = None, mean: Tensor | None = None,
               std: Tensor | None = None) -> Tensor:
