@@ -170,6 +170,14 @@ def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
     kv = JoinedLinear([(mha, "in_proj_weight", "in_proj_bias", slice(4, 12))])
     assert kv.weight.data_ptr() == mha.in_proj_weight[4:].data_ptr() and (kv.in_features, kv.out_features) == (4, 8)
     assert JoinedLinear([(nn.Linear(4, 3, bias=False), "weight", "bias", None)]).bias is None
+    # A part without bias next to parts with one (DINOv3's key projection): zeros there, one cached tensor.
+    q, k, v = nn.Linear(4, 3), nn.Linear(4, 3, bias=False), nn.Linear(4, 3)
+    qkv = JoinedLinear([(m, "weight", "bias", None) for m in (q, k, v)])
+    with torch.no_grad():
+        bias = qkv.bias
+        assert torch.equal(bias, torch.cat([q.bias, torch.zeros(3), v.bias])) and qkv.bias is bias
+    (qkv(x) * torch.randn(5, 9)).sum().backward()
+    assert q.bias.grad is not None and v.bias.grad is not None and k.bias is None
 
 
 def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
