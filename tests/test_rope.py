@@ -188,3 +188,16 @@ def test_rope_qkv_on_gpu(dtype):
                      eager=reference.rope_qkv(qkv, H, cos, sin))
         mine = qkv.clone()
         assert ops.rope_qkv(mine, H, cos, sin, inplace=True) is mine and torch.equal(mine, out)
+
+
+def test_rope_model_traces_in_torch_compile():
+    """A RoPE model compiles in one graph (the tables made in the traced code, the op out of place) and gives
+    the eager model's output."""
+    import vitfast
+
+    model = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                                      pos_embed="none", rope="dinov3", reg_tokens=2, dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 48, 32)
+    compiled = torch.compile(model._forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
