@@ -201,3 +201,19 @@ def test_rope_model_traces_in_torch_compile():
     compiled = torch.compile(model._forward, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_made_under_inference_mode_do_not_reach_training():
+    """The model's table cache keeps inference-mode tables apart: a training step after an inference_mode call
+    works (autograd cannot save inference tensors) and its gradients flow."""
+    import vitfast
+
+    model = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                                      pos_embed="none", rope="dinov3")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        first = model.eval()(x)
+    out = model.train()(x)
+    out.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    torch.testing.assert_close(out.detach(), first, rtol=1e-5, atol=1e-5)

@@ -117,14 +117,16 @@ class VisionTransformer(reference.VisionTransformer):
 
     def rope_for(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
         """The RoPE tables (cos, sin) for the patch grid of `images`, or None without RoPE: made once per grid,
-        dtype (float64 for a float64 model, else float32) and device, then cached (they depend on nothing
-        else; a CUDA graph captured on them reads the cached tensors)."""
+        dtype (float64 for a float64 model, else float32), device and temperature, then cached (they depend on
+        nothing else; a CUDA graph captured on them reads the cached tensors)."""
         if self.rope_type is None:
             return None
         if torch.compiler.is_compiling():
             return super().rope_for(images)
         w, P = self.patch_embed.proj.weight, self.patch_embed.patch_size
-        key = (images.shape[-2] // P[0], images.shape[-1] // P[1], w.dtype == torch.float64, w.device)
+        # (tables made under inference_mode are inference tensors, which autograd cannot save: kept apart)
+        key = (images.shape[-2] // P[0], images.shape[-1] // P[1], w.dtype == torch.float64, w.device,
+               self.rope_temperature, torch.is_inference_mode_enabled())
         tables = self._rope_cache.get(key)
         if tables is None:
             with torch.no_grad():
