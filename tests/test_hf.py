@@ -222,6 +222,16 @@ def test_optimize_hf_dinov3_gated_mlp_and_rope_ablation():
     assert (unrotated.double() - ref.last_hidden_state).abs().max() > 1e-2
 
 
+def test_optimize_hf_dinov3_traces_in_torch_compile():
+    """The optimized DINOv3 in one torch.compile graph (the RoPE tables made in the traced code, the packed
+    qkv's zero key bias in it) equals the eager model."""
+    opt = vitfast.optimize(hf_model("DINOv3ViTModel"), cuda_graphs=False)
+    x = torch.randn(2, 3, 32, 40)
+    fn = torch.compile(lambda x: opt(x).last_hidden_state, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), opt(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
 def test_optimize_hf_dinov3_refusals_are_named():
     """HF moves DINOv3's RoPE coordinates at random in train mode (pos_embed_rescale=2.0 by default), which
     vitfast does not: eval works, train mode is refused by name; output projections without bias too."""
