@@ -445,6 +445,20 @@ def _attention_qkv_backward(ctx, dout, dcls, _dlse):
 _attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
 
 
+def _check_packed_qkv(qkv: Tensor, num_heads) -> int:
+    """The checks of a packed projection [B, N, 3·C] (timm's layout) and its head count; returns the head dim."""
+    _check_float("qkv", qkv, _ATTENTION_DTYPES)
+    if qkv.dim() != 3:
+        _fail(f"qkv: expected 3 dims [B, N, 3*C], got shape {tuple(qkv.shape)}")
+    _check_unit_last("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        _fail(f"num_heads: expected a positive int, got {num_heads!r}")
+    C3 = qkv.shape[2]
+    if C3 == 0 or C3 % (3 * num_heads) != 0:
+        _fail(f"qkv: expected a last dim divisible by 3 * num_heads = {3 * num_heads}, got {C3}")
+    return C3 // (3 * num_heads)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """softmax(q kᵀ·scale) v, flash-style (no N×N matrix in memory).
 
@@ -483,20 +497,11 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     the output projection, and with return_cls_attn=True also cls_attn [B, H, N] fp32: the softmax
     probabilities of query token 0 over all keys (computed in the kernel, no N×N matrix).
     """
-    _check_float("qkv", qkv, _ATTENTION_DTYPES)
-    if qkv.dim() != 3:
-        _fail(f"qkv: expected 3 dims [B, N, 3*C], got shape {tuple(qkv.shape)}")
-    _check_unit_last("qkv", qkv)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        _fail(f"num_heads: expected a positive int, got {num_heads!r}")
+    D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
         _fail(f"return_cls_attn: expected a bool, got {return_cls_attn!r}")
-    B, N, C3 = qkv.shape
-    if C3 == 0 or C3 % (3 * num_heads) != 0:
-        _fail(f"qkv: expected a last dim divisible by 3 * num_heads = {3 * num_heads}, got {C3}")
-    if N < 1:
+    if qkv.shape[1] < 1:
         _fail(f"qkv: expected at least one token, got shape {tuple(qkv.shape)}")
-    D = C3 // (3 * num_heads)
     _check_head_dim("qkv", D)
     scale = _attention_scale(scale, D)
     if _direct(qkv):
@@ -523,27 +528,7 @@ def _rope_impl(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: b
                 _ROPE_PLANS.clear()
             plan = _ROPE_PLANS[key] = rope.plan(qkv, num_heads, cos.shape[0], inverse, in_place)
         return rope.run(plan, qkv, cos, sin)
-    return _rope_torch(qkv, num_heads, cos, sin, inverse, in_place)
-
-
-def _rope_torch(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool, in_place: bool = False
-                ) -> Tensor:
-    """The rotation in torch (CPU tensors, float64): q and k of the rotated tokens rewritten through a view of
-    qkv itself (in place) or of one contiguous copy, in the tables' dtype, rounded once (the kernel's
-    arithmetic)."""
-    B, N, C3 = qkv.shape
-    D, n = C3 // (3 * num_heads), cos.shape[0]
-    if in_place:
-        out = qkv
-    else:
-        out = qkv.clone() if qkv.is_contiguous() else qkv.contiguous()
-    qk = out.unflatten(2, (3, num_heads, D))[:, N - n:, :2]                     # (B, n, 2, H, D), a view
-    x1, x2 = qk[..., : D // 2], qk[..., D // 2:]
-    c, s = cos[:, None, None, :], (-sin if inverse else sin)[:, None, None, :]    # (n, 1, 1, D/2)
-    a, e = x1.to(cos.dtype, copy=True), x2.to(cos.dtype, copy=True)          # copies: x1, x2 are overwritten
-    x1.copy_(a * c - e * s)
-    x2.copy_(e * c + a * s)
-    return out
+    return reference.torch_rope_qkv(qkv, num_heads, cos, sin, inverse, in_place)
 
 
 def _rope_new(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
@@ -583,16 +568,7 @@ def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: 
     them). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself rotated
     in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
     and is not traced by torch.compile, else a new tensor as without it: use the tensor returned."""
-    _check_float("qkv", qkv, _ATTENTION_DTYPES)
-    if qkv.dim() != 3:
-        _fail(f"qkv: expected 3 dims [B, N, 3*C], got shape {tuple(qkv.shape)}")
-    _check_unit_last("qkv", qkv)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        _fail(f"num_heads: expected a positive int, got {num_heads!r}")
-    B, N, C3 = qkv.shape
-    if C3 == 0 or C3 % (3 * num_heads) != 0:
-        _fail(f"qkv: expected a last dim divisible by 3 * num_heads = {3 * num_heads}, got {C3}")
-    D = C3 // (3 * num_heads)
+    D, N = _check_packed_qkv(qkv, num_heads), qkv.shape[1]
     if D % 2:
         _fail(f"qkv: rotary embedding needs an even head dim, got {D}")
     table_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32

@@ -237,6 +237,22 @@ def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
     return out
 
 
+def torch_rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: bool = False,
+                   in_place: bool = False) -> Tensor:
+    """`rope_qkv` without its split and repack: q and k of the rotated tokens rewritten through a view of qkv
+    itself (in_place) or of one contiguous copy, in the tables' dtype, rounded once."""
+    B, N, C3 = qkv.shape
+    D, n = C3 // (3 * num_heads), cos.shape[0]
+    out = qkv if in_place else qkv.clone() if qkv.is_contiguous() else qkv.contiguous()
+    qk = out.unflatten(2, (3, num_heads, D))[:, N - n:, :2]                     # (B, n, 2, H, D), a view
+    x1, x2 = qk[..., : D // 2], qk[..., D // 2:]
+    c, s = cos[:, None, None, :], (-sin if inverse else sin)[:, None, None, :]    # (n, 1, 1, D/2)
+    a, e = x1.to(cos.dtype, copy=True), x2.to(cos.dtype, copy=True)          # copies: x1, x2 are overwritten
+    x1.copy_(a * c - e * s)
+    x2.copy_(e * c + a * s)
+    return out
+
+
 def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
                  residual: Tensor | None = None, scale: Tensor | None = None, preact: Tensor | None = None) -> Tensor:
     """F.linear (the bias in the GEMM), the activation, then scale and residual in place on the fresh output.
