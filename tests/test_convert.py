@@ -228,7 +228,7 @@ def test_optimize_timm_tree_shares_parameters_and_matches():
     (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
     (r"blocks.1.norm2: RMSNorm", lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
     ("LayerNorms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
-    (r"blocks.0.mlp: SwiGLU \(only timm's Mlp and SwiGLUPacked", lambda m: setattr(m.blocks[0], "mlp", SwiGLU())),
+    (r"blocks.0.mlp: Sequential \(only timm's Mlp", lambda m: setattr(m.blocks[0], "mlp", nn.Sequential())),
 ])
 def test_timm_unsupported_features_are_named(feature, mutate):
     model = timm_like()
@@ -296,12 +296,27 @@ def test_timm_drop_path_only_refused_in_train_mode():
         opt.train()(x)
 
 
-def test_timm_eva_is_refused_by_name():
-    """timm runs DINOv3 (and EVA-02) as its Eva class: refused, naming the ways vitfast runs DINOv3."""
-    eva = type("Eva", (nn.Module,), {"__module__": "timm.models.eva"})()
-    eva.patch_embed, eva.blocks, eva.pos_embed = nn.Identity(), nn.ModuleList(), None
-    with pytest.raises(UnsupportedFeatureError, match=r"timm's Eva class .*DINOv3ViTModel.*vit_base_patch16_dinov3"):
-        vitfast.optimize(eva)
+def test_timm_unpacked_swiglu_joins_its_halves():
+    """timm's SwiGLU (the gate and up projections as fc1_g and fc1_x) runs as the packed SwiGLU, its fc1 joined
+    from the two (`JoinedLinear`): the converted model holds timm's tensors and equals the packed reference."""
+    ref = timm_like(mlp_layer="swiglu", mlp_ratio=3.0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = copy.deepcopy(ref)
+    for blk in src.blocks:
+        glu, (g, x), (bg, bx) = SwiGLU(32, 48), blk.mlp.fc1.weight.chunk(2), blk.mlp.fc1.bias.chunk(2)
+        with torch.no_grad():
+            for lin, w, b in ((glu.fc1_g, g, bg), (glu.fc1_x, x, bx)):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+        glu.fc2 = blk.mlp.fc2
+        blk.mlp = glu
+    opt = vitfast.optimize(src)
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in src.parameters()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(opt(x), copy.deepcopy(ref).double()(x.double()), eager=ref(x))
 
 
 # --------------------------------------------------------------------------------------------

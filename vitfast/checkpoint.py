@@ -2,7 +2,8 @@
 
 Layouts handled (all map onto timm's `VisionTransformer` keys):
 - timm: `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`,
-  `norm.*` (or `fc_norm.*`), `head.*`.
+  `norm.*` (or `fc_norm.*`), `head.*`; timm's Eva class (DINOv3, EVA) has `blocks.N.gamma_1`, `attn.q_bias` /
+  `attn.v_bias` and the SwiGLU's `mlp.fc1_g` / `mlp.fc1_x`: see `eva_to_timm`.
 - HF, classic (most published checkpoints): `vit.encoder.layer.N.attention.attention.{query,key,value}`,
   `attention.output.dense`, `intermediate.dense`, `output.dense`, `layernorm_before/after`, `vit.layernorm`,
   `classifier`.
@@ -217,11 +218,44 @@ def torchvision_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+_EVA_KEY = re.compile(r"^blocks\.\d+\.(?:gamma_[12]|attn\.[qv]_bias|mlp\.fc1_[gx]\.(?:weight|bias))$")
+
+
+def eva_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm's Eva keys (its DINOv3 and EVA models) -> timm VisionTransformer's: `blocks.N.gamma_1` / `gamma_2` ->
+    `ls1.gamma` / `ls2.gamma` (passed through); separate `attn.q_bias` and `attn.v_bias` -> the packed
+    `attn.qkv.bias` with a zero key bias, as Eva computes it; the SwiGLU's `mlp.fc1_g` and `mlp.fc1_x` ->
+    the packed `mlp.fc1` (gate rows first). Other keys pass through."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        stem, _, name = key.rpartition(".")
+        if name in ("gamma_1", "gamma_2"):
+            out[f"{stem}.ls{name[-1]}.gamma"] = value
+        elif name not in ("q_bias", "v_bias") and not stem.endswith((".mlp.fc1_g", ".mlp.fc1_x")):
+            out[key] = value
+    for key, q in state_dict.items():
+        if key.endswith(".attn.q_bias"):
+            stem = key[:-len("q_bias")]
+            v = state_dict.get(stem + "v_bias")
+            if v is None:
+                raise ValueError(f"state_dict: {key} without {stem}v_bias")
+            out[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        elif key.endswith(".mlp.fc1_g.weight"):
+            stem = key[:-len("fc1_g.weight")]
+            for p in ("weight", "bias"):
+                g, x = state_dict.get(f"{stem}fc1_g.{p}"), state_dict.get(f"{stem}fc1_x.{p}")
+                if (g is None) != (x is None):
+                    raise ValueError(f"state_dict: {stem}fc1_g.{p} and {stem}fc1_x.{p}: one without the other")
+                if g is not None:
+                    out[f"{stem}fc1.{p}"] = torch.cat([g, x])
+    return out
+
+
 def to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Any supported layout -> timm keys."""
     layout = detect_layout(state_dict)
     if layout == "timm":
-        return dict(state_dict)
+        return eva_to_timm(state_dict) if any(_EVA_KEY.match(k) for k in state_dict) else dict(state_dict)
     if layout == "hf":
         return hf_to_timm(state_dict)
     return torchvision_to_timm(state_dict)

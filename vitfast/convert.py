@@ -3,8 +3,9 @@
 - timm `VisionTransformer` (and `vitfast.reference.VisionTransformer`, which has timm's tree) ->
   `vitfast.VisionTransformer` (same forward / forward_features / forward_head; `pretrained_cfg` kept),
   with the features of DINOv2 (layer-scale, registers, no_embed_class, the giant's SwiGLUPacked MLP),
-  CLIP (pre-norm, QuickGELU, eps), SigLIP (attention pooling); timm's DeiT `VisionTransformerDistilled`
-  -> vitfast's.
+  CLIP (pre-norm, QuickGELU, eps), SigLIP (attention pooling), timm's unpacked SwiGLU; timm's DeiT
+  `VisionTransformerDistilled` -> vitfast's; timm's `Eva` with DINOv3's features (RoPE, registers, layer-scale,
+  separate q / v biases, SwiGLU) or EVA's (a position table) -> `vitfast.VisionTransformer`.
 - HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers and SwiGLU), CLIP vision (incl.
   WithProjection) and SigLIP vision models -> a module with HF's forward arguments that returns HF's
   output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
@@ -19,7 +20,7 @@ recognised by their class names and attributes.
 
 A feature vitfast does not implement raises `UnsupportedFeatureError` (a ValueError) naming it:
 qk-norm, norm layers inside the attention or MLP, other pooling heads, activations other than GELU and
-QuickGELU, MLPs other than timm's Mlp and SwiGLUPacked (timm's unpacked SwiGLU, ...), conv stems, HF
+QuickGELU, MLPs other than timm's Mlp, SwiGLU and SwiGLUPacked, RoPE other than DINOv3's, conv stems, HF
 masks and attention outputs, ... Dropout and drop-path are no-ops in eval mode: converting a model that
 has them in train mode raises, and a converted model refuses to run forward in train mode
 (`VisionTransformer.train_only_features`).
@@ -30,8 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vitfast.checkpoint import torchvision_to_timm
+from vitfast.checkpoint import eva_to_timm, torchvision_to_timm
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 
 __all__ = ["optimize", "UnsupportedFeatureError"]
@@ -60,10 +62,7 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     elif all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
         out = _from_torchvision(model)
     elif type(model).__name__ == "Eva" and type(model).__module__.startswith("timm."):
-        raise UnsupportedFeatureError(
-            "model: timm's Eva class (EVA-02, DINOv3, ...) is not supported (its blocks and RoPE differ from "
-            "VisionTransformer's); DINOv3 runs as Hugging Face's DINOv3ViTModel through vitfast.optimize, or as "
-            "vitfast.create_model('vit_base_patch16_dinov3', checkpoint_path=...) with HF's weights")
+        out = _from_timm_eva(model)
     elif all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
         out = _from_timm(model)
     else:
@@ -212,32 +211,9 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
     f.need(not (distilled and getattr(model, "distilled_training", False) and model.training),
            "distilled_training=True (training with the distillation head's separate output)")
     f.need(isinstance(model.pos_embed, Tensor), "no position embedding (pos_embed='none')")
-    gp = getattr(model, "global_pool", "token")
-    f.need(gp in ("token", "avg", "map", ""), f"global_pool={gp!r}")
     f.need(not getattr(model, "pool_include_prefix", False), "pool_include_prefix=True")
-    pe = model.patch_embed
-    pre_norm = not _is_identity(getattr(model, "norm_pre", None))
-    f.patchify(getattr(pe, "proj", None), "patch_embed.proj", bias=not pre_norm)
-    f.need(_is_identity(getattr(pe, "norm", None)), "patch_embed.norm (embed_norm_layer)")
-    f.need(not getattr(pe, "dynamic_img_pad", False), "dynamic_img_pad=True")
-    f.need(getattr(pe, "img_size", None) is not None, "patch_embed without a fixed img_size")
-    f.dropout(getattr(model, "pos_drop", None), "pos_drop")
-    f.dropout(getattr(model, "patch_drop", None), "patch_drop", "patch dropout")
-    f.dropout(getattr(model, "head_drop", None), "head_drop")
-
     dim = getattr(model, "embed_dim", None) or model.pos_embed.shape[-1]
-    norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
-    use_fc_norm, final_norm = not _is_identity(fc_norm), not (_is_identity(norm) and _is_identity(fc_norm))
-    f.need(_is_identity(norm) or _is_identity(fc_norm), "norm and fc_norm both")
-    eps = set()
-    if pre_norm:
-        eps.add(f.layer_norm_eps(model.norm_pre, "norm_pre", dim))
-    if final_norm:
-        eps.add(f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim))
-    for name in ("head", "head_dist"):
-        if not _is_identity(getattr(model, name, None)):
-            f.linear(getattr(model, name), name)
-
+    pre_norm, eps = _timm_stem(f, model, dim)
     seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
             "layer-scale": set(), "mlp layer": set()}
     for i, blk in enumerate(model.blocks):
@@ -249,31 +225,161 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
             ok = _is_identity(m) or isinstance(getattr(m, "gamma", None), Tensor)
             if f.need(ok, f"{w}.{ls}: {type(m).__name__} (only timm's LayerScale)"):
                 seen["layer-scale"].add(not _is_identity(m))
-        f.dropout(getattr(blk, "drop_path1", None), f"{w}.drop_path1", "drop-path")
-        f.dropout(getattr(blk, "drop_path2", None), f"{w}.drop_path2", "drop-path")
-        eps |= {f.layer_norm_eps(blk.norm1, f"{w}.norm1", dim), f.layer_norm_eps(blk.norm2, f"{w}.norm2", dim)}
-        attn, mlp = blk.attn, blk.mlp
+        attn = blk.attn
         if f.need(type(attn).__name__ == "Attention" and isinstance(getattr(attn, "qkv", None), nn.Linear),
                   f"{w}.attn: {type(attn).__name__} (only timm's Attention with a packed qkv)"):
-            f.need(_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None)),
-                   "qk-norm")
-            f.need(_is_identity(getattr(attn, "norm", None)), "scale_attn_norm")
-            f.dropout(getattr(attn, "attn_drop", None), f"{w}.attn.attn_drop")
-            f.dropout(getattr(attn, "proj_drop", None), f"{w}.attn.proj_drop")
-            f.need(attn.qkv.out_features == 3 * dim and attn.qkv.in_features == dim, f"{w}.attn.qkv shape")
-            f.linear(attn.proj, f"{w}.attn.proj")
-            heads = attn.num_heads
-            f.need(dim % heads == 0 and abs(attn.scale - (dim // heads) ** -0.5) < 1e-12 * attn.scale + 1e-12,
-                   f"{w}.attn: attention scale {attn.scale} (only head_dim ** -0.5)")
-            seen["num_heads"].add(heads)
+            _timm_attention(f, attn, w, dim, seen)
             seen["qkv bias"].add(attn.qkv.bias is not None)
-        kind = {"Mlp": "mlp", "GluMlp": "swiglu"}.get(type(mlp).__name__)
-        if f.need(kind is not None, f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp and SwiGLUPacked, a GluMlp)"):
-            (_timm_mlp if kind == "mlp" else _timm_swiglu)(f, mlp, f"{w}.mlp", seen)
-            seen["mlp layer"].add(kind)
+        _timm_block(f, blk, w, dim, eps, seen)
+    use_fc_norm, final_norm = _timm_tail(f, model, dim, eps, seen)
+    f.check(model.training)
+    cfg = _timm_config(model, dim, seen, eps, pre_norm, use_fc_norm, final_norm,
+                       no_embed_class=bool(getattr(model, "no_embed_class", False)),
+                       reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0))
+    out = _build(cfg, _timm_state(model), model, f, VisionTransformerDistilled if distilled else VisionTransformer)
+    _join_timm_parts(model, out)
+    _keep_pretrained_cfg(model, out)
+    return out
+
+
+def _from_timm_eva(model: nn.Module) -> VisionTransformer:
+    """timm's Eva class with VisionTransformer's features: DINOv3 (its RoPE, registers, layer-scale as the
+    blocks' gamma_1 / gamma_2, the plain, packed or unpacked SwiGLU MLP), and EVA's with a position table and
+    without RoPE. Separate q / v biases beside the packed qkv weight and the unpacked SwiGLU's fc1_g / fc1_x
+    are joined (`JoinedLinear`) from Eva's own tensors. EVA-02's interleaved RoPE, its normalisations inside
+    the attention and MLP, Perception Encoder's and other options are refused by name."""
+    f = _Findings("timm Eva")
+    dim = model.embed_dim
+    pre_norm, eps = _timm_stem(f, model, dim)
+    heads = {blk.attn.num_heads for blk in model.blocks if hasattr(getattr(blk, "attn", None), "num_heads")}
+    rope, rope_cfg = getattr(model, "rope", None), {}
+    f.need(not getattr(model, "rope_mixed", False), "rope_type='mixed'")
+    if rope is not None and f.need(type(rope).__name__ == "RotaryEmbeddingDinoV3",
+                                   f"rope: {type(rope).__name__} (only DINOv3's RotaryEmbeddingDinoV3; EVA-02's "
+                                   "and the other RoPE types are not supported)"):
+        f.need(rope.temperature is not None and rope.min_period is None and rope.max_period is None,
+               "rope: min_period / max_period (only a temperature)")
+        f.need(rope.normalize_coords == "separate" and rope.grid_offset == 0 and rope.grid_indexing == "ij",
+               f"rope: normalize_coords={rope.normalize_coords!r}, grid_offset={rope.grid_offset}, "
+               f"grid_indexing={rope.grid_indexing!r} (only 'separate', 0 and 'ij': DINOv3's)")
+        f.need(rope.rotate_half, "rope: rotate_half=False (only DINOv3's rotate-half pairs)")
+        f.need(len(heads) == 1 and rope.dim * heads.pop() == dim, f"rope: dim {rope.dim} (expected the head dim)")
+        if rope.aug_active:
+            f.train_only.append("RoPE coordinate augmentation (rope_shift / jitter / rescale_coords)")
+        rope_cfg = dict(rope="dinov3", rope_temperature=rope.temperature, rope_rounding="timm")
+    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
+            "layer-scale": set(), "mlp layer": set()}
+    for i, blk in enumerate(model.blocks):
+        w = f"blocks.{i}"
+        if not f.need(type(blk).__name__ == "EvaBlock", f"{w}: block type {type(blk).__name__} (only EvaBlock)"):
+            continue
+        g1, g2 = getattr(blk, "gamma_1", None), getattr(blk, "gamma_2", None)
+        f.need((g1 is None) == (g2 is None), f"{w}: layer-scale on one branch only (attn_only_layer_scale)")
+        seen["layer-scale"].add(g1 is not None)
+        attn = blk.attn
+        if f.need(type(attn).__name__ == "EvaAttention" and isinstance(getattr(attn, "qkv", None), nn.Linear),
+                  f"{w}.attn: {type(attn).__name__} (only EvaAttention with a packed qkv, qkv_fused=True)"):
+            f.need(attn.qkv.bias is None and getattr(attn, "gate", None) is None,
+                   f"{w}.attn: a bias on the packed qkv Linear or a gate (gated_attn)")
+            f.need(not rope_cfg or (attn.rotate_half and attn.num_prefix_tokens == model.num_prefix_tokens),
+                   f"{w}.attn: rotate_half={attn.rotate_half}, num_prefix_tokens={attn.num_prefix_tokens}")
+            _timm_attention(f, attn, w, dim, seen)
+            seen["qkv bias"].add(getattr(attn, "q_bias", None) is not None)
+        _timm_block(f, blk, w, dim, eps, seen)
+    use_fc_norm, final_norm = _timm_tail(f, model, dim, eps, seen)
+    f.check(model.training)
+    cfg = _timm_config(model, dim, seen, eps, pre_norm, use_fc_norm, final_norm,
+                       no_embed_class=bool(model.no_embed_class), pos_embed="none" if model.pos_embed is None
+                       else "learn", reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1], **rope_cfg)
+    out = _build(cfg, _timm_state(model), model, f)
+    _join_timm_parts(model, out)
+    _keep_pretrained_cfg(model, out)
+    return out
+
+
+def _timm_state(model: nn.Module) -> dict[str, Tensor]:
+    """timm's state_dict (its own tensors) in vitfast's keys (`eva_to_timm` for Eva's): where vitfast packs what
+    timm keeps apart (Eva's q / v biases beside the packed qkv weight, the unpacked SwiGLU's fc1_g / fc1_x), a
+    concatenated copy for `_build`, which `_join_timm_parts` then replaces by the parts."""
+    return eva_to_timm(model.state_dict(keep_vars=True))
+
+
+def _join_timm_parts(model: nn.Module, out: VisionTransformer) -> None:
+    """Point the packed tensors `_timm_state` copied at timm's own parts (`JoinedLinear`)."""
+    dim = out.embed_dim
+    for blk, core in zip(model.blocks, out.blocks):
+        attn, mlp = blk.attn, blk.mlp
+        if getattr(attn, "q_bias", None) is not None:
+            parts = nn.Module()                         # Eva's qkv weight and q / v biases (k has none)
+            parts.weight, parts.q_bias, parts.v_bias = attn.qkv.weight, attn.q_bias, attn.v_bias
+            core.attn.qkv = JoinedLinear([(parts, "weight", "q_bias", slice(0, dim)),
+                                          (parts, "weight", None, slice(dim, 2 * dim)),
+                                          (parts, "weight", "v_bias", slice(2 * dim, 3 * dim))])
+        if hasattr(mlp, "fc1_g"):                       # timm's SwiGLU: silu(fc1_g(x)) · fc1_x(x)
+            core.mlp.fc1 = JoinedLinear([(mlp.fc1_g, "weight", "bias", None), (mlp.fc1_x, "weight", "bias", None)])
+
+
+def _timm_stem(f: _Findings, model: nn.Module, dim: int) -> tuple[bool, set]:
+    """Check timm's patch embedding, norm_pre and the dropouts around them and the head; returns whether
+    there is a norm_pre and the LayerNorm eps found so far."""
+    gp = getattr(model, "global_pool", "token")
+    f.need(gp in ("token", "avg", "map", ""), f"global_pool={gp!r}")
+    pe = model.patch_embed
+    pre_norm = not _is_identity(getattr(model, "norm_pre", None))
+    f.patchify(getattr(pe, "proj", None), "patch_embed.proj", bias=not pre_norm)
+    f.need(_is_identity(getattr(pe, "norm", None)), "patch_embed.norm (embed_norm_layer)")
+    f.need(not getattr(pe, "dynamic_img_pad", False), "dynamic_img_pad=True")
+    f.need(getattr(pe, "img_size", None) is not None, "patch_embed without a fixed img_size")
+    f.dropout(getattr(model, "pos_drop", None), "pos_drop")
+    f.dropout(getattr(model, "patch_drop", None), "patch_drop", "patch dropout")
+    f.dropout(getattr(model, "head_drop", None), "head_drop")
+    eps = {f.layer_norm_eps(model.norm_pre, "norm_pre", dim)} if pre_norm else set()
+    return pre_norm, eps
+
+
+def _timm_attention(f: _Findings, attn: nn.Module, w: str, dim: int, seen: dict) -> None:
+    """Check one timm attention with a packed qkv Linear (VisionTransformer's Attention, Eva's EvaAttention)."""
+    f.need(_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None)), "qk-norm")
+    f.need(_is_identity(getattr(attn, "norm", None)), "scale_attn_norm")
+    f.dropout(getattr(attn, "attn_drop", None), f"{w}.attn.attn_drop")
+    f.dropout(getattr(attn, "proj_drop", None), f"{w}.attn.proj_drop")
+    f.need(attn.qkv.out_features == 3 * dim and attn.qkv.in_features == dim, f"{w}.attn.qkv shape")
+    f.linear(attn.proj, f"{w}.attn.proj")
+    heads = attn.num_heads
+    f.need(dim % heads == 0 and abs(attn.scale - (dim // heads) ** -0.5) < 1e-12 * attn.scale + 1e-12,
+           f"{w}.attn: attention scale {attn.scale} (only head_dim ** -0.5)")
+    seen["num_heads"].add(heads)
+
+
+def _timm_block(f: _Findings, blk: nn.Module, w: str, dim: int, eps: set, seen: dict) -> None:
+    """Check one timm block's norms, drop-paths and MLP (timm's Mlp, SwiGLUPacked or the unpacked SwiGLU)."""
+    f.dropout(getattr(blk, "drop_path1", None), f"{w}.drop_path1", "drop-path")
+    f.dropout(getattr(blk, "drop_path2", None), f"{w}.drop_path2", "drop-path")
+    eps |= {f.layer_norm_eps(blk.norm1, f"{w}.norm1", dim), f.layer_norm_eps(blk.norm2, f"{w}.norm2", dim)}
+    mlp = blk.mlp
+    kind = {"Mlp": "mlp", "GluMlp": "swiglu", "SwiGLU": "swiglu"}.get(type(mlp).__name__)
+    if f.need(kind is not None, f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp, SwiGLU and SwiGLUPacked, a "
+                                "GluMlp)"):
+        check = _timm_mlp if kind == "mlp" else _timm_swiglu_parts if hasattr(mlp, "fc1_g") else _timm_swiglu
+        check(f, mlp, f"{w}.mlp", seen)
+        seen["mlp layer"].add(kind)
+
+
+def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -> tuple[bool, bool]:
+    """Check the final norm / fc_norm, the heads and an attention-pooling head, then that the blocks agree;
+    returns (fc_norm used, a final norm at all)."""
+    norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+    use_fc_norm, final_norm = not _is_identity(fc_norm), not (_is_identity(norm) and _is_identity(fc_norm))
+    f.need(_is_identity(norm) or _is_identity(fc_norm), "norm and fc_norm both")
+    if final_norm:
+        eps.add(f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim))
+    for name in ("head", "head_dist"):
+        if not _is_identity(getattr(model, name, None)):
+            f.linear(getattr(model, name), name)
     pool = getattr(model, "attn_pool", None)
-    if gp == "map" and f.need(type(pool).__name__ == "AttentionPoolLatent",
-                              f"attn_pool: {type(pool).__name__} (only timm's AttentionPoolLatent)"):
+    if getattr(model, "global_pool", "token") == "map" and f.need(
+            type(pool).__name__ == "AttentionPoolLatent", f"attn_pool: {type(pool).__name__} (only timm's "
+                                                          "AttentionPoolLatent)"):
         f.need(getattr(pool, "latent_len", 1) == 1 and getattr(pool, "pool", "token") == "token"
                and getattr(pool, "pos_embed", None) is None and isinstance(getattr(pool, "q", None), nn.Linear)
                and _is_identity(getattr(pool, "q_norm", None)) and _is_identity(getattr(pool, "k_norm", None))
@@ -288,26 +394,31 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
             _timm_mlp(f, pool.mlp, "attn_pool.mlp", seen)
     f.uniform(seen)
     f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
-    f.check(model.training)
+    return use_fc_norm, final_norm
 
-    proj, hidden = pe.proj, seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
-    cfg = dict(img_size=pe.img_size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
-               num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0, embed_dim=dim,
-               depth=len(model.blocks), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
-               mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=seen["qkv bias"].pop() if seen["qkv bias"] else True,
-               class_token=getattr(model, "cls_token", None) is not None, global_pool=gp, fc_norm=use_fc_norm,
-               dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-               act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop(),
-               init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
-               reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
-               no_embed_class=bool(getattr(model, "no_embed_class", False)), pre_norm=pre_norm, final_norm=final_norm,
-               mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp")
-    out = _build(cfg, model.state_dict(keep_vars=True), model, f,
-                 VisionTransformerDistilled if distilled else VisionTransformer)
+
+def _timm_config(model: nn.Module, dim: int, seen: dict, eps: set, pre_norm: bool, use_fc_norm: bool,
+                 final_norm: bool, **kw) -> dict:
+    """vitfast's VisionTransformer kwargs for a checked timm model (`kw`: what its class holds differently)."""
+    proj = model.patch_embed.proj
+    hidden = seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
+    return dict(img_size=model.patch_embed.img_size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
+                num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0, embed_dim=dim,
+                depth=len(model.blocks), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
+                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=seen["qkv bias"].pop() if seen["qkv bias"] else True,
+                class_token=getattr(model, "cls_token", None) is not None,
+                global_pool=getattr(model, "global_pool", "token"), fc_norm=use_fc_norm,
+                dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+                act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop(),
+                init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
+                pre_norm=pre_norm, final_norm=final_norm,
+                mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp", **kw)
+
+
+def _keep_pretrained_cfg(model: nn.Module, out: nn.Module) -> None:
     for attr in ("pretrained_cfg", "default_cfg"):
         if hasattr(model, attr):
             setattr(out, attr, getattr(model, attr))
-    return out
 
 
 def _timm_mlp(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
@@ -342,6 +453,25 @@ def _timm_swiglu(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
     f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
     seen["mlp hidden size"].add(hidden)
+
+
+def _timm_swiglu_parts(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
+    """Check one timm SwiGLU (the gate and up projections as fc1_g and fc1_x: silu(fc1_g(x)) · fc1_x(x), no norm
+    inside); the width of the two joined goes to `seen`."""
+    f.need(type(getattr(mlp, "act", None)).__name__ == "SiLU",
+           f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (a SwiGLU only with SiLU)")
+    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
+    g, x = getattr(mlp, "fc1_g", None), getattr(mlp, "fc1_x", None)
+    ok = f.linear(g, f"{where}.fc1_g", bias=False) & f.linear(x, f"{where}.fc1_x", bias=False)
+    f.linear(mlp.fc2, f"{where}.fc2")
+    hidden = getattr(g, "out_features", 0)
+    f.need(ok and x.out_features == hidden and g.in_features == x.in_features and (g.bias is None) == (x.bias is None)
+           and getattr(mlp.fc2, "in_features", None) == hidden,
+           f"{where}: fc1_g, fc1_x and fc2 shapes or biases differ (expected two equal projections and fc2 from "
+           "their width)")
+    f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
+    f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
+    seen["mlp hidden size"].add(2 * hidden)
 
 
 # --------------------------------------------------------------------------------------------

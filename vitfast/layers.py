@@ -174,7 +174,10 @@ class JoinedLinear(nn.Module):
     tensors, and holds no copy of them.
 
     sources: (module, weight attribute, bias attribute or None, row slice or None for all rows) per part, in
-    row order; a part without bias, next to parts with one, counts as a zero bias. While autograd records a
+    row order; the slice applies to a bias with the weight's rows, a bias with the slice's rows is taken whole;
+    a part without bias, next to parts with one, counts as a zero bias. Parts may name one module more than
+    once (timm's Eva: one packed qkv weight beside separate q and v biases); consecutive row slices of one
+    tensor join as a view of it. While autograd records a
     gradient, each access builds the tensor from the live parameters (a
     concatenation, or a view for one part), so gradients reach them; otherwise one cached concatenation
     serves, rebuilt when a part is replaced, moved or modified in place (its identity, data pointer or
@@ -182,8 +185,12 @@ class JoinedLinear(nn.Module):
 
     def __init__(self, sources):
         super().__init__()
-        self.sources = nn.ModuleList([m for m, *_ in sources])
-        self._spec = [tuple(s[1:]) for s in sources]
+        modules = []                         # each module once (a ModuleList entry per part would repeat its keys)
+        for m, *_ in sources:
+            if not any(m is k for k in modules):
+                modules.append(m)
+        self.sources = nn.ModuleList(modules)
+        self._spec = [(next(i for i, k in enumerate(modules) if k is m), *rest) for m, *rest in sources]
         self._cache: dict[int, tuple] = {}
         self._zeros: dict[int, Tensor] = {}
 
@@ -216,18 +223,34 @@ class JoinedLinear(nn.Module):
             z = self._zeros[i] = torch.zeros(rows, dtype=w.dtype, device=w.device)
         return z
 
+    @staticmethod
+    def _one_view(tensors: list[Tensor], rows: list) -> Tensor | None:
+        """The rows of one tensor that consecutive slices of it cover, as a view; None if they are not that."""
+        t = tensors[0]
+        if len(tensors) < 2 or any(u is not t for u in tensors) or any(r is None for r in rows):
+            return None
+        spans = [range(t.shape[0])[r] for r in rows]
+        if any(s.step != 1 for s in spans) or any(a.stop != b.start for a, b in zip(spans, spans[1:])):
+            return None
+        return t[spans[0].start:spans[-1].stop]
+
     def _joined(self, which: int) -> Tensor | None:
         tensors, parts = [], []
-        found = [None if spec[which] is None else getattr(module, spec[which])
-                 for module, spec in zip(self.sources, self._spec)]
+        specs = [(self.sources[spec[0]], spec[1:]) for spec in self._spec]
+        found = [None if spec[which] is None else getattr(module, spec[which]) for module, spec in specs]
         if all(t is None for t in found):
             return None
-        for i, (module, spec, t) in enumerate(zip(self.sources, self._spec, found)):
+        for i, ((module, spec), t) in enumerate(zip(specs, found)):
             if t is None:                           # a bias some parts lack: zeros there
                 t = self._zero_bias(i, module, spec)
                 spec = (*spec[:2], None)
+            # a bias of the part's own rows (Eva's q_bias beside its packed qkv weight) is taken whole
+            whole = spec[2] is None or (which == 1 and t.shape[0] != getattr(module, spec[0]).shape[0])
             tensors.append(t)
-            parts.append(t if spec[2] is None else t[spec[2]])
+            parts.append(t if whole else t[spec[2]])
+        one = self._one_view(tensors, [spec[2] for _, spec in specs])
+        if one is not None:
+            parts = [one]
         live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
         if len(parts) == 1 or live:
             return parts[0] if len(parts) == 1 else torch.cat(parts, 0)

@@ -44,14 +44,14 @@ class VisionTransformer(reference.VisionTransformer):
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
-                 pos_embed="learn", rope=None, rope_temperature=100.0):
+                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf"):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
                          dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps,
                          init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
                          pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer, pos_embed=pos_embed,
-                         rope=rope, rope_temperature=rope_temperature)
+                         rope=rope, rope_temperature=rope_temperature, rope_rounding=rope_rounding)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}     # RoPE tables per patch grid, see rope_for
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)
@@ -117,7 +117,7 @@ class VisionTransformer(reference.VisionTransformer):
 
     def rope_for(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
         """The RoPE tables (cos, sin) for the patch grid of `images`, or None without RoPE: made once per grid,
-        dtype (float64 for a float64 model, else float32), device and temperature, then cached (they depend on
+        dtype (float64 for a float64 model, else float32), device, temperature and rounding, then cached (they depend on
         nothing else; a CUDA graph captured on them reads the cached tensors)."""
         if self.rope_type is None:
             return None
@@ -126,7 +126,7 @@ class VisionTransformer(reference.VisionTransformer):
         w, P = self.patch_embed.proj.weight, self.patch_embed.patch_size
         # (tables made under inference_mode are inference tensors, which autograd cannot save: kept apart)
         key = (images.shape[-2] // P[0], images.shape[-1] // P[1], w.dtype == torch.float64, w.device,
-               self.rope_temperature, torch.is_inference_mode_enabled())
+               self.rope_temperature, self.rope_rounding, torch.is_inference_mode_enabled())
         tables = self._rope_cache.get(key)
         if tables is None:
             with torch.no_grad():

@@ -81,6 +81,7 @@ def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
 # are the pairs (column j with column D/2 + j), one angle per pair and token; the tables cos, sin [N_rope, D/2]
 # cover the last N_rope tokens (the patches), the prefix tokens before them (class, registers) are not rotated.
 ROPE_TYPES = (None, "dinov3")
+ROPE_ROUNDINGS = ("hf", "timm")     # dinov3_rope's two roundings of the same angles
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
@@ -105,23 +106,31 @@ def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: boo
 
 
 def dinov3_rope(grid: tuple[int, int], head_dim: int, temperature: float = 100.0, dtype: torch.dtype = torch.float32,
-                device=None) -> tuple[Tensor, Tensor]:
+                device=None, rounding: str = "hf") -> tuple[Tensor, Tensor]:
     """DINOv3's RoPE tables for a patch grid (gh, gw): cos, sin [gh·gw, head_dim / 2] in `dtype`, patches in
     row-major order. Patch centres in [-1, 1] per axis ((i + 0.5) / g · 2 − 1), frequencies
     1 / temperature^(4i / head_dim) for i < head_dim / 4, angles 2π · coordinate · frequency: the first
-    head_dim / 4 pairs from the row coordinate, the next from the column: Hugging Face's
-    DINOv3ViTRopePositionEmbedding in eval mode, with its rounding: coordinates and frequencies in float32,
-    the angles and their cos / sin in float32, or in float64 from those float32 values for a float64 `dtype`
-    (what HF's model computes after `.double()`)."""
+    head_dim / 4 pairs from the row coordinate, the next from the column. Coordinates and frequencies are made
+    in float32; the angles and their cos / sin in float32, or in float64 from those float32 values for a float64
+    `dtype` (what the models compute after `.double()`). rounding: "hf" multiplies by the frequency, as Hugging
+    Face's DINOv3ViTRopePositionEmbedding does; "timm" divides by the period temperature^(2i / (head_dim / 2)),
+    as timm's RotaryEmbeddingDinoV3 (and Meta's original) does. The two differ by a few float32 ulps."""
     if head_dim % 4:
         raise ValueError(f"head_dim: DINOv3's RoPE needs a multiple of 4, got {head_dim}")
+    if rounding not in ROPE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROPE_ROUNDINGS}, got {rounding!r}")
     f32, work = torch.float32, torch.float64 if dtype == torch.float64 else torch.float32
     gh, gw = grid
     ys = (torch.arange(0.5, gh, device=device, dtype=f32) / gh) * 2 - 1
     xs = (torch.arange(0.5, gw, device=device, dtype=f32) / gw) * 2 - 1
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)        # (gh·gw, 2)
-    freqs = (1 / temperature ** torch.arange(0, 1, 4 / head_dim, device=device, dtype=f32)).to(work)  # (head_dim/4,)
-    angles = (2 * math.pi * coords[:, :, None] * freqs).reshape(gh * gw, head_dim // 2)
+    if rounding == "hf":
+        freqs = (1 / temperature ** torch.arange(0, 1, 4 / head_dim, device=device, dtype=f32)).to(work)
+        angles = 2 * math.pi * coords[:, :, None] * freqs                                   # (gh·gw, 2, head_dim/4)
+    else:
+        exponents = 2.0 * torch.arange(head_dim // 4, device=device, dtype=f32) / (head_dim // 2)
+        angles = 2 * math.pi * coords[:, :, None].to(work) / (temperature ** exponents).to(work)
+    angles = angles.reshape(gh * gw, head_dim // 2)
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
@@ -509,7 +518,8 @@ class VisionTransformer(nn.Module):
     mlp_layer "swiglu" (timm's SwiGLUPacked, DINOv2-giant: fc1 to int(embed_dim · mlp_ratio) features, the
     gate and up halves, SiLU; act_layer then applies to an attention-pooling head's MLP only), and pos_embed
     "none" (no position table). rope="dinov3" (with rope_temperature) rotates q and k of the patch tokens in
-    every attention by DINOv3's rotary position embedding (`dinov3_rope`, made for each image's patch grid).
+    every attention by DINOv3's rotary position embedding (`dinov3_rope`, made for each image's patch grid;
+    rope_rounding "hf" or "timm": the rounding of Hugging Face's model or of timm's).
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -519,12 +529,14 @@ class VisionTransformer(nn.Module):
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
-                 pos_embed="learn", rope=None, rope_temperature=100.0):
+                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf"):
         super().__init__()
         if pos_embed not in ("learn", "none"):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
         if rope not in ROPE_TYPES:
             raise ValueError(f"rope must be one of {ROPE_TYPES}, got {rope!r}")
+        if rope_rounding not in ROPE_ROUNDINGS:
+            raise ValueError(f"rope_rounding must be one of {ROPE_ROUNDINGS}, got {rope_rounding!r}")
         if rope is not None and (embed_dim // num_heads) % 4:
             raise ValueError(f"rope={rope!r}: needs a head dim (embed_dim / num_heads) divisible by 4, got "
                              f"{embed_dim} / {num_heads}")
@@ -544,7 +556,7 @@ class VisionTransformer(nn.Module):
         self.has_class_token = class_token
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.dynamic_img_size = dynamic_img_size
-        self.rope_type, self.rope_temperature = rope, float(rope_temperature)
+        self.rope_type, self.rope_temperature, self.rope_rounding = rope, float(rope_temperature), rope_rounding
         self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
@@ -612,7 +624,7 @@ class VisionTransformer(nn.Module):
         grid = (images.shape[-2] // P[0], images.shape[-1] // P[1])
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         return dinov3_rope(grid, self.embed_dim // self.blocks[0].attn.num_heads, self.rope_temperature, dtype,
-                           w.device)
+                           w.device, self.rope_rounding)
 
     def use_torch_ops(self, on: bool = True) -> VisionTransformer:
         """Run on torch's fused ops (F.conv2d patchify, F.layer_norm, SDPA, F.linear + F.gelu) instead of
