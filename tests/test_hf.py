@@ -248,23 +248,29 @@ def test_optimize_hf_dinov3_refusals_are_named():
         vitfast.optimize(hf_model("DINOv3ViTModel", proj_bias=False))
 
 
-DINOV3_PARAMS = {"vit_small_patch16_dinov3": 21_586_944, "vit_base_patch16_dinov3": 85_641_216,
-                 "vit_large_patch16_dinov3": 303_079_424}
+# name -> (its count; HF's hidden size, heads, layers and MLP width, gated or not)
+DINOV3_PARAMS = {"vit_small_patch16_dinov3": (21_586_944, 384, 6, 12, 1536, False),
+                 "vit_base_patch16_dinov3": (85_641_216, 768, 12, 12, 3072, False),
+                 "vit_large_patch16_dinov3": (303_079_424, 1024, 16, 24, 4096, False),
+                 "vit_small_plus_patch16_dinov3": (28_683_264, 384, 6, 12, 1536, True),
+                 "vit_huge_plus_patch16_dinov3": (840_509_440, 1280, 20, 32, 5120, True),
+                 "vit_7b_patch16_dinov3": (6_716_030_976, 4096, 32, 40, 8192, True)}
 
 
 @pytest.mark.parametrize("name", sorted(DINOV3_PARAMS))
 def test_dinov3_has_hf_dinov3s_parameters(name):
     """The DINOv3 names at full size (meta device) hold HF's parameters less its mask token and its query and
     value biases (timm's configurations of these names have no qkv bias; the released ones are zeros)."""
-    dim, heads, depth = {"small": (384, 6, 12), "base": (768, 12, 12), "large": (1024, 16, 24)}[name.split("_")[1]]
-    cfg = transformers.DINOv3ViTConfig(hidden_size=dim, num_attention_heads=heads, intermediate_size=4 * dim,
-                                       num_hidden_layers=depth, num_register_tokens=4, image_size=256, patch_size=16)
+    expected, dim, heads, depth, width, gated = DINOV3_PARAMS[name]
+    cfg = transformers.DINOv3ViTConfig(hidden_size=dim, num_attention_heads=heads, intermediate_size=width,
+                                       num_hidden_layers=depth, num_register_tokens=4, image_size=256, patch_size=16,
+                                       use_gated_mlp=gated)
     with torch.device("meta"):
         hf = transformers.DINOv3ViTModel(cfg)
         mine = vitfast.create_model(name)
     count = lambda m: sum(p.numel() for p in m.parameters())
     biases = 2 * depth * dim
-    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() - biases == DINOV3_PARAMS[name]
+    assert count(mine) == count(hf) - hf.embeddings.mask_token.numel() - biases == expected
 
 
 def test_dinov3_checkpoint_with_zero_qkv_biases_loads_into_the_timm_name(tmp_path):

@@ -58,7 +58,8 @@ def test_parameter_count_matches_timm(name):
 
 # Named configs whose parameter count is checked against Hugging Face's model instead (test_hf.py).
 HF_COUNTED = {"vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2", "vit_small_patch16_dinov3",
-              "vit_base_patch16_dinov3", "vit_large_patch16_dinov3"}
+              "vit_base_patch16_dinov3", "vit_large_patch16_dinov3", "vit_small_plus_patch16_dinov3",
+              "vit_huge_plus_patch16_dinov3", "vit_7b_patch16_dinov3"}
 
 
 def test_every_config_has_a_timm_count():

@@ -46,10 +46,16 @@ CONFIGS: dict[str, dict] = {
     # DINOv2-giant: SwiGLU MLP (timm's SwiGLUPacked: fc1 1536 -> 8192, gate and up halves, fc2 4096 -> 1536)
     "vit_giant_patch14_dinov2": dict(**_DINOV2, **_GIANT),
     "vit_giant_patch14_reg4_dinov2": dict(**_DINOV2, **_GIANT, **_REG4),
-    # DINOv3 (RoPE; timm's state_dict keys for these are Eva's, vitfast's are VisionTransformer's)
+    # DINOv3 (RoPE; timm's state_dict keys for these are Eva's, which load through checkpoint.eva_to_timm)
     "vit_small_patch16_dinov3": dict(**_DINOV3, **_SMALL),
     "vit_base_patch16_dinov3": dict(**_DINOV3, **_BASE),
     "vit_large_patch16_dinov3": dict(**_DINOV3, **_LARGE),
+    # the "plus" and 7B DINOv3: SwiGLU MLP (timm's SwiGLU: gate and up projections of 4 (7B: 2) x embed_dim, packed)
+    "vit_small_plus_patch16_dinov3": dict(**_DINOV3, **_SMALL, mlp_layer="swiglu", mlp_ratio=8.0),
+    "vit_huge_plus_patch16_dinov3": dict(**_DINOV3, embed_dim=1280, depth=32, num_heads=20, mlp_layer="swiglu",
+                                         mlp_ratio=8.0),
+    "vit_7b_patch16_dinov3": dict(**_DINOV3, embed_dim=4096, depth=40, num_heads=32, mlp_layer="swiglu",
+                                  mlp_ratio=4.0),
     # CLIP image towers (pre-norm, LayerNorm eps 1e-5; QuickGELU for the OpenAI weights)
     "vit_base_patch16_clip_224": dict(patch_size=16, **_BASE, **_CLIP),
     "vit_base_patch16_clip_quickgelu_224": dict(patch_size=16, **_BASE, **_CLIP, act_layer="quick_gelu",
