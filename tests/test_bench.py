@@ -1,6 +1,7 @@
 """`vitfast bench` on the CPU: the output files and their schema, the fitted attention exponent, the
 sweep and batch rules, and the `fused_attn` (SDPA) baseline of the reference model."""
 
+import copy
 import json
 import math
 import sys
@@ -308,3 +309,22 @@ def test_named_model_timm_backend_equals_reference(name):
     x = torch.randn(2, 3, 28, 28, device="cuda")
     with torch.no_grad():
         assert_close(timm_model(x), ref.double()(x.double()), eager=ref.float()(x), tol=1e-3)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3"])
+def test_dinov3_timm_backend_is_timms_eva_with_the_reference_weights(name, device, no_tf32):
+    """The timm backend of a DINOv3 name is timm's Eva (its RoPE, its unpacked SwiGLU), loaded strictly from the
+    reference's weights, and computes the reference's output."""
+    pytest.importorskip("timm")
+    spec = bench.spec_for_name(name, 1)
+    cfg = bench.Config(32, 16, 2, spec.prefix)
+    ref = reference.VisionTransformer(**spec.kwargs(cfg)).to(device).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    timm_model = bench.build_model_backend("timm", spec, cfg, ref.state_dict(), device, torch.float32)
+    assert type(timm_model).__name__ == "Eva"
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad():
+        assert_close(timm_model(x), copy.deepcopy(ref).double()(x.double()), eager=ref(x))

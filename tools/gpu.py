@@ -289,8 +289,7 @@ def bench_models(run: Run, args) -> bool:
         for i, name in enumerate(names):
             seconds = max(30.0, (run.left() - 15) / (len(names) - i))
             out = Path(tmp) / name
-            # timm runs RoPE models (DINOv3) as its Eva class, not its VisionTransformer: eager torch there
-            eager = "timm" if timm and "dinov3" not in name else "torch"
+            eager = "timm" if timm else "torch"
             cmd = [sys.executable, "-m", "vitfast", "bench", "--model", name, "--batch-size", "256", "--dtype",
                    "bf16", "--backends", f"{eager},vitfast,vitfast-eager,compile",
                    "--compile-mode", args.compile_mode, "--rep-ms", "50", "--no-kernels",

@@ -8,7 +8,8 @@ layer-scale, pre-norm, eps, activation, pooling head and distillation head on ev
     reference      `vitfast.reference.VisionTransformer`: the plain math (N×N softmax, hand-written LayerNorm)
     torch          the same model on torch's fused ops (`use_torch_ops`: F.conv2d, F.layer_norm, SDPA,
                    F.linear, F.gelu): the best eager PyTorch a user writes, as timm runs it
-    timm           timm's own VisionTransformer with the same weights (GPU, where timm is importable)
+    timm           timm's own VisionTransformer (its Eva for DINOv3) with the same weights (GPU, where timm is
+                   importable)
     vitfast        `vitfast.VisionTransformer` as users get it: CUDA graphs on CUDA (vitfast.graphs)
     vitfast-eager  the same with its graphs off (GPU; on a CPU `vitfast` is already eager)
     compile        `torch.compile` of `torch`, mode max-autotune (--compile-mode; GPU; --no-compile skips it)
@@ -344,6 +345,10 @@ def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, devi
         cls = reference.VisionTransformerDistilled if spec.distilled else reference.VisionTransformer
         with torch.device(device):
             model = cls(**kwargs).use_torch_ops(backend != "reference")
+    elif backend == "timm" and kwargs.get("rope"):      # timm runs RoPE models (DINOv3) as its Eva class
+        with torch.device(device):
+            model = _timm_eva(kwargs)
+        state = _eva_state(state, kwargs.get("mlp_layer") == "swiglu")
     elif backend == "timm":
         eps = kwargs.pop("norm_eps", None)             # timm takes the eps through its norm layer
         if eps is not None:
@@ -365,6 +370,43 @@ def build_model_backend(backend: str, spec: Spec, cfg: Config, state: dict, devi
     if backend == "compile":
         return torch.compile(model, mode=compile_mode)
     return model
+
+
+def _timm_eva(kw: dict):
+    """timm's Eva with a DINOv3 Spec's kwargs (timm's vit_*_patch16_dinov3 configurations: its SwiGLU unpacked,
+    with half vitfast's packed width per projection)."""
+    from timm.models.eva import Eva
+
+    swiglu = kw.get("mlp_layer", "mlp") == "swiglu"
+    return Eva(img_size=kw["img_size"], patch_size=kw["patch_size"], embed_dim=kw["embed_dim"], depth=kw["depth"],
+               num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"] / 2 if swiglu else kw["mlp_ratio"],
+               swiglu_mlp=swiglu, swiglu_align_to=8 if swiglu else 0, qkv_bias=kw.get("qkv_bias", True),
+               init_values=kw.get("init_values"), class_token=kw.get("class_token", True),
+               num_reg_tokens=kw.get("reg_tokens", 0), use_abs_pos_emb=False, use_rot_pos_emb=True,
+               rope_type="dinov3", rope_temperature=kw.get("rope_temperature", 100.0), rope_rotate_half=True,
+               global_pool=kw.get("global_pool", "token"), use_fc_norm=kw.get("fc_norm"),
+               norm_layer=partial(torch.nn.LayerNorm, eps=kw.get("norm_eps", 1e-6)),
+               num_classes=kw.get("num_classes", 1000))
+
+
+def _eva_state(state: dict, swiglu: bool) -> dict:
+    """vitfast's keys -> timm Eva's (checkpoint.eva_to_timm, the other way): ls1 / ls2.gamma -> gamma_1 / gamma_2,
+    the packed qkv bias -> q_bias and v_bias (Eva has no key bias), a packed SwiGLU fc1 -> fc1_g and fc1_x."""
+    out = {}
+    for key, value in state.items():
+        stem, _, name = key.rpartition(".")
+        if stem.endswith((".ls1", ".ls2")) and name == "gamma":
+            out[f"{stem[:-4]}.gamma_{stem[-1]}"] = value
+        elif stem.endswith(".attn.qkv") and name == "bias":
+            q, k, v = value.chunk(3)
+            if k.any():
+                raise ValueError(f"{key}: timm's Eva has no key bias, this one is not zero")
+            out[f"{stem[:-4]}.q_bias"], out[f"{stem[:-4]}.v_bias"] = q, v
+        elif swiglu and stem.endswith(".mlp.fc1"):
+            out[f"{stem}_g.{name}"], out[f"{stem}_x.{name}"] = value.chunk(2)
+        else:
+            out[key] = value
+    return out
 
 
 def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
@@ -972,9 +1014,6 @@ def select_backends(args, gpu: bool) -> tuple[list[str], list[str]]:
                 notes.append(f"backend {b} skipped: it needs CUDA")
         elif b == "compile" and (args.no_compile or args.quick):
             notes.append("backend compile skipped (--no-compile / --quick)")
-        elif b == "timm" and CONFIGS.get(getattr(args, "model", None) or "", {}).get("rope"):
-            notes.append(f"backend timm skipped: timm runs {args.model} (RoPE) as its Eva class, not its "
-                         "VisionTransformer")
         elif b == "timm" and _timm_class() is None:
             if args.backends:
                 notes.append("backend timm skipped: timm is not installed")
