@@ -14,8 +14,8 @@ Triton writes.
 
 Compilation happens in subprocesses (one Triton import each, ~1 s) without TRITON_INTERPRET, which
 conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter objects, and
-without VITFAST_AUTOTUNE (its quick mode would keep one config). Outside pytest-xdist the cases are
-split over up to 4 processes. Identical compilations (same signature, constants, hints and options)
+without VITFAST_AUTOTUNE (its quick mode would keep one config). The cases are split over up to 4
+processes, one per core (under pytest-xdist one worker compiles them for all). Identical compilations (same signature, constants, hints and options)
 are done once per process. The check runs under the Triton the project pins and, through
 `make compile-check-oldest`, under the oldest Triton vitfast supports (3.6).
 """
@@ -349,17 +349,20 @@ def _compile_all(cache_dir: Path, shards: int = 1) -> dict:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """{case id: result} for every case. Under pytest-xdist the workers share one compilation (the
-    first to take the lock compiles, the others read its results) instead of each paying for it."""
+    first to take the lock compiles, the others read its results) instead of each paying for it. The
+    compilation is split over the machine's cores (up to 4) either way: a worker that waits for the lock
+    leaves its core idle, and the compiling worker's shards take it."""
+    shards = min(4, len(os.sched_getaffinity(0)))
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = tmp_path_factory.getbasetemp().parent  # this run's directory, common to its workers
         with open(shared / "triton_compile.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             done = shared / "triton_compile.json"
             if not done.is_file():
-                done.write_text(json.dumps(_compile_all(tmp_path_factory.mktemp("triton_cache"))))
+                done.write_text(json.dumps(_compile_all(tmp_path_factory.mktemp("triton_cache"), shards)))
             out = json.loads(done.read_text())
     else:
-        out = _compile_all(tmp_path_factory.mktemp("triton_cache"), shards=min(4, len(os.sched_getaffinity(0))))
+        out = _compile_all(tmp_path_factory.mktemp("triton_cache"), shards)
     if "skip" in out:
         pytest.skip(out["skip"])
     return out["results"]
