@@ -302,3 +302,28 @@ def test_optimized_hf_and_timm_models_replay_on_cuda():
         for _ in range(3):
             assert_close(opt(x), ref, eager=eager)
     assert opt.cuda_graphs.captures == 1
+
+
+@pytest.mark.gpu
+def test_optimized_timm_dinov3_replays_per_image_size_and_recaptures_after_a_bias_update():
+    """timm's DINOv3 (its Eva class, with q / v biases joined from Eva's tensors): one graph per image size (its
+    own RoPE tables), outputs equal timm's; an in-place update of Eva's q_bias is captured again."""
+    timm = pytest.importorskip("timm")
+    src = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, depth=2, embed_dim=128,
+                            num_heads=2).cuda().eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    opt = vitfast.optimize(src)
+    with torch.no_grad():
+        for size in ((64, 64), (96, 64)):
+            x = torch.randn(2, 3, *size, device="cuda")
+            ref, eager = copy.deepcopy(src).double()(x.double()), src(x)
+            for _ in range(3):                             # eager, capture, replay
+                assert_close(opt(x), ref, eager=eager)
+        assert opt.cuda_graphs.captures == 2
+        src.blocks[1].attn.q_bias.add_(0.5)
+        ref, eager = copy.deepcopy(src).double()(x.double()), src(x)
+        for _ in range(2):
+            assert_close(opt(x), ref, eager=eager)
+    assert opt.cuda_graphs.captures == 3
