@@ -160,6 +160,15 @@ def test_training_through_optimized_eva_reaches_its_parts():
         assert_close(blk.gamma_1.grad, rb.ls1.gamma.grad, name="gamma_1 grad")
 
 
+def test_optimized_eva_traces_in_one_torch_compile_graph():
+    cfg = {**DINOV3, "qkv_bias": True, "mlp_layer": "swiglu", "mlp_ratio": 3.0}
+    ref = _reference(cfg)
+    opt = torch.compile(vitfast.optimize(eva_like(ref, qkv_bias=True, unpacked_swiglu=True)), fullgraph=True)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert_close(opt(x), copy.deepcopy(ref).double()(x.double()), eager=ref(x))
+
+
 def _eva_swap_rope(m):
     m.rope = _rope(32, RotaryEmbeddingCat)
 
