@@ -15,9 +15,10 @@ Triton writes.
 Compilation happens in subprocesses (one Triton import each, ~1 s) without TRITON_INTERPRET, which
 conftest.py sets on machines without CUDA and which turns `@triton.jit` into interpreter objects, and
 without VITFAST_AUTOTUNE (its quick mode would keep one config). The cases are split over up to 4
-processes, one per core (under pytest-xdist one worker compiles them for all). Identical compilations (same signature, constants, hints and options)
-are done once per process. The check runs under the Triton the project pins and, through
-`make compile-check-oldest`, under the oldest Triton vitfast supports (3.6).
+processes, one per core (under pytest-xdist one worker compiles them for all). Identical compilations
+(same signature, constants, hints and options) are done once per process. The check runs under the
+Triton the project pins and, through `make compile-check-oldest`, under the oldest Triton vitfast
+supports (3.6).
 """
 
 import fcntl

@@ -320,8 +320,8 @@ def _join_timm_parts(model: nn.Module, out: VisionTransformer) -> None:
 
 
 def _timm_stem(f: _Findings, model: nn.Module, dim: int) -> tuple[bool, set]:
-    """Check timm's patch embedding, norm_pre and the dropouts around them and the head; returns whether
-    there is a norm_pre and the LayerNorm eps found so far."""
+    """Check timm's pooling, patch embedding, norm_pre and the dropouts of the embedding and the head; returns
+    whether there is a norm_pre and the LayerNorm eps found so far."""
     gp = getattr(model, "global_pool", "token")
     f.need(gp in ("token", "avg", "map", ""), f"global_pool={gp!r}")
     pe = model.patch_embed
@@ -462,13 +462,12 @@ def _timm_swiglu_parts(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> 
            f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (a SwiGLU only with SiLU)")
     f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
     g, x = getattr(mlp, "fc1_g", None), getattr(mlp, "fc1_x", None)
-    ok = f.linear(g, f"{where}.fc1_g", bias=False) & f.linear(x, f"{where}.fc1_x", bias=False)
+    ok = f.linear(g, f"{where}.fc1_g") & f.linear(x, f"{where}.fc1_x")
     f.linear(mlp.fc2, f"{where}.fc2")
     hidden = getattr(g, "out_features", 0)
-    f.need(ok and x.out_features == hidden and g.in_features == x.in_features and (g.bias is None) == (x.bias is None)
+    f.need(ok and x.out_features == hidden and g.in_features == x.in_features
            and getattr(mlp.fc2, "in_features", None) == hidden,
-           f"{where}: fc1_g, fc1_x and fc2 shapes or biases differ (expected two equal projections and fc2 from "
-           "their width)")
+           f"{where}: fc1_g, fc1_x and fc2 shapes (expected two equal projections and fc2 from their width)")
     f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
     f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
     seen["mlp hidden size"].add(2 * hidden)
