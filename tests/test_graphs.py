@@ -1,9 +1,10 @@
 """vitfast.graphs.CUDAGraphRunner: which calls replay a graph and which run eagerly.
 
 On CPU the runner is pointed at CPU tensors with a stand-in for the CUDA capture that keeps a graph's
-semantics (static inputs copied in, outputs in fixed buffers overwritten by every replay), so the
-signature keys, the LRU bound, recapture on weight changes, each eager fallback and the cloning of
-outputs run through the real runner. The real capture runs in the `gpu` tests (model, engine, HF)."""
+semantics (vitfast.testing.simulate_cuda_graphs: static inputs copied in, outputs in fixed buffers
+overwritten by every replay), so the signature keys, the LRU bound, recapture on weight changes, each
+eager fallback and the cloning of outputs run through the real runner. The real capture runs in the
+`gpu` tests (model, engine, HF)."""
 
 import copy
 import pickle
@@ -12,21 +13,10 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import vitfast
 from vitfast import graphs, reference
-from vitfast.testing import assert_close
-
-
-class SimulatedGraph(graphs._Graph):
-    def record(self, fn, args, kwargs, device, pool):
-        out = fn(*args, **kwargs)
-
-        def replay():                                    # a graph writes its outputs into the same buffers
-            for buf, new in zip(pytree.tree_leaves(out), pytree.tree_leaves(fn(*args, **kwargs))):
-                buf.copy_(new)
-        return out, replay
+from vitfast.testing import assert_close, simulate_cuda_graphs
 
 
 class Tiny(nn.Module):
@@ -34,9 +24,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.lin = nn.Linear(4, 3)
         self.calls = 0
-        self.cuda_graphs = graphs.CUDAGraphRunner(max_graphs=2)
-        self.cuda_graphs.device_type = "cpu"
-        self.cuda_graphs.capture = lambda fn, leaves, spec, device: SimulatedGraph(fn, leaves, spec, device, None)
+        self.cuda_graphs = simulate_cuda_graphs(graphs.CUDAGraphRunner(max_graphs=2))
 
     def forward(self, x, scale=1.0, as_dict=False):
         return self.cuda_graphs(self, self._forward, x, scale=scale, as_dict=as_dict)
@@ -87,6 +75,18 @@ def test_signatures_shapes_dtypes_and_flags_and_the_lru_bound(tiny):
         tiny.double()
         tiny(x64)                                         # new dtype: a new signature (and moved weights)
         assert tiny.cuda_graphs.captures == 4
+
+
+def test_the_forward_function_is_part_of_the_signature(tiny):
+    """Two entry points of one model (forward, forward_intermediates) share its runner: the same arguments
+    through another function get a graph of their own."""
+    x = torch.randn(2, 4)
+    other = lambda x, scale=1.0, as_dict=False: tiny.lin(x) * -scale     # noqa: E731
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(tiny(x), tiny.lin(x))
+            assert torch.equal(tiny.cuda_graphs(tiny, other, x, scale=1.0, as_dict=False), -tiny.lin(x))
+    assert tiny.cuda_graphs.captures == 2
 
 
 def test_weights_modified_moved_or_replaced_recapture(tiny):
@@ -231,8 +231,7 @@ def test_hf_output_objects_come_out_of_a_graph_whole():
                                  num_attention_heads=2, intermediate_size=64, num_labels=5)
     hf = transformers.ViTForImageClassification(cfg).eval()
     opt = vitfast.optimize(hf)
-    opt.cuda_graphs.device_type = "cpu"
-    opt.cuda_graphs.capture = lambda fn, leaves, spec, device: SimulatedGraph(fn, leaves, spec, device, None)
+    simulate_cuda_graphs(opt.cuda_graphs)
     x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
     with torch.no_grad():
         outs = [opt(pixel_values=x, labels=labels, output_hidden_states=True) for _ in range(3)]

@@ -2,7 +2,8 @@
 is captured, later ones replay. One implementation for `vitfast.optimize` / `create_model` models and
 for `InferenceEngine`.
 
-A *signature* is what a graph is only valid for: the shapes, dtypes and devices of the tensor arguments,
+A *signature* is what a graph is only valid for: the forward function (a model's `forward` and
+`forward_intermediates` share its runner), the shapes, dtypes and devices of the tensor arguments,
 the values of the other arguments (flags such as `return_cls_attn`), and the grad / inference / autocast
 modes. Per signature:
 
@@ -107,7 +108,8 @@ class CUDAGraphRunner:
         if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or _params_need_grad(tables)):
             return fn(*args, **kwargs)
         try:
-            sig = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x for x in leaves),
+            sig = (getattr(fn, "__func__", fn), spec,
+                   tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x for x in leaves),
                    torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
                    torch.get_autocast_dtype("cuda"))
             hash(sig)

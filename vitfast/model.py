@@ -10,6 +10,8 @@ The timm features of DINOv2 (layer-scale, register tokens, no_embed_class, the g
 variant) and DINOv3 (RoPE instead of a position table: pos_embed="none", rope="dinov3") are here, on the
 kernels. Not supported: qk-norm, other MLPs (timm's unpacked SwiGLU, ...), other
 pooling heads, dropout / drop-path in training; `vitfast.optimize` names them when it meets them.
+Dense features come through timm's API: `forward_intermediates`, `get_intermediate_layers`,
+`prune_intermediate_layers`.
 """
 
 from __future__ import annotations
@@ -97,9 +99,7 @@ class VisionTransformer(reference.VisionTransformer):
         """images -> (tokens [B, T, D] before the final norm, per-layer cls_attn [B, H, T],
         hidden states [embeddings, block 1 output, ...]). `pos_embed`: a table already made for the
         images' patch grid (adapters with their own resampling rule pass it); default: the model's."""
-        if self.training and self.train_only_features:
-            raise ValueError("vitfast cannot train this converted model: it does not implement "
-                             f"{', '.join(self.train_only_features)}; call .eval() (those are inactive in eval)")
+        self._check_trainable()
         if return_cls_attn and not self.has_class_token:
             raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
         rope = self.rope_for(x)
@@ -114,6 +114,11 @@ class VisionTransformer(reference.VisionTransformer):
             if return_hidden:
                 hidden.append(x)
         return x, cls_attns, hidden
+
+    def _check_trainable(self) -> None:
+        if self.training and self.train_only_features:
+            raise ValueError("vitfast cannot train this converted model: it does not implement "
+                             f"{', '.join(self.train_only_features)}; call .eval() (those are inactive in eval)")
 
     def rope_for(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
         """The RoPE tables (cos, sin) for the patch grid of `images`, or None without RoPE: made once per grid,
@@ -173,6 +178,91 @@ class VisionTransformer(reference.VisionTransformer):
         logits = self.forward_head(self.norm(tokens))
         return (logits, cls_attns) if return_cls_attn else logits
 
+    # ----------------------------------------------------------------------------------------
+    # timm's feature-extraction API (dense features of DINOv2 / DINOv3, depth and segmentation heads)
+    # ----------------------------------------------------------------------------------------
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Tensor | None = None, is_causal: bool = False):
+        """timm's `forward_intermediates`: the outputs of the blocks in `indices` (None: all; an int n: the
+        last n; a list: those blocks, negative counting from the end), in block order.
+
+        Each intermediate is the block's patch tokens, [B, D, H', W'] (output_fmt="NCHW") or [B, N, D]
+        ("NLC"), after the final norm with norm=True; with return_prefix_tokens, (patches, prefix tokens
+        [B, NP, D]) pairs (class, registers, distillation token; a model without prefix tokens returns the
+        patches alone). Returns (tokens after the final norm, intermediates), the intermediates alone with
+        intermediates_only=True, or with output_dict=True a dict of 'image_intermediates',
+        'image_intermediates_prefix' (with return_prefix_tokens) and 'image_features' (unless
+        intermediates_only). stop_early: run no block after the last one asked for.
+        On CUDA in eval mode without grad, replayed as CUDA graphs like `forward`."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask / is_causal: vitfast's attention is unmasked over all tokens; expected "
+                             f"attn_mask=None and is_causal=False, got {type(attn_mask).__name__} and {is_causal!r}")
+        take = feature_take_indices(len(self.blocks), indices)
+        return self.cuda_graphs(self, self._forward_intermediates, x, take=take,
+                                return_prefix_tokens=bool(return_prefix_tokens), norm=bool(norm),
+                                stop_early=bool(stop_early), nchw=output_fmt == "NCHW",
+                                intermediates_only=bool(intermediates_only), output_dict=bool(output_dict))
+
+    def _forward_intermediates(self, x: Tensor, take: tuple[int, ...], return_prefix_tokens: bool, norm: bool,
+                               stop_early: bool, nchw: bool, intermediates_only: bool, output_dict: bool):
+        self._check_trainable()
+        B, P = x.shape[0], self.patch_embed.patch_size
+        grid = (x.shape[-2] // P[0], x.shape[-1] // P[1])
+        rope = self.rope_for(x)
+        x = self.embed(x)
+        intermediates, last = [], max(take) if stop_early else len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):      # (no slicing: a new Sequential would count as a registration)
+            if i > last:
+                break
+            x = blk(x, rope=rope)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        NP = self.num_prefix_tokens
+        prefix = [y[:, :NP] for y in intermediates] if NP else None
+        patches = [y[:, NP:] for y in intermediates]
+        if nchw:
+            patches = [y.reshape(B, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
+        if output_dict:
+            out = {"image_intermediates": patches}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            patches = list(zip(patches, prefix))
+        return patches if intermediates_only else (self.norm(x), patches)
+
+    def get_intermediate_layers(self, x: Tensor, n: int | list[int] | tuple[int, ...] = 1, reshape: bool = False,
+                                return_prefix_tokens: bool = False, norm: bool = False,
+                                attn_mask: Tensor | None = None) -> list:
+        """timm's DINO-style `get_intermediate_layers`: `forward_intermediates(x, n, ..., intermediates_only=True)`,
+        [B, D, H', W'] with reshape=True, else [B, N, D]."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
+                                          attn_mask=attn_mask)
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's `prune_intermediate_layers`: drop the blocks after the last of `indices` (as in
+        forward_intermediates), the final norm with prune_norm, and with prune_head the pooling, fc_norm and
+        head(s) (forward then returns all tokens). -> the indices, counted from the first block."""
+        take = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.attn_pool, self.fc_norm, self.head = None, nn.Identity(), nn.Identity()
+            if hasattr(self, "head_dist"):
+                self.head_dist = nn.Identity()
+            self.num_classes, self.global_pool = 0, ""
+        self.cuda_graphs.reset()          # global_pool is read by the captured forward
+        return list(take)
+
 
 class VisionTransformerDistilled(reference.Distilled, VisionTransformer):
     """DeiT with distillation (timm's `VisionTransformerDistilled`) on vitfast's kernels: the class and
@@ -184,6 +274,25 @@ class VisionTransformerDistilled(reference.Distilled, VisionTransformer):
         if pre_logits:
             return (x + x_dist) / 2
         return (_head(self.head, x) + _head(self.head_dist, x_dist)) / 2
+
+
+def feature_take_indices(num_blocks: int, indices) -> tuple[int, ...]:
+    """timm's rule for which blocks feature extraction takes: None -> all, an int n -> the last n, a list or
+    tuple -> those (negative from the end); -> the indices counted from the first block."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices: expected a count of last blocks from 1 to {num_blocks}, got {indices}")
+        return tuple(range(num_blocks - indices, num_blocks))
+    if not isinstance(indices, (list, tuple)) or not indices \
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"indices: expected None, an int or a non-empty list of block indices, got {indices!r}")
+    take = tuple(num_blocks + i if i < 0 else i for i in indices)
+    bad = [i for i, t in zip(indices, take) if not 0 <= t < num_blocks]
+    if bad:
+        raise ValueError(f"indices: expected block indices from {-num_blocks} to {num_blocks - 1}, got {bad}")
+    return take
 
 
 def _head(head: nn.Module, x: Tensor) -> Tensor:
