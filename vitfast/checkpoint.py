@@ -165,6 +165,8 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         out["cls_token"] = out["cls_token"].view(1, 1, -1)
     if "pos_embed" in out and out["pos_embed"].dim() == 2:                   # an nn.Embedding's weight
         out["pos_embed"] = out["pos_embed"].unsqueeze(0)
+    if "reg_token" in out and out["reg_token"].shape[1] == 0 and "pos_embed" not in out:
+        del out["reg_token"]                                # DINOv3 without registers: HF's [1, 0, D] tensor
     if "reg_token" in out and "cls_token" in out and "pos_embed" in out:     # DINOv2 with registers
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
