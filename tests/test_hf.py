@@ -62,7 +62,8 @@ def compare(out, ref, eager) -> None:
 
 
 def test_every_supported_class_is_tested():
-    assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"}     # those: test_convert
+    assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"} | {   # those: test_convert
+        "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"}                 # test_hf_backbone
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -220,6 +221,17 @@ def test_optimize_hf_dinov3_gated_mlp_and_rope_ablation():
         opt.core.rope_type = None
         unrotated = opt(x).last_hidden_state
     assert (unrotated.double() - ref.last_hidden_state).abs().max() > 1e-2
+
+
+def test_optimize_hf_dinov3_without_registers():
+    """HF keeps an empty [1, 0, D] register tensor for a DINOv3 without registers: no register token in vitfast's
+    model (it was refused as a key without a place)."""
+    hf = hf_model("DINOv3ViTModel", num_register_tokens=0)
+    opt = vitfast.optimize(hf)
+    assert opt.core.reg_token is None and opt.core.num_prefix_tokens == 1
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        compare(opt(x), copy.deepcopy(hf).double()(x.double()), hf(x))
 
 
 def test_optimize_hf_dinov3_traces_in_torch_compile():

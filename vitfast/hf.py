@@ -18,6 +18,9 @@ get the gradients and an optimizer over either model trains both:
 | CLIPVisionModelWithProjection | CLIPVisionModelOutput | before the final norm | image_embeds: projection of that |
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
+| Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
+
+The backbones' stage feature maps: `HFBackbone`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -56,6 +59,9 @@ CLASSES = {
     "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
     "SiglipVisionModel": ("siglip", None),
     "DINOv3ViTModel": ("dinov3", None),
+    # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
+    "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
+    "DINOv3ViTBackbone": ("dinov3", "backbone"),
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -67,6 +73,10 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
     name = type(model).__name__
     if name not in CLASSES:
+        backbone = type(getattr(model, "backbone", None)).__name__
+        if backbone in CLASSES:                 # DepthAnythingForDepthEstimation, DPTForDepthEstimation, ...
+            raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported whole; its {backbone} is: "
+                                          "model.backbone = vitfast.optimize(model.backbone)")
         raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported (supported: {sorted(CLASSES)})")
     family, head = CLASSES[name]
     cfg = model.config
@@ -91,6 +101,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
     if head is None:
         return vision
+    if head == "backbone":
+        return HFBackbone(cfg, vision, model.stage_names).train(model.training)
     if head == "projection":
         return HFCLIPVisionWithProjection(cfg, vision, model.visual_projection).train(model.training)
     if head == "teacher":
@@ -301,6 +313,97 @@ class HFVisionModel(nn.Module):
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
+class HFBackbone(nn.Module):
+    """Stands in for transformers' `Dinov2Backbone`, `Dinov2WithRegistersBackbone` and `DINOv3ViTBackbone` (the
+    backbone of Depth Anything and DPT: `model.backbone = vitfast.optimize(model.backbone)`): the same forward
+    arguments and `forward_with_filtered_kwargs`; returns HF's `BackboneOutput` (`DINOv3ViTBackboneOutput`)
+    with one feature map per stage of `config.out_features` ("stem" is the embeddings, "stageN" block N):
+    final-normed with `apply_layernorm` (DINOv3's last stage always), with `reshape_hidden_states` the patch
+    tokens as [B, D, H / patch, W / patch], without it the DINOv2 stage's tokens all, DINOv3's patch tokens;
+    DINOv3's `return_class_token` adds `cls_tokens`. The config is HF's own object: out_features set on it
+    later is read on the next call."""
+
+    def __init__(self, config, vision: HFVisionModel, stage_names):
+        super().__init__()
+        self.config, self.vision, self.stage_names = config, vision, list(stage_names)
+        self.num_features = [config.hidden_size] * len(self.stage_names)
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def out_features(self) -> list[str]:
+        return list(self.config.out_features)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return list(self.config.out_indices)
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        return dict(zip(self.stage_names, self.num_features))
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.out_feature_channels[name] for name in self.out_features]
+
+    def forward_with_filtered_kwargs(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def forward(self, pixel_values=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                attention_mask=None, **kwargs):
+        self.vision.refuse(None, attention_mask, output_attentions, kwargs)
+        cfg = self.config
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        if not isinstance(output_hidden_states, bool):
+            raise UnsupportedFeatureError("output_hidden_states: expected True or False (vitfast returns all hidden "
+                                          f"states or none), got {output_hidden_states!r}")
+        dinov3 = self.vision.family == "dinov3"
+        class_token = dinov3 and bool(getattr(cfg, "return_class_token", False))
+        stages = tuple(i for i, name in enumerate(self.stage_names) if name in cfg.out_features)
+        maps, cls_tokens, hidden, last = self.cuda_graphs(
+            self, self._forward, pixel_values, stages=stages, apply_layernorm=bool(cfg.apply_layernorm),
+            reshape=bool(cfg.reshape_hidden_states), class_token=class_token, output_hidden_states=output_hidden_states)
+        if dinov3:
+            from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTBackboneOutput
+
+            out = DINOv3ViTBackboneOutput(feature_maps=maps, cls_tokens=cls_tokens, hidden_states=hidden)
+            if output_hidden_states:          # as HF's: its output made again without hidden states lacks it
+                out.last_hidden_state = last
+        else:
+            from transformers.modeling_outputs import BackboneOutput
+
+            out = BackboneOutput(feature_maps=maps, hidden_states=hidden)
+        return out if _output_dict(cfg, return_dict) else out.to_tuple()
+
+    def _forward(self, pixel_values, stages: tuple[int, ...], apply_layernorm: bool, reshape: bool,
+                 class_token: bool, output_hidden_states: bool):
+        """-> (feature maps, cls_tokens or None, hidden states or None, DINOv3's normed last stage or None)."""
+        core, dinov3 = self.vision.core, self.vision.family == "dinov3"
+        _, hidden = self.vision.encode(pixel_values, None, True)
+        last = len(hidden) - 1
+        normed = {}
+
+        def stage(i):                              # HF normalises each stage (DINOv3: the last one in any case)
+            if i not in normed:
+                normed[i] = core.norm(hidden[i]) if apply_layernorm or (dinov3 and i == last) else hidden[i]
+            return normed[i]
+
+        NP, P = core.num_prefix_tokens, core.patch_embed.patch_size
+        grid = (pixel_values.shape[-2] // P[0], pixel_values.shape[-1] // P[1])
+        maps, cls_tokens = [], []
+        for i in stages:
+            h = stage(i)
+            if class_token:
+                cls_tokens.append(h[:, 0])
+            if reshape:
+                h = h[:, NP:].reshape(h.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+            elif dinov3:
+                h = h[:, NP:]
+            maps.append(h)
+        return (tuple(maps), tuple(cls_tokens) if class_token else None,
+                hidden if output_hidden_states else None, stage(last) if dinov3 and output_hidden_states else None)
+
+
 def _linear(layer: nn.Module, x):
     return ops.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
 
@@ -401,4 +504,4 @@ class HFCLIPVisionWithProjection(nn.Module):
 
 
 __all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFImageClassifier", "HFDeiTWithTeacher",
-           "HFCLIPVisionWithProjection"]
+           "HFCLIPVisionWithProjection", "HFBackbone"]

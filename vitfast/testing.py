@@ -214,7 +214,8 @@ def simulate_cuda_graphs(runner):
 
             def replay():                                # a graph writes its outputs into the same buffers
                 for buf, new in zip(pytree.tree_leaves(out), pytree.tree_leaves(fn(*args, **kwargs))):
-                    buf.copy_(new)
+                    if isinstance(buf, Tensor):
+                        buf.copy_(new)
             return out, replay
 
     runner.device_type = "cpu"
