@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf import HFBackbone
 from vitfast.testing import assert_close, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
@@ -108,8 +109,8 @@ def test_out_features_set_later_is_read_on_the_next_call_and_keys_the_graphs():
 
 def test_depth_models_with_the_optimized_backbone_equal_hf():
     """Depth Anything and DPT call the backbone as HF's (forward_with_filtered_kwargs, stage maps or tokens):
-    the whole model with `model.backbone = vitfast.optimize(model.backbone)` equals HF's; optimizing the
-    whole model is refused with that line."""
+    `vitfast.optimize(model)` is a copy of the model with the backbone on vitfast (neck and head shared), equal
+    to HF's; the model itself keeps HF's backbone."""
     backbone_cfg = transformers.Dinov2Config(**{**SMALL, "num_hidden_layers": 4}, mlp_ratio=2,
                                              out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
     models = [
@@ -127,12 +128,13 @@ def test_depth_models_with_the_optimized_backbone_equal_hf():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         model64 = copy.deepcopy(model).double()
-        with pytest.raises(UnsupportedFeatureError, match=r"model.backbone = vitfast.optimize\(model.backbone\)"):
-            vitfast.optimize(model)
+        hf_backbone_module = model.backbone
+        opt = vitfast.optimize(model)
+        assert type(opt) is type(model) and model.backbone is hf_backbone_module
+        assert isinstance(opt.backbone, HFBackbone) and opt.head is model.head and opt.neck is model.neck
+        assert {id(p) for p in opt.parameters()} <= {id(p) for p in model.parameters()}
         with torch.no_grad():
-            eager = model(x).predicted_depth
-            model.backbone = vitfast.optimize(model.backbone)
-            assert_close(model(x).predicted_depth, model64(x.double()).predicted_depth, eager=eager,
+            assert_close(opt(x).predicted_depth, model64(x.double()).predicted_depth, eager=model(x).predicted_depth,
                          name=type(model).__name__)
 
 

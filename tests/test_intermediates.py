@@ -258,6 +258,30 @@ def test_optimized_timm_get_intermediate_layers_and_prune_equal_timms(name):
         assert_close(opt(x), src(x), name="pruned forward")
 
 
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_optimized_timm_features_only_models_equal_timms(name):
+    """timm's features_only model (FeatureGetterNet: the pruned ViT's forward_intermediates) -> a copy with the
+    ViT on vitfast, equal to timm's; the source keeps timm's ViT."""
+    timm = pytest.importorskip("timm")
+    arch, kw = TIMM[name]
+    from timm.models._features import FeatureGetterNet
+
+    for norm in (False, True):                          # (features_only makes the first; the second normed)
+        src = (FeatureGetterNet(timm.create_model(arch, pretrained=False, depth=4, **kw), (1, -2), norm=True) if norm
+               else timm.create_model(arch, pretrained=False, depth=4, features_only=True, out_indices=(1, -2), **kw))
+        src = src.double().eval()
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        opt = vitfast.optimize(src)
+        assert isinstance(opt.model, vitfast.VisionTransformer) and not isinstance(src.model, vitfast.VisionTransformer)
+        assert opt.feature_info.channels() == src.feature_info.channels() and len(opt.model.blocks) == 3
+        x = torch.randn(2, 3, 32, 32, dtype=F64)
+        with torch.no_grad():
+            for g, w in zip(opt(x), src(x), strict=True):
+                assert_close(g, w)
+
+
 @pytest.mark.gpu
 def test_forward_intermediates_replays_cuda_graphs_equal_to_the_reference():
     kw = dict(CASES["registers"], embed_dim=96, num_heads=3)

@@ -11,6 +11,9 @@
   output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
   given, ...), or its tuple with `return_dict=False` (vitfast.hf).
 - torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
+- Models around one of those: HF's depth / segmentation models whose `backbone` is a DINOv2 / DINOv3 backbone
+  (Depth Anything, DPT) and timm's `features_only` models (`FeatureGetterNet`, which reads its ViT's
+  `forward_intermediates`) -> a copy of the outer model, its other modules shared, with that one optimized.
 
 Parameters are shared with the source model (the same `nn.Parameter` objects); tensors timm's layout
 holds in another form are built from the source's on use (HF's separate q/k/v as timm's packed qkv, CLIP's
@@ -27,6 +30,8 @@ has them in train mode raises, and a converted model refuses to run forward in t
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +58,12 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     The runner is the model's `cuda_graphs` attribute."""
     if cuda_graphs not in (None, True, False):
         raise ValueError(f"cuda_graphs: expected None, True or False, got {cuda_graphs!r}")
+    inner = _wrapped_model(model)
+    if inner is not None:
+        out = copy.copy(model)                            # the outer model's other modules shared
+        out._modules = dict(model._modules)
+        setattr(out, inner, optimize(getattr(model, inner), cuda_graphs=cuda_graphs))
+        return out
     if isinstance(model, VisionTransformer):
         out = model
     elif type(model).__module__.startswith("transformers."):
@@ -75,6 +86,24 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
             m.cuda_graphs = CUDAGraphRunner(False)
     out.cuda_graphs = CUDAGraphRunner(cuda_graphs)
     return out
+
+
+def _wrapped_model(model: nn.Module) -> str | None:
+    """The attribute holding the ViT of a model around one (module docstring), or None."""
+    cls = type(model)
+    if cls.__module__.startswith("transformers.") and not _is_hf_class(cls.__name__) \
+            and _is_hf_class(type(getattr(model, "backbone", None)).__name__):
+        return "backbone"
+    if cls.__name__ == "FeatureGetterNet" and cls.__module__.startswith("timm.") \
+            and isinstance(getattr(model, "model", None), nn.Module):
+        return "model"
+    return None
+
+
+def _is_hf_class(name: str) -> bool:
+    from vitfast.hf import CLASSES  # imports this module
+
+    return name in CLASSES
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,10 +73,6 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
     name = type(model).__name__
     if name not in CLASSES:
-        backbone = type(getattr(model, "backbone", None)).__name__
-        if backbone in CLASSES:                 # DepthAnythingForDepthEstimation, DPTForDepthEstimation, ...
-            raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported whole; its {backbone} is: "
-                                          "model.backbone = vitfast.optimize(model.backbone)")
         raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported (supported: {sorted(CLASSES)})")
     family, head = CLASSES[name]
     cfg = model.config
@@ -315,7 +311,7 @@ class HFVisionModel(nn.Module):
 
 class HFBackbone(nn.Module):
     """Stands in for transformers' `Dinov2Backbone`, `Dinov2WithRegistersBackbone` and `DINOv3ViTBackbone` (the
-    backbone of Depth Anything and DPT: `model.backbone = vitfast.optimize(model.backbone)`): the same forward
+    backbone of Depth Anything and DPT, which `vitfast.optimize` replaces in a copy of those): the same forward
     arguments and `forward_with_filtered_kwargs`; returns HF's `BackboneOutput` (`DINOv3ViTBackboneOutput`)
     with one feature map per stage of `config.out_features` ("stem" is the embeddings, "stageN" block N):
     final-normed with `apply_layernorm` (DINOv3's last stage always), with `reshape_hidden_states` the patch
