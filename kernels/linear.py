@@ -8,6 +8,11 @@ epilogue never takes a separate pass over memory.
     -> + b [N] -> activation (None | exact-erf GELU | tanh GELU | QuickGELU) -> · scale [N] (layer-scale)
     -> + residual [M, N] -> y [M, N]
 
+or, with the SwiGLU epilogue (timm's SwiGLUPacked fc1, W = [W_gate; W_up] of 2H rows),
+    y [M, H] = silu(x @ W_gateᵀ + b_gate) · (x @ W_upᵀ + b_up)
+from one tile whose first half of columns are gate rows of W and second half the matching up rows, so the
+[M, 2H] product never reaches memory.
+
 dtypes: fp16, bf16, fp32 (fp32 uses TF32 when torch allows it: `vitfast.kernels.tf32_enabled`); fp32 accumulation.
 Tiles come from `linear_configs()` (Hopper-sized, autotuned per M bucket / N / K / dtype / epilogue);
 program order is grouped along M (GROUP_M) so neighbouring programs reuse W tiles in L2.
@@ -37,8 +42,9 @@ import triton.language as tl
 from vitfast.kernels import Launch, autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
-# activation name -> the kernel's ACTIVATION constexpr
-ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+# activation name -> the kernel's ACTIVATION constexpr ("swiglu": the gated epilogue, output width N / 2)
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "swiglu": 4}
+SWIGLU = 4
 
 
 def m_bucket(M: int) -> int:
@@ -127,15 +133,23 @@ def _linear_tile_gemm(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GLU: tl.constexpr = False,
 ):
-    """The fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of x @ Wᵀ, loaded through pointers."""
+    """The fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of x @ Wᵀ, loaded through pointers. GLU (W = [W_gate;
+    W_up], N = 2H rows): the tile's first BLOCK_N / 2 columns are gate rows pid_n · BLOCK_N / 2 + j of W, its
+    last BLOCK_N / 2 the up rows H + pid_n · BLOCK_N / 2 + j."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Rows / columns past M / N wrap (% M, % N): their loads stay in bounds without an M/N mask and
     # their results are never stored. int64 row offsets: M * stride_xm can pass 2^31.
     rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    if GLU:
+        HALF: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        cols = ((pid_n * HALF + j % HALF) % (N // 2) + (j // HALF) * (N // 2)).to(tl.int64)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (offs_n % N).to(tl.int64)
     # K offsets and steps in int64 too: a column-major x has stride_xk = M, and BLOCK_K · M can pass 2^31.
     stride_xk64 = tl.cast(stride_xk, tl.int64)   # a stride of 1 arrives as a constexpr int
     stride_wk64 = tl.cast(stride_wk, tl.int64)
@@ -193,9 +207,14 @@ def _linear_store_tile(
     BLOCK_N: tl.constexpr,
 ):
     """Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
-    erf GELU or the residual), same stores."""
+    erf GELU or the residual), same stores. SwiGLU (ACTIVATION 4): the halves are the gate and up columns of
+    output columns pid_n · BLOCK_N / 2 + j of y [M, N / 2]."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    if ACTIVATION == 4:
+        _swiglu_epilogue(acc0, acc1, offs_m, pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), M, N // 2, b_ptr,
+                         y_ptr, stride_b, stride_ym, stride_yn, HAS_BIAS)
+        return
     offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
     _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
                      stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
@@ -228,7 +247,7 @@ def _linear_kernel(
     stride_ym, stride_yn,
     stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU, 4 SwiGLU (y: [M, N / 2])
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
@@ -241,7 +260,7 @@ def _linear_kernel(
     """One program per output tile (variant "tiled")."""
     pid_m, pid_n = _linear_tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION == 4)
     _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
                        stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
                        HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
@@ -270,7 +289,7 @@ def _linear_persistent_kernel(
     stride_ym, stride_yn,
     stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU
+    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU, 4 SwiGLU (y: [M, N / 2])
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
@@ -294,7 +313,7 @@ def _linear_persistent_kernel(
             acc = _linear_tile_gemm_tma(x_desc, w_desc, pid_m, pid_n, K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION == 4)
         _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
                            stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
                            HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
@@ -365,6 +384,29 @@ def _linear_epilogue(
         acc += r.to(tl.float32)
     y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_epilogue(
+    gate,    # [BM, BN] fp32 gate columns of x @ Wᵀ
+    up,      # [BM, BN] fp32 up columns, the same output columns
+    offs_m,  # [BM] rows
+    offs_h,  # [BN] output columns (gate column offs_h, up column H + offs_h)
+    M, H,
+    b_ptr,   # [2H] bias
+    y_ptr,   # [M, H] output
+    stride_b, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+):
+    """y = silu(gate + b[:H]) · (up + b[H:]) in fp32, one cast, one masked store."""
+    h_mask = offs_h < H
+    mask = (offs_m < M)[:, None] & h_mask[None, :]
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + offs_h * stride_b, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + (offs_h + H) * stride_b, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_h.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 VARIANTS = ("tiled", "persistent", "tma")
@@ -438,7 +480,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; scale [N] or None (a
     per-column layer-scale, applied before the residual); activation None, "gelu" (exact erf),
-    "gelu_tanh" or "quick_gelu" (a·sigmoid(1.702·a)); out: optional preallocated [..., N] output (must
+    "gelu_tanh", "quick_gelu" (a·sigmoid(1.702·a)) or "swiglu" (y [..., N / 2] = silu(z[..., :N/2]) ·
+    z[..., N/2:] of z = x @ weightᵀ + bias; no residual, scale or preact; not the "tma" variant); out:
+    optional preallocated [..., N] output (N / 2 for "swiglu"; must
     not overlap the inputs); preact: optional [..., N] buffer that also receives z = x @ weightᵀ + bias, the
     pre-activation (training: `linear_backward` reads it). All tensors share x's dtype (fp16, bf16, fp32)
     and device. Returns y [..., N].
@@ -462,6 +506,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None and tuple(t.shape) != (N,):
             raise ValueError(f"{name}: expected shape [{N}], got {list(t.shape)}")
+    if activation == "swiglu":
+        if N % 2:
+            raise ValueError(f"weight: activation='swiglu' needs an even row count (gate and up halves), got {N}")
+        bad = [name for name, t in (("residual", residual), ("scale", scale), ("preact", preact)) if t is not None]
+        if bad or variant == "tma":
+            raise ValueError(f"activation='swiglu': expected no residual, scale, preact and a variant other than "
+                             f"'tma', got {bad or [f'variant={variant!r}']}")
+    N_out = N // 2 if activation == "swiglu" else N
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
     dtype, device = x.dtype, x.device
@@ -476,9 +528,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"strides {x.stride()}, weight {list(weight.shape)} strides {weight.stride()}, {x.dtype}")
 
     if out is None:
-        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (*lead, N):
-        raise ValueError(f"out: expected shape {[*lead, N]}, got {list(out.shape)}")
+        out = torch.empty((*lead, N_out), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (*lead, N_out):
+        raise ValueError(f"out: expected shape {[*lead, N_out]}, got {list(out.shape)}")
     elif any(t is not None and t.data_ptr() == out.data_ptr() for t in (x, residual, preact)):
         raise ValueError("out: must not share memory with x, residual or preact (autotuning re-runs the kernel)")
     if preact is not None and tuple(preact.shape) != (*lead, N):
@@ -520,7 +572,8 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activ
     lead = tuple(x.shape[:-1])
     M = math.prod(lead)
     xs = _rows_strides(x, M, K)
-    ys = (N, 1) if out is None else _rows(out, "out", M, N).stride()
+    N_out = N // 2 if activation == "swiglu" else N
+    ys = (N_out, 1) if out is None else _rows(out, "out", M, N_out).stride()
     zs = ys if preact is None else _rows(preact, "preact", M, N).stride()
     rs = ys if residual is None else (_rows_strides(residual, M, N) or (N, 1))
     fp32_tf32 = x.dtype == torch.float32 and x.is_cuda and tf32_enabled()
@@ -541,7 +594,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activ
                *(xs or (K, 1)), *weight.stride(),             # 2-D: (row, column) strides
                bias.stride(0) if bias is not None else ys[0], scale.stride(0) if scale is not None else ys[0],
                *rs, *ys, *zs)
-    return LinearPlan(Launch(kernel, grid, scalars, meta), (*lead, N), M, N, K, xs is not None,
+    return LinearPlan(Launch(kernel, grid, scalars, meta), (*lead, N_out), M, N, K, xs is not None,
                       residual is None or _rows_strides(residual, M, N) is not None, allocator)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from vitfast import ops, reference
 from vitfast.kernels import linear as linear_kernels
-from vitfast.testing import FakeCudaTensor, assert_close, forbid_reference, matmul_tf32, poisoned
+from vitfast.testing import MODEL_TOLERANCE, FakeCudaTensor, assert_close, forbid_reference, matmul_tf32, poisoned
 
 gpu = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)]
@@ -941,3 +941,83 @@ def test_backward_dispatch_decides_once_and_is_capture_safe(monkeypatch):
     for got in (captured, (dx, dz)):
         assert_close(got[0], want[0], dtype=torch.float16, name="dx")
         assert_close(got[1], want[1], dtype=torch.float16, name="dz")
+
+
+# --------------------------------------------------------------------------------------------
+# The SwiGLU epilogue: y [..., H] = silu(gate) · up of [gate | up] = x Wᵀ + b (timm's SwiGLUPacked fc1)
+# --------------------------------------------------------------------------------------------
+# (M, K, H, bias, layout): H off the tile width (37, 20) and on it (96, 192); every layout of CASES
+SWIGLU_CASES = [(394, 100, 37, True, "transposed"), (17, 64, 96, False, "sliced"), (1, 48, 20, True, "2d"),
+                (197, 96, 192, True, "3d"), (17, 100, 37, True, "colmajor")]
+
+
+def swiglu64(x, w, b):
+    d = lambda t: None if t is None else t.detach().to("cpu", torch.float64)
+    return reference.swiglu(reference.linear(d(x), d(w), d(b)))
+
+
+@pytest.mark.parametrize("variant", ["tiled", "persistent"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,H,bias,layout", SWIGLU_CASES)
+def test_swiglu_kernel(M, K, H, bias, layout, dtype, device, variant):
+    """The gate and up columns of each output column in one tile: equal to the float64 GEMM and gating, within
+    2x eager's error in the dtype (which rounds the [M, 2H] product before gating); every output written."""
+    x, w, b, _ = make_inputs(M, K, 2 * H, bias, False, layout, dtype, device)
+    out = poisoned((*x.shape[:-1], H), dtype, device)
+    y = linear_kernels.linear(x, w, b, activation="swiglu", out=out, variant=variant)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, swiglu64(x, w, b), dtype=dtype, eager=reference.swiglu(reference.linear(x, w, b)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_linear_swiglu(dtype, device, monkeypatch):
+    """ops.linear(activation='swiglu') on the Triton path and (CPU tensors without the interpreter) on torch's;
+    in training, the GEMM and the gating apart, with gradients equal to float64 autograd."""
+    x, w, b, _ = make_inputs(197, 96, 2 * 48, True, False, "3d", dtype, device)
+    want = swiglu64(x, w, b)
+    assert_close(ops.linear(x, w, b, activation="swiglu"), want, dtype=dtype,
+                 eager=reference.swiglu(reference.linear(x, w, b)))
+    if device == "cpu":
+        monkeypatch.setattr(ops, "INTERPRET", False)
+        assert_close(ops.linear(x, w, b, activation="swiglu"), want, dtype=dtype,
+                     eager=reference.swiglu(reference.linear(x, w, b)), name="torch path")
+        monkeypatch.undo()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    y = ops.linear(*leaves, activation="swiglu")
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in (x, w, b)]
+    (reference.swiglu(reference.linear(*leaves64)) * weights.cpu().double()).sum().backward()
+    assert_close(y, want, dtype=dtype, name="training output")
+    for name, t, t64 in zip(("dx", "dw", "db"), leaves, leaves64):
+        assert_close(t.grad, t64.grad, dtype=dtype, tol=MODEL_TOLERANCE.get(dtype), name=name)
+
+
+def test_swiglu_op_under_autograd_and_opcheck(device):
+    """The custom op itself (torch.ops callers, torch.compile): its fake shape [..., N / 2] and its backward
+    (z rebuilt with one GEMM) through opcheck and gradcheck in float64."""
+    x, w, b, _ = make_inputs(6, 20, 12, True, False, "3d", torch.float32, device)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    torch.library.opcheck(ops._linear_op, (x, w, b, "swiglu", None, None))
+    d = [t.detach().cpu().double().requires_grad_(True) for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda *a: ops._linear_op(*a, "swiglu", None, None), d)
+
+
+def test_swiglu_bad_input():
+    x, w, b = _good()
+    with pytest.raises(ValueError, match=r"weight: activation='swiglu' needs an even row count .*got 7"):
+        ops.linear(x, w[:7], b[:7], activation="swiglu")
+    with pytest.raises(ValueError, match=r"activation='swiglu': expected no residual or scale"):
+        ops.linear(x, w, b, activation="swiglu", residual=torch.randn(2, 5, 8), scale=torch.ones(8))
+    with pytest.raises(ValueError, match=r"activation='swiglu': expected no residual, scale, preact .*'tma'"):
+        linear_kernels.linear(x, w, b, activation="swiglu", variant="tma")
+    with pytest.raises(ValueError, match=r"out: expected shape \[2, 5, 4\], got \[2, 5, 8\]"):
+        linear_kernels.linear(x, w, b, activation="swiglu", out=torch.empty(2, 5, 8))
+
+
+def test_swiglu_cublas_path_and_dispatch_key():
+    """The dispatch's non-Triton form (F.linear, then the gating), and the key that keeps the TMA form out."""
+    x, w, b, _ = make_inputs(17, 64, 48, True, False, "3d", torch.float32, "cpu")
+    assert_close(ops._linear_cublas(x, w, b, "swiglu", None), swiglu64(x, w, b), dtype=torch.float32)
+    assert ops._linear_key(x, w, b, "swiglu", None)[-1] is False

@@ -280,6 +280,11 @@ def _cases():
             "variant": variant}))
     cases.append(_variant("linear", "bf16-quick_gelu", "bf16",
                           {"dtype": "bf16", "k": 768, "n": 3072, "activation": "quick_gelu", "residual": False}))
+    # The SwiGLU epilogue (DINOv2-giant's fc1: C = 1536 to 2 x 4096, the gating in the epilogue), both pointer
+    # variants (it has no TMA form).
+    for variant in ("tiled", "persistent"):
+        cases.append(_variant("linear", f"{variant}-bf16-swiglu", "bf16", {
+            "dtype": "bf16", "k": 1536, "n": 8192, "activation": "swiglu", "residual": False, "variant": variant}))
     # The persistent variant (one program per SM looping over tiles) and its TMA-descriptor form: fc1 (gelu)
     # and fc2 (+ residual), the heaviest epilogues.
     for variant in ("persistent", "tma"):
