@@ -7,7 +7,8 @@ Per layer (ViT-B C=768, ViT-L C=1024; bf16 and fp16), TFLOP/s (2·M·N·K per ca
   tma       the persistent variant with TMA descriptor loads (compute capability >= 9 only)
   cublas    `F.linear` alone (GEMM + bias, no activation / residual): the ceiling to match
   eager     `F.linear` then GELU then the residual add, as a plain PyTorch ViT runs it
-and the full MLP (fc1 + GELU, fc2 + residual): `vitfast.ops.mlp` vs eager.
+and the full MLP (fc1 + GELU, fc2 + residual): `vitfast.ops.mlp` vs eager; DINOv2-giant's SwiGLU fc1 (the
+gating in the epilogue, against F.linear then silu(gate) · up).
 
     python benchmarks/bench_linear.py                          # markdown table
     pytest benchmarks/bench_linear.py --benchmark-only         # pytest-benchmark
@@ -41,6 +42,11 @@ def vit_linears(C: int):
             ("fc1", C, 4 * C, "gelu", False), ("fc2", 4 * C, C, None, True)]
 
 
+# DINOv2-giant's SwiGLU fc1 (C = 1536 -> gate and up of 4096 each, the gating in the epilogue; eager: F.linear, then
+# silu(gate) * up): (model, name, K, N, activation, residual)
+SWIGLU_FC1 = ("ViT-g", "fc1", 1536, 2 * 4096, "swiglu", False)
+
+
 def make_linear(K, N, residual, dtype):
     """One input set: x [M, K], weight [N, K], bias [N], residual [M, N] or None (random, not zeros)."""
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
@@ -60,7 +66,7 @@ def linear_impls(activation):
         from vitfast.kernels import linear as linear_kernels
 
         for name, variant in (("triton", "tiled"), ("persistent", "persistent"), ("tma", "tma")):
-            if variant == "tma" and torch.cuda.get_device_capability()[0] < 9:
+            if variant == "tma" and (torch.cuda.get_device_capability()[0] < 9 or activation == "swiglu"):
                 continue
             impls[name] = (lambda x, w, b, r, v=variant:
                            linear_kernels.linear(x, w, b, activation=activation, residual=r, variant=v))
@@ -128,15 +134,15 @@ def main():
     print("\n| model | layer | dtype | K -> N | epilogue | vitfast ms | vitfast TF/s | triton TF/s | persistent TF/s "
           "| tma TF/s | cuBLAS TF/s | eager TF/s | vitfast / cuBLAS | path |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for model, C in WIDTHS.items():
+    for model, C in [*WIDTHS.items(), (SWIGLU_FC1[0], None)]:
         for dtype in DTYPES:
             dt = str(dtype).removeprefix("torch.")
-            for name, K, N, act, res in vit_linears(C):
+            for name, K, N, act, res in vit_linears(C) if C else [SWIGLU_FC1[1:]]:
                 inputs = rotating_inputs(partial(make_linear, K, N, res, dtype))
                 ms = {impl: _time(fn, inputs) for impl, fn in linear_impls(act).items()}
                 flops = 2.0 * M * N * K
                 tf = {impl: f"{tflops(flops, t):.3g}" for impl, t in ms.items()}
-                epi = "+".join(["bias"] + (["gelu"] if act else []) + (["residual"] if res else []))
+                epi = "+".join(["bias"] + ([act] if act else []) + (["residual"] if res else []))
                 x, w, b, r = inputs[0]
                 key = ops._linear_key(x, w, b, act, r) if HAS_CUDA else None
                 path = ops._LINEAR_PATHS.get(key, "-")
@@ -144,6 +150,8 @@ def main():
                       f"| {tf.get('triton', '-')} | {tf.get('persistent', '-')} | {tf.get('tma', '-')} "
                       f"| {tf['cublas']} | {tf['eager']} "
                       f"| {ms['cublas'] / ms['vitfast']:.2f} | {path} |")
+            if C is None:
+                continue
             inputs = rotating_inputs(partial(make_mlp, C, dtype))
             ms = {impl: _time(fn, inputs) for impl, fn in MLP_IMPLS.items()}
             flops = 2 * 2.0 * M * C * 4 * C

@@ -452,7 +452,7 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
                  "torch": lambda x, r=None: _torch_residual(R.torch_linear(x, w, b), r, g),
                  "vitfast": lambda x, r=None: ops.linear(x, w, b, residual=r, scale=g)},
                 {"flops": 2 * B * T * C * n_out})
-    if op == "mlp" and spec.swiglu:                  # fc1 to [gate | up], silu(gate) * up, fc2
+    if op == "mlp" and spec.swiglu:                  # fc1 to [gate | up], silu(gate) * up (vitfast: in fc1), fc2
         Hd = spec.hidden
         w1, b1 = rand(Hd, C, scale=C ** -0.5), rand(Hd, scale=0.1)
         w2, b2 = rand(C, Hd // 2, scale=(Hd // 2) ** -0.5), rand(C, scale=0.1)
@@ -461,7 +461,8 @@ def op_case(op: str, spec: Spec, cfg: Config, device: str, dtype):
                 {"reference": lambda x, r: R.linear(glu(R.linear(x, w1, b1)), w2, b2, None, r, gamma),
                  "torch": lambda x, r: _torch_residual(R.torch_linear(glu(R.torch_linear(x, w1, b1)), w2, b2), r,
                                                        gamma),
-                 "vitfast": lambda x, r: ops.linear(glu(ops.linear(x, w1, b1)), w2, b2, residual=r, scale=gamma)},
+                 "vitfast": lambda x, r: ops.linear(ops.linear(x, w1, b1, activation="swiglu"), w2, b2, residual=r,
+                                                    scale=gamma)},
                 {"flops": B * T * spec.mlp_flops})
     if op == "mlp":
         Hd = spec.hidden

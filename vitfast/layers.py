@@ -123,12 +123,13 @@ class Mlp(reference.Mlp):
 
 
 class GluMlp(reference.GluMlp):
-    """fc2(silu(gate) · up) · scale (+ residual), [gate | up] = fc1(x) (timm's SwiGLUPacked, DINOv2-giant):
-    fc1 one GEMM, the gating one elementwise pass in torch, the layer-scale and the residual in fc2's
-    epilogue."""
+    """fc2(silu(gate) · up) · scale (+ residual), [gate | up] = fc1(x) (timm's SwiGLUPacked, DINOv2-giant,
+    DINOv3's plus and 7B models): the gating in fc1's epilogue (`ops.linear(..., activation="swiglu")`: the
+    [B, T, hidden] product is never stored; in training the GEMM and the gating apart), the layer-scale and
+    the residual in fc2's."""
 
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        h = reference.swiglu(ops.linear(x, self.fc1.weight, self.fc1.bias))                  # (B, T, hidden / 2)
+        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation="swiglu")             # (B, T, hidden / 2)
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)
 
 
