@@ -217,6 +217,32 @@ def test_optimize_timm_tree_shares_parameters_and_matches():
     assert vitfast.optimize(opt) is opt
 
 
+@pytest.mark.parametrize("kw", [dict(scale_attn_norm=True, scale_mlp_norm=True),
+                                dict(mlp_layer="swiglu", mlp_ratio=3.0, scale_mlp_norm=True)], ids=["mlp", "swiglu"])
+def test_optimize_timm_tree_with_inner_norms(kw):
+    """timm's scale_attn_norm / scale_mlp_norm (EVA-02's and EVA-CLIP's LayerNorms inside the attention and the
+    MLP) convert with their own tensors; blocks that differ in them, and such a norm of another width or eps, are
+    named."""
+    src = timm_like(**kw)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    opt = vitfast.optimize(src)
+    assert all(a is b for a, b in zip(opt.parameters(), src.parameters()))
+    assert not isinstance(opt.blocks[1].mlp.norm, nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(opt(x), copy.deepcopy(src).double()(x.double()), eager=src(x))
+    for mutate, feature in ((lambda m: setattr(m.blocks[1].mlp, "norm", nn.Identity()), "blocks differ in mlp norm"),
+                            (lambda m: setattr(m.blocks[0].mlp.norm, "eps", 1e-3), "LayerNorms with different eps"),
+                            (lambda m: setattr(m.blocks[0].mlp, "norm", nn.LayerNorm(7)),
+                             r"blocks.0.mlp.norm: LayerNorm \(only LayerNorm")):
+        bad = copy.deepcopy(src)
+        mutate(bad)
+        with pytest.raises(UnsupportedFeatureError, match=feature):
+            vitfast.optimize(bad)
+
+
 @pytest.mark.parametrize("feature, mutate", [
     ("blocks differ in layer-scale", lambda m: setattr(m.blocks[1], "ls1", LayerScale(32))),
     ("qk-norm", lambda m: setattr(m.blocks[0].attn, "q_norm", nn.LayerNorm(16))),
@@ -377,13 +403,22 @@ def test_optimize_timm_base_low_precision_within_2x_timm(name, dtype, no_tf32):
     _assert_low_precision_within_2x(_perturb(timm.create_model(name, pretrained=False)).cuda().eval(), dtype)
 
 
+def test_optimize_real_timm_vit_with_inner_norms():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    src = _perturb(TimmViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=4,
+                           scale_attn_norm=True, scale_mlp_norm=True)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(vitfast.optimize(copy.deepcopy(src))(x), src(x))
+
+
 @pytest.mark.gpu
 def test_timm_unsupported_features_are_named_on_real_timm():
     pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     base = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    for kw, feature in ((dict(qk_norm=True), "qk-norm"), (dict(global_pool="avgmax"), "global_pool='avgmax'"),
-                        (dict(scale_mlp_norm=True), "scale_mlp_norm")):
+    for kw, feature in ((dict(qk_norm=True), "qk-norm"), (dict(global_pool="avgmax"), "global_pool='avgmax'")):
         with pytest.raises(UnsupportedFeatureError, match=feature):
             vitfast.optimize(TimmViT(**base, **kw).eval())
     with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(blocks.0.attn.attn_drop\)"):

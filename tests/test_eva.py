@@ -268,6 +268,26 @@ def test_optimize_timm_eva_equals_timm(name, device, no_tf32):
             assert_close(out, ref, dtype=torch.bfloat16, eager=low(x.to(torch.bfloat16)), name="bf16")
 
 
+@pytest.mark.parametrize("kw", [dict(swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True), dict(scale_mlp=True)],
+                         ids=["swiglu_eva_clip_norms", "mlp_norm"])
+def test_optimize_timm_eva_with_inner_norms_equals_timm(kw):
+    """EVA-02's LayerNorm on the (gated) MLP features and EVA-CLIP's on the attention output, in timm's Eva (without
+    RoPE here)."""
+    pytest.importorskip("timm")
+    from timm.models.eva import Eva
+
+    src = Eva(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4 * 2 / 3, num_classes=3,
+              **kw).double().eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    opt = vitfast.optimize(copy.deepcopy(src))
+    assert opt.blocks[0].mlp.norm.weight.shape == src.blocks[0].mlp.norm.weight.shape
+    x = torch.randn(2, 3, 28, 28, dtype=F64)
+    with torch.no_grad():
+        assert_close(opt(x), src(x))
+
+
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3"])
 def test_timm_dinov3_checkpoint_loads_into_the_named_model(name):
     """timm's DINOv3 state_dict (its Eva keys; the "plus" model's unpacked SwiGLU) loads into vitfast's model of

@@ -23,6 +23,11 @@ CASES = {
                                 act_layer="gelu_tanh", norm_eps=1e-12, mlp_ratio=2.5),
     "features_only": dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0,
                           global_pool=""),
+    # EVA-02's LayerNorms inside the attention (before proj) and the MLP (before fc2), with either MLP
+    "inner_norms": dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+                        scale_attn_norm=True, scale_mlp_norm=True),
+    "inner_norms_swiglu": dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                               mlp_layer="swiglu", mlp_ratio=3, scale_mlp_norm=True, norm_eps=1e-5),
 }
 
 

@@ -104,8 +104,6 @@ UNSUPPORTED: dict[str, str] = {}
 # the off value is dropped; any other value is refused by name.
 UNSUPPORTED_KWARGS = {
     "qk_norm": (False, "qk-norm (LayerNorm on q and k)"),
-    "scale_attn_norm": (False, "a norm inside the attention"),
-    "scale_mlp_norm": (False, "a norm inside the MLP"),
     "mlp_layer": (None, "MLP layers other than fc1-act-fc2 and the packed SwiGLU (mlp_layer='mlp' or 'swiglu')"),
     "block_fn": (None, "blocks other than timm's Block"),
     "embed_layer": (None, "patch embeddings other than a patchify conv (conv stems, ...)"),

@@ -244,7 +244,8 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
     dim = getattr(model, "embed_dim", None) or model.pos_embed.shape[-1]
     pre_norm, eps = _timm_stem(f, model, dim)
     seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
-            "layer-scale": set(), "mlp layer": set()}
+            "layer-scale": set(), "mlp layer": set(),
+            "attn norm": set(), "mlp norm": set()}
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "Block", f"{w}: block type {type(blk).__name__} (only timm's Block)"):
@@ -297,7 +298,8 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
             f.train_only.append("RoPE coordinate augmentation (rope_shift / jitter / rescale_coords)")
         rope_cfg = dict(rope="dinov3", rope_temperature=rope.temperature, rope_rounding="timm")
     seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
-            "layer-scale": set(), "mlp layer": set()}
+            "layer-scale": set(), "mlp layer": set(),
+            "attn norm": set(), "mlp norm": set()}
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "EvaBlock", f"{w}: block type {type(blk).__name__} (only EvaBlock)"):
@@ -369,7 +371,6 @@ def _timm_stem(f: _Findings, model: nn.Module, dim: int) -> tuple[bool, set]:
 def _timm_attention(f: _Findings, attn: nn.Module, w: str, dim: int, seen: dict) -> None:
     """Check one timm attention with a packed qkv Linear (VisionTransformer's Attention, Eva's EvaAttention)."""
     f.need(_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None)), "qk-norm")
-    f.need(_is_identity(getattr(attn, "norm", None)), "scale_attn_norm")
     f.dropout(getattr(attn, "attn_drop", None), f"{w}.attn.attn_drop")
     f.dropout(getattr(attn, "proj_drop", None), f"{w}.attn.proj_drop")
     f.need(attn.qkv.out_features == 3 * dim and attn.qkv.in_features == dim, f"{w}.attn.qkv shape")
@@ -392,6 +393,14 @@ def _timm_block(f: _Findings, blk: nn.Module, w: str, dim: int, eps: set, seen: 
         check = _timm_mlp if kind == "mlp" else _timm_swiglu_parts if hasattr(mlp, "fc1_g") else _timm_swiglu
         check(f, mlp, f"{w}.mlp", seen)
         seen["mlp layer"].add(kind)
+        # the LayerNorms inside (timm's scale_attn_norm / scale_mlp_norm, EVA-02's): on the attention's output
+        # and on the MLP's hidden features (its gated half for a SwiGLU)
+        fc2 = getattr(mlp, "fc2", None)
+        for name, m, width in (("attn", blk.attn, dim), ("mlp", mlp, getattr(fc2, "in_features", None))):
+            norm = getattr(m, "norm", None)
+            seen[f"{name} norm"].add(not _is_identity(norm))
+            if not _is_identity(norm):
+                eps.add(f.layer_norm_eps(norm, f"{w}.{name}.norm", width))
 
 
 def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -> tuple[bool, bool]:
@@ -421,6 +430,7 @@ def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -
         f.dropout(getattr(pool, "proj_drop", None), "attn_pool.proj_drop")
         if getattr(pool, "mlp", None) is not None:
             _timm_mlp(f, pool.mlp, "attn_pool.mlp", seen)
+            f.need(_is_identity(getattr(pool.mlp, "norm", None)), "attn_pool.mlp.norm (a norm inside its MLP)")
     f.uniform(seen)
     f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
     return use_fc_norm, final_norm
@@ -441,7 +451,8 @@ def _timm_config(model: nn.Module, dim: int, seen: dict, eps: set, pre_norm: boo
                 act_layer=seen["activation"].pop() if seen["activation"] else "gelu", norm_eps=eps.pop(),
                 init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
                 pre_norm=pre_norm, final_norm=final_norm,
-                mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp", **kw)
+                mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp",
+                scale_attn_norm=seen["attn norm"] == {True}, scale_mlp_norm=seen["mlp norm"] == {True}, **kw)
 
 
 def _keep_pretrained_cfg(model: nn.Module, out: nn.Module) -> None:
@@ -455,7 +466,6 @@ def _timm_mlp(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     act = _activation(getattr(mlp, "act", None))
     f.need(act is not None, f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (only GELU, exact or tanh, "
                             "and QuickGELU)")
-    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
     f.linear(mlp.fc1, f"{where}.fc1")
     f.linear(mlp.fc2, f"{where}.fc2")
     f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
@@ -472,7 +482,6 @@ def _timm_swiglu(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     f.need(getattr(mlp, "gate_last", None) is False and getattr(mlp, "chunk_dim", None) in (-1, 2),
            f"{where}: gate_last={getattr(mlp, 'gate_last', None)}, chunk_dim={getattr(mlp, 'chunk_dim', None)} "
            "(only the gate on the first half along the features, SwiGLUPacked's)")
-    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
     f.linear(mlp.fc1, f"{where}.fc1")
     f.linear(mlp.fc2, f"{where}.fc2")
     hidden = getattr(mlp.fc1, "out_features", 0)
@@ -489,7 +498,6 @@ def _timm_swiglu_parts(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> 
     inside); the width of the two joined goes to `seen`."""
     f.need(type(getattr(mlp, "act", None)).__name__ == "SiLU",
            f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (a SwiGLU only with SiLU)")
-    f.need(_is_identity(getattr(mlp, "norm", None)), "scale_mlp_norm")
     g, x = getattr(mlp, "fc1_g", None), getattr(mlp, "fc1_x", None)
     ok = f.linear(g, f"{where}.fc1_g") & f.linear(x, f"{where}.fc1_x")
     f.linear(mlp.fc2, f"{where}.fc2")

@@ -95,7 +95,10 @@ class PatchEmbed(reference.PatchEmbed):
 
 
 class Attention(reference.Attention):
-    """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`)."""
+    """Multi-head self-attention from one packed qkv projection (timm's `attn.qkv`, `attn.proj`; `attn.norm`
+    with scale_attn_norm)."""
+
+    norm_layer = LayerNorm
 
     def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False,
                 scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None):
@@ -106,19 +109,27 @@ class Attention(reference.Attention):
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
         if rope is not None:
             qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)             # qkv: this call's own
+        cls_attn = None
         if return_cls_attn:
             out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True)
-            return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale), cls_attn
-        out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale)                       # (B, T, C)
-        return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
+        else:
+            out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale)                   # (B, T, C)
+        if not isinstance(self.norm, nn.Identity):                                           # scale_attn_norm
+            out = self.norm(out)
+        y = ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
+        return (y, cls_attn) if return_cls_attn else y
 
 
 class Mlp(reference.Mlp):
     """fc2(act(fc1(x))) · scale (+ residual); the activation (GELU exact or tanh, QuickGELU) runs in fc1's
     epilogue, the layer-scale and the residual in fc2's."""
 
+    norm_layer = LayerNorm
+
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation=self.act)                 # (B, T, hidden)
+        if not isinstance(self.norm, nn.Identity):                                             # scale_mlp_norm
+            h = self.norm(h)
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)   # (B, T, C)
 
 
@@ -128,8 +139,12 @@ class GluMlp(reference.GluMlp):
     [B, T, hidden] product is never stored; in training the GEMM and the gating apart), the layer-scale and
     the residual in fc2's."""
 
+    norm_layer = LayerNorm
+
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation="swiglu")             # (B, T, hidden / 2)
+        if not isinstance(self.norm, nn.Identity):                                         # scale_mlp_norm
+            h = self.norm(h)
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)
 
 

@@ -8,8 +8,9 @@ key layouts load through `create_model(name, checkpoint_path=...)` / `vitfast.ch
 The timm features of DINOv2 (layer-scale, register tokens, no_embed_class, the giant's SwiGLU MLP), CLIP
 (pre-norm, LayerNorm eps, QuickGELU), SigLIP (no class token, attention pooling), DeiT (the distilled
 variant) and DINOv3 (RoPE instead of a position table: pos_embed="none", rope="dinov3") are here, on the
-kernels. Not supported: qk-norm, other MLPs (timm's unpacked SwiGLU, ...), other
-pooling heads, dropout / drop-path in training; `vitfast.optimize` names them when it meets them.
+kernels, and EVA-02's LayerNorms inside the attention and the MLP (scale_attn_norm, scale_mlp_norm). Not
+supported: qk-norm, other MLPs, other pooling heads, dropout / drop-path in training; `vitfast.optimize`
+names them when it meets them.
 Dense features come through timm's API: `forward_intermediates`, `get_intermediate_layers`,
 `prune_intermediate_layers`.
 """
@@ -46,14 +47,16 @@ class VisionTransformer(reference.VisionTransformer):
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
-                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf"):
+                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
+                 scale_mlp_norm=False):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
                          dynamic_img_size=dynamic_img_size, act_layer=act_layer, norm_eps=norm_eps,
                          init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
                          pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer, pos_embed=pos_embed,
-                         rope=rope, rope_temperature=rope_temperature, rope_rounding=rope_rounding)
+                         rope=rope, rope_temperature=rope_temperature, rope_rounding=rope_rounding,
+                         scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}     # RoPE tables per patch grid, see rope_for
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)

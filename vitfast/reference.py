@@ -351,11 +351,27 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)    # (B, N, D)
 
 
+class LayerNorm(nn.LayerNorm):
+    fused = False               # True: F.layer_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (torch_layer_norm if self.fused else layer_norm)(x, self.weight, self.bias, self.eps)
+
+
+def _inner_norm(layer: type, dim: int, eps: float | None) -> nn.Module:
+    """A LayerNorm inside an attention or MLP (timm's scale_attn_norm / scale_mlp_norm), or nn.Identity."""
+    return nn.Identity() if eps is None else layer(dim, eps=eps)
+
+
 class Attention(nn.Module):
     """timm's Attention. `fused_attn` (as in timm): False = the plain softmax math above (the
-    default, the ground truth); True = F.scaled_dot_product_attention, the path timm takes by default."""
+    default, the ground truth); True = F.scaled_dot_product_attention, the path timm takes by default.
+    norm_eps: a LayerNorm with that eps on the attention's output before proj (timm's scale_norm; EVA-CLIP's
+    inner norm), else none."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True, fused_attn=False):
+    norm_layer = LayerNorm
+
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True, fused_attn=False, norm_eps=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -364,6 +380,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = _inner_norm(self.norm_layer, dim, norm_eps)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -372,22 +389,29 @@ class Attention(nn.Module):
         if rope is not None:
             qkv = rope_qkv(qkv, self.num_heads, *rope)
         attend = torch_attention_qkv if self.fused_attn else attention_qkv
-        return self.proj(attend(qkv, self.num_heads, self.scale))                 # (B, N, C)
+        return self.proj(self.norm(attend(qkv, self.num_heads, self.scale)))      # (B, N, C)
 
 
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features, act="gelu"):
+    """fc2(act(fc1(x))); norm_eps: a LayerNorm with that eps on the hidden features before fc2 (timm's
+    scale_mlp_norm; EVA-02's), else none."""
+
+    norm_layer = LayerNorm
+
+    def __init__(self, in_features, hidden_features, act="gelu", norm_eps=None):
         super().__init__()
         if act not in ACTIVATIONS[1:]:
             raise ValueError(f"act must be one of {ACTIVATIONS[1:]}, got {act!r}")
         self.act = act
         self.fused = False      # True: torch_linear (F.linear, F.gelu)
         self.fc1 = nn.Linear(in_features, hidden_features)
+        self.norm = _inner_norm(self.norm_layer, hidden_features, norm_eps)
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         lin = torch_linear if self.fused else linear
-        return lin(lin(x, self.fc1.weight, self.fc1.bias, activation=self.act), self.fc2.weight, self.fc2.bias)
+        h = self.norm(lin(x, self.fc1.weight, self.fc1.bias, activation=self.act))
+        return lin(h, self.fc2.weight, self.fc2.bias)
 
 
 def swiglu(h: Tensor) -> Tensor:
@@ -400,9 +424,11 @@ class GluMlp(nn.Module):
     """timm's GluMlp as its SwiGLUPacked builds it (SiLU, the gate on the first half), DINOv2-giant's MLP:
     fc1 [hidden, C] gives [gate | up] (hidden / 2 features each), then fc2(silu(gate) · up) with fc2
     [C, hidden / 2]. Hugging Face's Dinov2SwiGLUFFN holds the same (its gate_proj and up_proj, or its
-    weights_in, are the two halves of fc1)."""
+    weights_in, are the two halves of fc1). norm_eps: a LayerNorm on the gated features before fc2 (EVA-02's)."""
 
-    def __init__(self, in_features, hidden_features):
+    norm_layer = LayerNorm
+
+    def __init__(self, in_features, hidden_features, norm_eps=None):
         super().__init__()
         if hidden_features % 2:
             raise ValueError(f"hidden_features: expected an even width (gate and up halves), got {hidden_features}")
@@ -410,18 +436,12 @@ class GluMlp(nn.Module):
         self.gate_last, self.chunk_dim = False, -1       # timm's attributes: silu(first half) * second half
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.SiLU()                             # timm's tree; `swiglu` applies it
+        self.norm = _inner_norm(self.norm_layer, hidden_features // 2, norm_eps)
         self.fc2 = nn.Linear(hidden_features // 2, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         lin = torch_linear if self.fused else linear
-        return lin(swiglu(lin(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
-
-
-class LayerNorm(nn.LayerNorm):
-    fused = False               # True: F.layer_norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (torch_layer_norm if self.fused else layer_norm)(x, self.weight, self.bias, self.eps)
+        return lin(self.norm(swiglu(lin(x, self.fc1.weight, self.fc1.bias))), self.fc2.weight, self.fc2.bias)
 
 
 class LayerScale(nn.Module):
@@ -451,14 +471,16 @@ class Block(nn.Module):
     norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6,
-                 init_values=None, mlp="mlp"):
+                 init_values=None, mlp="mlp", scale_attn_norm=False, scale_mlp_norm=False):
         super().__init__()
         self.norm1 = self.norm_layer(dim, eps=eps)
-        self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                                    norm_eps=eps if scale_attn_norm else None)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = self.norm_layer(dim, eps=eps)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = self.glu_layer(dim, hidden) if mlp == "swiglu" else self.mlp_layer(dim, hidden, act=act)
+        hidden, mlp_eps = int(dim * mlp_ratio), eps if scale_mlp_norm else None
+        self.mlp = (self.glu_layer(dim, hidden, norm_eps=mlp_eps) if mlp == "swiglu"
+                    else self.mlp_layer(dim, hidden, act=act, norm_eps=mlp_eps))
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -519,7 +541,9 @@ class VisionTransformer(nn.Module):
     gate and up halves, SiLU; act_layer then applies to an attention-pooling head's MLP only), and pos_embed
     "none" (no position table). rope="dinov3" (with rope_temperature) rotates q and k of the patch tokens in
     every attention by DINOv3's rotary position embedding (`dinov3_rope`, made for each image's patch grid;
-    rope_rounding "hf" or "timm": the rounding of Hugging Face's model or of timm's).
+    rope_rounding "hf" or "timm": the rounding of Hugging Face's model or of timm's). scale_attn_norm /
+    scale_mlp_norm: timm's LayerNorms inside the attention (on its output, before proj) and the MLP (on the
+    hidden features, before fc2), as EVA-02 and EVA-CLIP have them.
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -529,7 +553,8 @@ class VisionTransformer(nn.Module):
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
-                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf"):
+                 pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
+                 scale_mlp_norm=False):
         super().__init__()
         if pos_embed not in ("learn", "none"):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
@@ -569,7 +594,8 @@ class VisionTransformer(nn.Module):
         self.norm_pre = self.norm_layer(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
             self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps,
-                             init_values=init_values, mlp=mlp_layer)
+                             init_values=init_values, mlp=mlp_layer, scale_attn_norm=scale_attn_norm,
+                             scale_mlp_norm=scale_mlp_norm)
             for _ in range(depth)])
         self.norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = (self.pool_layer(embed_dim, num_heads, mlp_ratio, act=act_layer, eps=norm_eps)
