@@ -226,14 +226,17 @@ _EVA_KEY = re.compile(r"^blocks\.\d+\.(?:gamma_[12]|attn\.[qv]_bias|mlp\.fc1_[gx
 def eva_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """timm's Eva keys (its DINOv3 and EVA models) -> timm VisionTransformer's: `blocks.N.gamma_1` / `gamma_2` ->
     `ls1.gamma` / `ls2.gamma` (passed through); separate `attn.q_bias` and `attn.v_bias` -> the packed
-    `attn.qkv.bias` with a zero key bias, as Eva computes it; the SwiGLU's `mlp.fc1_g` and `mlp.fc1_x` ->
-    the packed `mlp.fc1` (gate rows first). Other keys pass through."""
+    `attn.qkv.bias` with a zero key bias, as Eva computes it; EVA-02's separate `attn.q_proj` / `k_proj` / `v_proj`
+    -> the packed `attn.qkv` likewise; the SwiGLU's `mlp.fc1_g` and `mlp.fc1_x` -> the packed `mlp.fc1` (gate
+    rows first). Other keys pass through. (The q / k rows keep Eva's order: a model with interleaved RoPE pairs
+    converts through `vitfast.optimize`, which reorders them.)"""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         stem, _, name = key.rpartition(".")
         if name in ("gamma_1", "gamma_2"):
             out[f"{stem}.ls{name[-1]}.gamma"] = value
-        elif name not in ("q_bias", "v_bias") and not stem.endswith((".mlp.fc1_g", ".mlp.fc1_x")):
+        elif name not in ("q_bias", "v_bias") and not stem.endswith(
+                (".mlp.fc1_g", ".mlp.fc1_x", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj")):
             out[key] = value
     for key, q in state_dict.items():
         if key.endswith(".attn.q_bias"):
@@ -242,6 +245,17 @@ def eva_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             if v is None:
                 raise ValueError(f"state_dict: {key} without {stem}v_bias")
             out[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        elif key.endswith(".attn.q_proj.weight"):            # EVA-02's separate projections (qkv_fused=False)
+            stem = key[:-len("q_proj.weight")]
+            parts = [state_dict.get(f"{stem}{n}_proj.weight") for n in "qkv"]
+            if any(t is None for t in parts):
+                raise ValueError(f"state_dict: {key} without {stem}k_proj.weight / {stem}v_proj.weight")
+            out[stem + "qkv.weight"] = torch.cat(parts)
+            qb, vb = state_dict.get(stem + "q_proj.bias"), state_dict.get(stem + "v_proj.bias")
+            if (qb is None) != (vb is None) or stem + "k_proj.bias" in state_dict:
+                raise ValueError(f"state_dict: {stem}q_proj / v_proj biases (expected both or neither, no k bias)")
+            if qb is not None:
+                out[stem + "qkv.bias"] = torch.cat([qb, torch.zeros_like(qb), vb])
         elif key.endswith(".mlp.fc1_g.weight"):
             stem = key[:-len("fc1_g.weight")]
             for p in ("weight", "bias"):

@@ -274,19 +274,32 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
 
 def _from_timm_eva(model: nn.Module) -> VisionTransformer:
     """timm's Eva class with VisionTransformer's features: DINOv3 (its RoPE, registers, layer-scale as the
-    blocks' gamma_1 / gamma_2, the plain, packed or unpacked SwiGLU MLP), and EVA's with a position table and
-    without RoPE. Separate q / v biases beside the packed qkv weight and the unpacked SwiGLU's fc1_g / fc1_x
-    are joined (`JoinedLinear`) from Eva's own tensors. EVA-02's interleaved RoPE, its normalisations inside
-    the attention and MLP, Perception Encoder's and other options are refused by name."""
+    blocks' gamma_1 / gamma_2, the plain, packed or unpacked SwiGLU MLP), EVA's with a position table and
+    without RoPE, and EVA-02's and EVA-CLIP's (a position table and the axial RoPE of timm's RotaryEmbeddingCat,
+    whose tables the converted model takes from that module, interleaved pairs as rotate-half ones by a
+    reordering of q's and k's rows; separate q / k / v projections; LayerNorms inside the attention and the
+    MLP). Separate q / v biases beside the packed qkv weight, the q / k / v projections and the unpacked
+    SwiGLU's fc1_g / fc1_x are joined (`JoinedLinear`) from Eva's own tensors. Mixed RoPE, Perception
+    Encoder's and other options are refused by name."""
     f = _Findings("timm Eva")
     dim = model.embed_dim
     pre_norm, eps = _timm_stem(f, model, dim)
     heads = {blk.attn.num_heads for blk in model.blocks if hasattr(getattr(blk, "attn", None), "num_heads")}
-    rope, rope_cfg = getattr(model, "rope", None), {}
+    rope, rope_cfg, interleaved = getattr(model, "rope", None), {}, False
     f.need(not getattr(model, "rope_mixed", False), "rope_type='mixed'")
-    if rope is not None and f.need(type(rope).__name__ == "RotaryEmbeddingDinoV3",
-                                   f"rope: {type(rope).__name__} (only DINOv3's RotaryEmbeddingDinoV3; EVA-02's "
-                                   "and the other RoPE types are not supported)"):
+    kind = type(rope).__name__
+    if rope is not None and f.need(kind in ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat"),
+                                   f"rope: {kind} (only DINOv3's RotaryEmbeddingDinoV3 and EVA-02's axial "
+                                   "RotaryEmbeddingCat)") and kind == "RotaryEmbeddingCat":
+        # EVA-02: the tables are the module's own (`reference.timm_rope_tables`); interleaved pairs are taken as
+        # rotate-half ones by reordering the q / k rows of each head (`_join_timm_parts`)
+        f.need(len(heads) == 1 and getattr(rope, "dim", None) == dim // next(iter(heads), 1),
+               f"rope: dim {getattr(rope, 'dim', None)} (expected the head dim)")
+        if getattr(rope, "aug_active", False):
+            f.train_only.append("RoPE coordinate augmentation (rope_shift / jitter / rescale_coords)")
+        interleaved = not getattr(rope, "rotate_half", False)
+        rope_cfg = dict(rope="timm")
+    elif rope is not None and kind == "RotaryEmbeddingDinoV3":
         f.need(rope.temperature is not None and rope.min_period is None and rope.max_period is None,
                "rope: min_period / max_period (only a temperature)")
         f.need(rope.normalize_coords == "separate" and rope.grid_offset == 0 and rope.grid_indexing == "ij",
@@ -308,14 +321,23 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
         f.need((g1 is None) == (g2 is None), f"{w}: layer-scale on one branch only (attn_only_layer_scale)")
         seen["layer-scale"].add(g1 is not None)
         attn = blk.attn
-        if f.need(type(attn).__name__ == "EvaAttention" and isinstance(getattr(attn, "qkv", None), nn.Linear),
-                  f"{w}.attn: {type(attn).__name__} (only EvaAttention with a packed qkv, qkv_fused=True)"):
-            f.need(attn.qkv.bias is None and getattr(attn, "gate", None) is None,
-                   f"{w}.attn: a bias on the packed qkv Linear or a gate (gated_attn)")
-            f.need(not rope_cfg or (attn.rotate_half and attn.num_prefix_tokens == model.num_prefix_tokens),
-                   f"{w}.attn: rotate_half={attn.rotate_half}, num_prefix_tokens={attn.num_prefix_tokens}")
+        fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
+        split = all(isinstance(getattr(attn, f"{n}_proj", None), nn.Linear) for n in "qkv")
+        if f.need(type(attn).__name__ == "EvaAttention" and (fused or split),
+                  f"{w}.attn: {type(attn).__name__} (only EvaAttention with a packed qkv or q / k / v projections)"):
+            f.need(getattr(attn, "gate", None) is None, f"{w}.attn: a gate (gated_attn)")
+            if fused:
+                f.need(attn.qkv.bias is None, f"{w}.attn: a bias on the packed qkv Linear")
+                seen["qkv bias"].add(getattr(attn, "q_bias", None) is not None)
+            else:                                      # EVA-02's qkv_fused=False: q and v biases, none on k
+                f.need(attn.k_proj.bias is None and (attn.q_proj.bias is None) == (attn.v_proj.bias is None),
+                       f"{w}.attn: a k_proj bias, or a q_proj bias without a v_proj one or the other way round")
+                seen["qkv bias"].add(attn.q_proj.bias is not None)
+            half = bool(getattr(attn, "rotate_half", False))
+            f.need(not rope_cfg or (half == (not interleaved) and attn.num_prefix_tokens == model.num_prefix_tokens),
+                   f"{w}.attn: rotate_half={half}, num_prefix_tokens={attn.num_prefix_tokens} (expected the RoPE "
+                   f"module's pairs and the model's {model.num_prefix_tokens} prefix tokens)")
             _timm_attention(f, attn, w, dim, seen)
-            seen["qkv bias"].add(getattr(attn, "q_bias", None) is not None)
         _timm_block(f, blk, w, dim, eps, seen)
     use_fc_norm, final_norm = _timm_tail(f, model, dim, eps, seen)
     f.check(model.training)
@@ -323,9 +345,18 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
                        no_embed_class=bool(model.no_embed_class), pos_embed="none" if model.pos_embed is None
                        else "learn", reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1], **rope_cfg)
     out = _build(cfg, _timm_state(model), model, f)
-    _join_timm_parts(model, out)
+    _join_timm_parts(model, out, interleaved)
+    if rope_cfg.get("rope") == "timm":
+        out.rope_embed = rope                           # timm's own module makes the tables
     _keep_pretrained_cfg(model, out)
     return out
+
+
+def _rotate_half_order(dim: int, heads: int) -> list[int]:
+    """The q / k rows of `heads` heads of dim / heads columns with interleaved RoPE pairs (2i, 2i + 1) reordered so
+    that they are rotate-half pairs (i, D/2 + i): each head's even rows, then its odd ones. q · k is unchanged."""
+    d = dim // heads
+    return [h * d + j for h in range(heads) for j in (*range(0, d, 2), *range(1, d, 2))]
 
 
 def _timm_state(model: nn.Module) -> dict[str, Tensor]:
@@ -335,16 +366,22 @@ def _timm_state(model: nn.Module) -> dict[str, Tensor]:
     return eva_to_timm(model.state_dict(keep_vars=True))
 
 
-def _join_timm_parts(model: nn.Module, out: VisionTransformer) -> None:
-    """Point the packed tensors `_timm_state` copied at timm's own parts (`JoinedLinear`)."""
+def _join_timm_parts(model: nn.Module, out: VisionTransformer, interleaved: bool = False) -> None:
+    """Point the packed tensors `_timm_state` copied at timm's own parts (`JoinedLinear`); with interleaved RoPE
+    pairs, q's and k's rows reordered as rotate-half pairs (`_rotate_half_order`)."""
     dim = out.embed_dim
+    order = _rotate_half_order(dim, out.blocks[0].attn.num_heads) if interleaved and len(out.blocks) else None
     for blk, core in zip(model.blocks, out.blocks):
         attn, mlp = blk.attn, blk.mlp
-        if getattr(attn, "q_bias", None) is not None:
+        if getattr(attn, "q_proj", None) is not None:   # EVA-02's separate projections (k has no bias)
+            core.attn.qkv = JoinedLinear([(attn.q_proj, "weight", "bias", None, order),
+                                          (attn.k_proj, "weight", "bias", None, order),
+                                          (attn.v_proj, "weight", "bias", None)])
+        elif getattr(attn, "q_bias", None) is not None or order is not None:
             parts = nn.Module()                         # Eva's qkv weight and q / v biases (k has none)
             parts.weight, parts.q_bias, parts.v_bias = attn.qkv.weight, attn.q_bias, attn.v_bias
-            core.attn.qkv = JoinedLinear([(parts, "weight", "q_bias", slice(0, dim)),
-                                          (parts, "weight", None, slice(dim, 2 * dim)),
+            core.attn.qkv = JoinedLinear([(parts, "weight", "q_bias", slice(0, dim), order),
+                                          (parts, "weight", None, slice(dim, 2 * dim), order),
                                           (parts, "weight", "v_bias", slice(2 * dim, 3 * dim))])
         if hasattr(mlp, "fc1_g"):                       # timm's SwiGLU: silu(fc1_g(x)) · fc1_x(x)
             core.mlp.fc1 = JoinedLinear([(mlp.fc1_g, "weight", "bias", None), (mlp.fc1_x, "weight", "bias", None)])
@@ -373,7 +410,12 @@ def _timm_attention(f: _Findings, attn: nn.Module, w: str, dim: int, seen: dict)
     f.need(_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None)), "qk-norm")
     f.dropout(getattr(attn, "attn_drop", None), f"{w}.attn.attn_drop")
     f.dropout(getattr(attn, "proj_drop", None), f"{w}.attn.proj_drop")
-    f.need(attn.qkv.out_features == 3 * dim and attn.qkv.in_features == dim, f"{w}.attn.qkv shape")
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        f.need(qkv.out_features == 3 * dim and qkv.in_features == dim, f"{w}.attn.qkv shape")
+    else:                                              # Eva's q / k / v projections
+        f.need(all(getattr(attn, f"{n}_proj").out_features == dim and getattr(attn, f"{n}_proj").in_features == dim
+                   for n in "qkv"), f"{w}.attn.q_proj / k_proj / v_proj shapes")
     f.linear(attn.proj, f"{w}.attn.proj")
     heads = attn.num_heads
     f.need(dim % heads == 0 and abs(attn.scale - (dim // heads) ** -0.5) < 1e-12 * attn.scale + 1e-12,

@@ -189,9 +189,11 @@ class JoinedLinear(nn.Module):
     in_proj. The converted model then trains (and its optimizer and `save_pretrained` see) the source's own
     tensors, and holds no copy of them.
 
-    sources: (module, weight attribute, bias attribute or None, row slice or None for all rows) per part, in
-    row order; the slice applies to a bias with the weight's rows, a bias with the slice's rows is taken whole;
-    a part without bias, next to parts with one, counts as a zero bias. Parts may name one module more than
+    sources: (module, weight attribute, bias attribute or None, row slice or None for all rows[, order]) per
+    part, in row order; the slice applies to a bias with the weight's rows, a bias with the slice's rows is taken
+    whole; `order`, a list of the part's row indices, then reorders the part's weight and bias rows (EVA-02's
+    interleaved RoPE pairs as rotate-half ones); a part without bias, next to parts with one, counts as a zero
+    bias. Parts may name one module more than
     once (timm's Eva: one packed qkv weight beside separate q and v biases); consecutive row slices of one
     tensor join as a view of it. While autograd records a
     gradient, each access builds the tensor from the live parameters (a
@@ -206,7 +208,8 @@ class JoinedLinear(nn.Module):
             if not any(m is k for k in modules):
                 modules.append(m)
         self.sources = nn.ModuleList(modules)
-        self._spec = [(next(i for i, k in enumerate(modules) if k is m), *rest) for m, *rest in sources]
+        self._spec = [(next(i for i, k in enumerate(modules) if k is m), *rest[:3], rest[3] if len(rest) > 3 else None)
+                      for m, *rest in sources]
         self._cache: dict[int, tuple] = {}
         self._zeros: dict[int, Tensor] = {}
 
@@ -240,10 +243,11 @@ class JoinedLinear(nn.Module):
         return z
 
     @staticmethod
-    def _one_view(tensors: list[Tensor], rows: list) -> Tensor | None:
+    def _one_view(tensors: list[Tensor], rows: list, orders: list) -> Tensor | None:
         """The rows of one tensor that consecutive slices of it cover, as a view; None if they are not that."""
         t = tensors[0]
-        if len(tensors) < 2 or any(u is not t for u in tensors) or any(r is None for r in rows):
+        if (len(tensors) < 2 or any(u is not t for u in tensors) or any(r is None for r in rows)
+                or any(o is not None for o in orders)):
             return None
         spans = [range(t.shape[0])[r] for r in rows]
         if any(s.step != 1 for s in spans) or any(a.stop != b.start for a, b in zip(spans, spans[1:])):
@@ -259,12 +263,13 @@ class JoinedLinear(nn.Module):
         for i, ((module, spec), t) in enumerate(zip(specs, found)):
             if t is None:                           # a bias some parts lack: zeros there
                 t = self._zero_bias(i, module, spec)
-                spec = (*spec[:2], None)
+                spec = (*spec[:2], None, None)
             # a bias of the part's own rows (Eva's q_bias beside its packed qkv weight) is taken whole
             whole = spec[2] is None or (which == 1 and t.shape[0] != getattr(module, spec[0]).shape[0])
             tensors.append(t)
-            parts.append(t if whole else t[spec[2]])
-        one = self._one_view(tensors, [spec[2] for _, spec in specs])
+            part = t if whole else t[spec[2]]
+            parts.append(part if spec[3] is None else part[spec[3]])
+        one = self._one_view(tensors, [spec[2] for _, spec in specs], [spec[3] for _, spec in specs])
         if one is not None:
             parts = [one]
         live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))

@@ -134,7 +134,8 @@ class VisionTransformer(reference.VisionTransformer):
         w, P = self.patch_embed.proj.weight, self.patch_embed.patch_size
         # (tables made under inference_mode are inference tensors, which autograd cannot save: kept apart)
         key = (images.shape[-2] // P[0], images.shape[-1] // P[1], w.dtype == torch.float64, w.device,
-               self.rope_temperature, self.rope_rounding, torch.is_inference_mode_enabled())
+               self.rope_temperature, self.rope_rounding, torch.is_inference_mode_enabled(),
+               id(getattr(self, "rope_embed", None)))                   # rope="timm": timm's table module
         tables = self._rope_cache.get(key)
         if tables is None:
             with torch.no_grad():

@@ -80,7 +80,9 @@ def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
 # Rotary position embedding (RoPE), as DINOv3 has it (Hugging Face's and timm's): the head dim's two halves
 # are the pairs (column j with column D/2 + j), one angle per pair and token; the tables cos, sin [N_rope, D/2]
 # cover the last N_rope tokens (the patches), the prefix tokens before them (class, registers) are not rotated.
-ROPE_TYPES = (None, "dinov3")
+# rope="timm": the tables of a timm RotaryEmbeddingCat module (EVA-02's), `model.rope_embed` (timm_rope_tables);
+# a model converted from interleaved pairs (columns 2i, 2i + 1) holds its q / k rows in rotate-half order.
+ROPE_TYPES = (None, "dinov3", "timm")
 ROPE_ROUNDINGS = ("hf", "timm")     # dinov3_rope's two roundings of the same angles
 
 
@@ -103,6 +105,21 @@ def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: boo
     q, k, v = split_qkv(qkv, num_heads)                                                   # (B, H, N, D)
     q, k = apply_rope(q, cos, sin, inverse), apply_rope(k, cos, sin, inverse)
     return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(B, N, C3)
+
+
+def timm_rope_tables(module: nn.Module, grid: tuple[int, int], dynamic: bool, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor]:
+    """cos, sin [gh·gw, D/2] in `dtype` from timm's RotaryEmbeddingCat `module` (EVA-02's): its `get_embed` for the
+    grid as timm's Eva asks for it (the grid with dynamic_img_size, its cached table otherwise), [sin | cos] of D
+    columns each, one angle per pair: columns 2i (interleaved pairs) or i (rotate_half) of each."""
+    emb = module.get_embed(shape=list(grid)) if dynamic else module.get_embed()
+    sin, cos = emb.chunk(2, dim=-1)
+    half = sin.shape[-1] // 2
+    if getattr(module, "rotate_half", False):
+        sin, cos = sin[:, :half], cos[:, :half]
+    else:
+        sin, cos = sin[:, ::2], cos[:, ::2]
+    return cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
 
 
 def dinov3_rope(grid: tuple[int, int], head_dim: int, temperature: float = 100.0, dtype: torch.dtype = torch.float32,
@@ -543,7 +560,8 @@ class VisionTransformer(nn.Module):
     every attention by DINOv3's rotary position embedding (`dinov3_rope`, made for each image's patch grid;
     rope_rounding "hf" or "timm": the rounding of Hugging Face's model or of timm's). scale_attn_norm /
     scale_mlp_norm: timm's LayerNorms inside the attention (on its output, before proj) and the MLP (on the
-    hidden features, before fc2), as EVA-02 and EVA-CLIP have them.
+    hidden features, before fc2), as EVA-02 and EVA-CLIP have them. rope="timm" takes its tables from timm's
+    RotaryEmbeddingCat module set as `rope_embed` (EVA-02's; `vitfast.optimize` of timm's Eva does it).
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -649,6 +667,12 @@ class VisionTransformer(nn.Module):
         P, w = self.patch_embed.patch_size, self.patch_embed.proj.weight
         grid = (images.shape[-2] // P[0], images.shape[-1] // P[1])
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        if self.rope_type == "timm":
+            embed = getattr(self, "rope_embed", None)
+            if embed is None:
+                raise ValueError("rope='timm': the tables come from timm's RotaryEmbeddingCat as `model.rope_embed` "
+                                 "(vitfast.optimize of a timm Eva sets it); this model has none")
+            return timm_rope_tables(embed, grid, self.dynamic_img_size, dtype)
         return dinov3_rope(grid, self.embed_dim // self.blocks[0].attn.num_heads, self.rope_temperature, dtype,
                            w.device, self.rope_rounding)
 
