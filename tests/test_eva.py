@@ -202,11 +202,17 @@ def test_training_through_optimized_eva_reaches_its_parts():
         assert_close(blk.gamma_1.grad, rb.ls1.gamma.grad, name="gamma_1 grad")
 
 
-def test_optimized_eva_traces_in_one_torch_compile_graph():
-    cfg = {**DINOV3, "qkv_bias": True, "mlp_layer": "swiglu", "mlp_ratio": 3.0}
-    ref = _reference(cfg)
-    opt = torch.compile(vitfast.optimize(eva_like(ref, qkv_bias=True, unpacked_swiglu=True)), fullgraph=True)
-    x = torch.randn(2, 3, 32, 48)
+@pytest.mark.parametrize("case", ["dinov3", "eva02"])
+def test_optimized_eva_traces_in_one_torch_compile_graph(case):
+    """DINOv3's joined q / v biases and SwiGLU halves, EVA-02's reordered projections and its RoPE tables from the
+    RotaryEmbeddingCat module: one torch.compile graph."""
+    if case == "dinov3":
+        ref = _reference({**DINOV3, "qkv_bias": True, "mlp_layer": "swiglu", "mlp_ratio": 3.0})
+        src, x = eva_like(ref, qkv_bias=True, unpacked_swiglu=True), torch.randn(2, 3, 32, 48)
+    else:
+        ref = _reference(EVA02)
+        src, x = eva_like(ref, qkv_bias=True, rope_cat="interleaved", split_qkv=True), torch.randn(2, 3, 32, 32)
+    opt = torch.compile(vitfast.optimize(src), fullgraph=True)
     with torch.no_grad():
         assert_close(opt(x), copy.deepcopy(ref).double()(x.double()), eager=ref(x))
 
