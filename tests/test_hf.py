@@ -1,5 +1,5 @@
-"""Hugging Face's DeiT, DINOv2 (with and without registers), DINOv3, CLIP vision and SigLIP vision models on
-vitfast, on the CPU: `vitfast.optimize` (fp32 vs HF in float64, bounded by HF's own fp32 error; every
+"""Hugging Face's DeiT, DINOv2 (with and without registers), DINOv3, CLIP (and MetaCLIP 2) vision and SigLIP
+vision models on vitfast, on the CPU: `vitfast.optimize` (fp32 vs HF in float64, bounded by HF's own fp32 error; every
 output field, other image sizes by each family's rule) and their checkpoints loaded into
 `vitfast.VisionTransformer`. HF's ViT itself is in test_convert.py."""
 
@@ -31,6 +31,9 @@ FAMILIES = {
     "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", dict(mlp_ratio=2, num_register_tokens=4)),
     "CLIPVisionModel": ("CLIPVisionConfig", dict(intermediate_size=96)),
     "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(intermediate_size=96, projection_dim=16)),
+    # MetaCLIP 2: CLIP's vision model under its own names (QuickGELU and eps 1e-5 by default)
+    "MetaClip2VisionModel": ("MetaClip2VisionConfig", dict(intermediate_size=96)),
+    "MetaClip2VisionModelWithProjection": ("MetaClip2VisionConfig", dict(intermediate_size=96, projection_dim=16)),
     "SiglipVisionModel": ("SiglipVisionConfig", dict(intermediate_size=96)),
     # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),

@@ -12,8 +12,11 @@
   given, ...), or its tuple with `return_dict=False` (vitfast.hf).
 - torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
 - Models around one of those: HF's depth / segmentation models whose `backbone` is a DINOv2 / DINOv3 backbone
-  (Depth Anything, DPT) and timm's `features_only` models (`FeatureGetterNet`, which reads its ViT's
-  `forward_intermediates`) -> a copy of the outer model, its other modules shared, with that one optimized.
+  (Depth Anything, DPT), HF's CLIP / MetaCLIP 2 / SigLIP two-tower and classification models (`vision_model`:
+  `get_image_features`, the image-text logits), HF's vision-language models whose `vision_tower` is a CLIP or
+  SigLIP vision model (LLaVA, PaliGemma, Gemma 3: inside their `model`), and timm's `features_only` models
+  (`FeatureGetterNet`, which reads its ViT's `forward_intermediates`) -> a copy of the outer model, its other
+  modules (the text tower, the language model) shared, with that one optimized.
 
 Parameters are shared with the source model (the same `nn.Parameter` objects); tensors timm's layout
 holds in another form are built from the source's on use (HF's separate q/k/v as timm's packed qkv, CLIP's
@@ -61,8 +64,9 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     inner = _wrapped_model(model)
     if inner is not None:
         out = copy.copy(model)                            # the outer model's other modules shared
-        out._modules = dict(model._modules)
-        setattr(out, inner, optimize(getattr(model, inner), cuda_graphs=cuda_graphs))
+        out._modules, out._parameters, out._buffers = dict(model._modules), dict(model._parameters), \
+            dict(model._buffers)                          # its own tables: setting one leaves `model` alone
+        setattr(out, inner, optimize(model._modules[inner], cuda_graphs=cuda_graphs))
         return out
     if isinstance(model, VisionTransformer):
         out = model
@@ -88,12 +92,20 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     return out
 
 
+# Where transformers models keep the vision model they run, looked for in this order: depth models' `backbone`,
+# CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
+# PaliGemma, Gemma 3: inside their `model`).
+_HF_INNER = ("backbone", "vision_model", "vision_tower", "model")
+
+
 def _wrapped_model(model: nn.Module) -> str | None:
     """The attribute holding the ViT of a model around one (module docstring), or None."""
     cls = type(model)
-    if cls.__module__.startswith("transformers.") and not _is_hf_class(cls.__name__) \
-            and _is_hf_class(type(getattr(model, "backbone", None)).__name__):
-        return "backbone"
+    if cls.__module__.startswith("transformers.") and not _is_hf_class(cls.__name__):
+        for attr in _HF_INNER:
+            inner = model._modules.get(attr)
+            if inner is not None and (_is_hf_class(type(inner).__name__) or _wrapped_model(inner) is not None):
+                return attr
     if cls.__name__ == "FeatureGetterNet" and cls.__module__.startswith("timm.") \
             and isinstance(getattr(model, "model", None), nn.Module):
         return "model"

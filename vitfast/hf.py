@@ -20,7 +20,11 @@ get the gradients and an optimizer over either model trains both:
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
-The backbones' stage feature maps: `HFBackbone`.
+MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
+latter returns MetaClip2VisionModelOutput). The backbones' stage feature maps: `HFBackbone`. Models that hold
+one of these (CLIPModel, SiglipModel and MetaClip2Model with their text towers, the ForImageClassification
+heads, LLaVA's and PaliGemma's vision tower) are copied with that one replaced (`vitfast.convert.optimize`);
+they call it as they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -35,6 +39,8 @@ attention outputs, other activations.
 """
 
 from __future__ import annotations
+
+import sys
 
 from torch import nn
 
@@ -57,6 +63,7 @@ CLASSES = {
     "DeiTForImageClassificationWithTeacher": ("deit", "teacher"),
     "Dinov2Model": ("dinov2", None), "Dinov2WithRegistersModel": ("dinov2_reg", None),
     "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
+    "MetaClip2VisionModel": ("clip", None), "MetaClip2VisionModelWithProjection": ("clip", "projection"),
     "SiglipVisionModel": ("siglip", None),
     "DINOv3ViTModel": ("dinov3", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
@@ -73,7 +80,11 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
     name = type(model).__name__
     if name not in CLASSES:
-        raise UnsupportedFeatureError(f"model: Hugging Face {name} is not supported (supported: {sorted(CLASSES)})")
+        held = [f"{type(m).__name__} ({attr})" for attr in ("backbone", "vision_model", "vision_tower")
+                if isinstance(m := model._modules.get(attr), nn.Module)]
+        raise UnsupportedFeatureError(
+            f"model: Hugging Face {name}{' holding ' + ', '.join(held) if held else ''} is not supported (supported: "
+            f"{sorted(CLASSES)}, and models holding one as backbone, vision_model or vision_tower)")
     family, head = CLASSES[name]
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
@@ -100,7 +111,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     if head == "backbone":
         return HFBackbone(cfg, vision, model.stage_names).train(model.training)
     if head == "projection":
-        return HFCLIPVisionWithProjection(cfg, vision, model.visual_projection).train(model.training)
+        output = getattr(sys.modules[type(model).__module__], name.replace("WithProjection", "Output"))
+        return HFCLIPVisionWithProjection(cfg, vision, model.visual_projection, output).train(model.training)
     if head == "teacher":
         return HFDeiTWithTeacher(cfg, vision, model.cls_classifier,
                                  model.distillation_classifier).train(model.training)
@@ -475,12 +487,14 @@ class HFDeiTWithTeacher(nn.Module):
 
 
 class HFCLIPVisionWithProjection(nn.Module):
-    """Stands in for transformers' `CLIPVisionModelWithProjection`: image_embeds = visual_projection of the
-    pooled (final-normed) class token, with HF's own projection (shared, no bias)."""
+    """Stands in for transformers' `CLIPVisionModelWithProjection` (and MetaClip2's): image_embeds =
+    visual_projection of the pooled (final-normed) class token, with HF's own projection (shared, no bias),
+    in `output`, the model's own output class (CLIPVisionModelOutput, MetaClip2VisionModelOutput)."""
 
-    def __init__(self, config, vision: HFVisionModel, visual_projection: nn.Linear):
+    def __init__(self, config, vision: HFVisionModel, visual_projection: nn.Linear, output: type):
         super().__init__()
         self.config, self.vision_model, self.visual_projection = config, vision, visual_projection
+        self.output = output
         self.cuda_graphs = CUDAGraphRunner()
 
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, output_attentions=None,
@@ -490,12 +504,10 @@ class HFCLIPVisionWithProjection(nn.Module):
                                 output_hidden_states=output_hidden_states, return_dict=return_dict)
 
     def _forward(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=None, return_dict=None):
-        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
-
         tokens, hidden = self.vision_model.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
         seq, pooled = self.vision_model.outputs(tokens)
         embeds = _linear(self.visual_projection, pooled)
-        out = CLIPVisionModelOutput(image_embeds=embeds, last_hidden_state=seq, hidden_states=hidden)
+        out = self.output(image_embeds=embeds, last_hidden_state=seq, hidden_states=hidden)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 

@@ -1,0 +1,218 @@
+"""Hugging Face models that hold a supported vision model, on vitfast: CLIP's, SigLIP's and MetaCLIP 2's two-tower
+models (`get_image_features`, the image-text logits, the contrastive loss) and image classifiers (`vision_model`),
+and vision-language models whose `vision_tower` is a CLIP or SigLIP vision model (LLaVA, PaliGemma, Gemma 3).
+`vitfast.optimize(model)` is a copy of the model with that one vision model on vitfast, its text tower / language
+model shared; compared in fp32 against the model in float64, bounded by its own fp32 error."""
+
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.convert import UnsupportedFeatureError
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf import HFVisionModel
+from vitfast.testing import assert_close, simulate_cuda_graphs
+
+transformers = pytest.importorskip("transformers")
+
+VISION = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=3)
+TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32)
+# two-tower class -> (its config class, the vision config class)
+TWO_TOWER = {"CLIPModel": ("CLIPConfig", "CLIPVisionConfig"), "SiglipModel": ("SiglipConfig", "SiglipVisionConfig"),
+             "MetaClip2Model": ("MetaClip2Config", "MetaClip2VisionConfig")}
+CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig"}
+IMAGE_TOKEN = 98           # the VLMs' image placeholder token (the last of TEXT's vocabulary)
+
+
+def perturbed(model):
+    """`model` in eval mode with every weight moved off its 0 / 1 init."""
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def two_tower(name: str):
+    config_cls, vision_cls = TWO_TOWER[name]
+    projection = {} if name == "SiglipModel" else dict(projection_dim=16)
+    cfg = getattr(transformers, config_cls)(text_config=TEXT, vision_config=VISION, **projection)
+    return perturbed(getattr(transformers, name)(cfg))
+
+
+def classifier(name: str):
+    cfg = getattr(transformers, CLASSIFIERS[name])(text_config=TEXT, vision_config=VISION, num_labels=5)
+    return perturbed(getattr(transformers, name)(cfg))
+
+
+def vlm(name: str):
+    """A tiny LLaVA (CLIP tower, features of the second-to-last layer without the class token), PaliGemma or
+    Gemma 3 (SigLIP tower, its last hidden state; Gemma 3 pools it to 2 x 2 tokens) with a Llama / Gemma language
+    model -> (the model, how many image tokens a prompt holds per image)."""
+    lm = dict(TEXT, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+    n_patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    if name == "LlavaForConditionalGeneration":
+        cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION),
+                                       text_config=transformers.LlamaConfig(**lm), image_token_index=IMAGE_TOKEN,
+                                       image_seq_length=n_patches, vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    elif name == "PaliGemmaForConditionalGeneration":
+        cfg = transformers.PaliGemmaConfig(vision_config=transformers.SiglipVisionConfig(**VISION),
+                                           text_config=transformers.GemmaConfig(**lm), image_token_index=IMAGE_TOKEN,
+                                           projection_dim=TEXT["hidden_size"])
+        cfg.text_config.num_image_tokens = n_patches
+    else:
+        n_patches = 4
+        cfg = transformers.Gemma3Config(vision_config=transformers.SiglipVisionConfig(**VISION),
+                                        text_config=transformers.Gemma3TextConfig(**lm, sliding_window=8),
+                                        mm_tokens_per_image=n_patches, image_token_index=IMAGE_TOKEN,
+                                        boi_token_index=IMAGE_TOKEN - 2, eoi_token_index=IMAGE_TOKEN - 1)
+    return perturbed(getattr(transformers, name)(cfg)), n_patches
+
+
+def image_embeds(out):
+    """get_image_features' result: the projected embeddings (a tensor before transformers 5.x's output object)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def assert_shares_all_but_the_vision_model(opt, model, path: str) -> None:
+    """opt is a copy of model whose module at `path` is vitfast's, every other module model's own."""
+    assert type(opt) is type(model) and opt is not model
+    outer, _, attr = path.rpartition(".")
+    hf_vision = model.get_submodule(path)
+    assert type(hf_vision).__module__.startswith("transformers.")         # the model itself keeps HF's
+    assert isinstance(opt.get_submodule(path), HFVisionModel)
+    for name, m in model.get_submodule(outer).named_children() if outer else model.named_children():
+        if name != attr and name != path.partition(".")[0]:
+            assert (opt.get_submodule(outer) if outer else opt).get_submodule(name) is m, name
+    assert {id(p) for p in opt.parameters()} <= {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_TOWER))
+def test_two_tower_models_equal_hf(name):
+    """get_image_features, and the forward's image-text logits, embeddings and vision outputs."""
+    model = two_tower(name)
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert_shares_all_but_the_vision_model(opt, model, "vision_model")
+    assert opt.text_model is model.text_model and opt.logit_scale is model.logit_scale
+    x = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(1, TEXT["vocab_size"], (2, 7))
+    with torch.no_grad():
+        assert_close(image_embeds(opt.get_image_features(x)), image_embeds(model64.get_image_features(x.double())),
+                     eager=image_embeds(model.get_image_features(x)), name="get_image_features")
+        out, ref, eager = (m(input_ids=ids, pixel_values=xi) for m, xi in ((opt, x), (model64, x.double()),
+                                                                             (model, x)))
+        for key in ("logits_per_image", "image_embeds"):
+            assert_close(out[key], ref[key], eager=eager[key], name=key)
+        assert torch.equal(out.text_embeds, eager.text_embeds)                  # the text tower is HF's own
+        for key in ("last_hidden_state", "pooler_output"):
+            assert_close(out.vision_model_output[key], ref.vision_model_output[key],
+                         eager=eager.vision_model_output[key], name=f"vision_model_output.{key}")
+
+
+def test_two_tower_model_trains_hf_vision_tensors():
+    """The contrastive loss through the optimized CLIPModel gives HF's float64 gradient to every parameter."""
+    model = two_tower("CLIPModel").train()
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(1, TEXT["vocab_size"], (2, 7))
+    opt(input_ids=ids, pixel_values=x, return_loss=True).loss.backward()
+    model64(input_ids=ids, pixel_values=x.double(), return_loss=True).loss.backward()
+    for (n, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        if p64.grad is None:
+            assert p.grad is None, n
+        elif p64.grad.norm() < 1e-9 * max(1.0, p64.norm().item()):     # k's bias: the exact gradient is 0
+            assert p.grad.norm() < 1e-4, n
+        else:
+            assert_close(p.grad, p64.grad, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+def test_image_classifiers_equal_hf(name):
+    """CLIP's (mean of the patch tokens) and SigLIP's (mean of every token) classifier heads on vitfast's
+    vision model, with the loss for labels."""
+    model = classifier(name)
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert_shares_all_but_the_vision_model(opt, model, "vision_model")
+    x, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        out, ref, eager = (m(xi, labels=labels) for m, xi in ((opt, x), (model64, x.double()), (model, x)))
+    assert_close(out.logits, ref.logits, eager=eager.logits, name="logits")
+    assert_close(out.loss, ref.loss, eager=eager.loss, name="loss")
+
+
+@pytest.mark.parametrize("name", ["LlavaForConditionalGeneration", "PaliGemmaForConditionalGeneration",
+                                  "Gemma3ForConditionalGeneration"])
+def test_vision_language_models_equal_hf(name):
+    """The VLM's logits over a prompt with an image, and its image features (LLaVA: the second-to-last hidden
+    state of the CLIP tower; PaliGemma, Gemma 3: the SigLIP tower's last hidden state), with the vision tower on
+    vitfast."""
+    model, n_patches = vlm(name)
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert_shares_all_but_the_vision_model(opt, model, "model.vision_tower")
+    assert opt.model.language_model is model.model.language_model and opt.lm_head is model.lm_head
+    x = torch.randn(2, 3, 32, 32)
+    image = IMAGE_TOKEN * torch.ones(2, n_patches, dtype=torch.long)
+    ids = torch.cat([torch.tensor([[2], [2]]), image, torch.randint(3, IMAGE_TOKEN - 2, (2, 5))], dim=1)
+    with torch.no_grad():
+        out, ref, eager = (m(input_ids=ids, pixel_values=xi).logits
+                           for m, xi in ((opt, x), (model64, x.double()), (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        feats = [torch.cat(list(image_embeds(m.get_image_features(pixel_values=xi))))
+                 for m, xi in ((opt, x), (model64, x.double()), (model, x))]
+        assert_close(*feats[:2], eager=feats[2], name="get_image_features")
+        # generate() calls the vision tower as HF's does; greedy decoding picks HF's tokens
+        kw = dict(input_ids=ids, pixel_values=x, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        if name.startswith("PaliGemma"):
+            kw["token_type_ids"] = torch.zeros_like(ids)                  # the whole prompt is prefix
+        assert torch.equal(opt.generate(**kw), model.generate(**kw))
+
+
+def test_models_around_an_unsupported_vision_model_are_refused_by_name():
+    cfg = transformers.Siglip2Config(text_config=TEXT, vision_config=dict(VISION, num_patches=16))
+    del cfg.vision_config.image_size
+    with pytest.raises(UnsupportedFeatureError, match=r"Siglip2Model holding Siglip2VisionModel \(vision_model\)"):
+        vitfast.optimize(transformers.Siglip2Model(cfg))
+
+
+def test_get_image_features_replays_the_vision_models_graph():
+    """With CUDA graphs (simulated on the CPU: outputs in fixed buffers that each replay overwrites): the vision
+    model's graph is captured once and replayed, and HF's get_image_features, which sets the projected embeddings
+    on the output object it gets, gets a new one each call: results handed out stay as they were."""
+    model = two_tower("CLIPModel")
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    runner = opt.vision_model.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    with torch.no_grad():
+        outs = [opt.get_image_features(x) for x in xs]                 # eager, capture, replay, replay
+        for x, out in zip(xs, outs):
+            ref, eager = model64.get_image_features(x.double()), model.get_image_features(x)
+            assert_close(image_embeds(out), image_embeds(ref), eager=image_embeds(eager), name="get_image_features")
+            if not isinstance(out, torch.Tensor):                     # transformers 5.x: the vision model's outputs
+                assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state,
+                             name="last_hidden_state")
+    assert runner.captures == 1
+
+
+@pytest.mark.gpu
+def test_two_tower_model_replays_on_cuda(no_tf32):
+    """get_image_features on CUDA: eager, capture, replays, each equal to HF; a result handed out is not
+    overwritten by a later replay."""
+    model = two_tower("CLIPModel").cuda()
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    xs = [torch.randn(4, 3, 32, 32, device="cuda") for _ in range(4)]
+    with torch.no_grad():
+        outs = [image_embeds(opt.get_image_features(x)) for x in xs]
+        for x, out in zip(xs, outs):
+            assert_close(out, image_embeds(model64.get_image_features(x.double())),
+                         eager=image_embeds(model.get_image_features(x)), name="get_image_features")
+    assert opt.vision_model.cuda_graphs.captures == 1
