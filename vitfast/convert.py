@@ -13,10 +13,11 @@
 - torchvision `VisionTransformer` -> `vitfast.VisionTransformer` (forward(images) -> logits).
 - Models around one of those: HF's depth / segmentation models whose `backbone` is a DINOv2 / DINOv3 backbone
   (Depth Anything, DPT), HF's CLIP / MetaCLIP 2 / SigLIP two-tower and classification models (`vision_model`:
-  `get_image_features`, the image-text logits), HF's vision-language models whose `vision_tower` is a CLIP or
-  SigLIP vision model (LLaVA, PaliGemma, Gemma 3: inside their `model`), and timm's `features_only` models
-  (`FeatureGetterNet`, which reads its ViT's `forward_intermediates`) -> a copy of the outer model, its other
-  modules (the text tower, the language model) shared, with that one optimized.
+  `get_image_features`, the image-text logits), HF's DINOv2 classifiers (`dinov2`), HF's vision-language
+  models whose `vision_tower` is a CLIP or SigLIP vision model (LLaVA, PaliGemma, Gemma 3: inside their
+  `model`), and timm's `features_only` models (`FeatureGetterNet`, which reads its ViT's
+  `forward_intermediates`) -> a copy of the outer model, its other modules (the text tower, the language
+  model) shared, with that one optimized.
 
 Parameters are shared with the source model (the same `nn.Parameter` objects); tensors timm's layout
 holds in another form are built from the source's on use (HF's separate q/k/v as timm's packed qkv, CLIP's
@@ -94,15 +95,16 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 
 # Where transformers models keep the vision model they run, looked for in this order: depth models' `backbone`,
 # CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
-# PaliGemma, Gemma 3: inside their `model`).
-_HF_INNER = ("backbone", "vision_model", "vision_tower", "model")
+# PaliGemma, Gemma 3: inside their `model`), DINOv2's classifiers' `dinov2` / `dinov2_with_registers`. Other
+# heads (ViTForMaskedImageModeling's `vit`, ...) are not taken.
+_HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers")
 
 
 def _wrapped_model(model: nn.Module) -> str | None:
     """The attribute holding the ViT of a model around one (module docstring), or None."""
     cls = type(model)
     if cls.__module__.startswith("transformers.") and not _is_hf_class(cls.__name__):
-        for attr in _HF_INNER:
+        for attr in (*_HF_INNER, "model"):
             inner = model._modules.get(attr)
             if inner is not None and (_is_hf_class(type(inner).__name__) or _wrapped_model(inner) is not None):
                 return attr

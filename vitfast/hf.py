@@ -23,8 +23,8 @@ get the gradients and an optimizer over either model trains both:
 MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
 latter returns MetaClip2VisionModelOutput). The backbones' stage feature maps: `HFBackbone`. Models that hold
 one of these (CLIPModel, SiglipModel and MetaClip2Model with their text towers, the ForImageClassification
-heads, LLaVA's and PaliGemma's vision tower) are copied with that one replaced (`vitfast.convert.optimize`);
-they call it as they call HF's.
+heads of CLIP, SigLIP and DINOv2, the vision tower of LLaVA, PaliGemma and Gemma 3) are copied with that one
+replaced (`vitfast.convert.optimize`); they call it as they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -46,7 +46,7 @@ from torch import nn
 
 from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
-from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
+from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
@@ -80,11 +80,11 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
     name = type(model).__name__
     if name not in CLASSES:
-        held = [f"{type(m).__name__} ({attr})" for attr in ("backbone", "vision_model", "vision_tower")
-                if isinstance(m := model._modules.get(attr), nn.Module)]
+        held = [f"{type(m).__name__} ({attr})" for attr in _HF_INNER if isinstance(m := model._modules.get(attr),
+                                                                                   nn.Module)]
         raise UnsupportedFeatureError(
             f"model: Hugging Face {name}{' holding ' + ', '.join(held) if held else ''} is not supported (supported: "
-            f"{sorted(CLASSES)}, and models holding one as backbone, vision_model or vision_tower)")
+            f"{sorted(CLASSES)}, and models holding one as {', '.join(_HF_INNER)} or inside model)")
     family, head = CLASSES[name]
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")

@@ -1,8 +1,9 @@
-"""Hugging Face models that hold a supported vision model, on vitfast: CLIP's, SigLIP's and MetaCLIP 2's two-tower
-models (`get_image_features`, the image-text logits, the contrastive loss) and image classifiers (`vision_model`),
-and vision-language models whose `vision_tower` is a CLIP or SigLIP vision model (LLaVA, PaliGemma, Gemma 3).
-`vitfast.optimize(model)` is a copy of the model with that one vision model on vitfast, its text tower / language
-model shared; compared in fp32 against the model in float64, bounded by its own fp32 error."""
+"""Hugging Face models that hold a supported vision model, on vitfast: CLIP's, SigLIP's and MetaCLIP 2's
+two-tower models (`get_image_features`, the image-text logits, the contrastive loss) and image classifiers
+(`vision_model`), DINOv2's image classifiers (`dinov2`), and vision-language models whose `vision_tower` is a
+CLIP or SigLIP vision model (LLaVA, PaliGemma, Gemma 3). `vitfast.optimize(model)` is a copy of the model with
+that one vision model on vitfast, its text tower / language model shared; compared in fp32 against the model in
+float64, bounded by its own fp32 error."""
 
 import copy
 
@@ -24,7 +25,10 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
 # two-tower class -> (its config class, the vision config class)
 TWO_TOWER = {"CLIPModel": ("CLIPConfig", "CLIPVisionConfig"), "SiglipModel": ("SiglipConfig", "SiglipVisionConfig"),
              "MetaClip2Model": ("MetaClip2Config", "MetaClip2VisionConfig")}
-CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig"}
+# classifier -> its config (DINOv2's: the class token beside the mean of the patch tokens, after any registers)
+CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig",
+               "Dinov2ForImageClassification": "Dinov2Config",
+               "Dinov2WithRegistersForImageClassification": "Dinov2WithRegistersConfig"}
 IMAGE_TOKEN = 98           # the VLMs' image placeholder token (the last of TEXT's vocabulary)
 
 
@@ -45,7 +49,13 @@ def two_tower(name: str):
 
 
 def classifier(name: str):
-    cfg = getattr(transformers, CLASSIFIERS[name])(text_config=TEXT, vision_config=VISION, num_labels=5)
+    config_cls = getattr(transformers, CLASSIFIERS[name])
+    if name.startswith("Dinov2"):
+        vision = {k: v for k, v in VISION.items() if k != "intermediate_size"}
+        cfg = config_cls(**vision, mlp_ratio=2, num_labels=5, **({"num_register_tokens": 2} if "Registers" in name
+                                                                   else {}))
+    else:
+        cfg = config_cls(text_config=TEXT, vision_config=VISION, num_labels=5)
     return perturbed(getattr(transformers, name)(cfg))
 
 
@@ -134,12 +144,13 @@ def test_two_tower_model_trains_hf_vision_tensors():
 
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))
 def test_image_classifiers_equal_hf(name):
-    """CLIP's (mean of the patch tokens) and SigLIP's (mean of every token) classifier heads on vitfast's
-    vision model, with the loss for labels."""
+    """CLIP's (mean of the patch tokens), SigLIP's (mean of every token) and DINOv2's (the class token and the
+    mean of the patch tokens) classifier heads on vitfast's vision model, with the loss for labels."""
     model = classifier(name)
     model64 = copy.deepcopy(model).double()
     opt = vitfast.optimize(model)
-    assert_shares_all_but_the_vision_model(opt, model, "vision_model")
+    assert_shares_all_but_the_vision_model(opt, model, model.base_model_prefix if name.startswith("Dinov2")
+                                           else "vision_model")
     x, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
     with torch.no_grad():
         out, ref, eager = (m(xi, labels=labels) for m, xi in ((opt, x), (model64, x.double()), (model, x)))
