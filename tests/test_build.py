@@ -1,11 +1,13 @@
 """The build and the one GPU command, on a machine without a GPU: setup.py refuses a CUDA torch with no
-CUDA compiler, vitfast._C says whether its CUDA kernels are compiled in, and `make gpu`
-(tools/gpu.py) stops after the build without CUDA, reports each step, keeps to its six files, and
-its pytest plugin stops starting tests at the deadline and reports every test."""
+CUDA compiler and finds the CUDA toolkit behind a wrapper nvcc, vitfast._C says whether its CUDA kernels are
+compiled in, and `make gpu` (tools/gpu.py) stops after the build without CUDA, reports each step, keeps to its
+six files, and its pytest plugin stops starting tests at the deadline and reports every test."""
 
+import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -50,6 +52,40 @@ def test_setup_refuses_cuda_torch_without_a_cuda_compiler():
     proc = _setup({"VITFAST_NO_CUDA": "1"})           # the CPU-only extension, asked for
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "0.1.0"
+
+
+def _setup_function(name):
+    """A function of setup.py, without running setup() (it builds nothing when called)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, ast.FunctionDef) and n.name == name)]
+    namespace = {}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
+def test_setup_finds_the_cuda_toolkit_behind_a_wrapper_nvcc(tmp_path, monkeypatch):
+    """`nvcc` on PATH as a wrapper script outside the toolkit (as /usr/local/bin/nvcc running
+    /usr/local/cuda-13.0/bin/nvcc is): torch alone takes the folder above the wrapper as CUDA_HOME, which has no
+    cuda_runtime_api.h, and the host compiler's part of the CUDA build failed. setup.py sets CUDA_HOME to the
+    toolkit nvcc reports; torch's own guess stands where it holds the headers, and a CUDA_HOME set is kept."""
+    find = _setup_function("_cuda_home_behind_nvcc")
+    nvcc = shutil.which("nvcc")
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec "{nvcc}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    home = Path(find())
+    assert (home / "include" / "cuda_runtime_api.h").is_file() and (home / "bin" / "nvcc").is_file()
+    (tmp_path / "include").mkdir()                                    # the wrapper's folder looks like a toolkit
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    assert find() is None
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert find() is None
 
 
 def test_extension_says_whether_its_cuda_kernels_are_compiled_in():

@@ -75,13 +75,23 @@ ptxas info    : Used 31 registers, used 1 barriers, 128 bytes smem"""
     assert ptxas_kernels(log) == {"_Z1kv": (255, 4, 4), "_Z1gv": (31, 0, 0)}
 
 
+def _standards() -> list[str]:
+    """The C++ standards a setup.py build may compile with: setup.py passes none, and torch's BuildExtension adds
+    one its headers take, C++17 (the oldest torch vitfast supports) or C++20 (torch 2.13's choice; torch 2.14's
+    headers need it). -> the oldest the installed torch's ATen.h takes, and C++20."""
+    aten = Path(cpp_extension.include_paths()[0]) / "ATen" / "ATen.h"
+    m = re.search(r"__cplusplus < (\d{4})\d\dL", aten.read_text()) if aten.is_file() else None
+    oldest = {"2017": "c++17", "2020": "c++20"}.get(m.group(1) if m else "", "c++17")
+    return sorted({oldest, "c++20"})
+
+
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
 def test_compiles_for_sm90_without_spills(source, tmp_path):
     # The flags of a setup.py build (torch's BuildExtension adds COMMON_NVCC_FLAGS, which forbid
-    # implicit half/bf16 conversions), for sm_90 only.
+    # implicit half/bf16 conversions, and a C++ standard: C++20 from torch 2.13 on), for sm_90 only.
     cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"), *cpp_extension.COMMON_NVCC_FLAGS,
-           "-DVITFAST_WITH_CUDA=1", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+           "-DVITFAST_WITH_CUDA=1", "-O3", "-std=c++20", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
            "-I", str(CSRC)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
@@ -107,7 +117,8 @@ def _host_compiler():
 
 @needs_nvcc
 @pytest.mark.skipif(_host_compiler() is None, reason="no host C++ compiler (c++, g++, clang++) on PATH")
-def test_ops_cpp_cuda_branch_compiles():
+@pytest.mark.parametrize("standard", _standards())
+def test_ops_cpp_cuda_branch_compiles(standard):
     """ops.cpp with -DVITFAST_WITH_CUDA (device guard, current stream, the launcher's C ABI, the CUDA
     registrations) against the installed torch's headers and the CUDA toolkit's, as setup.py's CUDA
     build compiles it. A CPU-only torch ships c10/cuda without its generated
@@ -118,7 +129,7 @@ def test_ops_cpp_cuda_branch_compiles():
     cuda_include = _cuda_include()
     if cuda_include is None:
         pytest.skip("no CUDA toolkit include directory with cuda_runtime.h (CUDA_HOME, CUDA_PATH, /usr/local/cuda)")
-    cmd = [_host_compiler(), "-fsyntax-only", str(CSRC / "ops.cpp"), "-std=c++17", "-DVITFAST_WITH_CUDA=1",
+    cmd = [_host_compiler(), "-fsyntax-only", str(CSRC / "ops.cpp"), f"-std={standard}", "-DVITFAST_WITH_CUDA=1",
            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-I", str(CSRC),
            "-I", sysconfig.get_paths()["include"]]
     cmd += [arg for p in [*torch_includes, cuda_include] for arg in ("-isystem", str(p))]
