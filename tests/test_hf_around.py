@@ -14,7 +14,7 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf import HFVisionModel
-from vitfast.testing import assert_close, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -227,3 +227,32 @@ def test_two_tower_model_replays_on_cuda(no_tf32):
             assert_close(out, image_embeds(model64.get_image_features(x.double())),
                          eager=image_embeds(model.get_image_features(x)), name="get_image_features")
     assert opt.vision_model.cuda_graphs.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["SiglipModel", "LlavaForConditionalGeneration", "PaliGemmaForConditionalGeneration"])
+def test_models_around_a_vision_model_in_half_precision_on_cuda(name, dtype, no_tf32):
+    """The model in fp16 / bf16 with its vision model on vitfast's kernels (eager, then its CUDA graph's replays)
+    against the model in fp32, within 2x the error of the model itself in that dtype: SigLIP's image embeddings,
+    the VLMs' logits over a prompt with an image."""
+    if name == "SiglipModel":
+        model, n_tokens = two_tower(name), 0
+        run = lambda m, x: image_embeds(m.get_image_features(x))                           # noqa: E731
+    else:
+        model, n_tokens = vlm(name)
+        image = IMAGE_TOKEN * torch.ones(2, n_tokens, dtype=torch.long)
+        ids = torch.cat([torch.tensor([[2], [2]]), image, torch.randint(3, IMAGE_TOKEN - 2, (2, 5))], dim=1).cuda()
+        run = lambda m, x: m(input_ids=ids, pixel_values=x).logits                          # noqa: E731
+    model = model.cuda()
+    low = copy.deepcopy(model).to(dtype)
+    opt = vitfast.optimize(low)
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        ref, eager = run(model, x), run(low, x.to(dtype))
+        for _ in range(3):                                                                   # eager, capture, replay
+            out = run(opt, x.to(dtype))
+            assert out.dtype == dtype
+            assert_close(out, ref, dtype=dtype, eager=eager, tol=MODEL_TOLERANCE[dtype], name=name)
+    vision = opt.vision_model if name == "SiglipModel" else opt.model.vision_tower
+    assert vision.cuda_graphs.captures == 1
