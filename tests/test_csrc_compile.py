@@ -77,8 +77,8 @@ ptxas info    : Used 31 registers, used 1 barriers, 128 bytes smem"""
 
 def _standards() -> list[str]:
     """The C++ standards a setup.py build may compile with: setup.py passes none, and torch's BuildExtension adds
-    one its headers take, C++17 (the oldest torch vitfast supports) or C++20 (torch 2.13's choice; torch 2.14's
-    headers need it). -> the oldest the installed torch's ATen.h takes, and C++20."""
+    one its headers take: C++17 (torch 2.11's choice) or C++20 (torch 2.13's; torch 2.14's headers need it).
+    -> the oldest the installed torch's ATen.h takes, and C++20."""
     aten = Path(cpp_extension.include_paths()[0]) / "ATen" / "ATen.h"
     m = re.search(r"__cplusplus < (\d{4})\d\dL", aten.read_text()) if aten.is_file() else None
     oldest = {"2017": "c++17", "2020": "c++20"}.get(m.group(1) if m else "", "c++17")
@@ -86,12 +86,13 @@ def _standards() -> list[str]:
 
 
 @needs_nvcc
+@pytest.mark.parametrize("standard", _standards())
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
-def test_compiles_for_sm90_without_spills(source, tmp_path):
+def test_compiles_for_sm90_without_spills(source, standard, tmp_path):
     # The flags of a setup.py build (torch's BuildExtension adds COMMON_NVCC_FLAGS, which forbid
-    # implicit half/bf16 conversions, and a C++ standard: C++20 from torch 2.13 on), for sm_90 only.
+    # implicit half/bf16 conversions, and a C++ standard: C++17 in torch 2.11, C++20 from 2.13), for sm_90 only.
     cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"), *cpp_extension.COMMON_NVCC_FLAGS,
-           "-DVITFAST_WITH_CUDA=1", "-O3", "-std=c++20", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+           "-DVITFAST_WITH_CUDA=1", "-O3", f"-std={standard}", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
            "-I", str(CSRC)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
