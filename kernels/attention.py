@@ -17,6 +17,12 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
 - fp16 / bf16 / fp32 inputs; fp32 dots use tf32 or ieee (`DOT_PRECISION`), as the caller decides.
 - RETURN_LSE: every query row's log-sum-exp of its scaled scores, log2 domain (m + log2 l), [B, H, N_Q]
   fp32: what the backward needs to rebuild the probabilities block by block.
+- HAS_MASK: a key-padding mask [B, N_KV] (bool read as uint8 through two strides; SigLIP 2 NaFlex pads
+  each image's patch sequence): a key whose entry is 0 is left out for every query and head of its batch
+  element (score -inf, probability 0, also in the CLS row). Queries are not masked. A row whose keys are
+  all masked outputs zeros, its lse is +inf (so the backward rebuilds p = 0: zero gradients) and its CLS
+  row zeros, as FlashAttention does; the online softmax offsets exp2 by 0 while a row's running max is
+  still -inf, so no -inf − -inf NaN arises. HAS_MASK=False compiles to the unmasked kernel, unchanged.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
@@ -24,7 +30,7 @@ owns a block of keys and streams the queries (dK, dV), another owns a block of q
 the keys (dQ): no atomics, no N×N matrix, O(N) extra memory (lse and D). dQ, dK and dV are written
 through strides, so the gradient of the packed projection lands in one [B, N, 3·C] tensor. The head
 dim is split into the forward's two power-of-two chunks (72 = 64 + 16 with 8 lanes masked, 80 = 64 + 16):
-no dot runs over a padded 128.
+no dot runs over a padded 128. With HAS_MASK, p = 0 for the masked keys, so their dK and dV are 0.
 """
 
 from __future__ import annotations
@@ -113,13 +119,16 @@ def _attention_block(
     k_blk,                      # [BLOCK_N, D] this block's keys, rows stride_kn apart
     v_blk,                      # [BLOCK_N, D] this block's values, rows stride_vn apart
     cls_ptr,                    # [N_KV] fp32: this head's CLS row (raw scores while streaming)
-    stride_kn, stride_vn, start_n, N_KV, qk_scale, is_cls_program,
+    mask_row,                   # [N_KV] uint8 by stride_mn: this batch element's key mask (HAS_MASK only)
+    stride_kn, stride_vn, stride_mn, start_n, N_KV, qk_scale, is_cls_program,
     offs_m, offs_n, cols_lo, cols_hi,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, MASK_N: tl.constexpr,
-    RETURN_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RETURN_CLS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
     key_ok = (start_n + offs_n) < N_KV
+    if HAS_MASK:   # keys past N_KV read as masked
+        kv_ok = tl.load(mask_row + (start_n + offs_n).to(tl.int64) * stride_mn, mask=key_ok, other=0) != 0
     # Row offsets from the block's base pointer, in int64: a sequence-first layout has token strides
     # of B·H·D, and BLOCK_N of them can pass 2^31. Rebuilt each step rather than carried: a
     # [BLOCK_N, D] tensor of pointers held across the loop costs ~2 x 64 registers per thread.
@@ -131,15 +140,23 @@ def _attention_block(
         k = _load_tile(k_rows + cols_hi[None, :], key_ok, cols_hi, HEAD_DIM, MASK_N, D_LO + D_HI > HEAD_DIM)
         qk = tl.dot(q_hi, tl.trans(k), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale                                                          # (BLOCK_M, BLOCK_N), log2 domain
-    if MASK_N:
+    if HAS_MASK:
+        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+    elif MASK_N:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
     if RETURN_CLS:
         if is_cls_program:
             row0 = tl.sum(tl.where(offs_m[:, None] == 0, qk, 0.0), axis=0)    # (BLOCK_N,) scores of query 0
             tl.store(cls_ptr + start_n + offs_n, row0, mask=key_ok)
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    if HAS_MASK:
+        # Every key so far masked: m_new is -inf, and -inf - -inf would be NaN. Offset by 0 instead
+        # (alpha = p = 0; acc and l are still 0).
+        m_off = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_off = m_new
+    alpha = tl.math.exp2(m_i - m_off)
+    p = tl.math.exp2(qk - m_off[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _load_tile(v_rows + cols_lo[None, :], key_ok, cols_lo, HEAD_DIM, MASK_N, D_LO > HEAD_DIM)
     p = p.to(v.dtype)
@@ -151,7 +168,7 @@ def _attention_block(
 
 
 @triton.autotune(configs=attention_configs(),
-                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "DOT_PRECISION"],
+                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("attention"))
 @triton.jit
@@ -162,14 +179,17 @@ def _attention_fwd_kernel(
     out_ptr,                    # [B, H, N_Q, D] by strides, head dim unit stride
     cls_ptr,                    # [B, H, N_KV] fp32 contiguous; touched only with RETURN_CLS
     lse_ptr,                    # [B, H, N_Q] fp32 contiguous; touched only with RETURN_LSE
+    mask_ptr,                   # [B, N_KV] uint8 (a bool mask's bytes) by strides; touched only with HAS_MASK
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_mb, stride_mn,
     H, N_Q, N_KV,
     qk_scale,                   # scale · log2(e)
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs, query blocks of one head adjacent (they share
     # K/V in L2); 1-D so that B·H is not capped at 65535 like a grid's y dimension.
@@ -205,38 +225,50 @@ def _attention_fwd_kernel(
     k_step = BLOCK_N * tl.cast(stride_kn, tl.int64)   # a stride of 1 arrives as a constexpr int
     v_step = BLOCK_N * tl.cast(stride_vn, tl.int64)
     cls_row = cls_ptr + pid_bh.to(tl.int64) * N_KV
+    mask_row = mask_ptr + off_b * stride_mb
     is_cls_program = pid_m == 0
 
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, stride_kn, stride_vn, start_n, N_KV,
-            qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
-            HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, DOT_PRECISION)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
+            stride_mn, start_n, N_KV, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION)
         k_blk += k_step
         v_blk += v_step
     if n_full < N_KV:   # the last, partial key block
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, stride_kn, stride_vn, n_full, N_KV,
-            qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
-            HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, DOT_PRECISION)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
+            stride_mn, n_full, N_KV, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION)
 
+    if HAS_MASK:
+        # A row whose keys are all masked has l = 0 and acc = 0: it outputs 0, and its lse is +inf so that
+        # the backward's exp2(s - lse) is 0 (FlashAttention's convention). Its CLS row is 0 likewise.
+        row_empty = l_i == 0.0
+        l_div = tl.where(row_empty, 1.0, l_i)
+        m_i = tl.where(row_empty, 0.0, m_i)
+    else:
+        l_div = l_i
     out_rows = out_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_on
     out_ty = out_ptr.dtype.element_ty
-    tl.store(out_rows + cols_lo[None, :], (acc_lo / l_i[:, None]).to(out_ty),
+    tl.store(out_rows + cols_lo[None, :], (acc_lo / l_div[:, None]).to(out_ty),
              mask=row_ok[:, None] & (cols_lo[None, :] < HEAD_DIM))
     if D_HI > 0:
-        tl.store(out_rows + cols_hi[None, :], (acc_hi / l_i[:, None]).to(out_ty),
+        tl.store(out_rows + cols_hi[None, :], (acc_hi / l_div[:, None]).to(out_ty),
                  mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
     if RETURN_LSE:
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+        lse = m_i + tl.math.log2(l_div)
+        if HAS_MASK:
+            lse = tl.where(row_empty, float("inf"), lse)
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
     if RETURN_CLS:
         if is_cls_program:
             # Every key has been seen: turn query 0's raw scores into probabilities. The barrier makes
             # the scores stored above (by whichever threads held them) visible to this pass.
             m_0 = tl.sum(tl.where(offs_m == 0, m_i, 0.0), axis=0)
-            l_0 = tl.sum(tl.where(offs_m == 0, l_i, 0.0), axis=0)
+            l_0 = tl.sum(tl.where(offs_m == 0, l_div, 0.0), axis=0)
             tl.debug_barrier()
             for start_n in range(0, N_KV, BLOCK_N):
                 key_ok = (start_n + offs_n) < N_KV
@@ -258,15 +290,28 @@ def _check_out(name: str, t: torch.Tensor, shape, dtype, device):
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _mask_args(key_mask: torch.Tensor | None, B: int, n_kv: int, placeholder: torch.Tensor):
+    """(mask tensor, stride_mb, stride_mn) for a kernel: the bool mask's bytes as uint8 (no copy, any
+    strides), or a placeholder the kernel never reads when there is no mask."""
+    if key_mask is None:
+        return placeholder, 0, 0
+    if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, n_kv) or key_mask.device != placeholder.device:
+        raise ValueError(f"key_mask: expected ({B}, {n_kv}) torch.bool on {placeholder.device}, got "
+                         f"{tuple(key_mask.shape)} {key_mask.dtype} on {key_mask.device}")
+    return key_mask.view(torch.uint8), key_mask.stride(0), key_mask.stride(1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
               out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None) -> torch.Tensor:
+              lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
     head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
     cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
     lse: optional contiguous [B, H, N_Q] fp32 buffer that receives each query row's log-sum-exp (log2
-    domain), for `attention_backward`. Returns out. Arguments are assumed validated (vitfast.ops does
-    it); only buffers are checked."""
+    domain; +inf for a row whose keys are all masked), for `attention_backward`. key_mask: optional
+    torch.bool [B, N_KV] (any strides), False = the key is left out for every query and head of that batch
+    element; a row left with no key outputs zeros. Returns out. Arguments are assumed validated
+    (vitfast.ops does it); only buffers and the mask are checked."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -284,6 +329,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         _check_out("lse", lse, (B, H, n_q), torch.float32, q.device)
         if not lse.is_contiguous():
             raise ValueError(f"lse: expected a contiguous buffer, got strides {lse.stride()}")
+    mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, out)
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
@@ -291,14 +337,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     d_lo, d_hi = head_dim_chunks(D)
     grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)
     _attention_fwd_kernel[grid](
-        q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out,
+        q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out, mask,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        stride_mb, stride_mn,
         H, n_q, n_kv, scale * LOG2E,
         HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, RETURN_LSE=lse is not None,
-        DOT_PRECISION=precision,
+        HAS_MASK=key_mask is not None, DOT_PRECISION=precision,
     )
     return out
 
@@ -312,10 +359,11 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, return_cls_attn: bool = False,
                   out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
-                  lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
     (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn / lse: optional buffers (lse as in
-    `attention`, [B, H, N])."""
+    `attention`, [B, H, N]); key_mask: optional torch.bool [B, N], as in `attention`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv_heads(qkv, num_heads)
@@ -325,13 +373,15 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
     if return_cls_attn and cls_attn is None:
         cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
-    attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse)
+    attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse,
+              key_mask=key_mask)
     return out, (cls_attn if return_cls_attn else None)
 
 
 class QKVPlan:
     """What an `attention_qkv` launch fixes for a qkv of given shape, strides, dtype and device, head
-    count, scale and outputs (`qkv_plan`); `qkv_run` then allocates the outputs and launches."""
+    count, scale, outputs and key mask layout (`qkv_plan`); `qkv_run` then allocates the outputs and
+    launches."""
 
     __slots__ = ("launch", "out_shape", "cls_shape", "C")
 
@@ -339,11 +389,13 @@ class QKVPlan:
         self.launch, self.out_shape, self.cls_shape, self.C = launch, out_shape, cls_shape, C
 
 
-def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool) -> QKVPlan:
+def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool,
+             key_mask: torch.Tensor | None = None) -> QKVPlan:
     """The launch of `attention_qkv` (arguments validated by vitfast.ops; B, N >= 1) for any qkv with this
     shape, strides, dtype and device: q, k and v [B, H, N, D] are read from qkv's three thirds through the
     strides (qkv.stride(0), D, qkv.stride(1)), out [B, N, C] contiguous as [B, H, N, D] through
-    (N·C, D, C)."""
+    (N·C, D, C). key_mask: None (no mask), or a torch.bool [B, N] of the layout the plan's calls pass
+    (its strides are fixed here)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -351,22 +403,24 @@ def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: b
     precision = "tf32" if qkv.dtype == torch.float32 and qkv.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
     grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
-    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, num_heads, N, N, scale * LOG2E)
+    mask_strides = (0, 0) if key_mask is None else (key_mask.stride(0), key_mask.stride(1))
+    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, num_heads, N, N, scale * LOG2E)
     meta = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=return_cls_attn, RETURN_LSE=return_lse,
-                DOT_PRECISION=precision)
+                HAS_MASK=key_mask is not None, DOT_PRECISION=precision)
     return QKVPlan(Launch(_attention_fwd_kernel, grid, scalars, meta), (B, N, C),
                    (B, num_heads, N) if return_cls_attn else None, C)
 
 
-def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None
+def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch `p` on a qkv it was planned for (nothing is checked; lse: a contiguous [B, H, N] fp32 buffer
-    exactly when the plan returns it): (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors."""
+    """Launch `p` on a qkv (and key_mask) it was planned for (nothing is checked; lse: a contiguous [B, H, N]
+    fp32 buffer exactly when the plan returns it; key_mask exactly when the plan was made with one, of the
+    same strides): (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors."""
     out = torch.empty(p.out_shape, dtype=qkv.dtype, device=qkv.device)
     cls_attn = None if p.cls_shape is None else torch.empty(p.cls_shape, dtype=torch.float32, device=qkv.device)
     C = p.C
     p.launch(qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out if cls_attn is None else cls_attn,
-             out if lse is None else lse)
+             out if lse is None else lse, out if key_mask is None else key_mask.view(torch.uint8))
     return out, cls_attn
 
 
@@ -450,7 +504,7 @@ def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM
         tl.store(ptrs + cols_hi[None, :], hi.to(ty), mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
 
 
-_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "DOT_PRECISION", "RESIDENT"]
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION", "RESIDENT"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
@@ -461,11 +515,13 @@ def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,            # [B, H, N, D] by strides, head dim unit stride
     lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
     dk_ptr, dv_ptr,                         # [B, H, N_KV, D] by strides, head dim unit stride
+    mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mn,
     H, N_Q, N_KV, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block. The head dim is two
     column chunks, as in the forward (80 = 64 + 16): every dot over it is split in two."""
@@ -475,6 +531,10 @@ def _attention_bwd_dkdv_kernel(
     cols_lo = tl.arange(0, D_LO)
     cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
     key_ok = offs_n < N_KV
+    if HAS_MASK:   # a masked key gets p = 0 from every query: its dK and dV are 0
+        kv_ok = tl.load(mask_ptr + off_b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=key_ok, other=0) != 0
+    else:
+        kv_ok = key_ok
     k_lo, k_hi = _load_chunks(k_ptr + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, key_ok,
                               cols_lo, cols_hi, HEAD_DIM, D_HI)
     v_lo, v_hi = _load_chunks(v_ptr + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, key_ok,
@@ -496,7 +556,7 @@ def _attention_bwd_dkdv_kernel(
         s_t = tl.dot(k_lo, tl.trans(q_lo), input_precision=DOT_PRECISION)             # (BLOCK_N, BLOCK_M)
         if D_HI > 0:
             s_t = tl.dot(k_hi, tl.trans(q_hi), s_t, input_precision=DOT_PRECISION)
-        p_t = tl.where(key_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        p_t = tl.where(kv_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         dv_lo = tl.dot(p_t.to(do_lo.dtype), do_lo, dv_lo, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v_lo, tl.trans(do_lo), input_precision=DOT_PRECISION)           # (BLOCK_N, BLOCK_M)
         if D_HI > 0:
@@ -520,11 +580,12 @@ def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,            # [B, H, N, D] by strides, head dim unit stride
     lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
     dq_ptr,                                 # [B, H, N_Q, D] by strides, head dim unit stride
+    mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
     H, N_Q, N_KV, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, head), streaming every key block (head dim in two chunks)."""
     pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
@@ -544,9 +605,14 @@ def _attention_bwd_dq_kernel(
     dq_hi = tl.zeros([BLOCK_M, D_HI if D_HI > 0 else 16], dtype=tl.float32)
     k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    mask_row = mask_ptr + off_b * stride_mb
     for start_n in range(0, N_KV, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < N_KV
+        if HAS_MASK:
+            kv_ok = tl.load(mask_row + keys.to(tl.int64) * stride_mn, mask=key_ok, other=0) != 0
+        else:
+            kv_ok = key_ok
         k_lo, k_hi = _load_chunks(k_base, keys, stride_kn, key_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
         v_lo, v_hi = _load_chunks(v_base, keys, stride_vn, key_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
         s = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)               # (BLOCK_M, BLOCK_N)
@@ -554,7 +620,7 @@ def _attention_bwd_dq_kernel(
         if D_HI > 0:
             s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_hi, tl.trans(v_hi), dp, input_precision=DOT_PRECISION)
-        p = tl.where(key_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.where(kv_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(k_lo.dtype)
         dq_lo = tl.dot(ds, k_lo, dq_lo, input_precision=DOT_PRECISION)
         if D_HI > 0:
@@ -565,12 +631,13 @@ def _attention_bwd_dq_kernel(
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor, scale: float | None = None, *, dq: torch.Tensor | None = None,
-                       dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention` (FlashAttention-2): q, k, v, out [B, H, N, D] and dout like out (any
     strides, unit-stride head dim), lse [B, H, N_Q] fp32 from the forward. dq / dk / dv: optional
     buffers like q / k / v (any strides with a unit-stride head dim: views of one packed gradient).
-    Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
+    key_mask: the forward's torch.bool [B, N_KV] mask, or None (masked keys get dk = dv = 0, a row with no
+    key left dq = 0). Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     bufs = []
@@ -583,6 +650,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         bufs.append(buf)
     dq, dk, dv = bufs
     _check_out("lse", lse, (B, H, n_q), torch.float32, q.device)
+    mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, lse)
     if D > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dq.numel() == 0 and dk.numel() == 0:
@@ -592,25 +660,25 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     lse = lse.contiguous()
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
-    common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, DOT_PRECISION=precision)
+    common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, HAS_MASK=key_mask is not None, DOT_PRECISION=precision)
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, dout, lse, delta, dk, dv, *qkvo_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        q, k, v, dout, lse, delta, dk, dv, mask, *qkvo_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb, stride_mn,
         H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="n", **common)
     _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, dout, lse, delta, dq, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="m", **common)
+        q, k, v, dout, lse, delta, dq, mask, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_mb, stride_mn, H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="m", **common)
     return dq, dk, dv
 
 
 def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                           num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+                           num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None,
+                           key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of `attention_qkv` with respect to the packed projection: qkv [B, N, 3·C], out and dout
-    [B, N, C], lse [B, H, N] -> dqkv [B, N, 3·C] (contiguous, or the given buffer), dq, dk and dv written
-    straight into its three thirds."""
+    [B, N, C], lse [B, H, N], key_mask the forward's torch.bool [B, N] or None -> dqkv [B, N, 3·C]
+    (contiguous, or the given buffer), dq, dk and dv written straight into its three thirds."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     if dqkv is None:
@@ -618,5 +686,6 @@ def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tens
     _check_out("dqkv", dqkv, (B, N, C3), qkv.dtype, qkv.device)
     heads = lambda t: t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)      # (B, H, N, D)
     dq, dk, dv = qkv_heads(dqkv, num_heads)
-    attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv)
+    attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv,
+                       key_mask=key_mask)
     return dqkv

@@ -281,11 +281,11 @@ def test_autograd_attention_qkv_with_cls():
 # --------------------------------------------------------------------------------------------
 # backward (FlashAttention-2 kernels)
 # --------------------------------------------------------------------------------------------
-def reference_grads(q, k, v, dout, scale=None):
+def reference_grads(q, k, v, dout, scale=None, key_mask=None):
     """Gradients of reference.attention in q's dtype (eager) and in float64 (ground truth)."""
     def grads(*ts):
         ts = [t.detach().requires_grad_() for t in ts]
-        return torch.autograd.grad((reference.attention(*ts[:3], scale) * ts[3].detach()).sum(), ts[:3])
+        return torch.autograd.grad((reference.attention(*ts[:3], scale, key_mask) * ts[3].detach()).sum(), ts[:3])
     return grads(q, k, v, dout), grads(*f64(q, k, v, dout))
 
 
@@ -372,9 +372,9 @@ def test_inference_calls_skip_the_lse(monkeypatch):
         seen.append(lse)
         return real(*args, lse=lse, **kwargs)
 
-    def spy_run(plan, qkv, lse=None):
+    def spy_run(plan, qkv, lse=None, key_mask=None):
         seen.append(lse)
-        return real_run(plan, qkv, lse)
+        return real_run(plan, qkv, lse, key_mask)
     monkeypatch.setattr(attention_kernels, "attention", spy)
     monkeypatch.setattr(attention_kernels, "qkv_run", spy_run)
     qkv = make_qkv(1, 9, 2, 16, False, torch.float32)
@@ -403,6 +403,268 @@ def test_opcheck_backward_ops():
     qkv = make_qkv(1, 9, 2, 16, False, torch.float32)
     out, _, lse = torch.ops.vitfast.attention_qkv(qkv, 2, 0.25, False)
     torch.library.opcheck(torch.ops.vitfast.attention_qkv_backward, (qkv, out, lse, torch.randn_like(out), 2, 0.25))
+
+
+# --------------------------------------------------------------------------------------------
+# key-padding mask (SigLIP 2 NaFlex: each image's patch sequence padded to the batch's length)
+# --------------------------------------------------------------------------------------------
+def make_key_mask(B, N, kind, device="cpu"):
+    """A torch.bool [B, N] key mask, True = the key takes part:
+    - "prefix": the first L keys of each batch element, L cycling through 1, 13, N (NaFlex's padding);
+    - "random": each key kept with probability 1/2, at least one per batch element;
+    - "tail": only the last quarter of the keys: the first key blocks are wholly masked, so the online
+      softmax's running max is still -inf when it meets them;
+    - "empty": "random" except the last batch element, whose keys are all masked;
+    - "strided": "random" read out of a [N, 2B] buffer (strides (2, 2B): neither contiguous nor unit).
+    """
+    keys = torch.arange(N, device=device)
+    if kind == "prefix":
+        lengths = torch.tensor([(1, 13, N)[b % 3] for b in range(B)], device=device).clamp(max=N)
+        return keys[None, :] < lengths[:, None]
+    if kind == "tail":
+        return (keys >= N - N // 4 - 1)[None, :].expand(B, N).clone()
+    if kind == "strided":
+        mask = torch.rand(N, 2 * B, device=device).t()[::2] < 0.5
+        mask[torch.arange(B), torch.randint(N, (B,))] = True
+        assert not mask.is_contiguous()
+        return mask
+    mask = torch.rand(B, N, device=device) < 0.5
+    mask[torch.arange(B), torch.randint(N, (B,))] = True
+    if kind == "empty":
+        mask[-1] = False
+    else:
+        assert kind == "random", kind
+    return mask
+
+
+def check_mask_zeros(key_mask, cls_attn=None, out=None, dk=None, dv=None, dq=None):
+    """What the mask pins exactly: the CLS row is 0 at masked keys; a batch element with no key has zero
+    outputs and zero gradients; masked keys get dk = dv = 0."""
+    empty = ~key_mask.any(-1)                                                  # (B,)
+    if cls_attn is not None:
+        assert (cls_attn.masked_select(~key_mask[:, None, :]) == 0).all()
+    for name, t in (("out", out), ("dq", dq)):
+        if t is not None:
+            assert torch.isfinite(t).all() and (t[empty] == 0).all(), f"{name}: rows with no key are not 0"
+    for name, t in (("dk", dk), ("dv", dv)):                                    # [B, H, N_kv, D]
+        if t is not None:
+            assert torch.isfinite(t).all() and (t.masked_select(~key_mask[:, None, :, None]) == 0).all(), name
+
+
+def masked_lse(q, k, key_mask, scale):
+    """Each query row's log-sum-exp over its kept keys, log2 domain, float64; +inf for a row with no key."""
+    s = (f64(q)[0] @ f64(k)[0].transpose(-1, -2) * scale).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+# (B, H, N_Q, N_KV, D, layout, mask): N_KV 17, 50, 65 (not multiples of a block), prefixes of lengths
+# 1, 13 and N, wholly masked leading key blocks, a batch element with no key, a non-contiguous mask,
+# cross lengths (one latent query, as the MAP head), head dims 16 to 80 (64 + 16).
+MASK_CASES = [
+    (3, 2, 17, 17, 80, "bnhd", "prefix"),
+    (3, 1, 50, 50, 64, "contiguous", "prefix"),
+    (2, 3, 65, 65, 32, "seq_first", "random"),
+    (1, 2, 65, 65, 16, "sliced", "tail"),
+    (2, 1, 17, 50, 80, "bnhd", "empty"),
+    (2, 2, 1, 65, 64, "contiguous", "strided"),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,NQ,NKV,D,layout,kind", MASK_CASES)
+def test_attention_kernel_key_mask(B, H, NQ, NKV, D, layout, kind, dtype):
+    """The kernel with a mask: output, CLS row and log-sum-exp against the float64 reference math with
+    the same mask (NaN-poisoned buffers)."""
+    q = make_heads(B, H, NQ, D, layout, dtype)
+    k, v = (make_heads(B, H, NKV, D, layout, dtype) for _ in range(2))
+    key_mask = make_key_mask(B, NKV, kind)
+    out, cls_attn, lse = (out_buffer((B, H, NQ, D), layout, dtype), poisoned((B, H, NKV), torch.float32),
+                          poisoned((B, H, NQ), torch.float32))
+    attention_kernels.attention(q, k, v, out=out, cls_attn=cls_attn, lse=lse, key_mask=key_mask)
+    ref = reference.attention(*f64(q, k, v), key_mask=key_mask)
+    assert_close(out, ref, dtype=dtype, eager=reference.attention(q, k, v, key_mask=key_mask))
+    probs = reference.attention_probs(*f64(q, k), key_mask=key_mask)[:, :, 0]
+    eager = reference.attention_probs(q, k, key_mask=key_mask)[:, :, 0]
+    assert_close(cls_attn, probs, dtype=dtype, eager=eager, name="cls_attn")
+    check_mask_zeros(key_mask, cls_attn=cls_attn, out=out)
+    want = masked_lse(q, k, key_mask, D ** -0.5)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-4 if dtype == torch.float16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,NQ,NKV,D,layout,kind", MASK_CASES)
+def test_attention_backward_kernel_key_mask(B, H, NQ, NKV, D, layout, kind, dtype):
+    """dq, dk, dv with a mask against float64 autograd through the reference math: masked keys get zero
+    dk and dv, a batch element with no key zero gradients."""
+    q = make_heads(B, H, NQ, D, layout, dtype)
+    k, v = (make_heads(B, H, NKV, D, layout, dtype) for _ in range(2))
+    key_mask = make_key_mask(B, NKV, kind)
+    lse = poisoned((B, H, NQ), torch.float32)
+    out = attention_kernels.attention(q, k, v, lse=lse, key_mask=key_mask)
+    dout = make_heads(B, H, NQ, D, layout, dtype)
+    dq, dk, dv = (out_buffer(t.shape, layout, dtype) for t in (q, k, v))
+    attention_kernels.attention_backward(q, k, v, out, lse, dout, dq=dq, dk=dk, dv=dv, key_mask=key_mask)
+    eager, want = reference_grads(q, k, v, dout, key_mask=key_mask)
+    for name, got, e, w in zip(("dq", "dk", "dv"), (dq, dk, dv), eager, want):
+        assert_close(got, w, dtype=dtype, eager=e, name=name)
+    check_mask_zeros(key_mask, dq=dq, dk=dk, dv=dv)
+
+
+def test_attention_qkv_backward_kernel_key_mask_lands_in_one_packed_gradient():
+    B, N, H, D = 3, 20, 2, 80
+    qkv = make_qkv(B, N, H, D, True, torch.float32)
+    key_mask = make_key_mask(B, N, "prefix")
+    lse = poisoned((B, H, N), torch.float32)
+    out, _ = attention_kernels.attention_qkv(qkv, H, lse=lse, key_mask=key_mask)
+    dout = torch.randn_like(out)
+    dqkv = poisoned((B, N, 3 * H * D), torch.float32)
+    assert attention_kernels.attention_qkv_backward(qkv, out, lse, dout, H, dqkv=dqkv, key_mask=key_mask) is dqkv
+    x64 = f64(qkv)[0].requires_grad_()
+    (want,) = torch.autograd.grad((reference.attention_qkv(x64, H, key_mask=key_mask) * dout.double()).sum(), x64)
+    x32 = qkv.detach().requires_grad_()
+    (eager,) = torch.autograd.grad((reference.attention_qkv(x32, H, key_mask=key_mask) * dout).sum(), x32)
+    assert_close(dqkv, want, dtype=torch.float32, eager=eager, name="dqkv")
+    _, dk, dv = attention_kernels.qkv_heads(dqkv, H)
+    check_mask_zeros(key_mask, dk=dk, dv=dv)
+
+
+# (B, H, N, D, mask) of the public ops; float64 takes torch's path (SDPA with the mask).
+OPS_MASK_CASES = [
+    (3, 2, 17, 80, "prefix"),
+    (2, 1, 50, 32, "empty"),
+    (2, 2, 65, 16, "strided"),
+]
+
+
+@pytest.mark.parametrize("dtype", [*INTERP_DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("B,H,N,D,kind", OPS_MASK_CASES)
+def test_ops_attention_key_mask(B, H, N, D, kind, dtype):
+    """ops.attention with a mask, forward and (dq, dk, dv) under autograd, against the float64 reference
+    math; without autograd (the direct path) the same output."""
+    key_mask = make_key_mask(B, N, kind)
+    q, k, v = (make_heads(B, H, N, D, "bnhd", dtype).requires_grad_() for _ in range(3))
+    out = ops.attention(q, k, v, key_mask=key_mask)
+    ref = reference.attention(*f64(q, k, v), key_mask=key_mask)
+    assert_close(out, ref, dtype=dtype, eager=reference.attention(q, k, v, key_mask=key_mask))
+    with torch.no_grad():
+        assert torch.equal(ops.attention(q, k, v, key_mask=key_mask), out)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    eager, want = reference_grads(q, k, v, dout, key_mask=key_mask)
+    for name, got, e, w in zip(("dq", "dk", "dv"), grads, eager, want):
+        assert_close(got, w, dtype=dtype, eager=e, name=name)
+    check_mask_zeros(key_mask, out=out, dq=grads[0], dk=grads[1], dv=grads[2])
+
+
+@pytest.mark.parametrize("dtype", [*INTERP_DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("B,H,N,D,kind", OPS_MASK_CASES)
+def test_ops_attention_qkv_key_mask(B, H, N, D, kind, dtype):
+    """ops.attention_qkv with a mask, with and without the CLS row, forward and dqkv under autograd (the
+    Triton backward when only out has a gradient; with one through the CLS row too, torch's recompute),
+    against the float64 reference math."""
+    key_mask = make_key_mask(B, N, kind)
+    qkv = make_qkv(B, N, H, D, True, dtype).requires_grad_()
+    ref_out, ref_cls = reference.attention_qkv(f64(qkv)[0], H, return_cls_attn=True, key_mask=key_mask)
+    eager_out, eager_cls = reference.attention_qkv(qkv.detach(), H, return_cls_attn=True, key_mask=key_mask)
+    out = ops.attention_qkv(qkv, H, key_mask=key_mask)
+    assert_close(out, ref_out, dtype=dtype, eager=eager_out)
+    out2, cls_attn = ops.attention_qkv(qkv, H, return_cls_attn=True, key_mask=key_mask)
+    assert cls_attn.dtype == torch.float32 and cls_attn.shape == (B, H, N)
+    assert_close(out2, ref_out, dtype=dtype, eager=eager_out)
+    assert_close(cls_attn, ref_cls, dtype=dtype, eager=eager_cls, name="cls_attn")
+    check_mask_zeros(key_mask, cls_attn=cls_attn, out=out2)
+    with torch.no_grad():
+        assert torch.equal(ops.attention_qkv(qkv, H, key_mask=key_mask), out)
+    g_out, g_cls = torch.randn_like(out), torch.randn(B, H, N)
+    x64 = f64(qkv)[0].requires_grad_()
+    for with_cls in (False, True):
+        if with_cls:
+            (got,) = torch.autograd.grad((out2 * g_out).sum() + (cls_attn * g_cls).sum(), qkv)
+        else:
+            (got,) = torch.autograd.grad(out, qkv, g_out)
+        o64, c64 = reference.attention_qkv(x64, H, return_cls_attn=True, key_mask=key_mask)
+        loss64 = (o64 * g_out.double()).sum() + (c64 * g_cls.double()).sum() * with_cls
+        (want,) = torch.autograd.grad(loss64, x64)
+        assert_close(got, want, dtype=dtype, name=f"dqkv (CLS row's gradient: {with_cls})")
+        _, dk, dv = (t.transpose(1, 2) for t in got.view(B, N, 3, H, D).unbind(2))       # (B, H, N, D)
+        check_mask_zeros(key_mask, dq=got, dk=dk, dv=dv)
+
+
+def test_ops_key_mask_float64_gradcheck():
+    """torch's path with a mask (a batch element with no key included): its gradients, checked numerically."""
+    key_mask = make_key_mask(2, 6, "empty")
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert_close(ops.attention(q, k, v, key_mask=key_mask), reference.attention(q, k, v, key_mask=key_mask))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, key_mask=key_mask), (q, k, v))
+    qkv = torch.randn(2, 6, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)
+    assert_close(ops.attention_qkv(qkv, 2, key_mask=key_mask), reference.attention_qkv(qkv, 2, key_mask=key_mask))
+    assert torch.autograd.gradcheck(lambda t: ops.attention_qkv(t, 2, key_mask=key_mask), (qkv,))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_ops_backward_with_key_mask_runs_the_kernels_not_the_reference(packed, monkeypatch):
+    """With a mask, ops.attention / attention_qkv's backward still runs the Triton kernels (every reference
+    function raises once the forward is done, torch's SDPA path included) and equals float64 autograd
+    through the reference with the mask."""
+    B, H, N, D = 3, 2, 40, 16
+    key_mask = make_key_mask(B, N, "prefix")
+    if packed:
+        x = make_qkv(B, N, H, D, False, torch.float32).requires_grad_()
+        inputs, out = (x,), ops.attention_qkv(x, H, key_mask=key_mask)
+        ref = lambda t: reference.attention_qkv(t, H, key_mask=key_mask)
+    else:
+        inputs = tuple(make_heads(B, H, N, D, "bnhd", torch.float32).requires_grad_() for _ in range(3))
+        out = ops.attention(*inputs, key_mask=key_mask)
+        ref = lambda *ts: reference.attention(*ts, key_mask=key_mask)
+    dout = torch.randn_like(out)
+    forbid_reference(monkeypatch, "attention", "attention_qkv", "attention_probs", "split_qkv", "torch_attention",
+                     "torch_attention_qkv")
+    grads = torch.autograd.grad(out, inputs, dout)
+    monkeypatch.undo()
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    want = torch.autograd.grad((ref(*x64) * dout.double()).sum(), x64)
+    for got, w in zip(grads, want):
+        assert_close(got, w, dtype=torch.float32)
+
+
+def test_ops_attention_qkv_key_mask_plans(monkeypatch):
+    """The Triton path's plan table: a mask of the same strides reuses the plan (new values, right
+    results), a mask of other strides or no mask gets its own."""
+    monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
+    B, N, H, D = 3, 17, 2, 16
+    qkv = make_qkv(B, N, H, D, False, torch.float32)
+    masks = [make_key_mask(B, N, "prefix"), make_key_mask(B, N, "random"), make_key_mask(B, N, "strided"), None]
+    with torch.no_grad():
+        for key_mask in masks:
+            out = ops.attention_qkv(qkv, H, key_mask=key_mask)
+            assert_close(out, reference.attention_qkv(qkv.double(), H, key_mask=key_mask), dtype=torch.float32)
+    assert len(ops._ATTENTION_PLANS) == 3
+    assert {key[-2] for key in ops._ATTENTION_PLANS} == {(N, 1), masks[2].stride(), None}
+
+
+def test_opcheck_key_mask():
+    """The custom ops with a mask (forward and backward; a batch element with no key included): schema,
+    fake impl, autograd registration."""
+    q, k, v, dout = (make_heads(2, 2, 9, 16, "bnhd", torch.float32) for _ in range(4))
+    key_mask = make_key_mask(2, 9, "empty")
+    torch.library.opcheck(torch.ops.vitfast.attention, (q, k, v, 0.25, key_mask))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.vitfast.attention, (qg, kg, vg, 0.25, key_mask))
+    out, lse = torch.ops.vitfast.attention(q, k, v, 0.25, key_mask)
+    assert_close(out, reference.attention(*f64(q, k, v), 0.25, key_mask), dtype=torch.float32)
+    assert (out[1] == 0).all() and (lse[1] == float("inf")).all()          # batch element 1 has no key
+    torch.library.opcheck(torch.ops.vitfast.attention_backward, (q, k, v, out, lse, dout, 0.25, key_mask))
+    dq, dk, dv = torch.ops.vitfast.attention_backward(q, k, v, out, lse, dout, 0.25, key_mask)
+    check_mask_zeros(key_mask, dq=dq, dk=dk, dv=dv)
+    qkv = make_qkv(2, 9, 2, 16, True, torch.float32)
+    for cls in (False, True):
+        torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv, 2, 0.25, cls, key_mask))
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv.detach().requires_grad_(), 2, 0.25, False, key_mask))
+    out, _, lse = torch.ops.vitfast.attention_qkv(qkv, 2, 0.25, False, key_mask)
+    assert_close(out, reference.attention_qkv(qkv.double(), 2, 0.25, key_mask=key_mask), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv_backward,
+                          (qkv, out, lse, torch.randn_like(out), 2, 0.25, key_mask))
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +700,18 @@ BAD_ATTENTION = [
      r"q: expected a unit-stride last dim, got strides \(80, 80, 1, 5\)"),
     ("nan scale", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, scale=float("nan")),
      r"scale: expected a finite number or None, got nan"),
+    ("mask dtype", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, key_mask=torch.ones(1, 5, dtype=torch.uint8)),
+     r"key_mask: expected dtype torch.bool, got torch.uint8"),
+    ("mask length", lambda: ops.attention(_heads(1, 1, 4, 16), _heads(1, 1, 5, 16), _heads(1, 1, 5, 16),
+                                          key_mask=torch.ones(1, 4, dtype=torch.bool)),
+     r"key_mask: expected shape \[B, N_kv\] = \[1, 5\] \(B of q, N_kv of k\), got \(1, 4\)"),
+    ("mask 3 dims", lambda: ops.attention(*[_heads(2, 1, 5, 16)] * 3, key_mask=torch.ones(2, 1, 5, dtype=torch.bool)),
+     r"key_mask: expected shape \[B, N_kv\] = \[2, 5\] \(B of q, N_kv of k\), got \(2, 1, 5\)"),
+    ("mask device", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3,
+                                          key_mask=torch.ones(1, 5, dtype=torch.bool, device="meta")),
+     r"key_mask: expected device cpu \(like q\), got meta"),
+    ("mask not a tensor", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, key_mask=[[True] * 5]),
+     r"key_mask: expected a torch.bool Tensor or None, got list"),
 ]
 
 BAD_QKV = [
@@ -454,6 +728,13 @@ BAD_QKV = [
      r"qkv: expected a head dim in \[1, 256\], got 300"),
     ("cls flag", lambda: ops.attention_qkv(_heads(1, 5, 48), 1, return_cls_attn="yes"),
      r"return_cls_attn: expected a bool, got 'yes'"),
+    ("mask dtype", lambda: ops.attention_qkv(_heads(2, 5, 48), 1, key_mask=torch.ones(2, 5)),
+     r"key_mask: expected dtype torch.bool, got torch.float32"),
+    ("mask batch", lambda: ops.attention_qkv(_heads(2, 5, 48), 1, key_mask=torch.ones(1, 5, dtype=torch.bool)),
+     r"key_mask: expected shape \[B, N_kv\] = \[2, 5\] \(B and N of qkv\), got \(1, 5\)"),
+    ("mask device", lambda: ops.attention_qkv(_heads(2, 5, 48), 1,
+                                              key_mask=torch.ones(2, 5, dtype=torch.bool, device="meta")),
+     r"key_mask: expected device cpu \(like qkv\), got meta"),
 ]
 
 
@@ -470,6 +751,8 @@ def test_kernel_rejects_wrong_buffers():
         attention_kernels.attention(q, q, q, out=poisoned((1, 2, 5, 8), torch.float32))
     with pytest.raises(ValueError, match=r"cls_attn: expected \(1, 2, 5\) torch.float32"):
         attention_kernels.attention(q, q, q, cls_attn=poisoned((1, 2, 5), torch.float16))
+    with pytest.raises(ValueError, match=r"key_mask: expected \(1, 5\) torch.bool on cpu, got \(1, 5\) torch.uint8"):
+        attention_kernels.attention(q, q, q, key_mask=torch.ones(1, 5, dtype=torch.uint8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,6 +837,32 @@ def test_attention_backward_gpu(N, H, D, dtype):
         x = qkv.detach().requires_grad_()
         (eager,) = torch.autograd.grad((reference.attention_qkv(x, H) * dout).sum(), x)
     assert_close(got, want, dtype=dtype, eager=eager, name="dqkv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,H,D", [(256, 12, 64), (257, 16, 72), (1025, 6, 80)])
+def test_attention_key_mask_gpu(N, H, D, dtype):
+    """Padded batches as SigLIP 2 NaFlex makes them (kept prefixes of 1, 13 and N keys, and an element with
+    none), on the device in bf16 / fp16: out and the CLS row, and dqkv through autograd (the backward
+    kernels), against float64 autograd through the reference with the mask, within 2x eager's error."""
+    key_mask = make_key_mask(4, N, "prefix", "cuda")
+    key_mask[-1] = False
+    qkv = make_qkv(4, N, H, D, True, dtype, "cuda", scale=3.0).requires_grad_()
+    out, cls_attn = ops.attention_qkv(qkv, H, return_cls_attn=True, key_mask=key_mask)
+    x64 = qkv.detach().double().requires_grad_()
+    ref_out, ref_cls = reference.attention_qkv(x64, H, return_cls_attn=True, key_mask=key_mask)
+    x = qkv.detach().requires_grad_()
+    eager_out, eager_cls = reference.attention_qkv(x, H, return_cls_attn=True, key_mask=key_mask)
+    assert_close(out, ref_out, dtype=dtype, eager=eager_out)
+    assert_close(cls_attn, ref_cls, dtype=dtype, eager=eager_cls, name="cls_attn")
+    check_mask_zeros(key_mask, cls_attn=cls_attn, out=out)
+    dout = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, dout)
+    (want,) = torch.autograd.grad((ref_out * dout.double()).sum(), x64)
+    (eager,) = torch.autograd.grad((eager_out * dout).sum(), x)
+    assert_close(got, want, dtype=dtype, eager=eager, name="dqkv")
+    assert (got[-1] == 0).all()
 
 
 @pytest.mark.gpu

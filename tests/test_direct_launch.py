@@ -131,8 +131,17 @@ with compile_only_triton(launches), torch.inference_mode():
     def attention_tensors():
         qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
         out, cls = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
-        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out)
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out, out)   # out for lse and mask
     results["attention_qkv"] = check(plan.launch, attention_tensors)
+    # With a key-padding mask read through strides (a [T, 2B] buffer's every other column): the mask's
+    # strides are the plan's, the mask's bytes (uint8) a tensor of each call.
+    plan = A.qkv_plan(qkv, H, D ** -0.5, False, True, torch.ones(T, 2 * B, dtype=torch.bool).t()[::2])
+    def masked_attention_tensors():
+        qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
+        out, lse = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
+        mask = (torch.rand(T, 2 * B) < 0.5).t()[::2]
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, mask.view(torch.uint8))
+    results["attention_qkv-mask"] = check(plan.launch, masked_attention_tensors)
     B, D = 2, 64
     weight, bias = torch.randn(D, 3, 16, 16, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16)
     cls, pos, mean, std = (torch.randn(1, 1, D, dtype=torch.bfloat16), torch.randn(1, 5, D, dtype=torch.bfloat16),
@@ -169,7 +178,10 @@ def results(tmp_path_factory):
     return report["results"]
 
 
-@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed", "rope"])
+CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "patch_embed", "rope"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_direct_launches_pass_what_the_jit_function_passes(results, case):
     r = results[case]
     assert r["settled"] == ["DirectLaunch", 1]           # after the autotuner's call, one JIT call
@@ -178,7 +190,7 @@ def test_direct_launches_pass_what_the_jit_function_passes(results, case):
     assert r["direct"] == [[True] * 5] * 3
 
 
-@pytest.mark.parametrize("case", ["linear-tiled", "linear-persistent", "attention_qkv", "patch_embed", "rope"])
+@pytest.mark.parametrize("case", CASES)
 def test_calls_the_compiled_kernel_does_not_fit_go_through_the_jit_function(results, case):
     r = results[case]
     refused, nothing_launched = r["refused"]

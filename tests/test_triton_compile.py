@@ -81,10 +81,16 @@ triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by Triton 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "uint8": torch.uint8}
 
 
+def key_mask(c, N):
+    """SigLIP 2 NaFlex's key-padding mask [B, N] (contiguous bool), or None."""
+    return torch.ones(2, N, dtype=torch.bool) if c.get("mask") else None
+
+
 def launch_attention(c):
     dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
     qkv = torch.empty(2, N, 3 * H * D, dtype=dt)          # (B, N, 3C), the packed projection (never touched)
-    return attention._attention_fwd_kernel, lambda: attention.attention_qkv(qkv, H, return_cls_attn=c["cls"])
+    return attention._attention_fwd_kernel, lambda: attention.attention_qkv(qkv, H, return_cls_attn=c["cls"],
+                                                                            key_mask=key_mask(c, N))
 
 
 def launch_linear(c):
@@ -134,7 +140,7 @@ def launch_attention_bwd(c):
 
     def launch():
         with mock.patch.object(other, "run", lambda *a, **kw: None, create=True):
-            attention.attention_qkv_backward(qkv, out, lse, dout, H)
+            attention.attention_qkv_backward(qkv, out, lse, dout, H, key_mask=key_mask(c, N))
     return kernels[c["part"]], launch
 
 
@@ -259,11 +265,19 @@ def _cases():
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "cls": cls}))
     cases.append(_variant("attention", "fp16-d64-nocls", "f16",
                           {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False}))
+    # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
+    cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
+                          {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
     # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
     for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):
             cases.append(_variant("attention_bwd", f"bf16-d{head_dim}-{part}", "bf16", {
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "part": part}))
+    # The backward with a key-padding mask: SigLIP 2's so400m head dim 72 (64 + 16, 8 lanes masked), the
+    # tightest for registers, both kernels.
+    for part in ("dkdv", "dq"):
+        cases.append(_variant("attention_bwd", f"bf16-d72-{part}-mask", "bf16", {
+            "dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 256, "part": part, "mask": True}))
     # Linear: the ViT-B/16 linears, one per epilogue: qkv (none), fc1 (gelu, gelu_tanh), fc2 (+ residual).
     for epilogue, k, n, activation, residual in (("none", 768, 2304, None, False),
                                                  ("gelu", 768, 3072, "gelu", False),

@@ -271,6 +271,20 @@ def _check_head_dim(name: str, d: int):
         _fail(f"{name}: expected a head dim in [1, {_MAX_HEAD_DIM}], got {d}")
 
 
+def _check_key_mask(key_mask, batch: int, n_kv: int, dims_from: str, ref_name: str, device: torch.device):
+    """A key-padding mask: torch.bool [B, N_kv] (any strides) on the attention's device."""
+    if key_mask is None:
+        return
+    if not isinstance(key_mask, Tensor):
+        _fail(f"key_mask: expected a torch.bool Tensor or None, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        _fail(f"key_mask: expected dtype torch.bool, got {key_mask.dtype}")
+    if tuple(key_mask.shape) != (batch, n_kv):
+        _fail(f"key_mask: expected shape [B, N_kv] = [{batch}, {n_kv}] ({dims_from}), got {tuple(key_mask.shape)}")
+    if key_mask.device != device:
+        _fail(f"key_mask: expected device {device} (like {ref_name}), got {key_mask.device}")
+
+
 def _attention_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
@@ -282,31 +296,33 @@ def _attention_scale(scale, head_dim: int) -> float:
 # The ops return each query row's log-sum-exp (log2 domain, [B, H, N_Q] fp32) next to the output: the
 # Triton backward (FlashAttention-2) rebuilds the probabilities from it. On torch's path (CPU, float64)
 # it is zeros and unused: there the backward is SDPA's own, through autograd on a recomputed forward.
-def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, with_lse: bool = True
-                    ) -> tuple[Tensor, Tensor | None]:
+# key_mask (bool [B, N_kv] or None) goes to the kernels / SDPA as it is; it has no gradient.
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None,
+                    with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """(out, lse); with_lse=False (a direct call: nothing to differentiate) skips the lse."""
     if _attention_on_triton(q):
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if with_lse else None   # every row written
-        return _kernels().attention.attention(q, k, v, scale, lse=lse), lse
+        return _kernels().attention.attention(q, k, v, scale, lse=lse, key_mask=key_mask), lse
     lse = q.new_zeros(q.shape[:3], dtype=torch.float32) if with_lse else None
-    return reference.torch_attention(q, k, v, scale).contiguous(), lse
+    return reference.torch_attention(q, k, v, scale, key_mask).contiguous(), lse
 
 
-def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return _attention_impl(q, k, v, scale)
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    return _attention_impl(q, k, v, scale, key_mask)
 
 
 _attention_op = torch.library.custom_op("vitfast::attention", _attention_with_lse, mutates_args=())
 
 
 @_attention_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, key_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale)
+                        scale: float, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale, key_mask=key_mask)
 
 
 def _recompute_grads(fn, inputs, grads, wanted=None):
@@ -329,23 +345,24 @@ _attention_bwd_op = torch.library.custom_op("vitfast::attention_backward", _atte
 
 
 @_attention_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, scale):
+def _(q, k, v, out, lse, dout, scale, key_mask=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
     if _attention_on_triton(q):
-        return (*_attention_bwd_op(q, k, v, out, lse, dout, ctx.scale), None)
-    return (*_recompute_grads(lambda *a: reference.torch_attention(*a, ctx.scale), (q, k, v), (dout,)), None)
+        return (*_attention_bwd_op(q, k, v, out, lse, dout, ctx.scale, key_mask), None, None)
+    fn = lambda *a: reference.torch_attention(*a, ctx.scale, key_mask)
+    return (*_recompute_grads(fn, (q, k, v), (dout,)), None, None)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -358,51 +375,55 @@ _ATTENTION_PLANS: dict[tuple, object] = {}
 _MAX_PLANS = 4096
 
 
-def _attention_qkv_triton(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, lse: Tensor | None):
+def _attention_qkv_triton(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, lse: Tensor | None,
+                          key_mask: Tensor | None):
     attention = _kernels().attention
     if qkv.shape[0] == 0:
-        return attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn, lse=lse)
+        return attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn, lse=lse,
+                                       key_mask=key_mask)
     key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, return_cls_attn, lse is not None,
-           qkv.dtype == torch.float32 and _kernels().tf32_enabled())
+           None if key_mask is None else key_mask.stride(), qkv.dtype == torch.float32 and _kernels().tf32_enabled())
     plan = _ATTENTION_PLANS.get(key)
     if plan is None:
         if len(_ATTENTION_PLANS) >= _MAX_PLANS:
             _ATTENTION_PLANS.clear()
-        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, return_cls_attn, lse is not None)
-    return attention.qkv_run(plan, qkv, lse)
+        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, return_cls_attn, lse is not None,
+                                                          key_mask)
+    return attention.qkv_run(plan, qkv, lse, key_mask)
 
 
-def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, with_lse: bool = True
+def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
+                        key_mask: Tensor | None = None, with_lse: bool = True
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(out, cls_attn, lse). The op (with_lse=True) returns an empty cls_attn when it was not asked for;
     a direct call (with_lse=False: nothing to differentiate) gets None there and no lse."""
     B, N, _ = qkv.shape
     if _attention_on_triton(qkv):
         lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None   # every row written
-        out, cls_attn = _attention_qkv_triton(qkv, num_heads, scale, return_cls_attn, lse)
+        out, cls_attn = _attention_qkv_triton(qkv, num_heads, scale, return_cls_attn, lse, key_mask)
     else:
         lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None
         if return_cls_attn:
-            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True)
+            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True, key_mask)
             cls_attn = cls_attn.contiguous()
         else:
-            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale), None
+            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, False, key_mask), None
         out = out.contiguous()
     if cls_attn is None and with_lse:
         cls_attn = qkv.new_empty(0, dtype=torch.float32)
     return out, cls_attn, lse
 
 
-def _attention_qkv_with_lse(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool
-                            ) -> tuple[Tensor, Tensor, Tensor]:
-    return _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn)
+def _attention_qkv_with_lse(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
+                            key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask)
 
 
 _attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_with_lse, mutates_args=())
 
 
 @_attention_qkv_op.register_fake
-def _(qkv, num_heads, scale, return_cls_attn):
+def _(qkv, num_heads, scale, return_cls_attn, key_mask=None):
     B, N, C3 = qkv.shape
     cls_shape = (B, num_heads, N) if return_cls_attn else (0,)
     return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(cls_shape, dtype=torch.float32),
@@ -410,8 +431,8 @@ def _(qkv, num_heads, scale, return_cls_attn):
 
 
 def _attention_qkv_bwd_impl(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, num_heads: int,
-                            scale: float) -> Tensor:
-    return _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale)
+                            scale: float, key_mask: Tensor | None = None) -> Tensor:
+    return _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale, key_mask=key_mask)
 
 
 _attention_qkv_bwd_op = torch.library.custom_op("vitfast::attention_qkv_backward", _attention_qkv_bwd_impl,
@@ -419,27 +440,27 @@ _attention_qkv_bwd_op = torch.library.custom_op("vitfast::attention_qkv_backward
 
 
 @_attention_qkv_bwd_op.register_fake
-def _(qkv, out, lse, dout, num_heads, scale):
+def _(qkv, out, lse, dout, num_heads, scale, key_mask=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _attention_qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale, _ = inputs
+    qkv, num_heads, scale, _, key_mask = inputs
     out, cls_attn, lse = output
-    ctx.save_for_backward(qkv, out, lse)
+    ctx.save_for_backward(qkv, out, lse, key_mask)
     ctx.num_heads, ctx.scale = num_heads, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_qkv_backward(ctx, dout, dcls, _dlse):
-    qkv, out, lse = ctx.saved_tensors
+    qkv, out, lse, key_mask = ctx.saved_tensors
     dcls = dcls if dcls is not None and dcls.numel() else None
     if dcls is None and _attention_on_triton(qkv):
-        return _attention_qkv_bwd_op(qkv, out, lse, dout, ctx.num_heads, ctx.scale), None, None, None
+        return _attention_qkv_bwd_op(qkv, out, lse, dout, ctx.num_heads, ctx.scale, key_mask), None, None, None, None
     # torch's path, or a gradient through the CLS attention row: SDPA's backward on a recomputed forward
     # (the CLS row's own is O(N): one query).
-    fn = lambda x: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, dcls is not None)
-    return _recompute_grads(fn, (qkv,), (dout, dcls))[0], None, None, None
+    fn = lambda x: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, dcls is not None, key_mask)
+    return _recompute_grads(fn, (qkv,), (dout, dcls))[0], None, None, None, None
 
 
 _attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
@@ -459,14 +480,19 @@ def _check_packed_qkv(qkv: Tensor, num_heads) -> int:
     return C3 // (3 * num_heads)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+              key_mask: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ·scale) v, flash-style (no N×N matrix in memory).
 
     q [B, H, N_q, D], k and v [B, H, N_kv, D]: any strides with a unit-stride last dim (like
     F.scaled_dot_product_attention), fp16 / bf16 / fp32 (float64 via the reference), one device,
     D <= 256. scale defaults to D^-½. fp32 on CUDA uses tf32 when torch allows it for matmuls
-    (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, or the legacy `allow_tf32`). Returns
-    [B, H, N_q, D] in q's dtype.
+    (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, or the legacy `allow_tf32`).
+    key_mask: optional key-padding mask, torch.bool [B, N_kv] (any strides) on q's device, like SDPA's
+    boolean attn_mask broadcast as key_mask[:, None, None, :]: True = the key takes part, False = every
+    query of that batch element (all heads) ignores it. Queries are not masked. A query row left with no
+    key outputs zeros (not NaN, as FlashAttention) and gets zero gradients. The mask has no gradient.
+    Returns [B, H, N_q, D] in q's dtype.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t, _ATTENTION_DTYPES)
@@ -483,19 +509,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     if k.shape[2] < 1:
         _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
     _check_head_dim("q", D)
+    _check_key_mask(key_mask, B, k.shape[2], "B of q, N_kv of k", "q", q.device)
     scale = _attention_scale(scale, D)
-    if _direct(q, k, v):
-        return _attention_impl(q, k, v, scale, with_lse=False)[0]
-    return _attention_op(q, k, v, scale)[0]
+    if _direct(q, k, v, key_mask):
+        return _attention_impl(q, k, v, scale, key_mask, with_lse=False)[0]
+    return _attention_op(q, k, v, scale, key_mask)[0]
 
 
-def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False):
+def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False,
+                  key_mask: Tensor | None = None):
     """Attention straight from the packed qkv projection, read through strides (no copy).
 
     qkv [B, N, 3·C] with timm's layout (qkv.reshape(B, N, 3, H, D)), unit-stride last dim,
-    fp16 / bf16 / fp32 (float64 via the reference). Returns out [B, N, C] in qkv's dtype, ready for
-    the output projection, and with return_cls_attn=True also cls_attn [B, H, N] fp32: the softmax
-    probabilities of query token 0 over all keys (computed in the kernel, no N×N matrix).
+    fp16 / bf16 / fp32 (float64 via the reference). key_mask: optional key-padding mask, torch.bool
+    [B, N] (any strides) on qkv's device, as in `attention` (True = the token takes part as a key; every
+    token still gets an output row; a row left with no key is zeros). Returns out [B, N, C] in qkv's
+    dtype, ready for the output projection, and with return_cls_attn=True also cls_attn [B, H, N] fp32:
+    the softmax probabilities of query token 0 over all keys, 0 at masked keys (computed in the kernel,
+    no N×N matrix).
     """
     D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
@@ -503,11 +534,12 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     if qkv.shape[1] < 1:
         _fail(f"qkv: expected at least one token, got shape {tuple(qkv.shape)}")
     _check_head_dim("qkv", D)
+    _check_key_mask(key_mask, qkv.shape[0], qkv.shape[1], "B and N of qkv", "qkv", qkv.device)
     scale = _attention_scale(scale, D)
-    if _direct(qkv):
-        out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, with_lse=False)
+    if _direct(qkv, key_mask):
+        out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, with_lse=False)
     else:
-        out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn)
+        out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn, key_mask)
     return (out, cls_attn) if return_cls_attn else out
 
 

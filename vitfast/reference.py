@@ -46,15 +46,26 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Ten
     return layer_norm(s, weight, bias, eps), s
 
 
-def attention_probs(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
-    """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk]."""
+def attention_probs(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk].
+
+    key_mask: optional bool [B, Nk] for q, k [B, H, N, D] (True = the key takes part): the other keys get
+    probability 0 from every query and head of their batch element; a row with no key left is all zeros
+    (FlashAttention's convention, not softmax's NaN)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if key_mask is None:
+        return torch.softmax(s, dim=-1)
+    keep = key_mask[:, None, None, :]                                       # (B, 1, 1, Nk)
+    s = s.masked_fill(~keep, float("-inf"))
+    s = s.masked_fill(~keep.any(-1, keepdim=True), 0.0)     # rows with no key: finite, then zeroed below
+    return torch.softmax(s, dim=-1) * keep
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """softmax(q kᵀ · scale) v. q, k, v [B, H, N, D] -> [B, H, N, D]; scale defaults to D^-½."""
-    return attention_probs(q, k, scale) @ v
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v. q, k, v [B, H, N, D] -> [B, H, N, D]; scale defaults to D^-½; key_mask: optional
+    bool [B, N_kv], as in `attention_probs`."""
+    return attention_probs(q, k, scale, key_mask) @ v
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,13 +75,14 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv[0], qkv[1], qkv[2]
 
 
-def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
-                  return_cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
+                  key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention from the packed qkv projection. qkv [B, N, 3·C] -> out [B, N, C]
-    (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32)."""
+    (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32).
+    key_mask: optional bool [B, N], as in `attention_probs`."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    p = attention_probs(q, k, scale)                      # (B, H, N, N)
+    p = attention_probs(q, k, scale, key_mask)            # (B, H, N, N)
     out = (p @ v).transpose(1, 2).reshape(B, N, -1)       # (B, N, C)
     if return_cls_attn:
         return out, p[:, :, 0, :].float()
@@ -248,18 +260,26 @@ def torch_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                    key_mask: Tensor | None = None) -> Tensor:
+    """SDPA; key_mask (bool [B, N_kv]) as its boolean attn_mask [B, 1, 1, N_kv]. A batch element with no key
+    left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    any_key = key_mask.any(-1, keepdim=True)                                                # (B, 1)
+    mask = (key_mask | ~any_key)[:, None, None, :]                                          # (B, 1, 1, N_kv)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out * any_key[:, :, None, None].to(out.dtype)
 
 
-def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
-                        return_cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
+                        key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
+    out = torch_attention(q, k, v, scale, key_mask).transpose(1, 2).reshape(B, N, -1)      # (B, N, C)
     if return_cls_attn:
-        return out, attention_probs(q[:, :, :1], k, scale)[:, :, 0].float()              # (B, H, N)
+        return out, attention_probs(q[:, :, :1], k, scale, key_mask)[:, :, 0].float()    # (B, H, N)
     return out
 
 
