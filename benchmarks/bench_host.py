@@ -134,7 +134,7 @@ def launch_us(calls: int = 20000) -> list[tuple[str, float]]:
     calls_of = [("launcher linear (+ residual)", lambda: L.linear(x, w, b, residual=r)),
                 ("steady linear (+ residual)", lambda: ops._linear_triton(x, w, b, None, r, None)),
                 ("launcher attention_qkv", lambda: A.attention_qkv(qkv, 12, 0.125)),
-                ("steady attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
+                ("steady attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None, None)),
                 ("launcher patch_embed", lambda: P.patch_embed(img, pw, pb, cls, pos)),
                 ("steady patch_embed", lambda: ops._patch_embed_triton(img, pw, pb, cls, pos, None, None, True))]
     if not HAS_CUDA:
@@ -203,7 +203,7 @@ def direct_us(calls: int = 20000) -> list[tuple[str, float]]:
     tiny_images.cuda_graphs = CUDAGraphRunner(False)
     x32 = torch.randn(1, 3, 32, 32)
     calls_of = [("direct linear (+ residual)", lambda: ops._linear_triton(x, w, b, None, r, None)),
-                ("direct attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None)),
+                ("direct attention_qkv", lambda: ops._attention_qkv_triton(qkv, 12, 0.125, False, None, None)),
                 ("direct patch_embed", lambda: ops._patch_embed_triton(img, pw, pb, cls, pos, None, None, True)),
                 ("forward, Triton path, compiled, nothing run", lambda: tiny_images(x32))]
     saved = ops._LINEAR_PLANS, ops._ATTENTION_PLANS, ops._PATCH_EMBED_PLANS, os.environ.get(kernels.AUTOTUNE_ENV)
