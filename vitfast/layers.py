@@ -101,19 +101,21 @@ class Attention(reference.Attention):
     norm_layer = LayerNorm
 
     def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False,
-                scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None):
+                scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None):
         """x [B, T, C] -> proj(attention(qkv(x))) · scale (+ residual) [B, T, C] (scale: a layer-scale
         gamma [C], in the projection's epilogue); with return_cls_attn also the softmax row of the CLS
         query, cls_attn [B, H, T] in fp32. rope: (cos, sin) tables, q and k of the last tokens rotated
-        (`ops.rope_qkv`) before the attention."""
+        (`ops.rope_qkv`) before the attention. key_mask: bool [B, T], the tokens every query may attend to
+        (padding False: SigLIP 2's NaFlex batches)."""
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
         if rope is not None:
             qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)             # qkv: this call's own
         cls_attn = None
         if return_cls_attn:
-            out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True)
+            out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True,
+                                              key_mask=key_mask)
         else:
-            out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale)                   # (B, T, C)
+            out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, key_mask=key_mask)  # (B, T, C)
         if not isinstance(self.norm, nn.Identity):                                           # scale_attn_norm
             out = self.norm(out)
         y = ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
@@ -154,14 +156,16 @@ class Block(reference.Block):
 
     norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
-    def forward(self, x: Tensor, return_cls_attn: bool = False, rope: tuple[Tensor, Tensor] | None = None):
+    def forward(self, x: Tensor, return_cls_attn: bool = False, rope: tuple[Tensor, Tensor] | None = None,
+                key_mask: Tensor | None = None):
         """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn); rope: the attention's
-        RoPE tables."""
+        RoPE tables; key_mask: bool [B, T], the tokens the attention may attend to (`Attention`)."""
         g1, g2 = reference.layer_scale(self.ls1), reference.layer_scale(self.ls2)
         if return_cls_attn:
-            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1, rope=rope)
+            x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1, rope=rope,
+                                    key_mask=key_mask)
             return self.mlp(self.norm2(x), residual=x, scale=g2), cls_attn
-        x = self.attn(self.norm1(x), residual=x, scale=g1, rope=rope)
+        x = self.attn(self.norm1(x), residual=x, scale=g1, rope=rope, key_mask=key_mask)
         return self.mlp(self.norm2(x), residual=x, scale=g2)
 
 
@@ -171,14 +175,15 @@ class AttentionPoolLatent(reference.AttentionPoolLatent):
 
     mlp_layer, norm_layer = Mlp, LayerNorm
 
-    def forward(self, x: Tensor) -> Tensor:
-        """tokens x [B, N, D] -> pooled [B, D]."""
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """tokens x [B, N, D] -> pooled [B, D]; key_mask: bool [B, N], the tokens the query may attend to."""
         B, N, D = x.shape
         H, Dh = self.num_heads, self.head_dim
         q = ops.linear(self.latent.expand(B, -1, -1), self.q.weight, self.q.bias)            # (B, 1, D)
         kv = ops.linear(x, self.kv.weight, self.kv.bias)                                     # (B, N, 2D)
         k, v = kv.view(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)                      # (B, H, N, Dh) views
-        out = ops.attention(q.view(B, 1, H, Dh).transpose(1, 2), k, v, scale=self.scale)     # (B, H, 1, Dh)
+        out = ops.attention(q.view(B, 1, H, Dh).transpose(1, 2), k, v, scale=self.scale,
+                            key_mask=key_mask)                                                 # (B, H, 1, Dh)
         y = ops.linear(out.transpose(1, 2).reshape(B, 1, D), self.proj.weight, self.proj.bias)   # (B, 1, D)
         return self.mlp(self.norm(y), residual=y)[:, 0]
 

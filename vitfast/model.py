@@ -107,13 +107,22 @@ class VisionTransformer(reference.VisionTransformer):
             raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
         rope = self.rope_for(x)
         x = self.embed(x, pos_embed=pos_embed)                                               # (B, T, D)
+        return self.forward_blocks(x, rope=rope, return_cls_attn=return_cls_attn, return_hidden=return_hidden)
+
+    def forward_blocks(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None,
+                       return_cls_attn: bool = False, return_hidden: bool = False
+                       ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """tokens [B, T, D] entering the blocks -> (tokens after them, before the final norm; per-layer cls_attn
+        [B, H, T]; hidden states [x, block 1 output, ...]). rope: the RoPE tables (`rope_for`); key_mask: bool
+        [B, T], the tokens every attention may attend to (adapters whose batches pad their sequences pass it:
+        SigLIP 2's NaFlex, `vitfast.hf`)."""
         cls_attns, hidden = [], [x] if return_hidden else []
         for blk in self.blocks:
             if return_cls_attn:
-                x, a = blk(x, return_cls_attn=True, rope=rope)
+                x, a = blk(x, return_cls_attn=True, rope=rope, key_mask=key_mask)
                 cls_attns.append(a)
             else:
-                x = blk(x, rope=rope)
+                x = blk(x, rope=rope, key_mask=key_mask)
             if return_hidden:
                 hidden.append(x)
         return x, cls_attns, hidden
