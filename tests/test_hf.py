@@ -66,7 +66,8 @@ def compare(out, ref, eager) -> None:
 
 def test_every_supported_class_is_tested():
     assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"} | {   # those: test_convert
-        "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"}                 # test_hf_backbone
+        "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"} | {               # test_hf_backbone
+        "Siglip2VisionModel"}                                                                   # test_hf_siglip2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -188,10 +188,9 @@ def test_vision_language_models_equal_hf(name):
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():
-    cfg = transformers.Siglip2Config(text_config=TEXT, vision_config=dict(VISION, num_patches=16))
-    del cfg.vision_config.image_size
-    with pytest.raises(UnsupportedFeatureError, match=r"Siglip2Model holding Siglip2VisionModel \(vision_model\)"):
-        vitfast.optimize(transformers.Siglip2Model(cfg))
+    cfg = transformers.Aimv2Config(text_config=dict(TEXT, eos_token_id=2), vision_config=VISION)    # RMSNorm, SwiGLU
+    with pytest.raises(UnsupportedFeatureError, match=r"Aimv2Model holding Aimv2VisionModel \(vision_model\)"):
+        vitfast.optimize(transformers.Aimv2Model(cfg))
 
 
 def test_get_image_features_replays_the_vision_models_graph():

@@ -17,6 +17,7 @@ get the gradients and an optimizer over either model trains both:
 | CLIPVisionModel | BaseModelOutputWithPooling | before the final norm | final norm of the class token |
 | CLIPVisionModelWithProjection | CLIPVisionModelOutput | before the final norm | image_embeds: projection of that |
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
+| Siglip2VisionModel (NaFlex) | BaseModelOutputWithPooling | final norm | the head, padding masked (below) |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
@@ -28,13 +29,14 @@ replaced (`vitfast.convert.optimize`); they call it as they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
-(`interpolate_pos_encoding=True`). HF computes that resampling in float32 (DINOv2) or the model's dtype.
+(`interpolate_pos_encoding=True`); SigLIP 2 resizes its table to each image's patch grid (bilinear, antialiased;
+`naflex_position_table`). HF computes that resampling in float32 (DINOv2, SigLIP 2) or the model's dtype.
 DINOv2-giant's SwiGLU MLP (use_swiglu_ffn) runs as timm's packed one, its fc1 built from HF's gate and up
 projections. DINOv3 has no position table: q and k of its patch tokens are rotated by its RoPE
 (`ops.rope_qkv`); its gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU too, and its key projection
 without bias gets a zero bias in the packed qkv. In train mode HF moves DINOv3's RoPE coordinates at random
 (pos_embed_shift / jitter / rescale), which vitfast does not: such a model runs in eval mode only. Not
-supported (named in the error): masked patches (bool_masked_pos), attention masks,
+supported (named in the error): masked patches (bool_masked_pos), attention masks (but SigLIP 2's patch mask),
 attention outputs, other activations.
 """
 
@@ -42,7 +44,8 @@ from __future__ import annotations
 
 import sys
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
@@ -65,6 +68,7 @@ CLASSES = {
     "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
     "MetaClip2VisionModel": ("clip", None), "MetaClip2VisionModelWithProjection": ("clip", "projection"),
     "SiglipVisionModel": ("siglip", None),
+    "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     "DINOv3ViTModel": ("dinov3", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
@@ -73,7 +77,7 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False)}
+             "clip": (False, False), "siglip": (False, False), "siglip2": (False, False), "dinov3": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -91,7 +95,7 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
     base = getattr(base, "vision_model", base)              # CLIP / SigLIP before transformers 5.x nest it
     core_cfg = _core_config(cfg, family, f)
-    if family == "siglip" and not getattr(cfg, "vision_use_head", True):
+    if family.startswith("siglip") and not getattr(cfg, "vision_use_head", True):
         core_cfg["global_pool"] = ""
     heads = {"classifier": ("classifier",), "teacher": ("cls_classifier", "distillation_classifier")}.get(head, ())
     for h in heads:
@@ -102,9 +106,17 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     f.check(False)                          # unsupported features first: their weights would not map
     state = {k: v for k, v in hf_to_timm(base.state_dict(keep_vars=True)).items()
              if not k.startswith(("head.", "head_dist."))}
+    if family == "siglip2":                 # nn.Linear over patches flattened as (row, column, channel)
+        P = core_cfg["patch_size"]
+        state["patch_embed.proj.weight"] = _PatchesAsConv.conv_view(state["patch_embed.proj.weight"], P,
+                                                                    core_cfg["in_chans"])
     core = _build(core_cfg, state, model, f, VisionTransformerDistilled if family == "deit" else VisionTransformer)
     _join_projections(core, base)
     _derive_embeddings(core, base, family)
+    if family == "siglip2":
+        core.patch_embed.proj = _PatchesAsConv(base.embeddings.patch_embedding, core_cfg["in_chans"],
+                                               core_cfg["patch_size"])
+        return HFSiglip2VisionModel(cfg, core, family).train(model.training)
     vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
     if head is None:
         return vision
@@ -164,7 +176,7 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
-            "siglip": {"pos_embed": _position_embedding},
+            "siglip": {"pos_embed": _position_embedding}, "siglip2": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
 
 
@@ -189,6 +201,10 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
     act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
     f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
     heads, dim = cfg.num_attention_heads, cfg.hidden_size
+    image_size = cfg.image_size if family != "siglip2" else int(cfg.num_patches ** 0.5) * cfg.patch_size
+    if family == "siglip2":
+        f.need(int(cfg.num_patches ** 0.5) ** 2 == cfg.num_patches,
+               f"num_patches={cfg.num_patches} (the position table is a square grid)")
     f.need(getattr(cfg, "head_dim", None) in (None, dim // heads) and dim % heads == 0,
            f"head_dim={getattr(cfg, 'head_dim', None)} with hidden_size={dim}, num_attention_heads={heads}")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "drop_path_rate"):
@@ -201,11 +217,12 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         hidden = int(dim * cfg.mlp_ratio)
     else:
         hidden = cfg.intermediate_size
-    out = dict(img_size=to_2tuple(cfg.image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
+    siglip = family.startswith("siglip")
+    out = dict(img_size=to_2tuple(image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
-               act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps, class_token=family != "siglip",
-               global_pool="map" if family == "siglip" else "token", mlp_layer="swiglu" if swiglu else "mlp")
+               act_layer=act or "gelu", norm_eps=cfg.layer_norm_eps, class_token=not siglip,
+               global_pool="map" if siglip else "token", mlp_layer="swiglu" if swiglu else "mlp")
     if family.startswith("dinov2"):
         out.update(init_values=1.0, dynamic_img_size=True)        # the gammas come from the weights
     if family == "dinov2_reg":
@@ -318,6 +335,120 @@ class HFVisionModel(nn.Module):
         tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
         seq, pooled = self.outputs(tokens)
         out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+class _PatchesAsConv(nn.Module):
+    """SigLIP 2's patch embedding, an nn.Linear over patches flattened as (row, column, channel) (HF's
+    Siglip2ImageProcessor), seen as the conv weight [D, C, P, P] of a vitfast `PatchEmbed`: a view of HF's
+    parameter on each access, so HF's tensors stay the parameters (the linear is registered in HF's embeddings,
+    `core.hf_embeddings`, not here)."""
+
+    def __init__(self, linear: nn.Linear, in_chans: int, patch_size: tuple[int, int]):
+        super().__init__()
+        object.__setattr__(self, "linear", linear)                  # not a submodule: no second registration
+        self.in_chans, self.patch_size = in_chans, patch_size
+
+    @staticmethod
+    def conv_view(weight: Tensor, patch_size: tuple[int, int], in_chans: int) -> Tensor:
+        return weight.unflatten(1, (*patch_size, in_chans)).permute(0, 3, 1, 2)      # (D, C, P, P)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.conv_view(self.linear.weight, self.patch_size, self.in_chans)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.linear.bias
+
+
+def naflex_position_table(table: Tensor, spatial_shapes: Tensor, length: int) -> Tensor:
+    """SigLIP 2's position embeddings for a NaFlex batch: the square table [G·G, D] resized to each image's
+    patch grid (rows, columns) = spatial_shapes[b] ([B, 2] integers) by `F.interpolate(mode="bilinear",
+    align_corners=False, antialias=True)`, its rows in raster order, then padded to `length` with the image's
+    first row, as HF's `Siglip2VisionEmbeddings.resize_positional_embeddings` -> [B, length, D] in the table's
+    dtype. The resize is linear: each output row is the table weighted by the product of its row's and its
+    column's filter weights (the triangle filter widened by the downscale factor, normalised), computed for
+    the whole batch at once in float32 (float64 for a float64 table): no per-image loop and no host
+    synchronisation, so a CUDA graph captures it with the spatial shapes as data."""
+    grid = int(round(table.shape[0] ** 0.5))
+    dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+    sizes = spatial_shapes.to(device=table.device, dtype=dtype)                          # (B, 2) rows, columns
+    pos = torch.arange(length, device=table.device, dtype=dtype)                         # (N,)
+    row = torch.div(pos, sizes[:, 1:], rounding_mode="floor")                            # (B, N)
+    col = pos - row * sizes[:, 1:]
+    inside = pos < sizes.prod(-1, keepdim=True)                          # padding rows take position (0, 0)
+    source = torch.arange(grid, device=table.device, dtype=dtype)
+
+    def weights(out: Tensor, size: Tensor) -> Tensor:                    # out (B, N), size (B, 1) -> (B, N, G)
+        scale = grid / size
+        center = (out * inside + 0.5) * scale - 0.5
+        w = (1 - (source - center[..., None]).abs() / scale.clamp(min=1)[..., None]).clamp(min=0)
+        return w / w.sum(-1, keepdim=True)
+
+    w = (weights(row, sizes[:, :1])[..., :, None] * weights(col, sizes[:, 1:])[..., None, :]).flatten(-2)
+    return (w @ table.to(dtype)).to(table.dtype)                                        # (B, N, D)
+
+
+class HFSiglip2VisionModel(HFVisionModel):
+    """Stands in for transformers' `Siglip2VisionModel` (SigLIP 2 NaFlex): the same forward arguments,
+    pixel_values [B, N, C·P·P] (patches flattened as HF's processor does), pixel_attention_mask [B, N] (1 for
+    an image's patches, 0 for padding; None: no padding) and spatial_shapes [B, 2] (each image's patch grid);
+    returns `BaseModelOutputWithPooling`: last_hidden_state after the final norm, pooler_output from the
+    attention-pooling head. The patch embedding is one `ops.linear` with the position embeddings
+    (`naflex_position_table`) added in its epilogue; every attention, the head's too, skips the padding keys
+    (`key_mask`), as HF's mask does. Padding rows of last_hidden_state are computed as HF computes them. The
+    forward has no host synchronisation: CUDA graphs replay it per (B, N) with the masks and shapes as
+    inputs. Not checked on CUDA tensors (that would synchronise): a spatial shape with more patches than N,
+    which HF refuses."""
+
+    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        self.refuse(None, None, output_attentions, kwargs)
+        self._check(pixel_values, pixel_attention_mask, spatial_shapes)
+        return self.cuda_graphs(self, self._forward, pixel_values, pixel_attention_mask, spatial_shapes,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _check(self, pixel_values, mask, spatial_shapes) -> None:
+        pe = self.core.patch_embed
+        width = self.core.in_chans * pe.patch_size[0] * pe.patch_size[1]
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 3 or pixel_values.shape[2] != width:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: expected patches [B, N, {width}] (channels x patch_size^2), got {got}")
+        B, N, _ = pixel_values.shape
+        if not isinstance(spatial_shapes, Tensor) or tuple(spatial_shapes.shape) != (B, 2) \
+                or spatial_shapes.is_floating_point() or spatial_shapes.is_complex():
+            got = (f"{tuple(spatial_shapes.shape)} {spatial_shapes.dtype}" if isinstance(spatial_shapes, Tensor)
+                   else type(spatial_shapes).__name__)
+            raise ValueError(f"spatial_shapes: expected an integer tensor [{B}, 2] (patch rows, columns per image), "
+                             f"got {got}")
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (B, N)):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"pixel_attention_mask: expected [{B}, {N}] (one entry per patch) or None, got {got}")
+        if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
+            counts = spatial_shapes.prod(-1)
+            if bool((spatial_shapes < 1).any()) or bool((counts > N).any()):
+                raise ValueError(f"spatial_shapes: expected patch grids of at least 1x1 with at most N = {N} "
+                                 f"patches, got {spatial_shapes.tolist()}")
+
+    def _forward(self, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states=None,
+                 return_dict=None):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        core = self.core
+        linear = core.hf_embeddings.patch_embedding
+        positions = naflex_position_table(core.hf_embeddings.position_embedding.weight, spatial_shapes,
+                                          pixel_values.shape[1])                           # (B, N, D)
+        x = ops.linear(pixel_values.to(linear.weight.dtype), linear.weight, linear.bias, residual=positions)
+        key_mask = None if pixel_attention_mask is None else pixel_attention_mask.to(device=x.device,
+                                                                                       dtype=torch.bool)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        tokens, _, hidden = core.forward_blocks(x, key_mask=key_mask, return_hidden=bool(output_hidden_states))
+        seq = core.norm(tokens)
+        pooled = core.attn_pool(seq, key_mask) if core.attn_pool is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled,
+                                         hidden_states=tuple(hidden) if output_hidden_states else None)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
@@ -511,5 +642,5 @@ class HFCLIPVisionWithProjection(nn.Module):
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
-__all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFImageClassifier", "HFDeiTWithTeacher",
-           "HFCLIPVisionWithProjection", "HFBackbone"]
+__all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFSiglip2VisionModel", "HFImageClassifier", "HFDeiTWithTeacher",
+           "HFCLIPVisionWithProjection", "HFBackbone", "naflex_position_table"]
