@@ -35,6 +35,9 @@ FAMILIES = {
     "MetaClip2VisionModel": ("MetaClip2VisionConfig", dict(intermediate_size=96)),
     "MetaClip2VisionModelWithProjection": ("MetaClip2VisionConfig", dict(intermediate_size=96, projection_dim=16)),
     "SiglipVisionModel": ("SiglipVisionConfig", dict(intermediate_size=96)),
+    # OWL-ViT, OWLv2: CLIP's vision model with pre_layernorm (their detectors: test_hf_around)
+    "OwlViTVisionModel": ("OwlViTVisionConfig", dict(intermediate_size=96)),
+    "Owlv2VisionModel": ("Owlv2VisionConfig", dict(intermediate_size=96)),
     # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
 }
@@ -67,7 +70,8 @@ def compare(out, ref, eager) -> None:
 def test_every_supported_class_is_tested():
     assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"} | {   # those: test_convert
         "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"} | {               # test_hf_backbone
-        "Siglip2VisionModel"}                                                                   # test_hf_siglip2
+        "Siglip2VisionModel"} | {                                                               # test_hf_siglip2
+        "OwlViTVisionTransformer", "Owlv2VisionTransformer"}           # inside the OWL models of test_hf_around
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -23,7 +23,8 @@ VISION = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
 TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=32)
 # two-tower class -> its config class
-TWO_TOWER = {"CLIPModel": "CLIPConfig", "SiglipModel": "SiglipConfig", "MetaClip2Model": "MetaClip2Config"}
+TWO_TOWER = {"CLIPModel": "CLIPConfig", "SiglipModel": "SiglipConfig", "MetaClip2Model": "MetaClip2Config",
+             "OwlViTModel": "OwlViTConfig", "Owlv2Model": "Owlv2Config"}
 # classifier -> its config (DINOv2's: the class token beside the mean of the patch tokens, after any registers)
 CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig",
                "Dinov2ForImageClassification": "Dinov2Config",
@@ -185,6 +186,35 @@ def test_vision_language_models_equal_hf(name):
         if name.startswith("PaliGemma"):
             kw["token_type_ids"] = torch.zeros_like(ids)                  # the whole prompt is prefix
         assert torch.equal(opt.generate(**kw), model.generate(**kw))
+
+
+@pytest.mark.parametrize("name", ["OwlViTForObjectDetection", "Owlv2ForObjectDetection"])
+def test_open_vocabulary_detectors_equal_hf(name):
+    """OWL-ViT's and OWLv2's detectors (`owlvit` / `owlv2`: a two-tower model whose vision model's post_layernorm
+    they apply to every token themselves) with the vision model on vitfast: class logits and boxes for text
+    queries (and OWLv2's objectness), at the config's image size and another (interpolate_pos_encoding), and
+    image-guided detection."""
+    cfg = getattr(transformers, name.replace("ForObjectDetection", "Config"))(
+        text_config=dict(TEXT, bos_token_id=0, eos_token_id=2), vision_config=VISION, projection_dim=48)
+    model = perturbed(getattr(transformers, name)(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    base = name[:-len("ForObjectDetection")].lower()
+    assert_shares_all_but_the_vision_model(opt, model, f"{base}.vision_model")
+    ids = torch.randint(3, TEXT["vocab_size"], (4, 7))                 # two text queries per image
+    keys = ["logits", "pred_boxes"] + (["objectness_logits"] if name.startswith("Owlv2") else [])
+    with torch.no_grad():
+        for size, kw in (((32, 32), {}), ((48, 40), dict(interpolate_pos_encoding=True))):
+            x = torch.randn(2, 3, *size)
+            out, ref, eager = (m(input_ids=ids, pixel_values=xi, **kw) for m, xi in ((opt, x), (model64, x.double()),
+                                                                                   (model, x)))
+            for key in keys:
+                assert_close(out[key], ref[key], eager=eager[key], name=f"{key} at {size}")
+        x, query = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+        out, ref, eager = (m.image_guided_detection(pixel_values=xi, query_pixel_values=qi)
+                           for m, xi, qi in ((opt, x, query), (model64, x.double(), query.double()), (model, x, query)))
+        for key in ("logits", "target_pred_boxes"):
+            assert_close(out[key], ref[key], eager=eager[key], name=f"image-guided {key}")
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():

@@ -11,7 +11,8 @@ Layouts handled (all map onto timm's `VisionTransformer` keys):
 The `vit.` prefix is optional (ViTModel vs ViTForImageClassification). The same skeleton for DeiT
 (`deit.`, `distillation_token`, `cls_classifier` / `distillation_classifier`), DINOv2 (`norm1`,
 `layer_scale1.lambda1`, `register_tokens`), CLIP's vision tower (`vision_model.`, `class_embedding`,
-`pre_layrnorm`, `self_attn.*`, `post_layernorm`, `visual_projection`) and SigLIP's (`head.probe`,
+`pre_layrnorm`, OWL-ViT's and OWLv2's `pre_layernorm`, `self_attn.*`, `post_layernorm`, `visual_projection`) and
+SigLIP's (`head.probe`,
 `head.attention.in_proj_*`): see `hf_to_timm`.
 - torchvision: `class_token`, `conv_proj.*`, `encoder.pos_embedding`,
   `encoder.layers.encoder_layer_N.{ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}`
@@ -78,6 +79,7 @@ _HF_TOP_KEYS = {
     "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
     "norm.weight": "norm.weight", "norm.bias": "norm.bias",                                 # DINOv3
     "pre_layrnorm.weight": "norm_pre.weight", "pre_layrnorm.bias": "norm_pre.bias",          # CLIP
+    "pre_layernorm.weight": "norm_pre.weight", "pre_layernorm.bias": "norm_pre.bias",        # OWL-ViT, OWLv2
     "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
     "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",              # CLIP / SigLIP
     "classifier.weight": "head.weight", "classifier.bias": "head.bias",

@@ -97,7 +97,7 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 # CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
 # PaliGemma, Gemma 3: inside their `model`), DINOv2's classifiers' `dinov2` / `dinov2_with_registers`. Other
 # heads (ViTForMaskedImageModeling's `vit`, ...) are not taken.
-_HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers")
+_HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2")
 
 
 def _wrapped_model(model: nn.Module) -> str | None:

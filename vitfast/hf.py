@@ -22,10 +22,13 @@ get the gradients and an optimizer over either model trains both:
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
 MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
-latter returns MetaClip2VisionModelOutput). The backbones' stage feature maps: `HFBackbone`. Models that hold
-one of these (CLIPModel, SiglipModel and MetaClip2Model with their text towers, the ForImageClassification
-heads of CLIP, SigLIP and DINOv2, the vision tower of LLaVA, PaliGemma and Gemma 3) are copied with that one
-replaced (`vitfast.convert.optimize`); they call it as they call HF's.
+latter returns MetaClip2VisionModelOutput); so are OWL-ViT's and OWLv2's vision models (and the vision transformer
+inside them, which their two-tower models hold), whose stand-in also answers to `post_layernorm` (their detectors
+apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
+(CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
+ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
+tower of LLaVA, PaliGemma, Gemma 3 and LFM2-VL) are copied with that one replaced (`vitfast.convert.optimize`);
+they call it as they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -67,6 +70,9 @@ CLASSES = {
     "Dinov2Model": ("dinov2", None), "Dinov2WithRegistersModel": ("dinov2_reg", None),
     "CLIPVisionModel": ("clip", None), "CLIPVisionModelWithProjection": ("clip", "projection"),
     "MetaClip2VisionModel": ("clip", None), "MetaClip2VisionModelWithProjection": ("clip", "projection"),
+    # OWL-ViT / OWLv2: CLIP's vision transformer (pre_layernorm); their detectors hold the transformer itself
+    "OwlViTVisionModel": ("clip", None), "OwlViTVisionTransformer": ("clip", None),
+    "Owlv2VisionModel": ("clip", None), "Owlv2VisionTransformer": ("clip", None),
     "SiglipVisionModel": ("siglip", None),
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     "DINOv3ViTModel": ("dinov3", None),
@@ -279,6 +285,14 @@ class HFVisionModel(nn.Module):
         super().__init__()
         self.config, self.core, self.family, self.pooler = config, core, family, pooler
         self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def post_layernorm(self) -> nn.Module:
+        """CLIP's and SigLIP's final norm under HF's name, as vitfast's LayerNorm on HF's tensors: OWL-ViT's and
+        OWLv2's detectors apply it to every token of last_hidden_state themselves."""
+        if not self.family.startswith(("clip", "siglip")):
+            raise AttributeError(f"{type(self).__name__} of the {self.family} family has no post_layernorm")
+        return self.core.norm
 
     def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
         """-> (tokens [B, T, D] after the blocks, before the final norm; hidden_states tuple or None)."""
