@@ -1,7 +1,8 @@
 """Hugging Face models that hold a supported vision model, on vitfast: CLIP's, SigLIP's and MetaCLIP 2's
 two-tower models (`get_image_features`, the image-text logits, the contrastive loss) and image classifiers
 (`vision_model`), DINOv2's image classifiers (`dinov2`), and vision-language models whose `vision_tower` is a
-CLIP or SigLIP vision model (LLaVA, PaliGemma, Gemma 3). `vitfast.optimize(model)` is a copy of the model with
+CLIP or SigLIP vision model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3), and
+OWL-ViT's and OWLv2's two-tower models and detectors. `vitfast.optimize(model)` is a copy of the model with
 that one vision model on vitfast, its text tower / language model shared; compared in fp32 against the model in
 float64, bounded by its own fp32 error."""
 
@@ -215,6 +216,55 @@ def test_open_vocabulary_detectors_equal_hf(name):
                            for m, xi, qi in ((opt, x, query), (model64, x.double(), query.double()), (model, x, query)))
         for key in ("logits", "target_pred_boxes"):
             assert_close(out[key], ref[key], eager=eager[key], name=f"image-guided {key}")
+
+
+# VLMs whose vision tower is HF's CLIP or SigLIP vision model too: LLaVA-NeXT and LLaVA-OneVision (any-resolution
+# tiles of each image, 5-D pixel_values with image_sizes), Aya Vision (pixel shuffle), VipLLaVA (several layers)
+MORE_VLMS = {"LlavaNextForConditionalGeneration": ("CLIPVisionConfig", dict(image_grid_pinpoints=[[32, 32], [32, 64],
+                                                                                                  [64, 32]])),
+             "LlavaOnevisionForConditionalGeneration": ("SiglipVisionConfig", dict(image_grid_pinpoints=[[32, 32],
+                                                                                                        [32, 64],
+                                                                                                        [64, 32]])),
+             "AyaVisionForConditionalGeneration": ("SiglipVisionConfig", dict(downsample_factor=2)),
+             "VipLlavaForConditionalGeneration": ("CLIPVisionConfig", dict(vision_feature_layers=[-2, -1, 1]))}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_VLMS))
+def test_more_vision_language_models_equal_hf(name):
+    """LLaVA-NeXT, LLaVA-OneVision, Aya Vision and VipLLaVA with the vision tower on vitfast: logits over a prompt
+    with an image per row (as many image tokens as HF's own image features have rows), image features, greedy
+    generate."""
+    vision_cls, kw = MORE_VLMS[name]
+    text_cls = transformers.CohereConfig if name.startswith("Aya") else transformers.LlamaConfig
+    cfg = getattr(transformers, name.replace("ForConditionalGeneration", "Config"))(
+        vision_config=getattr(transformers, vision_cls)(**VISION), image_token_index=IMAGE_TOKEN,
+        text_config=text_cls(**TEXT, num_key_value_heads=2, head_dim=8, pad_token_id=0), **kw)
+    model = perturbed(getattr(transformers, name)(cfg))
+    model64 = copy.deepcopy(model).double()
+    if "image_grid_pinpoints" in kw:                  # two images: a 32 x 64 and a 64 x 32 one, three tiles each
+        x, extra = torch.randn(2, 3, 3, 32, 32), dict(image_sizes=torch.tensor([[32, 64], [64, 32]]))
+    else:
+        x, extra = torch.randn(2, 3, 32, 32), {}
+
+    def features(m, xi):
+        out = image_embeds(m.get_image_features(pixel_values=xi, **extra))
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in (out if isinstance(out, (list, tuple)) else [out])])
+
+    with torch.no_grad():
+        n_tokens = features(model, x).shape[0] // 2
+    opt = vitfast.optimize(model)
+    assert_shares_all_but_the_vision_model(opt, model, "model.vision_tower")
+    ids = torch.cat([torch.tensor([[2], [2]]), torch.full((2, n_tokens), IMAGE_TOKEN),
+                     torch.randint(3, IMAGE_TOKEN - 2, (2, 5))], dim=1)
+    with torch.no_grad():
+        out, ref, eager = (m(input_ids=ids, pixel_values=xi, **extra).logits
+                           for m, xi in ((opt, x), (model64, x.double()), (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        feats = [features(m, xi) for m, xi in ((opt, x), (model64, x.double()), (model, x))]
+        assert_close(*feats[:2], eager=feats[2], name="get_image_features")
+        kw = dict(input_ids=ids, pixel_values=x, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                  do_sample=False, **extra)
+        assert torch.equal(opt.generate(**kw), model.generate(**kw))
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():

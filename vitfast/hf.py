@@ -27,8 +27,8 @@ inside them, which their two-tower models hold), whose stand-in also answers to 
 apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
 (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
-tower of LLaVA, PaliGemma, Gemma 3 and LFM2-VL) are copied with that one replaced (`vitfast.convert.optimize`);
-they call it as they call HF's.
+tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL) are copied
+with that one replaced (`vitfast.convert.optimize`); they call it as they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
