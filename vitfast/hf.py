@@ -18,6 +18,7 @@ get the gradients and an optimizer over either model trains both:
 | CLIPVisionModelWithProjection | CLIPVisionModelOutput | before the final norm | image_embeds: projection of that |
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
 | Siglip2VisionModel (NaFlex) | BaseModelOutputWithPooling | final norm | the head, padding masked (below) |
+| Idefics3VisionTransformer, SmolVLMVisionTransformer | BaseModelOutput | final norm, padding masked (below) | |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
@@ -27,8 +28,9 @@ inside them, which their two-tower models hold), whose stand-in also answers to 
 apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
 (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
-tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL) are copied
-with that one replaced (`vitfast.convert.optimize`); they call it as they call HF's.
+tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL, the vision
+model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it as
+they call HF's.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -56,7 +58,7 @@ from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Finding
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
-from vitfast.reference import check_image_size, resample_pos_embed, to_2tuple
+from vitfast.reference import check_image_size, crop_to_patches, resample_pos_embed, to_2tuple
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "quick_gelu": "quick_gelu"}
@@ -75,6 +77,8 @@ CLASSES = {
     "Owlv2VisionModel": ("clip", None), "Owlv2VisionTransformer": ("clip", None),
     "SiglipVisionModel": ("siglip", None),
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
+    # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
+    "Idefics3VisionTransformer": ("idefics3", None), "SmolVLMVisionTransformer": ("idefics3", None),
     "DINOv3ViTModel": ("dinov3", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
@@ -83,7 +87,8 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "siglip2": (False, False), "dinov3": (False, False)}
+             "clip": (False, False), "siglip": (False, False), "siglip2": (False, False), "idefics3": (False, False),
+             "dinov3": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -101,7 +106,7 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
     base = getattr(base, "vision_model", base)              # CLIP / SigLIP before transformers 5.x nest it
     core_cfg = _core_config(cfg, family, f)
-    if family.startswith("siglip") and not getattr(cfg, "vision_use_head", True):
+    if family.startswith("siglip") and not getattr(cfg, "vision_use_head", True) or family == "idefics3":
         core_cfg["global_pool"] = ""
     heads = {"classifier": ("classifier",), "teacher": ("cls_classifier", "distillation_classifier")}.get(head, ())
     for h in heads:
@@ -123,6 +128,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         core.patch_embed.proj = _PatchesAsConv(base.embeddings.patch_embedding, core_cfg["in_chans"],
                                                core_cfg["patch_size"])
         return HFSiglip2VisionModel(cfg, core, family).train(model.training)
+    if family == "idefics3":
+        return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
     vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
     if head is None:
         return vision
@@ -183,6 +190,7 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
             "siglip": {"pos_embed": _position_embedding}, "siglip2": {"pos_embed": _position_embedding},
+            "idefics3": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
 
 
@@ -223,7 +231,7 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         hidden = int(dim * cfg.mlp_ratio)
     else:
         hidden = cfg.intermediate_size
-    siglip = family.startswith("siglip")
+    siglip = family.startswith("siglip") or family == "idefics3"              # no class token, SigLIP's layout
     out = dict(img_size=to_2tuple(image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
@@ -466,6 +474,69 @@ class HFSiglip2VisionModel(HFVisionModel):
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
+def idefics3_position_ids(mask: Tensor, side: int) -> Tensor:
+    """Idefics3's (and SmolVLM's) position of each patch in its `side` x `side` table: an image's valid region,
+    mask [B, h, w] (True for the patches of the image, top-left; h, w the padded batch's grid), is spread over the
+    whole table, row i of n valid rows at bucket(i / n) of the table's rows (and columns alike); padding patches
+    take position 0. The arithmetic is HF's own, vectorised (fp32 coordinates, `torch.bucketize` on the same
+    boundaries): the same ids on the same device, with no host synchronisation. -> [B, h·w] int64."""
+    B, h, w = mask.shape
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=mask.device)
+
+    def buckets(count: Tensor, n: int) -> Tensor:                       # count (B,) valid rows -> (B, n)
+        coords = torch.arange(n, device=mask.device, dtype=torch.float32)[None, :] * (1.0 / count)[:, None]
+        return torch.bucketize(coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
+
+    ids = buckets(mask[:, :, 0].sum(1), h)[:, :, None] * side + buckets(mask[:, 0, :].sum(1), w)[:, None, :]
+    return torch.where(mask.reshape(B, -1), ids.reshape(B, -1), 0)
+
+
+class HFIdefics3VisionTransformer(HFVisionModel):
+    """Stands in for transformers' `Idefics3VisionTransformer` and `SmolVLMVisionTransformer` (the vision model of
+    Idefics3 and SmolVLM, which their VLMs call with each image tile and its patch mask): pixel_values
+    [B, C, H, W] (images padded to one size), patch_attention_mask [B, H/P, W/P] (True for each image's own
+    patches; None: all) -> `BaseModelOutput` with last_hidden_state after the final norm. The patches are
+    embedded by the patch-embedding kernel, the table rows of `idefics3_position_ids` added; every attention
+    skips the padding patches (`key_mask`), as HF's mask does. No host synchronisation: the CUDA graph takes the
+    masks as data."""
+
+    def forward(self, pixel_values=None, patch_attention_mask=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        self.refuse(None, None, output_attentions, kwargs)
+        P = self.core.patch_embed.patch_size
+        check_image_size(pixel_values, self.core.in_chans, P)
+        grid = (pixel_values.shape[0], pixel_values.shape[-2] // P[0], pixel_values.shape[-1] // P[1])
+        if patch_attention_mask is not None and (not isinstance(patch_attention_mask, Tensor)
+                                                 or tuple(patch_attention_mask.shape) != grid):
+            got = (tuple(patch_attention_mask.shape) if isinstance(patch_attention_mask, Tensor)
+                   else type(patch_attention_mask).__name__)
+            raise ValueError(f"patch_attention_mask: expected {list(grid)} (batch, patch rows, patch columns) or "
+                             f"None, got {got}")
+        return self.cuda_graphs(self, self._forward, pixel_values, patch_attention_mask,
+                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    def _forward(self, pixel_values, patch_attention_mask, output_hidden_states=None, return_dict=None):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        core = self.core
+        pe, table = core.patch_embed, core.hf_embeddings.position_embedding.weight
+        grid = pe.grid_for(pixel_values)
+        x = crop_to_patches(pixel_values, pe.patch_size)
+        x = ops.patch_embed(x.to(pe.proj.weight.dtype), pe.proj.weight, pe.proj.bias)             # (B, N, D)
+        if patch_attention_mask is None:              # every patch (HF's ids even then: its buckets, not an arange)
+            mask, key_mask = torch.ones(x.shape[0], *grid, dtype=torch.bool, device=x.device), None
+        else:
+            mask = patch_attention_mask.to(device=x.device, dtype=torch.bool)
+            key_mask = mask.reshape(mask.shape[0], -1)
+        x = x + table[idefics3_position_ids(mask, core.hf_embeddings.num_patches_per_side)]
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        tokens, _, hidden = core.forward_blocks(x, key_mask=key_mask, return_hidden=bool(output_hidden_states))
+        out = BaseModelOutput(last_hidden_state=core.norm(tokens),
+                              hidden_states=tuple(hidden) if output_hidden_states else None)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
 class HFBackbone(nn.Module):
     """Stands in for transformers' `Dinov2Backbone`, `Dinov2WithRegistersBackbone` and `DINOv3ViTBackbone` (the
     backbone of Depth Anything and DPT, which `vitfast.optimize` replaces in a copy of those): the same forward
@@ -656,5 +727,6 @@ class HFCLIPVisionWithProjection(nn.Module):
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
-__all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFSiglip2VisionModel", "HFImageClassifier", "HFDeiTWithTeacher",
-           "HFCLIPVisionWithProjection", "HFBackbone", "naflex_position_table"]
+__all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFSiglip2VisionModel", "HFIdefics3VisionTransformer",
+           "HFImageClassifier", "HFDeiTWithTeacher", "HFCLIPVisionWithProjection", "HFBackbone",
+           "naflex_position_table", "idefics3_position_ids"]
