@@ -335,26 +335,31 @@ def test_attention_qkv_backward_lands_in_one_packed_gradient(B, N, H, D):
 
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_ops_backward_runs_the_kernels_not_the_reference(packed, monkeypatch):
-    """ops.attention / attention_qkv under autograd: the forward saves q, k, v (or qkv), out and the
-    per-row log-sum-exp, nothing N x N; backward runs the Triton kernels (the reference functions
-    raise once the forward is done) and equals float64 autograd through the reference."""
-    B, H, N, D = 2, 2, 40, 16
+def test_ops_backward_runs_the_kernels_not_the_reference(packed, masked, monkeypatch):
+    """ops.attention / attention_qkv under autograd, without and with a key mask: the forward saves q, k, v
+    (or qkv), out and the per-row log-sum-exp, nothing N x N; backward runs the Triton kernels (the reference
+    functions, torch's SDPA path included, raise once the forward is done) and equals float64 autograd through
+    the reference."""
+    B, H, N, D = 3, 2, 40, 16
+    key_mask = make_key_mask(B, N, "prefix") if masked else None
     saved = []
     if packed:
         x = make_qkv(B, N, H, D, False, torch.float32).requires_grad_()
-        inputs, fwd = (x,), lambda: ops.attention_qkv(x, H)
-        ref = lambda t: reference.attention_qkv(t, H)
+        inputs, fwd = (x,), lambda: ops.attention_qkv(x, H, key_mask=key_mask)
+        ref = lambda t: reference.attention_qkv(t, H, key_mask=key_mask)
     else:
         inputs = tuple(make_heads(B, H, N, D, "bnhd", torch.float32).requires_grad_() for _ in range(3))
-        fwd, ref = (lambda: ops.attention(*inputs)), reference.attention
+        fwd = lambda: ops.attention(*inputs, key_mask=key_mask)
+        ref = lambda *ts: reference.attention(*ts, key_mask=key_mask)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         out = fwd()
     assert saved and max(torch.Size(s).numel() for s in saved) <= 3 * B * N * H * D    # O(N), no N x N
     assert (B, H, N) in [tuple(s) for s in saved]                                       # the log-sum-exp
     dout = torch.randn_like(out)
-    forbid_reference(monkeypatch, "attention", "attention_qkv", "attention_probs", "split_qkv")
+    forbid_reference(monkeypatch, "attention", "attention_qkv", "attention_probs", "split_qkv", "torch_attention",
+                     "torch_attention_qkv")
     grads = torch.autograd.grad(out, inputs, dout)
     monkeypatch.undo()
     x64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -600,32 +605,6 @@ def test_ops_key_mask_float64_gradcheck():
     qkv = torch.randn(2, 6, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)
     assert_close(ops.attention_qkv(qkv, 2, key_mask=key_mask), reference.attention_qkv(qkv, 2, key_mask=key_mask))
     assert torch.autograd.gradcheck(lambda t: ops.attention_qkv(t, 2, key_mask=key_mask), (qkv,))
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_ops_backward_with_key_mask_runs_the_kernels_not_the_reference(packed, monkeypatch):
-    """With a mask, ops.attention / attention_qkv's backward still runs the Triton kernels (every reference
-    function raises once the forward is done, torch's SDPA path included) and equals float64 autograd
-    through the reference with the mask."""
-    B, H, N, D = 3, 2, 40, 16
-    key_mask = make_key_mask(B, N, "prefix")
-    if packed:
-        x = make_qkv(B, N, H, D, False, torch.float32).requires_grad_()
-        inputs, out = (x,), ops.attention_qkv(x, H, key_mask=key_mask)
-        ref = lambda t: reference.attention_qkv(t, H, key_mask=key_mask)
-    else:
-        inputs = tuple(make_heads(B, H, N, D, "bnhd", torch.float32).requires_grad_() for _ in range(3))
-        out = ops.attention(*inputs, key_mask=key_mask)
-        ref = lambda *ts: reference.attention(*ts, key_mask=key_mask)
-    dout = torch.randn_like(out)
-    forbid_reference(monkeypatch, "attention", "attention_qkv", "attention_probs", "split_qkv", "torch_attention",
-                     "torch_attention_qkv")
-    grads = torch.autograd.grad(out, inputs, dout)
-    monkeypatch.undo()
-    x64 = [t.detach().double().requires_grad_() for t in inputs]
-    want = torch.autograd.grad((ref(*x64) * dout.double()).sum(), x64)
-    for got, w in zip(grads, want):
-        assert_close(got, w, dtype=torch.float32)
 
 
 def test_ops_attention_qkv_key_mask_plans(monkeypatch):

@@ -15,7 +15,7 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf import HFVisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,15 +31,6 @@ CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassi
                "Dinov2ForImageClassification": "Dinov2Config",
                "Dinov2WithRegistersForImageClassification": "Dinov2WithRegistersConfig"}
 IMAGE_TOKEN = 98           # the VLMs' image placeholder token (the last of TEXT's vocabulary)
-
-
-def perturbed(model):
-    """`model` in eval mode with every weight moved off its 0 / 1 init."""
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def two_tower(name: str):

@@ -12,7 +12,7 @@ import torch
 import vitfast
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf import HFIdefics3VisionTransformer
-from vitfast.testing import MODEL_TOLERANCE, assert_close, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,14 +25,6 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
 FAMILIES = ["Idefics3", "SmolVLM"]
 # a batch padded to 32 x 28 pixels (8 x 7 patches): each image's own grid of patches, top-left
 GRIDS = [(8, 7), (5, 7), (8, 3), (2, 2)]
-
-
-def perturbed(model):
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def vision_model(family: str, **kw):

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf import HFSiglip2VisionModel, naflex_position_table
-from vitfast.testing import MODEL_TOLERANCE, assert_close, simulate_cuda_graphs
+from vitfast.hf import HFSiglip2VisionModel
+from vitfast.reference import naflex_position_table
+from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,14 +29,6 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
 SHAPES = [(3, 5), (4, 4), (6, 3)]
 N = 20
 WIDTH = 3 * 4 * 4
-
-
-def perturbed(model):
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def vision_model(**kw):

@@ -35,7 +35,8 @@ they call HF's.
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
 (`interpolate_pos_encoding=True`); SigLIP 2 resizes its table to each image's patch grid (bilinear, antialiased;
-`naflex_position_table`). HF computes that resampling in float32 (DINOv2, SigLIP 2) or the model's dtype.
+`reference.naflex_position_table`). HF computes that resampling in float32 (DINOv2, SigLIP 2) or the model's
+dtype.
 DINOv2-giant's SwiGLU MLP (use_swiglu_ffn) runs as timm's packed one, its fc1 built from HF's gate and up
 projections. DINOv3 has no position table: q and k of its patch tokens are rotated by its RoPE
 (`ops.rope_qkv`); its gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU too, and its key projection
@@ -58,7 +59,14 @@ from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Finding
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
-from vitfast.reference import check_image_size, crop_to_patches, resample_pos_embed, to_2tuple
+from vitfast.reference import (
+    check_image_size,
+    crop_to_patches,
+    idefics3_position_ids,
+    naflex_position_table,
+    resample_pos_embed,
+    to_2tuple,
+)
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "quick_gelu": "quick_gelu"}
@@ -87,8 +95,7 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "siglip2": (False, False), "idefics3": (False, False),
-             "dinov3": (False, False)}
+             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -384,34 +391,6 @@ class _PatchesAsConv(nn.Module):
         return self.linear.bias
 
 
-def naflex_position_table(table: Tensor, spatial_shapes: Tensor, length: int) -> Tensor:
-    """SigLIP 2's position embeddings for a NaFlex batch: the square table [G·G, D] resized to each image's
-    patch grid (rows, columns) = spatial_shapes[b] ([B, 2] integers) by `F.interpolate(mode="bilinear",
-    align_corners=False, antialias=True)`, its rows in raster order, then padded to `length` with the image's
-    first row, as HF's `Siglip2VisionEmbeddings.resize_positional_embeddings` -> [B, length, D] in the table's
-    dtype. The resize is linear: each output row is the table weighted by the product of its row's and its
-    column's filter weights (the triangle filter widened by the downscale factor, normalised), computed for
-    the whole batch at once in float32 (float64 for a float64 table): no per-image loop and no host
-    synchronisation, so a CUDA graph captures it with the spatial shapes as data."""
-    grid = int(round(table.shape[0] ** 0.5))
-    dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-    sizes = spatial_shapes.to(device=table.device, dtype=dtype)                          # (B, 2) rows, columns
-    pos = torch.arange(length, device=table.device, dtype=dtype)                         # (N,)
-    row = torch.div(pos, sizes[:, 1:], rounding_mode="floor")                            # (B, N)
-    col = pos - row * sizes[:, 1:]
-    inside = pos < sizes.prod(-1, keepdim=True)                          # padding rows take position (0, 0)
-    source = torch.arange(grid, device=table.device, dtype=dtype)
-
-    def weights(out: Tensor, size: Tensor) -> Tensor:                    # out (B, N), size (B, 1) -> (B, N, G)
-        scale = grid / size
-        center = (out * inside + 0.5) * scale - 0.5
-        w = (1 - (source - center[..., None]).abs() / scale.clamp(min=1)[..., None]).clamp(min=0)
-        return w / w.sum(-1, keepdim=True)
-
-    w = (weights(row, sizes[:, :1])[..., :, None] * weights(col, sizes[:, 1:])[..., None, :]).flatten(-2)
-    return (w @ table.to(dtype)).to(table.dtype)                                        # (B, N, D)
-
-
 class HFSiglip2VisionModel(HFVisionModel):
     """Stands in for transformers' `Siglip2VisionModel` (SigLIP 2 NaFlex): the same forward arguments,
     pixel_values [B, N, C·P·P] (patches flattened as HF's processor does), pixel_attention_mask [B, N] (1 for
@@ -472,23 +451,6 @@ class HFSiglip2VisionModel(HFVisionModel):
         out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled,
                                          hidden_states=tuple(hidden) if output_hidden_states else None)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
-
-
-def idefics3_position_ids(mask: Tensor, side: int) -> Tensor:
-    """Idefics3's (and SmolVLM's) position of each patch in its `side` x `side` table: an image's valid region,
-    mask [B, h, w] (True for the patches of the image, top-left; h, w the padded batch's grid), is spread over the
-    whole table, row i of n valid rows at bucket(i / n) of the table's rows (and columns alike); padding patches
-    take position 0. The arithmetic is HF's own, vectorised (fp32 coordinates, `torch.bucketize` on the same
-    boundaries): the same ids on the same device, with no host synchronisation. -> [B, h·w] int64."""
-    B, h, w = mask.shape
-    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=mask.device)
-
-    def buckets(count: Tensor, n: int) -> Tensor:                       # count (B,) valid rows -> (B, n)
-        coords = torch.arange(n, device=mask.device, dtype=torch.float32)[None, :] * (1.0 / count)[:, None]
-        return torch.bucketize(coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
-
-    ids = buckets(mask[:, :, 0].sum(1), h)[:, :, None] * side + buckets(mask[:, 0, :].sum(1), w)[:, None, :]
-    return torch.where(mask.reshape(B, -1), ids.reshape(B, -1), 0)
 
 
 class HFIdefics3VisionTransformer(HFVisionModel):
@@ -728,5 +690,4 @@ class HFCLIPVisionWithProjection(nn.Module):
 
 
 __all__ = ["optimize_hf", "CLASSES", "HFVisionModel", "HFSiglip2VisionModel", "HFIdefics3VisionTransformer",
-           "HFImageClassifier", "HFDeiTWithTeacher", "HFCLIPVisionWithProjection", "HFBackbone",
-           "naflex_position_table", "idefics3_position_ids"]
+           "HFImageClassifier", "HFDeiTWithTeacher", "HFCLIPVisionWithProjection", "HFBackbone"]

@@ -353,6 +353,51 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: t
 # --------------------------------------------------------------------------------------------
 # The reference model (timm's module tree and state_dict keys)
 # --------------------------------------------------------------------------------------------
+def naflex_position_table(table: Tensor, spatial_shapes: Tensor, length: int) -> Tensor:
+    """SigLIP 2's position embeddings for a NaFlex batch: the square table [G·G, D] resized to each image's
+    patch grid (rows, columns) = spatial_shapes[b] ([B, 2] integers) by `F.interpolate(mode="bilinear",
+    align_corners=False, antialias=True)`, its rows in raster order, then padded to `length` with the image's
+    first row, as HF's `Siglip2VisionEmbeddings.resize_positional_embeddings` -> [B, length, D] in the table's
+    dtype. The resize is linear: each output row is the table weighted by the product of its row's and its
+    column's filter weights (the triangle filter widened by the downscale factor, normalised), computed for
+    the whole batch at once in float32 (float64 for a float64 table): no per-image loop and no host
+    synchronisation, so a CUDA graph captures it with the spatial shapes as data."""
+    grid = int(round(table.shape[0] ** 0.5))
+    dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+    sizes = spatial_shapes.to(device=table.device, dtype=dtype)                          # (B, 2) rows, columns
+    pos = torch.arange(length, device=table.device, dtype=dtype)                         # (N,)
+    row = torch.div(pos, sizes[:, 1:], rounding_mode="floor")                            # (B, N)
+    col = pos - row * sizes[:, 1:]
+    inside = pos < sizes.prod(-1, keepdim=True)                          # padding rows take position (0, 0)
+    source = torch.arange(grid, device=table.device, dtype=dtype)
+
+    def weights(out: Tensor, size: Tensor) -> Tensor:                    # out (B, N), size (B, 1) -> (B, N, G)
+        scale = grid / size
+        center = (out * inside + 0.5) * scale - 0.5
+        w = (1 - (source - center[..., None]).abs() / scale.clamp(min=1)[..., None]).clamp(min=0)
+        return w / w.sum(-1, keepdim=True)
+
+    w = (weights(row, sizes[:, :1])[..., :, None] * weights(col, sizes[:, 1:])[..., None, :]).flatten(-2)
+    return (w @ table.to(dtype)).to(table.dtype)                                        # (B, N, D)
+
+
+def idefics3_position_ids(mask: Tensor, side: int) -> Tensor:
+    """Idefics3's (and SmolVLM's) position of each patch in its `side` x `side` table: an image's valid region,
+    mask [B, h, w] (True for the patches of the image, top-left; h, w the padded batch's grid), is spread over the
+    whole table, row i of n valid rows at bucket(i / n) of the table's rows (and columns alike); padding patches
+    take position 0. The arithmetic is HF's own, vectorised (fp32 coordinates, `torch.bucketize` on the same
+    boundaries): the same ids on the same device, with no host synchronisation. -> [B, h·w] int64."""
+    B, h, w = mask.shape
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=mask.device)
+
+    def buckets(count: Tensor, n: int) -> Tensor:                       # count (B,) valid rows -> (B, n)
+        coords = torch.arange(n, device=mask.device, dtype=torch.float32)[None, :] * (1.0 / count)[:, None]
+        return torch.bucketize(coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
+
+    ids = buckets(mask[:, :, 0].sum(1), h)[:, :, None] * side + buckets(mask[:, 0, :].sum(1), w)[:, None, :]
+    return torch.where(mask.reshape(B, -1), ids.reshape(B, -1), 0)
+
+
 def to_2tuple(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 

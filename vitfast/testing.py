@@ -89,6 +89,16 @@ def assert_close(out: Tensor, ref64: Tensor, dtype: torch.dtype | None = None, e
     return err
 
 
+def perturbed(model):
+    """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
+    each parameter plus 0.05 x N(0, 1) noise."""
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 def poisoned(shape, dtype: torch.dtype, device="cpu") -> Tensor:
     """An output buffer filled with NaN (or 0xFF bytes for integers): every element a kernel
     forgets to write shows up as a failure."""
