@@ -11,18 +11,7 @@
 // CPU); weight and bias both float32 or both x's dtype. All tensors contiguous, rows * cols elements.
 #pragma once
 
-#include <cstdint>
-
-#if defined(__CUDACC__) || defined(VITFAST_WITH_CUDA)
-#include <cuda_runtime_api.h>
-#endif
-
-enum vitfast_dtype : int {
-  VITFAST_FLOAT32 = 0,
-  VITFAST_FLOAT16 = 1,
-  VITFAST_BFLOAT16 = 2,
-  VITFAST_FLOAT64 = 3,  // CPU only
-};
+#include "common.h"
 
 // Statistics: mean_out / rstd_out, when not null, receive each row's mean and 1 / sqrt(var + eps), in
 // the accumulation type (float; double for float64 on the CPU), for the backward.

@@ -9,27 +9,17 @@
 // rstd; the backward splits the rows into chunks, each writing its own column sums (dweight, dbias).
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "common_cpu.h"
 #include "layer_norm.h"
 
 namespace vitfast {
 namespace {
-
-// x86-64 Linux: the row loops are compiled for AVX2 and for the baseline ISA; the loader picks one.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define VITFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VITFAST_CPU_CLONES
-#endif
-
-constexpr int64_t kGrainElements = 32768;  // elements per parallel task, at least one row
 
 // Rows [begin, end). buf: cols Acc of scratch for the row when it is not already in Acc.
 template <typename T, typename W, typename Acc>
@@ -162,19 +152,9 @@ bool layer_norm_backward_cpu(int x_dtype, int w_dtype, const void* dy, const voi
                              int64_t chunks, int64_t rows, int64_t cols) {
   if (rows < 0 || cols < 0 || chunks < 1) return false;
   if (rows == 0 || cols == 0) return true;
-  const bool w32 = w_dtype == VITFAST_FLOAT32;
-  const bool same = w_dtype == x_dtype;
-  decltype(&run_backward<float, float>) fn = nullptr;
-  if (x_dtype == VITFAST_FLOAT32 && w32) fn = run_backward<float, float>;
-  if (x_dtype == VITFAST_FLOAT64 && same) fn = run_backward<double, double>;
-  if (x_dtype == VITFAST_FLOAT64 && w32) fn = run_backward<double, float>;
-  if (x_dtype == VITFAST_FLOAT16 && same) fn = run_backward<c10::Half, c10::Half>;
-  if (x_dtype == VITFAST_FLOAT16 && w32) fn = run_backward<c10::Half, float>;
-  if (x_dtype == VITFAST_BFLOAT16 && same) fn = run_backward<c10::BFloat16, c10::BFloat16>;
-  if (x_dtype == VITFAST_BFLOAT16 && w32) fn = run_backward<c10::BFloat16, float>;
-  if (fn == nullptr) return false;
-  fn(dy, x, mean, rstd, weight, dx, part_w, part_b, chunks, rows, cols);
-  return true;
+  return with_cpu_dtypes(x_dtype, w_dtype, [&](auto t, auto w) {
+    run_backward<decltype(t), decltype(w)>(dy, x, mean, rstd, weight, dx, part_w, part_b, chunks, rows, cols);
+  });
 }
 
 bool layer_norm_cpu(int x_dtype, int w_dtype, const void* x, const void* residual, const void* weight,
@@ -184,19 +164,9 @@ bool layer_norm_cpu(int x_dtype, int w_dtype, const void* x, const void* residua
       cols < 0)
     return false;
   if (rows == 0 || cols == 0) return true;
-  const bool w32 = w_dtype == VITFAST_FLOAT32;
-  const bool same = w_dtype == x_dtype;
-  decltype(&run<float, float>) fn = nullptr;
-  if (x_dtype == VITFAST_FLOAT32 && w32) fn = run<float, float>;
-  if (x_dtype == VITFAST_FLOAT64 && same) fn = run<double, double>;
-  if (x_dtype == VITFAST_FLOAT64 && w32) fn = run<double, float>;
-  if (x_dtype == VITFAST_FLOAT16 && same) fn = run<c10::Half, c10::Half>;
-  if (x_dtype == VITFAST_FLOAT16 && w32) fn = run<c10::Half, float>;
-  if (x_dtype == VITFAST_BFLOAT16 && same) fn = run<c10::BFloat16, c10::BFloat16>;
-  if (x_dtype == VITFAST_BFLOAT16 && w32) fn = run<c10::BFloat16, float>;
-  if (fn == nullptr) return false;
-  fn(x, residual, weight, bias, y, sum_out, mean_out, rstd_out, rows, cols, eps);
-  return true;
+  return with_cpu_dtypes(x_dtype, w_dtype, [&](auto t, auto w) {
+    run<decltype(t), decltype(w)>(x, residual, weight, bias, y, sum_out, mean_out, rstd_out, rows, cols, eps);
+  });
 }
 
 }  // namespace vitfast

@@ -7,7 +7,7 @@
 // m + shift) and var = Σd² / n - shift², and y = ((x - m) - shift) * rstd * w + b. This stays
 // accurate for rows far from zero (mean 1e3, std 1), where even rounding the mean to fp32 would not.
 //
-// Three paths, chosen by the launcher from the row length `cols`:
+// Three paths, chosen from the row length `cols` (launch_rows, common.cuh):
 //   cols <= 1024    one warp per row, 4 rows per block, the row cached in registers;
 //   cols <= 16384   one block (<= 512 threads) per row, the row cached in registers;
 //   larger          one block per row, re-reading the row from global memory (L2-resident).
@@ -19,104 +19,12 @@
 // dbias as column sums, 32 columns x 8 row lanes per block and one block row per chunk of rows,
 // written per chunk and added up by the caller (deterministic, no atomics).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-
+#include "common.cuh"
 #include "layer_norm.h"
 
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kRowsPerWarpBlock = 4;                      // warp-per-row kernel: 4 warps = 4 rows per block
-constexpr int kWarpRowMaxCols = 1024;                     // longest row a single warp caches
-constexpr int kMaxBlockThreads = 512;                     // block-per-row kernels: at most 16 warps
-constexpr int kMaxWarps = kMaxBlockThreads / kWarpSize;
-constexpr int64_t kMaxGrid = int64_t(1) << 30;            // larger problems loop over rows (grid-stride)
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// N consecutive elements at p, as floats. N > 1: p is 16-byte aligned and N elements are a whole
-// number of 16-byte vectors.
-template <int N, typename U>
-__device__ __forceinline__ void load(const U* __restrict__ p, float (&out)[N]) {
-  if constexpr (N == 1) {
-    out[0] = to_float(p[0]);
-  } else {
-    constexpr int kPer = 16 / sizeof(U);
-    static_assert(N % kPer == 0, "vector loads move whole 16-byte vectors");
-#pragma unroll
-    for (int k = 0; k < N / kPer; ++k) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[k];
-      U e[kPer];
-      memcpy(e, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) out[k * kPer + j] = to_float(e[j]);
-    }
-  }
-}
-
-template <int N, typename U>
-__device__ __forceinline__ void store(U* __restrict__ p, const float (&in)[N]) {
-  if constexpr (N == 1) {
-    p[0] = from_float<U>(in[0]);
-  } else {
-    constexpr int kPer = 16 / sizeof(U);
-    static_assert(N % kPer == 0, "vector stores move whole 16-byte vectors");
-#pragma unroll
-    for (int k = 0; k < N / kPer; ++k) {
-      U e[kPer];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) e[j] = from_float<U>(in[k * kPer + j]);
-      uint4 raw;
-      memcpy(&raw, e, sizeof(raw));
-      reinterpret_cast<uint4*>(p)[k] = raw;
-    }
-  }
-}
-
-// Sums each of the N values v over the threads of a row: the warp (BLOCK false) or the block
-// (BLOCK true). Every thread gets the same sums. red: [kMaxWarps][N] floats of shared memory; each
-// reduction of a row uses its own array, so two __syncthreads per row are enough (see
-// layer_norm_kernel).
-template <bool BLOCK, int N>
-__device__ __forceinline__ void row_sum(float (&v)[N], float (*red)[N]) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
-  }
-  if constexpr (BLOCK) {
-    const int lane = threadIdx.x % kWarpSize;
-    const int warp = threadIdx.x / kWarpSize;
-    if (lane == 0) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) red[warp][k] = v[k];
-    }
-    __syncthreads();
-    const int nwarps = blockDim.x / kWarpSize;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      v[k] = 0.f;
-      for (int w = 0; w < nwarps; ++w) v[k] += red[w][k];
-    }
-  }
-}
+using namespace vitfast_cuda;
 
 // (shift, rstd) from the pass-2 sums {Σ(x - m), Σ(x - m)²} over n elements; the mean is m + shift.
 __device__ __forceinline__ void finish_stats(const float (&dev)[2], int64_t n, float eps, float& shift, float& rstd) {
@@ -299,8 +207,6 @@ layer_norm_bwd_dx_kernel(const T* __restrict__ dy,         // [rows, cols]
 
 // Backward, column sums: block (32, 8) = 32 columns x 8 row lanes (coalesced along the row), blockIdx.y
 // one chunk of rows; writes the chunk's Σ dy·xhat and Σ dy of its 32 columns to part_w / part_b.
-constexpr int kColTile = 32;
-constexpr int kRowLanes = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(kColTile * kRowLanes)
@@ -372,77 +278,38 @@ struct Problem {
   cudaStream_t stream;
 };
 
-template <typename T, typename W, bool ADD, int V, bool BLOCK, int ITERS>
-cudaError_t launch_cached(const Problem& p, dim3 grid, dim3 block) {
-  layer_norm_kernel<T, W, ADD, V, ITERS, BLOCK><<<grid, block, 0, p.stream>>>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
-      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
-      p.rows, static_cast<int>(p.cols), p.eps);
-  return cudaGetLastError();
-}
+// The forward's kernels for launch_rows (common.cuh).
+template <typename T, typename W, bool ADD, int V>
+struct Launcher {
+  const Problem& p;
 
-// Launches with the smallest ITERS in (I, Rest...) that is >= iters (the caller ensures one is).
-template <typename T, typename W, bool ADD, int V, bool BLOCK, int I, int... Rest>
-cudaError_t launch_iters(int iters, const Problem& p, dim3 grid, dim3 block) {
-  if constexpr (sizeof...(Rest) > 0) {
-    if (iters > I) return launch_iters<T, W, ADD, V, BLOCK, Rest...>(iters, p, grid, block);
+  template <bool BLOCK, int ITERS>
+  cudaError_t cached(dim3 grid, dim3 block) const {
+    layer_norm_kernel<T, W, ADD, V, ITERS, BLOCK><<<grid, block, 0, p.stream>>>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
+        static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
+        p.rows, static_cast<int>(p.cols), p.eps);
+    return cudaGetLastError();
   }
-  return launch_cached<T, W, ADD, V, BLOCK, I>(p, grid, block);
-}
 
-template <int... Is>
-struct IterList {};
-
-// Vectors cached per thread, by vector width. ITERS * V <= 32 floats of row data per thread keeps
-// every instantiation spill-free on sm_90 (checked by tests/test_csrc_compile.py).
-template <int V>
-struct Iters;
-template <>
-struct Iters<8> { using type = IterList<1, 2, 3, 4>; };        // 16-bit dtypes, 16-byte vectors
-template <>
-struct Iters<4> { using type = IterList<1, 2, 3, 4, 6, 8>; };  // float32, 16-byte vectors
-template <>
-struct Iters<1> { using type = IterList<2, 8, 32>; };          // scalar fallback
-
-template <typename T, typename W, bool ADD>
-cudaError_t launch_wide(const Problem& p) {
-  const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxGrid)));
-  layer_norm_wide_kernel<T, W, ADD><<<grid, kMaxBlockThreads, 0, p.stream>>>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
-      static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
-      p.rows, p.cols, p.eps);
-  return cudaGetLastError();
-}
-
-template <typename T, typename W, bool ADD, int V, int... Is>
-cudaError_t launch_rows(const Problem& p, IterList<Is...>) {
-  const int64_t vectors = (p.cols + V - 1) / V;  // V-element vectors per row
-  if (p.cols <= kWarpRowMaxCols) {
-    const int iters = static_cast<int>((vectors + kWarpSize - 1) / kWarpSize);
-    const int64_t blocks = (p.rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
-    const dim3 grid(static_cast<unsigned>(std::min(blocks, kMaxGrid)));
-    return launch_iters<T, W, ADD, V, false, Is...>(iters, p, grid, dim3(kWarpSize, kRowsPerWarpBlock));
+  cudaError_t wide(dim3 grid) const {
+    layer_norm_wide_kernel<T, W, ADD><<<grid, kMaxBlockThreads, 0, p.stream>>>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.residual), static_cast<const W*>(p.weight),
+        static_cast<const W*>(p.bias), static_cast<T*>(p.y), static_cast<T*>(p.sum_out), p.mean_out, p.rstd_out,
+        p.rows, p.cols, p.eps);
+    return cudaGetLastError();
   }
-  // Block per row: the fewest vectors per thread that fit in kMaxBlockThreads threads.
-  for (int iters : {Is...}) {
-    const int64_t threads = ((vectors + iters - 1) / iters + kWarpSize - 1) / kWarpSize * kWarpSize;
-    if (threads <= kMaxBlockThreads) {
-      const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxGrid)));
-      return launch_iters<T, W, ADD, V, true, Is...>(iters, p, grid, dim3(static_cast<unsigned>(threads)));
-    }
-  }
-  return launch_wide<T, W, ADD>(p);
-}
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+};
 
 template <typename T, typename W, bool ADD>
 cudaError_t launch_typed(const Problem& p) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vectorized = p.cols % kVec == 0 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.bias) &&
                           aligned16(p.y) && (!ADD || (aligned16(p.residual) && aligned16(p.sum_out)));
-  if (vectorized) return launch_rows<T, W, ADD, kVec>(p, typename Iters<kVec>::type{});
-  return launch_rows<T, W, ADD, 1>(p, typename Iters<1>::type{});
+  if (vectorized) {
+    return launch_rows<kVec>(Launcher<T, W, ADD, kVec>{p}, p.rows, p.cols, typename Iters<kVec>::type{});
+  }
+  return launch_rows<1>(Launcher<T, W, ADD, 1>{p}, p.rows, p.cols, typename Iters<1>::type{});
 }
 
 template <typename T, typename W>
@@ -458,27 +325,11 @@ extern "C" cudaError_t vitfast_layer_norm_backward_cuda(int x_dtype, int w_dtype
                                                         int64_t rows, int64_t cols, cudaStream_t stream) {
   if (rows < 0 || cols < 0 || chunks < 1 || chunks > 65535) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
-  const auto run = [&](auto t, auto w) {
+  return with_cuda_dtypes(x_dtype, w_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
     return launch_backward<T, W>(dy, x, mean, rstd, weight, dx, part_w, part_b, chunks, rows, cols, stream);
-  };
-  switch (x_dtype) {
-    case VITFAST_FLOAT32:
-      if (w_dtype == VITFAST_FLOAT32) return run(float{}, float{});
-      break;
-    case VITFAST_FLOAT16:
-      if (w_dtype == VITFAST_FLOAT16) return run(__half{}, __half{});
-      if (w_dtype == VITFAST_FLOAT32) return run(__half{}, float{});
-      break;
-    case VITFAST_BFLOAT16:
-      if (w_dtype == VITFAST_BFLOAT16) return run(__nv_bfloat16{}, __nv_bfloat16{});
-      if (w_dtype == VITFAST_FLOAT32) return run(__nv_bfloat16{}, float{});
-      break;
-    default:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 extern "C" cudaError_t vitfast_layer_norm_cuda(int x_dtype, int w_dtype, const void* x, const void* residual,
@@ -491,20 +342,5 @@ extern "C" cudaError_t vitfast_layer_norm_cuda(int x_dtype, int w_dtype, const v
   if (rows == 0 || cols == 0) return cudaSuccess;
   const Problem p{x, residual, weight, bias, y, sum_out, mean_out, rstd_out, rows, cols, static_cast<float>(eps),
                   stream};
-  switch (x_dtype) {
-    case VITFAST_FLOAT32:
-      if (w_dtype == VITFAST_FLOAT32) return launch<float, float>(p);
-      break;
-    case VITFAST_FLOAT16:
-      if (w_dtype == VITFAST_FLOAT16) return launch<__half, __half>(p);
-      if (w_dtype == VITFAST_FLOAT32) return launch<__half, float>(p);
-      break;
-    case VITFAST_BFLOAT16:
-      if (w_dtype == VITFAST_BFLOAT16) return launch<__nv_bfloat16, __nv_bfloat16>(p);
-      if (w_dtype == VITFAST_FLOAT32) return launch<__nv_bfloat16, float>(p);
-      break;
-    default:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_cuda_dtypes(x_dtype, w_dtype, [&](auto t, auto w) { return launch<decltype(t), decltype(w)>(p); });
 }
