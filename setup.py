@@ -4,7 +4,7 @@
 The extension is C++-only where the installed torch has no CUDA, and a CUDA build where it has
 (sm_80 and sm_90 by default; set VITFAST_CUDA_ARCHS="90" or "80;86;90" to choose). A torch with
 CUDA but no CUDA compiler (nvcc, found through CUDA_HOME or PATH) stops the build with an error:
-the LayerNorm ops would otherwise have no CUDA kernel (an `nvcc` on PATH that is a wrapper outside the toolkit
+the LayerNorm / RMSNorm ops would otherwise have no CUDA kernel (an `nvcc` on PATH that is a wrapper outside the toolkit
 is followed to the toolkit it runs); VITFAST_NO_CUDA=1 builds the CPU-only
 extension on purpose, and VITFAST_NO_EXTENSION=1 installs the Python package alone (what the
 ahead-of-time compile check of the Triton kernels needs). Build with
@@ -61,8 +61,8 @@ def _extensions():
     with_cuda = torch.version.cuda is not None and os.environ.get("VITFAST_NO_CUDA", "0") != "1"
     if with_cuda and CUDA_HOME is None:
         raise SystemExit(f"vitfast: torch {torch.__version__} is built with CUDA {torch.version.cuda}, but no CUDA "
-                         "compiler was found (set CUDA_HOME, or put nvcc on PATH); without it the LayerNorm "
-                         "extension would have no CUDA kernel. Set VITFAST_NO_CUDA=1 to build the CPU-only "
+                         "compiler was found (set CUDA_HOME, or put nvcc on PATH); without it the LayerNorm / "
+                         "RMSNorm extension would have no CUDA kernel. Set VITFAST_NO_CUDA=1 to build the CPU-only "
                          "extension anyway.")
     if with_cuda:
         archs = [a for a in os.environ.get("VITFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]

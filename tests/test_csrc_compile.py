@@ -1,7 +1,7 @@
-"""Every CUDA source in csrc/ compiles with bare nvcc (no torch headers) for sm_90, and ptxas -v
-reports no register spills in any kernel; the CUDA branch of csrc/ops.cpp (VITFAST_WITH_CUDA)
-compiles with the host compiler against torch's c10/cuda headers. Needs nvcc, not a GPU: nothing
-is run."""
+"""Every CUDA source in csrc/ compiles with bare nvcc (no torch headers) for sm_90, ptxas -v reports
+every __global__ function of the source (each one instantiated) and no register spills in any kernel;
+the CUDA branch of csrc/ops.cpp (VITFAST_WITH_CUDA) compiles with the host compiler against torch's
+c10/cuda headers. Needs nvcc, not a GPU: nothing is run."""
 
 import os
 import re
@@ -55,6 +55,11 @@ def ptxas_kernels(log: str) -> dict[str, tuple[int, int, int]]:
     return kernels
 
 
+def global_functions(source: str) -> set[str]:
+    """The names of the __global__ functions (kernel templates) defined in CUDA source text."""
+    return set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", source))
+
+
 def test_csrc_has_cuda_sources_without_torch_headers():
     assert CU_SOURCES, "csrc/ has no .cu files"
     for source in CU_SOURCES:
@@ -73,6 +78,11 @@ ptxas info    : Function properties for _Z1gv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 31 registers, used 1 barriers, 128 bytes smem"""
     assert ptxas_kernels(log) == {"_Z1kv": (255, 4, 4), "_Z1gv": (31, 0, 0)}
+    src = """template <int N>
+__global__ void __launch_bounds__(N ? 512 : 128)
+row_kernel(const float* x) {}
+__global__ void plain_kernel(float* y) {}"""
+    assert global_functions(src) == {"row_kernel", "plain_kernel"}
 
 
 def _standards() -> list[str]:
@@ -98,7 +108,11 @@ def test_compiles_for_sm90_without_spills(source, standard, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-6000:]}"
     kernels = ptxas_kernels(log)
-    assert kernels, f"ptxas -v reported no kernels for {source.name}:\n{log[-2000:]}"
+    assert kernels and "for 'sm_90'" in log, f"ptxas -v reported no sm_90 kernels for {source.name}:\n{log[-2000:]}"
+    # A kernel template no launcher instantiates is never compiled, so it would go unchecked (mangled names hold
+    # each identifier as <length><name>).
+    unchecked = {f for f in global_functions(source.read_text()) if not any(f"{len(f)}{f}" in k for k in kernels)}
+    assert not unchecked, f"{source.name}: no instantiation of {sorted(unchecked)} was compiled"
     spilling = {name: k for name, k in kernels.items() if k[1] or k[2]}
     assert not spilling, (f"{len(spilling)} of {len(kernels)} kernels in {source.name} spill registers "
                           "(registers, spill store bytes, spill load bytes):\n"
