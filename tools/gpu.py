@@ -60,7 +60,7 @@ OPTIONAL = {"xdist": "pytest-xdist", "tqdm": "tqdm", "matplotlib": "matplotlib",
 # Kernels first, the other test files after them: when the time box cuts the tests short, what is left
 # out is the slow model-level tail.
 FIRST_TEST_FILES = ["test_attention.py", "test_linear.py", "test_patch_embed.py", "test_layer_norm.py",
-                    "test_model.py", "test_engine.py"]
+                    "test_rms_norm.py", "test_model.py", "test_engine.py"]
 ATTENTION_TOKENS = "50,197,257,577,785,1025,2305,4097"
 PLOTS = ("attention_vs_tokens.png", "images_per_s.png")
 NO_CUDA = 3   # exit status of a run that stopped after the build because CUDA is not available

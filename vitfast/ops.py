@@ -3,13 +3,13 @@
 Each op is a registered torch custom op (`torch.library`): input validation, device dispatch,
 a fake (meta) implementation so `torch.compile(fullgraph=True)` traces it, and autograd without the
 reference math (attention: FlashAttention-2 backward kernels; linear and patch embedding: GEMMs with
-the epilogue's derivatives; LayerNorm: the extension's backward kernel from the saved row statistics;
+the epilogue's derivatives; LayerNorm and RMSNorm: the extension's backward kernels from the saved row statistics;
 torch's own backward on torch's path). A call that needs none of that (plain tensors, nothing to
 differentiate, no torch.compile / export tracing) skips the dispatcher and runs the implementation
 directly: the custom-op layer costs tens of microseconds of host time per call. Dispatch:
 - CUDA tensors -> the Triton kernels (`vitfast.kernels`) / the CUDA extension (`vitfast._C`);
 - CPU tensors  -> torch's fastest CPU kernels (`vitfast.reference.torch_*`: SDPA, F.linear, F.conv2d;
-  oneDNN's GEMM with the epilogue fused where that is faster) and the C++ CPU LayerNorm, or, when
+  oneDNN's GEMM with the epilogue fused where that is faster) and the C++ CPU LayerNorm / RMSNorm, or, when
   TRITON_INTERPRET=1 was set before import, the Triton kernels in Triton's interpreter. float64 (no
   kernel) takes the same torch path on any device.
 Bad input raises ValueError naming the argument, what was expected and what came.
@@ -87,47 +87,51 @@ def _check_like(name: str, t: Tensor, ref_name: str, device: torch.device, dtype
 
 
 # ============================================================================================
-# layer_norm / add_layer_norm  (csrc/, vitfast._C)
+# layer_norm / add_layer_norm / rms_norm  (csrc/, vitfast._C)
 # ============================================================================================
 # The ops are defined in C++ (csrc/ops.cpp: CPU and CUDA kernels, TORCH_CHECKs); importing the
-# extension registers torch.ops.vitfast.layer_norm / add_layer_norm. Here: fake impls, autograd,
-# and the argument checks of the public functions.
+# extension registers torch.ops.vitfast.layer_norm / add_layer_norm / rms_norm. Here: fake impls,
+# autograd, and the argument checks of the public functions.
 try:
     from vitfast import _C  # noqa: F401
     _C_ERROR = None
 except (ImportError, OSError) as _e:  # not built, or built against another torch
     _C_ERROR = _e
 
-_LAYER_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _require_extension():
     if _C_ERROR is not None:
-        raise RuntimeError(f"vitfast._C (the C++/CUDA LayerNorm extension) could not be loaded: {_C_ERROR}. "
+        raise RuntimeError(f"vitfast._C (the C++/CUDA LayerNorm / RMSNorm extension) could not be loaded: {_C_ERROR}. "
                            "Build it in the vitfast checkout with `pip install --no-build-isolation -e .`")
 
 
-def _check_layer_norm(x, residual, weight, bias, eps) -> None:
-    _check_float("x", x, _LAYER_NORM_DTYPES)
+def _check_norm(x, residual, params, eps) -> None:
+    """params: the (name, tensor) pairs of the per-column parameters, weight first: weight and bias for
+    layer_norm / add_layer_norm, weight alone for rms_norm."""
+    _check_float("x", x, _NORM_DTYPES)
     shape, device, dtype = x.shape, x.device, x.dtype
     if not shape:
         _fail("x: expected at least 1 dim [..., C], got a 0-dim tensor")
     if dtype == torch.float64 and device.type == "cuda":
         _fail("x: expected dtype torch.float16, torch.bfloat16 or torch.float32 on CUDA, got torch.float64")
     C = shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_float(name, t, _LAYER_NORM_DTYPES)
+    for name, t in params:
+        _check_float(name, t, _NORM_DTYPES)
         if t.shape != (C,):
             _fail(f"{name}: expected shape ({C},) (the last dim of x {tuple(shape)}), got {tuple(t.shape)}")
         if t.device != device:
             _fail(f"{name}: expected device {device} (like x), got {t.device}")
+    weight = params[0][1]
     if weight.dtype not in (torch.float32, dtype):
         _fail(f"weight: expected dtype {dtype} (like x){'' if dtype == torch.float32 else ' or torch.float32'}"
               f", got {weight.dtype}")
-    if bias.dtype != weight.dtype:
-        _fail(f"bias: expected dtype {weight.dtype} (like weight), got {bias.dtype}")
+    for name, t in params[1:]:
+        if t.dtype != weight.dtype:
+            _fail(f"{name}: expected dtype {weight.dtype} (like weight), got {t.dtype}")
     if residual is not None:
-        _check_float("residual", residual, _LAYER_NORM_DTYPES)
+        _check_float("residual", residual, _NORM_DTYPES)
         _check_same("residual", residual, "x", x)
         if residual.shape != shape:
             _fail(f"residual: expected shape {tuple(shape)} (like x), got {tuple(residual.shape)}")
@@ -135,9 +139,10 @@ def _check_layer_norm(x, residual, weight, bias, eps) -> None:
         _fail(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
-# Autograd: the *_stats forms of the ops also return each row's mean and rstd (fp32; fp64 for fp64 x),
-# which the backward kernel (`layer_norm_backward`: dx, dweight, dbias) reads; the plain ops, called
-# through torch.ops with something to differentiate, recompute them with one stats forward.
+# Autograd: the *_stats forms of the ops also return each row's mean and rstd (rms_norm: rstd alone; fp32,
+# fp64 for fp64 x), which the backward kernels (`layer_norm_backward`: dx, dweight, dbias;
+# `rms_norm_backward`: dx, dweight) read; the plain ops, called through torch.ops with something to
+# differentiate, recompute them with one stats forward.
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -164,6 +169,18 @@ if _C_ERROR is None:
     @torch.library.register_fake("vitfast::layer_norm_backward")
     def _layer_norm_backward_fake(dy, x, mean, rstd, weight):
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("vitfast::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("vitfast::rms_norm_stats")
+    def _rms_norm_stats_fake(x, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+
+    @torch.library.register_fake("vitfast::rms_norm_backward")
+    def _rms_norm_backward_fake(dy, x, rstd, weight):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
     def _ln_stats_setup(ctx, inputs, output):
         x, weight = inputs[0], inputs[1]
@@ -215,6 +232,28 @@ if _C_ERROR is None:
     torch.library.register_autograd("vitfast::layer_norm", _ln_backward, setup_context=_ln_setup)
     torch.library.register_autograd("vitfast::add_layer_norm", _add_ln_backward, setup_context=_add_ln_setup)
 
+    def _rms_stats_setup(ctx, inputs, output):
+        x, weight = inputs[0], inputs[1]
+        _, rstd = output
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def _rms_stats_backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        return (*torch.ops.vitfast.rms_norm_backward.default(dy, x, rstd, weight), None)
+
+    def _rms_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.eps = inputs[2]
+
+    def _rms_backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        _, rstd = torch.ops.vitfast.rms_norm_stats.default(x, weight, ctx.eps)
+        return (*torch.ops.vitfast.rms_norm_backward.default(dy, x, rstd, weight), None)
+
+    torch.library.register_autograd("vitfast::rms_norm_stats", _rms_stats_backward, setup_context=_rms_stats_setup)
+    torch.library.register_autograd("vitfast::rms_norm", _rms_backward, setup_context=_rms_setup)
+
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var).
@@ -223,7 +262,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
     copied once); weight, bias [C] in x's dtype or float32, on x's device. Statistics in fp32.
     Returns y [..., C], contiguous, in x's dtype. CUDA kernel on CUDA tensors, C++ kernel on CPU.
     """
-    _check_layer_norm(x, None, weight, bias, eps)
+    _check_norm(x, None, (("weight", weight), ("bias", bias)), eps)
     _require_extension()
     if _direct(x, weight, bias):
         return torch.ops.vitfast.layer_norm.default(x, weight, bias, float(eps))
@@ -238,12 +277,28 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
     to x's dtype before it is normalized (as eager `F.layer_norm(x + residual)` does). Both outputs
     contiguous, in x's dtype.
     """
-    _check_layer_norm(x, residual, weight, bias, eps)
+    _check_norm(x, residual, (("weight", weight), ("bias", bias)), eps)
     _require_extension()
     if _direct(x, residual, weight, bias):
         return torch.ops.vitfast.add_layer_norm.default(x, residual, weight, bias, float(eps))
     y, s, _, _ = torch.ops.vitfast.add_layer_norm_stats.default(x, residual, weight, bias, float(eps))
     return y, s
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x²) + eps) * weight (no mean subtracted, no bias), as Hugging
+    Face's Qwen2RMSNorm (Qwen2.5-VL's vision tower) and AIMv2's and InternViT's RMSNorm compute it.
+
+    x [..., C] float16 / bfloat16 / float32 (float64 on the CPU), any strides (a non-contiguous x is
+    copied once); weight [C] in x's dtype or float32, on x's device. Computed in fp32 (fp64 for float64 x)
+    and rounded once (HF rounds x / rms to x's dtype before the weight: within one rounding of this).
+    Returns y [..., C], contiguous, in x's dtype. CUDA kernel on CUDA tensors, C++ kernel on CPU.
+    """
+    _check_norm(x, None, (("weight", weight),), eps)
+    _require_extension()
+    if _direct(x, weight):
+        return torch.ops.vitfast.rms_norm.default(x, weight, float(eps))
+    return torch.ops.vitfast.rms_norm_stats.default(x, weight, float(eps))[0]     # saves rstd
 
 
 # ============================================================================================

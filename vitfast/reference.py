@@ -46,6 +46,18 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Ten
     return layer_norm(s, weight, bias, eps), s
 
 
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim as Hugging Face's Qwen2RMSNorm computes it (Qwen2.5-VL's vision tower; AIMv2's
+    and InternViT's RMSNorm are the same): x · rsqrt(mean(x²) + eps) in float32 (float64 stays float64),
+    rounded to x's dtype, then `weight *` that in the weight's dtype (a float32 weight makes the result
+    float32, as in HF). In float64 this is the exact RMSNorm; in 16-bit dtypes it is HF's own rounding."""
+    dtype = x.dtype
+    h = x.to(torch.promote_types(dtype, torch.float32))
+    h = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
+    h = h.to(dtype)
+    return h if weight is None else weight * h
+
+
 def attention_probs(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk].
 
