@@ -23,6 +23,15 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
   all masked outputs zeros, its lse is +inf (so the backward rebuilds p = 0: zero gradients) and its CLS
   row zeros, as FlashAttention does; the online softmax offsets exp2 by 0 while a row's running max is
   still -inf, so no -inf − -inf NaN arises. HAS_MASK=False compiles to the unmasked kernel, unchanged.
+- VARLEN: packed variable-length self-attention (FlashAttention's varlen; Qwen2-VL's vision tower packs
+  the patches of several images into one sequence and attends within each image). q, k, v and out are
+  [1, H, T, D] by strides and cu_seqlens (int32 [S + 1], cu[0] = 0, non-decreasing, cu[S] = T) splits
+  the T tokens into S segments, segment s = tokens [cu[s], cu[s + 1]); a token attends to the keys of its
+  own segment only. A program's batch index is its segment: it offsets its base pointers by cu[s] tokens
+  and bounds its rows and keys by the segment's length n; N_Q = N_KV is the longest length (max_seqlen),
+  which sizes the grid and buckets the autotune key, and a program whose query block starts at or past n
+  returns at once (an empty segment writes nothing). lse is per token, [1, H, T]. Not combined with
+  HAS_MASK or RETURN_CLS. VARLEN=False compiles to the kernel without it, unchanged.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
@@ -31,6 +40,8 @@ the keys (dQ): no atomics, no N×N matrix, O(N) extra memory (lse and D). dQ, dK
 through strides, so the gradient of the packed projection lands in one [B, N, 3·C] tensor. The head
 dim is split into the forward's two power-of-two chunks (72 = 64 + 16 with 8 lanes masked, 80 = 64 + 16):
 no dot runs over a padded 128. With HAS_MASK, p = 0 for the masked keys, so their dK and dV are 0.
+With VARLEN, the dK/dV program owns a key block of one segment and streams that segment's queries, the
+dQ program a query block and that segment's keys.
 """
 
 from __future__ import annotations
@@ -168,7 +179,7 @@ def _attention_block(
 
 
 @triton.autotune(configs=attention_configs(),
-                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "DOT_PRECISION"],
+                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "VARLEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("attention"))
 @triton.jit
@@ -180,25 +191,39 @@ def _attention_fwd_kernel(
     cls_ptr,                    # [B, H, N_KV] fp32 contiguous; touched only with RETURN_CLS
     lse_ptr,                    # [B, H, N_Q] fp32 contiguous; touched only with RETURN_LSE
     mask_ptr,                   # [B, N_KV] uint8 (a bool mask's bytes) by strides; touched only with HAS_MASK
+    cu_ptr,                     # [S + 1] int32 segment boundaries (cu_seqlens); touched only with VARLEN
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_mb, stride_mn,
-    H, N_Q, N_KV,
+    H, N_Q, N_KV,               # VARLEN: N_Q = N_KV = max_seqlen, the longest segment's length (or more)
+    T,                          # VARLEN: the packed sequence's length, lse's rows per head; unused otherwise
     qk_scale,                   # scale · log2(e)
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs, query blocks of one head adjacent (they share
-    # K/V in L2); 1-D so that B·H is not capped at 65535 like a grid's y dimension.
+    # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs (VARLEN: S segments for B), query blocks of one head
+    # adjacent (they share K/V in L2); 1-D so that B·H is not capped at 65535 like a grid's y dimension.
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    if VARLEN:
+        # Segment off_b: tokens [seq_start, seq_start + n_q) of the [1, H, T, D] tensors, its own keys.
+        seq_start = tl.load(cu_ptr + off_b).to(tl.int64)
+        n_q = (tl.load(cu_ptr + off_b + 1) - seq_start).to(tl.int32)
+        if pid_m * BLOCK_M >= n_q:      # past this segment's queries (the grid covers the longest one)
+            return
+        n_kv = n_q
+        # The batch offsets below become the segment's token offsets: off_b · stride_xb = seq_start · stride_xn.
+        off_b = seq_start
+        stride_qb, stride_kb, stride_vb, stride_ob = stride_qn, stride_kn, stride_vn, stride_on
+    else:
+        n_q, n_kv = N_Q, N_KV
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -206,7 +231,7 @@ def _attention_fwd_kernel(
     # and 96 = 64 + 32 are exact, so no MMA work is spent on padding (D_HI = 0: one chunk).
     cols_lo = tl.arange(0, D_LO)
     cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
-    row_ok = offs_m < N_Q
+    row_ok = offs_m < n_q
 
     # int64 row offsets: a sequence-first layout can put N·stride past 2^31.
     q_rows = q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
@@ -228,18 +253,18 @@ def _attention_fwd_kernel(
     mask_row = mask_ptr + off_b * stride_mb
     is_cls_program = pid_m == 0
 
-    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attention_block(
             q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
-            stride_mn, start_n, N_KV, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            stride_mn, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
             HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION)
         k_blk += k_step
         v_blk += v_step
-    if n_full < N_KV:   # the last, partial key block
+    if n_full < n_kv:   # the last, partial key block
         acc_lo, acc_hi, m_i, l_i = _attention_block(
             q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
-            stride_mn, n_full, N_KV, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
+            stride_mn, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
             HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION)
 
     if HAS_MASK:
@@ -261,7 +286,10 @@ def _attention_fwd_kernel(
         lse = m_i + tl.math.log2(l_div)
         if HAS_MASK:
             lse = tl.where(row_empty, float("inf"), lse)
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+        if VARLEN:
+            tl.store(lse_ptr + off_h * T + seq_start + offs_m, lse, mask=row_ok)
+        else:
+            tl.store(lse_ptr + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
     if RETURN_CLS:
         if is_cls_program:
@@ -301,17 +329,45 @@ def _mask_args(key_mask: torch.Tensor | None, B: int, n_kv: int, placeholder: to
     return key_mask.view(torch.uint8), key_mask.stride(0), key_mask.stride(1)
 
 
+def _varlen_args(cu_seqlens: torch.Tensor | None, max_seqlen: int | None, B: int, n_q: int, n_kv: int,
+                 placeholder: torch.Tensor, combined_with: str | None = None):
+    """(cu tensor, programs per head and block index, N_Q, N_KV) for a kernel. Without cu_seqlens: a
+    placeholder the kernel never reads, B, n_q, n_kv. With it: the segments of one packed sequence
+    ([1, H, T, D] tensors; cu_seqlens int32 [S + 1]), S, and max_seqlen twice (None: the longest segment,
+    read from the device, a sync on CUDA). combined_with: the argument given beside cu_seqlens that the
+    kernel cannot combine with it (key_mask, cls_attn), if any."""
+    if cu_seqlens is None:
+        return placeholder, B, n_q, n_kv
+    if (cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+            or cu_seqlens.device != placeholder.device):
+        raise ValueError(f"cu_seqlens: expected [S + 1] (S >= 1) torch.int32 on {placeholder.device}, got "
+                         f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype} on {cu_seqlens.device}")
+    if B != 1 or n_q != n_kv:
+        raise ValueError(f"cu_seqlens: expected q, k, v [1, H, T, D] (one packed sequence), got B = {B}, "
+                         f"N_Q = {n_q}, N_KV = {n_kv}")
+    if combined_with is not None:
+        raise ValueError(f"cu_seqlens: expected no {combined_with} with it (not supported together), got one")
+    if max_seqlen is None:
+        max_seqlen = max(1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    return cu_seqlens, cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
               out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+              lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
     head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
     cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
     lse: optional contiguous [B, H, N_Q] fp32 buffer that receives each query row's log-sum-exp (log2
     domain; +inf for a row whose keys are all masked), for `attention_backward`. key_mask: optional
     torch.bool [B, N_KV] (any strides), False = the key is left out for every query and head of that batch
-    element; a row left with no key outputs zeros. Returns out. Arguments are assumed validated
-    (vitfast.ops does it); only buffers and the mask are checked."""
+    element; a row left with no key outputs zeros. cu_seqlens: optional int32 [S + 1] segment boundaries
+    of q, k, v [1, H, T, D] (cu[0] = 0, non-decreasing, cu[S] = T: the caller's contract, not checked, as
+    FlashAttention's varlen; rows past cu[S] are not written): each token attends to its own segment's
+    keys; max_seqlen: an int >= the longest segment (None: read from cu_seqlens, a device sync on CUDA);
+    not with key_mask or cls_attn. Returns out. Arguments are assumed validated (vitfast.ops does it);
+    only buffers, the mask and cu_seqlens' layout are checked."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -330,22 +386,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         if not lse.is_contiguous():
             raise ValueError(f"lse: expected a contiguous buffer, got strides {lse.stride()}")
     mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, out)
+    both = "key_mask" if key_mask is not None else "cls_attn" if cls_attn is not None else None
+    cu, batch, n_q_arg, n_kv_arg = _varlen_args(cu_seqlens, max_seqlen, B, n_q, n_kv, out, both)
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
-    grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)
+    grid = lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)
     _attention_fwd_kernel[grid](
-        q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out, mask,
+        q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out, mask, cu,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         stride_mb, stride_mn,
-        H, n_q, n_kv, scale * LOG2E,
+        H, n_q_arg, n_kv_arg, n_q, scale * LOG2E,
         HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, RETURN_LSE=lse is not None,
-        HAS_MASK=key_mask is not None, DOT_PRECISION=precision,
+        HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision,
     )
     return out
 
@@ -359,11 +417,13 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, return_cls_attn: bool = False,
                   out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
-                  lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+                  lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                  cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
     (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn / lse: optional buffers (lse as in
-    `attention`, [B, H, N]); key_mask: optional torch.bool [B, N], as in `attention`."""
+    `attention`, [B, H, N]); key_mask: optional torch.bool [B, N], as in `attention`; cu_seqlens, max_seqlen:
+    the segments of a packed qkv [1, T, 3·C], as in `attention`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv_heads(qkv, num_heads)
@@ -374,14 +434,14 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
         cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
     attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse,
-              key_mask=key_mask)
+              key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return out, (cls_attn if return_cls_attn else None)
 
 
 class QKVPlan:
     """What an `attention_qkv` launch fixes for a qkv of given shape, strides, dtype and device, head
-    count, scale, outputs and key mask layout (`qkv_plan`); `qkv_run` then allocates the outputs and
-    launches."""
+    count, scale, outputs, key mask layout and segments (`qkv_plan`); `qkv_run` then allocates the outputs
+    and launches."""
 
     __slots__ = ("launch", "out_shape", "cls_shape", "C")
 
@@ -390,37 +450,44 @@ class QKVPlan:
 
 
 def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool,
-             key_mask: torch.Tensor | None = None) -> QKVPlan:
+             key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+             max_seqlen: int | None = None) -> QKVPlan:
     """The launch of `attention_qkv` (arguments validated by vitfast.ops; B, N >= 1) for any qkv with this
     shape, strides, dtype and device: q, k and v [B, H, N, D] are read from qkv's three thirds through the
     strides (qkv.stride(0), D, qkv.stride(1)), out [B, N, C] contiguous as [B, H, N, D] through
     (N·C, D, C). key_mask: None (no mask), or a torch.bool [B, N] of the layout the plan's calls pass
-    (its strides are fixed here)."""
+    (its strides are fixed here). cu_seqlens: None, or the int32 [S + 1] boundaries of a packed qkv
+    [1, T, 3·C] with max_seqlen (an int) the longest segment: the plan fixes S and max_seqlen (the grid,
+    N_Q = N_KV), the calls pass boundaries of that length."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
     sb, sn = qkv.stride(0), qkv.stride(1)
     precision = "tf32" if qkv.dtype == torch.float32 and qkv.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
-    grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
+    batch, n_blk = (B, N) if cu_seqlens is None else (cu_seqlens.numel() - 1, max_seqlen)
+    grid = lambda meta: (cdiv(n_blk, meta["BLOCK_M"]) * batch * num_heads,)
     mask_strides = (0, 0) if key_mask is None else (key_mask.stride(0), key_mask.stride(1))
-    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, num_heads, N, N, scale * LOG2E)
+    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, num_heads, n_blk, n_blk, N,
+               scale * LOG2E)
     meta = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=return_cls_attn, RETURN_LSE=return_lse,
-                HAS_MASK=key_mask is not None, DOT_PRECISION=precision)
+                HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision)
     return QKVPlan(Launch(_attention_fwd_kernel, grid, scalars, meta), (B, N, C),
                    (B, num_heads, N) if return_cls_attn else None, C)
 
 
-def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch `p` on a qkv (and key_mask) it was planned for (nothing is checked; lse: a contiguous [B, H, N]
-    fp32 buffer exactly when the plan returns it; key_mask exactly when the plan was made with one, of the
-    same strides): (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors."""
+def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+            cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch `p` on a qkv (and key_mask, cu_seqlens) it was planned for (nothing is checked; lse: a contiguous
+    [B, H, N] fp32 buffer exactly when the plan returns it; key_mask exactly when the plan was made with one,
+    of the same strides; cu_seqlens likewise, of the same length): (out [B, N, C], cls_attn [B, H, N] fp32 or
+    None), new tensors (out's rows past cu_seqlens[-1], if any, not written)."""
     out = torch.empty(p.out_shape, dtype=qkv.dtype, device=qkv.device)
     cls_attn = None if p.cls_shape is None else torch.empty(p.cls_shape, dtype=torch.float32, device=qkv.device)
     C = p.C
     p.launch(qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out if cls_attn is None else cls_attn,
-             out if lse is None else lse, out if key_mask is None else key_mask.view(torch.uint8))
+             out if lse is None else lse, out if key_mask is None else key_mask.view(torch.uint8),
+             out if cu_seqlens is None else cu_seqlens)
     return out, cls_attn
 
 
@@ -504,7 +571,7 @@ def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM
         tl.store(ptrs + cols_hi[None, :], hi.to(ty), mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
 
 
-_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION", "RESIDENT"]
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
@@ -516,21 +583,35 @@ def _attention_bwd_dkdv_kernel(
     lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
     dk_ptr, dv_ptr,                         # [B, H, N_KV, D] by strides, head dim unit stride
     mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
+    cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mn,
-    H, N_Q, N_KV, qk_scale, scale,
+    H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block. The head dim is two
-    column chunks, as in the forward (80 = 64 + 16): every dot over it is split in two."""
+    """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block (VARLEN: of one segment,
+    streaming that segment's queries). The head dim is two column chunks, as in the forward (80 = 64 + 16):
+    every dot over it is split in two."""
     pid_n, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_KV, BLOCK_N), H)
+    if VARLEN:   # segment off_b: tokens [seq_start, seq_start + n_kv), its batch offsets token offsets
+        seq_start = tl.load(cu_ptr + off_b).to(tl.int64)
+        n_kv = (tl.load(cu_ptr + off_b + 1) - seq_start).to(tl.int32)
+        if pid_n * BLOCK_N >= n_kv:
+            return
+        n_q = n_kv
+        off_b = seq_start
+        stride_qb, stride_kb, stride_vb, stride_dob = stride_qn, stride_kn, stride_vn, stride_don
+        stride_dkb, stride_dvb = stride_dkn, stride_dvn
+    else:
+        n_q, n_kv = N_Q, N_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     cols_lo = tl.arange(0, D_LO)
     cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
-    key_ok = offs_n < N_KV
+    key_ok = offs_n < n_kv
     if HAS_MASK:   # a masked key gets p = 0 from every query: its dK and dV are 0
         kv_ok = tl.load(mask_ptr + off_b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=key_ok, other=0) != 0
     else:
@@ -545,10 +626,13 @@ def _attention_bwd_dkdv_kernel(
     dv_hi = tl.zeros([BLOCK_N, D_HI if D_HI > 0 else 16], dtype=tl.float32)
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
-    row_stats = pid_bh.to(tl.int64) * N_Q
-    for start_m in range(0, N_Q, BLOCK_M):
+    if VARLEN:   # lse and D are per token, [1, H, T]
+        row_stats = off_h * T + seq_start
+    else:
+        row_stats = pid_bh.to(tl.int64) * N_Q
+    for start_m in range(0, n_q, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < N_Q
+        row_ok = rows < n_q
         q_lo, q_hi = _load_chunks(q_base, rows, stride_qn, row_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
         do_lo, do_hi = _load_chunks(do_base, rows, stride_don, row_ok, cols_lo, cols_hi, HEAD_DIM, D_HI)
         lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
@@ -581,24 +665,41 @@ def _attention_bwd_dq_kernel(
     lse_ptr, delta_ptr,                     # [B, H, N_Q] fp32 contiguous
     dq_ptr,                                 # [B, H, N_Q, D] by strides, head dim unit stride
     mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
+    cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
-    H, N_Q, N_KV, qk_scale, scale,
+    H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """dQ of BLOCK_M queries of one (batch, head), streaming every key block (head dim in two chunks)."""
+    """dQ of BLOCK_M queries of one (batch, head), streaming every key block (VARLEN: of one segment,
+    streaming that segment's keys; head dim in two chunks)."""
     pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
+    if VARLEN:   # segment off_b: tokens [seq_start, seq_start + n_q), its batch offsets token offsets
+        seq_start = tl.load(cu_ptr + off_b).to(tl.int64)
+        n_q = (tl.load(cu_ptr + off_b + 1) - seq_start).to(tl.int32)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        n_kv = n_q
+        off_b = seq_start
+        stride_qb, stride_kb, stride_vb, stride_dob = stride_qn, stride_kn, stride_vn, stride_don
+        stride_dqb = stride_dqn
+    else:
+        n_q, n_kv = N_Q, N_KV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_lo = tl.arange(0, D_LO)
     cols_hi = D_LO + tl.arange(0, D_HI if D_HI > 0 else 16)
-    row_ok = offs_m < N_Q
+    row_ok = offs_m < n_q
     q_lo, q_hi = _load_chunks(q_ptr + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, row_ok,
                               cols_lo, cols_hi, HEAD_DIM, D_HI)
     do_lo, do_hi = _load_chunks(do_ptr + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, row_ok,
                                 cols_lo, cols_hi, HEAD_DIM, D_HI)
-    row_stats = pid_bh.to(tl.int64) * N_Q
+    if VARLEN:   # lse and D are per token, [1, H, T]
+        row_stats = off_h * T + seq_start
+    else:
+        row_stats = pid_bh.to(tl.int64) * N_Q
     lse = tl.load(lse_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row_stats + offs_m, mask=row_ok, other=0.0)
     dq_lo = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
@@ -606,9 +707,9 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
     mask_row = mask_ptr + off_b * stride_mb
-    for start_n in range(0, N_KV, BLOCK_N):
+    for start_n in range(0, n_kv, BLOCK_N):
         keys = start_n + offs_n
-        key_ok = keys < N_KV
+        key_ok = keys < n_kv
         if HAS_MASK:
             kv_ok = tl.load(mask_row + keys.to(tl.int64) * stride_mn, mask=key_ok, other=0) != 0
         else:
@@ -632,12 +733,14 @@ def _attention_bwd_dq_kernel(
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor, scale: float | None = None, *, dq: torch.Tensor | None = None,
                        dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                       max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention` (FlashAttention-2): q, k, v, out [B, H, N, D] and dout like out (any
     strides, unit-stride head dim), lse [B, H, N_Q] fp32 from the forward. dq / dk / dv: optional
     buffers like q / k / v (any strides with a unit-stride head dim: views of one packed gradient).
     key_mask: the forward's torch.bool [B, N_KV] mask, or None (masked keys get dk = dv = 0, a row with no
-    key left dq = 0). Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
+    key left dq = 0). cu_seqlens, max_seqlen: the forward's segments, or None (rows past cu_seqlens[-1]
+    are not written). Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     bufs = []
@@ -651,6 +754,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     dq, dk, dv = bufs
     _check_out("lse", lse, (B, H, n_q), torch.float32, q.device)
     mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, lse)
+    cu, batch, n_q_arg, n_kv_arg = _varlen_args(cu_seqlens, max_seqlen, B, n_q, n_kv, lse,
+                                                "key_mask" if key_mask is not None else None)
     if D > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dq.numel() == 0 and dk.numel() == 0:
@@ -660,25 +765,28 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     lse = lse.contiguous()
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
-    common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, HAS_MASK=key_mask is not None, DOT_PRECISION=precision)
+    common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None,
+                  DOT_PRECISION=precision)
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, dout, lse, delta, dk, dv, mask, *qkvo_strides,
+    _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv_arg, meta["BLOCK_N"]) * batch * H,)](
+        q, k, v, dout, lse, delta, dk, dv, mask, cu, *qkvo_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb, stride_mn,
-        H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="n", **common)
-    _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, dout, lse, delta, dq, mask, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        stride_mb, stride_mn, H, n_q, n_kv, scale * LOG2E, scale, RESIDENT="m", **common)
+        H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="n", **common)
+    _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)](
+        q, k, v, dout, lse, delta, dq, mask, cu, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_mb, stride_mn, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="m", **common)
     return dq, dk, dv
 
 
 def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                            num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None,
-                           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                           key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                           max_seqlen: int | None = None) -> torch.Tensor:
     """Gradient of `attention_qkv` with respect to the packed projection: qkv [B, N, 3·C], out and dout
-    [B, N, C], lse [B, H, N], key_mask the forward's torch.bool [B, N] or None -> dqkv [B, N, 3·C]
-    (contiguous, or the given buffer), dq, dk and dv written straight into its three thirds."""
+    [B, N, C], lse [B, H, N], key_mask the forward's torch.bool [B, N] or None, cu_seqlens / max_seqlen the
+    forward's segments or None -> dqkv [B, N, 3·C] (contiguous, or the given buffer), dq, dk and dv written
+    straight into its three thirds."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     if dqkv is None:
@@ -687,5 +795,5 @@ def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tens
     heads = lambda t: t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)      # (B, H, N, D)
     dq, dk, dv = qkv_heads(dqkv, num_heads)
     attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv,
-                       key_mask=key_mask)
+                       key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return dqkv

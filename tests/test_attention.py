@@ -5,6 +5,9 @@ dtype (DESIGN.md §4). Without CUDA the kernel runs in Triton's interpreter (fp3
 tl.dot is wrong, so bf16 runs on the GPU only).
 """
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -281,11 +284,12 @@ def test_autograd_attention_qkv_with_cls():
 # --------------------------------------------------------------------------------------------
 # backward (FlashAttention-2 kernels)
 # --------------------------------------------------------------------------------------------
-def reference_grads(q, k, v, dout, scale=None, key_mask=None):
+def reference_grads(q, k, v, dout, scale=None, key_mask=None, cu_seqlens=None):
     """Gradients of reference.attention in q's dtype (eager) and in float64 (ground truth)."""
     def grads(*ts):
         ts = [t.detach().requires_grad_() for t in ts]
-        return torch.autograd.grad((reference.attention(*ts[:3], scale, key_mask) * ts[3].detach()).sum(), ts[:3])
+        loss = (reference.attention(*ts[:3], scale, key_mask, cu_seqlens) * ts[3].detach()).sum()
+        return torch.autograd.grad(loss, ts[:3])
     return grads(q, k, v, dout), grads(*f64(q, k, v, dout))
 
 
@@ -647,10 +651,92 @@ def test_opcheck_key_mask():
 
 
 # --------------------------------------------------------------------------------------------
+# packed variable-length segments (cu_seqlens: Qwen2-VL's vision tower packs several images into one
+# sequence and attends within each)
+# --------------------------------------------------------------------------------------------
+# An empty segment, a one-token one, lengths off the interpreter's 32 / 16 blocks, one over a block.
+VARLEN_LENGTHS = [17, 0, 40, 1, 33]
+
+
+def make_cu_seqlens(lengths, device="cpu"):
+    """cu_seqlens, int32 [S + 1], of segments of these lengths."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def varlen_lse(q, k, cu_seqlens, scale):
+    """Each token's log-sum-exp over its own segment's keys, log2 domain, float64 ([1, H, T])."""
+    seg = reference.segment_ids(cu_seqlens, q.shape[2])
+    s = (f64(q)[0] @ f64(k)[0].transpose(-1, -2) * scale).masked_fill(seg[:, None] != seg[None, :], float("-inf"))
+    return torch.logsumexp(s, -1) / math.log(2)
+
+
+# (H, D, layout, max_seqlen past the longest segment, dtype): ViT-B's and Qwen2-VL's head dims (80 = 64 + 16),
+# the packed projection's layout and a strided one inside NaN, the grid sized exactly and larger.
+VARLEN_CASES = [
+    (2, 64, "bnhd", 0, torch.float32),
+    (1, 80, "sliced", 23, torch.float16),
+]
+
+
+@pytest.mark.parametrize("H,D,layout,extra,dtype", VARLEN_CASES, ids=["fp32-d64", "fp16-d80-max+23"])
+def test_attention_kernels_varlen(H, D, layout, extra, dtype):
+    """Forward (out, per-token lse) and backward (dq, dk, dv) with cu_seqlens against float64 autograd
+    through the reference's block-diagonal math, NaN-poisoned buffers (every row is written)."""
+    cu = make_cu_seqlens(VARLEN_LENGTHS)
+    T, max_seqlen = int(cu[-1]), max(VARLEN_LENGTHS) + extra
+    q, k, v, dout = (make_heads(1, H, T, D, layout, dtype) for _ in range(4))
+    out, lse = out_buffer((1, H, T, D), layout, dtype), poisoned((1, H, T), torch.float32)
+    attention_kernels.attention(q, k, v, out=out, lse=lse, cu_seqlens=cu, max_seqlen=max_seqlen)
+    ref = reference.attention(*f64(q, k, v), cu_seqlens=cu)
+    assert_close(out, ref, dtype=dtype, eager=reference.attention(q, k, v, cu_seqlens=cu))
+    torch.testing.assert_close(lse.double(), varlen_lse(q, k, cu, D ** -0.5), rtol=1e-5,
+                               atol=1e-4 if dtype == torch.float16 else 1e-5)
+    dq, dk, dv = (out_buffer(t.shape, layout, dtype) for t in (q, k, v))
+    attention_kernels.attention_backward(q, k, v, out, lse, dout, dq=dq, dk=dk, dv=dv, cu_seqlens=cu,
+                                         max_seqlen=max_seqlen)
+    eager, want = reference_grads(q, k, v, dout, cu_seqlens=cu)
+    for name, got, e, w in zip(("dq", "dk", "dv"), (dq, dk, dv), eager, want):
+        assert_close(got, w, dtype=dtype, eager=e, name=name)
+
+
+def test_attention_qkv_kernels_varlen_equal_each_segment_alone():
+    """On the packed projection [1, T, 3·C]: out, lse and dqkv (written into one given buffer) with
+    cu_seqlens equal, bit for bit, the non-varlen kernels run on each segment's slice alone; and the float64
+    reference."""
+    H, D = 2, 80
+    cu = make_cu_seqlens(VARLEN_LENGTHS)
+    T = int(cu[-1])
+    qkv = make_qkv(1, T, H, D, True, torch.float32)
+    lse = poisoned((1, H, T), torch.float32)
+    out, _ = attention_kernels.attention_qkv(qkv, H, lse=lse, cu_seqlens=cu)     # max_seqlen read from cu
+    dout = torch.randn_like(out)
+    dqkv = poisoned((1, T, 3 * H * D), torch.float32)
+    assert attention_kernels.attention_qkv_backward(qkv, out, lse, dout, H, dqkv=dqkv, cu_seqlens=cu,
+                                                    max_seqlen=50) is dqkv
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if end > start:
+            seg = slice(start, end)
+            lse_seg = poisoned((1, H, end - start), torch.float32)
+            out_seg, _ = attention_kernels.attention_qkv(qkv[:, seg], H, lse=lse_seg)
+            dqkv_seg = attention_kernels.attention_qkv_backward(qkv[:, seg], out_seg, lse_seg, dout[:, seg], H)
+            assert torch.equal(out[:, seg], out_seg) and torch.equal(lse[:, :, seg], lse_seg), (start, end)
+            assert torch.equal(dqkv[:, seg], dqkv_seg), (start, end)
+    x64 = f64(qkv)[0].requires_grad_()
+    ref = reference.attention_qkv(x64, H, cu_seqlens=cu)
+    assert_close(out, ref, dtype=torch.float32)
+    (want,) = torch.autograd.grad((ref * dout.double()).sum(), x64)
+    assert_close(dqkv, want, dtype=torch.float32, name="dqkv")
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 def _heads(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _cu(*bounds, device="cpu"):
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
 BAD_ATTENTION = [
@@ -732,6 +818,11 @@ def test_kernel_rejects_wrong_buffers():
         attention_kernels.attention(q, q, q, cls_attn=poisoned((1, 2, 5), torch.float16))
     with pytest.raises(ValueError, match=r"key_mask: expected \(1, 5\) torch.bool on cpu, got \(1, 5\) torch.uint8"):
         attention_kernels.attention(q, q, q, key_mask=torch.ones(1, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected \[S \+ 1\] \(S >= 1\) torch.int32 on cpu, got "
+                                         r"\(2,\) torch.int64 on cpu"):
+        attention_kernels.attention(q, q, q, cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected no cls_attn with it"):
+        attention_kernels.attention(q, q, q, cu_seqlens=_cu(0, 5), cls_attn=poisoned((1, 2, 5), torch.float32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ with compile_only_triton(launches), torch.inference_mode():
     def attention_tensors():
         qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
         out, cls = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
-        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out, out)   # out for lse and mask
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out, out, out)   # out: lse, mask, cu
     results["attention_qkv"] = check(plan.launch, attention_tensors)
     # With a key-padding mask read through strides (a [T, 2B] buffer's every other column): the mask's
     # strides are the plan's, the mask's bytes (uint8) a tensor of each call.
@@ -140,8 +140,17 @@ with compile_only_triton(launches), torch.inference_mode():
         qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
         out, lse = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
         mask = (torch.rand(T, 2 * B) < 0.5).t()[::2]
-        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, mask.view(torch.uint8))
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, mask.view(torch.uint8), out)
     results["attention_qkv-mask"] = check(plan.launch, masked_attention_tensors)
+    # Packed segments: the segment count and max_seqlen are the plan's, the boundaries (int32) a tensor of
+    # each call.
+    plan = A.qkv_plan(qkv[:1], H, D ** -0.5, False, True, None, torch.tensor([0, 5, 17], dtype=torch.int32), 12)
+    def varlen_attention_tensors():
+        qkv, C = torch.randn(1, T, 3 * H * D, dtype=torch.bfloat16), H * D
+        out, lse = torch.empty(1, T, C, dtype=torch.bfloat16), torch.empty(1, H, T)
+        cu = torch.tensor([0, int(torch.randint(6, 12, ())), T], dtype=torch.int32)
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, out, cu)
+    results["attention_qkv-varlen"] = check(plan.launch, varlen_attention_tensors)
     B, D = 2, 64
     weight, bias = torch.randn(D, 3, 16, 16, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16)
     cls, pos, mean, std = (torch.randn(1, 1, D, dtype=torch.bfloat16), torch.randn(1, 5, D, dtype=torch.bfloat16),
@@ -178,7 +187,8 @@ def results(tmp_path_factory):
     return report["results"]
 
 
-CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "patch_embed", "rope"]
+CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "attention_qkv-varlen",
+         "patch_embed", "rope"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in the subprocess: reads a JSON list of cases on stdin, prints one JSON object on stdout:
 # {"skip": reason} or {"results": {case id: {...}}}.
 _COMPILE_SCRIPT = r'''
-import contextlib, io, json, os, re, sys, time, traceback, warnings
+import contextlib, io, itertools, json, os, re, sys, time, traceback, warnings
 from unittest import mock
 
 warnings.filterwarnings("ignore")
@@ -87,10 +87,13 @@ def key_mask(c, N):
 
 
 def launch_attention(c):
-    dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
-    qkv = torch.empty(2, N, 3 * H * D, dtype=dt)          # (B, N, 3C), the packed projection (never touched)
-    return attention._attention_fwd_kernel, lambda: attention.attention_qkv(qkv, H, return_cls_attn=c["cls"],
-                                                                            key_mask=key_mask(c, N))
+    dt, D, H, N, segments = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"], c.get("segments")
+    # (B, N, 3C), the packed projection (never touched); with segments, one sequence packing them (varlen)
+    qkv = torch.empty(1 if segments else 2, N, 3 * H * D, dtype=dt)
+    cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32) if segments else None
+    return attention._attention_fwd_kernel, lambda: attention.attention_qkv(
+        qkv, H, return_cls_attn=c["cls"], key_mask=key_mask(c, N), cu_seqlens=cu,
+        max_seqlen=max(segments) if segments else None)
 
 
 def launch_linear(c):
@@ -268,6 +271,11 @@ def _cases():
     # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
     cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
+    # Packed variable-length segments (Qwen2-VL's vision tower: the patches of several images in one sequence,
+    # attended within each image): head dim 80, images of 32 x 32, 16 x 16 and 64 x 64 patches, no lse.
+    cases.append(_variant("attention", "bf16-d80-nocls-varlen", "bf16", {
+        "dtype": "bf16", "head_dim": 80, "heads": 16, "seq": 1024 + 256 + 4096, "cls": False,
+        "segments": [1024, 256, 4096]}))
     # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
     for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):

@@ -58,26 +58,41 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     return h if weight is None else weight * h
 
 
-def attention_probs(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
+def segment_ids(cu_seqlens: Tensor, n: int) -> Tensor:
+    """The segment of each of n packed tokens: cu_seqlens int [S + 1] (cu[0] = 0, non-decreasing) ->
+    [n] ids, token i in segment s when cu[s] <= i < cu[s + 1] (S for tokens past cu[S])."""
+    tokens = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+
+
+def attention_probs(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor | None = None,
+                    cu_seqlens: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk].
 
     key_mask: optional bool [B, Nk] for q, k [B, H, N, D] (True = the key takes part): the other keys get
     probability 0 from every query and head of their batch element; a row with no key left is all zeros
-    (FlashAttention's convention, not softmax's NaN)."""
+    (FlashAttention's convention, not softmax's NaN). cu_seqlens: optional int [S + 1] segment boundaries
+    of packed tokens (FlashAttention's varlen): query i sees key j only when both lie in one segment
+    [cu[s], cu[s + 1]) (a block-diagonal mask)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
-    if key_mask is None:
+    if key_mask is None and cu_seqlens is None:
         return torch.softmax(s, dim=-1)
-    keep = key_mask[:, None, None, :]                                       # (B, 1, 1, Nk)
+    keep = None if key_mask is None else key_mask[:, None, None, :]       # (B, 1, 1, Nk)
+    if cu_seqlens is not None:
+        same = segment_ids(cu_seqlens, q.shape[-2])[:, None] == segment_ids(cu_seqlens, k.shape[-2])[None, :]
+        keep = same if keep is None else keep & same                        # (Nq, Nk) or (B, 1, Nq, Nk)
     s = s.masked_fill(~keep, float("-inf"))
     s = s.masked_fill(~keep.any(-1, keepdim=True), 0.0)     # rows with no key: finite, then zeroed below
     return torch.softmax(s, dim=-1) * keep
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, key_mask: Tensor | None = None,
+              cu_seqlens: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v. q, k, v [B, H, N, D] -> [B, H, N, D]; scale defaults to D^-½; key_mask: optional
-    bool [B, N_kv], as in `attention_probs`."""
-    return attention_probs(q, k, scale, key_mask) @ v
+    bool [B, N_kv], cu_seqlens: optional segment boundaries of packed q, k, v [1, H, T, D], as in
+    `attention_probs`."""
+    return attention_probs(q, k, scale, key_mask, cu_seqlens) @ v
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,13 +103,14 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
-                  key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention from the packed qkv projection. qkv [B, N, 3·C] -> out [B, N, C]
     (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32).
-    key_mask: optional bool [B, N], as in `attention_probs`."""
+    key_mask: optional bool [B, N]; cu_seqlens: optional segment boundaries of a packed qkv [1, T, 3·C];
+    as in `attention_probs`."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    p = attention_probs(q, k, scale, key_mask)            # (B, H, N, N)
+    p = attention_probs(q, k, scale, key_mask, cu_seqlens)   # (B, H, N, N)
     out = (p @ v).transpose(1, 2).reshape(B, N, -1)       # (B, N, C)
     if return_cls_attn:
         return out, p[:, :, 0, :].float()
@@ -273,9 +289,20 @@ def torch_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                    key_mask: Tensor | None = None) -> Tensor:
+                    key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
     """SDPA; key_mask (bool [B, N_kv]) as its boolean attn_mask [B, 1, 1, N_kv]. A batch element with no key
-    left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend."""
+    left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend.
+    cu_seqlens (int [S + 1], the segments of packed q, k, v [1, H, T, D]; not with key_mask): SDPA on each
+    segment, written into one output (reads the boundaries on the host: a sync on CUDA; tokens past cu[S]
+    are 0)."""
+    if cu_seqlens is not None:
+        out = q.new_zeros(q.shape)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                seg = slice(start, end)
+                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg], scale=scale)
+        return out
     if key_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     any_key = key_mask.any(-1, keepdim=True)                                                # (B, 1)
@@ -285,11 +312,13 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
 
 
 def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
-                        key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra."""
+                        key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None
+                        ) -> Tensor | tuple[Tensor, Tensor]:
+    """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra.
+    cu_seqlens: as in `torch_attention` (not with the CLS row)."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
-    out = torch_attention(q, k, v, scale, key_mask).transpose(1, 2).reshape(B, N, -1)      # (B, N, C)
+    out = torch_attention(q, k, v, scale, key_mask, cu_seqlens).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
     if return_cls_attn:
         return out, attention_probs(q[:, :, :1], k, scale, key_mask)[:, :, 0].float()    # (B, H, N)
     return out
