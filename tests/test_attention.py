@@ -339,31 +339,32 @@ def test_attention_qkv_backward_lands_in_one_packed_gradient(B, N, H, D):
 
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("variant", [None, "key_mask", "varlen"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_ops_backward_runs_the_kernels_not_the_reference(packed, masked, monkeypatch):
-    """ops.attention / attention_qkv under autograd, without and with a key mask: the forward saves q, k, v
-    (or qkv), out and the per-row log-sum-exp, nothing N x N; backward runs the Triton kernels (the reference
-    functions, torch's SDPA path included, raise once the forward is done) and equals float64 autograd through
-    the reference."""
-    B, H, N, D = 3, 2, 40, 16
-    key_mask = make_key_mask(B, N, "prefix") if masked else None
+def test_ops_backward_runs_the_kernels_not_the_reference(packed, variant, monkeypatch):
+    """ops.attention / attention_qkv under autograd, plain, with a key mask and with packed segments: the
+    forward saves q, k, v (or qkv), out and the per-row log-sum-exp, nothing N x N; backward runs the Triton
+    kernels (the reference functions, torch's SDPA path included, raise once the forward is done) and equals
+    float64 autograd through the reference."""
+    B, H, N, D = (1 if variant == "varlen" else 3), 2, 40, 16
+    key_mask = make_key_mask(B, N, "prefix") if variant == "key_mask" else None
+    cu = make_cu_seqlens([13, 0, 27]) if variant == "varlen" else None
     saved = []
     if packed:
         x = make_qkv(B, N, H, D, False, torch.float32).requires_grad_()
-        inputs, fwd = (x,), lambda: ops.attention_qkv(x, H, key_mask=key_mask)
-        ref = lambda t: reference.attention_qkv(t, H, key_mask=key_mask)
+        inputs, fwd = (x,), lambda: ops.attention_qkv(x, H, key_mask=key_mask, cu_seqlens=cu)
+        ref = lambda t: reference.attention_qkv(t, H, key_mask=key_mask, cu_seqlens=cu)
     else:
         inputs = tuple(make_heads(B, H, N, D, "bnhd", torch.float32).requires_grad_() for _ in range(3))
-        fwd = lambda: ops.attention(*inputs, key_mask=key_mask)
-        ref = lambda *ts: reference.attention(*ts, key_mask=key_mask)
+        fwd = lambda: ops.attention(*inputs, key_mask=key_mask, cu_seqlens=cu)
+        ref = lambda *ts: reference.attention(*ts, key_mask=key_mask, cu_seqlens=cu)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         out = fwd()
     assert saved and max(torch.Size(s).numel() for s in saved) <= 3 * B * N * H * D    # O(N), no N x N
     assert (B, H, N) in [tuple(s) for s in saved]                                       # the log-sum-exp
     dout = torch.randn_like(out)
     forbid_reference(monkeypatch, "attention", "attention_qkv", "attention_probs", "split_qkv", "torch_attention",
-                     "torch_attention_qkv")
+                     "torch_attention_qkv", "segment_ids")
     grads = torch.autograd.grad(out, inputs, dout)
     monkeypatch.undo()
     x64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -381,9 +382,9 @@ def test_inference_calls_skip_the_lse(monkeypatch):
         seen.append(lse)
         return real(*args, lse=lse, **kwargs)
 
-    def spy_run(plan, qkv, lse=None, key_mask=None):
+    def spy_run(plan, qkv, lse=None, key_mask=None, cu_seqlens=None):
         seen.append(lse)
-        return real_run(plan, qkv, lse, key_mask)
+        return real_run(plan, qkv, lse, key_mask, cu_seqlens)
     monkeypatch.setattr(attention_kernels, "attention", spy)
     monkeypatch.setattr(attention_kernels, "qkv_run", spy_run)
     qkv = make_qkv(1, 9, 2, 16, False, torch.float32)
@@ -728,6 +729,98 @@ def test_attention_qkv_kernels_varlen_equal_each_segment_alone():
     assert_close(dqkv, want, dtype=torch.float32, name="dqkv")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ops_attention_varlen(dtype, monkeypatch):
+    """ops.attention and ops.attention_qkv with cu_seqlens, forward and gradients under autograd, against float64
+    autograd through the reference; without autograd (the direct path) the same output. fp32 runs the Triton
+    kernels (attention_qkv's plan table: one plan per segment count and max_seqlen, boundaries passed per call),
+    float64 torch's path (SDPA per segment)."""
+    monkeypatch.setattr(ops, "_ATTENTION_PLANS", {})
+    H, D = 2, 16
+    cu = make_cu_seqlens(VARLEN_LENGTHS)
+    T = int(cu[-1])
+    q, k, v = (make_heads(1, H, T, D, "bnhd", dtype).requires_grad_() for _ in range(3))
+    out = ops.attention(q, k, v, cu_seqlens=cu)
+    assert_close(out, reference.attention(*f64(q, k, v), cu_seqlens=cu), dtype=dtype,
+                 eager=reference.torch_attention(q, k, v, cu_seqlens=cu))
+    dout = torch.randn_like(out)
+    eager, want = reference_grads(q, k, v, dout, cu_seqlens=cu)
+    for name, got, e, w in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), eager, want):
+        assert_close(got, w, dtype=dtype, eager=e, name=name)
+    qkv = make_qkv(1, T, H, D, True, dtype).requires_grad_()
+    x64 = f64(qkv)[0].requires_grad_()
+    ref = reference.attention_qkv(x64, H, cu_seqlens=cu)
+    out = ops.attention_qkv(qkv, H, cu_seqlens=cu, max_seqlen=45)
+    assert_close(out, ref, dtype=dtype, eager=reference.torch_attention_qkv(qkv.detach(), H, cu_seqlens=cu))
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, g)
+    (want,) = torch.autograd.grad((ref * g.double()).sum(), x64)
+    assert_close(got, want, dtype=dtype, name="dqkv")
+    with torch.no_grad():
+        assert torch.equal(ops.attention_qkv(qkv, H, cu_seqlens=cu, max_seqlen=45), out)
+        assert torch.equal(ops.attention_qkv(qkv, H, cu_seqlens=cu), out)           # max_seqlen 40, read from cu
+        other = make_cu_seqlens([45, 1, 0, 20, 25])                 # the same segment count and max_seqlen
+        assert_close(ops.attention_qkv(qkv, H, cu_seqlens=other, max_seqlen=45),
+                     reference.attention_qkv(x64, H, cu_seqlens=other), dtype=dtype)
+    if dtype == torch.float32:      # (segment count, max_seqlen): 45 with and without lse, 40 without
+        assert sorted(key[-3] for key in ops._ATTENTION_PLANS) == [(6, 40), (6, 45), (6, 45)]
+
+
+def test_ops_varlen_float64_gradcheck():
+    """torch's path with cu_seqlens (an empty and a one-token segment included): its gradients, checked
+    numerically."""
+    cu = make_cu_seqlens([4, 0, 1, 5])
+    q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert_close(ops.attention(q, k, v, cu_seqlens=cu), reference.attention(q, k, v, cu_seqlens=cu))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, cu_seqlens=cu), (q, k, v))
+    qkv = torch.randn(1, 10, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.attention_qkv(t, 2, cu_seqlens=cu, max_seqlen=5), (qkv,))
+
+
+def test_opcheck_varlen():
+    """The custom ops with cu_seqlens (forward and backward; max_seqlen given, and left to the op): schema,
+    fake impl, autograd registration."""
+    cu = make_cu_seqlens([4, 0, 5])
+    q, k, v, dout = (make_heads(1, 2, 9, 16, "bnhd", torch.float32) for _ in range(4))
+    torch.library.opcheck(torch.ops.vitfast.attention, (q, k, v, 0.25, None, cu, 5))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.vitfast.attention, (qg, kg, vg, 0.25, None, cu, None))
+    out, lse = torch.ops.vitfast.attention(q, k, v, 0.25, None, cu, 5)
+    assert_close(out, reference.attention(*f64(q, k, v), 0.25, cu_seqlens=cu), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.vitfast.attention_backward, (q, k, v, out, lse, dout, 0.25, None, cu, 5))
+    qkv = make_qkv(1, 9, 2, 16, True, torch.float32)
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv, (qkv.detach().requires_grad_(), 2, 0.25, False, None, cu, 5))
+    out, _, lse = torch.ops.vitfast.attention_qkv(qkv, 2, 0.25, False, None, cu, None)
+    assert_close(out, reference.attention_qkv(qkv.double(), 2, 0.25, cu_seqlens=cu), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv_backward,
+                          (qkv, out, lse, torch.randn_like(out), 2, 0.25, None, cu, 5))
+
+
+def test_ops_attention_qkv_varlen_traces_in_one_graph():
+    """torch.compile(fullgraph=True) traces ops.attention_qkv with cu_seqlens, max_seqlen given (a new value
+    per batch: traced again as a symbolic int) and left to the op (which reads it from the boundaries when it
+    runs): no graph break, the eager output."""
+    H, D = 2, 16
+    qkv = make_qkv(1, 20, H, D, False, torch.float32)
+    given = torch.compile(lambda x, cu, m: ops.attention_qkv(x, H, cu_seqlens=cu, max_seqlen=m), fullgraph=True,
+                          backend="eager")
+    left = torch.compile(lambda x, cu: ops.attention_qkv(x, H, cu_seqlens=cu), fullgraph=True, backend="eager")
+    for lengths in ([8, 12], [5, 0, 15]):
+        cu = make_cu_seqlens(lengths)
+        eager = ops.attention_qkv(qkv, H, cu_seqlens=cu)
+        torch.testing.assert_close(given(qkv, cu, max(lengths)), eager, rtol=0, atol=0)
+        torch.testing.assert_close(left(qkv, cu), eager, rtol=0, atol=0)
+
+
+def test_varlen_max_seqlen_is_not_read_during_cuda_graph_capture(monkeypatch):
+    """max_seqlen=None on CUDA reads the device; while a graph is being captured that is refused, by name."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cu = FakeCudaTensor(torch.int32)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected an int while a CUDA graph is being captured"):
+        ops._max_seqlen(cu, None)
+    assert ops._max_seqlen(cu, 7) == 7
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
@@ -777,6 +870,32 @@ BAD_ATTENTION = [
      r"key_mask: expected device cpu \(like q\), got meta"),
     ("mask not a tensor", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, key_mask=[[True] * 5]),
      r"key_mask: expected a torch.bool Tensor or None, got list"),
+    ("cu dtype", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=torch.tensor([0, 5])),
+     r"cu_seqlens: expected dtype torch.int32, got torch.int64"),
+    ("cu one entry", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(5)),
+     r"cu_seqlens: expected shape \[S \+ 1\] with S >= 1 segments, got \(1,\)"),
+    ("cu device", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 5, device="meta")),
+     r"cu_seqlens: expected device cpu \(like q\), got meta"),
+    ("varlen batch", lambda: ops.attention(*[_heads(2, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 5)),
+     r"q: expected batch size 1 with cu_seqlens \(the segments packed into one sequence\), got 2"),
+    ("varlen cross lengths", lambda: ops.attention(_heads(1, 1, 4, 16), *[_heads(1, 1, 5, 16)] * 2,
+                                                   cu_seqlens=_cu(0, 4)),
+     r"k: expected N_kv = N_q = 4 with cu_seqlens \(self-attention within each segment\), got 5"),
+    ("varlen and mask", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 5),
+                                              key_mask=torch.ones(1, 5, dtype=torch.bool)),
+     r"key_mask: expected None with cu_seqlens \(the two are not supported together\), got a Tensor"),
+    ("cu start", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(1, 5)),
+     r"cu_seqlens: expected cu_seqlens\[0\] = 0, got 1"),
+    ("cu decreasing", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 3, 2, 5)),
+     r"cu_seqlens: expected non-decreasing boundaries, got \[0, 3, 2, 5\]"),
+    ("cu end", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 4)),
+     r"cu_seqlens: expected cu_seqlens\[-1\] = 5 \(the tokens of q\), got 4"),
+    ("max_seqlen short", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 2, 5), max_seqlen=2),
+     r"max_seqlen: expected at least the longest segment, 3, got 2"),
+    ("max_seqlen 0", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, cu_seqlens=_cu(0, 5), max_seqlen=0),
+     r"max_seqlen: expected an int >= 1 or None, got 0"),
+    ("max_seqlen alone", lambda: ops.attention(*[_heads(1, 1, 5, 16)] * 3, max_seqlen=5),
+     r"max_seqlen: expected None without cu_seqlens, got 5"),
 ]
 
 BAD_QKV = [
@@ -800,6 +919,10 @@ BAD_QKV = [
     ("mask device", lambda: ops.attention_qkv(_heads(2, 5, 48), 1,
                                               key_mask=torch.ones(2, 5, dtype=torch.bool, device="meta")),
      r"key_mask: expected device cpu \(like qkv\), got meta"),
+    ("varlen cls", lambda: ops.attention_qkv(_heads(1, 5, 48), 1, return_cls_attn=True, cu_seqlens=_cu(0, 5)),
+     r"return_cls_attn: expected False with cu_seqlens \(not supported together\), got True"),
+    ("cu not a tensor", lambda: ops.attention_qkv(_heads(1, 5, 48), 1, cu_seqlens=[0, 5]),
+     r"cu_seqlens: expected a torch.int32 Tensor or None, got list"),
 ]
 
 
@@ -933,6 +1056,35 @@ def test_attention_key_mask_gpu(N, H, D, dtype):
     (eager,) = torch.autograd.grad((eager_out * dout).sum(), x)
     assert_close(got, want, dtype=dtype, eager=eager, name="dqkv")
     assert (got[-1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_attention_varlen_gpu(dtype):
+    """Qwen2-VL's packing on the device: 16 heads of 80, images of 32 x 32, 16 x 16 and 56 x 56 patches, a one-patch
+    and an empty segment (T = 4417), bf16 / fp16: out and dqkv through autograd (the backward kernels) against
+    float64 autograd through the reference's block-diagonal math, within 2x the error of eager SDPA run per
+    segment in the same dtype, over the whole and segment by segment."""
+    H, D = 16, 80
+    lengths = [1024, 256, 1, 0, 3136]
+    cu = make_cu_seqlens(lengths, "cuda")
+    T = int(cu[-1])
+    qkv = make_qkv(1, T, H, D, True, dtype, "cuda", scale=3.0).requires_grad_()
+    out = ops.attention_qkv(qkv, H, cu_seqlens=cu, max_seqlen=max(lengths))
+    x64 = qkv.detach().double().requires_grad_()
+    ref = reference.attention_qkv(x64, H, cu_seqlens=cu)
+    x = qkv.detach().requires_grad_()
+    eager = reference.torch_attention_qkv(x, H, cu_seqlens=cu)                  # SDPA per segment, in dtype
+    assert_close(out, ref, dtype=dtype, eager=eager)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if end > start:
+            seg = slice(start, end)
+            assert_close(out[:, seg], ref[:, seg], dtype=dtype, eager=eager[:, seg], name=f"out[{start}:{end}]")
+    dout = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, dout)
+    (want,) = torch.autograd.grad((ref * dout.double()).sum(), x64)
+    (eager_grad,) = torch.autograd.grad((eager * dout).sum(), x)
+    assert_close(got, want, dtype=dtype, eager=eager_grad, name="dqkv")
 
 
 @pytest.mark.gpu

@@ -340,6 +340,65 @@ def _check_key_mask(key_mask, batch: int, n_kv: int, dims_from: str, ref_name: s
         _fail(f"key_mask: expected device {device} (like {ref_name}), got {key_mask.device}")
 
 
+def _check_varlen(cu_seqlens, max_seqlen, batch: int, n_q: int, n_kv: int, ref_name: str, device: torch.device,
+                  key_mask=None, return_cls_attn: bool = False) -> int | None:
+    """Packed variable-length segments: cu_seqlens int32 [S + 1] on the attention's device, one packed
+    sequence (B = 1, N_q = N_kv = T), max_seqlen None or an int >= 1, neither key_mask nor the CLS row.
+    Where reading the values costs no device sync (CPU tensors, not traced) they are checked too: cu[0] = 0,
+    non-decreasing, cu[S] = T, max_seqlen >= the longest segment. Returns max_seqlen, computed when None
+    (a device sync on CUDA, refused while a CUDA graph is being captured), or None while torch.compile
+    traces (the op computes it when it runs)."""
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            _fail(f"max_seqlen: expected None without cu_seqlens, got {max_seqlen!r}")
+        return None
+    if not isinstance(cu_seqlens, Tensor):
+        _fail(f"cu_seqlens: expected a torch.int32 Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        _fail(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        _fail(f"cu_seqlens: expected shape [S + 1] with S >= 1 segments, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        _fail(f"cu_seqlens: expected device {device} (like {ref_name}), got {cu_seqlens.device}")
+    if batch != 1:
+        _fail(f"{ref_name}: expected batch size 1 with cu_seqlens (the segments packed into one sequence), "
+              f"got {batch}")
+    if n_q != n_kv:
+        _fail(f"k: expected N_kv = N_q = {n_q} with cu_seqlens (self-attention within each segment), got {n_kv}")
+    if key_mask is not None:
+        _fail("key_mask: expected None with cu_seqlens (the two are not supported together), got a Tensor")
+    if return_cls_attn:
+        _fail("return_cls_attn: expected False with cu_seqlens (not supported together), got True")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        _fail(f"max_seqlen: expected an int >= 1 or None, got {max_seqlen!r}")
+    if torch.compiler.is_compiling() or type(cu_seqlens) not in _PLAIN_TENSORS:
+        return max_seqlen
+    if cu_seqlens.device.type == "cpu":
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0:
+            _fail(f"cu_seqlens: expected cu_seqlens[0] = 0, got {bounds[0]}")
+        if any(b < a for a, b in zip(bounds, bounds[1:])):
+            _fail(f"cu_seqlens: expected non-decreasing boundaries, got {bounds}")
+        if bounds[-1] != n_q:
+            _fail(f"cu_seqlens: expected cu_seqlens[-1] = {n_q} (the tokens of {ref_name}), got {bounds[-1]}")
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        if max_seqlen is not None and max_seqlen < longest:
+            _fail(f"max_seqlen: expected at least the longest segment, {longest}, got {max_seqlen}")
+        return max(1, longest) if max_seqlen is None else max_seqlen
+    return _max_seqlen(cu_seqlens, max_seqlen)
+
+
+def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
+    """max_seqlen, or the longest segment of cu_seqlens when it is None: read from the device (a sync), which
+    a CUDA graph being captured cannot contain."""
+    if max_seqlen is not None:
+        return max_seqlen
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        _fail("max_seqlen: expected an int while a CUDA graph is being captured (computing it from cu_seqlens "
+              "reads the device, a sync the capture cannot contain), got None")
+    return max(1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
 def _attention_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
@@ -351,33 +410,43 @@ def _attention_scale(scale, head_dim: int) -> float:
 # The ops return each query row's log-sum-exp (log2 domain, [B, H, N_Q] fp32) next to the output: the
 # Triton backward (FlashAttention-2) rebuilds the probabilities from it. On torch's path (CPU, float64)
 # it is zeros and unused: there the backward is SDPA's own, through autograd on a recomputed forward.
-# key_mask (bool [B, N_kv] or None) goes to the kernels / SDPA as it is; it has no gradient.
+# key_mask (bool [B, N_kv] or None) goes to the kernels / SDPA as it is; it has no gradient. So does
+# cu_seqlens (int32 [S + 1], packed segments: lse is then per token, [1, H, T]); max_seqlen None (the op was
+# traced by torch.compile before it was known) is computed where the kernels need it.
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None,
+                    cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                     with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """(out, lse); with_lse=False (a direct call: nothing to differentiate) skips the lse."""
     if _attention_on_triton(q):
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if with_lse else None   # every row written
-        return _kernels().attention.attention(q, k, v, scale, lse=lse, key_mask=key_mask), lse
+        if cu_seqlens is not None:
+            max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        return _kernels().attention.attention(q, k, v, scale, lse=lse, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                              max_seqlen=max_seqlen), lse
     lse = q.new_zeros(q.shape[:3], dtype=torch.float32) if with_lse else None
-    return reference.torch_attention(q, k, v, scale, key_mask).contiguous(), lse
+    return reference.torch_attention(q, k, v, scale, key_mask, cu_seqlens).contiguous(), lse
 
 
-def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None
-                        ) -> tuple[Tensor, Tensor]:
-    return _attention_impl(q, k, v, scale, key_mask)
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None,
+                        cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
+    return _attention_impl(q, k, v, scale, key_mask, cu_seqlens, max_seqlen)
 
 
 _attention_op = torch.library.custom_op("vitfast::attention", _attention_with_lse, mutates_args=())
 
 
 @_attention_op.register_fake
-def _(q, k, v, scale, key_mask=None):
+def _(q, k, v, scale, key_mask=None, cu_seqlens=None, max_seqlen=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                        scale: float, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale, key_mask=key_mask)
+                        scale: float, key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                        max_seqlen: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+    return _kernels().attention.attention_backward(q, k, v, out, lse, dout, scale, key_mask=key_mask,
+                                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def _recompute_grads(fn, inputs, grads, wanted=None):
@@ -400,24 +469,25 @@ _attention_bwd_op = torch.library.custom_op("vitfast::attention_backward", _atte
 
 
 @_attention_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, scale, key_mask=None):
+def _(q, k, v, out, lse, dout, scale, key_mask=None, cu_seqlens=None, max_seqlen=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, scale, key_mask = inputs
+    q, k, v, scale, key_mask, cu_seqlens, max_seqlen = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, cu_seqlens)
+    ctx.scale, ctx.max_seqlen = scale, max_seqlen
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    q, k, v, out, lse, key_mask, cu_seqlens = ctx.saved_tensors
     if _attention_on_triton(q):
-        return (*_attention_bwd_op(q, k, v, out, lse, dout, ctx.scale, key_mask), None, None)
-    fn = lambda *a: reference.torch_attention(*a, ctx.scale, key_mask)
-    return (*_recompute_grads(fn, (q, k, v), (dout,)), None, None)
+        return (*_attention_bwd_op(q, k, v, out, lse, dout, ctx.scale, key_mask, cu_seqlens, ctx.max_seqlen),
+                None, None, None, None)
+    fn = lambda *a: reference.torch_attention(*a, ctx.scale, key_mask, cu_seqlens)
+    return (*_recompute_grads(fn, (q, k, v), (dout,)), None, None, None, None)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -431,38 +501,44 @@ _MAX_PLANS = 4096
 
 
 def _attention_qkv_triton(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool, lse: Tensor | None,
-                          key_mask: Tensor | None):
+                          key_mask: Tensor | None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
+    """The Triton launch of attention_qkv (max_seqlen an int whenever cu_seqlens is given)."""
     attention = _kernels().attention
     if qkv.shape[0] == 0:
         return attention.attention_qkv(qkv, num_heads, scale, return_cls_attn=return_cls_attn, lse=lse,
                                        key_mask=key_mask)
     key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, return_cls_attn, lse is not None,
+           None if cu_seqlens is None else (cu_seqlens.shape[0], max_seqlen),
            None if key_mask is None else key_mask.stride(), qkv.dtype == torch.float32 and _kernels().tf32_enabled())
     plan = _ATTENTION_PLANS.get(key)
     if plan is None:
         if len(_ATTENTION_PLANS) >= _MAX_PLANS:
             _ATTENTION_PLANS.clear()
         plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, return_cls_attn, lse is not None,
-                                                          key_mask)
-    return attention.qkv_run(plan, qkv, lse, key_mask)
+                                                          key_mask, cu_seqlens, max_seqlen)
+    return attention.qkv_run(plan, qkv, lse, key_mask, cu_seqlens)
 
 
 def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
-                        key_mask: Tensor | None = None, with_lse: bool = True
+                        key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                        max_seqlen: int | None = None, with_lse: bool = True
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(out, cls_attn, lse). The op (with_lse=True) returns an empty cls_attn when it was not asked for;
     a direct call (with_lse=False: nothing to differentiate) gets None there and no lse."""
     B, N, _ = qkv.shape
     if _attention_on_triton(qkv):
         lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None   # every row written
-        out, cls_attn = _attention_qkv_triton(qkv, num_heads, scale, return_cls_attn, lse, key_mask)
+        if cu_seqlens is not None:
+            max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        out, cls_attn = _attention_qkv_triton(qkv, num_heads, scale, return_cls_attn, lse, key_mask, cu_seqlens,
+                                              max_seqlen)
     else:
         lse = qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None
         if return_cls_attn:
             out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, True, key_mask)
             cls_attn = cls_attn.contiguous()
         else:
-            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, False, key_mask), None
+            out, cls_attn = reference.torch_attention_qkv(qkv, num_heads, scale, False, key_mask, cu_seqlens), None
         out = out.contiguous()
     if cls_attn is None and with_lse:
         cls_attn = qkv.new_empty(0, dtype=torch.float32)
@@ -470,15 +546,16 @@ def _attention_qkv_impl(qkv: Tensor, num_heads: int, scale: float, return_cls_at
 
 
 def _attention_qkv_with_lse(qkv: Tensor, num_heads: int, scale: float, return_cls_attn: bool,
-                            key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask)
+                            key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                            max_seqlen: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, cu_seqlens, max_seqlen)
 
 
 _attention_qkv_op = torch.library.custom_op("vitfast::attention_qkv", _attention_qkv_with_lse, mutates_args=())
 
 
 @_attention_qkv_op.register_fake
-def _(qkv, num_heads, scale, return_cls_attn, key_mask=None):
+def _(qkv, num_heads, scale, return_cls_attn, key_mask=None, cu_seqlens=None, max_seqlen=None):
     B, N, C3 = qkv.shape
     cls_shape = (B, num_heads, N) if return_cls_attn else (0,)
     return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(cls_shape, dtype=torch.float32),
@@ -486,8 +563,12 @@ def _(qkv, num_heads, scale, return_cls_attn, key_mask=None):
 
 
 def _attention_qkv_bwd_impl(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, num_heads: int,
-                            scale: float, key_mask: Tensor | None = None) -> Tensor:
-    return _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale, key_mask=key_mask)
+                            scale: float, key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                            max_seqlen: int | None = None) -> Tensor:
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+    return _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale, key_mask=key_mask,
+                                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 _attention_qkv_bwd_op = torch.library.custom_op("vitfast::attention_qkv_backward", _attention_qkv_bwd_impl,
@@ -495,27 +576,29 @@ _attention_qkv_bwd_op = torch.library.custom_op("vitfast::attention_qkv_backward
 
 
 @_attention_qkv_bwd_op.register_fake
-def _(qkv, out, lse, dout, num_heads, scale, key_mask=None):
+def _(qkv, out, lse, dout, num_heads, scale, key_mask=None, cu_seqlens=None, max_seqlen=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _attention_qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale, _, key_mask = inputs
+    qkv, num_heads, scale, _, key_mask, cu_seqlens, max_seqlen = inputs
     out, cls_attn, lse = output
-    ctx.save_for_backward(qkv, out, lse, key_mask)
-    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.save_for_backward(qkv, out, lse, key_mask, cu_seqlens)
+    ctx.num_heads, ctx.scale, ctx.max_seqlen = num_heads, scale, max_seqlen
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_qkv_backward(ctx, dout, dcls, _dlse):
-    qkv, out, lse, key_mask = ctx.saved_tensors
+    qkv, out, lse, key_mask, cu_seqlens = ctx.saved_tensors
     dcls = dcls if dcls is not None and dcls.numel() else None
+    no_grads = (None,) * 6                  # num_heads, scale, return_cls_attn, key_mask, cu_seqlens, max_seqlen
     if dcls is None and _attention_on_triton(qkv):
-        return _attention_qkv_bwd_op(qkv, out, lse, dout, ctx.num_heads, ctx.scale, key_mask), None, None, None, None
+        return _attention_qkv_bwd_op(qkv, out, lse, dout, ctx.num_heads, ctx.scale, key_mask, cu_seqlens,
+                                     ctx.max_seqlen), *no_grads
     # torch's path, or a gradient through the CLS attention row: SDPA's backward on a recomputed forward
     # (the CLS row's own is O(N): one query).
-    fn = lambda x: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, dcls is not None, key_mask)
-    return _recompute_grads(fn, (qkv,), (dout, dcls))[0], None, None, None, None
+    fn = lambda x: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, dcls is not None, key_mask, cu_seqlens)
+    return _recompute_grads(fn, (qkv,), (dout, dcls))[0], *no_grads
 
 
 _attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
@@ -536,7 +619,8 @@ def _check_packed_qkv(qkv: Tensor, num_heads) -> int:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              key_mask: Tensor | None = None) -> Tensor:
+              key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+              max_seqlen: int | None = None) -> Tensor:
     """softmax(q kᵀ·scale) v, flash-style (no N×N matrix in memory).
 
     q [B, H, N_q, D], k and v [B, H, N_kv, D]: any strides with a unit-stride last dim (like
@@ -547,6 +631,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     boolean attn_mask broadcast as key_mask[:, None, None, :]: True = the key takes part, False = every
     query of that batch element (all heads) ignores it. Queries are not masked. A query row left with no
     key outputs zeros (not NaN, as FlashAttention) and gets zero gradients. The mask has no gradient.
+    cu_seqlens: optional packed variable-length self-attention (FlashAttention's `flash_attn_varlen_func`;
+    Qwen2-VL's vision tower packs several images' patches into one sequence): q, k, v [1, H, T, D] hold
+    S segments, segment s = tokens [cu_seqlens[s], cu_seqlens[s + 1]), and a token attends to the keys
+    of its own segment only. cu_seqlens: torch.int32 [S + 1] on q's device, cu[0] = 0, non-decreasing,
+    cu[S] = T; checked on CPU tensors, the caller's contract on CUDA (rows past cu[S] would be left
+    unwritten). Empty segments are allowed. max_seqlen: an int >= the longest segment (it sizes the launch
+    grid); None computes it from cu_seqlens, which on CUDA reads the device (a host sync, refused during
+    CUDA-graph capture): pass it in steady state. Not with key_mask. cu_seqlens has no gradient.
     Returns [B, H, N_q, D] in q's dtype.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -565,14 +657,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
         _fail(f"k: expected at least one key token, got shape {tuple(k.shape)}")
     _check_head_dim("q", D)
     _check_key_mask(key_mask, B, k.shape[2], "B of q, N_kv of k", "q", q.device)
+    max_seqlen = _check_varlen(cu_seqlens, max_seqlen, B, q.shape[2], k.shape[2], "q", q.device, key_mask)
     scale = _attention_scale(scale, D)
-    if _direct(q, k, v, key_mask):
-        return _attention_impl(q, k, v, scale, key_mask, with_lse=False)[0]
-    return _attention_op(q, k, v, scale, key_mask)[0]
+    if _direct(q, k, v, key_mask, cu_seqlens):
+        return _attention_impl(q, k, v, scale, key_mask, cu_seqlens, max_seqlen, with_lse=False)[0]
+    return _attention_op(q, k, v, scale, key_mask, cu_seqlens, max_seqlen)[0]
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False,
-                  key_mask: Tensor | None = None):
+                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
     """Attention straight from the packed qkv projection, read through strides (no copy).
 
     qkv [B, N, 3·C] with timm's layout (qkv.reshape(B, N, 3, H, D)), unit-stride last dim,
@@ -581,7 +674,9 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     token still gets an output row; a row left with no key is zeros). Returns out [B, N, C] in qkv's
     dtype, ready for the output projection, and with return_cls_attn=True also cls_attn [B, H, N] fp32:
     the softmax probabilities of query token 0 over all keys, 0 at masked keys (computed in the kernel,
-    no N×N matrix).
+    no N×N matrix). cu_seqlens, max_seqlen: packed segments of a qkv [1, T, 3·C], as in `attention`
+    (Qwen2-VL's vision blocks: `attention_qkv(qkv, H, cu_seqlens=cu, max_seqlen=m)`); not with key_mask or
+    return_cls_attn.
     """
     D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
@@ -590,11 +685,15 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
         _fail(f"qkv: expected at least one token, got shape {tuple(qkv.shape)}")
     _check_head_dim("qkv", D)
     _check_key_mask(key_mask, qkv.shape[0], qkv.shape[1], "B and N of qkv", "qkv", qkv.device)
+    max_seqlen = _check_varlen(cu_seqlens, max_seqlen, qkv.shape[0], qkv.shape[1], qkv.shape[1], "qkv", qkv.device,
+                               key_mask, return_cls_attn)
     scale = _attention_scale(scale, D)
-    if _direct(qkv, key_mask):
-        out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, with_lse=False)
+    if _direct(qkv, key_mask, cu_seqlens):
+        out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, cu_seqlens,
+                                               max_seqlen, with_lse=False)
     else:
-        out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn, key_mask)
+        out, cls_attn, _ = _attention_qkv_op(qkv, num_heads, scale, return_cls_attn, key_mask, cu_seqlens,
+                                             max_seqlen)
     return (out, cls_attn) if return_cls_attn else out
 
 
