@@ -1,6 +1,6 @@
 """ViT building blocks on vitfast ops, with timm's module tree and parameter names.
 
-`PatchEmbed(proj)`, `Attention(qkv, proj)`, `Mlp(fc1, fc2)`, `LayerNorm`, `Block(norm1, attn, norm2, mlp)`:
+`PatchEmbed(proj)`, `Attention(qkv, proj)`, `Mlp(fc1, fc2)`, `LayerNorm`, `RMSNorm`, `Block(norm1, attn, norm2, mlp)`:
 the same state_dict keys as timm's (and `vitfast.reference`'s) modules, so checkpoints load as they
 are. Every tensor op goes through `vitfast.ops` (DESIGN.md §1 data flow):
 
@@ -32,6 +32,13 @@ class LayerNorm(reference.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+class RMSNorm(reference.RMSNorm):
+    """RMSNorm (weight only; Qwen2.5-VL's vision tower) running `ops.rms_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, eps=self.eps)
 
 
 class PatchEmbed(reference.PatchEmbed):
@@ -101,12 +108,14 @@ class Attention(reference.Attention):
     norm_layer = LayerNorm
 
     def forward(self, x: Tensor, residual: Tensor | None = None, return_cls_attn: bool = False,
-                scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None):
+                scale: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
         """x [B, T, C] -> proj(attention(qkv(x))) · scale (+ residual) [B, T, C] (scale: a layer-scale
         gamma [C], in the projection's epilogue); with return_cls_attn also the softmax row of the CLS
         query, cls_attn [B, H, T] in fp32. rope: (cos, sin) tables, q and k of the last tokens rotated
         (`ops.rope_qkv`) before the attention. key_mask: bool [B, T], the tokens every query may attend to
-        (padding False: SigLIP 2's NaFlex batches)."""
+        (padding False: SigLIP 2's NaFlex batches). cu_seqlens, max_seqlen: x [1, T, C] packs segments (images,
+        windows) that attend within themselves (`ops.attention_qkv`'s varlen form: Qwen2-VL's vision towers)."""
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)                                  # (B, T, 3C)
         if rope is not None:
             qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)             # qkv: this call's own
@@ -115,7 +124,8 @@ class Attention(reference.Attention):
             out, cls_attn = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, return_cls_attn=True,
                                               key_mask=key_mask)
         else:
-            out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, key_mask=key_mask)  # (B, T, C)
+            out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, key_mask=key_mask,
+                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)                   # (B, T, C)
         if not isinstance(self.norm, nn.Identity):                                           # scale_attn_norm
             out = self.norm(out)
         y = ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
@@ -157,15 +167,17 @@ class Block(reference.Block):
     norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
 
     def forward(self, x: Tensor, return_cls_attn: bool = False, rope: tuple[Tensor, Tensor] | None = None,
-                key_mask: Tensor | None = None):
+                key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
         """x [B, T, C] -> [B, T, C] (, cls_attn [B, H, T] fp32 with return_cls_attn); rope: the attention's
-        RoPE tables; key_mask: bool [B, T], the tokens the attention may attend to (`Attention`)."""
+        RoPE tables; key_mask: bool [B, T], the tokens the attention may attend to; cu_seqlens, max_seqlen: the
+        segments of a packed x [1, T, C] (`Attention`)."""
         g1, g2 = reference.layer_scale(self.ls1), reference.layer_scale(self.ls2)
         if return_cls_attn:
             x, cls_attn = self.attn(self.norm1(x), residual=x, return_cls_attn=True, scale=g1, rope=rope,
                                     key_mask=key_mask)
             return self.mlp(self.norm2(x), residual=x, scale=g2), cls_attn
-        x = self.attn(self.norm1(x), residual=x, scale=g1, rope=rope, key_mask=key_mask)
+        x = self.attn(self.norm1(x), residual=x, scale=g1, rope=rope, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                      max_seqlen=max_seqlen)
         return self.mlp(self.norm2(x), residual=x, scale=g2)
 
 

@@ -439,6 +439,64 @@ def idefics3_position_ids(mask: Tensor, side: int) -> Tensor:
     return torch.where(mask.reshape(B, -1), ids.reshape(B, -1), 0)
 
 
+def qwen_patch_layout(grid_thw: list[tuple[int, int, int]], merge: int) -> tuple[Tensor, Tensor]:
+    """Where each patch of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL packed sequence sits, for images (and videos)
+    of (frames t, patch rows h, patch columns w) each: HF's processor lays each frame's patches out in
+    merge x merge blocks (blocks row-major, each block's patches row-major), frame after frame, image after
+    image. -> (positions [T, 2] int64: each patch's (row, column) in its frame, as HF's
+    `get_vision_position_ids`; cu_seqlens [S + 1] int32: one attention segment per frame), on the CPU."""
+    rows, cols, lengths = [], [], []
+    for t, h, w in grid_thw:
+        r = torch.arange(h).view(h // merge, 1, merge, 1).expand(h // merge, w // merge, merge, merge)
+        c = torch.arange(w).view(1, w // merge, 1, merge).expand(h // merge, w // merge, merge, merge)
+        rows.append(r.flatten().repeat(t))
+        cols.append(c.flatten().repeat(t))
+        lengths += [h * w] * t
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1), cu
+
+
+def qwen_window_layout(grid_thw: list[tuple[int, int, int]], merge: int, window: int) -> tuple[Tensor, Tensor]:
+    """Qwen2.5-VL's window attention: each frame's merge x merge blocks grouped into windows of window x window
+    blocks (the last row and column of windows cut at the frame's edge), as HF's `get_vision_window_index`.
+    -> (order [T / merge²] int64: the blocks window after window, each window's blocks row-major; cu_seqlens
+    [W + 1] int32 of the windows over the reordered tokens, empty windows left out), on the CPU."""
+    order, lengths, start = [], [], 0
+    for t, h, w in grid_thw:
+        bh, bw = h // merge, w // merge
+        nh, nw = -(-bh // window), -(-bw // window)
+        index = F.pad(torch.arange(t * bh * bw).view(t, bh, bw), (0, nw * window - bw, 0, nh * window - bh),
+                      value=-1)
+        index = index.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, window * window)
+        counts = (index >= 0).sum(-1).flatten()
+        order.append(index[index >= 0] + start)
+        lengths += [int(n) * merge * merge for n in counts if n > 0]
+        start += t * bh * bw
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return torch.cat(order), cu
+
+
+def qwen3_position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int) -> tuple[Tensor, Tensor]:
+    """Qwen3-VL's learned position table (side x side rows) resized to each frame's patch grid by
+    `F.interpolate(mode="bilinear", align_corners=True)`, as the 4 table rows each patch reads and their weights
+    (HF's `get_vision_interpolation_indices_and_weights`, the same fp32 arithmetic), in `qwen_patch_layout`'s
+    order. -> (indices [T, 4] int64, weights [T, 4] float32), on the CPU: the patch's embedding is
+    Σ_k weights[:, k] · table[indices[:, k]]."""
+    pos, _ = qwen_patch_layout(grid_thw, merge)
+    sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw])
+    taps, weights = [], []
+    for axis in (0, 1):
+        src = pos[:, axis].float() * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
+        floor = src.floor()
+        offsets = torch.arange(2)
+        taps.append((floor.long()[:, None] + offsets).clamp(0, side - 1))
+        weights.append((1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0))
+    indices = (taps[0][:, :, None] * side + taps[1][:, None, :]).reshape(-1, 4)
+    return indices, (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, 4)
+
+
 def to_2tuple(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
@@ -479,6 +537,18 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return (torch_layer_norm if self.fused else layer_norm)(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight (HF's Qwen2RMSNorm, Qwen2.5-VL's vision tower): x · rsqrt(mean(x²) + eps) · weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _inner_norm(layer: type, dim: int, eps: float | None) -> nn.Module:
