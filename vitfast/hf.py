@@ -30,7 +30,8 @@ apply it to every token). The backbones' stage feature maps: `HFBackbone`. Model
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
 tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL, the vision
 model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it as
-they call HF's.
+they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (packed patch sequences) are in
+`vitfast.hf_qwen`, and so are their VLMs.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -57,6 +58,8 @@ from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
+from vitfast.hf_qwen import optimize_qwen
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import (
@@ -91,6 +94,8 @@ CLASSES = {
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
+    # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's towers over packed patch sequences (vitfast.hf_qwen)
+    **{name: (family, None) for name, family in QWEN_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -108,6 +113,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
             f"model: Hugging Face {name}{' holding ' + ', '.join(held) if held else ''} is not supported (supported: "
             f"{sorted(CLASSES)}, and models holding one as {', '.join(_HF_INNER)} or inside model)")
     family, head = CLASSES[name]
+    if family.startswith("qwen"):
+        return optimize_qwen(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

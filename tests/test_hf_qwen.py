@@ -1,0 +1,226 @@
+"""Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision towers on vitfast: transformers'
+`Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel` and `Qwen3VLVisionModel` (the
+patches of several images and video frames packed into one sequence, each frame attending within itself, Qwen2.5-VL's
+windows within themselves: the attention kernel's varlen form), and their VLMs. Compared in fp32 against HF in
+float64, bounded by HF's own fp32 error; the packing is transparent (each image alone gives its rows); gradients
+reach HF's tensors; a CUDA graph replays batches of other images with the same token and segment counts."""
+
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.convert import UnsupportedFeatureError
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_qwen import HFQwenVisionModel
+from vitfast.reference import qwen3_position_taps, qwen_patch_layout, qwen_window_layout
+from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+
+transformers = pytest.importorskip("transformers")
+
+F64 = torch.float64
+P, TP = 4, 2                                  # patch size, frames per temporal patch
+WIDTH = 3 * TP * P * P
+VISION = {
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=P,
+                     temporal_patch_size=TP, spatial_merge_size=2),
+    # RMSNorms and a gated MLP; windows of 2 x 2 merged patches (16 pixels), but in block 1, which attends per frame
+    "qwen2_5_vl": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
+                       spatial_merge_size=2, out_hidden_size=48, window_size=16, fullatt_block_indexes=[1]),
+    # a 4 x 4 position table stretched and shrunk to each grid; DeepStack mergers after blocks 0 and 2
+    "qwen3_vl": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
+                     spatial_merge_size=2, out_hidden_size=48, num_position_embeddings=16,
+                     deepstack_visual_indexes=[0, 2]),
+}
+TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+# Two images and a video of 2 frames (temporal patches): T = 64 patches in segments of 24, 8, 16 and 16.
+GRID = [(1, 4, 6), (1, 2, 4), (2, 4, 4)]
+
+
+def vision_model(family: str, **kw):
+    cls = {"qwen2_vl": (transformers.Qwen2VLVisionConfig,
+                        transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel),
+           "qwen2_5_vl": (transformers.Qwen2_5_VLVisionConfig,
+                          transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel),
+           "qwen3_vl": (transformers.Qwen3VLVisionConfig, transformers.Qwen3VLVisionModel),
+           "qwen3_vl_moe": (transformers.Qwen3VLMoeVisionConfig, transformers.Qwen3VLMoeVisionModel)}[family]
+    return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe")], **kw})))
+
+
+def packed(grid=GRID):
+    """(hidden_states [T, C·t·P·P], grid_thw [n, 3]) as HF's processor gives them."""
+    return torch.randn(sum(t * h * w for t, h, w in grid), WIDTH), torch.tensor(grid)
+
+
+def test_layouts_are_hfs():
+    """Positions, segments, Qwen2.5-VL's windows and Qwen3-VL's position-table taps: HF's own helpers' values."""
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    grid = [(1, 4, 6), (2, 8, 8), (1, 10, 14), (1, 2, 2), (3, 6, 4)]
+    g = torch.tensor(grid)
+    pos, cu = qwen_patch_layout(grid, 2)
+    assert torch.equal(pos, vision_utils.get_vision_position_ids(g, 2))
+    assert torch.equal(cu, vision_utils.get_vision_cu_seqlens(g))
+    for window_size in (112, 56):                                        # 4 x 4 and 2 x 2 merged patches
+        order, cu_window = qwen_window_layout(grid, 2, window_size // 2 // 14)
+        ref_order, ref_cu = vision_utils.get_vision_window_index(g, 2, window_size, 14)
+        assert torch.equal(order, ref_order) and torch.equal(cu_window, ref_cu)
+    taps, weights = qwen3_position_taps(grid, 2, 7)
+    ref_taps, ref_weights = vision_utils.get_vision_interpolation_indices_and_weights(
+        g, num_grid_per_side=7, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    assert torch.equal(taps, ref_taps) and torch.equal(weights, ref_weights)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_vision_tower_equals_hf(family):
+    hf = vision_model(family)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFQwenVisionModel) and opt.dtype == torch.float32 and opt.spatial_merge_size == 2
+    x, grid = packed()
+    with torch.no_grad():
+        out, ref, eager = (m(px, grid_thw=grid, output_hidden_states=True)
+                           for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert type(out) is type(ref) and set(out.keys()) == set(ref.keys())
+    for key in ("last_hidden_state", "pooler_output"):
+        assert_close(out[key], ref[key], eager=eager[key], name=key)
+    assert len(out.hidden_states) == len(ref.hidden_states) == len(hf.blocks) + 1
+    for i, (o, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+        assert_close(o, r, eager=e, name=f"hidden_states[{i}]")
+    if family.startswith("qwen3_vl"):
+        assert len(out.deepstack_features) == len(ref.deepstack_features) == 2
+        for i, (o, r, e) in enumerate(zip(out.deepstack_features, ref.deepstack_features, eager.deepstack_features)):
+            assert_close(o, r, eager=e, name=f"deepstack_features[{i}]")
+    with torch.no_grad():
+        as_tuple = opt(x, grid, return_dict=False)
+    assert len(as_tuple) == len(out.to_tuple()) - 1 and torch.equal(as_tuple[1], out.pooler_output)
+
+
+def test_packing_is_transparent():
+    """Each image alone gives its rows of the packed batch (Qwen2.5-VL: its windows, and its frames in the block
+    that attends per frame): no frame attends outside itself (one segment over the whole sequence would move every
+    row)."""
+    opt = vitfast.optimize(vision_model("qwen2_5_vl"))
+    x, grid = packed()
+    with torch.no_grad():
+        batch = opt(x, grid)
+        start = 0
+        for t, h, w in GRID:
+            n = t * h * w
+            alone = opt(x[start:start + n], torch.tensor([[t, h, w]]))
+            torch.testing.assert_close(batch.last_hidden_state[start:start + n], alone.last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
+            start += n
+        one_segment = opt(x, torch.tensor([[1, 8, 8]]))             # the same T as one image: other attention
+    assert (one_segment.last_hidden_state - batch.last_hidden_state).abs().max() > 1e-2
+
+
+def test_trains_hf_tensors():
+    """Every HF parameter gets HF's float64 gradient: the position table's through its taps, the patch embedding's
+    through the GEMM, the DeepStack mergers' through their outputs."""
+    hf = vision_model("qwen3_vl")
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf).train()
+    hf.train(), hf64.train()
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
+    x, grid = packed()
+    weights = torch.randn(48, dtype=F64)
+
+    def loss(out):
+        deep = sum(f.square().mean() for f in out.deepstack_features)
+        return (out.pooler_output * weights.to(out.pooler_output.dtype)).sum() + deep
+
+    loss(hf64(x.double(), grid)).backward()
+    loss(opt(x, grid)).backward()                                # into HF's own tensors' .grad
+    for (name, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
+        assert p.grad is not None, name
+        assert_close(p.grad, p64.grad, name=f"grad {name}")
+
+
+def test_graph_replays_with_the_layout_as_data():
+    """One capture per (tokens, segments, longest segment): batches of other images with those replay it, each
+    equal to HF."""
+    hf = vision_model("qwen3_vl")
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
+    grids = [GRID, GRID, [(1, 6, 4), (1, 4, 2), (1, 4, 4), (1, 2, 8)], [(1, 2, 12), (1, 4, 2), (2, 4, 4)]]
+    with torch.no_grad():
+        for grid in grids:
+            x, g = packed(grid)
+            out, ref, eager = opt(x, g), hf64(x.double(), g), hf(x, g)
+            assert_close(out.pooler_output, ref.pooler_output, eager=eager.pooler_output, name="pooler_output")
+            assert_close(out.deepstack_features[0], ref.deepstack_features[0], eager=eager.deepstack_features[0],
+                         name="deepstack_features[0]")
+    assert runner.captures == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_vision_language_model_equals_hf(family):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL with the tower on vitfast (the language model shared): the logits over a
+    prompt with two images, and greedy `generate`, as HF's."""
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2])
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        cls, cfg = {"qwen2_vl": (transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig),
+                    "qwen2_5_vl": (transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig)
+                    }[family]
+        text = dict(TEXT, rope_parameters=rope, bos_token_id=0, eos_token_id=1)
+    else:
+        cls, text = transformers.Qwen3VLForConditionalGeneration, dict(TEXT, head_dim=12, rope_parameters=dict(
+            rope, mrope_interleaved=True))
+        cfg = transformers.Qwen3VLConfig
+    model = perturbed(cls(cfg(vision_config=VISION[family], text_config=text, image_token_id=98, video_token_id=97,
+                              vision_start_token_id=96, vision_end_token_id=95)))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.model.visual, HFQwenVisionModel) and opt.model.language_model is model.model.language_model
+    x, grid = packed(GRID[:2])                                   # 24 / 4 + 8 / 4 = 6 + 2 image tokens
+    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]), torch.full((1, 2), 98),
+                     torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 98).long())
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
+                                                                          (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
+        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+
+
+def test_bad_inputs_are_named():
+    opt = vitfast.optimize(vision_model("qwen2_vl"))
+    x, grid = packed()
+    with pytest.raises(ValueError, match=r"hidden_states: expected patches \[T, 96\].*\(64, 48\)"):
+        opt(x[:, :48], grid)
+    with pytest.raises(ValueError, match=r"grid_thw: expected an integer tensor \[n, 3\].*\(3, 3\) torch.float32"):
+        opt(x, grid.float())
+    with pytest.raises(ValueError, match=r"grid_thw: expected at least one grid, .* divisible by 2 .* T = 64"):
+        opt(x, torch.tensor([[1, 4, 6], [1, 2, 4], [2, 4, 5]]))
+    with pytest.raises(ValueError, match=r"grid_thw: expected at least one grid, .* T = 63"):
+        opt(x[:63], grid)
+    with pytest.raises(UnsupportedFeatureError, match="output_attentions"):
+        opt(x, grid, output_attentions=True)
+    with pytest.raises(UnsupportedFeatureError, match="cu_seqlens"):
+        opt(x, grid, cu_seqlens=torch.tensor([0, 64], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vision_tower_in_half_precision_on_cuda(dtype, no_tf32):
+    """fp16 / bf16 on vitfast's kernels at Qwen2-VL-like head dims (80), eager then its CUDA graph's replays (other
+    images each time), against HF in fp32 within 2x the error of HF itself in that dtype."""
+    hf = vision_model("qwen3_vl", hidden_size=160, intermediate_size=320, num_heads=2, depth=2,
+                      patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[1]).cuda()
+    low = copy.deepcopy(hf).to(dtype)
+    opt = vitfast.optimize(low)
+    grids = [[(1, 32, 24), (1, 16, 16), (2, 8, 8)], [(1, 24, 32), (1, 8, 32), (2, 8, 8)],
+             [(1, 16, 48), (1, 32, 8), (2, 8, 8)]]
+    with torch.no_grad():
+        for grid in grids:
+            x = torch.randn(sum(t * h * w for t, h, w in grid), 3 * TP * 16 * 16, device="cuda")
+            g = torch.tensor(grid, device="cuda")
+            ref, eager, out = hf(x, g), low(x.to(dtype), g), opt(x.to(dtype), g)
+            for key in ("last_hidden_state", "pooler_output"):
+                assert out[key].dtype == dtype
+                assert_close(out[key], ref[key], dtype=dtype, eager=eager[key], tol=MODEL_TOLERANCE[dtype], name=key)
+    assert opt.cuda_graphs.captures == 1
