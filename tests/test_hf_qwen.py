@@ -200,8 +200,10 @@ def test_bad_inputs_are_named():
         opt(x[:63], grid)
     with pytest.raises(UnsupportedFeatureError, match="output_attentions"):
         opt(x, grid, output_attentions=True)
-    with pytest.raises(UnsupportedFeatureError, match="cu_seqlens"):
+    with pytest.raises(UnsupportedFeatureError, match="cu_seqlens"):          # a precomputed layout: refused
         opt(x, grid, cu_seqlens=torch.tensor([0, 64], dtype=torch.int32))
+    with torch.no_grad():                          # what a VLM passes along (transformers 5.17's generate) is ignored
+        assert torch.equal(opt(x, grid, use_cache=True).pooler_output, opt(x, grid).pooler_output)
 
 
 @pytest.mark.gpu

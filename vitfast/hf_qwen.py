@@ -46,6 +46,11 @@ CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen2_5_VisionTransformerPretrainedModel": "qwen2_5_vl",
            "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl"}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+# The layout a caller may hand HF's tower precomputed (transformers' vision_utils): vitfast makes its own from
+# grid_thw and refuses these rather than ignore them. Other keyword arguments (the VLM passes `use_cache` and
+# such along) do not touch the tower, and are ignored as HF's tower ignores them.
+_LAYOUT_KWARGS = {"cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens",
+                  "max_window_seqlen", "interp_indices", "interp_weights"}
 # HF's key -> the tower's (each replacement applied in turn)
 _RENAME = (("merger.ln_q.", "merger.norm."), ("merger.mlp.0.", "merger.fc1."), ("merger.mlp.2.", "merger.fc2."),
            (".linear_fc1.", ".fc1."), (".linear_fc2.", ".fc2."), ("deepstack_merger_list.", "deepstack."))
@@ -209,7 +214,7 @@ class HFQwenVisionModel(nn.Module):
     # ----------------------------------------------------------------------------------------
     def forward(self, hidden_states=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if v is not None]
+        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             bad.insert(0, "output_attentions=True")
         if bad:
