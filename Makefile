@@ -1,7 +1,7 @@
 # Entry points, each self-contained on a fresh machine (Python, pip, gcc, nvcc):
 #   make bench   the main job: the benchmark sweep
 #   make test    ruff + the test suite (GPU tests skip cleanly without CUDA), then the ahead-of-time
-#                compile check once more under the oldest Triton vitfast supports
+#                compile check once more under the oldest Triton vitfast supports (one config per kernel variant)
 #   make gpu     on a machine with an NVIDIA GPU: build, smoke, GPU tests and a quick benchmark with the
 #                Python on PATH (or PYTHON=...) as it is: no virtual environment, no downloads
 VENV ?= .venv
@@ -29,7 +29,8 @@ test: env
 
 compile-check-oldest:
 	bash tools/bootstrap.sh $(VENV_OLDEST) --triton $(TRITON_OLDEST) --compile-check-only
-	$(VENV_OLDEST)/bin/python -m pytest -p no:cacheprovider tests/test_triton_compile.py tests/test_direct_launch.py \
+	VITFAST_COMPILE_CHECK_CONFIGS=first $(VENV_OLDEST)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_triton_compile.py tests/test_direct_launch.py \
 		tests/test_launch.py::test_tuned_config_is_the_autotuners_entry_for_the_calls_key
 
 bench: env
