@@ -39,7 +39,13 @@ from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import Block, JoinedLinear, LayerNorm, RMSNorm
-from vitfast.reference import qwen3_position_taps, qwen_patch_layout, qwen_window_layout
+from vitfast.reference import (
+    qwen3_position_taps,
+    qwen_patch_layout,
+    qwen_rope_tables,
+    qwen_window_layout,
+    weighted_rows,
+)
 
 # transformers class -> family
 CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
@@ -273,10 +279,7 @@ class HFQwenVisionModel(nn.Module):
         if self.tower.pos_embed is not None:
             side = int(round(self.tower.pos_embed.num_embeddings ** 0.5))
             lay["taps"], lay["weights"] = qwen3_position_taps(grid, m, side)
-        # HF's angles: position (fp32) x inverse frequency, the row's then the column's (the rotate-half pairs)
-        angles = (pos[..., None].float() * self.inv_freq.float().cpu()).flatten(1)             # (T, D / 2)
-        table_dtype = torch.float64 if f64 else torch.float32
-        lay["cos"], lay["sin"] = angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+        lay["cos"], lay["sin"] = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
         lay["max"] = int((cu[1:] - cu[:-1]).max())
         lay["cu"] = cu
         if lay["weights"] is not None and f64:
@@ -296,8 +299,7 @@ class HFQwenVisionModel(nn.Module):
         dtype = proj.weight.dtype
         pos = None
         if taps is not None:                     # Qwen3-VL: the table's 4 rows per patch, weighted (HF: in fp32)
-            table = tower.pos_embed.weight
-            pos = (table[taps].to(weights.dtype) * weights[..., None]).sum(1).to(dtype)[None]       # (1, T, C)
+            pos = weighted_rows(tower.pos_embed.weight, taps, weights).to(dtype)[None]              # (1, T, C)
         x = ops.linear(pixels.to(dtype)[None], proj.weight.reshape(proj.out_channels, -1), proj.bias,
                        residual=pos)                                                               # (1, T, C)
         if order is not None:

@@ -478,6 +478,20 @@ def qwen_window_layout(grid_thw: list[tuple[int, int, int]], merge: int, window:
     return torch.cat(order), cu
 
 
+def qwen_rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The 2D RoPE tables of the Qwen-VL vision towers for patches at positions [T, 2] (row, column): HF's angles,
+    position (fp32) x inverse frequency [D / 4], the row's then the column's, so that pair j of the rotate-half
+    layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in `dtype` (for `ops.rope_qkv`)."""
+    angles = (positions[..., None].float() * inv_freq.float().to(positions.device)).flatten(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def weighted_rows(table: Tensor, taps: Tensor, weights: Tensor) -> Tensor:
+    """Σ_k weights[:, k] · table[taps[:, k]]: taps [T, K] rows of table [R, D] blended by weights [T, K] in the
+    weights' dtype (Qwen3-VL's interpolated position embeddings, as HF computes them) -> [T, D]."""
+    return (table[taps].to(weights.dtype) * weights[..., None]).sum(1)
+
+
 def qwen3_position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int) -> tuple[Tensor, Tensor]:
     """Qwen3-VL's learned position table (side x side rows) resized to each frame's patch grid by
     `F.interpolate(mode="bilinear", align_corners=True)`, as the 4 table rows each patch reads and their weights
