@@ -31,7 +31,8 @@ ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and
 tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL, the vision
 model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it as
 they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (packed patch sequences) are in
-`vitfast.hf_qwen`, and so are their VLMs.
+`vitfast.hf_qwen`, and so are their VLMs; Pixtral's (Pixtral-12B's and Mistral Small 3.1's, packed images of any
+size) is in `vitfast.hf_pixtral`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
@@ -58,6 +59,8 @@ from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
+from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
 from vitfast.hf_qwen import optimize_qwen
 from vitfast.layers import JoinedLinear
@@ -96,6 +99,8 @@ CLASSES = {
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
     # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's towers over packed patch sequences (vitfast.hf_qwen)
     **{name: (family, None) for name, family in QWEN_CLASSES.items()},
+    # Pixtral's encoder (Pixtral-12B, Mistral Small 3.1 / 3.2) over packed images of any size (vitfast.hf_pixtral)
+    **{name: (family, None) for name, family in PIXTRAL_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -115,6 +120,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     family, head = CLASSES[name]
     if family.startswith("qwen"):
         return optimize_qwen(model)
+    if family == "pixtral":
+        return optimize_pixtral(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

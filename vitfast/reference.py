@@ -478,10 +478,28 @@ def qwen_window_layout(grid_thw: list[tuple[int, int, int]], merge: int, window:
     return torch.cat(order), cu
 
 
+def pixtral_patch_layout(sizes: list[tuple[int, int]], patch: int) -> tuple[Tensor, Tensor]:
+    """Pixtral's packing of a padded image batch [n, C, H, W]: image i is the top-left sizes[i] = (height, width)
+    pixels of its slot and gives its (height // patch) x (width // patch) patches row by row, image after image,
+    as HF's PixtralVisionModel orders them. -> (where [T, 3] int64: each token's (image, patch row, patch column);
+    its RoPE position is where[:, 1:]; cu_seqlens [n + 1] int32: one attention segment per image), on the CPU."""
+    where, lengths = [], []
+    for i, (height, width) in enumerate(sizes):
+        h, w = height // patch, width // patch
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        where.append(torch.stack([torch.full((h * w,), i), rows.flatten(), cols.flatten()], dim=-1))
+        lengths.append(h * w)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return torch.cat(where), cu
+
+
 def qwen_rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """The 2D RoPE tables of the Qwen-VL vision towers for patches at positions [T, 2] (row, column): HF's angles,
-    position (fp32) x inverse frequency [D / 4], the row's then the column's, so that pair j of the rotate-half
-    layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in `dtype` (for `ops.rope_qkv`)."""
+    """The axial 2D RoPE tables of the Qwen-VL and Pixtral vision towers for patches at positions [T, 2] (row,
+    column): HF's angles, position (fp32) x inverse frequency, the row's then the column's, so that pair j of the
+    rotate-half layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in `dtype` (for
+    `ops.rope_qkv`). inv_freq: [D / 4], one set for both axes (Qwen), or [2, D / 4], the row's and the column's
+    (Pixtral: the even and the odd ones of a 1D RoPE's D / 2)."""
     angles = (positions[..., None].float() * inv_freq.float().to(positions.device)).flatten(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
