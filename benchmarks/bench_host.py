@@ -33,7 +33,8 @@ ViT-B/16, bf16, batch 1 on a GPU (the issue's goal there: eager forward <= 1 ms,
 Without CUDA a ViT-Ti in fp32: ops run synchronously on the CPU, so the columns hold compute too and
 say only how much vitfast adds over the torch call (its dispatch cost).
 
-    python benchmarks/bench_host.py [--json out.json]   # table
+    python benchmarks/bench_host.py [--json out.json] [--quick]   # table (--quick: 1/25 of the calls, a check
+                                                                 # that it runs; its figures are noisier)
     pytest benchmarks/bench_host.py --benchmark-only   # pytest-benchmark (host clock)
 """
 
@@ -244,7 +245,10 @@ def direct_us(calls: int = 20000) -> list[tuple[str, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="rounds of 800 calls instead of 20000 per op: a check that the benchmark runs (noisier)")
     args = p.parse_args(argv)
+    calls = 800 if args.quick else 20000
     fast, eager, base, x = models()
     with torch.inference_mode():
         for _ in range(3):
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
                 ("torch eager forward", host_ms(lambda: base(x)), None)]
         for name, mine, theirs in op_calls(fast):
             rows.append((name, host_ms(mine) * 1e3, host_ms(theirs) * 1e3))
-        rows += [(name, us, None) for name, us in launch_us() + direct_us()]
+        rows += [(name, us, None) for name, us in launch_us(calls) + direct_us(calls)]
     gpu = torch.cuda.get_device_name() if HAS_CUDA else "cpu (ops run synchronously: compute included)"
     lines = [f"# vitfast host cost: {MODEL} {str(DTYPE).replace('torch.', '')} batch 1 on {gpu}, "
              f"torch {torch.__version__}, {datetime.date.today()}", "", "| what | vitfast | torch call |",

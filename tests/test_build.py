@@ -272,11 +272,13 @@ def test_pytest_plugin_reports_every_test_and_stops_at_the_deadline(tmp_path, de
 
 def test_host_step_runs_the_host_benchmark_and_reports_it(tmp_path, monkeypatch):
     """`--steps host`: benchmarks/bench_host.py (run for real on this machine's CPU: a ViT-Ti, ops computed
-    synchronously), with autotuning cut to one config; its rows in results.json, its table in results.md."""
+    synchronously), with autotuning cut to one config and rounds of fewer calls (--quick); its rows in
+    results.json, its table in results.md."""
     def small_run(self, cmd, seconds, env=None):
         assert cmd[1] == "benchmarks/bench_host.py" and env == {"VITFAST_AUTOTUNE": "quick"}
         full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}    # the CPU path, no interpreter
-        rc = subprocess.run(cmd, cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300, env={**full, **env})
+        rc = subprocess.run([*cmd, "--quick"], cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300,
+                            env={**full, **env})                               # rounds of fewer calls
         return rc.returncode, rc.stdout + rc.stderr
 
     monkeypatch.setattr(gpu_tool.Run, "run", small_run)

@@ -20,7 +20,10 @@ processes, one per core (under pytest-xdist one worker compiles them for all). I
 Triton the project pins and, through `make compile-check-oldest`, under the oldest Triton vitfast
 supports (3.6); there with VITFAST_COMPILE_CHECK_CONFIGS=first, the first config each prune keeps (every
 kernel variant's code through that Triton's front end and ptxas, in a fifth of the time; the pinned Triton
-compiles every kept config).
+compiles every kept config). A twin case (`twin_of`), the launch of another case in fp16 instead of bf16, with
+another elementwise activation, or also storing the pre-activation (training's forward: the same tiles, the same
+16-bit warpgroup MMA, one more store in the epilogue), compiles only the first config the prune keeps: the
+configs' tile shapes and shared memory are its twin's, whose case compiles every one of them.
 """
 
 import fcntl
@@ -237,7 +240,7 @@ def main():
         try:
             tuner, launch = LAUNCHERS[v["kernel"]](v["launch"])
             args, kwargs, kept = capture(v["kernel"], tuner, launch)
-            if os.environ.get("VITFAST_COMPILE_CHECK_CONFIGS") == "first":
+            if v["twin_of"] or os.environ.get("VITFAST_COMPILE_CHECK_CONFIGS") == "first":
                 kept = kept[:1]
             res = {"kept": {}}
             tuned = hasattr(tuner, "configs")
@@ -256,9 +259,10 @@ main()
 HOPPER_SMEM = 227 * 1024  # the most shared memory one block may opt into on H100 / H200
 
 
-def _variant(kernel, name, dot, launch):
-    """One launch of a kernel at a ViT shape; the test compiles every config the prune keeps for it."""
-    case = {"id": f"{kernel}-{name}", "kernel": kernel, "dot": dot, "launch": launch}
+def _variant(kernel, name, dot, launch, twin_of=None):
+    """One launch of a kernel at a ViT shape; the test compiles every config the prune keeps for it, or, for the
+    twin of another case (`twin_of`: its id), the first one only."""
+    case = {"id": f"{kernel}-{name}", "kernel": kernel, "dot": dot, "launch": launch, "twin_of": twin_of}
     return pytest.param(case, id=case["id"])
 
 
@@ -271,7 +275,8 @@ def _cases():
             cases.append(_variant("attention", f"bf16-d{head_dim}-{'cls' if cls else 'nocls'}", "bf16", {
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": 197, "cls": cls}))
     cases.append(_variant("attention", "fp16-d64-nocls", "f16",
-                          {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False}))
+                          {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False},
+                          twin_of="attention-bf16-d64-nocls"))
     # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
     cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
@@ -293,16 +298,19 @@ def _cases():
                                                  ("gelu_tanh", 768, 3072, "gelu_tanh", False),
                                                  ("residual", 3072, 768, None, True)):
         cases.append(_variant("linear", f"bf16-{epilogue}", "bf16", {
-            "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual}))
+            "dtype": "bf16", "k": k, "n": n, "activation": activation, "residual": residual},
+            twin_of="linear-bf16-gelu" if epilogue == "gelu_tanh" else None))
     cases.append(_variant("linear", "fp16-gelu", "f16",
-                          {"dtype": "fp16", "k": 768, "n": 3072, "activation": "gelu", "residual": False}))
+                          {"dtype": "fp16", "k": 768, "n": 3072, "activation": "gelu", "residual": False},
+                          twin_of="linear-bf16-gelu"))
     # The epilogues of DINOv2 / CLIP: layer-scale before the residual (fc2, tiled and TMA) and QuickGELU (fc1).
     for variant in ("tiled", "tma"):
         cases.append(_variant("linear", f"{variant}-bf16-layerscale-residual", "bf16", {
             "dtype": "bf16", "k": 3072, "n": 768, "activation": None, "residual": True, "scale": True,
             "variant": variant}))
     cases.append(_variant("linear", "bf16-quick_gelu", "bf16",
-                          {"dtype": "bf16", "k": 768, "n": 3072, "activation": "quick_gelu", "residual": False}))
+                          {"dtype": "bf16", "k": 768, "n": 3072, "activation": "quick_gelu", "residual": False},
+                          twin_of="linear-bf16-gelu"))
     # The SwiGLU epilogue (DINOv2-giant's fc1: C = 1536 to 2 x 4096, the gating in the epilogue), both pointer
     # variants (it has no TMA form).
     for variant in ("tiled", "persistent"):
@@ -321,10 +329,11 @@ def _cases():
     for variant in ("tiled", "persistent", "tma"):
         cases.append(_variant("linear", f"{variant}-bf16-gelu-preact", "bf16", {
             "dtype": "bf16", "k": 768, "n": 3072, "activation": "gelu", "residual": False, "preact": True,
-            "variant": variant}))
+            "variant": variant}, twin_of="linear-bf16-gelu" if variant == "tiled" else f"linear-{variant}-bf16-gelu"))
     for dtype, activation in (("bf16", "gelu"), ("bf16", "gelu_tanh"), ("bf16", "quick_gelu"), ("fp16", "gelu")):
         cases.append(_variant("linear_bwd", f"{dtype}-{activation}", "bf16" if dtype == "bf16" else "f16", {
-            "dtype": dtype, "k": 768, "n": 3072, "activation": activation}))
+            "dtype": dtype, "k": 768, "n": 3072, "activation": activation},
+            twin_of=None if (dtype, activation) == ("bf16", "gelu") else "linear_bwd-bf16-gelu"))
     cases.append(_variant("linear_bwd", "bf16-layerscale-dscale", "bf16", {
         "dtype": "bf16", "k": 3072, "n": 768, "activation": None, "scale": True, "dscale": True}))
     # Patch embedding at 224 px, bf16 weight: uint8 images (normalised in the kernel, the engine's
@@ -400,6 +409,21 @@ def compiled(tmp_path_factory):
 def test_case_ids_are_unique():
     ids = [p.id for p in CASES]
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+def test_each_twin_has_a_case_that_compiles_every_config():
+    """A twin compiles one config: the case it names, of the same kernel and variant and the same launch but for
+    the dtype, the activation or the pre-activation's store, compiles every config the prune keeps."""
+    cases = {p.id: p.values[0] for p in CASES}
+    twins = {i: c for i, c in cases.items() if c["twin_of"]}
+    assert twins
+    for i, c in twins.items():
+        anchor = cases.get(c["twin_of"])
+        assert anchor is not None and anchor["twin_of"] is None and anchor["kernel"] == c["kernel"], i
+        mine, theirs = ({"variant": "tiled", "preact": False, **case["launch"]} for case in (c, anchor))
+        differ = {k for k in {**mine, **theirs} if mine.get(k) != theirs.get(k)}
+        assert differ and differ <= {"dtype", "activation", "preact"}, \
+            f"{i} differs from {c['twin_of']} in {sorted(differ)}"
 
 
 @pytest.mark.parametrize("case", CASES)

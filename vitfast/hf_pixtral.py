@@ -2,17 +2,17 @@
 `LlavaForConditionalGeneration`) and of Mistral Small 3.1 / 3.2 (`Mistral3ForConditionalGeneration`), which
 `vitfast.optimize` copies with the tower replaced.
 
-Pixtral takes images of any size in one padded batch pixel_values [n, C, H, W] with image_sizes [n, 2] (each
-image's height and width, at the top left of its slot): each image's (height // P) x (width // P) patches, row by
-row, are packed into one sequence, and every image attends within itself only. HF builds a dense [T, T]
-block-diagonal mask for that (268 M entries for four 1024 x 1024 images), and its attention computes all T² scores
-of each head; vitfast runs the attention kernel's varlen form (`ops.attention_qkv` with `cu_seqlens`): one launch
-for the batch, no mask, no padding, the sum of each image's n² scores only. The patch embedding (a Conv2d without bias whose stride is its kernel) is one `ops.linear` over the
-batch's patches gathered in that order; then an RMSNorm (ln_pre) and per block: RMSNorm, the packed q / k / v GEMM
-(HF's three projections joined), the axial 2D RoPE on q and k (`ops.rope_qkv`: the row's angles on the even
-frequencies, the column's on the odd ones), varlen attention, o_proj with the residual in its epilogue, RMSNorm,
-the gated MLP (SiLU: gate and up as the packed SwiGLU fc1, the gating in its epilogue), down_proj with the
-residual in its epilogue. No biases anywhere, as in HF's.
+Pixtral takes images of any size in one padded batch pixel_values [n, C, H, W] with image_sizes [n, 2] (each image's
+height and width, at the top left of its slot): each image's (height // P) x (width // P) patches, row by row, are
+packed into one sequence, and every image attends within itself only. HF builds a dense [T, T] block-diagonal mask
+for that (268 M entries for four 1024 x 1024 images), and its attention computes all T² scores of each head; vitfast
+runs the attention kernel's varlen form (`ops.attention_qkv` with `cu_seqlens`): one launch for the batch, no mask,
+no padding, the sum of each image's n² scores only. The patch embedding (a Conv2d without bias whose stride is its
+kernel) is one `ops.linear` over the batch's patches gathered in that order; then an RMSNorm (ln_pre) and per block:
+RMSNorm, the packed q / k / v GEMM (HF's three projections joined), the axial 2D RoPE on q and k (`ops.rope_qkv`:
+the row's angles on the even frequencies, the column's on the odd ones), varlen attention, o_proj with the residual
+in its epilogue, RMSNorm, the gated MLP (SiLU: gate and up as the packed SwiGLU fc1, the gating in its epilogue),
+down_proj with the residual in its epilogue. No biases anywhere, as in HF's.
 
 Output: BaseModelOutputWithPooling with last_hidden_state [1, T, C] and, with output_hidden_states, the
 embeddings and each block's output (an index or a list of indices, as a VLM's `vision_feature_layer` asks, keeps
