@@ -14,18 +14,19 @@ the row's angles on the even frequencies, the column's on the odd ones), varlen 
 in its epilogue, RMSNorm, the gated MLP (SiLU: gate and up as the packed SwiGLU fc1, the gating in its epilogue),
 down_proj with the residual in its epilogue. No biases anywhere, as in HF's.
 
-Output: BaseModelOutputWithPooling with last_hidden_state [1, T, C] and, with output_hidden_states, the
-embeddings and each block's output (an index or a list of indices, as a VLM's `vision_feature_layer` asks, keeps
-only those, the others None, as HF's). The layout of a batch (which patch each token is, its position, the
-segments) depends only on image_sizes and the padded size: it is made on the host once per such batch (one read of
-image_sizes, as HF's own code reads it) and kept, and the CUDA graph of a forward is keyed by the token count, the
-image count and the largest image, so batches of other image sizes with those replay it with their layout as
-data. The stand-in holds HF's parameter tensors (an optimizer over either model trains both). Not supported
-(named in the error): attention outputs, hidden_act other than SiLU.
+Output: HF's BaseModelOutputWithPooling (BaseModelOutput in transformers 5.17) with last_hidden_state [1, T, C] and,
+with output_hidden_states, the embeddings and each block's output (an index or a list of indices, as a VLM's
+`vision_feature_layer` asks, keeps only those, the others None, as HF's). The layout of a batch (which patch each
+token is, its position, the segments) depends only on image_sizes and the padded size: it is made on the host once
+per such batch (one read of image_sizes, as HF's own code reads it) and kept, and the CUDA graph of a forward is
+keyed by the token count, the image count and the largest image, so batches of other image sizes with those replay
+it with their layout as data. The stand-in holds HF's parameter tensors (an optimizer over either model trains
+both). Not supported (named in the error): attention outputs, hidden_act other than SiLU.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import torch
@@ -106,7 +107,9 @@ def optimize_pixtral(model: nn.Module) -> HFPixtralVisionModel:
         blk.attn.qkv = JoinedLinear([(a.q_proj, "weight", None, None), (a.k_proj, "weight", None, None),
                                      (a.v_proj, "weight", None, None)])
         blk.mlp.fc1 = JoinedLinear([(m.gate_proj, "weight", None, None), (m.up_proj, "weight", None, None)])
-    return HFPixtralVisionModel(cfg, tower, model.patch_positional_embedding.inv_freq).train(model.training)
+    hf_module = sys.modules[type(model).__module__]       # its output class: BaseModelOutput in transformers 5.17
+    output = getattr(hf_module, "BaseModelOutputWithPooling", None) or hf_module.BaseModelOutput
+    return HFPixtralVisionModel(cfg, tower, model.patch_positional_embedding.inv_freq, output).train(model.training)
 
 
 class HFPixtralVisionModel(nn.Module):
@@ -116,9 +119,9 @@ class HFPixtralVisionModel(nn.Module):
 
     _MAX_LAYOUTS = 32
 
-    def __init__(self, config, tower: PixtralTower, inv_freq: Tensor):
+    def __init__(self, config, tower: PixtralTower, inv_freq: Tensor, output: type):
         super().__init__()
-        self.config, self.tower = config, tower
+        self.config, self.tower, self._output = config, tower, output
         self.patch_size = tower.patch_conv.kernel_size[0]
         # HF's frequencies [D / 2]: the row's (the even ones of a 1D RoPE) then the column's (the odd ones)
         self.register_buffer("inv_freq", inv_freq.detach().clone().reshape(2, -1), persistent=False)
@@ -204,8 +207,6 @@ class HFPixtralVisionModel(nn.Module):
         return lay
 
     def _forward(self, pixels, where, cu, cos, sin, *, max_seqlen, keep, return_dict):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         tower = self.tower
         pe = tower.patch_conv
         P, dtype = self.patch_size, pe.weight.dtype
@@ -220,6 +221,6 @@ class HFPixtralVisionModel(nn.Module):
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
             hidden.append(x if i in kept else None)
         states = None if keep is None else tuple(hidden)
-        out = BaseModelOutputWithPooling(last_hidden_state=x, hidden_states=states)
+        out = self._output(last_hidden_state=x, hidden_states=states)
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()
