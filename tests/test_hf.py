@@ -40,6 +40,8 @@ FAMILIES = {
     "Owlv2VisionModel": ("Owlv2VisionConfig", dict(intermediate_size=96)),
     # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
+    # InternViT (InternVL's tower): layer-scale, q / k / v biases as InternViT-300M's, no final norm (mean pooling)
+    "InternVLVisionModel": ("InternVLVisionConfig", dict(intermediate_size=96, attention_bias=True)),
 }
 
 
@@ -93,16 +95,17 @@ def test_optimize_hf_family_equals_hf(name):
 
 
 @pytest.mark.parametrize("name", ["DeiTForImageClassification", "Dinov2Model", "Dinov2WithRegistersModel",
-                                  "CLIPVisionModelWithProjection", "SiglipVisionModel", "DINOv3ViTModel"])
+                                  "CLIPVisionModelWithProjection", "SiglipVisionModel", "DINOv3ViTModel",
+                                  "InternVLVisionModel"])
 def test_optimize_hf_family_other_image_size(name):
-    """Position tables resampled by each family's HF rule: DINOv2 always (with antialias when it has
-    registers), the others when asked with interpolate_pos_encoding=True; DINOv3's RoPE tables are made for
-    any patch grid."""
+    """Position tables resampled by each family's HF rule: DINOv2 and InternVL always (DINOv2 with antialias when
+    it has registers), the others when asked with interpolate_pos_encoding=True; DINOv3's RoPE tables are made
+    for any patch grid."""
     hf = hf_model(name)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     x = torch.randn(2, 3, 48, 40)
-    any_size = name.startswith(("Dinov2", "DINOv3"))
+    any_size = name.startswith(("Dinov2", "DINOv3", "InternVL"))
     kw = {} if any_size else dict(interpolate_pos_encoding=True)
     with torch.no_grad():
         compare(opt(x, **kw), hf64(x.double(), **kw), hf(x, **kw))
@@ -347,6 +350,24 @@ def test_optimize_hf_family_refusals_are_named():
         opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
         opt(torch.randn(1, 3, 36, 32))
+    for kw, what in ((dict(use_qk_norm=True), "use_qk_norm=True"), (dict(norm_type="rms_norm"), "norm_type='rms_norm'"),
+                     (dict(use_absolute_position_embeddings=False), "use_absolute_position_embeddings=False")):
+        with pytest.raises(UnsupportedFeatureError, match=what):                # InternViT-6B's RMSNorms and qk norm
+            vitfast.optimize(hf_model("InternVLVisionModel", **kw))
+
+
+def test_optimize_hf_internvl_with_final_norm_and_without_qkv_bias():
+    """InternViT's other options: a final LayerNorm (use_mean_pooling=False) and q / k / v without bias (HF's
+    default), layer-scales from HF's lambda_1 / lambda_2."""
+    hf = hf_model("InternVLVisionModel", use_mean_pooling=False, attention_bias=False)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert opt.core.norm.weight is hf.layernorm.weight and opt.core.blocks[0].attn.qkv.bias is None
+    assert opt.core.blocks[1].ls2.gamma is hf.encoder.layer[1].lambda_2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        compare(opt(x, output_hidden_states=True), hf64(x.double(), output_hidden_states=True),
+                hf(x, output_hidden_states=True))
 
 
 # --------------------------------------------------------------------------------------------

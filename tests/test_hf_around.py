@@ -1,7 +1,8 @@
 """Hugging Face models that hold a supported vision model, on vitfast: CLIP's, SigLIP's and MetaCLIP 2's
 two-tower models (`get_image_features`, the image-text logits, the contrastive loss) and image classifiers
 (`vision_model`), DINOv2's image classifiers (`dinov2`), and vision-language models whose `vision_tower` is a
-CLIP or SigLIP vision model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3), and
+CLIP or SigLIP vision model (LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3) or
+InternViT (InternVL), and
 OWL-ViT's and OWLv2's two-tower models and detectors. `vitfast.optimize(model)` is a copy of the model with
 that one vision model on vitfast, its text tower / language model shared; compared in fp32 against the model in
 float64, bounded by its own fp32 error."""
@@ -217,19 +218,23 @@ MORE_VLMS = {"LlavaNextForConditionalGeneration": ("CLIPVisionConfig", dict(imag
                                                                                                         [32, 64],
                                                                                                         [64, 32]])),
              "AyaVisionForConditionalGeneration": ("SiglipVisionConfig", dict(downsample_factor=2)),
-             "VipLlavaForConditionalGeneration": ("CLIPVisionConfig", dict(vision_feature_layers=[-2, -1, 1]))}
+             "VipLlavaForConditionalGeneration": ("CLIPVisionConfig", dict(vision_feature_layers=[-2, -1, 1])),
+             # InternVL 2.5 / 3 / 3.5: InternViT, its class token dropped, pixel shuffle to a quarter of the tokens
+             "InternVLForConditionalGeneration": ("InternVLVisionConfig", dict(image_token_id=IMAGE_TOKEN))}
 
 
 @pytest.mark.parametrize("name", sorted(MORE_VLMS))
 def test_more_vision_language_models_equal_hf(name):
-    """LLaVA-NeXT, LLaVA-OneVision, Aya Vision and VipLLaVA with the vision tower on vitfast: logits over a prompt
-    with an image per row (as many image tokens as HF's own image features have rows), image features, greedy
-    generate."""
+    """LLaVA-NeXT, LLaVA-OneVision, Aya Vision, VipLLaVA and InternVL with the vision tower on vitfast: logits over
+    a prompt with an image per row (as many image tokens as HF's own image features have rows), image features,
+    greedy generate."""
     vision_cls, kw = MORE_VLMS[name]
-    text_cls = transformers.CohereConfig if name.startswith("Aya") else transformers.LlamaConfig
+    text_cls = {"Aya": transformers.CohereConfig, "Int": transformers.Qwen2Config}.get(name[:3],
+                                                                                       transformers.LlamaConfig)
     cfg = getattr(transformers, name.replace("ForConditionalGeneration", "Config"))(
-        vision_config=getattr(transformers, vision_cls)(**VISION), image_token_index=IMAGE_TOKEN,
-        text_config=text_cls(**TEXT, num_key_value_heads=2, head_dim=8, pad_token_id=0), **kw)
+        vision_config=getattr(transformers, vision_cls)(**VISION),
+        text_config=text_cls(**TEXT, num_key_value_heads=2, head_dim=8, pad_token_id=0),
+        **({} if "image_token_id" in kw else dict(image_token_index=IMAGE_TOKEN)), **kw)
     model = perturbed(getattr(transformers, name)(cfg))
     model64 = copy.deepcopy(model).double()
     if "image_grid_pinpoints" in kw:                  # two images: a 32 x 64 and a 64 x 32 one, three tiles each

@@ -51,7 +51,7 @@ _HF_LAYER_KEYS = {
     "attention.attention.value": ("attn.qkv", 2), "attention.v_proj": ("attn.qkv", 2),
     "self_attn.v_proj": ("attn.qkv", 2),
     "attention.output.dense": ("attn.proj", None), "attention.o_proj": ("attn.proj", None),
-    "self_attn.out_proj": ("attn.proj", None),
+    "self_attn.out_proj": ("attn.proj", None), "attention.projection_layer": ("attn.proj", None),     # InternVL
     "intermediate.dense": ("mlp.fc1", None), "mlp.fc1": ("mlp.fc1", None),
     "output.dense": ("mlp.fc2", None), "mlp.fc2": ("mlp.fc2", None),
     # DINOv2-giant's SwiGLU: the gate and up projections are the halves of timm's packed fc1 (older
@@ -62,6 +62,8 @@ _HF_LAYER_KEYS = {
     "layernorm_after": ("norm2", None), "layer_norm2": ("norm2", None), "norm2": ("norm2", None),
     "layer_scale1": ("ls1", None), "layer_scale2": ("ls2", None),
 }
+# HF per-layer parameters held by the layer itself -> timm's (InternVL's layer-scales)
+_HF_LAYER_PARAMS = {"lambda_1": "ls1.gamma", "lambda_2": "ls2.gamma"}
 # timm modules packed from several HF ones, in row order: their parts
 _HF_PACKED = {"attn.qkv": ("query", "key", "value"), "mlp.fc1": ("gate", "up")}
 _HF_TOP_KEYS = {
@@ -112,7 +114,7 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
 
 
 def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF ViT, DeiT, DINOv2 (with or without registers), CLIP vision and SigLIP vision keys (either ViT
+    """HF ViT, DeiT, DINOv2 (with or without registers), CLIP vision, SigLIP vision and InternVL vision keys (either ViT
     layout, with or without the base model's prefix) -> timm keys. Tensors pass through where the two
     hold the same values; separate q/k/v projections are concatenated into timm's packed qkv ([3·C, C]:
     q rows, then k, then v), DINOv2-giant's gate and up projections into timm's packed fc1, SigLIP's
@@ -132,6 +134,9 @@ def hf_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if m:
             idx, rest = int(m.group(1)), m.group(2)
             stem, _, param = rest.rpartition(".")
+            if not stem and param in _HF_LAYER_PARAMS:
+                out[f"blocks.{idx}.{_HF_LAYER_PARAMS[param]}"] = value
+                continue
             if stem not in _HF_LAYER_KEYS:
                 unknown.append(key)
                 continue

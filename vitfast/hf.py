@@ -20,6 +20,7 @@ get the gradients and an optimizer over either model trains both:
 | Siglip2VisionModel (NaFlex) | BaseModelOutputWithPooling | final norm | the head, padding masked (below) |
 | Idefics3VisionTransformer, SmolVLMVisionTransformer | BaseModelOutput | final norm, padding masked (below) | |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
+| InternVLVisionModel | InternVLVisionModelOutputWithPooling | final norm (none with use_mean_pooling) | None |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
 MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
@@ -28,24 +29,26 @@ inside them, which their two-tower models hold), whose stand-in also answers to 
 apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
 (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
-tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3 and LFM2-VL, the vision
-model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it as
+tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, LFM2-VL and InternVL, the
+vision model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it as
 they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (packed patch sequences) are in
 `vitfast.hf_qwen`, and so are their VLMs; Pixtral's (Pixtral-12B's and Mistral Small 3.1's, packed images of any
 size) is in `vitfast.hf_pixtral`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
-antialias for DINOv2 with registers; DINOv2 always resamples, the others when asked
+antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked
 (`interpolate_pos_encoding=True`); SigLIP 2 resizes its table to each image's patch grid (bilinear, antialiased;
 `reference.naflex_position_table`). HF computes that resampling in float32 (DINOv2, SigLIP 2) or the model's
 dtype.
 DINOv2-giant's SwiGLU MLP (use_swiglu_ffn) runs as timm's packed one, its fc1 built from HF's gate and up
-projections. DINOv3 has no position table: q and k of its patch tokens are rotated by its RoPE
-(`ops.rope_qkv`); its gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU too, and its key projection
-without bias gets a zero bias in the packed qkv. In train mode HF moves DINOv3's RoPE coordinates at random
-(pos_embed_shift / jitter / rescale), which vitfast does not: such a model runs in eval mode only. Not
-supported (named in the error): masked patches (bool_masked_pos), attention masks (but SigLIP 2's patch mask),
-attention outputs, other activations.
+projections. DINOv3 has no position table: q and k of its patch tokens are rotated by its RoPE (`ops.rope_qkv`);
+its gated MLP (use_gated_mlp, SiLU) runs as the packed SwiGLU too, and its key projection without bias gets a zero
+bias in the packed qkv. In train mode HF moves DINOv3's RoPE coordinates at random (pos_embed_shift / jitter /
+rescale), which vitfast does not: such a model runs in eval mode only. InternVL's InternViT (the 300M tower of
+InternVL 2.5 / 3 / 3.5 up to 14B) is a pre-norm ViT with layer-scales (lambda_1, lambda_2) and, with
+use_mean_pooling (its default), no final norm. Not supported (named in the error): InternViT-6B's RMSNorms and q /
+k norms (norm_type='rms_norm', use_qk_norm), masked patches (bool_masked_pos), attention masks (but SigLIP 2's
+patch mask), attention outputs, other activations.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ CLASSES = {
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
     "Idefics3VisionTransformer": ("idefics3", None), "SmolVLMVisionTransformer": ("idefics3", None),
     "DINOv3ViTModel": ("dinov3", None),
+    # InternVL's InternViT (InternVL 2.5 / 3 / 3.5 up to 14B: the 300M tower): LayerNorm, layer-scale, no final norm
+    "InternVLVisionModel": ("internvl", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
@@ -105,7 +110,7 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False)}
+             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -151,7 +156,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return HFSiglip2VisionModel(cfg, core, family).train(model.training)
     if family == "idefics3":
         return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
-    vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None)).train(model.training)
+    output = sys.modules[type(base).__module__].InternVLVisionModelOutputWithPooling if family == "internvl" else None
+    vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None), output).train(model.training)
     if head is None:
         return vision
     if head == "backbone":
@@ -242,7 +248,8 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
                f"num_patches={cfg.num_patches} (the position table is a square grid)")
     f.need(getattr(cfg, "head_dim", None) in (None, dim // heads) and dim % heads == 0,
            f"head_dim={getattr(cfg, 'head_dim', None)} with hidden_size={dim}, num_attention_heads={heads}")
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "drop_path_rate"):
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "projection_dropout",
+                 "drop_path_rate"):
         if isinstance(getattr(cfg, name, None), (int, float)):
             f.dropout(getattr(cfg, name), name)
     swiglu = family.startswith("dinov2") and bool(getattr(cfg, "use_swiglu_ffn", False))
@@ -264,6 +271,14 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         out.update(reg_tokens=cfg.num_register_tokens, no_embed_class=True)
     if family == "clip":
         out.update(pre_norm=True)
+    if family == "internvl":
+        f.need(not getattr(cfg, "use_qk_norm", False), "use_qk_norm=True (RMSNorms over q and k: InternViT-6B's)")
+        f.need(getattr(cfg, "norm_type", "layer_norm") == "layer_norm",
+               f"norm_type={getattr(cfg, 'norm_type', None)!r} (only 'layer_norm')")
+        f.need(getattr(cfg, "use_absolute_position_embeddings", True), "use_absolute_position_embeddings=False")
+        # the gammas come from the weights; the position table resized to any grid; no final norm with mean pooling
+        out.update(qkv_bias=bool(cfg.attention_bias), init_values=1.0, dynamic_img_size=True,
+                   final_norm=not cfg.use_mean_pooling)
     return out
 
 
@@ -310,9 +325,11 @@ class HFVisionModel(nn.Module):
     hidden_states with output_hidden_states=True). The transformer runs as `self.core`; `pooler` is HF's
     own pooler module (ViT / DeiT, dense + tanh) or None."""
 
-    def __init__(self, config, core: VisionTransformer, family: str = "vit", pooler: nn.Module | None = None):
+    def __init__(self, config, core: VisionTransformer, family: str = "vit", pooler: nn.Module | None = None,
+                 output: type | None = None):
         super().__init__()
         self.config, self.core, self.family, self.pooler = config, core, family, pooler
+        self._output = output                  # HF's output class where it is not BaseModelOutputWithPooling
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -377,7 +394,8 @@ class HFVisionModel(nn.Module):
 
         tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
         seq, pooled = self.outputs(tokens)
-        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
+        out = (self._output or BaseModelOutputWithPooling)(last_hidden_state=seq, pooler_output=pooled,
+                                                           hidden_states=hidden)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
