@@ -185,6 +185,10 @@ def test_bad_inputs_and_models_are_named():
         opt(x, sizes, output_attentions=True)
     with pytest.raises(UnsupportedFeatureError, match=r"hidden_act='gelu' \(supported: \['silu'\]"):
         vitfast.optimize(vision_model(hidden_act="gelu"))
+    hf = vision_model()
+    hf.transformer.layers[1].attention.k_proj = torch.nn.Linear(32, 32)          # a bias the tower would drop
+    with pytest.raises(UnsupportedFeatureError, match=r"transformer.layers.1.attention.k_proj with bias"):
+        vitfast.optimize(hf)
 
 
 @pytest.mark.gpu

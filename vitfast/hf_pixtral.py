@@ -77,12 +77,11 @@ def optimize_pixtral(model: nn.Module) -> HFPixtralVisionModel:
     eps = {_norm_eps(n) for n in norms}
     f.need(len(eps) == 1 and None not in eps,
            f"norms (expected RMSNorms of one eps, got {sorted({type(n).__name__ for n in norms})} of eps {eps})")
-    for i, layer in enumerate(layers):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            f.linear(getattr(layer.attention, proj, None), f"transformer.layers.{i}.attention.{proj}", bias=False)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            f.linear(getattr(layer.feed_forward, proj, None), f"transformer.layers.{i}.feed_forward.{proj}",
-                     bias=False)
+    for i, layer in enumerate(layers):        # HF's projections have no bias, and the tower takes none
+        for part, proj in [("attention", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                [("feed_forward", p) for p in ("gate_proj", "up_proj", "down_proj")]:
+            m, where = getattr(getattr(layer, part), proj, None), f"transformer.layers.{i}.{part}.{proj}"
+            f.linear(m, where, bias=False) and f.need(m.bias is None, f"{where} with bias")
         f.need(getattr(layer.attention, "dropout", 0.0) == 0.0 or not model.training,
                f"transformer.layers.{i}.attention dropout")
     f.check(False)
