@@ -76,7 +76,8 @@ def test_every_supported_class_is_tested():
         "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer"} | {                            # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
-        "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel"} | {"PixtralVisionModel"}                # test_hf_pixtral
+        "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
+        "PixtralVisionModel"}                                                                   # test_hf_pixtral
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -1,5 +1,6 @@
-"""Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision towers on vitfast: transformers'
-`Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel` and `Qwen3VLVisionModel` (the
+"""Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision towers on vitfast: transformers'
+`Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel`, `Qwen3VLVisionModel` and
+`Qwen3_5VisionModel` (the
 patches of several images and video frames packed into one sequence, each frame attending within itself, Qwen2.5-VL's
 windows within themselves: the attention kernel's varlen form), and their VLMs. Compared in fp32 against HF in
 float64, bounded by HF's own fp32 error; the packing is transparent (each image alone gives its rows); gradients
@@ -32,6 +33,9 @@ VISION = {
     "qwen3_vl": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
                      spatial_merge_size=2, out_hidden_size=48, num_position_embeddings=16,
                      deepstack_visual_indexes=[0, 2]),
+    # Qwen3.5's: Qwen3-VL's tower without DeepStack
+    "qwen3_5": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
+                    spatial_merge_size=2, out_hidden_size=48, num_position_embeddings=16),
 }
 TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -45,7 +49,11 @@ def vision_model(family: str, **kw):
            "qwen2_5_vl": (transformers.Qwen2_5_VLVisionConfig,
                           transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel),
            "qwen3_vl": (transformers.Qwen3VLVisionConfig, transformers.Qwen3VLVisionModel),
-           "qwen3_vl_moe": (transformers.Qwen3VLMoeVisionConfig, transformers.Qwen3VLMoeVisionModel)}[family]
+           "qwen3_vl_moe": (transformers.Qwen3VLMoeVisionConfig, transformers.Qwen3VLMoeVisionModel),
+           "qwen3_5": (transformers.Qwen3_5VisionConfig,
+                       transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel),
+           "qwen3_5_moe": (transformers.Qwen3_5MoeVisionConfig,
+                           transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel)}[family]
     return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe")], **kw})))
 
 
@@ -72,7 +80,7 @@ def test_layouts_are_hfs():
     assert torch.equal(taps, ref_taps) and torch.equal(weights, ref_weights)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_vision_tower_equals_hf(family):
     hf = vision_model(family)
     hf64 = copy.deepcopy(hf).double()
@@ -156,20 +164,24 @@ def test_graph_replays_with_the_layout_as_data():
     assert runner.captures == 1
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_vision_language_model_equals_hf(family):
-    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL with the tower on vitfast (the language model shared): the logits over a
-    prompt with two images, and greedy `generate`, as HF's."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 with the tower on vitfast (the language model shared): the logits
+    over a prompt with two images, and greedy `generate`, as HF's."""
     rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2])
     if family in ("qwen2_vl", "qwen2_5_vl"):
         cls, cfg = {"qwen2_vl": (transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig),
                     "qwen2_5_vl": (transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig)
                     }[family]
         text = dict(TEXT, rope_parameters=rope, bos_token_id=0, eos_token_id=1)
-    else:
+    elif family == "qwen3_vl":
         cls, text = transformers.Qwen3VLForConditionalGeneration, dict(TEXT, head_dim=12, rope_parameters=dict(
             rope, mrope_interleaved=True))
         cfg = transformers.Qwen3VLConfig
+    else:                   # Qwen3.5: a linear-attention (gated delta rule) layer, then a full-attention one
+        cls, cfg = transformers.Qwen3_5ForConditionalGeneration, transformers.Qwen3_5Config
+        text = dict(TEXT, head_dim=12, rope_parameters=dict(rope, mrope_interleaved=True, partial_rotary_factor=1.0),
+                    layer_types=["linear_attention", "full_attention"])
     model = perturbed(cls(cfg(vision_config=VISION[family], text_config=text, image_token_id=98, video_token_id=97,
                               vision_start_token_id=96, vision_end_token_id=95)))
     model64 = copy.deepcopy(model).double()

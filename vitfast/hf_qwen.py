@@ -1,5 +1,5 @@
-"""The vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL on vitfast (`vitfast.optimize` dispatches here from
-`vitfast.hf`, and copies their VLMs with the tower replaced).
+"""The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 on vitfast (`vitfast.optimize` dispatches here
+from `vitfast.hf`, and copies their VLMs with the tower replaced).
 
 These towers take the patches of several images (and video frames) packed into one sequence, as HF's processor
 lays them out: hidden_states [T, C·t·P·P] (each patch flattened as (channel, frame, row, column)) with grid_thw
@@ -19,6 +19,7 @@ the GELU in the first one's epilogue.
 | | pooler_output the merger's [T / 4, D] |
 | Qwen2_5_VisionTransformerPretrainedModel (Qwen2.5-VL) | the same; last_hidden_state in window order, as HF's |
 | Qwen3VLVisionModel, Qwen3VLMoeVisionModel (Qwen3-VL) | BaseModelOutputWithDeepstackFeatures: also deepstack_features |
+| Qwen3_5VisionModel, Qwen3_5MoeVisionModel (Qwen3.5) | BaseModelOutputWithPooling (Qwen3-VL's tower, no DeepStack) |
 
 The layout of a batch (positions, segments, windows, Qwen3-VL's position-table taps) depends only on grid_thw: it
 is made on the host once per grid (one read of grid_thw, as HF's own code reads it) and kept, and the CUDA graph of
@@ -50,7 +51,9 @@ from vitfast.reference import (
 # transformers class -> family
 CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen2_5_VisionTransformerPretrainedModel": "qwen2_5_vl",
-           "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl"}
+           "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl",
+           # Qwen3.5's: Qwen3-VL's tower without the DeepStack mergers
+           "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl"}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 # The layout a caller may hand HF's tower precomputed (transformers' vision_utils): vitfast makes its own from
 # grid_thw and refuses these rather than ignore them. Other keyword arguments (the VLM passes `use_cache` and
