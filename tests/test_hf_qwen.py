@@ -1,6 +1,6 @@
-"""Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision towers on vitfast: transformers'
-`Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel`, `Qwen3VLVisionModel` and
-`Qwen3_5VisionModel` (the
+"""Qwen2-VL's, Qwen2.5-VL's (and Qwen2.5-Omni's), Qwen3-VL's and Qwen3.5's vision towers on vitfast: transformers'
+`Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel`, `Qwen2_5OmniVisionEncoder`,
+`Qwen3VLVisionModel` and `Qwen3_5VisionModel` (the
 patches of several images and video frames packed into one sequence, each frame attending within itself, Qwen2.5-VL's
 windows within themselves: the attention kernel's varlen form), and their VLMs. Compared in fp32 against HF in
 float64, bounded by HF's own fp32 error; the packing is transparent (each image alone gives its rows); gradients
@@ -48,13 +48,15 @@ def vision_model(family: str, **kw):
                         transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel),
            "qwen2_5_vl": (transformers.Qwen2_5_VLVisionConfig,
                           transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel),
+           "qwen2_5_omni": (transformers.models.qwen2_5_omni.Qwen2_5OmniVisionEncoderConfig,
+                            transformers.models.qwen2_5_omni.modeling_qwen2_5_omni.Qwen2_5OmniVisionEncoder),
            "qwen3_vl": (transformers.Qwen3VLVisionConfig, transformers.Qwen3VLVisionModel),
            "qwen3_vl_moe": (transformers.Qwen3VLMoeVisionConfig, transformers.Qwen3VLMoeVisionModel),
            "qwen3_5": (transformers.Qwen3_5VisionConfig,
                        transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel),
            "qwen3_5_moe": (transformers.Qwen3_5MoeVisionConfig,
                            transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel)}[family]
-    return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe")], **kw})))
+    return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe").replace("omni", "vl")], **kw})))
 
 
 def packed(grid=GRID):
@@ -80,12 +82,14 @@ def test_layouts_are_hfs():
     assert torch.equal(taps, ref_taps) and torch.equal(weights, ref_weights)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                                    "qwen3_5_moe"])
 def test_vision_tower_equals_hf(family):
     hf = vision_model(family)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     assert isinstance(opt, HFQwenVisionModel) and opt.dtype == torch.float32 and opt.spatial_merge_size == 2
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}          # HF's tensors, no copy
     x, grid = packed()
     with torch.no_grad():
         out, ref, eager = (m(px, grid_thw=grid, output_hidden_states=True)
@@ -191,6 +195,35 @@ def test_vision_language_model_equals_hf(family):
     ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]), torch.full((1, 2), 98),
                      torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
     kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 98).long())
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
+                                                                          (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
+        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+
+
+def test_qwen2_5_omni_thinker_equals_hf():
+    """Qwen2.5-Omni's thinker (its vision encoder: Qwen2.5-VL's tower with separate q / k / v) with the tower on
+    vitfast: the logits over a prompt with two images, and greedy `generate`, as HF's. (The whole
+    Qwen2_5OmniForConditionalGeneration holds the thinker as `thinker`: optimize that.)"""
+    omni = pytest.importorskip("transformers.models.qwen2_5_omni")
+    text = dict(TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2]))
+    audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=16,
+                 output_dim=48, n_window=4, max_source_positions=32)
+    cfg = omni.Qwen2_5OmniThinkerConfig(vision_config=VISION["qwen2_5_vl"], text_config=text, audio_config=audio,
+                                        image_token_index=98, video_token_index=97, audio_token_index=94,
+                                        vision_start_token_id=96, vision_end_token_id=95)
+    model = perturbed(omni.Qwen2_5OmniThinkerForConditionalGeneration(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    where = "model.visual" if isinstance(getattr(model, "model", None), torch.nn.Module) \
+        and hasattr(model.model, "visual") else "visual"                     # transformers 5.2x: inside `model`
+    assert isinstance(opt.get_submodule(where), HFQwenVisionModel)
+    x, grid = packed(GRID[:2])
+    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]), torch.full((1, 2), 98),
+                     torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    kw = dict(input_ids=ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
                                                                           (model, x)))

@@ -18,6 +18,7 @@ the GELU in the first one's epilogue.
 | Qwen2VisionTransformerPretrainedModel (Qwen2-VL) | BaseModelOutputWithPooling: last_hidden_state [T, C], |
 | | pooler_output the merger's [T / 4, D] |
 | Qwen2_5_VisionTransformerPretrainedModel (Qwen2.5-VL) | the same; last_hidden_state in window order, as HF's |
+| Qwen2_5OmniVisionEncoder (Qwen2.5-Omni's thinker) | the same (its q / k / v projections joined as the packed qkv) |
 | Qwen3VLVisionModel, Qwen3VLMoeVisionModel (Qwen3-VL) | BaseModelOutputWithDeepstackFeatures: also deepstack_features |
 | Qwen3_5VisionModel, Qwen3_5MoeVisionModel (Qwen3.5) | BaseModelOutputWithPooling (Qwen3-VL's tower, no DeepStack) |
 
@@ -51,6 +52,8 @@ from vitfast.reference import (
 # transformers class -> family
 CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen2_5_VisionTransformerPretrainedModel": "qwen2_5_vl",
+           # Qwen2.5-Omni's: Qwen2.5-VL's tower with separate q / k / v projections (joined here)
+           "Qwen2_5OmniVisionEncoder": "qwen2_5_vl",
            "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl",
            # Qwen3.5's: Qwen3-VL's tower without the DeepStack mergers
            "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl"}
@@ -139,7 +142,8 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
                        f"blocks.{i}.{where}: {type(getattr(b, where)).__name__} (expected an RMSNorm with a weight)")
             else:
                 f.layer_norm_eps(getattr(b, where), f"blocks.{i}.{where}", b.attn.qkv.in_features)
-        f.linear(b.attn.qkv, f"blocks.{i}.attn.qkv")
+        for proj in ("qkv",) if hasattr(b.attn, "qkv") else ("q", "k", "v"):
+            f.linear(getattr(b.attn, proj, None), f"blocks.{i}.attn.{proj}")
         for proj in ("gate_proj", "up_proj", "down_proj") if glu else ():
             f.linear(getattr(b.mlp, proj, None), f"blocks.{i}.mlp.{proj}")
         f.need(getattr(b.attn, "attention_dropout", 0.0) == 0.0, f"blocks.{i}.attn dropout")
@@ -154,6 +158,11 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
         for old, new in _RENAME:
             key = key.replace(old, new)
         state[key] = value
+    split_qkv = not hasattr(blocks[0].attn, "qkv")      # Qwen2.5-Omni: q, k, v joined after the build, as fc1 below
+    for i in range(len(blocks)) if split_qkv else ():
+        for part in ("weight", "bias"):
+            state[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([state.pop(f"blocks.{i}.attn.{p}.{part}")
+                                                              for p in "qkv"]).detach()
     if glu:     # fc1: [gate | up] joined from HF's projections after the build (the concatenation here is dropped)
         for i in range(len(blocks)):
             for part in ("weight", "bias"):
@@ -175,6 +184,8 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
     tower = _build(tower_cfg, state, model, f, QwenVisionTower)
     for blk, b in zip(tower.blocks, blocks) if glu else ():
         blk.mlp.fc1 = JoinedLinear([(b.mlp.gate_proj, "weight", "bias", None), (b.mlp.up_proj, "weight", "bias", None)])
+    for blk, b in zip(tower.blocks, blocks) if split_qkv else ():
+        blk.attn.qkv = JoinedLinear([(getattr(b.attn, p), "weight", "bias", None) for p in "qkv"])
     return HFQwenVisionModel(cfg, tower, family, model.rotary_pos_emb.inv_freq,
                              sys.modules[type(model).__module__]).train(model.training)
 
