@@ -76,7 +76,7 @@ def test_every_supported_class_is_tested():
         "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer"} | {                            # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
-        "Qwen2_5OmniVisionEncoder",
+        "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
         "PixtralVisionModel"}                                                                   # test_hf_pixtral
 

@@ -1,6 +1,6 @@
 """Qwen2-VL's, Qwen2.5-VL's (and Qwen2.5-Omni's), Qwen3-VL's and Qwen3.5's vision towers on vitfast: transformers'
 `Qwen2VisionTransformerPretrainedModel`, `Qwen2_5_VisionTransformerPretrainedModel`, `Qwen2_5OmniVisionEncoder`,
-`Qwen3VLVisionModel` and `Qwen3_5VisionModel` (the
+`Qwen3VLVisionModel` (and Qwen3-Omni's `Qwen3OmniMoeVisionEncoder`) and `Qwen3_5VisionModel` (the
 patches of several images and video frames packed into one sequence, each frame attending within itself, Qwen2.5-VL's
 windows within themselves: the attention kernel's varlen form), and their VLMs. Compared in fp32 against HF in
 float64, bounded by HF's own fp32 error; the packing is transparent (each image alone gives its rows); gradients
@@ -54,9 +54,12 @@ def vision_model(family: str, **kw):
            "qwen3_vl_moe": (transformers.Qwen3VLMoeVisionConfig, transformers.Qwen3VLMoeVisionModel),
            "qwen3_5": (transformers.Qwen3_5VisionConfig,
                        transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel),
+           "qwen3_omni": (transformers.models.qwen3_omni_moe.Qwen3OmniMoeVisionEncoderConfig,
+                          transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe.Qwen3OmniMoeVisionEncoder),
            "qwen3_5_moe": (transformers.Qwen3_5MoeVisionConfig,
                            transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel)}[family]
     return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe").replace("omni", "vl")], **kw})))
+    # (Qwen2.5-Omni's tower takes Qwen2.5-VL's config, Qwen3-Omni's Qwen3-VL's)
 
 
 def packed(grid=GRID):
@@ -82,8 +85,8 @@ def test_layouts_are_hfs():
     assert torch.equal(taps, ref_taps) and torch.equal(weights, ref_weights)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
-                                    "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni",
+                                    "qwen3_5", "qwen3_5_moe"])
 def test_vision_tower_equals_hf(family):
     hf = vision_model(family)
     hf64 = copy.deepcopy(hf).double()
@@ -100,7 +103,7 @@ def test_vision_tower_equals_hf(family):
     assert len(out.hidden_states) == len(ref.hidden_states) == len(hf.blocks) + 1
     for i, (o, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
         assert_close(o, r, eager=e, name=f"hidden_states[{i}]")
-    if family.startswith("qwen3_vl"):
+    if family.startswith(("qwen3_vl", "qwen3_omni")):
         assert len(out.deepstack_features) == len(ref.deepstack_features) == 2
         for i, (o, r, e) in enumerate(zip(out.deepstack_features, ref.deepstack_features, eager.deepstack_features)):
             assert_close(o, r, eager=e, name=f"deepstack_features[{i}]")

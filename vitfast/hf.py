@@ -31,9 +31,9 @@ apply it to every token). The backbones' stage feature maps: `HFBackbone`. Model
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
 tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, LFM2-VL and InternVL, the
 vision model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it
-as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL (and Qwen2.5-Omni), Qwen3-VL and Qwen3.5 (packed
-patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's (Pixtral-12B's and Mistral Small
-3.1's, packed images of any size) is in `vitfast.hf_pixtral`.
+as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and the Qwen2.5-Omni and
+Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's
+(Pixtral-12B's and Mistral Small 3.1's, packed images of any size) is in `vitfast.hf_pixtral`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked

@@ -20,6 +20,7 @@ the GELU in the first one's epilogue.
 | Qwen2_5_VisionTransformerPretrainedModel (Qwen2.5-VL) | the same; last_hidden_state in window order, as HF's |
 | Qwen2_5OmniVisionEncoder (Qwen2.5-Omni's thinker) | the same (its q / k / v projections joined as the packed qkv) |
 | Qwen3VLVisionModel, Qwen3VLMoeVisionModel (Qwen3-VL) | BaseModelOutputWithDeepstackFeatures: also deepstack_features |
+| Qwen3OmniMoeVisionEncoder (Qwen3-Omni's thinker) | the same |
 | Qwen3_5VisionModel, Qwen3_5MoeVisionModel (Qwen3.5) | BaseModelOutputWithPooling (Qwen3-VL's tower, no DeepStack) |
 
 The layout of a batch (positions, segments, windows, Qwen3-VL's position-table taps) depends only on grid_thw: it
@@ -56,7 +57,9 @@ CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen2_5OmniVisionEncoder": "qwen2_5_vl",
            "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl",
            # Qwen3.5's: Qwen3-VL's tower without the DeepStack mergers
-           "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl"}
+           "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl",
+           # Qwen3-Omni's: Qwen3-VL's tower, its DeepStack mergers named as Qwen2-VL's merger (merger_list)
+           "Qwen3OmniMoeVisionEncoder": "qwen3_vl"}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 # The layout a caller may hand HF's tower precomputed (transformers' vision_utils): vitfast makes its own from
 # grid_thw and refuses these rather than ignore them. Other keyword arguments (the VLM passes `use_cache` and
@@ -65,7 +68,8 @@ _LAYOUT_KWARGS = {"cu_seqlens", "max_seqlen", "position_ids", "window_index", "c
                   "max_window_seqlen", "interp_indices", "interp_weights"}
 # HF's key -> the tower's (each replacement applied in turn)
 _RENAME = (("merger.ln_q.", "merger.norm."), ("merger.mlp.0.", "merger.fc1."), ("merger.mlp.2.", "merger.fc2."),
-           (".linear_fc1.", ".fc1."), (".linear_fc2.", ".fc2."), ("deepstack_merger_list.", "deepstack."))
+           (".linear_fc1.", ".fc1."), (".linear_fc2.", ".fc2."), ("deepstack_merger_list.", "deepstack."),
+           ("merger_list.", "deepstack."), (".ln_q.", ".norm."), (".mlp.0.", ".fc1."), (".mlp.2.", ".fc2."))
 
 
 class _PatchEmbed3d(nn.Module):
