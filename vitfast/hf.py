@@ -102,7 +102,7 @@ CLASSES = {
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
-    # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's towers over packed patch sequences (vitfast.hf_qwen)
+    # the Qwen-VL towers (Qwen2-VL to Qwen3.5, the Omni thinkers') over packed patch sequences (vitfast.hf_qwen)
     **{name: (family, None) for name, family in QWEN_CLASSES.items()},
     # Pixtral's encoder (Pixtral-12B, Mistral Small 3.1 / 3.2) over packed images of any size (vitfast.hf_pixtral)
     **{name: (family, None) for name, family in PIXTRAL_CLASSES.items()},
