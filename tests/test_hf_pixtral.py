@@ -177,6 +177,8 @@ def test_bad_inputs_and_models_are_named():
         opt(x, [[32, 24], [8, 8]])
     with pytest.raises(ValueError, match=r"image_sizes: expected 3 .*between the patch size 4"):
         opt(x, [[32, 24], [3, 8], [8, 8]])
+    with pytest.raises(ValueError, match=r"pixel_values: expected images of at least the patch size 4 x 4, got 3 x 8"):
+        opt(torch.randn(1, 3, 3, 8))
     with pytest.raises(ValueError, match=r"image_sizes: expected integers .* torch.float32"):
         opt(x, sizes.float())
     with pytest.raises(ValueError, match=r"output_hidden_states: expected a bool, an index or a list .*'last'"):

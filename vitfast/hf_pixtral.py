@@ -170,7 +170,10 @@ class HFPixtralVisionModel(nn.Module):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected images [n, {pe.in_channels}, H, W], got {got}")
         n, _, H, W = pixel_values.shape
-        if image_sizes is None:
+        P = self.patch_size
+        if image_sizes is None:                  # each image fills its slot
+            if H < P or W < P:
+                raise ValueError(f"pixel_values: expected images of at least the patch size {P} x {P}, got {H} x {W}")
             return [(H, W)] * n
         if isinstance(image_sizes, Tensor):
             if image_sizes.is_floating_point() or image_sizes.is_complex():
@@ -180,7 +183,6 @@ class HFPixtralVisionModel(nn.Module):
             sizes = [(int(h), int(w)) for h, w in image_sizes]
         except (TypeError, ValueError):
             sizes = None
-        P = self.patch_size
         if sizes is None or len(sizes) != n or any(not (P <= h <= H and P <= w <= W) for h, w in sizes):
             raise ValueError(f"image_sizes: expected {n} (height, width) pairs, each between the patch size {P} and "
                              f"the padded batch's {H} x {W}, got {image_sizes!r}")
