@@ -67,6 +67,23 @@ def packed(grid=GRID):
     return torch.randn(sum(t * h * w for t, h, w in grid), WIDTH), torch.tensor(grid)
 
 
+def two_image_prompt() -> torch.Tensor:
+    """Token ids [1, 17] around GRID[:2]'s two images (6 and 2 merged tokens, image token 98, each between the
+    vision start / end tokens 96 / 95)."""
+    return torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]),
+                      torch.full((1, 2), 98), torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+
+
+def assert_vlm_equals_hf(opt, model, model64, x, kw) -> None:
+    """The VLM with its tower on vitfast: logits within 2x HF's own fp32 error, greedy `generate` HF's tokens."""
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
+                                                                          (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
+        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+
+
 def test_layouts_are_hfs():
     """Positions, segments, Qwen2.5-VL's windows and Qwen3-VL's position-table taps: HF's own helpers' values."""
     vision_utils = pytest.importorskip("transformers.vision_utils")
@@ -195,15 +212,9 @@ def test_vision_language_model_equals_hf(family):
     opt = vitfast.optimize(model)
     assert isinstance(opt.model.visual, HFQwenVisionModel) and opt.model.language_model is model.model.language_model
     x, grid = packed(GRID[:2])                                   # 24 / 4 + 8 / 4 = 6 + 2 image tokens
-    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]), torch.full((1, 2), 98),
-                     torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    ids = two_image_prompt()
     kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 98).long())
-    with torch.no_grad():
-        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
-                                                                          (model, x)))
-        assert_close(out, ref, eager=eager, name="logits")
-        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
-        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+    assert_vlm_equals_hf(opt, model, model64, x, kw)
 
 
 def test_qwen2_5_omni_thinker_equals_hf():
@@ -224,15 +235,9 @@ def test_qwen2_5_omni_thinker_equals_hf():
         and hasattr(model.model, "visual") else "visual"                     # transformers 5.2x: inside `model`
     assert isinstance(opt.get_submodule(where), HFQwenVisionModel)
     x, grid = packed(GRID[:2])
-    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]), torch.full((1, 2), 98),
-                     torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    ids = two_image_prompt()
     kw = dict(input_ids=ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
-                                                                          (model, x)))
-        assert_close(out, ref, eager=eager, name="logits")
-        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
-        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+    assert_vlm_equals_hf(opt, model, model64, x, kw)
 
 
 def test_bad_inputs_are_named():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import _norm_eps
+from vitfast.hf_qwen import _norm_eps, renamed_state
 from vitfast.layers import Block, JoinedLinear, RMSNorm
 from vitfast.reference import pixtral_patch_layout, qwen_rope_tables
 
@@ -85,11 +85,7 @@ def optimize_pixtral(model: nn.Module) -> HFPixtralVisionModel:
         f.need(getattr(layer.attention, "dropout", 0.0) == 0.0 or not model.training,
                f"transformer.layers.{i}.attention dropout")
     f.check(False)
-    state = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        for old, new in _RENAME:
-            key = key.replace(old, new)
-        state[key] = value
+    state = renamed_state(model, _RENAME)
     for i in range(len(layers)):     # the packed qkv and fc1, joined from HF's projections after the build
         pre = f"blocks.{i}."
         state[pre + "attn.qkv.weight"] = torch.cat([state.pop(f"{pre}attention.{p}_proj.weight")

@@ -157,11 +157,7 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
         f.need(isinstance(act_fn, nn.GELU) and act_fn.approximate == "none",
                f"merger activation {act_fn!r} (expected exact nn.GELU)")
     f.check(False)
-    state = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        for old, new in _RENAME:
-            key = key.replace(old, new)
-        state[key] = value
+    state = renamed_state(model, _RENAME)
     split_qkv = not hasattr(blocks[0].attn, "qkv")      # Qwen2.5-Omni: q, k, v joined after the build, as fc1 below
     for i in range(len(blocks)) if split_qkv else ():
         for part in ("weight", "bias"):
@@ -192,6 +188,17 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
         blk.attn.qkv = JoinedLinear([(getattr(b.attn, p), "weight", "bias", None) for p in "qkv"])
     return HFQwenVisionModel(cfg, tower, family, model.rotary_pos_emb.inv_freq,
                              sys.modules[type(model).__module__]).train(model.training)
+
+
+def renamed_state(model: nn.Module, rename) -> dict[str, Tensor]:
+    """model's state_dict (its parameters themselves) with each (old, new) of `rename` replaced in every key,
+    in turn."""
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        for old, new in rename:
+            key = key.replace(old, new)
+        state[key] = value
+    return state
 
 
 def _norm_eps(norm: nn.Module) -> float | None:

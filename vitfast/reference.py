@@ -294,15 +294,19 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend.
     cu_seqlens (int [S + 1], the segments of packed q, k, v [1, H, T, D]; not with key_mask): SDPA on each
     segment, written into one output (reads the boundaries on the host: a sync on CUDA; tokens past cu[S]
-    are 0)."""
+    are 0), laid out [1, T, H, D] in memory (a view [1, H, T, D] of it is returned: no transpose copy for the
+    caller that goes on to [1, T, C])."""
     if cu_seqlens is not None:
-        out = q.new_zeros(q.shape)
+        B, H, N, D = q.shape
+        out = q.new_empty(B, N, H, D)
         bounds = cu_seqlens.tolist()
+        out[:, bounds[-1]:] = 0
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
                 seg = slice(start, end)
-                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg], scale=scale)
-        return out
+                out[:, seg] = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg],
+                                                             scale=scale).transpose(1, 2)
+        return out.transpose(1, 2)                                                          # (B, H, N, D) view
     if key_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     any_key = key_mask.any(-1, keepdim=True)                                                # (B, 1)
@@ -318,17 +322,6 @@ def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
     cu_seqlens: as in `torch_attention` (not with the CLS row)."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
-    if cu_seqlens is not None and not return_cls_attn and key_mask is None:
-        # each segment's output written straight into the [B, N, H, D] layout (no zero fill, no transpose copy)
-        out = q.new_empty(B, N, num_heads, q.shape[-1])
-        bounds = cu_seqlens.tolist()
-        out[:, bounds[-1]:] = 0
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                seg = slice(start, end)
-                out[:, seg] = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg],
-                                                             scale=scale).transpose(1, 2)
-        return out.reshape(B, N, -1)                                                        # (B, N, C)
     out = torch_attention(q, k, v, scale, key_mask, cu_seqlens).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
     if return_cls_attn:
         return out, attention_probs(q[:, :, :1], k, scale, key_mask)[:, :, 0].float()    # (B, H, N)
