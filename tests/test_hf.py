@@ -78,7 +78,8 @@ def test_every_supported_class_is_tested():
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
-        "PixtralVisionModel"}                                                                   # test_hf_pixtral
+        "PixtralVisionModel"} | {                                                               # test_hf_pixtral
+        "Glm4vVisionModel", "Glm4vMoeVisionModel"}                                              # test_hf_glm
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -533,6 +533,18 @@ def qwen3_position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: 
     return indices, (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, 4)
 
 
+def glm_position_grid(grid_thw: list[tuple[int, int, int]], merge: int) -> Tensor:
+    """GLM-4V's learned position table resized to each frame's patch grid by `F.grid_sample(mode="bicubic",
+    align_corners=False, padding_mode="border")`: each patch's sampling point (x, y) in [-1, 1], the centre of its
+    column and row in the frame's grid, in `qwen_patch_layout`'s order, with HF's float32 arithmetic
+    (`Glm4vVisionEmbeddings`). -> [T, 2] float32, on the CPU: the patch's embedding is the table, as an image
+    [1, C, side, side], sampled there. A frame of a video takes its video's grid (HF's VLM passes each frame as an
+    image of its own)."""
+    pos, _ = qwen_patch_layout(grid_thw, merge)
+    sizes = torch.cat([torch.tensor([[h, w]], dtype=torch.float32).expand(t * h * w, 2) for t, h, w in grid_thw])
+    return ((pos.flip(-1) + 0.5) / sizes.flip(-1)) * 2 - 1
+
+
 def to_2tuple(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 

@@ -1,0 +1,203 @@
+"""GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V-Thinking, GLM-4.6V) and
+`Glm4vMoeVisionModel` (GLM-4.5V), which `vitfast.optimize` also copies their VLMs with (`Glm4vForConditionalGeneration`,
+`Glm4vMoeForConditionalGeneration`, `Glm46VForConditionalGeneration`: the tower is their `visual`).
+
+The tower takes Qwen2-VL's packed input: hidden_states [T, C·t·P·P] (each patch flattened as (channel, frame, row,
+column)) with grid_thw [n, 3] (frames, patch rows, patch columns per image), each frame attending within itself only
+(the attention kernel's varlen form, `ops.attention_qkv` with `cu_seqlens`: one launch for the batch, no padding,
+no per-image loop). The patch embedding (a Conv3d whose stride is its kernel) is one `ops.linear` over the flattened
+patches, then an RMSNorm and the learned position table resampled to each image's patch grid (bicubic, HF's
+`grid_sample` in float32, the sampling points made on the host once per grid). Per block: RMSNorm, the packed qkv
+GEMM, the axial 2D RoPE on q and k (`ops.rope_qkv`, Qwen2-VL's tables), varlen attention, the projection with the
+residual in its epilogue, RMSNorm, the gated MLP (SiLU: gate and up as the packed SwiGLU fc1, the gating in its
+epilogue), down_proj with the residual in its epilogue. After the blocks: an RMSNorm, the merge x merge
+downsampling Conv2d as one `ops.linear` over each block of tokens, and the merger (a projection, LayerNorm, GELU and
+a gated MLP) on vitfast's GEMMs.
+
+Output: HF's BaseModelOutputWithPooling: last_hidden_state the downsampled tokens [T / merge², D], pooler_output the
+merger's [T / merge², D]; with output_hidden_states, the embeddings and each block's output but the last block's,
+whose slot holds last_hidden_state, as HF's output capturing fills it. The layout of a batch (positions, segments,
+RoPE tables, sampling points) depends only on grid_thw: it is made once per grid (one host read, as HF's) and kept,
+and the CUDA graph of a forward is keyed by the token count, the segment count and the longest segment, so batches
+of other images with those replay it with their layout as data. HF's tower reads a video's t frames' grids from the
+rows of grid_thw by frame (its VLM passes each frame as a grid of its own); the stand-in gives every frame its
+video's grid, the same numbers as that VLM's call. The stand-in holds HF's parameter tensors (an optimizer over
+either model trains both). Not supported (named in the error): attention outputs, precomputed layout arguments,
+hidden_act other than SiLU, projections with a bias where HF's have none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
+from vitfast.hf_qwen import _LAYOUT_KWARGS, HFQwenVisionModel, _norm_eps, _PatchEmbed3d, renamed_state
+from vitfast.layers import Block, JoinedLinear, LayerNorm, RMSNorm
+from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables
+
+# transformers class -> family
+CLASSES = {"Glm4vVisionModel": "glm4v", "Glm4vMoeVisionModel": "glm4v"}
+# HF's key -> the tower's (each replacement applied in turn)
+_RENAME = (("embeddings.position_embedding.", "pos_embed."), (".mlp.down_proj.", ".mlp.fc2."),
+           ("merger.down_proj.", "merger.fc2."))
+
+
+class _GlmMerger(nn.Module):
+    """GLM-4V's patch merger over the downsampled tokens: proj, LayerNorm, exact GELU, then the gated MLP
+    (fc1 = [gate | up] packed, SwiGLU in its epilogue; fc2 = down_proj), all GEMMs without bias."""
+
+    def __init__(self, dim: int, hidden: int, eps: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.post_projection_norm(ops.linear(x, self.proj.weight)))
+        return ops.linear(ops.linear(h, self.fc1.weight, activation="swiglu"), self.fc2.weight)
+
+
+class GlmVisionTower(nn.Module):
+    """The parameters of GLM-4V's vision tower in vitfast's layers (HF's tensors, adopted by `_build`): patch_embed,
+    post_conv_layernorm, pos_embed, blocks (timm's Block with RMSNorms and the packed SwiGLU MLP: norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1 = [gate | up], mlp.fc2), post_layernorm, downsample, merger."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, hidden: int, in_chans: int, temporal_patch: int,
+                 patch_size: int, out_dim: int, merge: int, merger_hidden: int, pos_side: int, qkv_bias: bool = False,
+                 patch_bias: bool = True, eps: float = 1e-5, merger_eps: float = 1e-5):
+        super().__init__()
+        self.patch_embed = _PatchEmbed3d(in_chans, embed_dim, (temporal_patch, patch_size, patch_size), patch_bias)
+        self.post_conv_layernorm = RMSNorm(embed_dim, eps=eps)
+        self.pos_embed = nn.Embedding(pos_side * pos_side, embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio=_mlp_ratio(2 * hidden, embed_dim),
+                                           qkv_bias=qkv_bias, proj_bias=False, eps=eps, mlp="swiglu")
+                                     for _ in range(depth)])
+        for blk in self.blocks:
+            blk.norm1, blk.norm2 = RMSNorm(embed_dim, eps=eps), RMSNorm(embed_dim, eps=eps)
+            blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(embed_dim, 2 * hidden, bias=False), nn.Linear(hidden, embed_dim,
+                                                                                                bias=False)
+        self.post_layernorm = RMSNorm(embed_dim, eps=eps)
+        self.downsample = nn.Conv2d(embed_dim, out_dim, merge, stride=merge)
+        self.merger = _GlmMerger(out_dim, merger_hidden, merger_eps)
+
+
+def optimize_glm(model: nn.Module) -> HFGlmVisionModel:
+    """A transformers GLM-4V vision tower (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
+    name, cfg = type(model).__name__, model.config
+    f = _Findings(f"Hugging Face {name}")
+    blocks = list(model.blocks)
+    act = getattr(cfg, "hidden_act", None)
+    f.need(act == "silu", f"hidden_act={act!r} (supported: ['silu'], the gated MLPs as SwiGLU)")
+    norms = [model.post_conv_layernorm, model.post_layernorm, *(n for b in blocks for n in (b.norm1, b.norm2))]
+    eps = {_norm_eps(n) for n in norms}
+    f.need(len(eps) == 1 and None not in eps and all(getattr(n, "bias", None) is None for n in norms),
+           f"norms (expected RMSNorms of one eps, got {sorted({type(n).__name__ for n in norms})} of eps {eps})")
+    f.need(not any(hasattr(b.attn, "q_norm") for b in blocks), "q / k norms (GLM-OCR's)")
+    for i, b in enumerate(blocks):
+        f.linear(b.attn.qkv, f"blocks.{i}.attn.qkv", bias=False)
+        for where, m in [("attn.proj", b.attn.proj)] + [(f"mlp.{p}", getattr(b.mlp, p, None))
+                                                         for p in ("gate_proj", "up_proj", "down_proj")]:
+            f.linear(m, f"blocks.{i}.{where}", bias=False) and f.need(m.bias is None, f"blocks.{i}.{where} with bias")
+        f.need(getattr(b.attn, "attention_dropout", 0.0) == 0.0 or not model.training, f"blocks.{i}.attn dropout")
+    merger = model.merger
+    for p in ("proj", "gate_proj", "up_proj", "down_proj"):
+        m = getattr(merger, p, None)
+        f.linear(m, f"merger.{p}", bias=False) and f.need(m.bias is None, f"merger.{p} with bias")
+    f.layer_norm_eps(merger.post_projection_norm, "merger.post_projection_norm", merger.proj.out_features)
+    f.need(isinstance(merger.act1, nn.GELU) and merger.act1.approximate == "none",
+           f"merger.act1 {merger.act1!r} (expected exact nn.GELU)")
+    ds = model.downsample
+    m = cfg.spatial_merge_size
+    f.need(isinstance(ds, nn.Conv2d) and tuple(ds.kernel_size) == tuple(ds.stride) == (m, m)
+           and tuple(ds.padding) == (0, 0) and ds.groups == 1 and ds.bias is not None,
+           f"downsample {ds!r} (expected a Conv2d with bias, kernel = stride = spatial_merge_size {m})")
+    f.check(False)
+    state = renamed_state(model, _RENAME)
+    for pre in [f"blocks.{i}.mlp." for i in range(len(blocks))] + ["merger."]:   # fc1 joined after the build
+        state[pre + "fc1.weight"] = torch.cat([state.pop(f"{pre}{p}_proj.weight") for p in ("gate", "up")]).detach()
+    pe = model.patch_embed.proj
+    tower_cfg = dict(embed_dim=pe.out_channels, depth=len(blocks), num_heads=blocks[0].attn.num_heads,
+                     hidden=blocks[0].mlp.gate_proj.out_features, in_chans=pe.in_channels,
+                     temporal_patch=pe.kernel_size[0], patch_size=pe.kernel_size[1], out_dim=ds.out_channels, merge=m,
+                     merger_hidden=merger.gate_proj.out_features,
+                     pos_side=int(round(model.embeddings.position_embedding.num_embeddings ** 0.5)),
+                     qkv_bias=blocks[0].attn.qkv.bias is not None, patch_bias=pe.bias is not None, eps=eps.pop(),
+                     merger_eps=merger.post_projection_norm.eps)
+    tower = _build(tower_cfg, state, model, f, GlmVisionTower)
+    for mlp, hf_mlp in [(blk.mlp, b.mlp) for blk, b in zip(tower.blocks, blocks)] + [(tower.merger, merger)]:
+        mlp.fc1 = JoinedLinear([(hf_mlp.gate_proj, "weight", None, None), (hf_mlp.up_proj, "weight", None, None)])
+    return HFGlmVisionModel(cfg, tower, model.rotary_pos_emb.inv_freq).train(model.training)
+
+
+class HFGlmVisionModel(HFQwenVisionModel):
+    """Stands in for a GLM-4V vision tower: `forward(hidden_states, grid_thw, ...)` as HF's, returning HF's output
+    object (module docstring). The tower's parameters are HF's tensors (`self.tower`). Its VLM reads `dtype` and
+    `spatial_merge_size` from it, as from HF's."""
+
+    def __init__(self, config, tower: GlmVisionTower, inv_freq: Tensor):
+        super().__init__(config, tower, "glm4v", inv_freq)
+
+    def forward(self, hidden_states=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
+        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
+            bad.insert(0, "output_attentions=True")
+        if bad:
+            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
+                                          "layout of the packed sequence from grid_thw itself)")
+        grid = self._check(hidden_states, grid_thw)
+        lay = self._layout(grid, hidden_states.device)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["points"],
+                                max_seqlen=lay["max"], output_hidden_states=bool(output_hidden_states),
+                                return_dict=return_dict)
+
+    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
+        """What the forward needs of a grid, on the device: cu_seqlens and the longest frame, the RoPE tables, the
+        position table's sampling points; made once per grid and kept (least recently used dropped first)."""
+        f64 = self.dtype == torch.float64
+        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
+        hit = self._layouts.get(key)
+        if hit is not None:
+            self._layouts.move_to_end(key)
+            return hit
+        pos, cu = qwen_patch_layout(grid, self.spatial_merge_size)
+        cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
+        lay = dict(cu=cu.to(device), cos=cos.to(device), sin=sin.to(device), max=int((cu[1:] - cu[:-1]).max()),
+                   points=glm_position_grid(grid, self.spatial_merge_size)[None, :, None].to(device))
+        self._layouts[key] = lay
+        while len(self._layouts) > self._MAX_LAYOUTS:
+            self._layouts.popitem(last=False)
+        return lay
+
+    def _forward(self, pixels, cu, cos, sin, points, *, max_seqlen, output_hidden_states, return_dict):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        tower = self.tower
+        proj, table = tower.patch_embed.proj, tower.pos_embed.weight
+        dtype, C = proj.weight.dtype, proj.out_channels
+        x = tower.post_conv_layernorm(ops.linear(pixels.to(dtype)[None], proj.weight.reshape(C, -1), proj.bias))
+        side = int(round(table.shape[0] ** 0.5))               # the table resampled as HF's does it: in float32
+        grid = table.float().reshape(side, side, C).permute(2, 0, 1)[None]
+        pos = F.grid_sample(grid, points, mode="bicubic", align_corners=False, padding_mode="border")
+        x = x + pos[0, :, :, 0].T.to(dtype)                                                      # (1, T, C)
+        hidden = [x[0]] if output_hidden_states else None
+        for blk in tower.blocks:
+            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
+            if output_hidden_states:
+                hidden.append(x[0])
+        m = self.spatial_merge_size                 # each merge x merge block of tokens, channel-major, as the conv
+        ds = tower.downsample
+        blocks = tower.post_layernorm(x).reshape(-1, m * m, C).transpose(1, 2).reshape(-1, C * m * m)
+        down = ops.linear(blocks, ds.weight.reshape(ds.out_channels, -1), ds.bias)             # (T / m², D)
+        if output_hidden_states:                    # HF's output capturing puts last_hidden_state in the last slot
+            hidden[-1] = down
+        out = BaseModelOutputWithPooling(last_hidden_state=down, pooler_output=tower.merger(down),
+                                         hidden_states=tuple(hidden) if output_hidden_states else None)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
