@@ -220,7 +220,7 @@ class HFQwenVisionModel(nn.Module):
     def __init__(self, config, tower: QwenVisionTower, family: str, inv_freq: Tensor, hf_module=None):
         super().__init__()
         self.config, self.tower, self.family = config, tower, family
-        self.spatial_merge_size = config.spatial_merge_size
+        self.spatial_merge_size = getattr(config, "spatial_merge_size", None)     # (MoonViT has merge_kernel_size)
         self.deepstack_visual_indexes = list(getattr(config, "deepstack_visual_indexes", None) or [])
         self.register_buffer("inv_freq", inv_freq.detach().clone(), persistent=False)   # HF's RoPE frequencies
         self._output = getattr(hf_module, "BaseModelOutputWithDeepstackFeatures", None) if family == "qwen3_vl" \

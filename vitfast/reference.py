@@ -498,13 +498,16 @@ def pixtral_patch_layout(sizes: list[tuple[int, int]], patch: int) -> tuple[Tens
     return torch.cat(where), cu
 
 
-def qwen_rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """The axial 2D RoPE tables of the Qwen-VL and Pixtral vision towers for patches at positions [T, 2] (row,
-    column): HF's angles, position (fp32) x inverse frequency, the row's then the column's, so that pair j of the
-    rotate-half layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in `dtype` (for
-    `ops.rope_qkv`). inv_freq: [D / 4], one set for both axes (Qwen), or [2, D / 4], the row's and the column's
-    (Pixtral: the even and the odd ones of a 1D RoPE's D / 2)."""
-    angles = (positions[..., None].float() * inv_freq.float().to(positions.device)).flatten(1)
+def qwen_rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype = torch.float32, *,
+                     pairs: bool = False) -> tuple[Tensor, Tensor]:
+    """The axial 2D RoPE tables of the Qwen-VL, GLM-4V, Pixtral and MoonViT vision towers for patches at positions
+    [T, 2] (row, column): HF's angles, position (fp32) x inverse frequency, the first axis's then the second's, so
+    that pair j of the rotate-half layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in
+    `dtype` (for `ops.rope_qkv`). inv_freq: [D / 4], one set for both axes (Qwen), or [2, D / 4], the row's and the
+    column's (Pixtral: the even and the odd ones of a 1D RoPE's D / 2). pairs=True interleaves the two axes
+    frequency by frequency instead (MoonViT, Kimi K2.5's tower, with positions given as (column, row))."""
+    angles = positions[..., None].float() * inv_freq.float().to(positions.device)
+    angles = (angles.transpose(1, 2) if pairs else angles).flatten(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -517,20 +520,60 @@ def weighted_rows(table: Tensor, taps: Tensor, weights: Tensor) -> Tensor:
 def qwen3_position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int) -> tuple[Tensor, Tensor]:
     """Qwen3-VL's learned position table (side x side rows) resized to each frame's patch grid by
     `F.interpolate(mode="bilinear", align_corners=True)`, as the 4 table rows each patch reads and their weights
-    (HF's `get_vision_interpolation_indices_and_weights`, the same fp32 arithmetic), in `qwen_patch_layout`'s
-    order. -> (indices [T, 4] int64, weights [T, 4] float32), on the CPU: the patch's embedding is
-    Σ_k weights[:, k] · table[indices[:, k]]."""
+    (HF's `get_vision_interpolation_indices_and_weights`), in `qwen_patch_layout`'s order: `position_taps`."""
+    return position_taps(grid_thw, merge, side, "bilinear", align_corners=True)
+
+
+def position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int, mode: str,
+                  align_corners: bool) -> tuple[Tensor, Tensor]:
+    """A learned side x side position table resized to each frame's patch grid by `F.interpolate(mode=mode,
+    align_corners=align_corners)` (the edge rows repeated past the border), as the table rows each patch reads and
+    their weights: 2 x 2 for "bilinear", 4 x 4 for "bicubic" (Keys' kernel, a = -0.75), with HF's fp32 arithmetic
+    (`get_vision_interpolation_indices_and_weights`), in `qwen_patch_layout`'s order (merge 1: row-major).
+    -> (indices [T, K] int64, weights [T, K] float32), on the CPU: the patch's embedding is
+    Σ_k weights[:, k] · table[indices[:, k]] (`weighted_rows`)."""
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"mode: expected 'bilinear' or 'bicubic', got {mode!r}")
     pos, _ = qwen_patch_layout(grid_thw, merge)
     sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw])
     taps, weights = [], []
+    offsets = torch.arange(2) if mode == "bilinear" else torch.arange(-1, 3)
     for axis in (0, 1):
-        src = pos[:, axis].float() * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
+        index = pos[:, axis].float()
+        if align_corners:
+            src = index * (side - 1) / (sizes[:, axis] - 1).clamp(min=1)
+        else:
+            src = (index + 0.5) * side / sizes[:, axis] - 0.5
         floor = src.floor()
-        offsets = torch.arange(2)
         taps.append((floor.long()[:, None] + offsets).clamp(0, side - 1))
-        weights.append((1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0))
-    indices = (taps[0][:, :, None] * side + taps[1][:, None, :]).reshape(-1, 4)
-    return indices, (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, 4)
+        d = (src[:, None] - floor[:, None] - offsets).abs()
+        if mode == "bilinear":
+            weights.append((1 - d).clamp(min=0))
+        else:
+            a = -0.75
+            near = ((a + 2) * d - (a + 3)) * d * d + 1
+            far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+            weights.append(torch.where(d <= 1, near, far))
+    n = offsets.numel()
+    indices = (taps[0][:, :, None] * side + taps[1][:, None, :]).reshape(-1, n * n)
+    return indices, (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, n * n)
+
+
+def temporal_pool_layout(grid_thw: list[tuple[int, int, int]], kernel: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """MoonViT's (Kimi K2.5's) merger input: each kh x kw block of a frame's row-major patches is one merged token,
+    its patches the token's kh · kw slots (row-major), each slot the mean over the clip's frames. -> (destination
+    [T] int64: the slot merged_token · kh · kw + position each patch adds into, weight [T] float32: 1 / frames of its
+    clip), on the CPU."""
+    kh, kw = kernel
+    dest, weight, merged = [], [], 0
+    for t, h, w in grid_thw:
+        nh, nw = h // kh, w // kw
+        slot = ((torch.arange(nh)[:, None, None, None] * nw + torch.arange(nw)[None, None, :, None]) * kh * kw
+                + torch.arange(kh)[None, :, None, None] * kw + torch.arange(kw)[None, None, None, :])  # nh, kh, nw, kw
+        dest.append((slot + merged * kh * kw).flatten().repeat(t))
+        weight.append(torch.full((t * h * w,), 1.0 / t))
+        merged += nh * nw
+    return torch.cat(dest), torch.cat(weight)
 
 
 def glm_position_grid(grid_thw: list[tuple[int, int, int]], merge: int) -> Tensor:
