@@ -24,8 +24,11 @@ P = 4                                         # patch size
 # a 4 x 4 position table resized to each grid; a frame sinusoid of 4 rows; 2 x 2 patches per merged token
 VISION = dict(patch_size=P, pos_emb_height=4, pos_emb_width=4, pos_emb_time=4, num_attention_heads=2,
               num_hidden_layers=2, hidden_size=32, intermediate_size=40, merge_kernel_size=(2, 2))
-# Two images and a clip of 3 frames: T = 44 patches in segments of 24, 8 and 12 (6 + 2 + 1 merged tokens).
-GRID = [(1, 4, 6), (1, 2, 4), (3, 2, 2)]
+# Three images: T = 44 patches in segments of 24, 8 and 12 (6 + 2 + 3 merged tokens); two clips of 3 frames (HF's
+# tower in transformers 5.17 pools only batches of one frame count): 12 + 24 patches (1 + 2 merged tokens); both.
+GRID = [(1, 4, 6), (1, 2, 4), (1, 6, 2)]
+CLIPS = [(3, 2, 2), (3, 4, 2)]
+MIXED = [(1, 4, 6), (1, 2, 4), (3, 2, 2)]
 
 
 def vision_model(**kw):
@@ -49,8 +52,8 @@ def test_layouts_are_hfs():
         g, num_grid_per_side=7, mode="bicubic", align_corners=False)
     assert torch.equal(taps, ref_taps) and torch.equal(weights, ref_weights)
     dest, share = temporal_pool_layout(grid, (2, 2))
-    ref = kimi.get_vision_temporal_merge_index(g, 2, 2)
-    if isinstance(ref, tuple):          # transformers 5.2x: (destination slot, 1 / frames, merged tokens)
+    if isinstance(kimi.get_vision_temporal_merge_index(torch.tensor([(1, 2, 2)]), 2, 2), tuple):
+        ref = kimi.get_vision_temporal_merge_index(g, 2, 2)     # transformers 5.2x: (slot, 1 / frames, merged)
         assert torch.equal(dest, ref[0]) and torch.equal(share, ref[1].float())
         assert ref[2] == sum(h // 2 * (w // 2) for _, h, w in grid)
     else:                               # 5.17: [merged tokens, frames, slots] of patch indices (one frame count)
@@ -68,18 +71,19 @@ def test_layouts_are_hfs():
     assert torch.equal(cos, ref_cos[:, :12]) and torch.equal(sin, ref_sin[:, :12])
 
 
-def test_vision_tower_equals_hf():
+@pytest.mark.parametrize("grid", [GRID, CLIPS], ids=["images", "clips"])
+def test_vision_tower_equals_hf(grid):
     hf = vision_model()
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     assert isinstance(opt, HFKimiVisionModel) and opt.dtype == torch.float32 and opt.merge_kernel_size == (2, 2)
     assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}          # HF's tensors, no copy
-    x, grid = packed()
+    x, grid = packed(grid)
     with torch.no_grad():
         out, ref, eager = (m(px, grid_thw=grid, output_hidden_states=True)
                            for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
     assert type(out) is type(ref) and set(out.keys()) == set(ref.keys())
-    assert out.last_hidden_state.shape == (44, 32) and out.pooler_output.shape == (9, 4, 32)
+    assert out.last_hidden_state.shape == (x.shape[0], 32) and out.pooler_output.shape == ref.pooler_output.shape
     for key in ("last_hidden_state", "pooler_output"):
         assert_close(out[key], ref[key], eager=eager[key], name=key)
     # the embeddings, block 0's output, and last_hidden_state in the last block's slot (HF's output capturing)
@@ -95,11 +99,11 @@ def test_packing_is_transparent_and_a_clips_frames_attend_together():
     """Each clip alone gives its rows of the packed batch (one segment over the whole sequence would move every
     row); a clip's frames attend to each other (its frames as separate images give other rows)."""
     opt = vitfast.optimize(vision_model())
-    x, grid = packed()
+    x, grid = packed(MIXED)
     with torch.no_grad():
         batch = opt(x, grid)
         start = 0
-        for t, h, w in GRID:
+        for t, h, w in MIXED:
             n = t * h * w
             alone = opt(x[start:start + n], torch.tensor([[t, h, w]]))
             torch.testing.assert_close(batch.last_hidden_state[start:start + n], alone.last_hidden_state,
@@ -112,13 +116,13 @@ def test_packing_is_transparent_and_a_clips_frames_attend_together():
 
 
 def test_trains_hf_tensors():
-    """Every HF parameter gets HF's float64 gradient: the position table's through its 16 taps per patch, q / k / v
-    through the packed qkv, the final LayerNorm's through the merger's frame means."""
+    """Every HF parameter gets HF's float64 gradient (two clips): the position table's through its 16 taps per patch,
+    q / k / v through the packed qkv, the final LayerNorm's through the merger's frame means."""
     hf = vision_model()
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf).train()
     hf.train(), hf64.train()
-    x, grid = packed()
+    x, grid = packed(CLIPS)
     weights = torch.randn(32, dtype=F64)
 
     def loss(out):
@@ -138,7 +142,7 @@ def test_graph_replays_with_the_layout_as_data():
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
-    grids = [GRID, GRID, [(1, 6, 4), (1, 4, 2), (3, 2, 2)], [(1, 2, 12), (1, 4, 2), (3, 2, 2)]]
+    grids = [GRID, GRID, [(1, 6, 4), (1, 4, 2), (1, 2, 6)], [(1, 2, 12), (1, 4, 2), (1, 6, 2)]]
     with torch.no_grad():
         for grid in grids:
             x, g = packed(grid)
