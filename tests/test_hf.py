@@ -80,7 +80,8 @@ def test_every_supported_class_is_tested():
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral
         "Glm4vVisionModel", "Glm4vMoeVisionModel"} | {                                          # test_hf_glm
-        "Kimi_K25VisionModel"}                                                                  # test_hf_kimi
+        "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi
+        "PaddleOCRVisionModel"}                                                                 # test_hf_paddleocr
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -183,7 +183,7 @@ class _Findings:
     def patchify(self, proj, where: str, bias: bool = True) -> bool:
         """A non-overlapping patchify Conv2d, with a bias exactly when `bias` (timm drops it with pre_norm)."""
         ok = isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) and \
-            tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1
+            proj.padding in ("valid", (0, 0)) and tuple(proj.dilation) == (1, 1) and proj.groups == 1
         ok = self.need(ok, f"{where}: {type(proj).__name__} (expected a non-overlapping patchify Conv2d; "
                            "conv stems are not supported)")
         has = ok and proj.bias is not None

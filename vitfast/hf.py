@@ -35,7 +35,7 @@ as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 
 Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's
 (Pixtral-12B's and Mistral Small 3.1's, packed images of any size) is in `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V,
 GLM-4.5V and GLM-4.6V, Qwen2-VL's packed sequences) in `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and
-video clips) in `vitfast.hf_kimi`.
+video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in `vitfast.hf_paddleocr`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked
@@ -68,6 +68,8 @@ from vitfast.hf_glm import CLASSES as GLM_CLASSES
 from vitfast.hf_glm import optimize_glm
 from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
 from vitfast.hf_kimi import optimize_kimi
+from vitfast.hf_paddleocr import CLASSES as PADDLEOCR_CLASSES
+from vitfast.hf_paddleocr import optimize_paddleocr
 from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
 from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
@@ -116,6 +118,8 @@ CLASSES = {
     **{name: (family, None) for name, family in GLM_CLASSES.items()},
     # Kimi K2.5's MoonViT over packed patches of images and videos (vitfast.hf_kimi)
     **{name: (family, None) for name, family in KIMI_CLASSES.items()},
+    # PaddleOCR-VL's NaViT over packed patches of images (vitfast.hf_paddleocr)
+    **{name: (family, None) for name, family in PADDLEOCR_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -141,6 +145,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_glm(model)
     if family == "kimi_k25":
         return optimize_kimi(model)
+    if family == "paddleocr_vl":
+        return optimize_paddleocr(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

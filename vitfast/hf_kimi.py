@@ -92,6 +92,9 @@ def optimize_kimi(model: nn.Module) -> HFKimiVisionModel:
     table = model.patch_embed.pos_emb.position_embeddings
     f.need(table.dim() == 3 and table.shape[0] == table.shape[1],
            f"position table {tuple(table.shape)} (expected a square grid [side, side, C])")
+    pos_emb = model.patch_embed.pos_emb      # how HF resizes the table (its attributes, as its forward reads them)
+    resize = (getattr(pos_emb, "interpolation_mode", "bicubic"), getattr(pos_emb, "interpolation_align_corners", False))
+    f.need(resize[0] in ("bilinear", "bicubic"), f"position table resized by {resize[0]!r} (bilinear or bicubic)")
     f.check(False)
     state = renamed_state(model, _RENAME)
     for i in range(len(layers)):          # the packed qkv, joined from HF's projections after the build
@@ -104,8 +107,8 @@ def optimize_kimi(model: nn.Module) -> HFKimiVisionModel:
     tower = _build(tower_cfg, state, model, f, KimiVisionTower)
     for blk, layer in zip(tower.blocks, layers):
         blk.attn.qkv = JoinedLinear([(getattr(layer.attn, f"{p}_proj"), "weight", "bias", None) for p in "qkv"])
-    return HFKimiVisionModel(cfg, tower, model.rotary_emb.inv_freq,
-                             model.patch_embed.pos_emb.time_position_embeddings).train(model.training)
+    return HFKimiVisionModel(cfg, tower, model.rotary_emb.inv_freq, pos_emb.time_position_embeddings,
+                             resize).train(model.training)
 
 
 class HFKimiVisionModel(HFQwenVisionModel):
@@ -113,8 +116,10 @@ class HFKimiVisionModel(HFQwenVisionModel):
     object (module docstring). The tower's parameters are HF's tensors (`self.tower`). Its VLM reads
     `merge_kernel_size` and `dtype` from it, as from HF's."""
 
-    def __init__(self, config, tower: KimiVisionTower, inv_freq: Tensor, time_embed: Tensor):
+    def __init__(self, config, tower: KimiVisionTower, inv_freq: Tensor, time_embed: Tensor,
+                 resize: tuple[str, bool] = ("bicubic", False)):
         super().__init__(config, tower, "kimi_k25", inv_freq)
+        self.resize = resize                              # the position table's (mode, align_corners)
         self.merge_kernel_size = tuple(config.merge_kernel_size)
         self.register_buffer("time_embed", time_embed.detach().clone(), persistent=False)   # HF's frame sinusoid
 
@@ -175,7 +180,7 @@ class HFKimiVisionModel(HFQwenVisionModel):
         lengths = torch.tensor([t * h * w for t, h, w in grid])
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
         cos, sin = qwen_rope_tables(pos.flip(-1), self.inv_freq, torch.float64 if f64 else torch.float32, pairs=True)
-        taps, weights = position_taps(grid, 1, self.tower.pos_embed.shape[0], "bicubic", align_corners=False)
+        taps, weights = position_taps(grid, 1, self.tower.pos_embed.shape[0], *self.resize)
         frames = torch.cat([(torch.arange(t) + int(t > 1)).repeat_interleave(h * w) for t, h, w in grid])
         dest, share = temporal_pool_layout(grid, self.merge_kernel_size)
         wide = torch.float64 if f64 else torch.float32

@@ -524,8 +524,8 @@ def qwen3_position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: 
     return position_taps(grid_thw, merge, side, "bilinear", align_corners=True)
 
 
-def position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int, mode: str,
-                  align_corners: bool) -> tuple[Tensor, Tensor]:
+def position_taps(grid_thw: list[tuple[int, int, int]], merge: int, side: int, mode: str = "bilinear",
+                  align_corners: bool = False) -> tuple[Tensor, Tensor]:
     """A learned side x side position table resized to each frame's patch grid by `F.interpolate(mode=mode,
     align_corners=align_corners)` (the edge rows repeated past the border), as the table rows each patch reads and
     their weights: 2 x 2 for "bilinear", 4 x 4 for "bicubic" (Keys' kernel, a = -0.75), with HF's fp32 arithmetic

@@ -1,0 +1,190 @@
+"""PaddleOCR-VL's vision tower on vitfast: transformers' `PaddleOCRVisionModel` (a SigLIP-style NaViT), which
+`vitfast.optimize` also copies `PaddleOCRVLForConditionalGeneration` with (the tower is its `visual`).
+
+The tower takes the patches of several images packed into one sequence: pixel_values [B, L, C, P, P] (B · L = T
+patches, each image's row-major, image after image; the VLM passes B = 1) with grid_thw [n, 3] (frames, patch rows,
+patch columns per image). Every frame attends within itself only: the attention kernel's varlen form
+(`ops.attention_qkv` with `cu_seqlens`: one launch for the batch, no padding, no per-image loop). The patch embedding
+(a Conv2d whose stride is its kernel) is one `ops.linear` over the flattened patches with the position embedding
+added in its epilogue: the learned table resized to each image's grid (bilinear; the taps and weights made on the host
+once per grid, with the align_corners of HF's module: transformers 5.17 aligns the corners, 5.2x does not). Per block:
+LayerNorm, the packed q / k / v GEMM (HF's three projections joined), the axial 2D RoPE on q and k (`ops.rope_qkv`,
+Qwen2-VL's tables over each image's row-major patches), varlen attention, out_proj with the residual in its epilogue,
+LayerNorm, fc1 with the GELU (tanh) in its epilogue, fc2 with the residual in its. Then the post LayerNorm.
+
+Output: HF's BaseModelOutputWithPooling: last_hidden_state [T, C] after the post LayerNorm (what the VLM's projector
+merges), pooler_output None; with output_hidden_states, the embeddings and each block's output (before the post
+LayerNorm, as HF's). HF's tower takes an attention_mask it never applies (each image's attention is its own segment);
+the stand-in ignores it too. The layout of a batch depends only on grid_thw: it is made once per grid (one host read,
+as HF's) and kept, and the CUDA graph of a forward is keyed by the token count, the segment count and the longest
+segment, so batches of other images with those replay it with their layout as data. The stand-in holds HF's parameter
+tensors (an optimizer over either model trains both). Not supported (named in the error): attention outputs,
+precomputed layout arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
+from vitfast.hf_kimi import _Patchify
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
+from vitfast.layers import Block, JoinedLinear, LayerNorm
+from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, weighted_rows
+
+# transformers class -> family
+CLASSES = {"PaddleOCRVisionModel": "paddleocr_vl"}
+# HF's key -> the tower's (each replacement applied in turn)
+_RENAME = (("vision_model.embeddings.patch_embedding.", "patch_embed.proj."),
+           ("vision_model.embeddings.position_embedding.", "pos_embed."), ("vision_model.encoder.layers.", "blocks."),
+           (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.out_proj.", ".attn.proj."),
+           ("vision_model.post_layernorm.", "norm."))
+# The layout a caller may hand HF's tower precomputed (transformers' vision_utils): vitfast makes its own from
+# grid_thw and refuses these rather than ignore them.
+_LAYOUT_KWARGS = {"cu_seqlens", "max_seqlen", "position_ids", "interp_indices", "interp_weights"}
+
+
+class PaddleOCRVisionTower(nn.Module):
+    """The parameters of PaddleOCR-VL's vision tower in vitfast's layers (HF's tensors, adopted by `_build`):
+    patch_embed, pos_embed [side², C], blocks (timm's Block: norm1, attn.qkv = HF's q / k / v, attn.proj, norm2,
+    mlp.fc1, mlp.fc2), norm."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, hidden: int, act: str, in_chans: int,
+                 patch_size: int, pos_side: int, eps: float = 1e-6):
+        super().__init__()
+        self.patch_embed = _Patchify(in_chans, embed_dim, patch_size)
+        self.pos_embed = nn.Embedding(pos_side * pos_side, embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio=_mlp_ratio(hidden, embed_dim), act=act,
+                                           eps=eps) for _ in range(depth)])
+        self.norm = LayerNorm(embed_dim, eps=eps)
+
+
+def optimize_paddleocr(model: nn.Module) -> HFPaddleOCRVisionModel:
+    """A transformers PaddleOCRVisionModel -> its stand-in on vitfast (module docstring)."""
+    name, cfg = type(model).__name__, model.config
+    f = _Findings(f"Hugging Face {name}")
+    vm = model.vision_model
+    layers = list(vm.encoder.layers)
+    act = _ACTIVATIONS.get(getattr(cfg, "hidden_act", None))
+    f.need(act is not None, f"hidden_act={getattr(cfg, 'hidden_act', None)!r} (supported: {sorted(_ACTIVATIONS)})")
+    emb = vm.embeddings
+    pe = emb.patch_embedding
+    f.patchify(pe, "vision_model.embeddings.patch_embedding")
+    dim = pe.out_channels
+    eps = {f.layer_norm_eps(vm.post_layernorm, "vision_model.post_layernorm", dim)}
+    for i, layer in enumerate(layers):
+        where = f"vision_model.encoder.layers.{i}"
+        for norm in ("layer_norm1", "layer_norm2"):
+            eps.add(f.layer_norm_eps(getattr(layer, norm), f"{where}.{norm}", dim))
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            f.linear(getattr(layer.self_attn, proj, None), f"{where}.self_attn.{proj}")
+        for fc in ("fc1", "fc2"):
+            f.linear(getattr(layer.mlp, fc, None), f"{where}.mlp.{fc}")
+        f.need(getattr(layer.self_attn, "attention_dropout", 0.0) == 0.0 or not model.training,
+               f"{where}.self_attn dropout")
+    f.need(len(eps) == 1, f"LayerNorms of one eps (got {sorted(map(str, eps))})")
+    resize = (getattr(emb, "interpolation_mode", "bilinear"), getattr(emb, "interpolation_align_corners", False))
+    f.need(resize[0] in ("bilinear", "bicubic"), f"position table resized by {resize[0]!r} (bilinear or bicubic)")
+    f.check(False)
+    state = renamed_state(model, _RENAME)
+    for i in range(len(layers)):          # the packed qkv, joined from HF's projections after the build
+        for part in ("weight", "bias"):
+            state[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([state.pop(f"blocks.{i}.self_attn.{p}_proj.{part}")
+                                                              for p in "qkv"]).detach()
+    tower_cfg = dict(embed_dim=dim, depth=len(layers), num_heads=layers[0].self_attn.num_heads,
+                     hidden=layers[0].mlp.fc1.out_features, act=act, in_chans=pe.in_channels,
+                     patch_size=pe.kernel_size[0], pos_side=int(round(emb.position_embedding.num_embeddings ** 0.5)),
+                     eps=eps.pop())
+    tower = _build(tower_cfg, state, model, f, PaddleOCRVisionTower)
+    for blk, layer in zip(tower.blocks, layers):
+        blk.attn.qkv = JoinedLinear([(getattr(layer.self_attn, f"{p}_proj"), "weight", "bias", None) for p in "qkv"])
+    return HFPaddleOCRVisionModel(cfg, tower, vm.encoder.rotary_pos_emb.inv_freq, resize).train(model.training)
+
+
+class HFPaddleOCRVisionModel(HFQwenVisionModel):
+    """Stands in for PaddleOCR-VL's PaddleOCRVisionModel: `forward(pixel_values, grid_thw, ...)` as HF's, returning
+    HF's output object (module docstring). The tower's parameters are HF's tensors (`self.tower`). Its VLM reads
+    `dtype` from it, as from HF's."""
+
+    def __init__(self, config, tower: PaddleOCRVisionTower, inv_freq: Tensor, resize: tuple[str, bool]):
+        super().__init__(config, tower, "paddleocr_vl", inv_freq)
+        self.resize = resize                              # the position table's (mode, align_corners)
+
+    def forward(self, pixel_values=None, grid_thw=None, attention_mask=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
+        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
+            bad.insert(0, "output_attentions=True")
+        if bad:
+            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
+                                          "layout of the packed sequence from grid_thw itself)")
+        grid = self._check(pixel_values, grid_thw)
+        lay = self._layout(grid, pixel_values.device)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        return self.cuda_graphs(self, self._forward, pixel_values, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
+                                lay["weights"], max_seqlen=lay["max"], output_hidden_states=bool(output_hidden_states),
+                                return_dict=return_dict)
+
+    def _check(self, pixel_values, grid_thw) -> list[tuple[int, int, int]]:
+        """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
+        pe = self.tower.patch_embed.proj
+        shape = (pe.in_channels, *pe.kernel_size)
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != shape:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: expected patches [B, L, {', '.join(map(str, shape))}], got {got}")
+        if not isinstance(grid_thw, Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3 \
+                or grid_thw.is_floating_point() or grid_thw.is_complex():
+            got = (f"{tuple(grid_thw.shape)} {grid_thw.dtype}" if isinstance(grid_thw, Tensor)
+                   else type(grid_thw).__name__)
+            raise ValueError(f"grid_thw: expected an integer tensor [n, 3] (frames, patch rows, patch columns), "
+                             f"got {got}")
+        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        T = pixel_values.shape[0] * pixel_values.shape[1]
+        if not grid or any(t < 1 or h < 1 or w < 1 for t, h, w in grid) or sum(t * h * w for t, h, w in grid) != T:
+            raise ValueError(f"grid_thw: expected at least one grid, of at least 1 frame, patch row and column, "
+                             f"whose patches add up to B · L = {T}, got {grid}")
+        return grid
+
+    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
+        """What the forward needs of a grid, on the device: cu_seqlens (one segment per frame) and the longest
+        frame, the RoPE tables, the position table's taps; made once per grid and kept (least recently used dropped
+        first)."""
+        f64 = self.dtype == torch.float64
+        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
+        hit = self._layouts.get(key)
+        if hit is not None:
+            self._layouts.move_to_end(key)
+            return hit
+        pos, cu = qwen_patch_layout(grid, 1)
+        cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
+        side = int(round(self.tower.pos_embed.num_embeddings ** 0.5))
+        taps, weights = position_taps(grid, 1, side, *self.resize)
+        lay = dict(cu=cu, cos=cos, sin=sin, taps=taps, weights=weights.double() if f64 else weights)
+        lay = {k: v.to(device) for k, v in lay.items()}
+        lay["max"] = int((cu[1:] - cu[:-1]).max())
+        self._layouts[key] = lay
+        while len(self._layouts) > self._MAX_LAYOUTS:
+            self._layouts.popitem(last=False)
+        return lay
+
+    def _forward(self, pixels, cu, cos, sin, taps, weights, *, max_seqlen, output_hidden_states, return_dict):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        tower = self.tower
+        proj = tower.patch_embed.proj
+        dtype, C = proj.weight.dtype, proj.out_channels
+        pos = weighted_rows(tower.pos_embed.weight, taps, weights)               # HF: in the weights' dtype
+        x = ops.linear(pixels.to(dtype).reshape(1, -1, proj.weight[0].numel()), proj.weight.reshape(C, -1),
+                       proj.bias, residual=pos.to(dtype)[None])                                      # (1, T, C)
+        hidden = [x[0]] if output_hidden_states else None
+        for blk in tower.blocks:
+            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
+            if output_hidden_states:
+                hidden.append(x[0])
+        out = BaseModelOutputWithPooling(last_hidden_state=tower.norm(x)[0], pooler_output=None,
+                                         hidden_states=tuple(hidden) if output_hidden_states else None)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
