@@ -1,5 +1,6 @@
-"""GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V, GLM-4.6V) and `Glm4vMoeVisionModel`
-(GLM-4.5V) over Qwen2-VL's packed patch sequences (each frame attending within itself: the attention kernel's varlen
+"""GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V, GLM-4.6V), `Glm4vMoeVisionModel`
+(GLM-4.5V) and `GlmOcrVisionModel` (GLM-OCR: q / k norms, biases, no position table) over Qwen2-VL's packed patch
+sequences (each frame attending within itself: the attention kernel's varlen
 form), and their VLMs. Compared in fp32 against HF in float64, bounded by HF's own fp32 error; the packing is
 transparent; a video's frames give what HF's VLM gets for them; gradients reach HF's tensors; a CUDA graph replays
 batches of other images with the same token and segment counts."""
@@ -35,11 +36,12 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
 GRID = [(1, 4, 6), (1, 2, 4), (1, 6, 2)]
 
 
-def vision_model(moe: bool = False, **kw):
-    if moe:
-        cls = (transformers.Glm4vMoeVisionConfig, transformers.models.glm4v_moe.modeling_glm4v_moe.Glm4vMoeVisionModel)
-    else:
-        cls = (transformers.Glm4vVisionConfig, transformers.models.glm4v.modeling_glm4v.Glm4vVisionModel)
+def vision_model(kind: str = "glm4v", **kw):
+    models = transformers.models
+    cls = {"glm4v": (transformers.Glm4vVisionConfig, models.glm4v.modeling_glm4v.Glm4vVisionModel),
+           "glm4v_moe": (transformers.Glm4vMoeVisionConfig, models.glm4v_moe.modeling_glm4v_moe.Glm4vMoeVisionModel),
+           "glm_ocr": (models.glm_ocr.configuration_glm_ocr.GlmOcrVisionConfig,
+                       models.glm_ocr.modeling_glm_ocr.GlmOcrVisionModel)}[kind]
     return perturbed(cls[1](cls[0](**{**VISION, **kw})))
 
 
@@ -64,9 +66,11 @@ def test_position_table_sampling_is_hfs():
     assert torch.equal(ours[0, :, :, 0].T, ref)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["glm4v", "glm4v_moe"])
-def test_vision_tower_equals_hf(moe):
-    hf = vision_model(moe)
+@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe", "glm_ocr"])
+def test_vision_tower_equals_hf(kind):
+    if kind == "glm_ocr":
+        pytest.importorskip("transformers.models.glm_ocr")
+    hf = vision_model(kind)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     assert isinstance(opt, HFGlmVisionModel) and opt.dtype == torch.float32 and opt.spatial_merge_size == 2
@@ -112,10 +116,14 @@ def test_packing_is_transparent_and_frames_are_images():
     torch.testing.assert_close(as_frames.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
 
 
-def test_trains_hf_tensors():
+@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr"])
+def test_trains_hf_tensors(kind):
     """Every HF parameter gets HF's float64 gradient: the position table's through the bicubic sampling, the patch
-    embedding's and the downsampling's through their GEMMs, the merger's through its gated MLP."""
-    hf = vision_model()
+    embedding's and the downsampling's through their GEMMs, the merger's through its gated MLP; GLM-OCR's q / k
+    norms' and biases'."""
+    if kind == "glm_ocr":
+        pytest.importorskip("transformers.models.glm_ocr")
+    hf = vision_model(kind)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf).train()
     hf.train(), hf64.train()
@@ -148,12 +156,16 @@ def test_graph_replays_with_the_layout_as_data():
     assert runner.captures == 1
 
 
-@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe", "glm46v"])
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe", "glm46v", "glm_ocr"])
 def test_vision_language_model_equals_hf(family):
     """GLM-4.1V (Glm4vForConditionalGeneration), GLM-4.5V (Glm4vMoeForConditionalGeneration: a dense layer, then a
-    mixture-of-experts one) and GLM-4.6V (Glm46VForConditionalGeneration) with the tower on vitfast (the language model
-    shared): the logits over a prompt with two images, and greedy `generate`, as HF's."""
-    if family == "glm46v":
+    mixture-of-experts one), GLM-4.6V (Glm46VForConditionalGeneration) and GLM-OCR (GlmOcrForConditionalGeneration)
+    with the tower on vitfast (the language model shared): the logits over a prompt with two images, and greedy
+    `generate`, as HF's."""
+    if family == "glm_ocr":
+        glm_ocr = pytest.importorskip("transformers.models.glm_ocr")
+        cls, cfg, vision, text = glm_ocr.GlmOcrForConditionalGeneration, glm_ocr.GlmOcrConfig, VISION, TEXT
+    elif family == "glm46v":
         glm46v = pytest.importorskip("transformers.models.glm46v")
         cls, cfg = glm46v.Glm46VForConditionalGeneration, glm46v.Glm46VConfig
         vision, text = dict(VISION, model_type="glm4v_vision"), dict(TEXT, model_type="glm4v_text")
@@ -203,11 +215,14 @@ def test_unsupported_and_bad_inputs_are_named():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_vision_tower_in_half_precision_on_cuda(dtype, no_tf32):
+def test_vision_tower_in_half_precision_on_cuda(dtype, kind, no_tf32):
     """fp16 / bf16 on vitfast's kernels at GLM-4V's head dim (128), eager then its CUDA graph's replays (other images
     each time), against HF in fp32 within 2x the error of HF itself in that dtype."""
-    hf = vision_model(hidden_size=256, num_heads=2, out_hidden_size=256, intermediate_size=512, patch_size=14,
+    if kind == "glm_ocr":
+        pytest.importorskip("transformers.models.glm_ocr")
+    hf = vision_model(kind, hidden_size=256, num_heads=2, out_hidden_size=256, intermediate_size=512, patch_size=14,
                       image_size=336).cuda()
     low = copy.deepcopy(hf).to(dtype)
     opt = vitfast.optimize(low)

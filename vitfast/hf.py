@@ -34,7 +34,7 @@ vision model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfas
 as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and the Qwen2.5-Omni and
 Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's
 (Pixtral-12B's and Mistral Small 3.1's, packed images of any size) is in `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V,
-GLM-4.5V and GLM-4.6V, Qwen2-VL's packed sequences) in `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and
+GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and
 video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in `vitfast.hf_paddleocr`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
@@ -114,7 +114,7 @@ CLASSES = {
     **{name: (family, None) for name, family in QWEN_CLASSES.items()},
     # Pixtral's encoder (Pixtral-12B, Mistral Small 3.1 / 3.2) over packed images of any size (vitfast.hf_pixtral)
     **{name: (family, None) for name, family in PIXTRAL_CLASSES.items()},
-    # GLM-4V's tower (GLM-4.1V, GLM-4.5V, GLM-4.6V) over Qwen2-VL's packed patch sequences (vitfast.hf_glm)
+    # GLM-4V's tower (GLM-4.1V, GLM-4.5V, GLM-4.6V, GLM-OCR) over Qwen2-VL's packed patch sequences (vitfast.hf_glm)
     **{name: (family, None) for name, family in GLM_CLASSES.items()},
     # Kimi K2.5's MoonViT over packed patches of images and videos (vitfast.hf_kimi)
     **{name: (family, None) for name, family in KIMI_CLASSES.items()},

@@ -1,6 +1,7 @@
-"""GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V-Thinking, GLM-4.6V) and
-`Glm4vMoeVisionModel` (GLM-4.5V), which `vitfast.optimize` also copies their VLMs with (`Glm4vForConditionalGeneration`,
-`Glm4vMoeForConditionalGeneration`, `Glm46VForConditionalGeneration`: the tower is their `visual`).
+"""GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V-Thinking, GLM-4.6V),
+`Glm4vMoeVisionModel` (GLM-4.5V) and `GlmOcrVisionModel` (GLM-OCR), which `vitfast.optimize` also copies their VLMs
+with (`Glm4vForConditionalGeneration`, `Glm4vMoeForConditionalGeneration`, `Glm46VForConditionalGeneration`,
+`GlmOcrForConditionalGeneration`: the tower is their `visual`).
 
 The tower takes Qwen2-VL's packed input: hidden_states [T, C·t·P·P] (each patch flattened as (channel, frame, row,
 column)) with grid_thw [n, 3] (frames, patch rows, patch columns per image), each frame attending within itself only
@@ -12,7 +13,9 @@ GEMM, the axial 2D RoPE on q and k (`ops.rope_qkv`, Qwen2-VL's tables), varlen a
 residual in its epilogue, RMSNorm, the gated MLP (SiLU: gate and up as the packed SwiGLU fc1, the gating in its
 epilogue), down_proj with the residual in its epilogue. After the blocks: an RMSNorm, the merge x merge
 downsampling Conv2d as one `ops.linear` over each block of tokens, and the merger (a projection, LayerNorm, GELU and
-a gated MLP) on vitfast's GEMMs.
+a gated MLP) on vitfast's GEMMs. GLM-OCR's tower has no position table and no RMSNorm after the patch embedding, biases
+in its blocks' projections, and RMSNorms of each head's q and k before the RoPE (an rms_norm pass over q and one over
+k, reassembled into the packed qkv).
 
 Output: HF's BaseModelOutputWithPooling: last_hidden_state the downsampled tokens [T / merge², D], pooler_output the
 merger's [T / merge², D]; with output_hidden_states, the embeddings and each block's output but the last block's,
@@ -23,7 +26,8 @@ of other images with those replay it with their layout as data. HF's tower reads
 rows of grid_thw by frame (its VLM passes each frame as a grid of its own); the stand-in gives every frame its
 video's grid, the same numbers as that VLM's call. The stand-in holds HF's parameter tensors (an optimizer over
 either model trains both). Not supported (named in the error): attention outputs, precomputed layout arguments,
-hidden_act other than SiLU, projections with a bias where HF's have none.
+hidden_act other than SiLU, blocks whose projections' biases or q / k norms differ from the first block's, a merger
+with biases.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
 from vitfast.hf_qwen import _LAYOUT_KWARGS, HFQwenVisionModel, _norm_eps, _PatchEmbed3d, renamed_state
-from vitfast.layers import Block, JoinedLinear, LayerNorm, RMSNorm
+from vitfast.layers import Attention, Block, JoinedLinear, LayerNorm, RMSNorm
 from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables
 
 # transformers class -> family
-CLASSES = {"Glm4vVisionModel": "glm4v", "Glm4vMoeVisionModel": "glm4v"}
+CLASSES = {"Glm4vVisionModel": "glm4v", "Glm4vMoeVisionModel": "glm4v",
+           # GLM-OCR's: no position table, biases in the blocks, q / k RMSNorms per head before the RoPE
+           "GlmOcrVisionModel": "glm4v"}
 # HF's key -> the tower's (each replacement applied in turn)
 _RENAME = (("embeddings.position_embedding.", "pos_embed."), (".mlp.down_proj.", ".mlp.fc2."),
            ("merger.down_proj.", "merger.fc2."))
@@ -61,25 +67,52 @@ class _GlmMerger(nn.Module):
         return ops.linear(ops.linear(h, self.fc1.weight, activation="swiglu"), self.fc2.weight)
 
 
+class _QKNormAttention(Attention):
+    """vitfast's attention with GLM-OCR's RMSNorms of each head's q and k (q_norm, k_norm over the head dim) between
+    the qkv GEMM and the RoPE: one rms_norm pass over q and one over k, reassembled into the packed qkv."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool, eps: float):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps=eps), RMSNorm(self.head_dim, eps=eps)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None,
+                rope: tuple[Tensor, Tensor] | None = None, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None, **_) -> Tensor:
+        """x [1, T, C] (packed segments, `Attention`) -> proj(attention(rope(norm(qkv(x))))) (+ residual)."""
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        B, T, _ = qkv.shape
+        parts = qkv.view(B, T, 3, self.num_heads, self.head_dim)
+        qkv = torch.stack([self.q_norm(parts[:, :, 0]), self.k_norm(parts[:, :, 1]), parts[:, :, 2]], dim=2)
+        qkv = qkv.reshape(B, T, -1)
+        if rope is not None:
+            qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)
+        out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
+
+
 class GlmVisionTower(nn.Module):
     """The parameters of GLM-4V's vision tower in vitfast's layers (HF's tensors, adopted by `_build`): patch_embed,
-    post_conv_layernorm, pos_embed, blocks (timm's Block with RMSNorms and the packed SwiGLU MLP: norm1, attn.qkv,
-    attn.proj, norm2, mlp.fc1 = [gate | up], mlp.fc2), post_layernorm, downsample, merger."""
+    post_conv_layernorm and pos_embed (not GLM-OCR's), blocks (timm's Block with RMSNorms and the packed SwiGLU MLP:
+    norm1, attn.qkv, attn.proj, GLM-OCR's attn.q_norm and attn.k_norm, norm2, mlp.fc1 = [gate | up], mlp.fc2),
+    post_layernorm, downsample, merger."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, hidden: int, in_chans: int, temporal_patch: int,
                  patch_size: int, out_dim: int, merge: int, merger_hidden: int, pos_side: int, qkv_bias: bool = False,
+                 proj_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False, post_conv_norm: bool = True,
                  patch_bias: bool = True, eps: float = 1e-5, merger_eps: float = 1e-5):
         super().__init__()
         self.patch_embed = _PatchEmbed3d(in_chans, embed_dim, (temporal_patch, patch_size, patch_size), patch_bias)
-        self.post_conv_layernorm = RMSNorm(embed_dim, eps=eps)
-        self.pos_embed = nn.Embedding(pos_side * pos_side, embed_dim)
+        self.post_conv_layernorm = RMSNorm(embed_dim, eps=eps) if post_conv_norm else None
+        self.pos_embed = nn.Embedding(pos_side * pos_side, embed_dim) if pos_side else None
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio=_mlp_ratio(2 * hidden, embed_dim),
-                                           qkv_bias=qkv_bias, proj_bias=False, eps=eps, mlp="swiglu")
+                                           qkv_bias=qkv_bias, proj_bias=proj_bias, eps=eps, mlp="swiglu")
                                      for _ in range(depth)])
         for blk in self.blocks:
             blk.norm1, blk.norm2 = RMSNorm(embed_dim, eps=eps), RMSNorm(embed_dim, eps=eps)
-            blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(embed_dim, 2 * hidden, bias=False), nn.Linear(hidden, embed_dim,
-                                                                                                bias=False)
+            blk.mlp.fc1 = nn.Linear(embed_dim, 2 * hidden, bias=mlp_bias)
+            blk.mlp.fc2 = nn.Linear(hidden, embed_dim, bias=mlp_bias)
+            if qk_norm:
+                blk.attn = _QKNormAttention(embed_dim, num_heads, qkv_bias, proj_bias, eps)
         self.post_layernorm = RMSNorm(embed_dim, eps=eps)
         self.downsample = nn.Conv2d(embed_dim, out_dim, merge, stride=merge)
         self.merger = _GlmMerger(out_dim, merger_hidden, merger_eps)
@@ -92,16 +125,23 @@ def optimize_glm(model: nn.Module) -> HFGlmVisionModel:
     blocks = list(model.blocks)
     act = getattr(cfg, "hidden_act", None)
     f.need(act == "silu", f"hidden_act={act!r} (supported: ['silu'], the gated MLPs as SwiGLU)")
-    norms = [model.post_conv_layernorm, model.post_layernorm, *(n for b in blocks for n in (b.norm1, b.norm2))]
+    post_conv = getattr(model, "post_conv_layernorm", None)
+    qk_norm = hasattr(blocks[0].attn, "q_norm")
+    norms = [n for n in (post_conv, model.post_layernorm) if n is not None] + \
+        [n for b in blocks for n in (b.norm1, b.norm2, *((b.attn.q_norm, b.attn.k_norm) if qk_norm else ()))]
     eps = {_norm_eps(n) for n in norms}
     f.need(len(eps) == 1 and None not in eps and all(getattr(n, "bias", None) is None for n in norms),
            f"norms (expected RMSNorms of one eps, got {sorted({type(n).__name__ for n in norms})} of eps {eps})")
-    f.need(not any(hasattr(b.attn, "q_norm") for b in blocks), "q / k norms (GLM-OCR's)")
+    biased = {where: getattr(getattr(blocks[0], where.split(".")[0]), where.split(".")[1]).bias is not None
+              for where in ("attn.qkv", "attn.proj", "mlp.gate_proj")}
     for i, b in enumerate(blocks):
-        f.linear(b.attn.qkv, f"blocks.{i}.attn.qkv", bias=False)
-        for where, m in [("attn.proj", b.attn.proj)] + [(f"mlp.{p}", getattr(b.mlp, p, None))
-                                                         for p in ("gate_proj", "up_proj", "down_proj")]:
-            f.linear(m, f"blocks.{i}.{where}", bias=False) and f.need(m.bias is None, f"blocks.{i}.{where} with bias")
+        f.need(hasattr(b.attn, "q_norm") == hasattr(b.attn, "k_norm") == qk_norm, f"blocks.{i}.attn: q / k norms "
+               f"{'in every block' if qk_norm else 'in no block'} (as blocks.0)")
+        for where, m in [("attn.qkv", b.attn.qkv), ("attn.proj", b.attn.proj)] + \
+                [(f"mlp.{p}", getattr(b.mlp, p, None)) for p in ("gate_proj", "up_proj", "down_proj")]:
+            bias = biased[where if where.startswith("attn") else "mlp.gate_proj"]
+            f.linear(m, f"blocks.{i}.{where}", bias=False) and f.need(
+                (m.bias is not None) == bias, f"blocks.{i}.{where} {'without' if bias else 'with'} bias (as blocks.0)")
         f.need(getattr(b.attn, "attention_dropout", 0.0) == 0.0 or not model.training, f"blocks.{i}.attn dropout")
     merger = model.merger
     for p in ("proj", "gate_proj", "up_proj", "down_proj"):
@@ -118,18 +158,22 @@ def optimize_glm(model: nn.Module) -> HFGlmVisionModel:
     f.check(False)
     state = renamed_state(model, _RENAME)
     for pre in [f"blocks.{i}.mlp." for i in range(len(blocks))] + ["merger."]:   # fc1 joined after the build
-        state[pre + "fc1.weight"] = torch.cat([state.pop(f"{pre}{p}_proj.weight") for p in ("gate", "up")]).detach()
+        for part in ("weight", "bias") if pre != "merger." and biased["mlp.gate_proj"] else ("weight",):
+            state[f"{pre}fc1.{part}"] = torch.cat([state.pop(f"{pre}{p}_proj.{part}") for p in ("gate", "up")]).detach()
     pe = model.patch_embed.proj
+    table = getattr(getattr(model, "embeddings", None), "position_embedding", None)
     tower_cfg = dict(embed_dim=pe.out_channels, depth=len(blocks), num_heads=blocks[0].attn.num_heads,
                      hidden=blocks[0].mlp.gate_proj.out_features, in_chans=pe.in_channels,
                      temporal_patch=pe.kernel_size[0], patch_size=pe.kernel_size[1], out_dim=ds.out_channels, merge=m,
                      merger_hidden=merger.gate_proj.out_features,
-                     pos_side=int(round(model.embeddings.position_embedding.num_embeddings ** 0.5)),
-                     qkv_bias=blocks[0].attn.qkv.bias is not None, patch_bias=pe.bias is not None, eps=eps.pop(),
-                     merger_eps=merger.post_projection_norm.eps)
+                     pos_side=int(round(table.num_embeddings ** 0.5)) if table is not None else 0,
+                     qkv_bias=biased["attn.qkv"], proj_bias=biased["attn.proj"], mlp_bias=biased["mlp.gate_proj"],
+                     qk_norm=qk_norm, post_conv_norm=post_conv is not None, patch_bias=pe.bias is not None,
+                     eps=eps.pop(), merger_eps=merger.post_projection_norm.eps)
     tower = _build(tower_cfg, state, model, f, GlmVisionTower)
     for mlp, hf_mlp in [(blk.mlp, b.mlp) for blk, b in zip(tower.blocks, blocks)] + [(tower.merger, merger)]:
-        mlp.fc1 = JoinedLinear([(hf_mlp.gate_proj, "weight", None, None), (hf_mlp.up_proj, "weight", None, None)])
+        bias = "bias" if hf_mlp.gate_proj.bias is not None else None
+        mlp.fc1 = JoinedLinear([(hf_mlp.gate_proj, "weight", bias, None), (hf_mlp.up_proj, "weight", bias, None)])
     return HFGlmVisionModel(cfg, tower, model.rotary_pos_emb.inv_freq).train(model.training)
 
 
@@ -169,7 +213,8 @@ class HFGlmVisionModel(HFQwenVisionModel):
         pos, cu = qwen_patch_layout(grid, self.spatial_merge_size)
         cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
         lay = dict(cu=cu.to(device), cos=cos.to(device), sin=sin.to(device), max=int((cu[1:] - cu[:-1]).max()),
-                   points=glm_position_grid(grid, self.spatial_merge_size)[None, :, None].to(device))
+                   points=glm_position_grid(grid, self.spatial_merge_size)[None, :, None].to(device)
+                   if self.tower.pos_embed is not None else None)
         self._layouts[key] = lay
         while len(self._layouts) > self._MAX_LAYOUTS:
             self._layouts.popitem(last=False)
@@ -179,13 +224,17 @@ class HFGlmVisionModel(HFQwenVisionModel):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
-        proj, table = tower.patch_embed.proj, tower.pos_embed.weight
+        proj = tower.patch_embed.proj
         dtype, C = proj.weight.dtype, proj.out_channels
-        x = tower.post_conv_layernorm(ops.linear(pixels.to(dtype)[None], proj.weight.reshape(C, -1), proj.bias))
-        side = int(round(table.shape[0] ** 0.5))               # the table resampled as HF's does it: in float32
-        grid = table.float().reshape(side, side, C).permute(2, 0, 1)[None]
-        pos = F.grid_sample(grid, points, mode="bicubic", align_corners=False, padding_mode="border")
-        x = x + pos[0, :, :, 0].T.to(dtype)                                                      # (1, T, C)
+        x = ops.linear(pixels.to(dtype)[None], proj.weight.reshape(C, -1), proj.bias)            # (1, T, C)
+        if tower.post_conv_layernorm is not None:
+            x = tower.post_conv_layernorm(x)
+        if tower.pos_embed is not None:                        # the table resampled as HF's does it: in float32
+            table = tower.pos_embed.weight
+            side = int(round(table.shape[0] ** 0.5))
+            grid = table.float().reshape(side, side, C).permute(2, 0, 1)[None]
+            pos = F.grid_sample(grid, points, mode="bicubic", align_corners=False, padding_mode="border")
+            x = x + pos[0, :, :, 0].T.to(dtype)
         hidden = [x[0]] if output_hidden_states else None
         for blk in tower.blocks:
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
