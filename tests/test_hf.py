@@ -79,7 +79,7 @@ def test_every_supported_class_is_tested():
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral
-        "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel"} | {                                          # test_hf_glm
+        "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel"} | {                    # test_hf_glm
         "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi
         "PaddleOCRVisionModel"}                                                                 # test_hf_paddleocr
 
