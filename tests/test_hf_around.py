@@ -220,17 +220,21 @@ MORE_VLMS = {"LlavaNextForConditionalGeneration": ("CLIPVisionConfig", dict(imag
              "AyaVisionForConditionalGeneration": ("SiglipVisionConfig", dict(downsample_factor=2)),
              "VipLlavaForConditionalGeneration": ("CLIPVisionConfig", dict(vision_feature_layers=[-2, -1, 1])),
              # InternVL 2.5 / 3 / 3.5: InternViT, its class token dropped, pixel shuffle to a quarter of the tokens
-             "InternVLForConditionalGeneration": ("InternVLVisionConfig", dict(image_token_id=IMAGE_TOKEN))}
+             "InternVLForConditionalGeneration": ("InternVLVisionConfig", dict(image_token_id=IMAGE_TOKEN)),
+             # Command A Vision: SigLIP, pixel shuffle, a SwiGLU projector; DeepSeek-VL: SigLIP as `vision_model`
+             "Cohere2VisionForConditionalGeneration": ("SiglipVisionConfig", dict(
+                 image_token_id=IMAGE_TOKEN, downsample_factor=2, alignment_intermediate_size=64)),
+             "DeepseekVLForConditionalGeneration": ("SiglipVisionConfig", dict(image_token_id=IMAGE_TOKEN))}
 
 
 @pytest.mark.parametrize("name", sorted(MORE_VLMS))
 def test_more_vision_language_models_equal_hf(name):
-    """LLaVA-NeXT, LLaVA-OneVision, Aya Vision, VipLLaVA and InternVL with the vision tower on vitfast: logits over
-    a prompt with an image per row (as many image tokens as HF's own image features have rows), image features,
-    greedy generate."""
+    """LLaVA-NeXT, LLaVA-OneVision, Aya Vision, VipLLaVA, InternVL, Command A Vision and DeepSeek-VL with the vision
+    tower on vitfast: logits over a prompt with an image per row (as many image tokens as HF's own image features have
+    rows), image features, greedy generate."""
     vision_cls, kw = MORE_VLMS[name]
-    text_cls = {"Aya": transformers.CohereConfig, "Int": transformers.Qwen2Config}.get(name[:3],
-                                                                                       transformers.LlamaConfig)
+    text_cls = {"Aya": transformers.CohereConfig, "Int": transformers.Qwen2Config,
+                "Coh": transformers.Cohere2Config}.get(name[:3], transformers.LlamaConfig)
     cfg = getattr(transformers, name.replace("ForConditionalGeneration", "Config"))(
         vision_config=getattr(transformers, vision_cls)(**VISION),
         text_config=text_cls(**TEXT, num_key_value_heads=2, head_dim=8, pad_token_id=0),
@@ -242,14 +246,16 @@ def test_more_vision_language_models_equal_hf(name):
     else:
         x, extra = torch.randn(2, 3, 32, 32), {}
 
-    def features(m, xi):
-        out = image_embeds(m.get_image_features(pixel_values=xi, **extra))
+    def features(m, xi):                    # (DeepSeek-VL has them on its inner model only)
+        get = getattr(m, "get_image_features", None) or m.model.get_image_features
+        out = image_embeds(get(pixel_values=xi, **extra))
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in (out if isinstance(out, (list, tuple)) else [out])])
 
     with torch.no_grad():
         n_tokens = features(model, x).shape[0] // 2
     opt = vitfast.optimize(model)
-    assert_shares_all_but_the_vision_model(opt, model, "model.vision_tower")
+    assert_shares_all_but_the_vision_model(opt, model, "model.vision_model" if name.startswith("Deepseek")
+                                           else "model.vision_tower")
     ids = torch.cat([torch.tensor([[2], [2]]), torch.full((2, n_tokens), IMAGE_TOKEN),
                      torch.randint(3, IMAGE_TOKEN - 2, (2, 5))], dim=1)
     with torch.no_grad():

@@ -134,14 +134,23 @@ def test_graph_replays_with_the_layout_as_data():
     assert runner.captures == 1
 
 
-@pytest.mark.parametrize("name", ["Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration"])
+@pytest.mark.parametrize("name", ["Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
+                                  "LightOnOcrForConditionalGeneration"])
 def test_vision_language_models_equal_hf(name):
-    """Mistral 3 (Mistral Small 3.1 / 3.2: the patch merger and projector on the last hidden state) and LLaVA
-    (Pixtral-12B) with the tower on vitfast (the language model shared): the logits over a prompt with two
-    images of other sizes, and greedy `generate`, as HF's."""
+    """Mistral 3 (Mistral Small 3.1 / 3.2: the patch merger and projector on the last hidden state), LLaVA
+    (Pixtral-12B) and LightOnOCR (the tower as its `vision_encoder`, a Qwen3 language model) with the tower on vitfast
+    (the language model shared): the logits over a prompt with two images of other sizes, and greedy `generate`, as
+    HF's."""
     vision = transformers.PixtralVisionConfig(**VISION)
     text = transformers.MistralConfig(**TEXT)
-    if name == "Mistral3ForConditionalGeneration":
+    where = "model.vision_tower"
+    if name == "LightOnOcrForConditionalGeneration":
+        lighton = pytest.importorskip("transformers.models.lighton_ocr")
+        cfg = lighton.LightOnOcrConfig(vision_config=vision, text_config=transformers.Qwen3Config(**TEXT),
+                                       image_token_id=98, spatial_merge_size=2)
+        per_image = [(32 // P // 2) * (24 // P // 2), (16 // P // 2) * (8 // P // 2)]     # merged 2 x 2
+        where = "model.vision_encoder"
+    elif name == "Mistral3ForConditionalGeneration":
         cfg = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_index=98,
                                           spatial_merge_size=2)
         per_image = [(32 // P // 2) * (24 // P // 2), (16 // P // 2) * (8 // P // 2)]     # merged 2 x 2
@@ -152,7 +161,7 @@ def test_vision_language_models_equal_hf(name):
     model = perturbed(getattr(transformers, name)(cfg))
     model64 = copy.deepcopy(model).double()
     opt = vitfast.optimize(model)
-    assert isinstance(opt.model.vision_tower, HFPixtralVisionModel)
+    assert isinstance(opt.get_submodule(where), HFPixtralVisionModel)
     assert opt.model.language_model is model.model.language_model
     x, sizes = images([(32, 24), (16, 8)])
     ids = torch.cat([torch.tensor([[2]]), torch.full((1, per_image[0]), 98), torch.tensor([[3]]),

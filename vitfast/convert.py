@@ -96,10 +96,11 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 # Where transformers models keep the vision model they run, looked for in this order: depth models' `backbone`,
 # CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
 # PaliGemma, Gemma 3, Kimi K2.5: inside their `model`), DINOv2's classifiers' `dinov2` / `dinov2_with_registers`,
-# OWL-ViT's and OWLv2's `owlvit` / `owlv2`, the Qwen-VL, GLM-4V and PaddleOCR-VL models' `visual` (inside their
-# `model`). Other
+# OWL-ViT's and OWLv2's `owlvit` / `owlv2`, the Qwen-VL, GLM-4V and PaddleOCR-VL models' `visual`, LightOnOCR's
+# `vision_encoder` (inside their `model`). Other
 # heads (ViTForMaskedImageModeling's `vit`, ...) are not taken.
-_HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual")
+_HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual",
+             "vision_encoder")
 
 
 def _wrapped_model(model: nn.Module) -> str | None:
