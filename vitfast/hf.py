@@ -29,8 +29,8 @@ inside them, which their two-tower models hold), whose stand-in also answers to 
 apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
 (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
-tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, LFM2-VL and InternVL, the
-vision model of Idefics3 and SmolVLM) are copied with that one replaced (`vitfast.convert.optimize`); they call it
+tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command A Vision, LFM2-VL
+and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced (`vitfast.convert.optimize`); they call it
 as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and the Qwen2.5-Omni and
 Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's
 (Pixtral-12B's and Mistral Small 3.1's, packed images of any size) is in `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V,
