@@ -30,12 +30,13 @@ apply it to every token). The backbones' stage feature maps: `HFBackbone`. Model
 (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
 tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command A Vision, LFM2-VL
-and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced (`vitfast.convert.optimize`); they call it
-as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and the Qwen2.5-Omni and
-Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are their VLMs; Pixtral's
-(Pixtral-12B's and Mistral Small 3.1's, packed images of any size) is in `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V,
-GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and
-video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in `vitfast.hf_paddleocr`.
+and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced
+(`vitfast.convert.optimize`); they call it as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are
+their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
+`vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in
+`vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
+`vitfast.hf_paddleocr`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked
