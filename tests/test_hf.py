@@ -81,7 +81,9 @@ def test_every_supported_class_is_tested():
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral
         "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel"} | {                    # test_hf_glm
         "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi
-        "PaddleOCRVisionModel"}                                                                 # test_hf_paddleocr
+        "PaddleOCRVisionModel"} | {                                                             # test_hf_paddleocr
+        "Ernie4_5_VLMoeVisionTransformerPretrainedModel",                                      # test_hf_ernie
+        "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

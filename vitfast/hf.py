@@ -36,7 +36,7 @@ Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) ar
 their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
 `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in
 `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
-`vitfast.hf_paddleocr`.
+`vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`.
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked
@@ -65,6 +65,8 @@ from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_ernie import CLASSES as ERNIE_CLASSES
+from vitfast.hf_ernie import optimize_ernie
 from vitfast.hf_glm import CLASSES as GLM_CLASSES
 from vitfast.hf_glm import optimize_glm
 from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
@@ -121,6 +123,8 @@ CLASSES = {
     **{name: (family, None) for name, family in KIMI_CLASSES.items()},
     # PaddleOCR-VL's NaViT over packed patches of images (vitfast.hf_paddleocr)
     **{name: (family, None) for name, family in PADDLEOCR_CLASSES.items()},
+    # ERNIE 4.5 VL's tower over Qwen2-VL's packed patch sequences (vitfast.hf_ernie)
+    **{name: (family, None) for name, family in ERNIE_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -148,6 +152,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_kimi(model)
     if family == "paddleocr_vl":
         return optimize_paddleocr(model)
+    if family == "ernie4_5_vl":
+        return optimize_ernie(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
