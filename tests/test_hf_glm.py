@@ -16,7 +16,7 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_glm import HFGlmVisionModel
 from vitfast.reference import glm_position_grid, qwen_patch_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.glm4v")
@@ -87,6 +87,8 @@ def test_vision_tower_equals_hf(kind):
     assert len(out.hidden_states) == len(ref.hidden_states) == len(hf.blocks) + 1
     for i, (o, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
         assert_close(o, r, eager=e, name=f"hidden_states[{i}]")
+    for pick in (0, -1, [0, -2]):              # an index or a list keeps those only, as HF's (transformers 5.2x)
+        assert_selects_hidden_states(opt, hf64, (x, grid), ref, pick)
     with torch.no_grad():
         as_tuple = opt(x, grid, return_dict=False)
     assert len(as_tuple) == 2 and torch.equal(as_tuple[1], out.pooler_output)

@@ -13,7 +13,7 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_paddleocr import HFPaddleOCRVisionModel
 from vitfast.reference import position_taps
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 paddle = pytest.importorskip("transformers.models.paddleocr_vl.modeling_paddleocr_vl")
@@ -66,6 +66,8 @@ def test_vision_tower_equals_hf():
     assert len(out.hidden_states) == len(ref.hidden_states) == len(hf.vision_model.encoder.layers) + 1
     for i, (o, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
         assert_close(o, r, eager=e, name=f"hidden_states[{i}]")
+    for pick in (0, -1, [0, -2]):              # an index or a list keeps those only, as HF's (transformers 5.2x)
+        assert_selects_hidden_states(opt, hf64, (x, grid), ref, pick)
     with torch.no_grad():
         as_tuple = opt(x.reshape(47, 1, 3, P, P), grid, return_dict=False)        # B x L patches: any split
     assert len(as_tuple) == 1 and torch.equal(as_tuple[0], out.last_hidden_state)

@@ -16,7 +16,7 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import HFQwenVisionModel
 from vitfast.reference import qwen3_position_taps, qwen_patch_layout, qwen_window_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,6 +120,8 @@ def test_vision_tower_equals_hf(family):
     assert len(out.hidden_states) == len(ref.hidden_states) == len(hf.blocks) + 1
     for i, (o, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
         assert_close(o, r, eager=e, name=f"hidden_states[{i}]")
+    for pick in (0, -1, [0, -2]):              # an index or a list keeps those only, as HF's (transformers 5.2x)
+        assert_selects_hidden_states(opt, hf64, (x, grid), ref, pick)
     if family.startswith(("qwen3_vl", "qwen3_omni")):
         assert len(out.deepstack_features) == len(ref.deepstack_features) == 2
         for i, (o, r, e) in enumerate(zip(out.deepstack_features, ref.deepstack_features, eager.deepstack_features)):

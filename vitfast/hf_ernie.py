@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import _ACTIVATIONS, _LAYOUT_KWARGS, HFQwenVisionModel, renamed_state
+from vitfast.hf_qwen import _ACTIVATIONS, _LAYOUT_KWARGS, HFQwenVisionModel, kept_hidden_states, renamed_state
 from vitfast.layers import Block, LayerNorm
 from vitfast.reference import qwen_patch_layout, qwen_rope_tables
 
@@ -98,9 +98,9 @@ class HFErnieVisionModel(HFQwenVisionModel):
         lay = self._layout(grid, hidden_states.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"],
-                                max_seqlen=lay["max"], output_hidden_states=bool(output_hidden_states),
-                                return_dict=return_dict)
+                                max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
 
     def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
         """What the forward needs of a grid, on the device: cu_seqlens (one segment per frame) and the longest
@@ -119,21 +119,20 @@ class HFErnieVisionModel(HFQwenVisionModel):
             self._layouts.popitem(last=False)
         return lay
 
-    def _forward(self, pixels, cu, cos, sin, *, max_seqlen, output_hidden_states, return_dict):
+    def _forward(self, pixels, cu, cos, sin, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
         proj = tower.patch_embed.proj
         x = ops.linear(pixels.to(proj.weight.dtype)[None], proj.weight, proj.bias)                     # (1, T, C)
-        hidden = [x[0]] if output_hidden_states else None
-        for blk in tower.blocks:
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
+        for i, blk in enumerate(tower.blocks, 1):
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            if output_hidden_states:
-                hidden.append(x[0])
+            hidden.append(x[0] if i in kept else None)
         x = tower.norm(x)[0]
-        if output_hidden_states:                    # HF's output capturing puts last_hidden_state in the last slot
+        if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = x
-        out = BaseModelOutputWithPooling(last_hidden_state=x, hidden_states=tuple(hidden) if output_hidden_states
-                                         else None)
+        out = BaseModelOutputWithPooling(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()

@@ -38,7 +38,14 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import _LAYOUT_KWARGS, HFQwenVisionModel, _norm_eps, _PatchEmbed3d, renamed_state
+from vitfast.hf_qwen import (
+    _LAYOUT_KWARGS,
+    HFQwenVisionModel,
+    _norm_eps,
+    _PatchEmbed3d,
+    kept_hidden_states,
+    renamed_state,
+)
 from vitfast.layers import Attention, Block, JoinedLinear, LayerNorm, RMSNorm
 from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables
 
@@ -197,9 +204,9 @@ class HFGlmVisionModel(HFQwenVisionModel):
         lay = self._layout(grid, hidden_states.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["points"],
-                                max_seqlen=lay["max"], output_hidden_states=bool(output_hidden_states),
-                                return_dict=return_dict)
+                                max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
 
     def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
         """What the forward needs of a grid, on the device: cu_seqlens and the longest frame, the RoPE tables, the
@@ -220,7 +227,7 @@ class HFGlmVisionModel(HFQwenVisionModel):
             self._layouts.popitem(last=False)
         return lay
 
-    def _forward(self, pixels, cu, cos, sin, points, *, max_seqlen, output_hidden_states, return_dict):
+    def _forward(self, pixels, cu, cos, sin, points, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
@@ -235,18 +242,18 @@ class HFGlmVisionModel(HFQwenVisionModel):
             grid = table.float().reshape(side, side, C).permute(2, 0, 1)[None]
             pos = F.grid_sample(grid, points, mode="bicubic", align_corners=False, padding_mode="border")
             x = x + pos[0, :, :, 0].T.to(dtype)
-        hidden = [x[0]] if output_hidden_states else None
-        for blk in tower.blocks:
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
+        for i, blk in enumerate(tower.blocks, 1):
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            if output_hidden_states:
-                hidden.append(x[0])
+            hidden.append(x[0] if i in kept else None)
         m = self.spatial_merge_size                 # each merge x merge block of tokens, channel-major, as the conv
         ds = tower.downsample
         blocks = tower.post_layernorm(x).reshape(-1, m * m, C).transpose(1, 2).reshape(-1, C * m * m)
         down = ops.linear(blocks, ds.weight.reshape(ds.out_channels, -1), ds.bias)             # (T / m², D)
-        if output_hidden_states:                    # HF's output capturing puts last_hidden_state in the last slot
+        if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = down
         out = BaseModelOutputWithPooling(last_hidden_state=down, pooler_output=tower.merger(down),
-                                         hidden_states=tuple(hidden) if output_hidden_states else None)
+                                         hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, kept_hidden_states, renamed_state
 from vitfast.layers import Block, JoinedLinear, LayerNorm
 from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, temporal_pool_layout, weighted_rows
 
@@ -135,10 +135,10 @@ class HFKimiVisionModel(HFQwenVisionModel):
         lay = self._layout(grid, pixel_values.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, pixel_values, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
                                 lay["weights"], lay["frames"], lay["dest"], lay["share"], max_seqlen=lay["max"],
-                                merged=lay["merged"], output_hidden_states=bool(output_hidden_states),
-                                return_dict=return_dict)
+                                merged=lay["merged"], keep=keep, return_dict=return_dict)
 
     def _check(self, pixel_values, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -195,7 +195,7 @@ class HFKimiVisionModel(HFQwenVisionModel):
         return lay
 
     def _forward(self, pixels, cu, cos, sin, taps, weights, frames, dest, share, *, max_seqlen, merged,
-                 output_hidden_states, return_dict):
+                 keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
@@ -204,18 +204,18 @@ class HFKimiVisionModel(HFQwenVisionModel):
         pos = weighted_rows(tower.pos_embed.reshape(-1, C), taps, weights) + self.time_embed[frames]
         x = ops.linear(pixels.to(dtype).reshape(1, pixels.shape[0], -1), proj.weight.reshape(C, -1), proj.bias,
                        residual=pos.to(dtype)[None])                                                 # (1, T, C)
-        hidden = [x[0]] if output_hidden_states else None
-        for blk in tower.blocks:
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
+        for i, blk in enumerate(tower.blocks, 1):
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            if output_hidden_states:
-                hidden.append(x[0])
+            hidden.append(x[0] if i in kept else None)
         x = tower.norm(x)[0]
-        if output_hidden_states:                    # HF's output capturing puts last_hidden_state in the last slot
+        if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = x
         k = self.merge_kernel_size[0] * self.merge_kernel_size[1]       # each slot: the mean over the clip's frames
         pooled = torch.zeros(merged * k, C, dtype=share.dtype, device=x.device).index_add(
             0, dest, x.to(share.dtype) * share[:, None])
         out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled.reshape(merged, k, C).to(dtype),
-                                         hidden_states=tuple(hidden) if output_hidden_states else None)
+                                         hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
 from vitfast.hf_kimi import _Patchify
-from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, kept_hidden_states, renamed_state
 from vitfast.layers import Block, JoinedLinear, LayerNorm
 from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, weighted_rows
 
@@ -124,9 +124,9 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
         lay = self._layout(grid, pixel_values.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, pixel_values, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
-                                lay["weights"], max_seqlen=lay["max"], output_hidden_states=bool(output_hidden_states),
-                                return_dict=return_dict)
+                                lay["weights"], max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
 
     def _check(self, pixel_values, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -170,7 +170,7 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
             self._layouts.popitem(last=False)
         return lay
 
-    def _forward(self, pixels, cu, cos, sin, taps, weights, *, max_seqlen, output_hidden_states, return_dict):
+    def _forward(self, pixels, cu, cos, sin, taps, weights, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
@@ -179,12 +179,12 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
         pos = weighted_rows(tower.pos_embed.weight, taps, weights)               # HF: in the weights' dtype
         x = ops.linear(pixels.to(dtype).reshape(1, -1, proj.weight[0].numel()), proj.weight.reshape(C, -1),
                        proj.bias, residual=pos.to(dtype)[None])                                      # (1, T, C)
-        hidden = [x[0]] if output_hidden_states else None
-        for blk in tower.blocks:
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
+        for i, blk in enumerate(tower.blocks, 1):
             x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            if output_hidden_states:
-                hidden.append(x[0])
+            hidden.append(x[0] if i in kept else None)
         out = BaseModelOutputWithPooling(last_hidden_state=tower.norm(x)[0], pooler_output=None,
-                                         hidden_states=tuple(hidden) if output_hidden_states else None)
+                                         hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import _norm_eps, renamed_state
+from vitfast.hf_qwen import _norm_eps, kept_hidden_states, renamed_state
 from vitfast.layers import Block, JoinedLinear, RMSNorm
 from vitfast.reference import pixtral_patch_layout, qwen_rope_tables
 
@@ -143,21 +143,9 @@ class HFPixtralVisionModel(nn.Module):
         lay = self._layout(sizes, pixel_values.shape[-2:], pixel_values.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, pixel_values, lay["where"], lay["cu"], lay["cos"], lay["sin"],
-                                max_seqlen=lay["max"], keep=self._kept_hidden(output_hidden_states),
-                                return_dict=return_dict)
-
-    def _kept_hidden(self, output_hidden_states) -> tuple[int, ...] | None:
-        """Which hidden states to return: all (True), none (False / None: -> None), or those an index or a list
-        of indices selects, negative ones from the end, as HF's output capturing reads them."""
-        n = len(self.tower.blocks) + 1
-        if output_hidden_states is None or isinstance(output_hidden_states, bool):
-            return tuple(range(n)) if output_hidden_states else None
-        picked = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in picked):
-            raise ValueError(f"output_hidden_states: expected a bool, an index or a list of indices, got "
-                             f"{output_hidden_states!r}")
-        return tuple(sorted({i % n for i in picked if -n <= i < n}))
+                                max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
 
     def _check(self, pixel_values, image_sizes) -> list[tuple[int, int]]:
         """The arguments checked; -> each image's (height, width) (the one host read of the forward)."""

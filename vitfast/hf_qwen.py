@@ -190,6 +190,22 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
                              sys.modules[type(model).__module__]).train(model.training)
 
 
+def kept_hidden_states(output_hidden_states, n: int) -> tuple[int, ...] | None:
+    """Which of a tower's n hidden states (the embeddings and each block's output) to return: all (True), none
+    (False / None, and 0 or an empty list, which HF reads as False: -> None), or those an index or a list of indices
+    selects, negative ones from the end, as HF's output capturing (transformers 5.2x) reads them; the others are
+    returned as None."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool) or \
+            isinstance(output_hidden_states, (int, list, tuple)) and not output_hidden_states:
+        return tuple(range(n)) if output_hidden_states else None
+    picked = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    if not isinstance(picked, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in picked):
+        raise ValueError(f"output_hidden_states: expected a bool, an index or a list of indices, got "
+                         f"{output_hidden_states!r}")
+    return tuple(sorted({i % n for i in picked if -n <= i < n}))
+
+
 def renamed_state(model: nn.Module, rename) -> dict[str, Tensor]:
     """model's state_dict (its parameters themselves) with each (old, new) of `rename` replaced in every key,
     in turn."""
@@ -255,10 +271,11 @@ class HFQwenVisionModel(nn.Module):
         lay = self._layout(grid, hidden_states.device)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
         return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
                                 lay["weights"], lay["order"], lay["back"], lay["cu_window"],
-                                max_seqlen=lay["max"], max_window=lay["max_window"],
-                                output_hidden_states=bool(output_hidden_states), return_dict=return_dict)
+                                max_seqlen=lay["max"], max_window=lay["max_window"], keep=keep,
+                                return_dict=return_dict)
 
     def _check(self, hidden_states, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -316,7 +333,7 @@ class HFQwenVisionModel(nn.Module):
         return lay
 
     def _forward(self, pixels, cu, cos, sin, taps, weights, order, back, cu_window, *, max_seqlen, max_window,
-                 output_hidden_states, return_dict):
+                 keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tower = self.tower
@@ -329,7 +346,8 @@ class HFQwenVisionModel(nn.Module):
                        residual=pos)                                                               # (1, T, C)
         if order is not None:
             x = x[:, order]
-        hidden = [x[0]] if output_hidden_states else None
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
         rope = (cos, sin)
         full = getattr(self.config, "fullatt_block_indexes", None)
         deep = []
@@ -337,15 +355,14 @@ class HFQwenVisionModel(nn.Module):
             windowed = order is not None and i not in full
             x = blk(x, rope=rope, cu_seqlens=cu_window if windowed else cu,
                     max_seqlen=max_window if windowed else max_seqlen)
-            if output_hidden_states:
-                hidden.append(x[0])
+            hidden.append(x[0] if i + 1 in kept else None)
             if i in self.deepstack_visual_indexes:
                 deep.append(tower.deepstack[self.deepstack_visual_indexes.index(i)](x))
         merged = tower.merger(x)
         if back is not None:
             merged = merged[back]
         fields = dict(last_hidden_state=x[0], pooler_output=merged,
-                      hidden_states=tuple(hidden) if output_hidden_states else None)
+                      hidden_states=None if keep is None else tuple(hidden))
         out = self._output(**fields, deepstack_features=deep) if self._output is not None \
             else BaseModelOutputWithPooling(**fields)
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)

@@ -89,6 +89,28 @@ def assert_close(out: Tensor, ref64: Tensor, dtype: torch.dtype | None = None, e
     return err
 
 
+def assert_selects_hidden_states(model, hf64, args: tuple, ref, pick) -> None:
+    """`model(*args, output_hidden_states=pick)` with `pick` an index or a list of indices returns HF's tuple of
+    hidden states with only the picked ones (those of `ref`, HF's float64 output with all of them), the others None,
+    as transformers 5.2x does (and none for 0, which HF reads as False); HF's own answer, `hf64` on the float64 args,
+    is checked too where it has that form (transformers 5.17 keeps them all for an index and mistakes a list)."""
+    n = len(ref.hidden_states)
+    picked = {i % n for i in ([pick] if isinstance(pick, int) else pick)}
+    with torch.no_grad():
+        out = model(*args, output_hidden_states=pick)
+        theirs = hf64(*(a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args),
+                      output_hidden_states=pick).hidden_states
+    if not pick:
+        assert out.hidden_states is None and theirs is None, f"output_hidden_states={pick}"
+        return
+    assert [h is None for h in out.hidden_states] == [i not in picked for i in range(n)], \
+        f"output_hidden_states={pick}: got {[h is not None for h in out.hidden_states]}"
+    for i in picked:
+        assert_close(out.hidden_states[i], ref.hidden_states[i], name=f"output_hidden_states={pick}: [{i}]")
+    if len(theirs) == n and any(h is None for h in theirs):
+        assert [h is None for h in out.hidden_states] == [h is None for h in theirs]
+
+
 def perturbed(model):
     """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
     each parameter plus 0.05 x N(0, 1) noise."""
