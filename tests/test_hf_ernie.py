@@ -12,7 +12,15 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_ernie import HFErnieVisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    assert_close,
+    assert_packed_tower_replays,
+    assert_selects_hidden_states,
+    assert_vlm_equals_hf,
+    perturbed,
+    simulate_cuda_graphs,
+    two_image_prompt,
+)
 
 transformers = pytest.importorskip("transformers")
 ernie = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
@@ -125,15 +133,9 @@ def test_vision_language_model_equals_hf():
     assert isinstance(opt.model.vision_tower, HFErnieVisionModel)
     assert opt.model.language_model is model.model.language_model
     x, grid = packed(GRID[:2])                                   # 24 / 4 + 8 / 4 = 6 + 2 image tokens
-    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]),
-                     torch.full((1, 2), 98), torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    ids = two_image_prompt()
     kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 98).long())
-    with torch.no_grad():
-        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
-                                                                          (model, x)))
-        assert_close(out, ref, eager=eager, name="logits")
-        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
-        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+    assert_vlm_equals_hf(opt, model, model64, x, kw)
 
 
 def test_unsupported_and_bad_inputs_are_named():
@@ -157,16 +159,6 @@ def test_vision_tower_in_half_precision_on_cuda(dtype, no_tf32):
     """fp16 / bf16 on vitfast's kernels at ERNIE 4.5 VL's head dim (80), eager then its CUDA graph's replays (other
     images each time), against HF in fp32 within 2x the error of HF itself in that dtype."""
     hf = vision_model(hidden_size=160, num_heads=2, intermediate_size=320, patch_size=14).cuda()
-    low = copy.deepcopy(hf).to(dtype)
-    opt = vitfast.optimize(low)
     grids = [[(1, 32, 24), (1, 16, 16), (2, 8, 8)], [(1, 24, 32), (1, 8, 32), (2, 8, 8)],
              [(1, 16, 48), (1, 32, 8), (2, 8, 8)]]
-    with torch.no_grad():
-        for grid in grids:
-            x = torch.randn(sum(t * h * w for t, h, w in grid), 3 * 14 * 14, device="cuda")
-            g = torch.tensor(grid, device="cuda")
-            ref, eager, out = hf(x, g), low(x.to(dtype), g), opt(x.to(dtype), g)
-            assert out.last_hidden_state.dtype == dtype
-            assert_close(out.last_hidden_state, ref.last_hidden_state, dtype=dtype, eager=eager.last_hidden_state,
-                         tol=MODEL_TOLERANCE[dtype], name="last_hidden_state")
-    assert opt.cuda_graphs.captures == 1
+    assert_packed_tower_replays(hf, dtype, grids, lambda T: torch.randn(T, 3 * 14 * 14, device="cuda"))

@@ -14,7 +14,15 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_kimi import HFKimiVisionModel
 from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, temporal_pool_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    assert_close,
+    assert_packed_tower_replays,
+    assert_selects_hidden_states,
+    assert_vlm_equals_hf,
+    perturbed,
+    simulate_cuda_graphs,
+    two_image_prompt,
+)
 
 transformers = pytest.importorskip("transformers")
 kimi = pytest.importorskip("transformers.models.kimi_k25.modeling_kimi_k25")
@@ -172,15 +180,9 @@ def test_vision_language_model_equals_hf():
     assert isinstance(opt.model.vision_tower, HFKimiVisionModel)
     assert opt.model.language_model is model.model.language_model
     x, grid = packed(GRID[:2])                                   # 24 / 4 + 8 / 4 = 6 + 2 image tokens
-    ids = torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]),
-                     torch.full((1, 2), 98), torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+    ids = two_image_prompt()
     kw = dict(input_ids=ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
-                                                                          (model, x)))
-        assert_close(out, ref, eager=eager, name="logits")
-        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
-        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+    assert_vlm_equals_hf(opt, model, model64, x, kw)
 
 
 def test_unsupported_and_bad_inputs_are_named():
@@ -190,7 +192,7 @@ def test_unsupported_and_bad_inputs_are_named():
     x, grid = packed()
     with pytest.raises(ValueError, match=r"pixel_values: expected patches \[T, 3, 4, 4\].*\(44, 48\)"):
         opt(x.reshape(44, 48), grid)
-    with pytest.raises(ValueError, match=r"grid_thw: expected at least one grid, .* rows divisible by 2 .* T = 44"):
+    with pytest.raises(ValueError, match=r"grid_thw: expected at least one grid, .* divisible by 2 .* T = 44"):
         opt(x, torch.tensor([[1, 4, 6], [1, 2, 4], [1, 3, 4]]))
     with pytest.raises(ValueError, match=r"grid_thw: expected clips of at most 4 frames .* \[1, 5\]"):
         opt(x[:44], torch.tensor([[1, 4, 6], [5, 2, 2]]))
@@ -207,16 +209,7 @@ def test_vision_tower_in_half_precision_on_cuda(dtype, no_tf32):
     each time), against HF in fp32 within 2x the error of HF itself in that dtype."""
     hf = vision_model(hidden_size=144, num_attention_heads=2, intermediate_size=288, patch_size=14, pos_emb_height=16,
                       pos_emb_width=16).cuda()
-    low = copy.deepcopy(hf).to(dtype)
-    opt = vitfast.optimize(low)
     grids = [[(1, 32, 24), (1, 16, 16), (2, 8, 8)], [(1, 24, 32), (1, 8, 32), (2, 8, 8)],
              [(1, 16, 48), (1, 32, 8), (2, 8, 8)]]
-    with torch.no_grad():
-        for grid in grids:
-            x = torch.randn(sum(t * h * w for t, h, w in grid), 3, 14, 14, device="cuda")
-            g = torch.tensor(grid, device="cuda")
-            ref, eager, out = hf(x, g), low(x.to(dtype), g), opt(x.to(dtype), g)
-            for key in ("last_hidden_state", "pooler_output"):
-                assert out[key].dtype == dtype
-                assert_close(out[key], ref[key], dtype=dtype, eager=eager[key], tol=MODEL_TOLERANCE[dtype], name=key)
-    assert opt.cuda_graphs.captures == 1
+    assert_packed_tower_replays(hf, dtype, grids, lambda T: torch.randn(T, 3, 14, 14, device="cuda"),
+                                keys=("last_hidden_state", "pooler_output"))

@@ -16,7 +16,15 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import HFQwenVisionModel
 from vitfast.reference import qwen3_position_taps, qwen_patch_layout, qwen_window_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_selects_hidden_states, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    assert_close,
+    assert_packed_tower_replays,
+    assert_selects_hidden_states,
+    assert_vlm_equals_hf,
+    perturbed,
+    simulate_cuda_graphs,
+    two_image_prompt,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,23 +73,6 @@ def vision_model(family: str, **kw):
 def packed(grid=GRID):
     """(hidden_states [T, C·t·P·P], grid_thw [n, 3]) as HF's processor gives them."""
     return torch.randn(sum(t * h * w for t, h, w in grid), WIDTH), torch.tensor(grid)
-
-
-def two_image_prompt() -> torch.Tensor:
-    """Token ids [1, 17] around GRID[:2]'s two images (6 and 2 merged tokens, image token 98, each between the
-    vision start / end tokens 96 / 95)."""
-    return torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]),
-                      torch.full((1, 2), 98), torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
-
-
-def assert_vlm_equals_hf(opt, model, model64, x, kw) -> None:
-    """The VLM with its tower on vitfast: logits within 2x HF's own fp32 error, greedy `generate` HF's tokens."""
-    with torch.no_grad():
-        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
-                                                                          (model, x)))
-        assert_close(out, ref, eager=eager, name="logits")
-        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
-        assert torch.equal(opt.generate(**gen), model.generate(**gen))
 
 
 def test_layouts_are_hfs():
@@ -268,16 +259,7 @@ def test_vision_tower_in_half_precision_on_cuda(dtype, no_tf32):
     images each time), against HF in fp32 within 2x the error of HF itself in that dtype."""
     hf = vision_model("qwen3_vl", hidden_size=160, intermediate_size=320, num_heads=2, depth=2,
                       patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[1]).cuda()
-    low = copy.deepcopy(hf).to(dtype)
-    opt = vitfast.optimize(low)
     grids = [[(1, 32, 24), (1, 16, 16), (2, 8, 8)], [(1, 24, 32), (1, 8, 32), (2, 8, 8)],
              [(1, 16, 48), (1, 32, 8), (2, 8, 8)]]
-    with torch.no_grad():
-        for grid in grids:
-            x = torch.randn(sum(t * h * w for t, h, w in grid), 3 * TP * 16 * 16, device="cuda")
-            g = torch.tensor(grid, device="cuda")
-            ref, eager, out = hf(x, g), low(x.to(dtype), g), opt(x.to(dtype), g)
-            for key in ("last_hidden_state", "pooler_output"):
-                assert out[key].dtype == dtype
-                assert_close(out[key], ref[key], dtype=dtype, eager=eager[key], tol=MODEL_TOLERANCE[dtype], name=key)
-    assert opt.cuda_graphs.captures == 1
+    assert_packed_tower_replays(hf, dtype, grids, lambda T: torch.randn(T, 3 * TP * 16 * 16, device="cuda"),
+                                keys=("last_hidden_state", "pooler_output"))

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import _ACTIVATIONS, _LAYOUT_KWARGS, HFQwenVisionModel, kept_hidden_states, renamed_state
+from vitfast.convert import _build, _Findings, _mlp_ratio
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
 from vitfast.layers import Block, LayerNorm
 from vitfast.reference import qwen_patch_layout, qwen_rope_tables
 
@@ -88,51 +88,26 @@ class HFErnieVisionModel(HFQwenVisionModel):
 
     def forward(self, hidden_states=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
-        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
-            bad.insert(0, "output_attentions=True")
-        if bad:
-            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
-                                          "layout of the packed sequence from grid_thw itself)")
-        grid = self._check(hidden_states, grid_thw)
-        lay = self._layout(grid, hidden_states.device)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
+        self._refuse(kwargs, output_attentions)
+        lay = self._layout(self._check(hidden_states, grid_thw), hidden_states.device)
         return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"],
-                                max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
+                                max_seqlen=lay["max"], keep=self._keep(output_hidden_states), return_dict=return_dict)
 
-    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
-        """What the forward needs of a grid, on the device: cu_seqlens (one segment per frame) and the longest
-        frame, the RoPE tables; made once per grid and kept (least recently used dropped first)."""
-        f64 = self.dtype == torch.float64
-        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
+    def _make_layout(self, grid: list[tuple[int, int, int]], f64: bool) -> dict:
+        """What the forward needs of a grid, on the CPU: cu_seqlens (one segment per frame) and the longest frame,
+        the RoPE tables."""
         pos, cu = qwen_patch_layout(grid, self.spatial_merge_size)
         cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
-        lay = dict(cu=cu.to(device), cos=cos.to(device), sin=sin.to(device), max=int((cu[1:] - cu[:-1]).max()))
-        self._layouts[key] = lay
-        while len(self._layouts) > self._MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
-        return lay
+        return dict(cu=cu, cos=cos, sin=sin, max=int((cu[1:] - cu[:-1]).max()))
 
     def _forward(self, pixels, cu, cos, sin, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        tower = self.tower
-        proj = tower.patch_embed.proj
+        proj = self.tower.patch_embed.proj
         x = ops.linear(pixels.to(proj.weight.dtype)[None], proj.weight, proj.bias)                     # (1, T, C)
-        kept = keep or ()
-        hidden = [x[0] if 0 in kept else None]
-        for i, blk in enumerate(tower.blocks, 1):
-            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            hidden.append(x[0] if i in kept else None)
-        x = tower.norm(x)[0]
+        x, hidden = self._run_blocks(x, (cos, sin), cu, max_seqlen, keep)
+        x = self.tower.norm(x)[0]
         if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = x
         out = BaseModelOutputWithPooling(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._returned(out, return_dict)

@@ -37,15 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import (
-    _LAYOUT_KWARGS,
-    HFQwenVisionModel,
-    _norm_eps,
-    _PatchEmbed3d,
-    kept_hidden_states,
-    renamed_state,
-)
+from vitfast.convert import _build, _Findings, _mlp_ratio
+from vitfast.hf_qwen import HFQwenVisionModel, _norm_eps, _PatchEmbed3d, renamed_state
 from vitfast.layers import Attention, Block, JoinedLinear, LayerNorm, RMSNorm
 from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables
 
@@ -194,38 +187,19 @@ class HFGlmVisionModel(HFQwenVisionModel):
 
     def forward(self, hidden_states=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
-        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
-            bad.insert(0, "output_attentions=True")
-        if bad:
-            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
-                                          "layout of the packed sequence from grid_thw itself)")
-        grid = self._check(hidden_states, grid_thw)
-        lay = self._layout(grid, hidden_states.device)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
+        self._refuse(kwargs, output_attentions)
+        lay = self._layout(self._check(hidden_states, grid_thw), hidden_states.device)
         return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["points"],
-                                max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
+                                max_seqlen=lay["max"], keep=self._keep(output_hidden_states), return_dict=return_dict)
 
-    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
-        """What the forward needs of a grid, on the device: cu_seqlens and the longest frame, the RoPE tables, the
-        position table's sampling points; made once per grid and kept (least recently used dropped first)."""
-        f64 = self.dtype == torch.float64
-        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
+    def _make_layout(self, grid: list[tuple[int, int, int]], f64: bool) -> dict:
+        """What the forward needs of a grid, on the CPU: cu_seqlens and the longest frame, the RoPE tables, the
+        position table's sampling points."""
         pos, cu = qwen_patch_layout(grid, self.spatial_merge_size)
         cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
-        lay = dict(cu=cu.to(device), cos=cos.to(device), sin=sin.to(device), max=int((cu[1:] - cu[:-1]).max()),
-                   points=glm_position_grid(grid, self.spatial_merge_size)[None, :, None].to(device)
-                   if self.tower.pos_embed is not None else None)
-        self._layouts[key] = lay
-        while len(self._layouts) > self._MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
-        return lay
+        points = glm_position_grid(grid, self.spatial_merge_size)[None, :, None] if self.tower.pos_embed is not None \
+            else None
+        return dict(cu=cu, cos=cos, sin=sin, max=int((cu[1:] - cu[:-1]).max()), points=points)
 
     def _forward(self, pixels, cu, cos, sin, points, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -242,11 +216,7 @@ class HFGlmVisionModel(HFQwenVisionModel):
             grid = table.float().reshape(side, side, C).permute(2, 0, 1)[None]
             pos = F.grid_sample(grid, points, mode="bicubic", align_corners=False, padding_mode="border")
             x = x + pos[0, :, :, 0].T.to(dtype)
-        kept = keep or ()
-        hidden = [x[0] if 0 in kept else None]
-        for i, blk in enumerate(tower.blocks, 1):
-            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            hidden.append(x[0] if i in kept else None)
+        x, hidden = self._run_blocks(x, (cos, sin), cu, max_seqlen, keep)
         m = self.spatial_merge_size                 # each merge x merge block of tokens, channel-major, as the conv
         ds = tower.downsample
         blocks = tower.post_layernorm(x).reshape(-1, m * m, C).transpose(1, 2).reshape(-1, C * m * m)
@@ -255,5 +225,4 @@ class HFGlmVisionModel(HFQwenVisionModel):
             hidden[-1] = down
         out = BaseModelOutputWithPooling(last_hidden_state=down, pooler_output=tower.merger(down),
                                          hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._returned(out, return_dict)

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
-from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, kept_hidden_states, renamed_state
+from vitfast.convert import _build, _Findings, _mlp_ratio
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
 from vitfast.layers import Block, JoinedLinear, LayerNorm
 from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, temporal_pool_layout, weighted_rows
 
@@ -123,22 +123,15 @@ class HFKimiVisionModel(HFQwenVisionModel):
         self.merge_kernel_size = tuple(config.merge_kernel_size)
         self.register_buffer("time_embed", time_embed.detach().clone(), persistent=False)   # HF's frame sinusoid
 
+    _layout_kwargs = _LAYOUT_KWARGS
+
     def forward(self, pixel_values=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
-        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
-            bad.insert(0, "output_attentions=True")
-        if bad:
-            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
-                                          "layout of the packed sequence from grid_thw itself)")
-        grid = self._check(pixel_values, grid_thw)
-        lay = self._layout(grid, pixel_values.device)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
+        self._refuse(kwargs, output_attentions)
+        lay = self._layout(self._check(pixel_values, grid_thw), pixel_values.device)
         return self.cuda_graphs(self, self._forward, pixel_values, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
                                 lay["weights"], lay["frames"], lay["dest"], lay["share"], max_seqlen=lay["max"],
-                                merged=lay["merged"], keep=keep, return_dict=return_dict)
+                                merged=lay["merged"], keep=self._keep(output_hidden_states), return_dict=return_dict)
 
     def _check(self, pixel_values, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -147,52 +140,27 @@ class HFKimiVisionModel(HFQwenVisionModel):
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != shape:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected patches [T, {', '.join(map(str, shape))}], got {got}")
-        if not isinstance(grid_thw, Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3 \
-                or grid_thw.is_floating_point() or grid_thw.is_complex():
-            got = (f"{tuple(grid_thw.shape)} {grid_thw.dtype}" if isinstance(grid_thw, Tensor)
-                   else type(grid_thw).__name__)
-            raise ValueError(f"grid_thw: expected an integer tensor [n, 3] (frames, patch rows, patch columns), "
-                             f"got {got}")
-        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        grid = self._grid(grid_thw, pixel_values.shape[0], "T", self.merge_kernel_size)
         most = self.time_embed.shape[0] - 1                 # the frame sinusoid's rows (row 0: a single frame's)
         if any(t > max(most, 1) for t, _, _ in grid):
             raise ValueError(f"grid_thw: expected clips of at most {most} frames (the model's pos_emb_time), got "
                              f"{[t for t, _, _ in grid]}")
-        kh, kw = self.merge_kernel_size
-        if not grid or any(t < 1 or h < 1 or w < 1 or h % kh or w % kw for t, h, w in grid) \
-                or sum(t * h * w for t, h, w in grid) != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw: expected at least one grid, of at least 1 frame with patch rows divisible "
-                             f"by {kh} and columns by {kw}, whose patches add up to T = {pixel_values.shape[0]}, "
-                             f"got {grid}")
         return grid
 
-    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
-        """What the forward needs of a grid, on the device: cu_seqlens (one segment per clip) and the longest clip,
-        the RoPE tables, the position table's taps, each patch's frame row, the merger's slots; made once per grid
-        and kept (least recently used dropped first)."""
-        f64 = self.dtype == torch.float64
-        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
+    def _make_layout(self, grid: list[tuple[int, int, int]], f64: bool) -> dict:
+        """What the forward needs of a grid, on the CPU: cu_seqlens (one segment per clip) and the longest clip, the
+        RoPE tables, the position table's taps, each patch's frame row, the merger's slots."""
         pos, _ = qwen_patch_layout(grid, 1)
         lengths = torch.tensor([t * h * w for t, h, w in grid])
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
-        cos, sin = qwen_rope_tables(pos.flip(-1), self.inv_freq, torch.float64 if f64 else torch.float32, pairs=True)
+        wide = torch.float64 if f64 else torch.float32
+        cos, sin = qwen_rope_tables(pos.flip(-1), self.inv_freq, wide, pairs=True)
         taps, weights = position_taps(grid, 1, self.tower.pos_embed.shape[0], *self.resize)
         frames = torch.cat([(torch.arange(t) + int(t > 1)).repeat_interleave(h * w) for t, h, w in grid])
         dest, share = temporal_pool_layout(grid, self.merge_kernel_size)
-        wide = torch.float64 if f64 else torch.float32
-        lay = dict(cu=cu, cos=cos, sin=sin, taps=taps, weights=weights.to(wide), frames=frames, dest=dest,
-                   share=share.to(wide))
-        lay = {k: v.to(device) for k, v in lay.items()}
         kh, kw = self.merge_kernel_size
-        lay.update(max=int(lengths.max()), merged=sum(h // kh * (w // kw) for _, h, w in grid))
-        self._layouts[key] = lay
-        while len(self._layouts) > self._MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
-        return lay
+        return dict(cu=cu, cos=cos, sin=sin, taps=taps, weights=weights.to(wide), frames=frames, dest=dest,
+                    share=share.to(wide), max=int(lengths.max()), merged=sum(h // kh * (w // kw) for _, h, w in grid))
 
     def _forward(self, pixels, cu, cos, sin, taps, weights, frames, dest, share, *, max_seqlen, merged,
                  keep, return_dict):
@@ -204,11 +172,7 @@ class HFKimiVisionModel(HFQwenVisionModel):
         pos = weighted_rows(tower.pos_embed.reshape(-1, C), taps, weights) + self.time_embed[frames]
         x = ops.linear(pixels.to(dtype).reshape(1, pixels.shape[0], -1), proj.weight.reshape(C, -1), proj.bias,
                        residual=pos.to(dtype)[None])                                                 # (1, T, C)
-        kept = keep or ()
-        hidden = [x[0] if 0 in kept else None]
-        for i, blk in enumerate(tower.blocks, 1):
-            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            hidden.append(x[0] if i in kept else None)
+        x, hidden = self._run_blocks(x, (cos, sin), cu, max_seqlen, keep)
         x = tower.norm(x)[0]
         if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = x
@@ -217,5 +181,4 @@ class HFKimiVisionModel(HFQwenVisionModel):
             0, dest, x.to(share.dtype) * share[:, None])
         out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled.reshape(merged, k, C).to(dtype),
                                          hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._returned(out, return_dict)

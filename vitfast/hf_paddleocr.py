@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _build, _Findings, _mlp_ratio
+from vitfast.convert import _build, _Findings, _mlp_ratio
 from vitfast.hf_kimi import _Patchify
-from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, kept_hidden_states, renamed_state
+from vitfast.hf_qwen import _ACTIVATIONS, HFQwenVisionModel, renamed_state
 from vitfast.layers import Block, JoinedLinear, LayerNorm
 from vitfast.reference import position_taps, qwen_patch_layout, qwen_rope_tables, weighted_rows
 
@@ -112,21 +112,15 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
         super().__init__(config, tower, "paddleocr_vl", inv_freq)
         self.resize = resize                              # the position table's (mode, align_corners)
 
+    _layout_kwargs = _LAYOUT_KWARGS
+
     def forward(self, pixel_values=None, grid_thw=None, attention_mask=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
-        if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
-            bad.insert(0, "output_attentions=True")
-        if bad:
-            raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
-                                          "layout of the packed sequence from grid_thw itself)")
-        grid = self._check(pixel_values, grid_thw)
-        lay = self._layout(grid, pixel_values.device)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
+        self._refuse(kwargs, output_attentions)
+        lay = self._layout(self._check(pixel_values, grid_thw), pixel_values.device)
         return self.cuda_graphs(self, self._forward, pixel_values, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
-                                lay["weights"], max_seqlen=lay["max"], keep=keep, return_dict=return_dict)
+                                lay["weights"], max_seqlen=lay["max"], keep=self._keep(output_hidden_states),
+                                return_dict=return_dict)
 
     def _check(self, pixel_values, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -135,40 +129,16 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != shape:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected patches [B, L, {', '.join(map(str, shape))}], got {got}")
-        if not isinstance(grid_thw, Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3 \
-                or grid_thw.is_floating_point() or grid_thw.is_complex():
-            got = (f"{tuple(grid_thw.shape)} {grid_thw.dtype}" if isinstance(grid_thw, Tensor)
-                   else type(grid_thw).__name__)
-            raise ValueError(f"grid_thw: expected an integer tensor [n, 3] (frames, patch rows, patch columns), "
-                             f"got {got}")
-        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
-        T = pixel_values.shape[0] * pixel_values.shape[1]
-        if not grid or any(t < 1 or h < 1 or w < 1 for t, h, w in grid) or sum(t * h * w for t, h, w in grid) != T:
-            raise ValueError(f"grid_thw: expected at least one grid, of at least 1 frame, patch row and column, "
-                             f"whose patches add up to B · L = {T}, got {grid}")
-        return grid
+        return self._grid(grid_thw, pixel_values.shape[0] * pixel_values.shape[1], "B · L")
 
-    def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
-        """What the forward needs of a grid, on the device: cu_seqlens (one segment per frame) and the longest
-        frame, the RoPE tables, the position table's taps; made once per grid and kept (least recently used dropped
-        first)."""
-        f64 = self.dtype == torch.float64
-        key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
+    def _make_layout(self, grid: list[tuple[int, int, int]], f64: bool) -> dict:
+        """What the forward needs of a grid, on the CPU: cu_seqlens (one segment per frame) and the longest frame,
+        the RoPE tables, the position table's taps."""
         pos, cu = qwen_patch_layout(grid, 1)
         cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
-        side = int(round(self.tower.pos_embed.num_embeddings ** 0.5))
-        taps, weights = position_taps(grid, 1, side, *self.resize)
-        lay = dict(cu=cu, cos=cos, sin=sin, taps=taps, weights=weights.double() if f64 else weights)
-        lay = {k: v.to(device) for k, v in lay.items()}
-        lay["max"] = int((cu[1:] - cu[:-1]).max())
-        self._layouts[key] = lay
-        while len(self._layouts) > self._MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
-        return lay
+        taps, weights = position_taps(grid, 1, int(round(self.tower.pos_embed.num_embeddings ** 0.5)), *self.resize)
+        return dict(cu=cu, cos=cos, sin=sin, taps=taps, weights=weights.double() if f64 else weights,
+                    max=int((cu[1:] - cu[:-1]).max()))
 
     def _forward(self, pixels, cu, cos, sin, taps, weights, *, max_seqlen, keep, return_dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -179,12 +149,7 @@ class HFPaddleOCRVisionModel(HFQwenVisionModel):
         pos = weighted_rows(tower.pos_embed.weight, taps, weights)               # HF: in the weights' dtype
         x = ops.linear(pixels.to(dtype).reshape(1, -1, proj.weight[0].numel()), proj.weight.reshape(C, -1),
                        proj.bias, residual=pos.to(dtype)[None])                                      # (1, T, C)
-        kept = keep or ()
-        hidden = [x[0] if 0 in kept else None]
-        for i, blk in enumerate(tower.blocks, 1):
-            x = blk(x, rope=(cos, sin), cu_seqlens=cu, max_seqlen=max_seqlen)
-            hidden.append(x[0] if i in kept else None)
+        x, hidden = self._run_blocks(x, (cos, sin), cu, max_seqlen, keep)
         out = BaseModelOutputWithPooling(last_hidden_state=tower.norm(x)[0], pooler_output=None,
                                          hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._returned(out, return_dict)

@@ -259,23 +259,34 @@ class HFQwenVisionModel(nn.Module):
         return self.device
 
     # ----------------------------------------------------------------------------------------
+    # What the stand-ins over packed sequences share (Qwen's, and those of vitfast.hf_glm, hf_kimi, hf_paddleocr,
+    # hf_ernie): the refused arguments, the checked grid, the layout cache, the blocks' loop and the return.
+    _layout_kwargs = _LAYOUT_KWARGS
+
     def forward(self, hidden_states=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        bad = [k for k, v in kwargs.items() if k in _LAYOUT_KWARGS and v is not None]
+        self._refuse(kwargs, output_attentions)
+        lay = self._layout(self._check(hidden_states, grid_thw), hidden_states.device)
+        return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
+                                lay["weights"], lay["order"], lay["back"], lay["cu_window"],
+                                max_seqlen=lay["max"], max_window=lay["max_window"],
+                                keep=self._keep(output_hidden_states), return_dict=return_dict)
+
+    def _refuse(self, kwargs: dict, output_attentions) -> None:
+        """Attention outputs and a precomputed layout (`_layout_kwargs`) are refused by name; other keyword
+        arguments (what a VLM passes along, `use_cache` and such) do not touch the tower and are ignored, as HF's
+        tower ignores them."""
+        bad = [k for k, v in kwargs.items() if k in self._layout_kwargs and v is not None]
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             bad.insert(0, "output_attentions=True")
         if bad:
             raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast computes the "
                                           "layout of the packed sequence from grid_thw itself)")
-        grid = self._check(hidden_states, grid_thw)
-        lay = self._layout(grid, hidden_states.device)
+
+    def _keep(self, output_hidden_states) -> tuple[int, ...] | None:
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
-        return self.cuda_graphs(self, self._forward, hidden_states, lay["cu"], lay["cos"], lay["sin"], lay["taps"],
-                                lay["weights"], lay["order"], lay["back"], lay["cu_window"],
-                                max_seqlen=lay["max"], max_window=lay["max_window"], keep=keep,
-                                return_dict=return_dict)
+        return kept_hidden_states(output_hidden_states, len(self.tower.blocks) + 1)
 
     def _check(self, hidden_states, grid_thw) -> list[tuple[int, int, int]]:
         """The arguments checked; -> grid_thw as a list (the one host read of the forward)."""
@@ -285,6 +296,14 @@ class HFQwenVisionModel(nn.Module):
             got = tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
             raise ValueError(f"hidden_states: expected patches [T, {width}] (channels x frames x patch_size^2), "
                              f"got {got}")
+        m = self.spatial_merge_size
+        return self._grid(grid_thw, hidden_states.shape[0], "T", (m, m))
+
+    @staticmethod
+    def _grid(grid_thw, total: int, total_name: str, divisors: tuple[int, int] = (1, 1)) -> list[tuple[int, int, int]]:
+        """grid_thw checked (an integer tensor [n, 3] of at least one frame, patch row and column each, the rows
+        and columns divisible by `divisors`, all the patches adding up to `total`) -> as a list (the one host read
+        of the forward)."""
         if not isinstance(grid_thw, Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3 \
                 or grid_thw.is_floating_point() or grid_thw.is_complex():
             got = (f"{tuple(grid_thw.shape)} {grid_thw.dtype}" if isinstance(grid_thw, Tensor)
@@ -292,16 +311,17 @@ class HFQwenVisionModel(nn.Module):
             raise ValueError(f"grid_thw: expected an integer tensor [n, 3] (frames, patch rows, patch columns), "
                              f"got {got}")
         grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
-        m = self.spatial_merge_size
-        if not grid or any(t < 1 or h < 1 or w < 1 or h % m or w % m for t, h, w in grid) \
-                or sum(t * h * w for t, h, w in grid) != hidden_states.shape[0]:
-            raise ValueError(f"grid_thw: expected at least one grid, of at least 1 frame with patch rows and columns "
-                             f"divisible by {m} whose patches add up to T = {hidden_states.shape[0]}, got {grid}")
+        dh, dw = divisors
+        if not grid or any(t < 1 or h < 1 or w < 1 or h % dh or w % dw for t, h, w in grid) \
+                or sum(t * h * w for t, h, w in grid) != total:
+            rule = "" if divisors == (1, 1) else (f" with patch rows and columns divisible by {dh}" if dh == dw else
+                                                  f" with patch rows divisible by {dh} and columns by {dw}")
+            raise ValueError(f"grid_thw: expected at least one grid, of at least 1 frame{rule} whose patches add up "
+                             f"to {total_name} = {total}, got {grid}")
         return grid
 
     def _layout(self, grid: list[tuple[int, int, int]], device: torch.device) -> dict:
-        """What the forward needs of a grid, on the device: cu_seqlens and the longest frame, the RoPE tables, the
-        windows (Qwen2.5-VL), the position-table taps (Qwen3-VL); made once per grid and kept (least recently
+        """`_make_layout`'s dict for a grid, its tensors on the device; made once per grid and kept (least recently
         used dropped first)."""
         f64 = self.dtype == torch.float64
         key = (tuple(grid), device, f64, torch.is_inference_mode_enabled())
@@ -309,6 +329,15 @@ class HFQwenVisionModel(nn.Module):
         if hit is not None:
             self._layouts.move_to_end(key)
             return hit
+        lay = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._make_layout(grid, f64).items()}
+        self._layouts[key] = lay
+        while len(self._layouts) > self._MAX_LAYOUTS:
+            self._layouts.popitem(last=False)
+        return lay
+
+    def _make_layout(self, grid: list[tuple[int, int, int]], f64: bool) -> dict:
+        """What the forward needs of a grid, on the CPU: cu_seqlens and the longest frame, the RoPE tables, the
+        windows (Qwen2.5-VL), the position-table taps (Qwen3-VL)."""
         m = self.spatial_merge_size
         pos, cu = qwen_patch_layout(grid, m)
         lay = dict(taps=None, weights=None, order=None, back=None, cu_window=None, max_window=None)
@@ -321,16 +350,27 @@ class HFQwenVisionModel(nn.Module):
         if self.tower.pos_embed is not None:
             side = int(round(self.tower.pos_embed.num_embeddings ** 0.5))
             lay["taps"], lay["weights"] = qwen3_position_taps(grid, m, side)
+            if f64:
+                lay["weights"] = lay["weights"].double()
         lay["cos"], lay["sin"] = qwen_rope_tables(pos, self.inv_freq, torch.float64 if f64 else torch.float32)
         lay["max"] = int((cu[1:] - cu[:-1]).max())
         lay["cu"] = cu
-        if lay["weights"] is not None and f64:
-            lay["weights"] = lay["weights"].double()
-        lay = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in lay.items()}
-        self._layouts[key] = lay
-        while len(self._layouts) > self._MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
         return lay
+
+    def _run_blocks(self, x: Tensor, rope, cu: Tensor, max_seqlen: int, keep) -> tuple[Tensor, list]:
+        """x [1, T, C] through every block, each segment of cu attending within itself -> (x, hidden states: the
+        input and each block's output where `keep` picks them, else None)."""
+        kept = keep or ()
+        hidden = [x[0] if 0 in kept else None]
+        for i, blk in enumerate(self.tower.blocks, 1):
+            x = blk(x, rope=rope, cu_seqlens=cu, max_seqlen=max_seqlen)
+            hidden.append(x[0] if i in kept else None)
+        return x, hidden
+
+    def _returned(self, out, return_dict):
+        """HF's output object, or its tuple with return_dict=False (the config's return_dict when None)."""
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
 
     def _forward(self, pixels, cu, cos, sin, taps, weights, order, back, cu_window, *, max_seqlen, max_window,
                  keep, return_dict):
@@ -365,5 +405,4 @@ class HFQwenVisionModel(nn.Module):
                       hidden_states=None if keep is None else tuple(hidden))
         out = self._output(**fields, deepstack_features=deep) if self._output is not None \
             else BaseModelOutputWithPooling(**fields)
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._returned(out, return_dict)

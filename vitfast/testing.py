@@ -111,6 +111,46 @@ def assert_selects_hidden_states(model, hf64, args: tuple, ref, pick) -> None:
         assert [h is None for h in out.hidden_states] == [h is None for h in theirs]
 
 
+def two_image_prompt() -> Tensor:
+    """Token ids [1, 17] around two images of 6 and 2 merged tokens (image token 98, each between the vision start /
+    end tokens 96 / 95), then 5 text tokens: the prompt of the packed-sequence VLMs' tests."""
+    return torch.cat([torch.tensor([[2, 96]]), torch.full((1, 6), 98), torch.tensor([[95, 96]]),
+                      torch.full((1, 2), 98), torch.tensor([[95]]), torch.randint(3, 90, (1, 5))], dim=1)
+
+
+def assert_vlm_equals_hf(opt, model, model64, x: Tensor, kw: dict) -> None:
+    """The VLM `opt` (model with its tower on vitfast) on pixel_values x and the other arguments kw: logits within 2x
+    HF's own fp32 error (model64: model in float64), greedy `generate` HF's tokens."""
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=px, **kw).logits for m, px in ((opt, x), (model64, x.double()),
+                                                                          (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        gen = dict(kw, pixel_values=x, max_new_tokens=3, do_sample=False)
+        assert torch.equal(opt.generate(**gen), model.generate(**gen))
+
+
+def assert_packed_tower_replays(hf, dtype: torch.dtype, grids: list, patches, keys=("last_hidden_state",)) -> None:
+    """A packed-sequence tower `hf` (fp32, on CUDA) copied to `dtype` and optimized: eager, then its CUDA graph's
+    capture and replays over batches of other images (each of `grids`, the same token and segment counts; patches(T)
+    makes the input), each output of `keys` in `dtype` and against HF in fp32 within 2x the error of HF itself in
+    that dtype; one capture."""
+    import copy
+
+    import vitfast
+
+    low = copy.deepcopy(hf).to(dtype)
+    opt = vitfast.optimize(low)
+    with torch.no_grad():
+        for grid in grids:
+            x = patches(sum(t * h * w for t, h, w in grid))
+            g = torch.tensor(grid, device=x.device)
+            ref, eager, out = hf(x, g), low(x.to(dtype), g), opt(x.to(dtype), g)
+            for key in keys:
+                assert out[key].dtype == dtype
+                assert_close(out[key], ref[key], dtype=dtype, eager=eager[key], tol=MODEL_TOLERANCE[dtype], name=key)
+    assert opt.cuda_graphs.captures == 1
+
+
 def perturbed(model):
     """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
     each parameter plus 0.05 x N(0, 1) noise."""
