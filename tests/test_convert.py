@@ -248,7 +248,6 @@ def test_optimize_timm_tree_with_inner_norms(kw):
     ("qk-norm", lambda m: setattr(m.blocks[0].attn, "q_norm", nn.LayerNorm(16))),
     ("no position embedding", lambda m: setattr(m, "pos_embed", None)),
     (r"global_pool='avgmax'", lambda m: setattr(m, "global_pool", "avgmax")),
-    ("pool_include_prefix=True", lambda m: setattr(m, "pool_include_prefix", True)),
     (r"attn_pool: NoneType \(only timm's AttentionPoolLatent\)", lambda m: setattr(m, "global_pool", "map")),
     (r"patch_embed.proj without bias \(without pre_norm\)", lambda m: setattr(m.patch_embed.proj, "bias", None)),
     (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
@@ -288,6 +287,11 @@ TIMM_FAMILIES = {
     "deit_distilled": dict(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2, num_classes=4),
     "dinov2_giant_swiglu": dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=0.5,
                                 mlp_ratio=2.66667 * 2, mlp_layer="swiglu", num_classes=0),
+    # timm's pool_include_prefix: the pooling over the class and register tokens too
+    "map_include_prefix": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, reg_tokens=2,
+                               global_pool="map", pool_include_prefix=True, num_classes=3),
+    "avg_include_prefix": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3,
+                               global_pool="avg", pool_include_prefix=True, num_classes=3),
 }
 
 
@@ -408,6 +412,19 @@ def test_optimize_real_timm_vit_with_inner_norms():
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     src = _perturb(TimmViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=4,
                            scale_attn_norm=True, scale_mlp_norm=True)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(vitfast.optimize(copy.deepcopy(src))(x), src(x))
+
+
+@pytest.mark.parametrize("kw", [dict(global_pool="map", reg_tokens=2), dict(global_pool="avg")], ids=["map", "avg"])
+def test_optimize_real_timm_vit_pooling_with_prefix_tokens(kw):
+    """timm's pool_include_prefix=True: the attention pooling and the mean over the class and register tokens
+    too (timm's test_vit3 has it)."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    src = _perturb(TimmViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=4,
+                           pool_include_prefix=True, **kw)).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert_close(vitfast.optimize(copy.deepcopy(src))(x), src(x))

@@ -24,6 +24,7 @@ def _timm_class(name: str, base: type = nn.Module) -> type:
 
 
 Eva, EvaBlock, EvaAttention = _timm_class("Eva"), _timm_class("EvaBlock"), _timm_class("EvaAttention")
+AttentionRope = type("AttentionRope", (nn.Module,), {"__module__": "timm.layers.attention"})
 RotaryEmbeddingDinoV3, RotaryEmbeddingCat = _timm_class("RotaryEmbeddingDinoV3"), _timm_class("RotaryEmbeddingCat")
 SwiGLU = _timm_class("SwiGLU")
 
@@ -52,10 +53,12 @@ def _cat_rope(ref: reference.VisionTransformer, rotate_half: bool) -> nn.Module:
 
 
 def eva_like(ref: reference.VisionTransformer, *, qkv_bias: bool = False, unpacked_swiglu: bool = False,
-             rope_cat: str | None = None, split_qkv: bool = False) -> nn.Module:
+             rope_cat: str | None = None, split_qkv: bool = False, attn_rope: bool = False) -> nn.Module:
     """timm's Eva tree holding `ref`'s weights (copies): what timm.models.eva.Eva has where vitfast looks.
     rope_cat "interleaved" / "half": EVA-02's RotaryEmbeddingCat with `ref`'s angles instead of DINOv3's RoPE
-    module, q's and k's rows in Eva's order for those pairs; split_qkv: q / k / v projections (qkv_fused=False)."""
+    module, q's and k's rows in Eva's order for those pairs; split_qkv: q / k / v projections (qkv_fused=False);
+    attn_rope: timm's AttentionRope (Perception Encoder's) with the packed qkv's own bias, k's rows too; `ref`'s
+    attention-pooling head as Eva's."""
     ref = copy.deepcopy(ref)
     dim, heads = ref.embed_dim, ref.blocks[0].attn.num_heads
     d = dim // heads
@@ -71,15 +74,20 @@ def eva_like(ref: reference.VisionTransformer, *, qkv_bias: bool = False, unpack
     rows = torch.cat([perm, dim + perm, torch.arange(2 * dim, 3 * dim)])
     m.blocks = nn.ModuleList()
     for rb in ref.blocks:
-        blk, attn = EvaBlock(), EvaAttention()
+        blk, attn = EvaBlock(), AttentionRope() if attn_rope else EvaAttention()
         attn.num_heads, attn.head_dim, attn.scale = heads, d, d ** -0.5
         attn.num_prefix_tokens, attn.rotate_half, attn.gate = ref.num_prefix_tokens, rope_cat != "interleaved", None
         w = rb.attn.qkv.weight.detach()[rows].clone()
         b = None if rb.attn.qkv.bias is None else rb.attn.qkv.bias.detach()[rows].clone()
-        attn.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        attn.qkv = nn.Linear(dim, 3 * dim, bias=attn_rope and b is not None)
         attn.qkv.weight = nn.Parameter(w)
-        attn.q_bias = attn.v_bias = None
-        if qkv_bias:                       # Eva keeps q and v biases apart and no k bias
+        if attn_rope:                      # AttentionRope: its Linear's bias, no q / v biases
+            attn.num_kv_heads = heads
+            if b is not None:
+                attn.qkv.bias = nn.Parameter(b)
+        else:
+            attn.q_bias = attn.v_bias = None
+        if qkv_bias and not attn_rope:     # Eva keeps q and v biases apart and no k bias
             attn.q_bias = nn.Parameter(b[:dim].clone())
             attn.v_bias = nn.Parameter(b[2 * dim:].clone())
         if split_qkv:                      # EVA-02's q_proj / k_proj / v_proj (k without bias)
@@ -111,7 +119,8 @@ def eva_like(ref: reference.VisionTransformer, *, qkv_bias: bool = False, unpack
                 rb.mlp.fc2, nn.Dropout(0.0)
             blk.mlp = glu
         m.blocks.append(blk)
-    m.norm, m.fc_norm, m.attn_pool, m.head_drop, m.head = ref.norm, ref.fc_norm, None, nn.Dropout(0.0), ref.head
+    m.norm, m.fc_norm, m.attn_pool, m.head_drop, m.head = ref.norm, ref.fc_norm, ref.attn_pool, nn.Dropout(0.0), \
+        ref.head
     return m.train(ref.training)
 
 
@@ -122,6 +131,9 @@ DINOV3 = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, qk
               norm_eps=1e-5, dynamic_img_size=True, num_classes=5)
 EVA02 = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_layer="swiglu", mlp_ratio=3.0,
              scale_mlp_norm=True, rope="dinov3", rope_temperature=10000.0, num_classes=3)
+PE_CORE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, pre_norm=True, norm_eps=1e-5,
+               rope="dinov3", rope_temperature=10000.0, global_pool="map", pool_include_prefix=True,
+               attn_pool_num_heads=8, attn_pool_mlp_ratio=2.0, num_classes=6)
 EVA_CASES = {
     "dinov3": (DINOV3, {}),
     "dinov3_qkv_bias": ({**DINOV3, "qkv_bias": True}, dict(qkv_bias=True)),
@@ -134,16 +146,21 @@ EVA_CASES = {
     "eva02": (EVA02, dict(qkv_bias=True, rope_cat="interleaved", split_qkv=True)),
     "eva02_packed_no_bias": ({**EVA02, "qkv_bias": False}, dict(rope_cat="interleaved")),
     "eva02_rotate_half": (EVA02, dict(qkv_bias=True, rope_cat="half", split_qkv=True)),
+    # Perception Encoder (PE-Core): AttentionRope with a k bias too, interleaved pairs, norm_pre, a position table,
+    # attention pooling over the class token too, with its own head count and MLP ratio
+    "pe_core": (PE_CORE, dict(attn_rope=True, rope_cat="interleaved")),
+    "pe_core_registers_no_class_token": ({**PE_CORE, "class_token": False, "reg_tokens": 2, "num_classes": 0},
+                                         dict(attn_rope=True, rope_cat="interleaved")),
 }
 
 
-def _reference(cfg: dict) -> reference.VisionTransformer:
+def _reference(cfg: dict, k_bias: bool = False) -> reference.VisionTransformer:
     ref = reference.VisionTransformer(**cfg).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        for blk in ref.blocks:             # Eva has no k bias
-            if blk.attn.qkv.bias is not None:
+        for blk in ref.blocks:             # Eva has no k bias (AttentionRope has one)
+            if blk.attn.qkv.bias is not None and not k_bias:
                 blk.attn.qkv.bias[ref.embed_dim:2 * ref.embed_dim] = 0
     return ref
 
@@ -151,7 +168,7 @@ def _reference(cfg: dict) -> reference.VisionTransformer:
 @pytest.mark.parametrize("case", sorted(EVA_CASES))
 def test_optimize_eva_tree_equals_reference(case):
     cfg, kw = EVA_CASES[case]
-    ref = _reference(cfg)
+    ref = _reference(cfg, k_bias=kw.get("attn_rope", False))
     src = eva_like(ref, **kw)
     opt = vitfast.optimize(src)
     assert type(opt) is vitfast.VisionTransformer
@@ -330,6 +347,17 @@ TIMM_EVA = {
     "eva02_base_patch14_224": dict(embed_dim=96, num_heads=2, img_size=56),
     "eva02_base_patch16_clip_224": dict(embed_dim=96, num_heads=2, img_size=64),
     "eva02_small_patch14_336": dict(embed_dim=96, num_heads=2, img_size=56, dynamic_img_size=True),
+    # Perception Encoder: timm's AttentionRope (a packed qkv with its own bias, interleaved pairs), RoPE with
+    # grid offset 1 and xy indexing, norm_pre; PE-Core's attention-pooling head with 8 heads whatever the width
+    # (and the gigantic's MLP ratio 4 beside the blocks' 5.83, no class token); PE-Lang's layer-scale without a
+    # final norm; PE-Spatial's mean pooling
+    "vit_pe_core_tiny_patch16_384": dict(embed_dim=48, num_heads=3, img_size=48),
+    "vit_pe_core_gigantic_patch14_448": dict(embed_dim=96, num_heads=2, img_size=42),
+    "vit_pe_lang_large_patch14_448": dict(embed_dim=64, num_heads=2, img_size=42),
+    "vit_pe_spatial_tiny_patch16_512": dict(embed_dim=48, num_heads=3, img_size=48),
+    # RoPE-ViT's axial RoPE, with and without a position table
+    "vit_small_patch16_rope_224": dict(embed_dim=64, num_heads=2, img_size=48),
+    "vit_small_patch16_rope_ape_224": dict(embed_dim=64, num_heads=2, img_size=48),
 }
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -5,7 +5,8 @@
   with the features of DINOv2 (layer-scale, registers, no_embed_class, the giant's SwiGLUPacked MLP),
   CLIP (pre-norm, QuickGELU, eps), SigLIP (attention pooling), timm's unpacked SwiGLU; timm's DeiT
   `VisionTransformerDistilled` -> vitfast's; timm's `Eva` with DINOv3's features (RoPE, registers, layer-scale,
-  separate q / v biases, SwiGLU) or EVA's (a position table) -> `vitfast.VisionTransformer`.
+  separate q / v biases, SwiGLU), EVA's (a position table), EVA-02's or Perception Encoder's ->
+  `vitfast.VisionTransformer`.
 - HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers and SwiGLU), CLIP vision (incl.
   WithProjection) and SigLIP vision models -> a module with HF's forward arguments that returns HF's
   output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
@@ -97,7 +98,8 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 # CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
 # PaliGemma, Gemma 3, Kimi K2.5: inside their `model`), DINOv2's classifiers' `dinov2` / `dinov2_with_registers`,
 # OWL-ViT's and OWLv2's `owlvit` / `owlv2`, the Qwen-VL, GLM-4V and PaddleOCR-VL models' `visual`, LightOnOCR's
-# `vision_encoder` (inside their `model`). Other
+# `vision_encoder` (inside their `model`); then the `timm_model` of transformers' TimmWrapper models (Perception LM's
+# `vision_tower`). Other
 # heads (ViTForMaskedImageModeling's `vit`, ...) are not taken.
 _HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual",
              "vision_encoder")
@@ -111,6 +113,9 @@ def _wrapped_model(model: nn.Module) -> str | None:
             inner = model._modules.get(attr)
             if inner is not None and (_is_hf_class(type(inner).__name__) or _wrapped_model(inner) is not None):
                 return attr
+        inner = model._modules.get("timm_model")        # TimmWrapperModel / ...ForImageClassification: a timm model
+        if inner is not None and type(inner).__module__.startswith("timm."):
+            return "timm_model"
     if cls.__name__ == "FeatureGetterNet" and cls.__module__.startswith("timm.") \
             and isinstance(getattr(model, "model", None), nn.Module):
         return "model"
@@ -257,7 +262,6 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
     f.need(not (distilled and getattr(model, "distilled_training", False) and model.training),
            "distilled_training=True (training with the distillation head's separate output)")
     f.need(isinstance(model.pos_embed, Tensor), "no position embedding (pos_embed='none')")
-    f.need(not getattr(model, "pool_include_prefix", False), "pool_include_prefix=True")
     dim = getattr(model, "embed_dim", None) or model.pos_embed.shape[-1]
     pre_norm, eps = _timm_stem(f, model, dim)
     seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
@@ -282,7 +286,8 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
     f.check(model.training)
     cfg = _timm_config(model, dim, seen, eps, pre_norm, use_fc_norm, final_norm,
                        no_embed_class=bool(getattr(model, "no_embed_class", False)),
-                       reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0))
+                       reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
+                       pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)))
     out = _build(cfg, _timm_state(model), model, f, VisionTransformerDistilled if distilled else VisionTransformer)
     _join_timm_parts(model, out)
     _keep_pretrained_cfg(model, out)
@@ -296,8 +301,10 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
     whose tables the converted model takes from that module, interleaved pairs as rotate-half ones by a
     reordering of q's and k's rows; separate q / k / v projections; LayerNorms inside the attention and the
     MLP). Separate q / v biases beside the packed qkv weight, the q / k / v projections and the unpacked
-    SwiGLU's fc1_g / fc1_x are joined (`JoinedLinear`) from Eva's own tensors. Mixed RoPE, Perception
-    Encoder's and other options are refused by name."""
+    SwiGLU's fc1_g / fc1_x are joined (`JoinedLinear`) from Eva's own tensors. Perception Encoder's and RoPE-ViT's
+    AttentionRope (a packed qkv with its own bias), and Eva's attention pooling over the prefix tokens too, with
+    its own head count and MLP width (PE-Core's). Mixed RoPE, grouped-query attention and other options are refused
+    by name."""
     f = _Findings("timm Eva")
     dim = model.embed_dim
     pre_norm, eps = _timm_stem(f, model, dim)
@@ -340,10 +347,16 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
         attn = blk.attn
         fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
         split = all(isinstance(getattr(attn, f"{n}_proj", None), nn.Linear) for n in "qkv")
-        if f.need(type(attn).__name__ == "EvaAttention" and (fused or split),
-                  f"{w}.attn: {type(attn).__name__} (only EvaAttention with a packed qkv or q / k / v projections)"):
+        attn_kind = type(attn).__name__
+        if f.need(attn_kind in ("EvaAttention", "AttentionRope") and (fused or split),
+                  f"{w}.attn: {attn_kind} (only EvaAttention and AttentionRope with a packed qkv or q / k / v "
+                  "projections)"):
             f.need(getattr(attn, "gate", None) is None, f"{w}.attn: a gate (gated_attn)")
-            if fused:
+            f.need(getattr(attn, "num_kv_heads", attn.num_heads) == attn.num_heads,
+                   f"{w}.attn: num_kv_heads={getattr(attn, 'num_kv_heads', None)} (grouped-query attention)")
+            if fused and attn_kind == "AttentionRope":       # Perception Encoder's, RoPE-ViT's: the Linear's own bias
+                seen["qkv bias"].add(attn.qkv.bias is not None)
+            elif fused:
                 f.need(attn.qkv.bias is None, f"{w}.attn: a bias on the packed qkv Linear")
                 seen["qkv bias"].add(getattr(attn, "q_bias", None) is not None)
             else:                                      # EVA-02's qkv_fused=False: q and v biases, none on k
@@ -360,7 +373,8 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
     f.check(model.training)
     cfg = _timm_config(model, dim, seen, eps, pre_norm, use_fc_norm, final_norm,
                        no_embed_class=bool(model.no_embed_class), pos_embed="none" if model.pos_embed is None
-                       else "learn", reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1], **rope_cfg)
+                       else "learn", reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1],
+                       pool_include_prefix=model.global_pool == "map", **rope_cfg)   # Eva's "map" pools them all
     out = _build(cfg, _timm_state(model), model, f)
     _join_timm_parts(model, out, interleaved)
     if rope_cfg.get("rope") == "timm":
@@ -394,6 +408,10 @@ def _join_timm_parts(model: nn.Module, out: VisionTransformer, interleaved: bool
             core.attn.qkv = JoinedLinear([(attn.q_proj, "weight", "bias", None, order),
                                           (attn.k_proj, "weight", "bias", None, order),
                                           (attn.v_proj, "weight", "bias", None)])
+        elif order is not None and attn.qkv.bias is not None:   # AttentionRope's packed qkv with its own bias
+            core.attn.qkv = JoinedLinear([(attn.qkv, "weight", "bias", slice(0, dim), order),
+                                          (attn.qkv, "weight", "bias", slice(dim, 2 * dim), order),
+                                          (attn.qkv, "weight", "bias", slice(2 * dim, 3 * dim))])
         elif getattr(attn, "q_bias", None) is not None or order is not None:
             parts = nn.Module()                         # Eva's qkv weight and q / v biases (k has none)
             parts.weight, parts.q_bias, parts.v_bias = attn.qkv.weight, attn.q_bias, attn.v_bias
@@ -477,19 +495,24 @@ def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -
     if getattr(model, "global_pool", "token") == "map" and f.need(
             type(pool).__name__ == "AttentionPoolLatent", f"attn_pool: {type(pool).__name__} (only timm's "
                                                           "AttentionPoolLatent)"):
+        heads = getattr(pool, "num_heads", 0)
         f.need(getattr(pool, "latent_len", 1) == 1 and getattr(pool, "pool", "token") == "token"
                and getattr(pool, "pos_embed", None) is None and isinstance(getattr(pool, "q", None), nn.Linear)
                and _is_identity(getattr(pool, "q_norm", None)) and _is_identity(getattr(pool, "k_norm", None))
-               and getattr(pool, "mlp", None) is not None and pool.num_heads in seen["num_heads"],
+               and getattr(pool, "mlp", None) is not None and heads > 0 and dim % heads == 0
+               and abs(getattr(pool, "scale", 0) - (dim // heads) ** -0.5) < 1e-12,
                "attn_pool options (only one latent query with its q projection, token pooling, no qk-norm "
-               "or position table, an MLP, the blocks' number of heads)")
+               "or position table, an MLP, head_dim ** -0.5 scaling)")
         for name in ("q", "kv", "proj"):
             f.linear(getattr(pool, name, None), f"attn_pool.{name}")
         eps.add(f.layer_norm_eps(pool.norm, "attn_pool.norm", dim))
         f.dropout(getattr(pool, "proj_drop", None), "attn_pool.proj_drop")
         if getattr(pool, "mlp", None) is not None:
-            _timm_mlp(f, pool.mlp, "attn_pool.mlp", seen)
+            # its own heads and MLP width (Perception Encoder's: 8 heads, ratio 4); the blocks' activation
+            own = {"activation": seen["activation"], "mlp hidden size": set()}
+            _timm_mlp(f, pool.mlp, "attn_pool.mlp", own)
             f.need(_is_identity(getattr(pool.mlp, "norm", None)), "attn_pool.mlp.norm (a norm inside its MLP)")
+            seen["attn pool"] = {(heads, *own["mlp hidden size"])}
     f.uniform(seen)
     f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
     return use_fc_norm, final_norm
@@ -500,9 +523,11 @@ def _timm_config(model: nn.Module, dim: int, seen: dict, eps: set, pre_norm: boo
     """vitfast's VisionTransformer kwargs for a checked timm model (`kw`: what its class holds differently)."""
     proj = model.patch_embed.proj
     hidden = seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim
+    heads = seen["num_heads"].pop() if seen["num_heads"] else 1
+    pool_heads, pool_hidden = next(iter(seen.get("attn pool", ())), (heads, hidden))
     return dict(img_size=model.patch_embed.img_size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
                 num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0, embed_dim=dim,
-                depth=len(model.blocks), num_heads=seen["num_heads"].pop() if seen["num_heads"] else 1,
+                depth=len(model.blocks), num_heads=heads,
                 mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=seen["qkv bias"].pop() if seen["qkv bias"] else True,
                 class_token=getattr(model, "cls_token", None) is not None,
                 global_pool=getattr(model, "global_pool", "token"), fc_norm=use_fc_norm,
@@ -511,7 +536,9 @@ def _timm_config(model: nn.Module, dim: int, seen: dict, eps: set, pre_norm: boo
                 init_values=1.0 if seen["layer-scale"] == {True} else None,     # the gammas come from the weights
                 pre_norm=pre_norm, final_norm=final_norm,
                 mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp",
-                scale_attn_norm=seen["attn norm"] == {True}, scale_mlp_norm=seen["mlp norm"] == {True}, **kw)
+                scale_attn_norm=seen["attn norm"] == {True}, scale_mlp_norm=seen["mlp norm"] == {True},
+                attn_pool_num_heads=None if pool_heads == heads else pool_heads,
+                attn_pool_mlp_ratio=None if pool_hidden == hidden else _mlp_ratio(pool_hidden, dim), **kw)
 
 
 def _keep_pretrained_cfg(model: nn.Module, out: nn.Module) -> None:

@@ -48,7 +48,7 @@ class VisionTransformer(reference.VisionTransformer):
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
                  pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
-                 scale_mlp_norm=False):
+                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
@@ -56,7 +56,9 @@ class VisionTransformer(reference.VisionTransformer):
                          init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
                          pre_norm=pre_norm, final_norm=final_norm, mlp_layer=mlp_layer, pos_embed=pos_embed,
                          rope=rope, rope_temperature=rope_temperature, rope_rounding=rope_rounding,
-                         scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm)
+                         scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm,
+                         attn_pool_num_heads=attn_pool_num_heads, attn_pool_mlp_ratio=attn_pool_mlp_ratio,
+                         pool_include_prefix=pool_include_prefix)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}     # RoPE tables per patch grid, see rope_for
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)

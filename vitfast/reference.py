@@ -829,6 +829,9 @@ class VisionTransformer(nn.Module):
     scale_mlp_norm: timm's LayerNorms inside the attention (on its output, before proj) and the MLP (on the
     hidden features, before fc2), as EVA-02 and EVA-CLIP have them. rope="timm" takes its tables from timm's
     RotaryEmbeddingCat module set as `rope_embed` (EVA-02's; `vitfast.optimize` of timm's Eva does it).
+    attn_pool_num_heads / attn_pool_mlp_ratio (timm's Eva's): the attention-pooling head's own head count and MLP
+    ratio (None: the blocks'; Perception Encoder's head has 8 heads whatever the width). pool_include_prefix
+    (timm's): the "map" and "avg" pooling over the class and register tokens too (timm's Eva: its "map" pooling).
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
@@ -839,7 +842,7 @@ class VisionTransformer(nn.Module):
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
                  pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
-                 scale_mlp_norm=False):
+                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False):
         super().__init__()
         if pos_embed not in ("learn", "none"):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
@@ -856,6 +859,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token', 'avg', 'map' or '', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if attn_pool_num_heads is not None and (attn_pool_num_heads < 1 or embed_dim % attn_pool_num_heads):
+            raise ValueError(f"attn_pool_num_heads: expected a divisor of embed_dim ({embed_dim}), "
+                             f"got {attn_pool_num_heads}")
         if act_layer not in ACTIVATIONS[1:]:
             raise ValueError(f"act_layer must be one of {ACTIVATIONS[1:]}, got {act_layer!r}")
         if not isinstance(reg_tokens, int) or reg_tokens < 0:
@@ -865,7 +871,7 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens, self.no_embed_class = reg_tokens, no_embed_class
         self.has_class_token = class_token
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
-        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_size, self.pool_include_prefix = dynamic_img_size, bool(pool_include_prefix)
         self.rope_type, self.rope_temperature, self.rope_rounding = rope, float(rope_temperature), rope_rounding
         self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
@@ -883,7 +889,9 @@ class VisionTransformer(nn.Module):
                              scale_mlp_norm=scale_mlp_norm)
             for _ in range(depth)])
         self.norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
-        self.attn_pool = (self.pool_layer(embed_dim, num_heads, mlp_ratio, act=act_layer, eps=norm_eps)
+        self.attn_pool = (self.pool_layer(embed_dim, attn_pool_num_heads or num_heads,
+                                          mlp_ratio if attn_pool_mlp_ratio is None else attn_pool_mlp_ratio,
+                                          act=act_layer, eps=norm_eps)
                           if global_pool == "map" else None)
         self.fc_norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self._init_heads(embed_dim, num_classes)
@@ -956,10 +964,11 @@ class VisionTransformer(nn.Module):
         return self
 
     def pool(self, x: Tensor) -> Tensor:
+        tokens = x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]
         if self.attn_pool is not None:
-            return self.attn_pool(x[:, self.num_prefix_tokens:])
+            return self.attn_pool(tokens)
         if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
+            return tokens.mean(dim=1)
         if self.global_pool == "token":
             return x[:, 0]
         return x
