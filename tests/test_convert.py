@@ -234,7 +234,7 @@ def test_optimize_timm_tree_with_inner_norms(kw):
     with torch.no_grad():
         assert_close(opt(x), copy.deepcopy(src).double()(x.double()), eager=src(x))
     for mutate, feature in ((lambda m: setattr(m.blocks[1].mlp, "norm", nn.Identity()), "blocks differ in mlp norm"),
-                            (lambda m: setattr(m.blocks[0].mlp.norm, "eps", 1e-3), "LayerNorms with different eps"),
+                            (lambda m: setattr(m.blocks[0].mlp.norm, "eps", 1e-3), "norms with different eps"),
                             (lambda m: setattr(m.blocks[0].mlp, "norm", nn.LayerNorm(7)),
                              r"blocks.0.mlp.norm: LayerNorm \(only LayerNorm")):
         bad = copy.deepcopy(src)
@@ -251,8 +251,13 @@ def test_optimize_timm_tree_with_inner_norms(kw):
     (r"attn_pool: NoneType \(only timm's AttentionPoolLatent\)", lambda m: setattr(m, "global_pool", "map")),
     (r"patch_embed.proj without bias \(without pre_norm\)", lambda m: setattr(m.patch_embed.proj, "bias", None)),
     (r"blocks.0.mlp.act: ReLU \(only GELU", lambda m: setattr(m.blocks[0].mlp, "act", nn.ReLU())),
-    (r"blocks.1.norm2: RMSNorm", lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
-    ("LayerNorms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
+    (r"blocks.1.norm2: RMSNorm \(an RMSNorm only with a weight of 32 and an eps\)",
+     lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32))),
+    (r"blocks differ in norm \(\['layernorm', 'rmsnorm'\]\)",
+     lambda m: setattr(m.blocks[1], "norm2", nn.RMSNorm(32, eps=1e-6))),
+    (r"blocks.0.mlp: fc1 without bias, fc2 with bias", lambda m: setattr(m.blocks[0].mlp.fc1, "bias", None)),
+    (r"blocks differ in proj bias", lambda m: setattr(m.blocks[1].attn.proj, "bias", None)),
+    ("norms with different eps", lambda m: setattr(m.blocks[1].norm1, "eps", 1e-5)),
     (r"blocks.0.mlp: Sequential \(only timm's Mlp", lambda m: setattr(m.blocks[0], "mlp", nn.Sequential())),
 ])
 def test_timm_unsupported_features_are_named(feature, mutate):
@@ -292,6 +297,14 @@ TIMM_FAMILIES = {
                                global_pool="map", pool_include_prefix=True, num_classes=3),
     "avg_include_prefix": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3,
                                global_pool="avg", pool_include_prefix=True, num_classes=3),
+    # AIMv2's: RMSNorms (the patch tokens' too, before the position table), the unpacked SwiGLU and proj without
+    # biases, no class token, the mean of the tokens
+    "aimv2": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, class_token=False, global_pool="avg",
+                  fc_norm=False, qkv_bias=False, proj_bias=False, mlp_layer="swiglu", mlp_ratio=2.75, norm="rmsnorm",
+                  embed_norm=True, norm_eps=1e-5, num_classes=3),
+    # an RMSNorm model with a class token, an attention-pooling head and biases
+    "rmsnorm_map": dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, global_pool="map",
+                        norm="rmsnorm", pre_norm=True, num_classes=0),
 }
 
 
@@ -428,6 +441,19 @@ def test_optimize_real_timm_vit_pooling_with_prefix_tokens(kw):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert_close(vitfast.optimize(copy.deepcopy(src))(x), src(x))
+
+
+def test_optimize_real_timm_aimv2():
+    """timm's AIMv2 (RmsNorm everywhere, the patch tokens' too, SwiGLU and proj without biases) in float64."""
+    timm = pytest.importorskip("timm")
+    src = _perturb(timm.create_model("aimv2_large_patch14_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                                     img_size=28, num_classes=3)).double().eval()
+    opt = vitfast.optimize(copy.deepcopy(src))
+    assert opt.blocks[0].attn.proj.bias is None and opt.patch_embed.norm.weight.shape == (64,)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(opt(x), src(x))
+        assert_close(opt.forward_features(x), src.forward_features(x), name="features")
 
 
 @pytest.mark.gpu

@@ -290,7 +290,8 @@ def test_training_through_optimized_eva02_reaches_its_projections():
     (r"blocks.0: block type EvaBlockPostNorm", lambda m: setattr(m.blocks[0], "__class__",
                                                                 _timm_class("EvaBlockPostNorm"))),
     (r"blocks.1.mlp.act: GELU \(a SwiGLU only with SiLU", lambda m: setattr(m.blocks[1].mlp, "act", nn.GELU())),
-    (r"blocks.0.mlp.fc1_x without bias", lambda m: setattr(m.blocks[0].mlp.fc1_x, "bias", None)),
+    (r"blocks.0.mlp: fc1_g with bias, fc1_x without bias, fc2 with bias",
+     lambda m: setattr(m.blocks[0].mlp.fc1_x, "bias", None)),
     ("global_pool='avgmax'", lambda m: setattr(m, "global_pool", "avgmax")),
 ])
 def test_eva_unsupported_features_are_named(feature, mutate):

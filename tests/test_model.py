@@ -28,6 +28,15 @@ CASES = {
                         scale_attn_norm=True, scale_mlp_norm=True),
     "inner_norms_swiglu": dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
                                mlp_layer="swiglu", mlp_ratio=3, scale_mlp_norm=True, norm_eps=1e-5),
+    # AIMv2's RMSNorms (on the patch tokens too, before the position table) and linears without bias, with a class
+    # token and registers here (the table added after the norm, then the prefix tokens in front)
+    "rmsnorm_embed_norm_no_proj_bias": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                            num_classes=3, norm="rmsnorm", embed_norm=True, proj_bias=False,
+                                            qkv_bias=False, reg_tokens=2, mlp_layer="swiglu", mlp_ratio=2.75),
+    # the attention pooling over the prefix tokens too, with its own head count and MLP ratio (Perception Encoder's)
+    "map_pool_own_heads": dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                               global_pool="map", attn_pool_num_heads=8, attn_pool_mlp_ratio=2.0,
+                               pool_include_prefix=True),
 }
 
 
@@ -239,6 +248,10 @@ def test_bad_inputs_give_clear_errors():
         vitfast.VisionTransformer(global_pool="max")
     with pytest.raises(ValueError, match="act_layer must be"):
         vitfast.VisionTransformer(act_layer="relu")
+    with pytest.raises(ValueError, match=r"norm must be one of \('layernorm', 'rmsnorm'\), got 'batchnorm'"):
+        vitfast.VisionTransformer(norm="batchnorm")
+    with pytest.raises(ValueError, match=r"attn_pool_num_heads: expected a divisor of embed_dim \(768\), got 5"):
+        vitfast.VisionTransformer(global_pool="map", attn_pool_num_heads=5)
 
 
 def test_model_zoo():

@@ -183,6 +183,22 @@ class _Findings:
         self.need(ok, f"{where}: {type(m).__name__} (only LayerNorm with weight and bias)")
         return m.eps if ok else None
 
+    def norm_eps(self, m, where: str, dim: int, kinds: set) -> float | None:
+        """A LayerNorm with weight and bias, or an RMSNorm with a weight and an eps (timm's RmsNorm, torch's
+        nn.RMSNorm, vitfast's): its eps; its kind ("layernorm" / "rmsnorm") goes to `kinds`."""
+        if type(m).__name__ not in ("RmsNorm", "RMSNorm"):
+            eps = self.layer_norm_eps(m, where, dim)
+            if eps is not None:
+                kinds.add("layernorm")
+            return eps
+        w = getattr(m, "weight", None)
+        ok = self.need(isinstance(w, Tensor) and tuple(w.shape) == (dim,) and getattr(m, "bias", None) is None
+                       and isinstance(getattr(m, "eps", None), float),
+                       f"{where}: {type(m).__name__} (an RMSNorm only with a weight of {dim} and an eps)")
+        if ok:
+            kinds.add("rmsnorm")
+        return m.eps if ok else None
+
     def linear(self, m, where: str, bias: bool = True) -> bool:
         ok = self.need(isinstance(m, nn.Linear), f"{where}: {type(m).__name__} (expected nn.Linear)")
         return ok and self.need(m.bias is not None or not bias, f"{where} without bias")
@@ -263,10 +279,8 @@ def _from_timm(model: nn.Module) -> VisionTransformer:
            "distilled_training=True (training with the distillation head's separate output)")
     f.need(isinstance(model.pos_embed, Tensor), "no position embedding (pos_embed='none')")
     dim = getattr(model, "embed_dim", None) or model.pos_embed.shape[-1]
-    pre_norm, eps = _timm_stem(f, model, dim)
-    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
-            "layer-scale": set(), "mlp layer": set(),
-            "attn norm": set(), "mlp norm": set()}
+    seen = _timm_seen()
+    pre_norm, eps = _timm_stem(f, model, dim, seen)
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "Block", f"{w}: block type {type(blk).__name__} (only timm's Block)"):
@@ -307,7 +321,8 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
     by name."""
     f = _Findings("timm Eva")
     dim = model.embed_dim
-    pre_norm, eps = _timm_stem(f, model, dim)
+    seen = _timm_seen()
+    pre_norm, eps = _timm_stem(f, model, dim, seen)
     heads = {blk.attn.num_heads for blk in model.blocks if hasattr(getattr(blk, "attn", None), "num_heads")}
     rope, rope_cfg, interleaved = getattr(model, "rope", None), {}, False
     f.need(not getattr(model, "rope_mixed", False), "rope_type='mixed'")
@@ -334,9 +349,6 @@ def _from_timm_eva(model: nn.Module) -> VisionTransformer:
         if rope.aug_active:
             f.train_only.append("RoPE coordinate augmentation (rope_shift / jitter / rescale_coords)")
         rope_cfg = dict(rope="dinov3", rope_temperature=rope.temperature, rope_rounding="timm")
-    seen = {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
-            "layer-scale": set(), "mlp layer": set(),
-            "attn norm": set(), "mlp norm": set()}
     for i, blk in enumerate(model.blocks):
         w = f"blocks.{i}"
         if not f.need(type(blk).__name__ == "EvaBlock", f"{w}: block type {type(blk).__name__} (only EvaBlock)"):
@@ -422,21 +434,31 @@ def _join_timm_parts(model: nn.Module, out: VisionTransformer, interleaved: bool
             core.mlp.fc1 = JoinedLinear([(mlp.fc1_g, "weight", "bias", None), (mlp.fc1_x, "weight", "bias", None)])
 
 
-def _timm_stem(f: _Findings, model: nn.Module, dim: int) -> tuple[bool, set]:
-    """Check timm's pooling, patch embedding, norm_pre and the dropouts of the embedding and the head; returns
-    whether there is a norm_pre and the LayerNorm eps found so far."""
+def _timm_seen() -> dict[str, set]:
+    """What the blocks (and the stem and tail) of a timm model must agree on, as found."""
+    return {"num_heads": set(), "mlp hidden size": set(), "activation": set(), "qkv bias": set(),
+            "layer-scale": set(), "mlp layer": set(), "attn norm": set(), "mlp norm": set(), "norm": set(),
+            "embed norm": set(), "proj bias": set()}
+
+
+def _timm_stem(f: _Findings, model: nn.Module, dim: int, seen: dict) -> tuple[bool, set]:
+    """Check timm's pooling, patch embedding (and its norm), norm_pre and the dropouts of the embedding and the
+    head; returns whether there is a norm_pre and the norms' eps found so far (their kinds go to seen["norm"])."""
     gp = getattr(model, "global_pool", "token")
     f.need(gp in ("token", "avg", "map", ""), f"global_pool={gp!r}")
     pe = model.patch_embed
     pre_norm = not _is_identity(getattr(model, "norm_pre", None))
     f.patchify(getattr(pe, "proj", None), "patch_embed.proj", bias=not pre_norm)
-    f.need(_is_identity(getattr(pe, "norm", None)), "patch_embed.norm (embed_norm_layer)")
     f.need(not getattr(pe, "dynamic_img_pad", False), "dynamic_img_pad=True")
     f.need(getattr(pe, "img_size", None) is not None, "patch_embed without a fixed img_size")
     f.dropout(getattr(model, "pos_drop", None), "pos_drop")
     f.dropout(getattr(model, "patch_drop", None), "patch_drop", "patch dropout")
     f.dropout(getattr(model, "head_drop", None), "head_drop")
-    eps = {f.layer_norm_eps(model.norm_pre, "norm_pre", dim)} if pre_norm else set()
+    eps = {f.norm_eps(model.norm_pre, "norm_pre", dim, seen["norm"])} if pre_norm else set()
+    embed_norm = getattr(pe, "norm", None)         # embed_norm_layer (AIMv2's RMSNorm on the patch tokens)
+    seen["embed norm"].add(not _is_identity(embed_norm))
+    if not _is_identity(embed_norm):
+        eps.add(f.norm_eps(embed_norm, "patch_embed.norm", dim, seen["norm"]))
     return pre_norm, eps
 
 
@@ -451,7 +473,8 @@ def _timm_attention(f: _Findings, attn: nn.Module, w: str, dim: int, seen: dict)
     else:                                              # Eva's q / k / v projections
         f.need(all(getattr(attn, f"{n}_proj").out_features == dim and getattr(attn, f"{n}_proj").in_features == dim
                    for n in "qkv"), f"{w}.attn.q_proj / k_proj / v_proj shapes")
-    f.linear(attn.proj, f"{w}.attn.proj")
+    if f.linear(attn.proj, f"{w}.attn.proj", bias=False):      # timm's proj_bias: proj's and the MLP's
+        seen["proj bias"].add(attn.proj.bias is not None)
     heads = attn.num_heads
     f.need(dim % heads == 0 and abs(attn.scale - (dim // heads) ** -0.5) < 1e-12 * attn.scale + 1e-12,
            f"{w}.attn: attention scale {attn.scale} (only head_dim ** -0.5)")
@@ -462,7 +485,8 @@ def _timm_block(f: _Findings, blk: nn.Module, w: str, dim: int, eps: set, seen: 
     """Check one timm block's norms, drop-paths and MLP (timm's Mlp, SwiGLUPacked or the unpacked SwiGLU)."""
     f.dropout(getattr(blk, "drop_path1", None), f"{w}.drop_path1", "drop-path")
     f.dropout(getattr(blk, "drop_path2", None), f"{w}.drop_path2", "drop-path")
-    eps |= {f.layer_norm_eps(blk.norm1, f"{w}.norm1", dim), f.layer_norm_eps(blk.norm2, f"{w}.norm2", dim)}
+    eps |= {f.norm_eps(blk.norm1, f"{w}.norm1", dim, seen["norm"]), f.norm_eps(blk.norm2, f"{w}.norm2", dim,
+                                                                                 seen["norm"])}
     mlp = blk.mlp
     kind = {"Mlp": "mlp", "GluMlp": "swiglu", "SwiGLU": "swiglu"}.get(type(mlp).__name__)
     if f.need(kind is not None, f"{w}.mlp: {type(mlp).__name__} (only timm's Mlp, SwiGLU and SwiGLUPacked, a "
@@ -487,7 +511,8 @@ def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -
     use_fc_norm, final_norm = not _is_identity(fc_norm), not (_is_identity(norm) and _is_identity(fc_norm))
     f.need(_is_identity(norm) or _is_identity(fc_norm), "norm and fc_norm both")
     if final_norm:
-        eps.add(f.layer_norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim))
+        eps.add(f.norm_eps(fc_norm if use_fc_norm else norm, "fc_norm" if use_fc_norm else "norm", dim,
+                           seen["norm"]))
     for name in ("head", "head_dist"):
         if not _is_identity(getattr(model, name, None)):
             f.linear(getattr(model, name), name)
@@ -505,7 +530,7 @@ def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -
                "or position table, an MLP, head_dim ** -0.5 scaling)")
         for name in ("q", "kv", "proj"):
             f.linear(getattr(pool, name, None), f"attn_pool.{name}")
-        eps.add(f.layer_norm_eps(pool.norm, "attn_pool.norm", dim))
+        eps.add(f.norm_eps(pool.norm, "attn_pool.norm", dim, seen["norm"]))
         f.dropout(getattr(pool, "proj_drop", None), "attn_pool.proj_drop")
         if getattr(pool, "mlp", None) is not None:
             # its own heads and MLP width (Perception Encoder's: 8 heads, ratio 4); the blocks' activation
@@ -514,7 +539,7 @@ def _timm_tail(f: _Findings, model: nn.Module, dim: int, eps: set, seen: dict) -
             f.need(_is_identity(getattr(pool.mlp, "norm", None)), "attn_pool.mlp.norm (a norm inside its MLP)")
             seen["attn pool"] = {(heads, *own["mlp hidden size"])}
     f.uniform(seen)
-    f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
+    f.need(len(eps) == 1, f"norms with different eps ({eps})")
     return use_fc_norm, final_norm
 
 
@@ -537,6 +562,8 @@ def _timm_config(model: nn.Module, dim: int, seen: dict, eps: set, pre_norm: boo
                 pre_norm=pre_norm, final_norm=final_norm,
                 mlp_layer=seen["mlp layer"].pop() if seen["mlp layer"] else "mlp",
                 scale_attn_norm=seen["attn norm"] == {True}, scale_mlp_norm=seen["mlp norm"] == {True},
+                norm=seen["norm"].pop() if seen["norm"] else "layernorm", embed_norm=seen["embed norm"] == {True},
+                proj_bias=seen["proj bias"] != {False},
                 attn_pool_num_heads=None if pool_heads == heads else pool_heads,
                 attn_pool_mlp_ratio=None if pool_hidden == hidden else _mlp_ratio(pool_hidden, dim), **kw)
 
@@ -552,12 +579,24 @@ def _timm_mlp(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     act = _activation(getattr(mlp, "act", None))
     f.need(act is not None, f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (only GELU, exact or tanh, "
                             "and QuickGELU)")
-    f.linear(mlp.fc1, f"{where}.fc1")
-    f.linear(mlp.fc2, f"{where}.fc2")
+    _mlp_linears(f, (mlp.fc1, mlp.fc2), where, ("fc1", "fc2"), seen)
     f.dropout(getattr(mlp, "drop1", None), f"{where}.drop1")
     f.dropout(getattr(mlp, "drop2", None), f"{where}.drop2")
     seen["activation"].add(act)
     seen["mlp hidden size"].add(getattr(mlp.fc1, "out_features", None))
+
+
+def _mlp_linears(f: _Findings, linears, where: str, names, seen: dict) -> bool:
+    """Check an MLP's linears: with biases, or (a block's, where `seen` counts "proj bias": timm's proj_bias=False)
+    all without."""
+    blocks = "proj bias" in seen
+    ok = all([f.linear(m, f"{where}.{n}", bias=not blocks) for m, n in zip(linears, names)])
+    if ok and blocks:
+        biased = {m.bias is not None for m in linears}
+        f.need(len(biased) == 1, f"{where}: " + ", ".join(f"{n} {'with' if m.bias is not None else 'without'} bias"
+                                                          for m, n in zip(linears, names)))
+        seen["proj bias"] |= biased
+    return ok
 
 
 def _timm_swiglu(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
@@ -568,8 +607,7 @@ def _timm_swiglu(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> None:
     f.need(getattr(mlp, "gate_last", None) is False and getattr(mlp, "chunk_dim", None) in (-1, 2),
            f"{where}: gate_last={getattr(mlp, 'gate_last', None)}, chunk_dim={getattr(mlp, 'chunk_dim', None)} "
            "(only the gate on the first half along the features, SwiGLUPacked's)")
-    f.linear(mlp.fc1, f"{where}.fc1")
-    f.linear(mlp.fc2, f"{where}.fc2")
+    _mlp_linears(f, (mlp.fc1, mlp.fc2), where, ("fc1", "fc2"), seen)
     hidden = getattr(mlp.fc1, "out_features", 0)
     f.need(hidden % 2 == 0 and getattr(mlp.fc2, "in_features", None) == hidden // 2,
            f"{where}: fc1 width {hidden} and fc2 input {getattr(mlp.fc2, 'in_features', None)} (expected an even "
@@ -585,8 +623,7 @@ def _timm_swiglu_parts(f: _Findings, mlp: nn.Module, where: str, seen: dict) -> 
     f.need(type(getattr(mlp, "act", None)).__name__ == "SiLU",
            f"{where}.act: {type(getattr(mlp, 'act', None)).__name__} (a SwiGLU only with SiLU)")
     g, x = getattr(mlp, "fc1_g", None), getattr(mlp, "fc1_x", None)
-    ok = f.linear(g, f"{where}.fc1_g") & f.linear(x, f"{where}.fc1_x")
-    f.linear(mlp.fc2, f"{where}.fc2")
+    ok = _mlp_linears(f, (g, x, mlp.fc2), where, ("fc1_g", "fc1_x", "fc2"), seen)
     hidden = getattr(g, "out_features", 0)
     f.need(ok and x.out_features == hidden and g.in_features == x.in_features
            and getattr(mlp.fc2, "in_features", None) == hidden,
@@ -634,7 +671,7 @@ def _from_torchvision(model: nn.Module) -> VisionTransformer:
             seen["activation"].add(act)
             seen["mlp hidden size"].add(getattr(mlp[0], "out_features", None))
     f.uniform(seen)
-    f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
+    f.need(len(eps) == 1, f"norms with different eps ({eps})")
     f.check(model.training)
 
     hidden = seen["mlp hidden size"].pop() if seen["mlp hidden size"] else 4 * dim

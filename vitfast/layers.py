@@ -97,6 +97,9 @@ class PatchEmbed(reference.PatchEmbed):
         if pos_embed is not None:
             prefix = 0 if prefix_tokens is None or not pos_embed_prefix else prefix_tokens.shape[-2]
             pos_embed = self.pos_embed_for(pos_embed, self.grid_for(x), pos_embed_grid or self.grid_size, prefix)
+        if not isinstance(self.norm, nn.Identity):      # embed_norm (AIMv2's): the table added after the norm
+            x = self.norm(ops.patch_embed(x, self.proj.weight, self.proj.bias, mean=mean, std=std))
+            return reference.add_prefix_and_pos(x, prefix_tokens, pos_embed, pos_embed_prefix)
         return ops.patch_embed(x, self.proj.weight, self.proj.bias, prefix_tokens=prefix_tokens,
                                pos_embed=pos_embed, mean=mean, std=std, pos_embed_prefix=pos_embed_prefix)
 
@@ -164,7 +167,7 @@ class Block(reference.Block):
     """Pre-LN transformer block: x + ls1·attn(norm1(x)), then + ls2·mlp(norm2(x)); both layer-scales and
     residual adds happen in the epilogue of the projection GEMM (attn.proj, mlp.fc2)."""
 
-    norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
+    norm_layer, rms_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, RMSNorm, Attention, Mlp, GluMlp
 
     def forward(self, x: Tensor, return_cls_attn: bool = False, rope: tuple[Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from vitfast import ops, reference
 from vitfast.configs import CONFIGS, DATA_CONFIGS, model_class_and_config
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.layers import AttentionPoolLatent, Block, LayerNorm, PatchEmbed
+from vitfast.layers import AttentionPoolLatent, Block, LayerNorm, PatchEmbed, RMSNorm
 from vitfast.reference import check_image_size, crop_to_patches
 
 
@@ -41,14 +41,16 @@ class VisionTransformer(reference.VisionTransformer):
     then resampled (bicubic, antialiased, like timm) once per image size and cached.
     """
 
-    embed_layer, block_layer, norm_layer, pool_layer = PatchEmbed, Block, LayerNorm, AttentionPoolLatent
+    embed_layer, block_layer, norm_layer, rms_layer, pool_layer = PatchEmbed, Block, LayerNorm, RMSNorm, \
+        AttentionPoolLatent
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
                  pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
-                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False):
+                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False,
+                 norm="layernorm", embed_norm=False, proj_bias=True):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
@@ -58,7 +60,8 @@ class VisionTransformer(reference.VisionTransformer):
                          rope=rope, rope_temperature=rope_temperature, rope_rounding=rope_rounding,
                          scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm,
                          attn_pool_num_heads=attn_pool_num_heads, attn_pool_mlp_ratio=attn_pool_mlp_ratio,
-                         pool_include_prefix=pool_include_prefix)
+                         pool_include_prefix=pool_include_prefix, norm=norm, embed_norm=embed_norm,
+                         proj_bias=proj_bias)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}     # RoPE tables per patch grid, see rope_for
         # Per-channel normalisation fused into the patch embedding (see set_input_normalization).
         self.register_buffer("img_mean", None, persistent=False)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vitfast.configs import MLP_LAYERS
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
+NORMS = ("layernorm", "rmsnorm")        # VisionTransformer's norm: timm's LayerNorm, or RmsNorm (AIMv2's)
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,9 +619,11 @@ class PatchEmbed(nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.norm = nn.Identity()       # timm's embed_norm_layer (AIMv2's RMSNorm): on the patch tokens, before the
+        #                                 position table is added
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)    # (B, N, D)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))    # (B, N, D)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -682,15 +685,15 @@ class Mlp(nn.Module):
 
     norm_layer = LayerNorm
 
-    def __init__(self, in_features, hidden_features, act="gelu", norm_eps=None):
+    def __init__(self, in_features, hidden_features, act="gelu", norm_eps=None, bias=True):
         super().__init__()
         if act not in ACTIVATIONS[1:]:
             raise ValueError(f"act must be one of {ACTIVATIONS[1:]}, got {act!r}")
         self.act = act
         self.fused = False      # True: torch_linear (F.linear, F.gelu)
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.norm = _inner_norm(self.norm_layer, hidden_features, norm_eps)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         lin = torch_linear if self.fused else linear
@@ -712,16 +715,16 @@ class GluMlp(nn.Module):
 
     norm_layer = LayerNorm
 
-    def __init__(self, in_features, hidden_features, norm_eps=None):
+    def __init__(self, in_features, hidden_features, norm_eps=None, bias=True):
         super().__init__()
         if hidden_features % 2:
             raise ValueError(f"hidden_features: expected an even width (gate and up halves), got {hidden_features}")
         self.fused = False      # True: torch_linear (F.linear)
         self.gate_last, self.chunk_dim = False, -1       # timm's attributes: silu(first half) * second half
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = nn.SiLU()                             # timm's tree; `swiglu` applies it
         self.norm = _inner_norm(self.norm_layer, hidden_features // 2, norm_eps)
-        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.fc2 = nn.Linear(hidden_features // 2, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         lin = torch_linear if self.fused else linear
@@ -752,19 +755,22 @@ def layer_scale(ls: nn.Module) -> Tensor | None:
 class Block(nn.Module):
     # The layer classes are attributes so that vitfast.layers.Block builds the same tree from its
     # own (kernel-backed) layers.
-    norm_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, Attention, Mlp, GluMlp
+    norm_layer, rms_layer, attn_layer, mlp_layer, glu_layer = LayerNorm, RMSNorm, Attention, Mlp, GluMlp
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, act="gelu", eps=1e-6,
-                 init_values=None, mlp="mlp", scale_attn_norm=False, scale_mlp_norm=False):
+                 init_values=None, mlp="mlp", scale_attn_norm=False, scale_mlp_norm=False, norm="layernorm"):
+        """proj_bias: biases on attn.proj and the MLP's linears (timm's Block passes it to both); norm
+        "layernorm" or "rmsnorm" (AIMv2's): norm1 and norm2."""
         super().__init__()
-        self.norm1 = self.norm_layer(dim, eps=eps)
+        make_norm = self.rms_layer if norm == "rmsnorm" else self.norm_layer
+        self.norm1 = make_norm(dim, eps=eps)
         self.attn = self.attn_layer(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
                                     norm_eps=eps if scale_attn_norm else None)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
-        self.norm2 = self.norm_layer(dim, eps=eps)
+        self.norm2 = make_norm(dim, eps=eps)
         hidden, mlp_eps = int(dim * mlp_ratio), eps if scale_mlp_norm else None
-        self.mlp = (self.glu_layer(dim, hidden, norm_eps=mlp_eps) if mlp == "swiglu"
-                    else self.mlp_layer(dim, hidden, act=act, norm_eps=mlp_eps))
+        self.mlp = (self.glu_layer(dim, hidden, norm_eps=mlp_eps, bias=proj_bias) if mlp == "swiglu"
+                    else self.mlp_layer(dim, hidden, act=act, norm_eps=mlp_eps, bias=proj_bias))
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -832,18 +838,26 @@ class VisionTransformer(nn.Module):
     attn_pool_num_heads / attn_pool_mlp_ratio (timm's Eva's): the attention-pooling head's own head count and MLP
     ratio (None: the blocks'; Perception Encoder's head has 8 heads whatever the width). pool_include_prefix
     (timm's): the "map" and "avg" pooling over the class and register tokens too (timm's Eva: its "map" pooling).
+    norm "rmsnorm" (AIMv2's; default "layernorm"): RMSNorms (a weight, no bias) wherever the model has a
+    LayerNorm of its own (the blocks' norm1 / norm2, norm_pre, the final norm or fc_norm, the pooling head's norm);
+    embed_norm (timm's embed_norm_layer): one more on the patch tokens before the position table is added;
+    proj_bias=False (timm's): no bias on the attention's proj and the MLPs' linears.
     """
 
     # Layer classes: vitfast.model.VisionTransformer swaps in the kernel-backed ones.
-    embed_layer, block_layer, norm_layer, pool_layer = PatchEmbed, Block, LayerNorm, AttentionPoolLatent
+    embed_layer, block_layer, norm_layer, rms_layer, pool_layer = PatchEmbed, Block, LayerNorm, RMSNorm, \
+        AttentionPoolLatent
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                  fc_norm=None, dynamic_img_size=False, act_layer="gelu", norm_eps=1e-6, init_values=None,
                  reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True, mlp_layer="mlp",
                  pos_embed="learn", rope=None, rope_temperature=100.0, rope_rounding="hf", scale_attn_norm=False,
-                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False):
+                 scale_mlp_norm=False, attn_pool_num_heads=None, attn_pool_mlp_ratio=None, pool_include_prefix=False,
+                 norm="layernorm", embed_norm=False, proj_bias=True):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if pos_embed not in ("learn", "none"):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
         if rope not in ROPE_TYPES:
@@ -876,24 +890,29 @@ class VisionTransformer(nn.Module):
         self.fused = False      # see use_torch_ops
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm   # timm's rule
 
+        make_norm = self.rms_layer if norm == "rmsnorm" else self.norm_layer
         self.patch_embed = self.embed_layer(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
+        if embed_norm:
+            self.patch_embed.norm = make_norm(embed_dim, eps=norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self._init_extra_tokens(embed_dim)
         embed_len = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02) if pos_embed == "learn" else None
-        self.norm_pre = self.norm_layer(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.norm_pre = make_norm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
-            self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, act=act_layer, eps=norm_eps,
-                             init_values=init_values, mlp=mlp_layer, scale_attn_norm=scale_attn_norm,
-                             scale_mlp_norm=scale_mlp_norm)
+            self.block_layer(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, act=act_layer,
+                             eps=norm_eps, init_values=init_values, mlp=mlp_layer, scale_attn_norm=scale_attn_norm,
+                             scale_mlp_norm=scale_mlp_norm, norm=norm)
             for _ in range(depth)])
-        self.norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.norm = make_norm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = (self.pool_layer(embed_dim, attn_pool_num_heads or num_heads,
                                           mlp_ratio if attn_pool_mlp_ratio is None else attn_pool_mlp_ratio,
                                           act=act_layer, eps=norm_eps)
                           if global_pool == "map" else None)
-        self.fc_norm = self.norm_layer(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+        if self.attn_pool is not None and norm == "rmsnorm":
+            self.attn_pool.norm = make_norm(embed_dim, eps=norm_eps)
+        self.fc_norm = make_norm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self._init_heads(embed_dim, num_classes)
         init_weights(self)
 
@@ -927,8 +946,12 @@ class VisionTransformer(nn.Module):
         x = crop_to_patches(x, pe.patch_size)
         w, rope = pe.proj.weight, self.rope_for(x)
         embed = torch_patch_embed if self.fused else patch_embed
-        x = embed(x.to(w.dtype), w, pe.proj.bias, self.prefix_tokens(), self._pos_embed_for(*x.shape[-2:]),
-                  None, None, not self.no_embed_class)
+        prefix, pos = self.prefix_tokens(), self._pos_embed_for(*x.shape[-2:])
+        if isinstance(pe.norm, nn.Identity):
+            x = embed(x.to(w.dtype), w, pe.proj.bias, prefix, pos, None, None, not self.no_embed_class)
+        else:                                       # embed_norm: the patches normed before the position table
+            x = pe.norm(embed(x.to(w.dtype), w, pe.proj.bias, None, None, None, None))
+            x = add_prefix_and_pos(x, prefix, pos, not self.no_embed_class)
         x = self.norm_pre(x)
         for blk in self.blocks:
             x = blk(x, rope=rope)
