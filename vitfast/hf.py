@@ -71,6 +71,8 @@ from vitfast.hf_glm import CLASSES as GLM_CLASSES
 from vitfast.hf_glm import optimize_glm
 from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
 from vitfast.hf_kimi import optimize_kimi
+from vitfast.hf_llama4 import CLASSES as LLAMA4_CLASSES
+from vitfast.hf_llama4 import optimize_llama4
 from vitfast.hf_paddleocr import CLASSES as PADDLEOCR_CLASSES
 from vitfast.hf_paddleocr import optimize_paddleocr
 from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
@@ -125,6 +127,8 @@ CLASSES = {
     **{name: (family, None) for name, family in PADDLEOCR_CLASSES.items()},
     # ERNIE 4.5 VL's tower over Qwen2-VL's packed patch sequences (vitfast.hf_ernie)
     **{name: (family, None) for name, family in ERNIE_CLASSES.items()},
+    # Llama 4's tower (Scout, Maverick): the class token last, 2D RoPE, the pixel-shuffle adapter (vitfast.hf_llama4)
+    **{name: (family, None) for name, family in LLAMA4_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -154,6 +158,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_paddleocr(model)
     if family == "ernie4_5_vl":
         return optimize_ernie(model)
+    if family == "llama4":
+        return optimize_llama4(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
