@@ -42,6 +42,9 @@ FAMILIES = {
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
     # InternViT (InternVL's tower): layer-scale, q / k / v biases as InternViT-300M's, no final norm (mean pooling)
     "InternVLVisionModel": ("InternVLVisionConfig", dict(intermediate_size=96, attention_bias=True)),
+    # AIMv2: RMSNorms (the patch tokens' too), the SwiGLU MLP, biases on q / k / v / out_proj and the MLP here, its
+    # attention-pooling head (a learned query, k / v projections, output_proj)
+    "Aimv2VisionModel": ("Aimv2VisionConfig", dict(intermediate_size=96, qkv_bias=True, mlp_bias=True)),
 }
 
 
@@ -83,7 +86,8 @@ def test_every_supported_class_is_tested():
         "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi
         "PaddleOCRVisionModel"} | {                                                             # test_hf_paddleocr
         "Ernie4_5_VLMoeVisionTransformerPretrainedModel",                                      # test_hf_ernie
-        "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"}
+        "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"} | {
+        "Llama4VisionModel"}                                                                    # test_hf_llama4
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -361,6 +365,22 @@ def test_optimize_hf_family_refusals_are_named():
                      (dict(use_absolute_position_embeddings=False), "use_absolute_position_embeddings=False")):
         with pytest.raises(UnsupportedFeatureError, match=what):                # InternViT-6B's RMSNorms and qk norm
             vitfast.optimize(hf_model("InternVLVisionModel", **kw))
+    for kw, what in ((dict(is_native=True), r"is_native=True \(2D sin-cos positions"),
+                     (dict(mlp_bias=False), r"qkv_bias=True with mlp_bias=False \(only both or neither\)")):
+        with pytest.raises(UnsupportedFeatureError, match=what):
+            vitfast.optimize(hf_model("Aimv2VisionModel", **kw))
+
+
+def test_optimize_hf_aimv2_without_biases_or_head():
+    """AIMv2's defaults (no bias on q / k / v / out_proj or the MLP), and without its pooling head."""
+    for kw in (dict(qkv_bias=False, mlp_bias=False), dict(use_head=False)):
+        hf = hf_model("Aimv2VisionModel", **kw)
+        opt = vitfast.optimize(hf)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            out, ref, eager = (m(xi) for m, xi in ((opt, x), (copy.deepcopy(hf).double(), x.double()), (hf, x)))
+            compare(out, ref, eager)
+        assert (out.pooler_output is None) == (not hf.config.use_head)
 
 
 def test_optimize_hf_internvl_with_final_norm_and_without_qkv_bias():

@@ -26,7 +26,7 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
             max_position_embeddings=32)
 # two-tower class -> its config class
 TWO_TOWER = {"CLIPModel": "CLIPConfig", "SiglipModel": "SiglipConfig", "MetaClip2Model": "MetaClip2Config",
-             "OwlViTModel": "OwlViTConfig", "Owlv2Model": "Owlv2Config"}
+             "OwlViTModel": "OwlViTConfig", "Owlv2Model": "Owlv2Config", "Aimv2Model": "Aimv2Config"}
 # classifier -> its config (DINOv2's: the class token beside the mean of the patch tokens, after any registers)
 CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig",
                "Dinov2ForImageClassification": "Dinov2Config",
@@ -36,7 +36,8 @@ IMAGE_TOKEN = 98           # the VLMs' image placeholder token (the last of TEXT
 
 def two_tower(name: str):
     projection = {} if name == "SiglipModel" else dict(projection_dim=16)
-    cfg = getattr(transformers, TWO_TOWER[name])(text_config=TEXT, vision_config=VISION, **projection)
+    text = dict(TEXT, eos_token_id=2) if name == "Aimv2Model" else TEXT       # AIMv2 pools the text at its eos
+    cfg = getattr(transformers, TWO_TOWER[name])(text_config=text, vision_config=VISION, **projection)
     return perturbed(getattr(transformers, name)(cfg))
 
 
@@ -270,9 +271,10 @@ def test_more_vision_language_models_equal_hf(name):
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():
-    cfg = transformers.Aimv2Config(text_config=dict(TEXT, eos_token_id=2), vision_config=VISION)    # RMSNorm, SwiGLU
-    with pytest.raises(UnsupportedFeatureError, match=r"Aimv2Model holding Aimv2VisionModel \(vision_model\)"):
-        vitfast.optimize(transformers.Aimv2Model(cfg))
+    cfg = transformers.ChineseCLIPConfig(text_config=TEXT, vision_config=VISION)
+    with pytest.raises(UnsupportedFeatureError,
+                       match=r"ChineseCLIPModel holding ChineseCLIPVisionModel \(vision_model\)"):
+        vitfast.optimize(transformers.ChineseCLIPModel(cfg))
 
 
 def test_get_image_features_replays_the_vision_models_graph():

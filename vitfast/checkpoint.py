@@ -61,6 +61,9 @@ _HF_LAYER_KEYS = {
     "layernorm_before": ("norm1", None), "layer_norm1": ("norm1", None), "norm1": ("norm1", None),
     "layernorm_after": ("norm2", None), "layer_norm2": ("norm2", None), "norm2": ("norm2", None),
     "layer_scale1": ("ls1", None), "layer_scale2": ("ls2", None),
+    # AIMv2: RMSNorms, the SwiGLU's gate / up / down projections as `ffn`
+    "attention.out_proj": ("attn.proj", None), "rms_norm1": ("norm1", None), "rms_norm2": ("norm2", None),
+    "ffn.gate_proj": ("mlp.fc1", 0), "ffn.up_proj": ("mlp.fc1", 1), "ffn.down_proj": ("mlp.fc2", None),
 }
 # HF per-layer parameters held by the layer itself -> timm's (InternVL's layer-scales)
 _HF_LAYER_PARAMS = {"lambda_1": "ls1.gamma", "lambda_2": "ls2.gamma"}
@@ -77,6 +80,9 @@ _HF_TOP_KEYS = {
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
     "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "embeddings.patch_embed.weight": "patch_embed.proj.weight",                              # AIMv2
+    "embeddings.patch_embed.bias": "patch_embed.proj.bias",
+    "embeddings.rms_norm.weight": "patch_embed.norm.weight", "rms_norm.weight": "norm.weight",
     "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",                         # DINOv3
     "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
     "norm.weight": "norm.weight", "norm.bias": "norm.bias",                                 # DINOv3

@@ -112,6 +112,8 @@ CLASSES = {
     "DINOv3ViTModel": ("dinov3", None),
     # InternVL's InternViT (InternVL 2.5 / 3 / 3.5 up to 14B: the 300M tower): LayerNorm, layer-scale, no final norm
     "InternVLVisionModel": ("internvl", None),
+    # AIMv2 (Apple): RMSNorms (the patch tokens' too), the SwiGLU MLP, its own attention-pooling head
+    "Aimv2VisionModel": ("aimv2", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
@@ -133,7 +135,8 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True)}
+             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True),
+             "aimv2": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -173,9 +176,14 @@ def optimize_hf(model: nn.Module) -> nn.Module:
             f.linear(getattr(model, h), h)
     if head == "projection":
         f.need(isinstance(model.visual_projection, nn.Linear), "visual_projection (expected nn.Linear)")
+    if family == "aimv2" and getattr(base, "head", None) is not None:
+        for name in ("k_proj", "v_proj", "output_proj"):
+            f.linear(getattr(base.head, name, None), f"head.{name}", bias=False)
     f.check(False)                          # unsupported features first: their weights would not map
-    state = {k: v for k, v in hf_to_timm(base.state_dict(keep_vars=True)).items()
-             if not k.startswith(("head.", "head_dist."))}
+    hf_state = base.state_dict(keep_vars=True)
+    if family == "aimv2":                   # its pooling head runs as _Aimv2Head on HF's modules
+        hf_state = {k: v for k, v in hf_state.items() if not k.startswith("head.")}
+    state = {k: v for k, v in hf_to_timm(hf_state).items() if not k.startswith(("head.", "head_dist."))}
     if family == "siglip2":                 # nn.Linear over patches flattened as (row, column, channel)
         P = core_cfg["patch_size"]
         state["patch_embed.proj.weight"] = _PatchesAsConv.conv_view(state["patch_embed.proj.weight"], P,
@@ -190,7 +198,10 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     if family == "idefics3":
         return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
     output = sys.modules[type(base).__module__].InternVLVisionModelOutputWithPooling if family == "internvl" else None
-    vision = HFVisionModel(cfg, core, family, getattr(base, "pooler", None), output).train(model.training)
+    pooler = getattr(base, "pooler", None)
+    if family == "aimv2":
+        pooler = _Aimv2Head(base.head) if getattr(base, "head", None) is not None else None
+    vision = HFVisionModel(cfg, core, family, pooler, output).train(model.training)
     if head is None:
         return vision
     if head == "backbone":
@@ -249,7 +260,8 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
-            "siglip": {"pos_embed": _position_embedding}, "siglip2": {"pos_embed": _position_embedding},
+            "siglip": {"pos_embed": _position_embedding}, "aimv2": {"pos_embed": _position_embedding},
+            "siglip2": {"pos_embed": _position_embedding},
             "idefics3": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
 
@@ -272,6 +284,8 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
     """The vitfast ViT's kwargs for a HF config; unsupported options go to `f`."""
     if family == "dinov3":
         return _dinov3_config(cfg, f)
+    if family == "aimv2":
+        return _aimv2_config(cfg, f)
     act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
     f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
     heads, dim = cfg.num_attention_heads, cfg.hidden_size
@@ -345,6 +359,45 @@ def _dinov3_config(cfg, f: _Findings) -> dict:
                 mlp_layer="swiglu" if gated else "mlp", init_values=1.0, dynamic_img_size=True,
                 reg_tokens=int(getattr(cfg, "num_register_tokens", 0)), pos_embed="none", rope="dinov3",
                 rope_temperature=float(cfg.rope_theta))
+
+
+def _aimv2_config(cfg, f: _Findings) -> dict:
+    """Aimv2VisionConfig -> the vitfast ViT's kwargs: RMSNorms (the patch tokens' too, before the position table),
+    the SwiGLU MLP (gate and up as the packed fc1), no class token; out_proj's bias follows qkv_bias and the MLP's
+    mlp_bias (vitfast's proj_bias covers both: they must agree). The pooling head runs apart (`_Aimv2Head`)."""
+    dim, heads = cfg.hidden_size, cfg.num_attention_heads
+    f.need(dim % heads == 0, f"hidden_size={dim} with num_attention_heads={heads}")
+    f.need(cfg.hidden_act == "silu", f"hidden_act={cfg.hidden_act!r} (only 'silu', the SwiGLU)")
+    f.need(not getattr(cfg, "is_native", False), "is_native=True (2D sin-cos positions made for each image size)")
+    qkv_bias, mlp_bias = bool(cfg.qkv_bias), bool(cfg.mlp_bias)
+    f.need(qkv_bias == mlp_bias, f"qkv_bias={qkv_bias} with mlp_bias={mlp_bias} (only both or neither)")
+    if isinstance(getattr(cfg, "attention_dropout", None), (int, float)):
+        f.dropout(cfg.attention_dropout, "attention_dropout")
+    return dict(img_size=to_2tuple(cfg.image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
+                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
+                mlp_ratio=_mlp_ratio(2 * cfg.intermediate_size, dim), qkv_bias=qkv_bias, proj_bias=qkv_bias,
+                norm_eps=cfg.rms_norm_eps, class_token=False, global_pool="", mlp_layer="swiglu", norm="rmsnorm",
+                embed_norm=True)
+
+
+class _Aimv2Head(nn.Module):
+    """AIMv2's attention-pooling head on vitfast ops (HF's modules: the learned query `cls_token`, k_proj and v_proj
+    joined as one kv GEMM, output_proj): the query against every token through the attention kernel, then the
+    projection -> [B, D]."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.num_heads, self.cls_token, self.output_proj = head.num_heads, head.cls_token, head.output_proj
+        self.kv = JoinedLinear([(head.k_proj, "weight", "bias", None), (head.v_proj, "weight", "bias", None)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        H = self.num_heads
+        kv = ops.linear(x, self.kv.weight, self.kv.bias)                                      # (B, N, 2D)
+        k, v = kv.view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)                  # (B, H, N, Dh) views
+        q = self.cls_token.to(x.dtype).reshape(1, H, 1, D // H).expand(B, H, 1, D // H).contiguous()
+        out = ops.attention(q, k, v, scale=(D // H) ** -0.5)                                  # (B, H, 1, Dh)
+        return ops.linear(out.transpose(1, 2).reshape(B, D), self.output_proj.weight, self.output_proj.bias)
 
 
 def _output_dict(config, return_dict) -> bool:
