@@ -87,7 +87,8 @@ def test_every_supported_class_is_tested():
         "PaddleOCRVisionModel"} | {                                                             # test_hf_paddleocr
         "Ernie4_5_VLMoeVisionTransformerPretrainedModel",                                      # test_hf_ernie
         "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"} | {
-        "Llama4VisionModel"}                                                                    # test_hf_llama4
+        "Llama4VisionModel"} | {                                                                # test_hf_llama4
+        "Ovis2VisionModel"}                                                                     # test_hf_ovis2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

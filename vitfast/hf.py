@@ -59,6 +59,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops
@@ -114,6 +115,8 @@ CLASSES = {
     "InternVLVisionModel": ("internvl", None),
     # AIMv2 (Apple): RMSNorms (the patch tokens' too), the SwiGLU MLP, its own attention-pooling head
     "Aimv2VisionModel": ("aimv2", None),
+    # Ovis2's tower: AIMv2's transformer, then its visual tokenizer (HFOvis2VisionModel)
+    "Ovis2VisionModel": ("ovis2", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
@@ -136,7 +139,7 @@ _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
              "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True),
-             "aimv2": (False, False)}
+             "aimv2": (False, False), "ovis2": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -167,6 +170,12 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
     base = getattr(base, "vision_model", base)              # CLIP / SigLIP before transformers 5.x nest it
+    if family == "ovis2":                                   # its transformer is AIMv2's; the tokenizer runs after
+        base = model.transformer
+        f.need(cfg.tokenize_function in ("softmax", "st_argmax"),
+               f"tokenize_function={cfg.tokenize_function!r} (only 'softmax' and 'st_argmax': Gumbel noise is random)")
+        f.linear(model.head_linear, "head_linear", bias=False)
+        f.layer_norm_eps(model.head_norm, "head_norm", model.head_linear.out_features)
     core_cfg = _core_config(cfg, family, f)
     if family.startswith("siglip") and not getattr(cfg, "vision_use_head", True) or family == "idefics3":
         core_cfg["global_pool"] = ""
@@ -202,6 +211,10 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     if family == "aimv2":
         pooler = _Aimv2Head(base.head) if getattr(base, "head", None) is not None else None
     vision = HFVisionModel(cfg, core, family, pooler, output).train(model.training)
+    if family == "ovis2":
+        hf_module = sys.modules[type(model).__module__]
+        return HFOvis2VisionModel(cfg, vision, model.head_linear, model.head_norm,
+                                  hf_module.BaseModelOutputWithVisualIndicatorFeatures).train(model.training)
     if head is None:
         return vision
     if head == "backbone":
@@ -261,6 +274,7 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
             "siglip": {"pos_embed": _position_embedding}, "aimv2": {"pos_embed": _position_embedding},
+            "ovis2": {"pos_embed": _position_embedding},
             "siglip2": {"pos_embed": _position_embedding},
             "idefics3": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
@@ -284,7 +298,7 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
     """The vitfast ViT's kwargs for a HF config; unsupported options go to `f`."""
     if family == "dinov3":
         return _dinov3_config(cfg, f)
-    if family == "aimv2":
+    if family in ("aimv2", "ovis2"):
         return _aimv2_config(cfg, f)
     act = _HF_ACTIVATIONS.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
     f.need(act is not None, f"hidden_act={cfg.hidden_act!r} (only {sorted(_HF_ACTIVATIONS)})")
@@ -398,6 +412,56 @@ class _Aimv2Head(nn.Module):
         q = self.cls_token.to(x.dtype).reshape(1, H, 1, D // H).expand(B, H, 1, D // H).contiguous()
         out = ops.attention(q, k, v, scale=(D // H) ** -0.5)                                  # (B, H, 1, Dh)
         return ops.linear(out.transpose(1, 2).reshape(B, D), self.output_proj.weight, self.output_proj.bias)
+
+
+class HFOvis2VisionModel(nn.Module):
+    """Stands in for Ovis2's Ovis2VisionModel: AIMv2's transformer (`self.vision`, an HFVisionModel on vitfast), then
+    the visual tokenizer: each hidden_stride x hidden_stride block of tokens joined (HF's zero padding and
+    reshapes), head_linear as one GEMM, head_norm, and HF's softmax ("softmax") or its straight-through one-hot of
+    the argmax ("st_argmax"; a near tie may pick another token than HF's) -> HF's output object: last_hidden_state
+    (the joined tokens), pooler_output (the visual tokens' probabilities, what the VLM embeds)."""
+
+    def __init__(self, config, vision: HFVisionModel, head_linear: nn.Linear, head_norm: nn.LayerNorm, output: type):
+        super().__init__()
+        self.config, self.vision, self.head_linear, self.head_norm, self._output = \
+            config, vision, head_linear, head_norm, output
+        self.num_visual_indicator_tokens, self.vocab_size = config.num_visual_indicator_tokens, config.vocab_size
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def transformer(self) -> HFVisionModel:
+        return self.vision
+
+    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                **kwargs):
+        if output_hidden_states or getattr(self.config, "output_hidden_states", False) and output_hidden_states is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_hidden_states=True (Ovis2's "
+                                          "tower)")
+        self.vision.refuse(output_attentions=output_attentions, kwargs=kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, return_dict=return_dict)
+
+    def _forward(self, pixel_values, return_dict=None):
+        tokens, _ = self.vision.encode(pixel_values)
+        x, _ = self.vision.outputs(tokens)                                              # (n, L, D) after the norm
+        stride = self.config.hidden_stride
+        if stride > 1:                             # HF's join of s x s blocks, its padding and reshapes as they are
+            n, L, D = x.shape
+            side = int(L ** 0.5)
+            if side * side != L:
+                raise ValueError("pixel_values: Ovis2's tokenizer needs a square patch grid")
+            pad = (stride - side % stride) % stride
+            x = F.pad(x, (0, 0, 0, pad, 0, pad), "constant", 0)
+            side += pad
+            x = x.reshape(n, side // stride, stride, side // stride, stride, D)
+            x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, -1, stride * stride * D)
+        logits = ops.layer_norm(ops.linear(x, self.head_linear.weight, None), self.head_norm.weight,
+                                self.head_norm.bias, eps=self.head_norm.eps)
+        probs = logits.softmax(-1)
+        if self.config.tokenize_function == "st_argmax":                               # HF's hard_softmax
+            hard = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+            probs = hard - probs.detach() + probs
+        out = self._output(last_hidden_state=x, pooler_output=probs)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
 def _output_dict(config, return_dict) -> bool:
