@@ -45,6 +45,8 @@ FAMILIES = {
     # AIMv2: RMSNorms (the patch tokens' too), the SwiGLU MLP, biases on q / k / v / out_proj and the MLP here, its
     # attention-pooling head (a learned query, k / v projections, output_proj)
     "Aimv2VisionModel": ("Aimv2VisionConfig", dict(intermediate_size=96, qkv_bias=True, mlp_bias=True)),
+    # MLCD: CLIP's layout with 2D RoPE (the class token's angle learned) instead of a position table
+    "MLCDVisionModel": ("MLCDVisionConfig", dict(intermediate_size=96)),
 }
 
 
@@ -108,16 +110,16 @@ def test_optimize_hf_family_equals_hf(name):
 
 @pytest.mark.parametrize("name", ["DeiTForImageClassification", "Dinov2Model", "Dinov2WithRegistersModel",
                                   "CLIPVisionModelWithProjection", "SiglipVisionModel", "DINOv3ViTModel",
-                                  "InternVLVisionModel"])
+                                  "InternVLVisionModel", "MLCDVisionModel"])
 def test_optimize_hf_family_other_image_size(name):
     """Position tables resampled by each family's HF rule: DINOv2 and InternVL always (DINOv2 with antialias when
-    it has registers), the others when asked with interpolate_pos_encoding=True; DINOv3's RoPE tables are made
-    for any patch grid."""
+    it has registers), the others when asked with interpolate_pos_encoding=True; DINOv3's and MLCD's RoPE tables are
+    made for any patch grid."""
     hf = hf_model(name)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     x = torch.randn(2, 3, 48, 40)
-    any_size = name.startswith(("Dinov2", "DINOv3", "InternVL"))
+    any_size = name.startswith(("Dinov2", "DINOv3", "InternVL", "MLCD"))
     kw = {} if any_size else dict(interpolate_pos_encoding=True)
     with torch.no_grad():
         compare(opt(x, **kw), hf64(x.double(), **kw), hf(x, **kw))
@@ -149,6 +151,8 @@ def test_optimized_hf_trains_hf_tensors(name):
     a backward through it gives every one of them HF's float64 gradient."""
     torch.manual_seed(0)
     hf = hf_model(name).train()
+    if name == "MLCDVisionModel":            # its class token's RoPE angle trains only with HF's code: frozen here
+        hf.class_pos_emb.requires_grad_(False)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     ours, theirs = {id(p) for p in opt.parameters()}, {id(p): n for n, p in hf.named_parameters()}
@@ -370,6 +374,16 @@ def test_optimize_hf_family_refusals_are_named():
                      (dict(mlp_bias=False), r"qkv_bias=True with mlp_bias=False \(only both or neither\)")):
         with pytest.raises(UnsupportedFeatureError, match=what):
             vitfast.optimize(hf_model("Aimv2VisionModel", **kw))
+
+
+def test_optimize_hf_mlcd_refuses_training_its_class_rope_angle():
+    hf = hf_model("MLCDVisionModel").train()
+    opt = vitfast.optimize(hf)
+    with pytest.raises(UnsupportedFeatureError, match=r"class_pos_emb\) would get no gradient; freeze it"):
+        opt(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():                    # without grad it runs, in train mode too
+        out = opt(torch.randn(1, 3, 32, 32))
+    assert out.last_hidden_state.shape == (1, 17, 48)
 
 
 def test_optimize_hf_aimv2_without_biases_or_head():

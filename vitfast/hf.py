@@ -87,6 +87,7 @@ from vitfast.reference import (
     crop_to_patches,
     idefics3_position_ids,
     naflex_position_table,
+    qwen_rope_tables,
     resample_pos_embed,
     to_2tuple,
 )
@@ -117,6 +118,8 @@ CLASSES = {
     "Aimv2VisionModel": ("aimv2", None),
     # Ovis2's tower: AIMv2's transformer, then its visual tokenizer (HFOvis2VisionModel)
     "Ovis2VisionModel": ("ovis2", None),
+    # MLCD (LLaVA-OneVision-1.5's tower): CLIP's layout with 2D RoPE instead of a position table (HFMLCDVisionModel)
+    "MLCDVisionModel": ("mlcd", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
     "DINOv3ViTBackbone": ("dinov3", "backbone"),
@@ -139,7 +142,7 @@ _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
              "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True),
-             "aimv2": (False, False), "ovis2": (False, False)}
+             "aimv2": (False, False), "ovis2": (False, False), "mlcd": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -192,6 +195,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     hf_state = base.state_dict(keep_vars=True)
     if family == "aimv2":                   # its pooling head runs as _Aimv2Head on HF's modules
         hf_state = {k: v for k, v in hf_state.items() if not k.startswith("head.")}
+    if family == "mlcd":                    # the class token's RoPE angle: HFMLCDVisionModel's tables
+        hf_state = {k: v for k, v in hf_state.items() if k != "class_pos_emb"}
     state = {k: v for k, v in hf_to_timm(hf_state).items() if not k.startswith(("head.", "head_dist."))}
     if family == "siglip2":                 # nn.Linear over patches flattened as (row, column, channel)
         P = core_cfg["patch_size"]
@@ -211,6 +216,9 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     if family == "aimv2":
         pooler = _Aimv2Head(base.head) if getattr(base, "head", None) is not None else None
     vision = HFVisionModel(cfg, core, family, pooler, output).train(model.training)
+    if family == "mlcd":
+        return HFMLCDVisionModel(cfg, core, family, None, output, model.class_pos_emb,
+                                 model.vision_rotary_embedding.inv_freq).train(model.training)
     if family == "ovis2":
         hf_module = sys.modules[type(model).__module__]
         return HFOvis2VisionModel(cfg, vision, model.head_linear, model.head_norm,
@@ -274,7 +282,7 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
             "siglip": {"pos_embed": _position_embedding}, "aimv2": {"pos_embed": _position_embedding},
-            "ovis2": {"pos_embed": _position_embedding},
+            "ovis2": {"pos_embed": _position_embedding}, "mlcd": {"cls_token": _class_embedding},
             "siglip2": {"pos_embed": _position_embedding},
             "idefics3": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
@@ -332,6 +340,13 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         out.update(reg_tokens=cfg.num_register_tokens, no_embed_class=True)
     if family == "clip":
         out.update(pre_norm=True)
+    if family == "mlcd":                # CLIP's layout, no position table: RoPE made for any patch grid
+        f.need(getattr(cfg, "num_key_value_groups", 1) == 1,
+               f"num_key_value_groups={getattr(cfg, 'num_key_value_groups', None)} (grouped-query attention)")
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        f.need(rope.get("rope_type", "axial") == "axial", f"rope_type={rope.get('rope_type')!r} (only 'axial')")
+        f.need((dim // heads) % 4 == 0, f"head dim {dim // heads} (MLCD's 2D RoPE needs a multiple of 4)")
+        out.update(pre_norm=True, pos_embed="none", dynamic_img_size=True)
     if family == "internvl":
         f.need(not getattr(cfg, "use_qk_norm", False), "use_qk_norm=True (RMSNorms over q and k: InternViT-6B's)")
         f.need(getattr(cfg, "norm_type", "layer_norm") == "layer_norm",
@@ -414,56 +429,6 @@ class _Aimv2Head(nn.Module):
         return ops.linear(out.transpose(1, 2).reshape(B, D), self.output_proj.weight, self.output_proj.bias)
 
 
-class HFOvis2VisionModel(nn.Module):
-    """Stands in for Ovis2's Ovis2VisionModel: AIMv2's transformer (`self.vision`, an HFVisionModel on vitfast), then
-    the visual tokenizer: each hidden_stride x hidden_stride block of tokens joined (HF's zero padding and
-    reshapes), head_linear as one GEMM, head_norm, and HF's softmax ("softmax") or its straight-through one-hot of
-    the argmax ("st_argmax"; a near tie may pick another token than HF's) -> HF's output object: last_hidden_state
-    (the joined tokens), pooler_output (the visual tokens' probabilities, what the VLM embeds)."""
-
-    def __init__(self, config, vision: HFVisionModel, head_linear: nn.Linear, head_norm: nn.LayerNorm, output: type):
-        super().__init__()
-        self.config, self.vision, self.head_linear, self.head_norm, self._output = \
-            config, vision, head_linear, head_norm, output
-        self.num_visual_indicator_tokens, self.vocab_size = config.num_visual_indicator_tokens, config.vocab_size
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def transformer(self) -> HFVisionModel:
-        return self.vision
-
-    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                **kwargs):
-        if output_hidden_states or getattr(self.config, "output_hidden_states", False) and output_hidden_states is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_hidden_states=True (Ovis2's "
-                                          "tower)")
-        self.vision.refuse(output_attentions=output_attentions, kwargs=kwargs)
-        return self.cuda_graphs(self, self._forward, pixel_values, return_dict=return_dict)
-
-    def _forward(self, pixel_values, return_dict=None):
-        tokens, _ = self.vision.encode(pixel_values)
-        x, _ = self.vision.outputs(tokens)                                              # (n, L, D) after the norm
-        stride = self.config.hidden_stride
-        if stride > 1:                             # HF's join of s x s blocks, its padding and reshapes as they are
-            n, L, D = x.shape
-            side = int(L ** 0.5)
-            if side * side != L:
-                raise ValueError("pixel_values: Ovis2's tokenizer needs a square patch grid")
-            pad = (stride - side % stride) % stride
-            x = F.pad(x, (0, 0, 0, pad, 0, pad), "constant", 0)
-            side += pad
-            x = x.reshape(n, side // stride, stride, side // stride, stride, D)
-            x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, -1, stride * stride * D)
-        logits = ops.layer_norm(ops.linear(x, self.head_linear.weight, None), self.head_norm.weight,
-                                self.head_norm.bias, eps=self.head_norm.eps)
-        probs = logits.softmax(-1)
-        if self.config.tokenize_function == "st_argmax":                               # HF's hard_softmax
-            hard = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
-            probs = hard - probs.detach() + probs
-        out = self._output(last_hidden_state=x, pooler_output=probs)
-        return out if _output_dict(self.config, return_dict) else out.to_tuple()
-
-
 def _output_dict(config, return_dict) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
@@ -512,7 +477,7 @@ class HFVisionModel(nn.Module):
     def outputs(self, tokens):
         """tokens after the blocks -> (last_hidden_state, pooler_output) of this family."""
         core = self.core
-        if self.family == "clip":                       # the final norm applies to the pooled class token only
+        if self.family in ("clip", "mlcd"):             # the final norm applies to the pooled class token only
             return tokens, core.norm(tokens[:, 0])
         seq = core.norm(tokens)
         if self.family.startswith(("dinov2", "dinov3")):
@@ -546,6 +511,99 @@ class HFVisionModel(nn.Module):
         seq, pooled = self.outputs(tokens)
         out = (self._output or BaseModelOutputWithPooling)(last_hidden_state=seq, pooler_output=pooled,
                                                            hidden_states=hidden)
+        return out if _output_dict(self.config, return_dict) else out.to_tuple()
+
+
+class HFMLCDVisionModel(HFVisionModel):
+    """Stands in for transformers' `MLCDVisionModel`: CLIP's vision model (class token first, pre_layrnorm,
+    post_layernorm on the pooled class token) with the 2D RoPE of q and k in every attention in place of a position
+    table (`ops.rope_qkv`: the first D / 4 pairs turn by the patch's row, the others by its column, as HF's
+    `MLCDRotaryEmbedding`; the class token by a learned angle, `class_pos_emb`): any image size. The tables are
+    made for each patch grid; `class_pos_emb` gets no gradient through them: training with it trainable is refused
+    (freeze it)."""
+
+    def __init__(self, config, core: VisionTransformer, family: str, pooler, output, class_pos_emb: nn.Parameter,
+                 inv_freq: Tensor):
+        super().__init__(config, core, family, pooler, output)
+        self.class_pos_emb = class_pos_emb                                 # HF's parameter
+        self.register_buffer("inv_freq", inv_freq.detach().clone(), persistent=False)
+
+    def rope_tables(self, grid: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [1 + gh · gw, D / 2] in `dtype`: the class token's learned angles, then each patch's (row, column)
+        angles as HF's (float32 angles)."""
+        if torch.is_grad_enabled() and self.class_pos_emb.requires_grad:
+            raise UnsupportedFeatureError("optimized MLCD model: the class token's learned RoPE angle (class_pos_emb) "
+                                          "would get no gradient; freeze it (class_pos_emb.requires_grad_(False)) to "
+                                          "train the rest, or run without grad")
+        gh, gw = grid
+        rows = torch.arange(gh, device=self.inv_freq.device)
+        cols = torch.arange(gw, device=self.inv_freq.device)
+        pos = torch.stack([rows[:, None].expand(gh, gw), cols[None, :].expand(gh, gw)], -1).reshape(-1, 2)
+        cos, sin = qwen_rope_tables(pos, self.inv_freq, torch.float32)
+        cls = self.class_pos_emb.detach().float()              # [1, D / 2]: one angle per pair (HF repeats it)
+        return torch.cat([cls.cos(), cos]).to(dtype), torch.cat([cls.sin(), sin]).to(dtype)
+
+    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
+        if pixel_values is None:
+            raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
+        core = self.core
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        core._check_trainable()
+        x = core.embed(pixel_values)                                                       # (B, 1 + N, D)
+        rope = self.rope_tables(core.patch_embed.grid_for(pixel_values),
+                                torch.float64 if x.dtype == torch.float64 else torch.float32)
+        tokens, _, hidden = core.forward_blocks(x, rope=rope, return_hidden=bool(output_hidden_states))
+        return tokens, (tuple(hidden) if output_hidden_states else None)
+
+
+class HFOvis2VisionModel(nn.Module):
+    """Stands in for Ovis2's Ovis2VisionModel: AIMv2's transformer (`self.vision`, an HFVisionModel on vitfast), then
+    the visual tokenizer: each hidden_stride x hidden_stride block of tokens joined (HF's zero padding and
+    reshapes), head_linear as one GEMM, head_norm, and HF's softmax ("softmax") or its straight-through one-hot of
+    the argmax ("st_argmax"; a near tie may pick another token than HF's) -> HF's output object: last_hidden_state
+    (the joined tokens), pooler_output (the visual tokens' probabilities, what the VLM embeds)."""
+
+    def __init__(self, config, vision: HFVisionModel, head_linear: nn.Linear, head_norm: nn.LayerNorm, output: type):
+        super().__init__()
+        self.config, self.vision, self.head_linear, self.head_norm, self._output = \
+            config, vision, head_linear, head_norm, output
+        self.num_visual_indicator_tokens, self.vocab_size = config.num_visual_indicator_tokens, config.vocab_size
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def transformer(self) -> HFVisionModel:
+        return self.vision
+
+    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                **kwargs):
+        if output_hidden_states or getattr(self.config, "output_hidden_states", False) and output_hidden_states is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_hidden_states=True (Ovis2's "
+                                          "tower)")
+        self.vision.refuse(output_attentions=output_attentions, kwargs=kwargs)
+        return self.cuda_graphs(self, self._forward, pixel_values, return_dict=return_dict)
+
+    def _forward(self, pixel_values, return_dict=None):
+        tokens, _ = self.vision.encode(pixel_values)
+        x, _ = self.vision.outputs(tokens)                                              # (n, L, D) after the norm
+        stride = self.config.hidden_stride
+        if stride > 1:                             # HF's join of s x s blocks, its padding and reshapes as they are
+            n, L, D = x.shape
+            side = int(L ** 0.5)
+            if side * side != L:
+                raise ValueError("pixel_values: Ovis2's tokenizer needs a square patch grid")
+            pad = (stride - side % stride) % stride
+            x = F.pad(x, (0, 0, 0, pad, 0, pad), "constant", 0)
+            side += pad
+            x = x.reshape(n, side // stride, stride, side // stride, stride, D)
+            x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, -1, stride * stride * D)
+        logits = ops.layer_norm(ops.linear(x, self.head_linear.weight, None), self.head_norm.weight,
+                                self.head_norm.bias, eps=self.head_norm.eps)
+        probs = logits.softmax(-1)
+        if self.config.tokenize_function == "st_argmax":                               # HF's hard_softmax
+            hard = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+            probs = hard - probs.detach() + probs
+        out = self._output(last_hidden_state=x, pooler_output=probs)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
