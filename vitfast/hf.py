@@ -118,7 +118,7 @@ CLASSES = {
     "Aimv2VisionModel": ("aimv2", None),
     # Ovis2's tower: AIMv2's transformer, then its visual tokenizer (HFOvis2VisionModel)
     "Ovis2VisionModel": ("ovis2", None),
-    # MLCD (LLaVA-OneVision-1.5's tower): CLIP's layout with 2D RoPE instead of a position table (HFMLCDVisionModel)
+    # MLCD (DeepGlint's): CLIP's layout with 2D RoPE instead of a position table (HFMLCDVisionModel)
     "MLCDVisionModel": ("mlcd", None),
     # the backbones of depth / segmentation models (Depth Anything, DPT): stage feature maps
     "Dinov2Backbone": ("dinov2", "backbone"), "Dinov2WithRegistersBackbone": ("dinov2_reg", "backbone"),
