@@ -21,6 +21,9 @@ get the gradients and an optimizer over either model trains both:
 | Idefics3VisionTransformer, SmolVLMVisionTransformer | BaseModelOutput | final norm, padding masked (below) | |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | InternVLVisionModel | InternVLVisionModelOutputWithPooling | final norm (none with use_mean_pooling) | None |
+| Aimv2VisionModel | BaseModelOutputWithPooling | final RMSNorm | AIMv2's attention-pooling head (`_Aimv2Head`) |
+| Ovis2VisionModel | its own output | s x s token blocks joined | the visual tokenizer's probabilities |
+| MLCDVisionModel | BaseModelOutputWithPooling | before the final norm | final norm of the class token |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
 MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
@@ -36,7 +39,12 @@ Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) ar
 their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
 `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in
 `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
-`vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`.
+`vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`, Llama 4's (the class
+token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`. Aimv2Model and Ovis2ForConditionalGeneration are
+copied likewise.
+AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
+is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
+of the position table (`HFMLCDVisionModel`).
 
 Position tables for another image size follow each family's HF rule: bicubic without antialias, with
 antialias for DINOv2 with registers; DINOv2 and InternVL always resample, the others when asked
