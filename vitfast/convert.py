@@ -27,8 +27,9 @@ mode and requires_grad are kept. timm, transformers and torchvision are never im
 recognised by their class names and attributes.
 
 A feature vitfast does not implement raises `UnsupportedFeatureError` (a ValueError) naming it:
-qk-norm, norm layers inside the attention or MLP, other pooling heads, activations other than GELU and
-QuickGELU, MLPs other than timm's Mlp, SwiGLU and SwiGLUPacked, RoPE other than DINOv3's, conv stems, HF
+qk-norm, norms other than LayerNorm and RMSNorm (an RMSNorm inside the attention or MLP), other pooling heads,
+activations other than GELU and QuickGELU, MLPs other than timm's Mlp, SwiGLU and SwiGLUPacked, RoPE other than
+DINOv3's and timm's RotaryEmbeddingCat (EVA-02's, Perception Encoder's, RoPE-ViT's axial one), conv stems, HF
 masks and attention outputs, ... Dropout and drop-path are no-ops in eval mode: converting a model that
 has them in train mode raises, and a converted model refuses to run forward in train mode
 (`VisionTransformer.train_only_features`).

@@ -14,8 +14,8 @@ shuffle (HF's reshapes) and its two linears, each with the GELU in its epilogue.
 Output: HF's BaseModelOutputWithPooling: last_hidden_state [n, N', projector_output_dim] (the adapter's output, what
 the VLM's projector takes) and, with output_hidden_states (any true value, as HF's reads it), the embeddings and each
 block's output. The stand-in holds HF's parameter tensors (an optimizer over either model trains both); on CUDA in
-eval mode without grad its forward replays a CUDA graph per input shape. Not supported (named in the error):
-attention outputs, an attention mask.
+eval mode without grad its forward replays a CUDA graph per input shape. attention_mask is taken and ignored, as
+HF's tower does. Not supported (named in the error): attention outputs.
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def optimize_llama4(model: nn.Module) -> HFLlama4VisionModel:
            f"hidden_size={dim} with num_attention_heads={heads} (RoPE needs an even head dim)")
     ratio = float(cfg.pixel_shuffle_ratio)
     f.need(ratio > 0 and round(1 / ratio) == 1 / ratio, f"pixel_shuffle_ratio={ratio} (only 1 / an integer)")
-    norms = [model.layernorm_pre, model.layernorm_post,
-             *(n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm))]
-    eps = {f.layer_norm_eps(n, "norms", dim) for n in norms}
+    norms = [("layernorm_pre", model.layernorm_pre), ("layernorm_post", model.layernorm_post),
+             *((f"model.layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(layers)
+               for n in ("input_layernorm", "post_attention_layernorm"))]
+    eps = {f.layer_norm_eps(m, where, dim) for where, m in norms}
     f.need(len(eps) == 1, f"LayerNorms with different eps ({eps})")
     for i, layer in enumerate(layers):
         a, m, where = layer.self_attn, layer.mlp, f"model.layers.{i}"
@@ -150,9 +151,6 @@ class HFLlama4VisionModel(nn.Module):
                 return_dict=None, **kwargs):
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
-        if attention_mask is not None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument attention_mask (HF's tower "
-                                          "ignores it too)")
         size = self.config.image_size
         C = self.tower.patch_embedding.linear.in_features // self.patch_size ** 2
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or \
