@@ -223,6 +223,26 @@ def test_optimize_puts_the_runner_on_the_outermost_module():
         assert_close(opt(x), src.double()(x.double()))
 
 
+def test_forward_features_replays_its_own_graph():
+    """forward_features (what transformers' TimmWrapperModel calls, then forward_head) is captured on its second
+    call and replayed, apart from forward's graph; results handed out stay as they were."""
+    torch.manual_seed(0)
+    model = vitfast.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                      num_classes=3).eval()
+    simulate_cuda_graphs(model.cuda_graphs)
+    ref = copy.deepcopy(model).double()
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    with torch.no_grad():
+        outs = [model.forward_features(x) for x in xs]                    # eager, capture, replay, replay
+        assert model.cuda_graphs.captures == 1
+        logits = [model(x) for x in xs[:3]]                                # forward: a graph of its own
+        assert model.cuda_graphs.captures == 2
+        for x, out, lg in zip(xs, outs, logits + [None]):
+            assert_close(out, ref.forward_features(x.double()), name="features")
+            if lg is not None:
+                assert_close(lg, ref(x.double()), name="logits")
+
+
 def test_hf_output_objects_come_out_of_a_graph_whole():
     """transformers' ModelOutput classes are pytree nodes: a replay hands out the same output object
     (logits, loss, hidden states), with the tensors cloned."""

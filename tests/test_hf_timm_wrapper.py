@@ -48,6 +48,23 @@ def test_timm_wrapper_model_equals_hf(hidden):
                           output_hidden_states=hidden)
 
 
+def test_timm_wrapper_model_replays_the_features_graph():
+    """TimmWrapperModel runs its timm model as forward_features, then forward_head: the features are captured once
+    (simulated on the CPU) and replayed, each result as HF's."""
+    from vitfast.graphs import CUDAGraphRunner
+    from vitfast.testing import simulate_cuda_graphs
+
+    model = perturbed(transformers.TimmWrapperModel(transformers.TimmWrapperConfig(**PE_CORE))).eval()
+    opt = vitfast.optimize(model)
+    runner = opt.timm_model.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 48, 48)
+            _assert_outputs_equal(opt, model, model64, x, ("last_hidden_state", "pooler_output"))
+    assert runner.captures == 1
+
+
 def test_timm_wrapper_classifier_equals_hf():
     """TimmWrapperForImageClassification (RoPE-ViT): logits and the loss with labels."""
     cfg = transformers.TimmWrapperConfig(architecture="vit_small_patch16_rope_224", num_labels=5,

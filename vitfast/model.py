@@ -176,7 +176,12 @@ class VisionTransformer(reference.VisionTransformer):
         return self.norm_pre(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """images [B, C, H, W] -> tokens [B, T, D] after the final norm."""
+        """images [B, C, H, W] -> tokens [B, T, D] after the final norm. Replays CUDA graphs as `forward` does (its
+        own per signature): callers that run a ViT as forward_features then forward_head (transformers'
+        TimmWrapperModel, Perception LM's tower) get them too."""
+        return self.cuda_graphs(self, self._forward_features, x)
+
+    def _forward_features(self, x: Tensor) -> Tensor:
         return self.norm(self.forward_tokens(x)[0])
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
