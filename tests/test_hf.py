@@ -384,6 +384,9 @@ def test_optimize_hf_mlcd_refuses_training_its_class_rope_angle():
     with torch.no_grad():                    # without grad it runs, in train mode too
         out = opt(torch.randn(1, 3, 32, 32))
     assert out.last_hidden_state.shape == (1, 17, 48)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)       # in eval mode, with grad: the angle is a constant
+    opt.eval()(x).pooler_output.sum().backward()
+    assert x.grad is not None and hf.class_pos_emb.grad is None
 
 
 def test_optimize_hf_aimv2_without_biases_or_head():

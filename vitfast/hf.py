@@ -220,13 +220,13 @@ def optimize_hf(model: nn.Module) -> nn.Module:
     if family == "idefics3":
         return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
     output = sys.modules[type(base).__module__].InternVLVisionModelOutputWithPooling if family == "internvl" else None
+    if family == "mlcd":
+        return HFMLCDVisionModel(cfg, core, family, None, output, model.class_pos_emb,
+                                 model.vision_rotary_embedding.inv_freq).train(model.training)
     pooler = getattr(base, "pooler", None)
     if family == "aimv2":
         pooler = _Aimv2Head(base.head) if getattr(base, "head", None) is not None else None
     vision = HFVisionModel(cfg, core, family, pooler, output).train(model.training)
-    if family == "mlcd":
-        return HFMLCDVisionModel(cfg, core, family, None, output, model.class_pos_emb,
-                                 model.vision_rotary_embedding.inv_freq).train(model.training)
     if family == "ovis2":
         hf_module = sys.modules[type(model).__module__]
         return HFOvis2VisionModel(cfg, vision, model.head_linear, model.head_norm,
@@ -527,8 +527,8 @@ class HFMLCDVisionModel(HFVisionModel):
     post_layernorm on the pooled class token) with the 2D RoPE of q and k in every attention in place of a position
     table (`ops.rope_qkv`: the first D / 4 pairs turn by the patch's row, the others by its column, as HF's
     `MLCDRotaryEmbedding`; the class token by a learned angle, `class_pos_emb`): any image size. The tables are
-    made for each patch grid; `class_pos_emb` gets no gradient through them: training with it trainable is refused
-    (freeze it)."""
+    made for each patch grid; `class_pos_emb` gets no gradient through them: in train mode with it trainable the
+    forward is refused (freeze it); in eval mode it is taken as a constant."""
 
     def __init__(self, config, core: VisionTransformer, family: str, pooler, output, class_pos_emb: nn.Parameter,
                  inv_freq: Tensor):
@@ -539,7 +539,7 @@ class HFMLCDVisionModel(HFVisionModel):
     def rope_tables(self, grid: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [1 + gh · gw, D / 2] in `dtype`: the class token's learned angles, then each patch's (row, column)
         angles as HF's (float32 angles)."""
-        if torch.is_grad_enabled() and self.class_pos_emb.requires_grad:
+        if self.training and torch.is_grad_enabled() and self.class_pos_emb.requires_grad:
             raise UnsupportedFeatureError("optimized MLCD model: the class token's learned RoPE angle (class_pos_emb) "
                                           "would get no gradient; freeze it (class_pos_emb.requires_grad_(False)) to "
                                           "train the rest, or run without grad")
