@@ -122,6 +122,8 @@ def test_bad_inputs_and_models_are_named():
         opt(torch.randn(2, 3, 32, 24))
     with pytest.raises(UnsupportedFeatureError, match="output_attentions"):
         opt(torch.randn(1, 3, 32, 32), output_attentions=True)
+    with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(model.layers.0.self_attn"):
+        vitfast.optimize(vision_model(attention_dropout=0.1).train())
     with pytest.raises(UnsupportedFeatureError, match=r"pixel_shuffle_ratio=0.4 \(only 1 / an integer\)"):
         vitfast.optimize(vision_model(pixel_shuffle_ratio=0.4))
     hf = vision_model()

@@ -91,7 +91,7 @@ def optimize_llama4(model: nn.Module) -> HFLlama4VisionModel:
         lin = getattr(adapter, part, None)
         f.linear(lin, f"vision_adapter.mlp.{part}", bias=False) and f.need(lin.bias is None,
                                                                           f"vision_adapter.mlp.{part} with bias")
-    f.check(False)
+    f.check(model.training)                  # dropout: refused in train mode
     state = renamed_state(model, _RENAME)
     order = _rotate_half_order(dim, heads)
     for i in range(len(layers)):          # the packed qkv, joined from HF's projections after the build
