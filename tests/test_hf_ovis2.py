@@ -38,10 +38,9 @@ def test_vision_tower_equals_hf(kw):
         assert type(out) is type(ref) and set(out.keys()) == set(ref.keys())
         assert out.last_hidden_state.shape == ref.last_hidden_state.shape
         assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
-        if kw.get("tokenize_function") == "st_argmax":          # one-hot rows: the same tokens as HF's
-            assert torch.equal(out.pooler_output, eager.pooler_output)
-        else:
-            assert_close(out.pooler_output, ref.pooler_output, eager=eager.pooler_output, name="pooler_output")
+        if kw.get("tokenize_function") == "st_argmax":          # one-hot rows (to an ulp): the same tokens as HF's
+            assert torch.equal(out.pooler_output.argmax(-1), ref.pooler_output.argmax(-1))
+        assert_close(out.pooler_output, ref.pooler_output, eager=eager.pooler_output, name="pooler_output")
 
 
 def test_trains_hf_tensors():
