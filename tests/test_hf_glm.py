@@ -18,6 +18,7 @@ from vitfast.hf_glm import HFGlmVisionModel
 from vitfast.reference import glm_position_grid, qwen_patch_layout
 from vitfast.testing import (
     assert_close,
+    assert_grads_match,
     assert_packed_tower_replays,
     assert_selects_hidden_states,
     assert_vlm_equals_hf,
@@ -145,9 +146,7 @@ def test_trains_hf_tensors(kind):
 
     loss(hf64(x.double(), grid)).backward()
     loss(opt(x, grid)).backward()                                # into HF's own tensors' .grad
-    for (name, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
-        assert p.grad is not None, name
-        assert_close(p.grad, p64.grad, name=f"grad {name}")
+    assert_grads_match(hf, hf64)
 
 
 def test_graph_replays_with_the_layout_as_data():

@@ -13,7 +13,7 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_llama4 import HFLlama4VisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,9 +64,7 @@ def test_trains_hf_tensors():
 
     loss(hf64(x.double())).backward()
     loss(opt(x)).backward()                                     # into HF's own tensors' .grad
-    for (name, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
-        assert p.grad is not None, name
-        assert_close(p.grad, p64.grad, name=f"grad {name}")
+    assert_grads_match(hf, hf64)
 
 
 def test_graph_replays():

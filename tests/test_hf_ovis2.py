@@ -10,7 +10,7 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import HFOvis2VisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed
 
 transformers = pytest.importorskip("transformers")
 ovis2 = pytest.importorskip("transformers.models.ovis2.modeling_ovis2")
@@ -52,9 +52,7 @@ def test_trains_hf_tensors():
     w = torch.randn(2, 4, 35, dtype=torch.float64)
     (hf64(x.double()).pooler_output * w).sum().backward()
     (opt(x).pooler_output * w.float()).sum().backward()
-    for (name, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
-        assert p.grad is not None, name
-        assert_close(p.grad, p64.grad, name=f"grad {name}")
+    assert_grads_match(hf, hf64)
 
 
 def test_vision_language_model_equals_hf():

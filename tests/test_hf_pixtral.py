@@ -14,7 +14,7 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_pixtral import HFPixtralVisionModel
 from vitfast.reference import pixtral_patch_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,9 +113,7 @@ def test_trains_hf_tensors():
 
     loss(hf64(x.double(), sizes)).backward()
     loss(opt(x, sizes)).backward()                                     # into HF's own tensors' .grad
-    for (name, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
-        assert p.grad is not None, name
-        assert_close(p.grad, p64.grad, name=f"grad {name}")
+    assert_grads_match(hf, hf64)
 
 
 def test_graph_replays_with_the_layout_as_data():

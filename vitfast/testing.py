@@ -151,6 +151,14 @@ def assert_packed_tower_replays(hf, dtype: torch.dtype, grids: list, patches, ke
     assert opt.cuda_graphs.captures == 1
 
 
+def assert_grads_match(model, model64) -> None:
+    """After a backward through each: every parameter of `model` has a gradient, within tolerance of the one its
+    float64 twin `model64` (same parameter order) got."""
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        assert p.grad is not None, name
+        assert_close(p.grad, p64.grad, name=f"grad {name}")
+
+
 def perturbed(model):
     """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
     each parameter plus 0.05 x N(0, 1) noise."""
