@@ -90,7 +90,8 @@ def test_every_supported_class_is_tested():
         "Ernie4_5_VLMoeVisionTransformerPretrainedModel",                                      # test_hf_ernie
         "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"} | {
         "Llama4VisionModel"} | {                                                                # test_hf_llama4
-        "Ovis2VisionModel"}                                                                     # test_hf_ovis2
+        "Ovis2VisionModel"} | {                                                                 # test_hf_ovis2
+        "Gemma4VisionModel"}                                                                    # test_hf_gemma4
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -209,6 +210,16 @@ def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
         assert torch.equal(bias, torch.cat([q.bias, torch.zeros(3), v.bias])) and qkv.bias is bias
     (qkv(x) * torch.randn(5, 9)).sum().backward()
     assert q.bias.grad is not None and v.bias.grad is not None and k.bias is None
+    # One part with its rows reordered and repeated (Gemma 4's grouped-query k): a copy, cached like a join.
+    k = nn.Linear(4, 2, bias=False)
+    rows = JoinedLinear([(k, "weight", None, None, [1, 0, 1, 0])])
+    with torch.no_grad():
+        w = rows.weight
+        assert torch.equal(w, k.weight[[1, 0, 1, 0]]) and rows.weight is w
+        k.weight.mul_(2.0)                                        # in place: rebuilt
+        assert torch.equal(rows.weight, k.weight[[1, 0, 1, 0]])
+    (rows(x) * g[:, :4]).sum().backward()                         # the repeated rows' gradients add up
+    assert torch.allclose(k.weight.grad, (g[:, :4].t() @ x).view(2, 2, 4).sum(0)[[1, 0]], atol=1e-6)
 
 
 def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():

@@ -40,8 +40,9 @@ their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, pack
 `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in
 `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
 `vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`, Llama 4's (the class
-token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`. Aimv2Model and Ovis2ForConditionalGeneration are
-copied likewise.
+token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (padded patch batches, sandwich RMSNorms,
+q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`.
+Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
 of the position table (`HFMLCDVisionModel`).
@@ -76,6 +77,8 @@ from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Finding
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_ernie import CLASSES as ERNIE_CLASSES
 from vitfast.hf_ernie import optimize_ernie
+from vitfast.hf_gemma4 import CLASSES as GEMMA4_CLASSES
+from vitfast.hf_gemma4 import optimize_gemma4
 from vitfast.hf_glm import CLASSES as GLM_CLASSES
 from vitfast.hf_glm import optimize_glm
 from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
@@ -145,6 +148,8 @@ CLASSES = {
     **{name: (family, None) for name, family in ERNIE_CLASSES.items()},
     # Llama 4's tower (Scout, Maverick): the class token last, 2D RoPE, the pixel-shuffle adapter (vitfast.hf_llama4)
     **{name: (family, None) for name, family in LLAMA4_CLASSES.items()},
+    # Gemma 4's tower: padded patch batches, sandwich RMSNorms, q / k / v norms, 2D RoPE, pooling (vitfast.hf_gemma4)
+    **{name: (family, None) for name, family in GEMMA4_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -177,6 +182,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_ernie(model)
     if family == "llama4":
         return optimize_llama4(model)
+    if family == "gemma4":
+        return optimize_gemma4(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

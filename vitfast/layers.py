@@ -212,14 +212,15 @@ class JoinedLinear(nn.Module):
     sources: (module, weight attribute, bias attribute or None, row slice or None for all rows[, order]) per
     part, in row order; the slice applies to a bias with the weight's rows, a bias with the slice's rows is taken
     whole; `order`, a list of the part's row indices, then reorders the part's weight and bias rows (EVA-02's
-    interleaved RoPE pairs as rotate-half ones); a part without bias, next to parts with one, counts as a zero
+    interleaved RoPE pairs as rotate-half ones; repeats allowed: grouped-query attention's k / v heads, one per query
+    head); a part without bias, next to parts with one, counts as a zero
     bias. Parts may name one module more than
     once (timm's Eva: one packed qkv weight beside separate q and v biases); consecutive row slices of one
     tensor join as a view of it. While autograd records a
     gradient, each access builds the tensor from the live parameters (a
     concatenation, or a view for one part), so gradients reach them; otherwise one cached concatenation
-    serves, rebuilt when a part is replaced, moved or modified in place (its identity, data pointer or
-    version counter changes)."""
+    (or reordered copy of one part) serves, rebuilt when a part is replaced, moved or modified in place (its
+    identity, data pointer or version counter changes)."""
 
     def __init__(self, sources):
         super().__init__()
@@ -293,7 +294,8 @@ class JoinedLinear(nn.Module):
         if one is not None:
             parts = [one]
         live = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
-        if len(parts) == 1 or live:
+        gathered = any(spec[3] is not None for _, spec in specs)     # a reordered part is a copy: cached too
+        if (len(parts) == 1 and not gathered) or live:
             return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         # The source tensors themselves are kept in the entry (identity cannot be fooled by a reused address);
         # the version counter catches in-place updates, the data pointer, dtype and device a .to() / .half().

@@ -577,6 +577,37 @@ def temporal_pool_layout(grid_thw: list[tuple[int, int, int]], kernel: tuple[int
     return torch.cat(dest), torch.cat(weight)
 
 
+def gemma4_position_embeddings(table: Tensor, positions: Tensor) -> Tensor:
+    """Gemma 4's factored 2D position embeddings: table [2, S, D] (an x table and a y table), positions [B, N, 2]
+    (x, y) integers with (-1, -1) for padding -> table[0][x] + table[1][y], zeros at padding, [B, N, D] in the
+    table's dtype (HF's `Gemma4VisionPatchEmbedder._position_embeddings`)."""
+    clamped = positions.clamp(min=0)
+    emb = F.embedding(clamped[..., 0], table[0]) + F.embedding(clamped[..., 1], table[1])
+    return torch.where((positions == -1).all(dim=-1)[..., None], 0.0, emb)
+
+
+def gemma4_blocks(positions: Tensor, k: int) -> Tensor:
+    """Which output of Gemma 4's pooler each patch at positions [B, N, 2] (x, y; -1 for padding, counted as (0, 0))
+    goes to: its k x k block (x // k, y // k) at x // k + (width // k) · (y // k), width the image's largest x + 1
+    (HF's `Gemma4VisionPooler._avg_pool_by_positions`) -> [B, N] int64."""
+    clamped = positions.clamp(min=0)
+    width = clamped[..., 0].max(dim=-1, keepdim=True)[0] + 1
+    block = torch.div(clamped, k, rounding_mode="floor")
+    return (block[..., 0] + (width // k) * block[..., 1]).long()
+
+
+def gemma4_pool(hidden: Tensor, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Gemma 4's spatial pooling of the tower's tokens hidden [B, N, D] (padding rows zeroed) at positions
+    [B, N, 2] into `length` outputs: the mean of each k x k block of patches (`gemma4_blocks`), k = √(N / length),
+    as HF's `Gemma4VisionPooler._avg_pool_by_positions` computes it (a one-hot weight matrix, the product in
+    float32, rounded to hidden's dtype) -> (pooled [B, length, D], mask [B, length]: True where a block holds a
+    patch)."""
+    k = int((hidden.shape[1] // length) ** 0.5)
+    weights = F.one_hot(gemma4_blocks(positions, k), length).float() / (k * k)           # (B, N, length)
+    pooled = weights.transpose(1, 2) @ hidden.float()
+    return pooled.to(hidden.dtype), (weights != 0).any(dim=1)
+
+
 def glm_position_grid(grid_thw: list[tuple[int, int, int]], merge: int) -> Tensor:
     """GLM-4V's learned position table resized to each frame's patch grid by `F.grid_sample(mode="bicubic",
     align_corners=False, padding_mode="border")`: each patch's sampling point (x, y) in [-1, 1], the centre of its
