@@ -14,6 +14,14 @@ Out of place (autograd keeps qkv) it writes a new packed tensor: one read and on
 two thirds of that traffic and no new tensor. Either way the attention kernel then reads the result as any
 qkv. This is how FlashAttention applies rotary embeddings: a separate pass over q and k before the attention
 kernel.
+
+With `norm` (Gemma 4's and GLM-OCR's vision blocks) the same pass first normalizes each head of q and k, and
+of v with norm="qkv", by its RMS over the head dim, for every token (the prefix tokens too):
+
+    x -> x / sqrt(mean(x²) + eps) · w[part]      w [2, D]: q's and k's weights; v's norm has none
+
+then rotates q and k as above; fp32 throughout, rounded once. In place it then rewrites every token of the
+normalized parts.
 """
 
 from __future__ import annotations
@@ -27,21 +35,32 @@ from vitfast.kernels import Launch, cdiv, next_power_of_2
 
 @triton.jit
 def _rope_qkv_kernel(
-    src_ptr, dst_ptr, cos_ptr, sin_ptr,
-    N, stride_sb, stride_sn, stride_db, stride_dn, rope_start,
+    src_ptr, dst_ptr, cos_ptr, sin_ptr, w_ptr,
+    N, stride_sb, stride_sn, stride_db, stride_dn, rope_start, eps,
     H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-    INVERSE: tl.constexpr, IN_PLACE: tl.constexpr,
+    INVERSE: tl.constexpr, IN_PLACE: tl.constexpr, NORM: tl.constexpr,
 ):
     """One program: BLOCK_T tokens of one image, one (part, head) column block of D = 2·HALF values (in place:
-    the q and k heads only, and only the rotated tokens are written)."""
+    the q and k heads only, and only the rotated tokens are written, unless NORM). NORM: 0 none, 1 q and k
+    normalized (w_ptr: [2, D] weights), 2 v too (without weight)."""
     pid_t, b, ph = tl.program_id(0), tl.program_id(1), tl.program_id(2)     # ph = part · H + head
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.arange(0, BLOCK_HALF)
     ok = (tok < N)[:, None] & (col < HALF)[None, :]
     src = src_ptr + b.to(tl.int64) * stride_sb + tok.to(tl.int64)[:, None] * stride_sn + ph * (2 * HALF) + col[None, :]
     dst = dst_ptr + b.to(tl.int64) * stride_db + tok.to(tl.int64)[:, None] * stride_dn + ph * (2 * HALF) + col[None, :]
-    x1 = tl.load(src, mask=ok, other=0.0)
-    x2 = tl.load(src + HALF, mask=ok, other=0.0)
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+    if NORM == 2:                                    # every head: v's too
+        x1, x2 = _rms_scaled(x1, x2, eps, 2 * HALF)
+    if NORM == 1:
+        if ph < 2 * H:
+            x1, x2 = _rms_scaled(x1, x2, eps, 2 * HALF)
+    if NORM != 0:
+        if ph < 2 * H:                               # q's or k's weight
+            w = w_ptr + (ph // H) * (2 * HALF) + col
+            x1 = x1 * tl.load(w, mask=col < HALF, other=0.0).to(tl.float32)[None, :]
+            x2 = x2 * tl.load(w + HALF, mask=col < HALF, other=0.0).to(tl.float32)[None, :]
     if ph < 2 * H:                                   # q or k: rotate the tokens the tables cover
         r = tok - rope_start
         rot = ok & (r >= 0)[:, None]
@@ -50,13 +69,19 @@ def _rope_qkv_kernel(
         s = tl.load(sin_ptr + t, mask=rot, other=0.0)
         if INVERSE:
             s = -s
-        a, e = x1.to(tl.float32), x2.to(tl.float32)
-        x1 = (a * c - e * s).to(dst_ptr.dtype.element_ty)
-        x2 = (e * c + a * s).to(dst_ptr.dtype.element_ty)
-        if IN_PLACE:
+        x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
+        if IN_PLACE and NORM == 0:
             ok = rot
-    tl.store(dst, x1, mask=ok)
-    tl.store(dst + HALF, x2, mask=ok)
+    tl.store(dst, x1.to(dst_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF, x2.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rms_scaled(x1, x2, eps, D: tl.constexpr):
+    """The halves x1, x2 [BLOCK_T, BLOCK_HALF] (fp32, zero past the head) of each row divided by the row's RMS
+    over its D values."""
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+    return x1 * rstd[:, None], x2 * rstd[:, None]
 
 
 def _block_t(half: int) -> int:
@@ -71,32 +96,39 @@ class RopePlan:
         self.launch, self.in_place = launch, in_place
 
 
-def plan(qkv: torch.Tensor, num_heads: int, n_rope: int, inverse: bool = False, in_place: bool = False) -> RopePlan:
+NORMS = (None, "qk", "qkv")      # what `norm` normalizes before the rotation (module docstring)
+
+
+def plan(qkv: torch.Tensor, num_heads: int, n_rope: int, inverse: bool = False, in_place: bool = False,
+         norm: str | None = None, eps: float = 1e-6) -> RopePlan:
     """The launch for qkv's shape and strides, tables covering the last n_rope tokens: into a new contiguous
-    tensor, or in place (the q and k heads only)."""
+    tensor, or in place (the q and k heads only, v's too with norm="qkv")."""
     B, N, C3 = qkv.shape
     half = C3 // (3 * num_heads) // 2
     block_t, block_half = _block_t(half), next_power_of_2(half)
-    grid = (cdiv(N, block_t), B, (2 if in_place else 3) * num_heads)
+    grid = (cdiv(N, block_t), B, (2 if in_place and norm != "qkv" else 3) * num_heads)
     warps = 4 if block_t * block_half >= 2048 else 2
     dst = (qkv.stride(0), qkv.stride(1)) if in_place else (N * C3, C3)
-    scalars = (N, qkv.stride(0), qkv.stride(1), *dst, N - n_rope)
+    scalars = (N, qkv.stride(0), qkv.stride(1), *dst, N - n_rope, float(eps))
     meta = dict(H=num_heads, HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, INVERSE=inverse, IN_PLACE=in_place,
-                num_warps=warps)
+                NORM=NORMS.index(norm), num_warps=warps)
     return RopePlan(Launch(_rope_qkv_kernel, grid, scalars, meta), in_place)
 
 
-def run(p: RopePlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def run(p: RopePlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        weight: torch.Tensor | None = None) -> torch.Tensor:
     """Launch `p` on operands it was planned for (nothing is checked): qkv itself rotated (in place), or a new
-    contiguous packed tensor."""
+    contiguous packed tensor. weight: q's and k's norm weights [2, D] (contiguous) for a plan with a norm."""
     out = qkv if p.in_place else torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if out.numel():
-        p.launch(qkv, out, cos, sin)
+        p.launch(qkv, out, cos, sin, cos if weight is None else weight)
     return out
 
 
 def rope_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-             inverse: bool = False, in_place: bool = False) -> torch.Tensor:
+             inverse: bool = False, in_place: bool = False, norm: str | None = None,
+             weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """qkv [B, N, 3·C] (unit-stride last dim, even head dim) with q and k of its last cos.shape[0] tokens
-    rotated; cos, sin [N_rope, D/2] contiguous fp32 on qkv's device. See the module docstring."""
-    return run(plan(qkv, num_heads, cos.shape[0], inverse, in_place), qkv, cos, sin)
+    rotated (after the heads' norms with `norm`: weight [2, D], q's and k's); cos, sin [N_rope, D/2] contiguous
+    fp32 on qkv's device. See the module docstring."""
+    return run(plan(qkv, num_heads, cos.shape[0], inverse, in_place, norm, eps), qkv, cos, sin, weight)

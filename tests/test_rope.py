@@ -188,6 +188,129 @@ def test_rope_qkv_on_gpu(dtype):
         assert ops.rope_qkv(mine, H, cos, sin, inplace=True) is mine and torch.equal(mine, out)
 
 
+def head_norms_then_rope(qkv, H, q_weight, k_weight, cos, sin, eps, v_norm):
+    """Hugging Face's order in float64 (Gemma 4's and GLM-OCR's attention): each head's RMSNorm (times the weight
+    for q and k), then `hf_rotate_half` on q and k of the last tokens."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * H)
+    x = qkv.double().view(B, N, 3, H, D)
+    rms = lambda t: t / (t.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    q, k = rms(x[:, :, 0]) * q_weight.double(), rms(x[:, :, 1]) * k_weight.double()
+    v = rms(x[:, :, 2]) if v_norm else x[:, :, 2]
+    n = cos.shape[0]
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    q = torch.cat([q[:, :N - n], hf_rotate_half(q[:, N - n:], c, s)], 1)
+    k = torch.cat([k[:, :N - n], hf_rotate_half(k[:, N - n:], c, s)], 1)
+    return torch.stack([q, k, v], 2).reshape(B, N, C3)
+
+
+@pytest.mark.parametrize("v_norm", [False, True], ids=["qk", "qkv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES + [(2, 10, 3, 72, 10, "contiguous")],
+                         ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}")
+def test_norm_rope_qkv_equals_reference(case, dtype, v_norm, device):
+    """The heads' RMSNorms then the rotation, one pass (the kernel; Gemma 4's head dim 72 among the cases): HF's
+    order in float64, and the reference's torch form, within the usual tolerance; the norms moved the values."""
+    B, N, H, D, n_rope, layout = case
+    qkv = packed(B, N, H, D, layout, dtype, device) * 3
+    cos, sin = tables(n_rope, D, device=device)
+    q_weight, k_weight = (torch.randn(D, device=device).to(dtype) for _ in range(2))
+    out = ops.norm_rope_qkv(qkv, H, q_weight, k_weight, cos, sin, eps=1e-5, v_norm=v_norm)
+    assert out.shape == qkv.shape and out.dtype == dtype and out.is_contiguous()
+    want = head_norms_then_rope(qkv, H, q_weight, k_weight, cos, sin, 1e-5, v_norm)
+    weight = torch.stack([q_weight, k_weight])
+    assert_close(out, want, eager=reference.torch_norm_rope_qkv(qkv, H, cos, sin, weight, "qkv" if v_norm else "qk",
+                                                                1e-5))
+    C = H * D
+    assert (out[..., :2 * C].float() - ops.rope_qkv(qkv, H, cos, sin)[..., :2 * C].float()).abs().max() > 0.1
+    if not v_norm:
+        assert torch.equal(out[..., 2 * C:], qkv[..., 2 * C:])                 # v as it was
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "cpu_path"])
+@pytest.mark.parametrize("v_norm", [False, True], ids=["qk", "qkv"])
+def test_norm_rope_qkv_in_place_rewrites_qkv_itself(v_norm, interpret, monkeypatch):
+    """inplace=True: qkv itself holds the result, the prefix tokens' norms (and v's with v_norm) included; the
+    memory around a strided qkv is untouched."""
+    monkeypatch.setattr(ops, "INTERPRET", interpret and ops.INTERPRET)
+    B, N, H, D = 2, 9, 2, 16
+    base = torch.randn(B, N, 3 * H * D + 8)
+    qkv = base[..., 4:4 + 3 * H * D]
+    cos, sin = tables(N - 2, D)
+    qw, kw = torch.randn(D), torch.randn(D)
+    want = ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=v_norm)
+    around = base.clone()
+    out = ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=v_norm, inplace=True)
+    assert out is qkv and torch.equal(qkv, want)
+    assert torch.equal(base[..., :4], around[..., :4]) and torch.equal(base[..., -4:], around[..., -4:])
+    x = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    y = ops.norm_rope_qkv(x, H, qw, kw, cos, sin, inplace=True)
+    assert y is not x and y.grad_fn is not None
+
+
+def test_norm_rope_qkv_backward_equals_float64_autograd(device):
+    """Gradients of qkv and of both weights: HF's order differentiated in float64."""
+    B, N, H, D = 2, 13, 2, 24
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    qw, kw = (torch.randn(D, device=device, requires_grad=True) for _ in range(2))
+    cos, sin = tables(N - 1, D, device=device)
+    dout = torch.randn(B, N, 3 * H * D, device=device)
+    ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=True).backward(dout)
+    x64, qw64, kw64 = (t.detach().double().requires_grad_() for t in (qkv, qw, kw))
+    head_norms_then_rope(x64, H, qw64, kw64, cos, sin, 1e-6, True).backward(dout.double())
+    for name, got, want in (("dqkv", qkv.grad, x64.grad), ("dq_weight", qw.grad, qw64.grad),
+                            ("dk_weight", kw.grad, kw64.grad)):
+        assert_close(got, want, name=name)
+
+
+def test_norm_rope_qkv_float64_gradcheck_and_opcheck():
+    qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    qw, kw = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cos, sin = tables(4, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, a, b: ops.norm_rope_qkv(x, 2, a, b, cos, sin, v_norm=True),
+                                    (qkv, qw, kw))
+    torch.library.opcheck(torch.ops.vitfast.norm_rope_qkv.default,
+                          (qkv.detach(), 2, cos, sin, torch.stack([qw, kw]).detach(), "qkv", 1e-6))
+
+
+def test_norm_rope_qkv_refuses_bad_weights_by_name():
+    qkv = torch.randn(2, 5, 3 * 2 * 8)
+    cos, sin = tables(4, 8)
+    w = torch.randn(8)
+    bad = [
+        (dict(q_weight=torch.randn(7)), r"q_weight: expected shape \(8,\) \(the head dim of qkv\), got \(7,\)"),
+        (dict(k_weight=w.double()), r"k_weight: expected dtype torch.float32 \(like qkv\) or torch.float32, got "
+                                    r"torch.float64"),
+        (dict(k_weight=w.to("meta")), r"k_weight: expected device cpu \(like qkv\), got meta"),
+        (dict(eps=-1.0), r"eps: expected a finite number >= 0, got -1.0"),
+        (dict(v_norm=1), r"v_norm: expected a bool, got 1"),
+        (dict(cos=cos.double()), r"cos: expected dtype torch.float32 for a torch.float32 qkv, got torch.float64"),
+    ]
+    for change, message in bad:
+        args = dict(q_weight=w, k_weight=w, cos=cos, sin=sin, eps=1e-6, v_norm=False)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            ops.norm_rope_qkv(qkv, 2, args["q_weight"], args["k_weight"], args["cos"], args["sin"], eps=args["eps"],
+                              v_norm=args["v_norm"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_norm_rope_qkv_on_gpu(dtype):
+    B, N, H, D = 4, 2520, 16, 72                 # Gemma 4's tower: 2520 patches, 16 heads of 72
+    qkv = (torch.randn(B, N, 3 * H * D, device="cuda") * 3).to(dtype)
+    cos, sin = tables(N, D, device="cuda")
+    qw, kw = (torch.randn(D, device="cuda").to(dtype) for _ in range(2))
+    weight = torch.stack([qw, kw])
+    for _ in range(3):                           # the direct launch after two calls gives the same result
+        out = ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=True)
+        assert_close(out, head_norms_then_rope(qkv, H, qw, kw, cos, sin, 1e-6, True),
+                     eager=reference.torch_norm_rope_qkv(qkv, H, cos, sin, weight, "qkv", 1e-6))
+        mine = qkv.clone()
+        assert ops.norm_rope_qkv(mine, H, qw, kw, cos, sin, v_norm=True, inplace=True) is mine
+        assert torch.equal(mine, out)
+
+
 def test_rope_model_traces_in_torch_compile():
     """A RoPE model compiles in one graph (the tables made in the traced code, the op out of place) and gives
     the eager model's output."""

@@ -157,8 +157,10 @@ def launch_rope(c):
     dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
     qkv = torch.empty(2, N, 3 * H * D, dtype=dt)
     cos, sin = torch.empty(N - 5, D // 2), torch.empty(N - 5, D // 2)
+    norm = c.get("norm")
+    weight = torch.empty(2, D, dtype=dt) if norm else None
     return rope._rope_qkv_kernel, lambda: rope.rope_qkv(qkv, H, cos, sin, inverse=c.get("inverse", False),
-                                                        in_place=c.get("in_place", False))
+                                                        in_place=c.get("in_place", False), norm=norm, weight=weight)
 
 
 LAUNCHERS = {"attention": launch_attention, "linear": launch_linear, "patch_embed": launch_patch_embed,
@@ -352,6 +354,12 @@ def _cases():
         name = f"{dtype}-d{head_dim}{'-inverse' if inverse else ''}{'-in_place' if in_place else ''}"
         cases.append(_variant("rope", name, None, {"dtype": dtype, "head_dim": head_dim, "heads": 12, "seq": 261,
                                                    "inverse": inverse, "in_place": in_place}))
+    # With the heads' RMSNorms first (`norm_rope_qkv`): Gemma 4's tower in place (head dim 72 -> 36 of 64, v's norm
+    # too) and GLM-OCR's q / k norms out of place (training).
+    for head_dim, norm, in_place in ((72, "qkv", True), (64, "qk", False)):
+        name = f"bf16-d{head_dim}-norm_{norm}{'-in_place' if in_place else ''}"
+        cases.append(_variant("rope", name, None, {"dtype": "bf16", "head_dim": head_dim, "heads": 16, "seq": 261,
+                                                   "inverse": False, "in_place": in_place, "norm": norm}))
     return cases
 
 

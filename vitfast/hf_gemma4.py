@@ -7,9 +7,10 @@ pixel_position_ids [B, N, 2], each patch's (x, y) in its image, (-1, -1) for pad
 `ops.linear` over 2·(pixels - 0.5) with the factored position embeddings (an x table's row plus a y table's,
 `reference.gemma4_position_embeddings`) added in its epilogue. Per block (HF's `Gemma4VisionEncoderLayer`, the text
 decoder's block style): RMSNorm; q / k / v projections (one packed GEMM, HF's three joined, or, with clipped linears,
-three GEMMs between HF's clamps); RMSNorms of each head's q and k (with weights) and v (without); the axial 2D RoPE on
-q and k (`ops.rope_qkv`; HF rotates each half of a head by one axis, which runs as Qwen2-VL's rotate-half layout
-through a reordering of q's and k's rows and of their norms' weights: q · k is unchanged); attention with scale 1 and
+three GEMMs between HF's clamps); in one pass (`ops.norm_rope_qkv`), RMSNorms of each head's q and k (with weights)
+and v (without) and the axial 2D RoPE on q and k (HF rotates each half of a head by one axis, which runs as Qwen2-VL's
+rotate-half layout through a reordering of q's and k's rows and of their norms' weights: q · k is unchanged; the
+tables come from each patch's position, so padded batches need no layout); attention with scale 1 and
 the padding masked as keys (`key_mask`); o_proj; an RMSNorm of the attention's output before the residual add;
 RMSNorm, the gated MLP (gate and up as one packed GEMM or two clamped ones, HF's activation of the gate times up),
 down_proj, an RMSNorm before the residual add. Grouped-query attention runs with k's and v's rows repeated per head.
@@ -89,6 +90,8 @@ def optimize_gemma4(model: nn.Module) -> HFGemma4VisionModel:
         a, where = layer.self_attn, f"encoder.layers.{i}"
         f.need(getattr(a.v_norm, "with_scale", True) is False and _eps(a.v_norm) is not None,
                f"{where}.self_attn.v_norm (expected an RMSNorm without weight)")
+        eps = {_eps(n) for n in (a.q_norm, a.k_norm, a.v_norm)}
+        f.need(len(eps) == 1, f"{where}.self_attn: q / k / v norms with different eps ({eps})")
         f.dropout(getattr(a, "attention_dropout", 0.0), f"{where}.self_attn dropout")
     tensors = list(model.parameters())
     f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
@@ -247,15 +250,12 @@ class HFGemma4VisionModel(nn.Module):
         B, N, _ = x.shape
         h = ops.rms_norm(x, layer.input_layernorm.weight, eps=_eps(layer.input_layernorm))
         if self.clipped:
-            q, k, v = (self._linear(getattr(a, f"{p}_proj"), h, joined[p].weight).view(B, N, H, D) for p in "qkv")
+            qkv = torch.cat([self._linear(getattr(a, f"{p}_proj"), h, joined[p].weight) for p in "qkv"], dim=-1)
         else:
-            q, k, v = ops.linear(h, joined["qkv"].weight).view(B, N, 3, H, D).unbind(2)
-        order = self.head_order
-        q = ops.rms_norm(q, a.q_norm.weight[order], eps=_eps(a.q_norm))
-        k = ops.rms_norm(k, a.k_norm.weight[order], eps=_eps(a.k_norm))
-        v = ops.rms_norm(v, v.new_ones(D), eps=_eps(a.v_norm))
-        qkv = torch.stack([q, k, v], dim=2).view(1, B * N, 3 * H * D)
-        qkv = ops.rope_qkv(qkv, H, *rope, inplace=True).view(B, N, 3 * H * D)
+            qkv = ops.linear(h, joined["qkv"].weight)
+        order = self.head_order                    # the heads' norms and RoPE in one pass over the batch's tokens
+        qkv = ops.norm_rope_qkv(qkv.view(1, B * N, 3 * H * D), H, a.q_norm.weight[order], a.k_norm.weight[order],
+                                *rope, eps=_eps(a.q_norm), v_norm=True, inplace=True).view(B, N, 3 * H * D)
         out = ops.attention_qkv(qkv, H, scale=1.0, key_mask=key_mask)
         out = self._linear(a.o_proj, out)
         x = x + ops.rms_norm(out, layer.post_attention_layernorm.weight, eps=_eps(layer.post_attention_layernorm))

@@ -14,8 +14,8 @@ residual in its epilogue, RMSNorm, the gated MLP (SiLU: gate and up as the packe
 epilogue), down_proj with the residual in its epilogue. After the blocks: an RMSNorm, the merge x merge
 downsampling Conv2d as one `ops.linear` over each block of tokens, and the merger (a projection, LayerNorm, GELU and
 a gated MLP) on vitfast's GEMMs. GLM-OCR's tower has no position table and no RMSNorm after the patch embedding, biases
-in its blocks' projections, and RMSNorms of each head's q and k before the RoPE (an rms_norm pass over q and one over
-k, reassembled into the packed qkv).
+in its blocks' projections, and RMSNorms of each head's q and k before the RoPE (with it, one pass:
+`ops.norm_rope_qkv`).
 
 Output: HF's BaseModelOutputWithPooling: last_hidden_state the downsampled tokens [T / merge², D], pooler_output the
 merger's [T / merge², D]; with output_hidden_states, the embeddings and each block's output but the last block's,
@@ -69,7 +69,7 @@ class _GlmMerger(nn.Module):
 
 class _QKNormAttention(Attention):
     """vitfast's attention with GLM-OCR's RMSNorms of each head's q and k (q_norm, k_norm over the head dim) between
-    the qkv GEMM and the RoPE: one rms_norm pass over q and one over k, reassembled into the packed qkv."""
+    the qkv GEMM and the RoPE (which the tower always gives), in the RoPE's pass (`ops.norm_rope_qkv`)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool, eps: float):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
@@ -80,12 +80,8 @@ class _QKNormAttention(Attention):
                 max_seqlen: int | None = None, **_) -> Tensor:
         """x [1, T, C] (packed segments, `Attention`) -> proj(attention(rope(norm(qkv(x))))) (+ residual)."""
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
-        B, T, _ = qkv.shape
-        parts = qkv.view(B, T, 3, self.num_heads, self.head_dim)
-        qkv = torch.stack([self.q_norm(parts[:, :, 0]), self.k_norm(parts[:, :, 1]), parts[:, :, 2]], dim=2)
-        qkv = qkv.reshape(B, T, -1)
-        if rope is not None:
-            qkv = ops.rope_qkv(qkv, self.num_heads, *rope, inplace=True)
+        qkv = ops.norm_rope_qkv(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, *rope,
+                                eps=self.q_norm.eps, inplace=True)           # the norms and the RoPE in one pass
         out = ops.attention_qkv(qkv, self.num_heads, scale=self.scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return ops.linear(out, self.proj.weight, self.proj.bias, residual=residual, scale=scale)
 

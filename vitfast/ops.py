@@ -744,16 +744,8 @@ def _rope_backward(ctx, dout):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: bool = False) -> Tensor:
-    """Rotary position embedding on the packed qkv projection: q and k of the last N_rope tokens rotated pair by
-    pair (pair j: columns j and D/2 + j of a head, DINOv3's rotate-half layout), v and the tokens before them
-    (class, registers) unchanged; one Triton pass on the GPU (`kernels/rope.py`), fp32 math rounded once.
-
-    qkv [B, N, 3·C] as `attention_qkv` takes it (even head dim D); cos, sin [N_rope, D/2] with 1 <= N_rope <= N,
-    float32 (float64 for a float64 qkv), on qkv's device, not requiring grad (`reference.dinov3_rope` makes
-    them). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself rotated
-    in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
-    and is not traced by torch.compile, else a new tensor as without it: use the tensor returned."""
+def _check_rope(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inplace) -> int:
+    """rope_qkv's and norm_rope_qkv's arguments checked -> the head dim."""
     D, N = _check_packed_qkv(qkv, num_heads), qkv.shape[1]
     if D % 2:
         _fail(f"qkv: rotary embedding needs an even head dim, got {D}")
@@ -772,10 +764,99 @@ def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: 
         _fail(f"sin: expected shape {tuple(cos.shape)} (like cos), got {tuple(sin.shape)}")
     if not isinstance(inplace, bool):
         _fail(f"inplace: expected a bool, got {inplace!r}")
+    return D
+
+
+def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: bool = False) -> Tensor:
+    """Rotary position embedding on the packed qkv projection: q and k of the last N_rope tokens rotated pair by
+    pair (pair j: columns j and D/2 + j of a head, DINOv3's rotate-half layout), v and the tokens before them
+    (class, registers) unchanged; one Triton pass on the GPU (`kernels/rope.py`), fp32 math rounded once.
+
+    qkv [B, N, 3·C] as `attention_qkv` takes it (even head dim D); cos, sin [N_rope, D/2] with 1 <= N_rope <= N,
+    float32 (float64 for a float64 qkv), on qkv's device, not requiring grad (`reference.dinov3_rope` makes
+    them). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself rotated
+    in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
+    and is not traced by torch.compile, else a new tensor as without it: use the tensor returned."""
+    _check_rope(qkv, num_heads, cos, sin, inplace)
     cos, sin = cos.contiguous(), sin.contiguous()
     if _direct(qkv):
         return _rope_impl(qkv, num_heads, cos, sin, False, inplace)
     return _rope_op(qkv, num_heads, cos, sin, False)
+
+
+def _norm_rope_impl(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, weight: Tensor, norm: str, eps: float,
+                    in_place: bool = False) -> Tensor:
+    if _attention_on_triton(qkv):
+        rope = _kernels().rope
+        key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, cos.shape[0], False, in_place, norm, eps)
+        plan = _ROPE_PLANS.get(key)
+        if plan is None:
+            if len(_ROPE_PLANS) >= _MAX_PLANS:
+                _ROPE_PLANS.clear()
+            plan = _ROPE_PLANS[key] = rope.plan(qkv, num_heads, cos.shape[0], False, in_place, norm, eps)
+        return rope.run(plan, qkv, cos, sin, weight)
+    return reference.torch_norm_rope_qkv(qkv, num_heads, cos, sin, weight, norm, eps, in_place)
+
+
+def _norm_rope_new(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, weight: Tensor, norm: str,
+                   eps: float) -> Tensor:
+    return _norm_rope_impl(qkv, num_heads, cos, sin, weight, norm, eps)
+
+
+_norm_rope_op = torch.library.custom_op("vitfast::norm_rope_qkv", _norm_rope_new, mutates_args=())   # out of place
+
+
+@_norm_rope_op.register_fake
+def _(qkv, num_heads, cos, sin, weight, norm, eps):
+    return qkv.new_empty(qkv.shape)
+
+
+def _norm_rope_setup(ctx, inputs, output):
+    qkv, ctx.num_heads, cos, sin, weight, ctx.norm, ctx.eps = inputs
+    ctx.save_for_backward(qkv, cos, sin, weight)
+
+
+def _norm_rope_backward(ctx, dout):
+    # The norms' backward through torch's autograd on the reference's forward, recomputed from the saved qkv.
+    qkv, cos, sin, weight = ctx.saved_tensors
+    fn = lambda x, w: reference.torch_norm_rope_qkv(x, ctx.num_heads, cos, sin, w, ctx.norm, ctx.eps)
+    dqkv, dweight = _recompute_grads(fn, (qkv, weight), (dout,), ctx.needs_input_grad[0:5:4])
+    return dqkv, None, None, None, dweight, None, None
+
+
+_norm_rope_op.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
+
+
+def norm_rope_qkv(qkv: Tensor, num_heads: int, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, *,
+                  eps: float = 1e-6, v_norm: bool = False, inplace: bool = False) -> Tensor:
+    """RMSNorms of each head of q and k (weights q_weight, k_weight over the head dim) and, with v_norm, of v (no
+    weight), then `rope_qkv`'s rotation of q and k: Gemma 4's and GLM-OCR's vision attention between the qkv GEMM
+    and the attention, in one Triton pass on the GPU (`kernels/rope.py`), fp32 math rounded once (HF rounds
+    after the norm too: within one rounding of this). Every token is normalized, the prefix ones too.
+
+    qkv, cos, sin, inplace as `rope_qkv` takes them; q_weight, k_weight [D] in qkv's dtype or float32, on its
+    device; eps a finite number >= 0. Returns a new packed tensor [B, N, 3·C], differentiable in qkv and the
+    weights (the backward recomputes the reference's forward); with inplace=True, qkv itself rewritten (q and k,
+    and v with v_norm) wherever the call needs no autograd and is not traced by torch.compile."""
+    D = _check_rope(qkv, num_heads, cos, sin, inplace)
+    for name, t in (("q_weight", q_weight), ("k_weight", k_weight)):
+        _check_float(name, t, _NORM_DTYPES)
+        if t.shape != (D,):
+            _fail(f"{name}: expected shape ({D},) (the head dim of qkv), got {tuple(t.shape)}")
+        _check_like(name, t, "qkv", qkv.device, t.dtype)
+        if t.dtype not in (torch.float32, qkv.dtype):
+            _fail(f"{name}: expected dtype {qkv.dtype} (like qkv) or torch.float32, got {t.dtype}")
+    if k_weight.dtype != q_weight.dtype:
+        _fail(f"k_weight: expected dtype {q_weight.dtype} (like q_weight), got {k_weight.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        _fail(f"eps: expected a finite number >= 0, got {eps!r}")
+    if not isinstance(v_norm, bool):
+        _fail(f"v_norm: expected a bool, got {v_norm!r}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    weight, norm = torch.stack([q_weight, k_weight]), "qkv" if v_norm else "qk"
+    if _direct(qkv, weight):
+        return _norm_rope_impl(qkv, num_heads, cos, sin, weight, norm, float(eps), inplace)
+    return _norm_rope_op(qkv, num_heads, cos, sin, weight, norm, float(eps))
 
 
 # ============================================================================================

@@ -345,6 +345,25 @@ def torch_rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, invers
     return out
 
 
+def torch_norm_rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, weight: Tensor, norm: str = "qk",
+                        eps: float = 1e-6, in_place: bool = False) -> Tensor:
+    """`norm_rope_qkv` in torch: each head of q and k (and v with norm="qkv") divided by its RMS, q's and k's
+    multiplied by weight [2, D], then q and k of the last cos.shape[0] tokens rotated (`apply_rope`); in the
+    tables' dtype, rounded once; into qkv itself with in_place. Differentiable (the op's backward)."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    x = qkv.unflatten(2, (3, num_heads, D)).to(cos.dtype)                       # (B, N, 3, H, D)
+
+    def rms(t: Tensor) -> Tensor:
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps)
+
+    q, k = (apply_rope((rms(x[:, :, i]) * weight[i].to(cos.dtype)).transpose(1, 2), cos, sin).transpose(1, 2)
+            for i in (0, 1))
+    v = rms(x[:, :, 2]) if norm == "qkv" else x[:, :, 2]
+    out = torch.stack([q, k, v], dim=2).flatten(2).to(qkv.dtype)
+    return qkv.copy_(out) if in_place else out
+
+
 def torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
                  residual: Tensor | None = None, scale: Tensor | None = None, preact: Tensor | None = None) -> Tensor:
     """F.linear (the bias in the GEMM), the activation, then scale and residual in place on the fresh output.
