@@ -8,8 +8,8 @@ epilogue never takes a separate pass over memory.
     -> + b [N] -> activation (None | exact-erf GELU | tanh GELU | QuickGELU) -> · scale [N] (layer-scale)
     -> + residual [M, N] -> y [M, N]
 
-or, with the SwiGLU epilogue (timm's SwiGLUPacked fc1, W = [W_gate; W_up] of 2H rows),
-    y [M, H] = silu(x @ W_gateᵀ + b_gate) · (x @ W_upᵀ + b_up)
+or, with a gated epilogue (W = [W_gate; W_up] of 2H rows: timm's SwiGLUPacked fc1, or Gemma 4's vision MLP),
+    y [M, H] = act(x @ W_gateᵀ + b_gate) · (x @ W_upᵀ + b_up)      act: SiLU ("swiglu") or tanh GELU ("geglu_tanh")
 from one tile whose first half of columns are gate rows of W and second half the matching up rows, so the
 [M, 2H] product never reaches memory.
 
@@ -42,9 +42,9 @@ import triton.language as tl
 from vitfast.kernels import Launch, autotune_bench, budgeted, cdiv, next_power_of_2, tf32_enabled
 from vitfast.kernels import smem_limit as _smem_limit
 
-# activation name -> the kernel's ACTIVATION constexpr ("swiglu": the gated epilogue, output width N / 2)
-ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "swiglu": 4}
-SWIGLU = 4
+# activation name -> the kernel's ACTIVATION constexpr (from 4 the gated epilogues, output width N / 2)
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "swiglu": 4, "geglu_tanh": 5}
+GATED = ("swiglu", "geglu_tanh")
 
 
 def m_bucket(M: int) -> int:
@@ -207,13 +207,13 @@ def _linear_store_tile(
     BLOCK_N: tl.constexpr,
 ):
     """Epilogue in two column halves: half the live registers (the full 128x256 tile spills with the
-    erf GELU or the residual), same stores. SwiGLU (ACTIVATION 4): the halves are the gate and up columns of
-    output columns pid_n · BLOCK_N / 2 + j of y [M, N / 2]."""
+    erf GELU or the residual), same stores. Gated (ACTIVATION 4 SwiGLU, 5 GeGLU-tanh): the halves are the gate and
+    up columns of output columns pid_n · BLOCK_N / 2 + j of y [M, N / 2]."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    if ACTIVATION == 4:
-        _swiglu_epilogue(acc0, acc1, offs_m, pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), M, N // 2, b_ptr,
-                         y_ptr, stride_b, stride_ym, stride_yn, HAS_BIAS)
+    if ACTIVATION >= 4:
+        _gated_epilogue(acc0, acc1, offs_m, pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), M, N // 2, b_ptr,
+                        y_ptr, stride_b, stride_ym, stride_yn, HAS_BIAS, ACTIVATION)
         return
     offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
     _linear_epilogue(acc0, offs_m, offs_n0, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
@@ -247,7 +247,7 @@ def _linear_kernel(
     stride_ym, stride_yn,
     stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU, 4 SwiGLU (y: [M, N / 2])
+    ACTIVATION: tl.constexpr,  # 0 none, 1 exact GELU, 2 tanh GELU, 3 QuickGELU, 4 SwiGLU, 5 GeGLU-tanh (y: [M, N/2])
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
@@ -260,7 +260,7 @@ def _linear_kernel(
     """One program per output tile (variant "tiled")."""
     pid_m, pid_n = _linear_tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION == 4)
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION >= 4)
     _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
                        stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
                        HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
@@ -289,7 +289,7 @@ def _linear_persistent_kernel(
     stride_ym, stride_yn,
     stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,       # 0 none, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU, 4 SwiGLU (y: [M, N / 2])
+    ACTIVATION: tl.constexpr,  # 0 none, 1 exact GELU, 2 tanh GELU, 3 QuickGELU, 4 SwiGLU, 5 GeGLU-tanh (y: [M, N/2])
     HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     STORE_Z: tl.constexpr,          # training: also store the pre-activation for the backward
@@ -313,7 +313,7 @@ def _linear_persistent_kernel(
             acc = _linear_tile_gemm_tma(x_desc, w_desc, pid_m, pid_n, K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             acc = _linear_tile_gemm(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION == 4)
+                                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ACTIVATION >= 4)
         _linear_store_tile(acc, pid_m, pid_n, M, N, b_ptr, s_ptr, r_ptr, y_ptr, z_ptr, stride_b, stride_s, stride_rm,
                            stride_rn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, ACTIVATION, HAS_SCALE,
                            HAS_RESIDUAL, STORE_Z, BLOCK_M, BLOCK_N)
@@ -387,7 +387,7 @@ def _linear_epilogue(
 
 
 @triton.jit
-def _swiglu_epilogue(
+def _gated_epilogue(
     gate,    # [BM, BN] fp32 gate columns of x @ Wᵀ
     up,      # [BM, BN] fp32 up columns, the same output columns
     offs_m,  # [BM] rows
@@ -397,14 +397,18 @@ def _swiglu_epilogue(
     y_ptr,   # [M, H] output
     stride_b, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,   # 4: SiLU, 5: tanh GELU of the gate
 ):
-    """y = silu(gate + b[:H]) · (up + b[H:]) in fp32, one cast, one masked store."""
+    """y = act(gate + b[:H]) · (up + b[H:]) in fp32, one cast, one masked store."""
     h_mask = offs_h < H
     mask = (offs_m < M)[:, None] & h_mask[None, :]
     if HAS_BIAS:
         gate += tl.load(b_ptr + offs_h * stride_b, mask=h_mask, other=0.0).to(tl.float32)[None, :]
         up += tl.load(b_ptr + (offs_h + H) * stride_b, mask=h_mask, other=0.0).to(tl.float32)[None, :]
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    if ACTIVATION == 4:
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        y = _activate(gate, 2) * up
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_h.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -480,9 +484,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     x [..., K]; weight [N, K]; bias [N] or None; residual [..., N] or None; scale [N] or None (a
     per-column layer-scale, applied before the residual); activation None, "gelu" (exact erf),
-    "gelu_tanh", "quick_gelu" (a·sigmoid(1.702·a)) or "swiglu" (y [..., N / 2] = silu(z[..., :N/2]) ·
-    z[..., N/2:] of z = x @ weightᵀ + bias; no residual, scale or preact; not the "tma" variant); out:
-    optional preallocated [..., N] output (N / 2 for "swiglu"; must
+    "gelu_tanh", "quick_gelu" (a·sigmoid(1.702·a)), "swiglu" (y [..., N / 2] = silu(z[..., :N/2]) ·
+    z[..., N/2:] of z = x @ weightᵀ + bias; no residual, scale or preact; not the "tma" variant) or "geglu_tanh"
+    (the same with the tanh GELU for silu); out:
+    optional preallocated [..., N] output (N / 2 for the gated ones; must
     not overlap the inputs); preact: optional [..., N] buffer that also receives z = x @ weightᵀ + bias, the
     pre-activation (training: `linear_backward` reads it). All tensors share x's dtype (fp16, bf16, fp32)
     and device. Returns y [..., N].
@@ -506,14 +511,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None and tuple(t.shape) != (N,):
             raise ValueError(f"{name}: expected shape [{N}], got {list(t.shape)}")
-    if activation == "swiglu":
+    if activation in GATED:
         if N % 2:
-            raise ValueError(f"weight: activation='swiglu' needs an even row count (gate and up halves), got {N}")
+            raise ValueError(f"weight: activation={activation!r} needs an even row count (gate and up halves), "
+                             f"got {N}")
         bad = [name for name, t in (("residual", residual), ("scale", scale), ("preact", preact)) if t is not None]
         if bad or variant == "tma":
-            raise ValueError(f"activation='swiglu': expected no residual, scale, preact and a variant other than "
-                             f"'tma', got {bad or [f'variant={variant!r}']}")
-    N_out = N // 2 if activation == "swiglu" else N
+            raise ValueError(f"activation={activation!r}: expected no residual, scale, preact and a variant other "
+                             f"than 'tma', got {bad or [f'variant={variant!r}']}")
+    N_out = N // 2 if activation in GATED else N
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual: expected shape {[*lead, N]}, got {list(residual.shape)}")
     dtype, device = x.dtype, x.device
@@ -572,7 +578,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activ
     lead = tuple(x.shape[:-1])
     M = math.prod(lead)
     xs = _rows_strides(x, M, K)
-    N_out = N // 2 if activation == "swiglu" else N
+    N_out = N // 2 if activation in GATED else N
     ys = (N_out, 1) if out is None else _rows(out, "out", M, N_out).stride()
     zs = ys if preact is None else _rows(preact, "preact", M, N).stride()
     rs = ys if residual is None else (_rows_strides(residual, M, N) or (N, 1))
@@ -751,8 +757,9 @@ def linear_backward(dy: torch.Tensor, z: torch.Tensor | None, weight: torch.Tens
     weight [N, K]; scale [N] or None; activation as `linear`'s. Same dtype and device throughout.
     Returns (dx [..., K], dz [..., N] when need_dz (dW = dzᵀ x and db = Σ dz are the caller's GEMM and
     sum), dscale [N] = Σ dY ⊙ act(z) in scale's dtype when need_dscale)."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation: expected one of {list(ACTIVATION_CODES)}, got {activation!r}")
+    if activation not in ACTIVATION_CODES or activation in GATED:
+        raise ValueError(f"activation: expected one of {[a for a in ACTIVATION_CODES if a not in GATED]} (the "
+                         f"gated ones' backward is ops'), got {activation!r}")
     N, K = weight.shape
     if dy.shape[-1] != N:
         raise ValueError(f"dy: expected last dim {N} (weight.shape[0]), got shape {list(dy.shape)}")

@@ -59,9 +59,10 @@ def test_head_order_pairs_gemma4_rope_halves_as_rotate_half():
     assert all(order[j] < 8 for j in range(4)) and all(order[j] >= 8 for j in range(4, 8))    # x's pairs first
 
 
-@pytest.mark.parametrize("kw, hidden", [({}, True), ({"use_clipped_linears": True}, False),
+@pytest.mark.parametrize("kw, hidden", [({}, True), ({"hidden_activation": "silu"}, False),
+                                        ({"hidden_activation": "gelu"}, False), ({"use_clipped_linears": True}, False),
                                         ({"num_key_value_heads": 1, "use_clipped_linears": True}, False)],
-                         ids=["packed", "clipped", "clipped-gqa"])
+                         ids=["packed-geglu", "packed-swiglu", "packed-unfused", "clipped", "clipped-gqa"])
 def test_vision_tower_equals_hf(kw, hidden):
     hf = vision_model(**kw)
     hf64 = copy.deepcopy(hf).double()

@@ -944,80 +944,99 @@ def test_backward_dispatch_decides_once_and_is_capture_safe(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# The SwiGLU epilogue: y [..., H] = silu(gate) · up of [gate | up] = x Wᵀ + b (timm's SwiGLUPacked fc1)
+# The gated epilogues: y [..., H] = act(gate) · up of [gate | up] = x Wᵀ + b, act SiLU ("swiglu": timm's
+# SwiGLUPacked fc1) or the tanh GELU ("geglu_tanh": Gemma 4's vision MLP)
 # --------------------------------------------------------------------------------------------
 # (M, K, H, bias, layout): H off the tile width (37, 20) and on it (96, 192); every layout of CASES
 SWIGLU_CASES = [(394, 100, 37, True, "transposed"), (17, 64, 96, False, "sliced"), (1, 48, 20, True, "2d"),
                 (197, 96, 192, True, "3d"), (17, 100, 37, True, "colmajor")]
+GATED = ["swiglu", "geglu_tanh"]
 
 
-def swiglu64(x, w, b):
+def gated64(x, w, b, act="swiglu"):
     d = lambda t: None if t is None else t.detach().to("cpu", torch.float64)
-    return reference.swiglu(reference.linear(d(x), d(w), d(b)))
+    return reference.gated(reference.linear(d(x), d(w), d(b)), act)
+
+
+def test_gated_reference_is_the_definition():
+    h = torch.randn(3, 10, dtype=torch.float64)
+    gate, up = h[:, :5], h[:, 5:]
+    torch.testing.assert_close(reference.gated(h, "swiglu"), gate * torch.sigmoid(gate) * up)
+    tanh_gelu = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate ** 3)))
+    torch.testing.assert_close(reference.gated(h, "geglu_tanh"), tanh_gelu * up)
+    with pytest.raises(ValueError, match="activation must be 'swiglu' or 'geglu_tanh', got 'gelu'"):
+        reference.gated(h, "gelu")
 
 
 @pytest.mark.parametrize("variant", ["tiled", "persistent"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,H,bias,layout", SWIGLU_CASES)
-def test_swiglu_kernel(M, K, H, bias, layout, dtype, device, variant):
+@pytest.mark.parametrize("M,K,H,bias,layout,act", [(*c, "swiglu") for c in SWIGLU_CASES] +
+                         [(*c, "geglu_tanh") for c in SWIGLU_CASES[:3]])
+def test_swiglu_kernel(M, K, H, bias, layout, act, dtype, device, variant):
     """The gate and up columns of each output column in one tile: equal to the float64 GEMM and gating, within
     2x eager's error in the dtype (which rounds the [M, 2H] product before gating); every output written."""
     x, w, b, _ = make_inputs(M, K, 2 * H, bias, False, layout, dtype, device)
     out = poisoned((*x.shape[:-1], H), dtype, device)
-    y = linear_kernels.linear(x, w, b, activation="swiglu", out=out, variant=variant)
+    y = linear_kernels.linear(x, w, b, activation=act, out=out, variant=variant)
     assert y.data_ptr() == out.data_ptr()
-    assert_close(y, swiglu64(x, w, b), dtype=dtype, eager=reference.swiglu(reference.linear(x, w, b)))
+    assert_close(y, gated64(x, w, b, act), dtype=dtype, eager=reference.gated(reference.linear(x, w, b), act))
 
 
+@pytest.mark.parametrize("act", GATED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ops_linear_swiglu(dtype, device, monkeypatch):
-    """ops.linear(activation='swiglu') on the Triton path and (CPU tensors without the interpreter) on torch's;
-    in training, the GEMM and the gating apart, with gradients equal to float64 autograd."""
+def test_ops_linear_swiglu(dtype, act, device, monkeypatch):
+    """ops.linear(activation='swiglu' / 'geglu_tanh') on the Triton path and (CPU tensors without the interpreter)
+    on torch's; in training, the GEMM and the gating apart, with gradients equal to float64 autograd."""
     x, w, b, _ = make_inputs(197, 96, 2 * 48, True, False, "3d", dtype, device)
-    want = swiglu64(x, w, b)
-    assert_close(ops.linear(x, w, b, activation="swiglu"), want, dtype=dtype,
-                 eager=reference.swiglu(reference.linear(x, w, b)))
+    want = gated64(x, w, b, act)
+    assert_close(ops.linear(x, w, b, activation=act), want, dtype=dtype,
+                 eager=reference.gated(reference.linear(x, w, b), act))
     if device == "cpu":
         monkeypatch.setattr(ops, "INTERPRET", False)
-        assert_close(ops.linear(x, w, b, activation="swiglu"), want, dtype=dtype,
-                     eager=reference.swiglu(reference.linear(x, w, b)), name="torch path")
+        assert_close(ops.linear(x, w, b, activation=act), want, dtype=dtype,
+                     eager=reference.gated(reference.linear(x, w, b), act), name="torch path")
         monkeypatch.undo()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
-    y = ops.linear(*leaves, activation="swiglu")
+    y = ops.linear(*leaves, activation=act)
     weights = torch.randn_like(y)
     (y * weights).sum().backward()
     leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in (x, w, b)]
-    (reference.swiglu(reference.linear(*leaves64)) * weights.cpu().double()).sum().backward()
+    (reference.gated(reference.linear(*leaves64), act) * weights.cpu().double()).sum().backward()
     assert_close(y, want, dtype=dtype, name="training output")
     for name, t, t64 in zip(("dx", "dw", "db"), leaves, leaves64):
         assert_close(t.grad, t64.grad, dtype=dtype, tol=MODEL_TOLERANCE.get(dtype), name=name)
 
 
-def test_swiglu_op_under_autograd_and_opcheck(device):
+@pytest.mark.parametrize("act", GATED)
+def test_swiglu_op_under_autograd_and_opcheck(act, device):
     """The custom op itself (torch.ops callers, torch.compile): its fake shape [..., N / 2] and its backward
-    (z rebuilt with one GEMM) through opcheck and gradcheck in float64."""
+    (z rebuilt with one GEMM, the gating's derivative written out) through opcheck and gradcheck in float64."""
     x, w, b, _ = make_inputs(6, 20, 12, True, False, "3d", torch.float32, device)
     for t in (x, w, b):
         t.requires_grad_(True)
-    torch.library.opcheck(ops._linear_op, (x, w, b, "swiglu", None, None))
+    torch.library.opcheck(ops._linear_op, (x, w, b, act, None, None))
     d = [t.detach().cpu().double().requires_grad_(True) for t in (x, w, b)]
-    assert torch.autograd.gradcheck(lambda *a: ops._linear_op(*a, "swiglu", None, None), d)
+    assert torch.autograd.gradcheck(lambda *a: ops._linear_op(*a, act, None, None), d)
 
 
 def test_swiglu_bad_input():
     x, w, b = _good()
     with pytest.raises(ValueError, match=r"weight: activation='swiglu' needs an even row count .*got 7"):
         ops.linear(x, w[:7], b[:7], activation="swiglu")
-    with pytest.raises(ValueError, match=r"activation='swiglu': expected no residual or scale"):
-        ops.linear(x, w, b, activation="swiglu", residual=torch.randn(2, 5, 8), scale=torch.ones(8))
+    with pytest.raises(ValueError, match=r"activation='geglu_tanh': expected no residual or scale"):
+        ops.linear(x, w, b, activation="geglu_tanh", residual=torch.randn(2, 5, 8), scale=torch.ones(8))
     with pytest.raises(ValueError, match=r"activation='swiglu': expected no residual, scale, preact .*'tma'"):
         linear_kernels.linear(x, w, b, activation="swiglu", variant="tma")
     with pytest.raises(ValueError, match=r"out: expected shape \[2, 5, 4\], got \[2, 5, 8\]"):
-        linear_kernels.linear(x, w, b, activation="swiglu", out=torch.empty(2, 5, 8))
+        linear_kernels.linear(x, w, b, activation="geglu_tanh", out=torch.empty(2, 5, 8))
+    with pytest.raises(ValueError, match=r"activation: expected one of .* \(the gated ones' backward is ops'\), "
+                                         r"got 'geglu_tanh'"):
+        linear_kernels.linear_backward(torch.randn(2, 4), torch.randn(2, 4), w[:4], None, "geglu_tanh")
 
 
-def test_swiglu_cublas_path_and_dispatch_key():
+@pytest.mark.parametrize("act", GATED)
+def test_swiglu_cublas_path_and_dispatch_key(act):
     """The dispatch's non-Triton form (F.linear, then the gating), and the key that keeps the TMA form out."""
     x, w, b, _ = make_inputs(17, 64, 48, True, False, "3d", torch.float32, "cpu")
-    assert_close(ops._linear_cublas(x, w, b, "swiglu", None), swiglu64(x, w, b), dtype=torch.float32)
-    assert ops._linear_key(x, w, b, "swiglu", None)[-1] is False
+    assert_close(ops._linear_cublas(x, w, b, act, None), gated64(x, w, b, act), dtype=torch.float32)
+    assert ops._linear_key(x, w, b, act, None)[-1] is False

@@ -12,8 +12,9 @@ and v (without) and the axial 2D RoPE on q and k (HF rotates each half of a head
 rotate-half layout through a reordering of q's and k's rows and of their norms' weights: q · k is unchanged; the
 tables come from each patch's position, so padded batches need no layout); attention with scale 1 and
 the padding masked as keys (`key_mask`); o_proj; an RMSNorm of the attention's output before the residual add;
-RMSNorm, the gated MLP (gate and up as one packed GEMM or two clamped ones, HF's activation of the gate times up),
-down_proj, an RMSNorm before the residual add. Grouped-query attention runs with k's and v's rows repeated per head.
+RMSNorm, the gated MLP (gate and up as one packed GEMM with the gating in its epilogue for the tanh GELU (HF's
+gelu_pytorch_tanh, Gemma 4's) or SiLU, or two clamped GEMMs and HF's activation of the gate times up), down_proj, an
+RMSNorm before the residual add. Grouped-query attention runs with k's and v's rows repeated per head.
 Then HF's pooler: padding zeroed, the mean of each k x k block of patches by position (`reference.gemma4_pool`),
 scaled by √hidden_size in float32, the empty blocks dropped, HF's standardization (std_bias, std_scale) where the
 config has it, cast to the model's dtype.
@@ -45,6 +46,9 @@ from vitfast.reference import gemma4_blocks, gemma4_pool, gemma4_position_embedd
 
 # transformers class -> family
 CLASSES = {"Gemma4VisionModel": "gemma4"}
+# HF's activation module of the gate -> `ops.linear`'s gated epilogue (others run unfused: HF's module, then · up)
+_GATED = {"GELUTanh": "geglu_tanh", "PytorchGELUTanh": "geglu_tanh", "NewGELUActivation": "geglu_tanh",
+          "SiLUActivation": "swiglu", "SiLU": "swiglu"}
 
 
 def head_order(head_dim: int) -> list[int]:
@@ -260,10 +264,15 @@ class HFGemma4VisionModel(nn.Module):
         out = self._linear(a.o_proj, out)
         x = x + ops.rms_norm(out, layer.post_attention_layernorm.weight, eps=_eps(layer.post_attention_layernorm))
         h = ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps=_eps(layer.pre_feedforward_layernorm))
-        if self.clipped:
-            gate, up = self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h)
-        else:
-            gate, up = ops.linear(h, joined["fc1"].weight).chunk(2, dim=-1)
-        out = self._linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        gating = None if self.clipped else _GATED.get(type(mlp.act_fn).__name__)
+        if gating is not None:                     # the gating in fc1's epilogue
+            hidden = ops.linear(h, joined["fc1"].weight, activation=gating)
+        else:                                      # between the clamps, or an activation without an epilogue
+            if self.clipped:
+                gate, up = self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h)
+            else:
+                gate, up = ops.linear(h, joined["fc1"].weight).chunk(2, dim=-1)
+            hidden = mlp.act_fn(gate) * up
+        out = self._linear(mlp.down_proj, hidden)
         post = layer.post_feedforward_layernorm
         return x + ops.rms_norm(out, post.weight, eps=_eps(post))

@@ -862,8 +862,10 @@ def norm_rope_qkv(qkv: Tensor, num_heads: int, q_weight: Tensor, k_weight: Tenso
 # ============================================================================================
 # linear / mlp  (kernels/linear.py)
 # ============================================================================================
-# The activations of `linear`: the reference's, and "swiglu" (timm's SwiGLUPacked fc1 with its gating: half the width).
-LINEAR_ACTIVATIONS = (*reference.ACTIVATIONS, "swiglu")
+# The activations of `linear`: the reference's, and the gated ones, half the width: "swiglu" (timm's SwiGLUPacked fc1
+# with its gating) and "geglu_tanh" (the same with the tanh GELU: Gemma 4's vision MLP).
+GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")
+LINEAR_ACTIVATIONS = (*reference.ACTIVATIONS, *GATED_ACTIVATIONS)
 
 
 def _check_linear(x, weight, bias, activation, residual, scale=None) -> None:
@@ -885,12 +887,13 @@ def _check_linear(x, weight, bias, activation, residual, scale=None) -> None:
                 _fail(f"{name}: expected shape ({N},) (weight.shape[0]), got {tuple(t.shape)}")
     if activation not in LINEAR_ACTIVATIONS:
         _fail(f"activation: expected one of {LINEAR_ACTIVATIONS}, got {activation!r}")
-    if activation == "swiglu":
+    if activation in GATED_ACTIVATIONS:
         if N % 2:
-            _fail(f"weight: activation='swiglu' needs an even row count (gate and up halves), got {N}")
+            _fail(f"weight: activation={activation!r} needs an even row count (gate and up halves), got {N}")
         bad = [name for name, t in (("residual", residual), ("scale", scale)) if t is not None]
         if bad:
-            _fail(f"activation='swiglu': expected no {' or '.join(bad)} (SwiGLU's fc1 has none), got a tensor")
+            _fail(f"activation={activation!r}: expected no {' or '.join(bad)} (a gated MLP's fc1 has none), got a "
+                  f"tensor")
     if residual is not None:
         _check_float("residual", residual)
         _check_like("residual", residual, "x", device, dtype)
@@ -930,9 +933,9 @@ def _linear_candidates(tma_ok: bool, fp32_ieee: bool) -> tuple[str, ...]:
 
 def _linear_cublas(x, weight, bias, activation, residual, scale=None, preact=None):
     """cuBLAS GEMM with the bias in its epilogue, then the activation / layer-scale / residual in place
-    (one elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation; SwiGLU's gating)."""
-    if activation == "swiglu":
-        return reference.swiglu(reference.torch_linear(x, weight, bias))
+    (one elementwise pass for each ViT linear: fc1 has no residual, proj/fc2 no activation; a gated MLP's gating)."""
+    if activation in GATED_ACTIVATIONS:
+        return reference.gated(reference.torch_linear(x, weight, bias), activation)
     return reference.torch_linear(x, weight, bias, activation, residual, scale, preact)
 
 
@@ -943,7 +946,7 @@ def _linear_key(x, weight, bias, activation, residual, scale=None, preact=False)
     kernels, device, K = _kernels(), x.device, x.shape[-1]
     return (device.index, kernels.linear.m_bucket(x.numel() // K if K else 0), weight.shape[0], K, x.dtype,
             kernels.tf32_enabled(), bias is not None, activation, residual is not None, scale is not None,
-            preact, activation != "swiglu"           # the SwiGLU epilogue has no TMA form
+            preact, activation not in GATED_ACTIVATIONS        # the gated epilogues have no TMA form
             and kernels.linear.tma_eligible(x, weight, kernels.linear.device_capability(device)))
 
 
@@ -1135,8 +1138,8 @@ def _linear_run(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
                 residual: Tensor | None, scale: Tensor | None, pack: bool = False) -> Tensor:
     # float64 has no kernel (tl.dot has no fp64 tensor-core path): it takes torch's path, like CPU tensors.
     if not use_triton(x) or x.dtype == torch.float64:
-        if activation == "swiglu":
-            return reference.swiglu(_linear_run(x, weight, bias, None, None, None, pack))
+        if activation in GATED_ACTIVATIONS:
+            return reference.gated(_linear_run(x, weight, bias, None, None, None, pack), activation)
         if x.device.type == "cpu":
             return _linear_cpu(x, weight, bias, activation, residual, scale, pack)
         return _linear_torch(x, weight, bias, activation, residual, scale)
@@ -1153,7 +1156,7 @@ _linear_op = torch.library.custom_op("vitfast::linear", _linear_impl, mutates_ar
 
 @_linear_op.register_fake
 def _(x, weight, bias, activation, residual, scale):
-    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]))
 
 
 def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
@@ -1278,21 +1281,28 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     """The fused op under autograd (torch.ops / torch.compile users): z rebuilt with one GEMM when needed."""
     x, weight, bias, scale = ctx.saved_tensors
-    if ctx.activation == "swiglu":
-        return _swiglu_grads(dy, x, weight, bias, ctx.needs_input_grad)
+    if ctx.activation in GATED_ACTIVATIONS:
+        return _gated_grads(dy, x, weight, bias, ctx.activation, ctx.needs_input_grad)
     return _linear_grads(dy, x, weight, bias, scale, None, ctx.activation, ctx.needs_input_grad)
 
 
-def _swiglu_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, need) -> tuple:
-    """The SwiGLU epilogue's backward (`ops.linear` itself takes the unfused form when a gradient is recorded):
-    z = [gate | up] rebuilt with one GEMM, dZ = [dY · up · silu'(gate) | dY · silu(gate)], then dX = dZ W,
+def _gated_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, need) -> tuple:
+    """A gated epilogue's backward (`ops.linear` itself takes the unfused form when a gradient is recorded):
+    z = [gate | up] rebuilt with one GEMM, dZ = [dY · up · act'(gate) | dY · act(gate)], then dX = dZ W,
     dW = dZᵀ x, db = Σ dZ."""
     K, N = x.shape[-1], weight.shape[0]
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N // 2)
     z = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     gate, up = z.chunk(2, dim=-1)
-    sg = torch.sigmoid(gate)
-    dz = torch.cat([dy2 * up * sg * (1 + gate * (1 - sg)), dy2 * gate * sg], dim=-1)
+    if activation == "swiglu":
+        sg = torch.sigmoid(gate)
+        act, grad = gate * sg, sg * (1 + gate * (1 - sg))
+    else:          # the tanh GELU, t = tanh(u): act = 0.5·g·(1 + t), act' = 0.5·(1 + t) + 0.5·g·(1 − t²)·u'
+        u = 0.7978845608028654 * (gate + 0.044715 * gate ** 3)
+        t = torch.tanh(u)
+        act = 0.5 * gate * (1 + t)
+        grad = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * gate * gate)
+    dz = torch.cat([dy2 * up * grad, dy2 * act], dim=-1)
     dx = (dz @ weight).reshape(x.shape) if need[0] else None
     dw = dz.t() @ x2 if need[1] else None
     db = dz.sum(0) if bias is not None and need[2] else None
@@ -1326,9 +1336,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     weight:     [N, K] as nn.Linear stores it (read transposed through its strides, no copy).
     bias:       [N] or None.
     activation: None, "gelu" (exact erf, as timm / HF / torchvision), "gelu_tanh", "quick_gelu"
-                (CLIP's x·sigmoid(1.702·x)) or "swiglu": timm's SwiGLUPacked fc1 and its gating,
+                (CLIP's x·sigmoid(1.702·x)), "swiglu": timm's SwiGLUPacked fc1 and its gating,
                 y [..., N / 2] = silu(z[..., :N/2]) · z[..., N/2:] with z = x @ weightᵀ + bias, the [..., N]
-                product never stored (no residual or scale; in training the GEMM and the gating apart).
+                product never stored (no residual or scale; in training the GEMM and the gating apart), or
+                "geglu_tanh": the same with the tanh GELU for silu (Gemma 4's vision MLP).
     scale:      [N] or None: layer-scale (timm's LayerScale gamma), multiplied after the activation.
     residual:   [..., N] (x.shape[:-1] + (N,)) or None, added last.
     All tensors share x's dtype and device; fp32 uses tf32 when torch allows it for matmuls.
@@ -1340,10 +1351,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation:
     (`clear_cpu_weight_cache`).
     """
     _check_linear(x, weight, bias, activation, residual, scale)
-    if activation == "swiglu" and torch.is_grad_enabled() and any(
+    if activation in GATED_ACTIVATIONS and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)):
         # Training: the GEMM and its gating apart (the gating's backward is torch's; the GEMM's vitfast's).
-        return reference.swiglu(linear(x, weight, bias))
+        return reference.gated(linear(x, weight, bias), activation)
     if _direct(x, weight, bias, residual, scale):
         return _linear_run(x, weight, bias, activation, residual, scale, pack=True)
     if torch.is_grad_enabled() and ((scale is not None and scale.requires_grad) or (activation is not None and any(

@@ -757,6 +757,17 @@ def swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def gated(h: Tensor, activation: str) -> Tensor:
+    """A gated MLP's gating: h [..., 2·H] = [gate | up] -> act(gate) · up [..., H]; activation "swiglu" (SiLU) or
+    "geglu_tanh" (the tanh GELU: Gemma 4's vision MLP)."""
+    if activation == "swiglu":
+        return swiglu(h)
+    if activation != "geglu_tanh":
+        raise ValueError(f"activation must be 'swiglu' or 'geglu_tanh', got {activation!r}")
+    gate, up = h.chunk(2, dim=-1)
+    return gelu(gate, approximate="tanh") * up
+
+
 class GluMlp(nn.Module):
     """timm's GluMlp as its SwiGLUPacked builds it (SiLU, the gate on the first half), DINOv2-giant's MLP:
     fc1 [hidden, C] gives [gate | up] (hidden / 2 features each), then fc2(silu(gate) · up) with fc2
