@@ -222,6 +222,30 @@ def test_train_step_runs_the_training_benchmark_and_reports_it(tmp_path, monkeyp
     assert "## Training step" in md and "| vitfast |" in md
 
 
+def test_towers_step_runs_the_towers_benchmark_and_reports_it(tmp_path, monkeypatch):
+    """`--steps towers`: benchmarks/bench_towers.py (run for real on this machine's CPU: each tower at a small
+    config, HF and vitfast), its table in results.md."""
+    pytest.importorskip("transformers")
+
+    def small_run(self, cmd, seconds, env=None):
+        assert cmd[1] == "benchmarks/bench_towers.py" and "--time-budget" in cmd
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, no interpreter
+        rc = subprocess.run(cmd, cwd=gpu_tool.ROOT, capture_output=True, text=True, timeout=300, env=env)
+        return rc.returncode, rc.stdout + rc.stderr
+
+    monkeypatch.setattr(gpu_tool.Run, "run", small_run)
+    run = gpu_tool.Run(tmp_path, budget=300, bench_seconds=200)
+    assert gpu_tool.towers(run)
+    rows = run.result["towers"]["rows"]
+    assert {(r["tower"], r["method"]) for r in rows} == {(t, m) for t in ("gemma4", "gemma4_e4b", "siglip", "dinov2",
+                                                                          "qwen2_5_vl") for m in ("hf", "vitfast")}
+    for r in rows:                     # vitfast within fp32 rounding of HF in fp32, as HF itself in fp32
+        assert r["error"] is None and r["ms"] > 0 and r["rel_err"] < 1e-4, r
+    assert "gemma4" in run.result["steps"][-1]["detail"]
+    md = gpu_tool.markdown({**run.result, "environment": {"gpu": "G"}})
+    assert "## VLM vision towers" in md and "| gemma4 | 2 | 36 | vitfast |" in md
+
+
 def test_gpu_run_refuses_unknown_steps(tmp_path):
     with pytest.raises(SystemExit):
         gpu_tool.main(["--out", str(tmp_path), "--steps", "smoke,nope"])

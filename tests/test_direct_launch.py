@@ -166,8 +166,15 @@ with compile_only_triton(launches), torch.inference_mode():
     plan = R.plan(torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H, T - 1).launch
     def rope_tensors():
         qkv = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16)
-        return (qkv, torch.empty_like(qkv), torch.rand(T - 1, D // 2), torch.rand(T - 1, D // 2))
+        cos = torch.rand(T - 1, D // 2)
+        return (qkv, torch.empty_like(qkv), cos, torch.rand(T - 1, D // 2), cos)     # cos for the unread weight
     results["rope"] = check(plan, rope_tensors)
+    plan = R.plan(torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H, T, in_place=True, norm="qkv",
+                  eps=1e-6).launch                       # with the heads' norms first (norm_rope_qkv), in place
+    def norm_rope_tensors():
+        qkv = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16)
+        return (qkv, qkv, torch.rand(T, D // 2), torch.rand(T, D // 2), torch.randn(2, D, dtype=torch.bfloat16))
+    results["rope-norm"] = check(plan, norm_rope_tensors)
 print(json.dumps({"results": results}))
 '''
 
@@ -188,7 +195,7 @@ def results(tmp_path_factory):
 
 
 CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "attention_qkv-varlen",
-         "patch_embed", "rope"]
+         "patch_embed", "rope", "rope-norm"]
 
 
 @pytest.mark.parametrize("case", CASES)

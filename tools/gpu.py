@@ -25,9 +25,12 @@ fails or runs out of time does not stop the later ones:
   train    (only when --steps names it) `benchmarks/bench_train.py`: a ViT-B/16 bf16 training step at
            batch 64 (vitfast, eager torch with SDPA, torch.compile) with peak memory, and the attention
            backward against SDPA's
+  towers   (only when --steps names it) `benchmarks/bench_towers.py`: the vision towers of today's VLMs
+           (Gemma 4's, SigLIP so400m, DINOv2-L, Qwen2.5-VL's) from their configs, bf16: Hugging Face's eager
+           model against `vitfast.optimize` of it, images/s and the error against HF in float32
 
 --steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
-or `--steps host,decode,train` for a second call that only measures).
+or `--steps host,decode,train` / `--steps towers` for a later call that only measures).
 
 Everything lands in one folder (default gpu-results/), six files at most: gpu.log (all output),
 tests.txt (one line per test), results.json, results.md, attention_vs_tokens.png, images_per_s.png.
@@ -77,7 +80,7 @@ class Run:
             (self.out / name).unlink(missing_ok=True)
         self.log = open(self.out / "gpu.log", "w", buffering=1)
         self.result = {"environment": {}, "steps": [], "smoke": None, "tests": None, "bench": None,
-                       "host": None, "decode": None, "train": None}
+                       "host": None, "decode": None, "train": None, "towers": None}
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -325,12 +328,12 @@ def bench_models(run: Run, args) -> bool:
     return run.step("bench", status, t0, detail)
 
 
-def _json_step(run: Run, name: str, script: str, seconds: float, env: dict | None = None):
+def _json_step(run: Run, name: str, script: str, seconds: float, env: dict | None = None, args: tuple = ()):
     """Run benchmarks/<script> --json into a temporary file within `seconds`: (rc, output tail); the
     parsed JSON (or None) goes to run.result[name]."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
-        rc, tail = run.run([sys.executable, f"benchmarks/{script}", "--json", str(out)], seconds, env)
+        rc, tail = run.run([sys.executable, f"benchmarks/{script}", "--json", str(out), *args], seconds, env)
         run.result[name] = json.loads(out.read_text()) if out.is_file() else None
     return rc, tail
 
@@ -361,10 +364,10 @@ def decode(run: Run, seconds: float | None = None) -> bool:
     return run.step("decode", "ok" if rc == 0 else "failed", t0, detail)
 
 
-def train(run: Run) -> bool:
+def train(run: Run, seconds: float | None = None) -> bool:
     """benchmarks/bench_train.py in the time left: a training step per backend, the attention backward."""
     t0 = time.monotonic()
-    rc, tail = _json_step(run, "train", "bench_train.py", run.left() - 10)
+    rc, tail = _json_step(run, "train", "bench_train.py", seconds or run.left() - 10)
     result = run.result["train"]
     if result is None:
         return run.step("train", "timeout" if rc is None else "failed", t0, _last_error(tail))
@@ -372,6 +375,22 @@ def train(run: Run) -> bool:
     detail = ", ".join(f"{b} {v['ms']:.1f} ms/step" if v["ms"] is not None else f"{b} failed" for b, v in steps.items())
     ok = rc == 0 and all(v["error"] is None for v in steps.values())
     return run.step("train", "ok" if ok else "failed", t0, detail)
+
+
+def towers(run: Run) -> bool:
+    """benchmarks/bench_towers.py in the time left: each VLM tower on HF and on vitfast. The towers not started
+    by 60 s before the deadline are listed as skipped (a tower takes about half a minute)."""
+    t0 = time.monotonic()
+    seconds = run.left() - 10
+    rc, tail = _json_step(run, "towers", "bench_towers.py", seconds, args=("--time-budget", f"{seconds - 60:.0f}"))
+    result = run.result["towers"]
+    if result is None:
+        return run.step("towers", "timeout" if rc is None else "failed", t0, _last_error(tail))
+    hf = {r["tower"]: r["ms"] for r in result["rows"] if r["method"] == "hf"}
+    detail = ", ".join(f"{r['tower']} {hf[r['tower']] / r['ms']:.2f}x" if r["ms"] and hf.get(r["tower"])
+                       else f"{r['tower']} {r['error'] or 'no HF time'}" for r in result["rows"]
+                       if r["method"] == "vitfast")
+    return run.step("towers", "ok" if rc == 0 else "failed", t0, detail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +435,9 @@ def markdown(result: dict) -> str:
                   result["decode"]["markdown"].split("\n", 1)[1].lstrip("\n")]
     if result.get("train"):
         lines += ["", "## Training step (`benchmarks/bench_train.py`)", "", result["train"]["markdown"]]
+    if result.get("towers"):
+        lines += ["", "## VLM vision towers (`benchmarks/bench_towers.py`)", "",
+                  result["towers"]["markdown"].split("\n", 1)[1].lstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -446,8 +468,8 @@ def main(argv=None) -> int:
                    help="torch.compile mode of the bench's compile backend (default reduce-overhead: CUDA "
                         "graphs, no GEMM autotuning, which would not fit the time box)")
     p.add_argument("--steps", default="smoke,tests,bench",
-                   help="comma-separated steps after the build, from smoke, tests, bench, host, decode, train "
-                        "(default: smoke,tests,bench)")
+                   help="comma-separated steps after the build, from smoke, tests, bench, host, decode, train, "
+                        "towers (default: smoke,tests,bench)")
     p.add_argument("--bench-models", default=None, metavar="NAMES",
                    help="comma-separated timm names (vitfast.list_models()): the bench step measures each at its "
                         "own size end to end instead of the ViT-B sweep, e.g. vit_base_patch14_dinov2,"
@@ -456,8 +478,8 @@ def main(argv=None) -> int:
                    help="extra arguments for `vitfast bench` (last on the command line)")
     args = p.parse_args(argv)
     steps = [x.strip() for x in args.steps.split(",") if x.strip()]
-    if not steps or set(steps) - {"smoke", "tests", "bench", "host", "decode", "train"}:
-        p.error("--steps: expected a comma-separated subset of smoke,tests,bench,host,decode,train, "
+    if not steps or set(steps) - {"smoke", "tests", "bench", "host", "decode", "train", "towers"}:
+        p.error("--steps: expected a comma-separated subset of smoke,tests,bench,host,decode,train,towers, "
                 f"got {args.steps!r}")
     run = Run(Path(args.out), args.budget, args.bench_seconds)
     run.say(f"make gpu: {sys.executable}, budget {args.budget:.0f} s, results in {run.out}/")
@@ -482,11 +504,13 @@ def main(argv=None) -> int:
     if "bench" in steps:
         ok &= bench(run, args)
     if "host" in steps:
-        ok &= host(run, min(150.0, run.left() / 2) if {"decode", "train"} & set(steps) else None)
+        ok &= host(run, min(150.0, run.left() / 2) if {"decode", "train", "towers"} & set(steps) else None)
     if "decode" in steps:
-        ok &= decode(run, run.left() / 2 if "train" in steps else None)
+        ok &= decode(run, run.left() / 2 if {"train", "towers"} & set(steps) else None)
     if "train" in steps:
-        ok &= train(run)
+        ok &= train(run, run.left() / 2 if "towers" in steps else None)
+    if "towers" in steps:
+        ok &= towers(run)
     run.write()
     run.say(summary(run.result))
     run.say(f"\nmake gpu: {'all steps passed' if ok else 'some steps did not pass'} in "

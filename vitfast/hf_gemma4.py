@@ -119,9 +119,10 @@ def _output_class(model: nn.Module) -> type:
 
 class HFGemma4VisionModel(nn.Module):
     """Stands in for a Gemma4VisionModel: `forward(pixel_values, pixel_position_ids, ...)` as HF's, returning HF's
-    output object (module docstring). HF's tower is `self.model`; `self.joined` holds, per block, its q / k / v (and
-    the MLP's gate / up) projections joined or reordered for vitfast's kernels (`JoinedLinear`: views of HF's
-    tensors, no copies to train)."""
+    output object (module docstring). HF's tower is `self.model` (its forward unused); `self.joined` holds, per
+    block, its q / k / v (and the MLP's gate / up) projections joined or reordered for vitfast's kernels
+    (`JoinedLinear`: built from HF's tensors on each access while a gradient is recorded, so that they train; one
+    cached copy otherwise)."""
 
     def __init__(self, model: nn.Module, output: type):
         super().__init__()

@@ -1,0 +1,200 @@
+"""The vision towers of today's VLMs, as Hugging Face runs them and on vitfast (`vitfast.optimize`): images/s and
+each one's error against HF in float32, in one run.
+
+Towers, built from each model's config with random weights (nothing is downloaded), inputs as the model's
+processor lays them out:
+  gemma4         Gemma4VisionModel at Gemma 4 31B's / 26B-A4B's config (1152 wide, 27 blocks, 16 heads of 72,
+                 the gated MLP unclipped, standardized): 2520 patches of 16 px per image (280 soft tokens), batch 8
+  gemma4_e4b     the same at Gemma 4 E2B's / E4B's (768 wide, 16 blocks, 12 heads of 64, clipped linears), batch 8
+  siglip         SiglipVisionModel at so400m-patch14-384's config (Gemma 3's, PaliGemma 2's, LLaVA-OneVision's
+                 tower), 384 px, batch 32
+  dinov2         Dinov2Model at DINOv2-L/14's config, 224 px, batch 64
+  qwen2_5_vl     Qwen2.5-VL-7B's tower (Qwen2_5_VisionTransformerPretrainedModel): 4 images of 1008 x 1008 px packed
+                 into one sequence (5184 patches each), windowed and full-attention blocks
+Methods, the same weights and inputs:
+  hf        HF's model in bf16, eager, with its default attention (SDPA)
+  vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
+rel err: max |out − HF fp32| / max |HF fp32| over the tower's last_hidden_state, for HF bf16 itself and for vitfast.
+Without CUDA: small configs in fp32 at batch 2 (a dry run of the script: says nothing about GPU speed).
+
+    python benchmarks/bench_towers.py [--towers gemma4,siglip] [--time-budget 300] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vitfast
+from vitfast.timing import bench
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _grid(w: int, h: int, batch: int) -> torch.Tensor:
+    """Gemma 4's patch positions: (x, y) of a w x h grid, row by row, for each image -> [batch, w·h, 2]."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([xs, ys], -1).reshape(1, -1, 2).repeat(batch, 1, 1)
+
+
+def gemma4(small: bool, batch: int, on_device: bool = False):
+    import transformers as T
+
+    if small:
+        size = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                    num_key_value_heads=3, head_dim=16, patch_size=4, position_embedding_size=64)
+        w, h = 6, 6
+    elif on_device:
+        size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                    num_key_value_heads=12, head_dim=64, patch_size=16)
+        w, h = 60, 42                   # 2520 patches: 280 soft tokens after the 3 x 3 pooling
+    else:
+        size = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    num_key_value_heads=16, head_dim=72, patch_size=16)
+        w, h = 60, 42
+    cfg = T.Gemma4VisionConfig(**size, pooling_kernel_size=3, use_clipped_linears=on_device,
+                               standardize=not on_device)
+    P = cfg.patch_size
+    inputs = dict(pixel_values=torch.rand(batch, w * h, 3 * P * P), pixel_position_ids=_grid(w, h, batch))
+    return T.Gemma4VisionModel(cfg), inputs, w * h
+
+
+def siglip(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                patch_size=8) if small else dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                 num_attention_heads=16, image_size=384, patch_size=14)
+    cfg = T.SiglipVisionConfig(**size)
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    return T.SiglipVisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, cfg.image_size, cfg.image_size)), n
+
+
+def dinov2(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                patch_size=8) if small else dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=518, patch_size=14)
+    cfg = T.Dinov2Config(**size)
+    px = 32 if small else 224
+    return T.Dinov2Model(cfg), dict(pixel_values=torch.randn(batch, 3, px, px)), (px // cfg.patch_size) ** 2 + 1
+
+
+def qwen2_5_vl(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(depth=2, hidden_size=48, intermediate_size=96, num_heads=3, out_hidden_size=64, window_size=32,
+                fullatt_block_indexes=[1], patch_size=4) if small else \
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, window_size=112,
+             fullatt_block_indexes=[7, 15, 23, 31], patch_size=14)
+    cfg = T.Qwen2_5_VLVisionConfig(**size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    side = 8 if small else 72                  # patches per side: 1008 px at patch 14
+    grid = torch.tensor([[1, side, side]] * batch)
+    P = cfg.patch_size
+    inputs = dict(hidden_states=torch.randn(batch * side * side, 3 * 2 * P * P), grid_thw=grid)
+    tower = T.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(cfg)
+    return tower, inputs, side * side
+
+
+# name -> (builder, GPU batch)
+TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
+          "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4)}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+
+
+def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:
+    """The rows of one tower: HF in `dtype`, then vitfast, each timed, each compared with HF in float32."""
+    build, _ = TOWERS[name]
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model, inputs, tokens = build(small, batch)
+    model = model.to(DEVICE).eval()
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    low_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+        low = copy.deepcopy(model).to(dtype)
+        del model
+        models = {"hf": low, "vitfast": vitfast.optimize(low)}
+        rows = []
+        for method, m in models.items():
+            row = dict(tower=name, method=method, batch=batch, tokens=tokens, dtype=str(dtype).replace("torch.", ""),
+                       attention=getattr(low.config, "_attn_implementation", None), ms=None, images_per_s=None,
+                       rel_err=None, error=None)
+            try:
+                row["rel_err"] = _rel_err(m(**low_inputs).last_hidden_state, ref)
+                row["ms"] = bench(lambda m=m: m(**low_inputs), device=DEVICE, rep_ms=rep_ms, cpu_reps=2)
+                row["images_per_s"] = batch / row["ms"] * 1e3
+            except Exception as e:                     # a failed method is reported, the others still run
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    del models, low
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict], where: str) -> str:
+    import transformers
+
+    lines = [f"# bench_towers on {where}, torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"{datetime.date.today()}", "",
+             "| tower | batch | tokens / image | method | ms | images/s | vs hf | rel err vs HF fp32 |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    base = {r["tower"]: r["ms"] for r in rows if r["method"] == "hf"}
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['tower']} | {r['batch']} | {r['tokens']} | {r['method']} | {r['error']} | | | |")
+            continue
+        vs = f"{base[r['tower']] / r['ms']:.2f}x" if base.get(r["tower"]) else "–"
+        lines.append(f"| {r['tower']} | {r['batch']} | {r['tokens']} | {r['method']} | {r['ms']:.2f} | "
+                     f"{r['images_per_s']:.1f} | {vs} | {r['rel_err']:.2e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--towers", default=",".join(TOWERS), help=f"comma-separated, from {', '.join(TOWERS)}")
+    p.add_argument("--batch-size", type=int, default=None, help="default: each tower's own on a GPU, 2 on CPU")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: towers not started by then are "
+                                                                   "listed as skipped")
+    p.add_argument("--rep-ms", type=float, default=200, help="timing window per method (GPU)")
+    p.add_argument("--json", help="write the results here as JSON")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.towers.split(",") if n.strip()]
+    if not names or set(names) - set(TOWERS):
+        p.error(f"--towers: expected a comma-separated subset of {','.join(TOWERS)}, got {args.towers!r}")
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    start = time.monotonic()
+    rows = []
+    for name in names:
+        batch = args.batch_size or (TOWERS[name][1] if HAS_CUDA else 2)
+        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+            rows += [dict(tower=name, method=m, batch=batch, tokens=None, ms=None, images_per_s=None, rel_err=None,
+                          error="skipped (time budget)") for m in ("hf", "vitfast")]
+            continue
+        rows += run_tower(name, not HAS_CUDA, batch, dtype, args.rep_ms)
+    where = torch.cuda.get_device_name() if HAS_CUDA else "cpu (small configs: a dry run, says nothing about GPU speed)"
+    text = markdown(rows, where)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__,
+                                               "date": datetime.date.today().isoformat(), "rows": rows,
+                                               "markdown": text}, indent=1))
+    return 0 if all(r["error"] is None or r["error"].startswith("skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
