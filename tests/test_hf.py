@@ -91,7 +91,8 @@ def test_every_supported_class_is_tested():
         "Ernie4_5_VL_MoeVisionTransformerPretrainedModel"} | {
         "Llama4VisionModel"} | {                                                                # test_hf_llama4
         "Ovis2VisionModel"} | {                                                                 # test_hf_ovis2
-        "Gemma4VisionModel"}                                                                    # test_hf_gemma4
+        "Gemma4VisionModel"} | {                                                                # test_hf_gemma4
+        "MllamaVisionModel"}                                                                    # test_hf_mllama
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -41,7 +41,9 @@ their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, pack
 `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
 `vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`, Llama 4's (the class
 token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (padded patch batches, sandwich RMSNorms,
-q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`.
+q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`,
+Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder; MllamaModel and
+MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -85,6 +87,8 @@ from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
 from vitfast.hf_kimi import optimize_kimi
 from vitfast.hf_llama4 import CLASSES as LLAMA4_CLASSES
 from vitfast.hf_llama4 import optimize_llama4
+from vitfast.hf_mllama import CLASSES as MLLAMA_CLASSES
+from vitfast.hf_mllama import optimize_mllama
 from vitfast.hf_paddleocr import CLASSES as PADDLEOCR_CLASSES
 from vitfast.hf_paddleocr import optimize_paddleocr
 from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
@@ -150,6 +154,9 @@ CLASSES = {
     **{name: (family, None) for name, family in LLAMA4_CLASSES.items()},
     # Gemma 4's tower: padded patch batches, sandwich RMSNorms, q / k / v norms, 2D RoPE, pooling (vitfast.hf_gemma4)
     **{name: (family, None) for name, family in GEMMA4_CLASSES.items()},
+    # Llama 3.2 Vision's tower: image tiles, gated tile embeddings, a local and a gated global encoder
+    # (vitfast.hf_mllama)
+    **{name: (family, None) for name, family in MLLAMA_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -184,6 +191,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_llama4(model)
     if family == "gemma4":
         return optimize_gemma4(model)
+    if family == "mllama":
+        return optimize_mllama(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
