@@ -11,6 +11,8 @@ processor lays them out:
   dinov2         Dinov2Model at DINOv2-L/14's config, 224 px, batch 64
   qwen2_5_vl     Qwen2.5-VL-7B's tower (Qwen2_5_VisionTransformerPretrainedModel): 4 images of 1008 x 1008 px packed
                  into one sequence (5184 patches each), windowed and full-attention blocks
+  mllama         MllamaVisionModel at Llama 3.2 11B / 90B Vision's config: images of 2 x 2 tiles of 448 px (4100
+                 tokens), the 32 local and 8 gated global blocks, batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -105,9 +107,23 @@ def qwen2_5_vl(small: bool, batch: int):
     return tower, inputs, side * side
 
 
+def mllama(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, attention_heads=3, num_hidden_layers=4, num_global_layers=2, intermediate_size=96,
+                image_size=16, patch_size=8, intermediate_layers_indices=[1, 3], vision_output_dim=144) if small \
+        else {}                                     # the config's defaults are Llama 3.2 11B / 90B Vision's
+    cfg = T.MllamaVisionConfig(**size)
+    S, tiles = cfg.image_size, cfg.max_num_tiles
+    inputs = dict(pixel_values=torch.randn(batch, 1, tiles, 3, S, S),             # one image per prompt, 2 x 2 tiles
+                  aspect_ratio_ids=torch.full((batch, 1), 6),                   # [2, 2]: id 6
+                  aspect_ratio_mask=torch.ones(batch, 1, tiles, dtype=torch.long))
+    return T.MllamaVisionModel(cfg), inputs, tiles * ((S // cfg.patch_size) ** 2 + 1)
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
-          "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4)}
+          "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8)}
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ fails or runs out of time does not stop the later ones:
            batch 64 (vitfast, eager torch with SDPA, torch.compile) with peak memory, and the attention
            backward against SDPA's
   towers   (only when --steps names it) `benchmarks/bench_towers.py`: the vision towers of today's VLMs
-           (Gemma 4's, SigLIP so400m, DINOv2-L, Qwen2.5-VL's) from their configs, bf16: Hugging Face's eager
+           (Gemma 4's, SigLIP so400m, DINOv2-L, Qwen2.5-VL's, Llama 3.2 Vision's) from their configs, bf16: HF's eager
            model against `vitfast.optimize` of it, images/s and the error against HF in float32
 
 --steps picks the steps after the build (e.g. `--steps bench --bench-models vit_base_patch14_dinov2,...`
