@@ -92,7 +92,8 @@ def _prune_configs(configs, named_args, **kwargs):
     - registers: fp32 scores and accumulator plus operands in the input dtype,
       (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
       compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
-      spills for every D >= 32). fp32 with ieee dots runs on FMA units and spills with any tile."""
+      spills for every D >= 32). fp32 with ieee dots runs on FMA units and spills with any tile.
+    A head dim whose last chunk is partly masked keeps fewer tiles (`_fits_masked_head`)."""
     q, n_kv = named_args["q_ptr"], named_args["N_KV"]
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     cls_scratch = lambda c: (4 * c.kwargs["BLOCK_N"] * min(c.num_warps, c.kwargs["BLOCK_M"] // 16)
@@ -104,8 +105,19 @@ def _prune_configs(configs, named_args, **kwargs):
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     keep = [c for c in fits
-            if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, next_power_of_2(n_kv))]
+            if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, next_power_of_2(n_kv))
+            and (kwargs.get("HEAD_DIM", block_d) == block_d or _fits_masked_head(c, block_d, kwargs["HAS_MASK"]))]
     return keep or [min(fits, key=words)]
+
+
+def _fits_masked_head(c: triton.Config, block_d: int, has_mask: bool) -> bool:
+    """A head dim whose last chunk is partly masked (72 = 64 + 16 with 8 lanes masked: SigLIP so400m's, Gemma 4's;
+    88, Llama 4's; 40) costs registers the estimate does not count. sm_90 compiles (`ptxas -v`, bf16) spill for
+    64 x 64 on 4 warps and 128 x 128 on 8 at D = 72 and 88, 128 x 64 on 4 at D = 40, and with a key mask also
+    128 x 64 on 8 at D = 72 and 88: the tiles kept are those on 8 warps with BLOCK_N <= 64, and with a key mask
+    BLOCK_M · block_d <= 128 · 48 (128 x 64 up to D = 48, else 64 x 32)."""
+    return c.num_warps == 8 and c.kwargs["BLOCK_N"] <= 64 and (
+        not has_mask or c.kwargs["BLOCK_M"] * block_d <= 128 * 48)
 
 
 @triton.jit

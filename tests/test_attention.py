@@ -134,6 +134,11 @@ def test_head_dim_chunks_reach_tl_dot_at_16_or_more():
     (torch.float32, 64, False, [(128, 64, 4, 2)], [(128, 64, 8, 2), (64, 64, 4, 2)]),
     (torch.float32, 128, False, [(128, 64, 8, 3), (128, 64, 4, 2)], [(128, 64, 8, 2)]),
     (torch.float32, 256, False, [(128, 64, 8, 2), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
+    # A partly masked head dim (72 = 64 + 16, 8 lanes masked: SigLIP so400m, Gemma 4) spills at 64 x 64 on 4 warps
+    # and 128 x 128 on 8, with a key mask at 128 x 64 on 8 too; at 40 (32 + 16) 128 x 64 on 8 still fits the mask.
+    (torch.bfloat16, 72, False, [(64, 64, 4, 2), (128, 128, 8, 2)], [(128, 64, 8, 2), (64, 32, 8, 2)]),
+    (torch.bfloat16, "72-mask", False, [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)], [(64, 32, 8, 2)]),
+    (torch.bfloat16, "40-mask", False, [(128, 64, 4, 2), (64, 64, 4, 2)], [(128, 64, 8, 2), (64, 32, 8, 2)]),
 ])
 def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, cls, must_drop, must_keep,
                                                               monkeypatch):
@@ -143,9 +148,11 @@ def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, cl
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     configs = attention_kernels.attention_configs()                 # the GPU autotune space
     monkeypatch.setattr(attention_kernels, "_smem_limit", lambda device: 232448)
+    mask = isinstance(head_dim, str)
+    head_dim = int(str(head_dim).removesuffix("-mask"))
     d_lo, d_hi = attention_kernels.head_dim_chunks(head_dim)
     kept = attention_kernels._prune_configs(configs, {"q_ptr": FakeCudaTensor(dtype), "N_KV": 197},
-                                            D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls)
+                                            HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls, HAS_MASK=mask)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
     assert not tiles & set(must_drop), f"kept {sorted(tiles)}"
     assert set(must_keep) <= tiles, f"kept {sorted(tiles)}"

@@ -279,6 +279,12 @@ def _cases():
     cases.append(_variant("attention", "fp16-d64-nocls", "f16",
                           {"dtype": "fp16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False},
                           twin_of="attention-bf16-d64-nocls"))
+    # Head dim 72 (64 + 16 with 8 lanes masked): SigLIP so400m at 384 px (729 patches), and Gemma 4's tower with its
+    # key-padding mask; the tiles kept for a partly masked head dim (`_fits_masked_head`).
+    cases.append(_variant("attention", "bf16-d72-nocls", "bf16",
+                          {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 729, "cls": False}))
+    cases.append(_variant("attention", "bf16-d72-nocls-mask", "bf16",
+                          {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 2520, "cls": False, "mask": True}))
     # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
     cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
