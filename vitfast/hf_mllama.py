@@ -27,6 +27,8 @@ state outputs, activations other than the exact GELU.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,6 +77,7 @@ class HFMllamaVisionModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.config, self.model = model.config, model
+        self._output = sys.modules[type(model).__module__].BaseModelOutput
         for name in ("image_size", "patch_size", "max_num_tiles", "hidden_size", "num_channels", "num_patches",
                      "intermediate_layers_indices"):      # what HF's tower holds (its VLM reads num_patches)
             setattr(self, name, getattr(model, name))
@@ -102,9 +105,7 @@ class HFMllamaVisionModel(nn.Module):
             raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad}")
         self._check(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         x = self.cuda_graphs(self, self._forward, pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        from transformers.modeling_outputs import BaseModelOutput
-
-        out = BaseModelOutput(last_hidden_state=x)
+        out = self._output(last_hidden_state=x)
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()
 
