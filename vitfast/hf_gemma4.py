@@ -25,8 +25,8 @@ output_hidden_states, the embeddings and each block's output (padding rows inclu
 holds last_hidden_state, as HF's output capturing fills it. The stand-in holds HF's tower (`self.model`: its parameter
 tensors and buffers, which its forward reads; an optimizer over either model trains both); on CUDA in eval mode
 without grad the tower up to the pooling replays a CUDA graph per input shape. Each forward reads the positions once
-on the host, to name bad ones (HF's then reads the pooled mask). Not supported (named in the error): attention
-outputs, a pooling kernel of 1, attention dropout in train mode.
+on the host, to name bad ones, and, as HF's, the pooled mask (to drop the empty blocks). Not supported (named in the
+error): attention outputs, a pooling kernel of 1, attention dropout in train mode.
 """
 
 from __future__ import annotations
