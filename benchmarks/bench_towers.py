@@ -16,7 +16,8 @@ processor lays them out:
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
-rel err: max |out − HF fp32| / max |HF fp32| over the tower's last_hidden_state, for HF bf16 itself and for vitfast.
+rel err: ‖out − HF fp32‖ / ‖HF fp32‖ over the tower's last_hidden_state (`vitfast.testing.rel_err`), for HF bf16
+itself and for vitfast.
 Without CUDA: small configs in fp32 at batch 2 (a dry run of the script: says nothing about GPU speed).
 
     python benchmarks/bench_towers.py [--towers gemma4,siglip] [--time-budget 300] [--json out.json]
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 import vitfast
+from vitfast.testing import rel_err
 from vitfast.timing import bench
 
 HAS_CUDA = torch.cuda.is_available()
@@ -126,10 +128,6 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8)}
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
-
-
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:
     """The rows of one tower: HF in `dtype`, then vitfast, each timed, each compared with HF in float32."""
     build, _ = TOWERS[name]
@@ -150,7 +148,7 @@ def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: fl
                        attention=getattr(low.config, "_attn_implementation", None), ms=None, images_per_s=None,
                        rel_err=None, error=None)
             try:
-                row["rel_err"] = _rel_err(m(**low_inputs).last_hidden_state, ref)
+                row["rel_err"] = rel_err(m(**low_inputs).last_hidden_state, ref)
                 row["ms"] = bench(lambda m=m: m(**low_inputs), device=DEVICE, rep_ms=rep_ms, cpu_reps=2)
                 row["images_per_s"] = batch / row["ms"] * 1e3
             except Exception as e:                     # a failed method is reported, the others still run

@@ -18,6 +18,7 @@ from vitfast.testing import (
     assert_packed_tower_replays,
     assert_selects_hidden_states,
     assert_vlm_equals_hf,
+    backward_weighted,
     perturbed,
     simulate_cuda_graphs,
     two_image_prompt,
@@ -88,12 +89,8 @@ def test_packing_is_transparent_and_trains_hf_tensors():
     assert (one_segment.last_hidden_state[:24] - batch.last_hidden_state[:24]).abs().max() > 1e-2
     opt.train(), hf.train(), hf64.train()
     weights = torch.randn(32, dtype=F64)
-
-    def loss(out):
-        return (out.last_hidden_state * weights.to(out.last_hidden_state.dtype)).sum()
-
-    loss(hf64(x.double(), grid)).backward()
-    loss(opt(x, grid)).backward()                                # into HF's own tensors' .grad
+    backward_weighted(hf64(x.double(), grid).last_hidden_state, weights)
+    backward_weighted(opt(x, grid).last_hidden_state, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

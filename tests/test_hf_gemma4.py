@@ -12,7 +12,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_gemma4 import HFGemma4VisionModel, head_order
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_grads_match,
+    backward_weighted,
+    perturbed,
+    simulate_cuda_graphs,
+)
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma4VisionModel"):
@@ -100,12 +107,8 @@ def test_trains_hf_tensors():
     assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
     pv, pos = patches([(4, 4), (4, 2)], 16)
     weights = torch.randn(48, dtype=torch.float64)
-
-    def loss(out):
-        return (out.last_hidden_state * weights.to(out.last_hidden_state.dtype)).sum()
-
-    loss(hf64(pv.double(), pos)).backward()
-    loss(opt(pv, pos)).backward()                              # into HF's own tensors' .grad
+    backward_weighted(hf64(pv.double(), pos).last_hidden_state, weights)
+    backward_weighted(opt(pv, pos).last_hidden_state, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

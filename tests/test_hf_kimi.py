@@ -20,6 +20,7 @@ from vitfast.testing import (
     assert_packed_tower_replays,
     assert_selects_hidden_states,
     assert_vlm_equals_hf,
+    backward_weighted,
     perturbed,
     simulate_cuda_graphs,
     two_image_prompt,
@@ -135,12 +136,8 @@ def test_trains_hf_tensors():
     hf.train(), hf64.train()
     x, grid = packed(CLIPS)
     weights = torch.randn(32, dtype=F64)
-
-    def loss(out):
-        return (out.pooler_output * weights.to(out.pooler_output.dtype)).sum()
-
-    loss(hf64(x.double(), grid)).backward()
-    loss(opt(x, grid)).backward()                                # into HF's own tensors' .grad
+    backward_weighted(hf64(x.double(), grid).pooler_output, weights)
+    backward_weighted(opt(x, grid).pooler_output, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

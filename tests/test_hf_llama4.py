@@ -13,7 +13,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_llama4 import HFLlama4VisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_grads_match,
+    backward_weighted,
+    perturbed,
+    simulate_cuda_graphs,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,12 +65,8 @@ def test_trains_hf_tensors():
     assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
     x = torch.randn(2, 3, 32, 32)
     weights = torch.randn(64, dtype=torch.float64)
-
-    def loss(out):
-        return (out.last_hidden_state * weights.to(out.last_hidden_state.dtype)).sum()
-
-    loss(hf64(x.double())).backward()
-    loss(opt(x)).backward()                                     # into HF's own tensors' .grad
+    backward_weighted(hf64(x.double()).last_hidden_state, weights)
+    backward_weighted(opt(x).last_hidden_state, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

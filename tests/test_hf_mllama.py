@@ -12,7 +12,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_mllama import HFMllamaVisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_grads_match,
+    backward_weighted,
+    perturbed,
+    simulate_cuda_graphs,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,12 +75,8 @@ def test_trains_hf_tensors():
     hf.train()
     x = torch.randn(2, 2, 4, 3, 16, 16)
     weights = torch.randn(144, dtype=torch.float64) * (MASK.amax(-1) != 0)[..., None, None, None]
-
-    def loss(out):
-        return (out.last_hidden_state * weights.to(out.last_hidden_state.dtype)).sum()
-
-    loss(hf64(x.double(), IDS, MASK)).backward()
-    loss(opt(x, IDS, MASK)).backward()                             # into HF's own tensors' .grad
+    backward_weighted(hf64(x.double(), IDS, MASK).last_hidden_state, weights)
+    backward_weighted(opt(x, IDS, MASK).last_hidden_state, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

@@ -10,7 +10,7 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import HFOvis2VisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, backward_weighted, perturbed
 
 transformers = pytest.importorskip("transformers")
 ovis2 = pytest.importorskip("transformers.models.ovis2.modeling_ovis2")
@@ -50,8 +50,8 @@ def test_trains_hf_tensors():
     hf.train()
     x = torch.randn(2, 3, 32, 32)
     w = torch.randn(2, 4, 35, dtype=torch.float64)
-    (hf64(x.double()).pooler_output * w).sum().backward()
-    (opt(x).pooler_output * w.float()).sum().backward()
+    backward_weighted(hf64(x.double()).pooler_output, w)
+    backward_weighted(opt(x).pooler_output, w)
     assert_grads_match(hf, hf64)
 
 

@@ -14,7 +14,14 @@ from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_pixtral import HFPixtralVisionModel
 from vitfast.reference import pixtral_patch_layout
-from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_grads_match,
+    backward_weighted,
+    perturbed,
+    simulate_cuda_graphs,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,12 +114,8 @@ def test_trains_hf_tensors():
     assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
     x, sizes = images()
     weights = torch.randn(32, dtype=torch.float64)
-
-    def loss(out):
-        return (out.last_hidden_state * weights.to(out.last_hidden_state.dtype)).sum()
-
-    loss(hf64(x.double(), sizes)).backward()
-    loss(opt(x, sizes)).backward()                                     # into HF's own tensors' .grad
+    backward_weighted(hf64(x.double(), sizes).last_hidden_state, weights)
+    backward_weighted(opt(x, sizes).last_hidden_state, weights)  # into HF's own tensors' .grad
     assert_grads_match(hf, hf64)
 
 

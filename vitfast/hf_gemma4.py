@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _Findings
 from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import _norm_eps, kept_hidden_states
+from vitfast.hf_qwen import _norm_eps, kept_hidden_states, rms_eps
 from vitfast.layers import JoinedLinear
 from vitfast.reference import gemma4_blocks, gemma4_pool, gemma4_position_embeddings, qwen_rope_tables
 
@@ -65,12 +65,6 @@ def _rows(heads: int, head_dim: int, per_head: list[int], group: int = 1) -> lis
     return [(h // group) * head_dim + j for h in range(heads) for j in per_head]
 
 
-def _eps(norm: nn.Module) -> float | None:
-    """An RMSNorm's eps, with a weight or without (HF's v_norm); transformers 5.17 keeps it as `eps`, 5.2x as
-    `variance_epsilon`."""
-    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-
-
 def optimize_gemma4(model: nn.Module) -> HFGemma4VisionModel:
     """A transformers Gemma4VisionModel -> its stand-in on vitfast (module docstring)."""
     name, cfg = type(model).__name__, model.config
@@ -92,9 +86,9 @@ def optimize_gemma4(model: nn.Module) -> HFGemma4VisionModel:
         f.need(_norm_eps(m) is not None, f"{where}: {type(m).__name__} (expected an RMSNorm with a weight)")
     for i, layer in enumerate(layers):
         a, where = layer.self_attn, f"encoder.layers.{i}"
-        f.need(getattr(a.v_norm, "with_scale", True) is False and _eps(a.v_norm) is not None,
+        f.need(getattr(a.v_norm, "with_scale", True) is False and rms_eps(a.v_norm) is not None,
                f"{where}.self_attn.v_norm (expected an RMSNorm without weight)")
-        eps = {_eps(n) for n in (a.q_norm, a.k_norm, a.v_norm)}
+        eps = {rms_eps(n) for n in (a.q_norm, a.k_norm, a.v_norm)}
         f.need(len(eps) == 1, f"{where}.self_attn: q / k / v norms with different eps ({eps})")
         f.dropout(getattr(a, "attention_dropout", 0.0), f"{where}.self_attn dropout")
     tensors = list(model.parameters())
@@ -253,18 +247,18 @@ class HFGemma4VisionModel(nn.Module):
                key_mask: Tensor) -> Tensor:
         a, mlp, H, D = layer.self_attn, layer.mlp, self.num_heads, self.head_dim
         B, N, _ = x.shape
-        h = ops.rms_norm(x, layer.input_layernorm.weight, eps=_eps(layer.input_layernorm))
+        h = ops.rms_norm(x, layer.input_layernorm.weight, eps=rms_eps(layer.input_layernorm))
         if self.clipped:
             qkv = torch.cat([self._linear(getattr(a, f"{p}_proj"), h, joined[p].weight) for p in "qkv"], dim=-1)
         else:
             qkv = ops.linear(h, joined["qkv"].weight)
         order = self.head_order                    # the heads' norms and RoPE in one pass over the batch's tokens
         qkv = ops.norm_rope_qkv(qkv.view(1, B * N, 3 * H * D), H, a.q_norm.weight[order], a.k_norm.weight[order],
-                                *rope, eps=_eps(a.q_norm), v_norm=True, inplace=True).view(B, N, 3 * H * D)
+                                *rope, eps=rms_eps(a.q_norm), v_norm=True, inplace=True).view(B, N, 3 * H * D)
         out = ops.attention_qkv(qkv, H, scale=1.0, key_mask=key_mask)
         out = self._linear(a.o_proj, out)
-        x = x + ops.rms_norm(out, layer.post_attention_layernorm.weight, eps=_eps(layer.post_attention_layernorm))
-        h = ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps=_eps(layer.pre_feedforward_layernorm))
+        x = x + ops.rms_norm(out, layer.post_attention_layernorm.weight, eps=rms_eps(layer.post_attention_layernorm))
+        h = ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps=rms_eps(layer.pre_feedforward_layernorm))
         gating = None if self.clipped else _GATED.get(type(mlp.act_fn).__name__)
         if gating is not None:                     # the gating in fc1's epilogue
             hidden = ops.linear(h, joined["fc1"].weight, activation=gating)
@@ -276,4 +270,4 @@ class HFGemma4VisionModel(nn.Module):
             hidden = mlp.act_fn(gate) * up
         out = self._linear(mlp.down_proj, hidden)
         post = layer.post_feedforward_layernorm
-        return x + ops.rms_norm(out, post.weight, eps=_eps(post))
+        return x + ops.rms_norm(out, post.weight, eps=rms_eps(post))

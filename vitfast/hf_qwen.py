@@ -222,8 +222,14 @@ def _norm_eps(norm: nn.Module) -> float | None:
     if isinstance(norm, nn.LayerNorm):
         return norm.eps
     if type(norm).__name__.endswith("RMSNorm") and isinstance(getattr(norm, "weight", None), Tensor):
-        return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        return rms_eps(norm)
     return None
+
+
+def rms_eps(norm: nn.Module) -> float | None:
+    """An HF RMSNorm's eps, with a weight or without: `variance_epsilon` (most, Gemma 4's in transformers 5.2x) or
+    `eps` (Gemma 4's in 5.17)."""
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
 class HFQwenVisionModel(nn.Module):

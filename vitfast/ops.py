@@ -1296,13 +1296,10 @@ def _gated_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, act
     gate, up = z.chunk(2, dim=-1)
     if activation == "swiglu":
         sg = torch.sigmoid(gate)
-        act, grad = gate * sg, sg * (1 + gate * (1 - sg))
-    else:          # the tanh GELU, t = tanh(u): act = 0.5·g·(1 + t), act' = 0.5·(1 + t) + 0.5·g·(1 − t²)·u'
-        u = 0.7978845608028654 * (gate + 0.044715 * gate ** 3)
-        t = torch.tanh(u)
-        act = 0.5 * gate * (1 + t)
-        grad = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * gate * gate)
-    dz = torch.cat([dy2 * up * grad, dy2 * act], dim=-1)
+        act, dgate = gate * sg, dy2 * up * sg * (1 + gate * (1 - sg))
+    else:                                             # the tanh GELU: torch's own gelu_backward
+        act, dgate = reference.activate(gate, "gelu_tanh"), _activation_grad(dy2 * up, gate, "gelu_tanh")
+    dz = torch.cat([dgate, dy2 * act], dim=-1)
     dx = (dz @ weight).reshape(x.shape) if need[0] else None
     dw = dz.t() @ x2 if need[1] else None
     db = dz.sum(0) if bias is not None and need[2] else None

@@ -159,6 +159,12 @@ def assert_grads_match(model, model64) -> None:
         assert_close(p.grad, p64.grad, name=f"grad {name}")
 
 
+def backward_weighted(out: Tensor, weights: Tensor) -> None:
+    """Backpropagate Σ out · weights (weights in out's dtype): a loss that reaches every output element with a
+    weight of its own, run through a model and its float64 twin before `assert_grads_match`."""
+    (out * weights.to(out.dtype)).sum().backward()
+
+
 def perturbed(model):
     """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
     each parameter plus 0.05 x N(0, 1) noise."""
