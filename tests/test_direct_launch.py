@@ -175,6 +175,12 @@ with compile_only_triton(launches), torch.inference_mode():
         qkv = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16)
         return (qkv, qkv, torch.rand(T, D // 2), torch.rand(T, D // 2), torch.randn(2, D, dtype=torch.bfloat16))
     results["rope-norm"] = check(plan, norm_rope_tensors)
+    backward = R.backward_plan(torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H, T - 1, "qk", 1e-6)
+    def norm_rope_backward_tensors():                    # its backward: qkv, dout, dqkv, the weights' parts, ...
+        qkv = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16)
+        return (qkv, torch.randn_like(qkv), torch.empty_like(qkv), torch.empty(backward.parts),
+                torch.rand(T - 1, D // 2), torch.rand(T - 1, D // 2), torch.randn(2, D, dtype=torch.bfloat16))
+    results["rope-norm-backward"] = check(backward.launch, norm_rope_backward_tensors)
 print(json.dumps({"results": results}))
 '''
 
@@ -195,7 +201,7 @@ def results(tmp_path_factory):
 
 
 CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "attention_qkv-varlen",
-         "patch_embed", "rope", "rope-norm"]
+         "patch_embed", "rope", "rope-norm", "rope-norm-backward"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -248,19 +248,34 @@ def test_norm_rope_qkv_in_place_rewrites_qkv_itself(v_norm, interpret, monkeypat
     assert y is not x and y.grad_fn is not None
 
 
-def test_norm_rope_qkv_backward_equals_float64_autograd(device):
-    """Gradients of qkv and of both weights: HF's order differentiated in float64."""
-    B, N, H, D = 2, 13, 2, 24
-    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
-    qw, kw = (torch.randn(D, device=device, requires_grad=True) for _ in range(2))
-    cos, sin = tables(N - 1, D, device=device)
-    dout = torch.randn(B, N, 3 * H * D, device=device)
-    ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=True).backward(dout)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy on the padded rows' 0 / 0 (eps 0)
+@pytest.mark.parametrize("v_norm", [False, True], ids=["qk", "qkv"])
+@pytest.mark.parametrize("case", [(2, 13, 2, 24, 12, "contiguous", torch.float32, 1e-6),
+                                  (1, 150, 3, 72, 144, "sliced", torch.float16, 0.0),
+                                  (3, 5, 1, 8, 5, "contiguous", torch.float32, 1e-5)],
+                         ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}-{c[6]}-eps{c[7]}")
+def test_norm_rope_qkv_backward_equals_float64_autograd(case, v_norm, device, monkeypatch):
+    """Gradients of qkv and of both weights: HF's order differentiated in float64, the op's backward without the
+    reference (the kernel on the Triton path: rotation back, the norms recomputed; its weights' gradient summed
+    over programs, heads and images; padded rows left out even with eps 0). Prefix tokens, Gemma 4's head dim 72
+    over several token blocks, a sliced qkv (the forward saves it as it was)."""
+    B, N, H, D, n_rope, layout, dtype, eps = case
+    qkv = packed(B, N, H, D, layout, dtype, device).requires_grad_()
+    qw, kw = (torch.randn(D, device=device).to(dtype).requires_grad_() for _ in range(2))
+    cos, sin = tables(n_rope, D, device=device)
+    dout = torch.randn(B, N, 3 * H * D, device=device).to(dtype)
+    out = ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, eps=eps, v_norm=v_norm)
+    forbid_reference(monkeypatch, "torch_norm_rope_qkv", "apply_rope")
+    out.backward(dout)
+    monkeypatch.undo()
     x64, qw64, kw64 = (t.detach().double().requires_grad_() for t in (qkv, qw, kw))
-    head_norms_then_rope(x64, H, qw64, kw64, cos, sin, 1e-6, True).backward(dout.double())
+    head_norms_then_rope(x64, H, qw64, kw64, cos, sin, eps, v_norm).backward(dout.double())
     for name, got, want in (("dqkv", qkv.grad, x64.grad), ("dq_weight", qw.grad, qw64.grad),
                             ("dk_weight", kw.grad, kw64.grad)):
+        assert got.dtype == dtype
         assert_close(got, want, name=name)
+    if not v_norm:
+        assert torch.equal(qkv.grad[..., 2 * H * D:], dout[..., 2 * H * D:])     # v's gradient passed through
 
 
 def test_norm_rope_qkv_float64_gradcheck_and_opcheck():
@@ -271,6 +286,23 @@ def test_norm_rope_qkv_float64_gradcheck_and_opcheck():
                                     (qkv, qw, kw))
     torch.library.opcheck(torch.ops.vitfast.norm_rope_qkv.default,
                           (qkv.detach(), 2, cos, sin, torch.stack([qw, kw]).detach(), "qkv", 1e-6))
+    x, w = qkv.detach().float(), torch.stack([qw, kw]).detach().float()         # the kernel's backward op
+    torch.library.opcheck(torch.ops.vitfast.norm_rope_qkv_backward.default,
+                          (x, torch.randn_like(x), 2, cos.float(), sin.float(), w, "qk", 1e-6))
+
+
+def test_norm_rope_qkv_backward_traces_in_torch_compile():
+    """Forward and backward in one compiled graph (AOT autograd traces the backward op's fake), equal to eager."""
+    qkv = torch.randn(2, 6, 3 * 2 * 8, requires_grad=True)
+    qw, kw = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    cos, sin = tables(5, 8)
+    dout = torch.randn(2, 6, 48)
+    fn = lambda x, a, b: ops.norm_rope_qkv(x, 2, a, b, cos, sin, v_norm=True)
+    want = torch.autograd.grad(fn(qkv, qw, kw), (qkv, qw, kw), dout)
+    got = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(qkv, qw, kw), (qkv, qw, kw),
+                              dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_norm_rope_qkv_refuses_bad_weights_by_name():
@@ -309,6 +341,24 @@ def test_norm_rope_qkv_on_gpu(dtype):
         mine = qkv.clone()
         assert ops.norm_rope_qkv(mine, H, qw, kw, cos, sin, v_norm=True, inplace=True) is mine
         assert torch.equal(mine, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_norm_rope_qkv_backward_on_gpu(dtype):
+    """The backward kernel at Gemma 4's shape: dqkv and the weights' gradients (summed over 2 x 2520 x 16 rows per
+    weight) against float64 autograd of HF's order."""
+    B, N, H, D = 2, 2520, 16, 72
+    qkv = (torch.randn(B, N, 3 * H * D, device="cuda") * 3).to(dtype).requires_grad_()
+    qw, kw = (torch.randn(D, device="cuda").to(dtype).requires_grad_() for _ in range(2))
+    cos, sin = tables(N, D, device="cuda")
+    dout = torch.randn(B, N, 3 * H * D, device="cuda").to(dtype)
+    ops.norm_rope_qkv(qkv, H, qw, kw, cos, sin, v_norm=True).backward(dout)
+    x64, qw64, kw64 = (t.detach().double().requires_grad_() for t in (qkv, qw, kw))
+    head_norms_then_rope(x64, H, qw64, kw64, cos, sin, 1e-6, True).backward(dout.double())
+    for name, got, want in (("dqkv", qkv.grad, x64.grad), ("dq_weight", qw.grad, qw64.grad),
+                            ("dk_weight", kw.grad, kw64.grad)):
+        assert_close(got, want, name=name)
 
 
 def test_rope_model_traces_in_torch_compile():

@@ -159,6 +159,9 @@ def launch_rope(c):
     cos, sin = torch.empty(N - 5, D // 2), torch.empty(N - 5, D // 2)
     norm = c.get("norm")
     weight = torch.empty(2, D, dtype=dt) if norm else None
+    if c.get("backward"):                                  # the norm forward's backward (training)
+        return rope._norm_rope_bwd_kernel, lambda: rope.norm_rope_qkv_backward(qkv, torch.empty_like(qkv), H, cos,
+                                                                               sin, weight, norm)
     return rope._rope_qkv_kernel, lambda: rope.rope_qkv(qkv, H, cos, sin, inverse=c.get("inverse", False),
                                                         in_place=c.get("in_place", False), norm=norm, weight=weight)
 
@@ -366,10 +369,13 @@ def _cases():
                                                    "inverse": inverse, "in_place": in_place}))
     # With the heads' RMSNorms first (`norm_rope_qkv`): Gemma 4's tower in place (head dim 72 -> 36 of 64, v's norm
     # too) and GLM-OCR's q / k norms out of place (training).
-    for head_dim, norm, in_place in ((72, "qkv", True), (64, "qk", False)):
-        name = f"bf16-d{head_dim}-norm_{norm}{'-in_place' if in_place else ''}"
+    # Their backward (fine-tuning): at 72 with v's norm, and at 64.
+    for head_dim, norm, in_place, backward in ((72, "qkv", True, False), (64, "qk", False, False),
+                                               (72, "qkv", False, True), (64, "qk", False, True)):
+        name = f"bf16-d{head_dim}-norm_{norm}{'-in_place' if in_place else ''}{'-backward' if backward else ''}"
         cases.append(_variant("rope", name, None, {"dtype": "bf16", "head_dim": head_dim, "heads": 16, "seq": 261,
-                                                   "inverse": False, "in_place": in_place, "norm": norm}))
+                                                   "inverse": False, "in_place": in_place, "norm": norm,
+                                                   "backward": backward}))
     return cases
 
 

@@ -811,16 +811,43 @@ def _(qkv, num_heads, cos, sin, weight, norm, eps):
     return qkv.new_empty(qkv.shape)
 
 
+def _norm_rope_bwd_impl(qkv: Tensor, dout: Tensor, num_heads: int, cos: Tensor, sin: Tensor, weight: Tensor,
+                       norm: str, eps: float) -> tuple[Tensor, Tensor]:
+    rope = _kernels().rope
+    key = ("backward", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, cos.shape[0], norm, eps)
+    plan = _ROPE_PLANS.get(key)
+    if plan is None:
+        if len(_ROPE_PLANS) >= _MAX_PLANS:
+            _ROPE_PLANS.clear()
+        plan = _ROPE_PLANS[key] = rope.backward_plan(qkv, num_heads, cos.shape[0], norm, eps)
+    return rope.run_backward(plan, qkv, dout, cos, sin, weight)
+
+
+_norm_rope_bwd_op = torch.library.custom_op("vitfast::norm_rope_qkv_backward", _norm_rope_bwd_impl, mutates_args=())
+
+
+@_norm_rope_bwd_op.register_fake
+def _(qkv, dout, num_heads, cos, sin, weight, norm, eps):
+    return qkv.new_empty(qkv.shape), weight.new_empty(weight.shape)
+
+
 def _norm_rope_setup(ctx, inputs, output):
     qkv, ctx.num_heads, cos, sin, weight, ctx.norm, ctx.eps = inputs
     ctx.save_for_backward(qkv, cos, sin, weight)
 
 
 def _norm_rope_backward(ctx, dout):
-    # The norms' backward through torch's autograd on the reference's forward, recomputed from the saved qkv.
+    # The Triton path: one backward pass (kernels/rope.py) that recomputes the norms from the saved qkv. torch's
+    # path: torch's autograd on a recomputed forward.
     qkv, cos, sin, weight = ctx.saved_tensors
-    fn = lambda x, w: reference.torch_norm_rope_qkv(x, ctx.num_heads, cos, sin, w, ctx.norm, ctx.eps)
-    dqkv, dweight = _recompute_grads(fn, (qkv, weight), (dout,), ctx.needs_input_grad[0:5:4])
+    need = ctx.needs_input_grad
+    if _attention_on_triton(qkv):
+        dqkv, dweight = _norm_rope_bwd_op(qkv, dout.contiguous(), ctx.num_heads, cos, sin, weight, ctx.norm,
+                                          ctx.eps)
+        dqkv, dweight = dqkv if need[0] else None, dweight if need[4] else None
+    else:
+        fn = lambda x, w: reference.torch_norm_rope_qkv(x, ctx.num_heads, cos, sin, w, ctx.norm, ctx.eps)
+        dqkv, dweight = _recompute_grads(fn, (qkv, weight), (dout,), need[0:5:4])
     return dqkv, None, None, None, dweight, None, None
 
 
@@ -836,8 +863,9 @@ def norm_rope_qkv(qkv: Tensor, num_heads: int, q_weight: Tensor, k_weight: Tenso
 
     qkv, cos, sin, inplace as `rope_qkv` takes them; q_weight, k_weight [D] in qkv's dtype or float32, on its
     device; eps a finite number >= 0. Returns a new packed tensor [B, N, 3·C], differentiable in qkv and the
-    weights (the backward recomputes the reference's forward); with inplace=True, qkv itself rewritten (q and k,
-    and v with v_norm) wherever the call needs no autograd and is not traced by torch.compile."""
+    weights (on the GPU one Triton backward pass, which recomputes the norms from the saved qkv); with
+    inplace=True, qkv itself rewritten (q and k, and v with v_norm) wherever the call needs no autograd and is
+    not traced by torch.compile."""
     D = _check_rope(qkv, num_heads, cos, sin, inplace)
     for name, t in (("q_weight", q_weight), ("k_weight", k_weight)):
         _check_float(name, t, _NORM_DTYPES)
@@ -1159,6 +1187,13 @@ def _(x, weight, bias, activation, residual, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]))
 
 
+def _activation(z: Tensor, activation: str | None) -> Tensor:
+    """act(z) for a backward formula (torch's elementwise ops; a backward never calls the reference)."""
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return z * torch.sigmoid(1.702 * z) if activation == "quick_gelu" else z
+
+
 def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
     """dL/dz of a = act(z), given dL/da = dy."""
     if activation in ("gelu", "gelu_tanh"):
@@ -1195,7 +1230,7 @@ def _linear_bwd_torch(dy: Tensor, z: Tensor | None, weight: Tensor, scale: Tenso
     dz = _activation_grad(dz, z, activation)
     dscale = None
     if need_dscale:
-        dscale = (dy * (z if activation is None else reference.activate(z, activation))).sum(0)
+        dscale = (dy * _activation(z, activation)).sum(0)
     return (dz @ weight if need_dx else None), dz, dscale
 
 
@@ -1298,7 +1333,7 @@ def _gated_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, act
         sg = torch.sigmoid(gate)
         act, dgate = gate * sg, dy2 * up * sg * (1 + gate * (1 - sg))
     else:                                             # the tanh GELU: torch's own gelu_backward
-        act, dgate = reference.activate(gate, "gelu_tanh"), _activation_grad(dy2 * up, gate, "gelu_tanh")
+        act, dgate = _activation(gate, "gelu_tanh"), _activation_grad(dy2 * up, gate, "gelu_tanh")
     dz = torch.cat([dgate, dy2 * act], dim=-1)
     dx = (dz @ weight).reshape(x.shape) if need[0] else None
     dw = dz.t() @ x2 if need[1] else None

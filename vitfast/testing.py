@@ -9,6 +9,7 @@ with rel_err(a, b) = ‖a − b‖ / ‖b‖ in float64.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import Tensor
@@ -159,10 +160,36 @@ def assert_grads_match(model, model64) -> None:
         assert_close(p.grad, p64.grad, name=f"grad {name}")
 
 
-def backward_weighted(out: Tensor, weights: Tensor) -> None:
+def backward_weighted(out: Tensor, weights: Tensor, reference_free: bool = False) -> None:
     """Backpropagate Σ out · weights (weights in out's dtype): a loss that reaches every output element with a
-    weight of its own, run through a model and its float64 twin before `assert_grads_match`."""
-    (out * weights.to(out.dtype)).sum().backward()
+    weight of its own, run through a model and its float64 twin before `assert_grads_match`. reference_free: the
+    backward runs `without_reference` (a vitfast model's)."""
+    loss = (out * weights.to(out.dtype)).sum()
+    if reference_free:
+        with without_reference():
+            loss.backward()
+    else:
+        loss.backward()
+
+
+@contextlib.contextmanager
+def without_reference():
+    """Every function of `vitfast.reference` raising inside the block: a backward run there shows that no op's
+    backward recomputes the reference math (the monkeypatch form: `forbid_reference`)."""
+    from vitfast import reference
+
+    saved = {name: f for name, f in vars(reference).items()
+             if inspect.isfunction(f) and f.__module__ == reference.__name__}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a backward called the reference math")
+    try:
+        for name in saved:
+            setattr(reference, name, forbidden)
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(reference, name, f)
 
 
 def perturbed(model):
