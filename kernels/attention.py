@@ -32,6 +32,13 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
   which sizes the grid and buckets the autotune key, and a program whose query block starts at or past n
   returns at once (an empty segment writes nothing). lse is per token, [1, H, T]. Not combined with
   HAS_MASK or RETURN_CLS. VARLEN=False compiles to the kernel without it, unchanged.
+- REL_KW: SAM's decomposed relative positions (MViTv2's; SAM's image encoder, GOT-OCR2's and DeepSeek-OCR's
+  SAM towers). The keys form a KH x REL_KW grid (key n at row n // REL_KW, column n % REL_KW) and every score
+  gets a term per query and key row plus one per query and key column, rel_h [B, H, N_Q, KH] and rel_w
+  [B, H, N_Q, REL_KW] (fp32, made by the caller from q and the learned tables: O(N·√N), not N²), gathered
+  per tile in the kernel: s_ij = q_i·k_j·scale + rel_h[i, j // REL_KW] + rel_w[i, j % REL_KW]. REL_KW is a
+  constexpr, so the division is by a constant; REL_KW=0 compiles to the kernel without it, unchanged.
+  Forward only: the backward kernels do not take it.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
@@ -88,7 +95,9 @@ def _prune_configs(configs, named_args, **kwargs):
       bytes with D the padded head dim (fp32 with D=128 and 3 stages needs 256 KiB: cannot launch), and
       with RETURN_CLS the scratch of the cross-warp column sum that extracts query 0's scores,
       4·BLOCK_N·min(num_warps, BLOCK_M/16) bytes (bf16 D=128 128 x 128 on 8 warps, 3 stages: 233,472 bytes,
-      over the 232,448 an sm_90 block may have);
+      over the 232,448 an sm_90 block may have); with REL_KW the pipeliner also stages the two gathered fp32
+      tiles of relative-position terms, 8·BLOCK_M·BLOCK_N·(num_stages − 1) bytes (bf16 D=64 128 x 64 on 8 warps,
+      4 stages: 278,528 bytes), and they count as one more fp32 tile of registers;
     - registers: fp32 scores and accumulator plus operands in the input dtype,
       (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
       compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
@@ -98,10 +107,11 @@ def _prune_configs(configs, named_args, **kwargs):
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     cls_scratch = lambda c: (4 * c.kwargs["BLOCK_N"] * min(c.num_warps, c.kwargs["BLOCK_M"] // 16)
                              if kwargs["RETURN_CLS"] else 0)
+    bias_tile = 1 if kwargs.get("REL_KW") else 0          # the relative-position terms: one more fp32 tile
     smem = lambda c: (elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
-                      + cls_scratch(c))
+                      + cls_scratch(c) + bias_tile * 8 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (c.num_stages - 1))
     words = lambda c: ((c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_d)) * (1 + elt / 4)
-                       / (32 * c.num_warps))
+                       + bias_tile * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]) / (32 * c.num_warps)
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     keep = [c for c in fits
@@ -143,10 +153,11 @@ def _attention_block(
     v_blk,                      # [BLOCK_N, D] this block's values, rows stride_vn apart
     cls_ptr,                    # [N_KV] fp32: this head's CLS row (raw scores while streaming)
     mask_row,                   # [N_KV] uint8 by stride_mn: this batch element's key mask (HAS_MASK only)
-    stride_kn, stride_vn, stride_mn, start_n, N_KV, qk_scale, is_cls_program,
-    offs_m, offs_n, cols_lo, cols_hi,
+    rel_h, rel_w,               # this head's [N_Q, KH] and [N_Q, REL_KW] fp32 relative-position terms (REL_KW only)
+    stride_kn, stride_vn, stride_mn, stride_rh, start_n, N_KV, qk_scale, is_cls_program,
+    offs_m, offs_n, cols_lo, cols_hi, row_ok,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, MASK_N: tl.constexpr,
-    RETURN_CLS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RETURN_CLS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_KW: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
     key_ok = (start_n + offs_n) < N_KV
@@ -163,6 +174,14 @@ def _attention_block(
         k = _load_tile(k_rows + cols_hi[None, :], key_ok, cols_hi, HEAD_DIM, MASK_N, D_LO + D_HI > HEAD_DIM)
         qk = tl.dot(q_hi, tl.trans(k), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale                                                          # (BLOCK_M, BLOCK_N), log2 domain
+    if REL_KW > 0:
+        # SAM's decomposed relative positions: key n sits at (n // REL_KW, n % REL_KW) of the key grid.
+        key_n = start_n + offs_n
+        both = row_ok[:, None] & key_ok[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        bias = tl.load(rel_h + rows * stride_rh + (key_n // REL_KW)[None, :], mask=both, other=0.0)
+        bias += tl.load(rel_w + rows * REL_KW + (key_n % REL_KW)[None, :], mask=both, other=0.0)
+        qk += bias.to(tl.float32) * 1.4426950408889634                       # log2(e)
     if HAS_MASK:
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
     elif MASK_N:
@@ -191,7 +210,8 @@ def _attention_block(
 
 
 @triton.autotune(configs=attention_configs(),
-                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "VARLEN", "DOT_PRECISION"],
+                 key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "VARLEN", "DOT_PRECISION",
+                      "REL_KW"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("attention"))
 @triton.jit
@@ -204,16 +224,19 @@ def _attention_fwd_kernel(
     lse_ptr,                    # [B, H, N_Q] fp32 contiguous; touched only with RETURN_LSE
     mask_ptr,                   # [B, N_KV] uint8 (a bool mask's bytes) by strides; touched only with HAS_MASK
     cu_ptr,                     # [S + 1] int32 segment boundaries (cu_seqlens); touched only with VARLEN
+    rh_ptr,                     # [B, H, N_Q, KH] fp32 contiguous (rows stride_rh = KH apart); only with REL_KW
+    rw_ptr,                     # [B, H, N_Q, REL_KW] fp32 contiguous; only with REL_KW
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_rh,
     H, N_Q, N_KV,               # VARLEN: N_Q = N_KV = max_seqlen, the longest segment's length (or more)
     T,                          # VARLEN: the packed sequence's length, lse's rows per head; unused otherwise
     qk_scale,                   # scale · log2(e)
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_KW: tl.constexpr,       # > 0: SAM's relative positions, a key grid REL_KW wide (N_KV = KH · REL_KW)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs (VARLEN: S segments for B), query blocks of one head
@@ -263,21 +286,23 @@ def _attention_fwd_kernel(
     v_step = BLOCK_N * tl.cast(stride_vn, tl.int64)
     cls_row = cls_ptr + pid_bh.to(tl.int64) * N_KV
     mask_row = mask_ptr + off_b * stride_mb
+    rel_h = rh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh
+    rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
     is_cls_program = pid_m == 0
 
     n_full = (n_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
-            stride_mn, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
-            HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, stride_kn,
+            stride_vn, stride_mn, stride_rh, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo,
+            cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW)
         k_blk += k_step
         v_blk += v_step
     if n_full < n_kv:   # the last, partial key block
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, stride_kn, stride_vn,
-            stride_mn, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo, cols_hi,
-            HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, stride_kn,
+            stride_vn, stride_mn, stride_rh, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo,
+            cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW)
 
     if HAS_MASK:
         # A row whose keys are all masked has l = 0 and acc = 0: it outputs 0, and its lse is +inf so that
@@ -364,10 +389,29 @@ def _varlen_args(cu_seqlens: torch.Tensor | None, max_seqlen: int | None, B: int
     return cu_seqlens, cu_seqlens.numel() - 1, max_seqlen, max_seqlen
 
 
+def rel_pos_args(rel_pos: tuple[torch.Tensor, torch.Tensor] | None, B: int, H: int, n_q: int, n_kv: int,
+                 placeholder: torch.Tensor):
+    """(rel_h, rel_w, REL_KW) for a kernel: SAM's relative-position terms rel_h [B, H, N_Q, KH] and rel_w
+    [B, H, N_Q, KW], fp32 contiguous, KH · KW = N_KV, checked; or placeholders the kernel never reads and 0."""
+    if rel_pos is None:
+        return placeholder, placeholder, 0
+    rel_h, rel_w = rel_pos
+    for name, t in (("rel_h", rel_h), ("rel_w", rel_w)):
+        if (t.dtype != torch.float32 or t.dim() != 4 or tuple(t.shape[:3]) != (B, H, n_q) or not t.is_contiguous()
+                or t.device != placeholder.device):
+            raise ValueError(f"{name}: expected a contiguous [{B}, {H}, {n_q}, K] torch.float32 tensor on "
+                             f"{placeholder.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if rel_h.shape[3] * rel_w.shape[3] != n_kv:
+        raise ValueError(f"rel_pos: expected a key grid of KH x KW = N_KV = {n_kv} keys, got {rel_h.shape[3]} x "
+                         f"{rel_w.shape[3]}")
+    return rel_h, rel_w, rel_w.shape[3]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
               out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
               lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+              rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
     head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
     cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
@@ -378,8 +422,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     of q, k, v [1, H, T, D] (cu[0] = 0, non-decreasing, cu[S] = T: the caller's contract, not checked, as
     FlashAttention's varlen; rows past cu[S] are not written): each token attends to its own segment's
     keys; max_seqlen: an int >= the longest segment (None: read from cu_seqlens, a device sync on CUDA);
-    not with key_mask or cls_attn. Returns out. Arguments are assumed validated (vitfast.ops does it);
-    only buffers, the mask and cu_seqlens' layout are checked."""
+    not with key_mask or cls_attn. rel_pos: optional (rel_h [B, H, N_Q, KH], rel_w [B, H, N_Q, KW]) fp32
+    contiguous with KH · KW = N_KV (`rel_pos_args`): SAM's decomposed relative positions, score(i, j) +=
+    rel_h[i, j // KW] + rel_w[i, j % KW]; not with cu_seqlens or cls_attn. Returns out. Arguments are assumed
+    validated (vitfast.ops does it); only buffers, the mask, cu_seqlens' and rel_pos' layouts are checked."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -400,6 +446,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, out)
     both = "key_mask" if key_mask is not None else "cls_attn" if cls_attn is not None else None
     cu, batch, n_q_arg, n_kv_arg = _varlen_args(cu_seqlens, max_seqlen, B, n_q, n_kv, out, both)
+    rel_h, rel_w, rel_kw = rel_pos_args(rel_pos, B, H, n_q, n_kv, out)
+    if rel_pos is not None and (cu_seqlens is not None or cls_attn is not None):
+        raise ValueError("rel_pos: expected no cu_seqlens or cls_attn with it (not supported together), got one")
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
@@ -408,14 +457,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     grid = lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)
     _attention_fwd_kernel[grid](
         q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out, mask, cu,
+        rel_h, rel_w,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_mb, stride_mn,
+        stride_mb, stride_mn, rel_h.shape[-1] if rel_pos is not None else 0,
         H, n_q_arg, n_kv_arg, n_q, scale * LOG2E,
         HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, RETURN_LSE=lse is not None,
-        HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision,
+        HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision, REL_KW=rel_kw,
     )
     return out
 
@@ -430,12 +480,13 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, return_cls_attn: bool = False,
                   out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
                   lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                  cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
+                  cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                  rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
     (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn / lse: optional buffers (lse as in
     `attention`, [B, H, N]); key_mask: optional torch.bool [B, N], as in `attention`; cu_seqlens, max_seqlen:
-    the segments of a packed qkv [1, T, 3·C], as in `attention`."""
+    the segments of a packed qkv [1, T, 3·C], as in `attention`; rel_pos as in `attention`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv_heads(qkv, num_heads)
@@ -446,7 +497,7 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
         cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
     attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse,
-              key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+              key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos)
     return out, (cls_attn if return_cls_attn else None)
 
 
@@ -463,14 +514,15 @@ class QKVPlan:
 
 def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool,
              key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-             max_seqlen: int | None = None) -> QKVPlan:
+             max_seqlen: int | None = None, rel_kh_kw: tuple[int, int] | None = None) -> QKVPlan:
     """The launch of `attention_qkv` (arguments validated by vitfast.ops; B, N >= 1) for any qkv with this
     shape, strides, dtype and device: q, k and v [B, H, N, D] are read from qkv's three thirds through the
     strides (qkv.stride(0), D, qkv.stride(1)), out [B, N, C] contiguous as [B, H, N, D] through
     (N·C, D, C). key_mask: None (no mask), or a torch.bool [B, N] of the layout the plan's calls pass
     (its strides are fixed here). cu_seqlens: None, or the int32 [S + 1] boundaries of a packed qkv
     [1, T, 3·C] with max_seqlen (an int) the longest segment: the plan fixes S and max_seqlen (the grid,
-    N_Q = N_KV), the calls pass boundaries of that length."""
+    N_Q = N_KV), the calls pass boundaries of that length. rel_kh_kw: None, or the key grid (KH, KW) of the
+    relative-position terms the calls pass (as `attention`'s rel_pos)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -480,26 +532,29 @@ def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: b
     batch, n_blk = (B, N) if cu_seqlens is None else (cu_seqlens.numel() - 1, max_seqlen)
     grid = lambda meta: (cdiv(n_blk, meta["BLOCK_M"]) * batch * num_heads,)
     mask_strides = (0, 0) if key_mask is None else (key_mask.stride(0), key_mask.stride(1))
-    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, num_heads, n_blk, n_blk, N,
+    kh, kw = rel_kh_kw or (0, 0)
+    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, kh, num_heads, n_blk, n_blk, N,
                scale * LOG2E)
     meta = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=return_cls_attn, RETURN_LSE=return_lse,
-                HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision)
+                HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision, REL_KW=kw)
     return QKVPlan(Launch(_attention_fwd_kernel, grid, scalars, meta), (B, N, C),
                    (B, num_heads, N) if return_cls_attn else None, C)
 
 
 def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-            cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            cu_seqlens: torch.Tensor | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch `p` on a qkv (and key_mask, cu_seqlens) it was planned for (nothing is checked; lse: a contiguous
     [B, H, N] fp32 buffer exactly when the plan returns it; key_mask exactly when the plan was made with one,
-    of the same strides; cu_seqlens likewise, of the same length): (out [B, N, C], cls_attn [B, H, N] fp32 or
-    None), new tensors (out's rows past cu_seqlens[-1], if any, not written)."""
+    of the same strides; cu_seqlens likewise, of the same length; rel_pos exactly when planned with its grid):
+    (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors (out's rows past cu_seqlens[-1], if any, not
+    written)."""
     out = torch.empty(p.out_shape, dtype=qkv.dtype, device=qkv.device)
     cls_attn = None if p.cls_shape is None else torch.empty(p.cls_shape, dtype=torch.float32, device=qkv.device)
     C = p.C
     p.launch(qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out if cls_attn is None else cls_attn,
              out if lse is None else lse, out if key_mask is None else key_mask.view(torch.uint8),
-             out if cu_seqlens is None else cu_seqlens)
+             out if cu_seqlens is None else cu_seqlens, *(rel_pos or (out, out)))
     return out, cls_attn
 
 

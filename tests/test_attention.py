@@ -828,6 +828,82 @@ def test_varlen_max_seqlen_is_not_read_during_cuda_graph_capture(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# SAM's decomposed relative positions (rel_pos)
+# --------------------------------------------------------------------------------------------
+def make_rel_pos(B, H, KH, KW, dtype=torch.float32, device="cpu", scale=2.0):
+    return (torch.randn(B, H, KH * KW, KH, device=device).to(dtype) * scale,
+            torch.randn(B, H, KH * KW, KW, device=device).to(dtype) * scale)
+
+
+# (B, H, KH, KW, D): a grid not square (5 x 7: row and column of key j differ), a SAM window (14 x 14: 196 keys, a
+# partial last block), ViT-H's head dim (80 = 64 + 16), one row, one column.
+REL_CASES = [(2, 3, 5, 7, 16), (1, 2, 14, 14, 64), (1, 1, 6, 11, 80), (2, 2, 1, 9, 32), (1, 2, 9, 1, 32)]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,KH,KW,D", REL_CASES)
+def test_ops_attention_qkv_rel_pos(B, H, KH, KW, D, dtype, device):
+    """score(i, j) + rel_h[i, j // KW] + rel_w[i, j % KW] in the kernel: the float64 reference with the N x N bias,
+    and eager SDPA with that bias in the dtype (HF's SDPA path); the terms moved the output."""
+    N = KH * KW
+    qkv = make_qkv(B, N, H, D, True, dtype, device, scale=2.0)
+    rel_h, rel_w = make_rel_pos(B, H, KH, KW, dtype, device)
+    out = ops.attention_qkv(qkv, H, rel_pos=(rel_h, rel_w))
+    assert out.shape == (B, N, H * D) and out.dtype == dtype
+    ref = reference.attention_qkv(qkv.double(), H, rel_pos=(rel_h.double(), rel_w.double()))
+    eager = reference.attention_qkv(qkv, H, rel_pos=(rel_h, rel_w))
+    assert_close(out, ref, dtype=dtype, eager=eager)
+    assert (ref - reference.attention_qkv(qkv.double(), H)).abs().max() > 0.1
+
+
+def test_ops_attention_qkv_rel_pos_cpu_path_and_gradients(monkeypatch):
+    """torch's path (SDPA with the bias) equals the reference; gradients of qkv, rel_h and rel_w (through SDPA's
+    backward on the recomputed forward) equal float64 autograd, on the kernel's path and on torch's."""
+    B, H, KH, KW, D = 2, 2, 4, 5, 16
+    qkv = make_qkv(B, KH * KW, H, D, True, torch.float32, "cpu", scale=2.0)
+    rel = make_rel_pos(B, H, KH, KW)
+    x64, h64, w64 = (t.double().requires_grad_() for t in (qkv, *rel))
+    ref = reference.attention_qkv(x64, H, rel_pos=(h64, w64))
+    dout = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x64, h64, w64), dout)
+    for interpret in (True, False):
+        monkeypatch.setattr(ops, "INTERPRET", interpret and ops.INTERPRET)
+        x, h, w = (t.clone().requires_grad_() for t in (qkv, *rel))
+        out = ops.attention_qkv(x, H, rel_pos=(h, w))
+        assert_close(out, ref.detach())
+        for name, g, g64 in zip(("dqkv", "drel_h", "drel_w"), torch.autograd.grad(out, (x, h, w), dout.float()),
+                                want):
+            assert_close(g, g64, name=name)
+
+
+def test_ops_attention_qkv_rel_pos_float64_gradcheck_opcheck_and_compile():
+    qkv = torch.randn(1, 6, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    rel_h, rel_w = (t.double().requires_grad_() for t in make_rel_pos(1, 2, 2, 3))
+    assert torch.autograd.gradcheck(lambda x, h, w: ops.attention_qkv(x, 2, rel_pos=(h, w)), (qkv, rel_h, rel_w))
+    x, h, w = (t.detach().float() for t in (qkv, rel_h, rel_w))
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv_rel_pos.default, (x, h, w, 2, 0.5))
+    fn = lambda a, b, c: ops.attention_qkv(a, 2, rel_pos=(b, c))
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, h, w), fn(x, h, w))
+
+
+def test_attention_kernel_rel_pos_plan_and_buffers():
+    """The plan of a rel_pos launch (kernels/attention.py qkv_plan / qkv_run) gives the kernel's result; the kernel's
+    own checks name the bad terms."""
+    B, H, KH, KW, D = 2, 2, 3, 5, 16
+    qkv = make_qkv(B, KH * KW, H, D, True, torch.float32, "cpu")
+    rel = make_rel_pos(B, H, KH, KW)
+    plan = attention_kernels.qkv_plan(qkv, H, D ** -0.5, False, False, rel_kh_kw=(KH, KW))
+    out, cls_attn = attention_kernels.qkv_run(plan, qkv, rel_pos=rel)
+    assert cls_attn is None
+    assert_close(out, reference.attention_qkv(qkv.double(), H, rel_pos=tuple(t.double() for t in rel)))
+    q, k, v = attention_kernels.qkv_heads(qkv, H)
+    with pytest.raises(ValueError, match=r"rel_w: expected a contiguous \[2, 2, 15, K\] torch.float32 tensor"):
+        attention_kernels.attention(q, k, v, rel_pos=(rel[0], rel[1].half()))
+    with pytest.raises(ValueError, match=r"rel_pos: expected a key grid of KH x KW = N_KV = 15 keys, got 3 x 4"):
+        attention_kernels.attention(q, k, v, rel_pos=(rel[0], rel[1][..., :4].contiguous()))
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 def _heads(*shape, dtype=torch.float32, device="cpu"):
@@ -929,6 +1005,25 @@ BAD_QKV = [
      r"return_cls_attn: expected False with cu_seqlens \(not supported together\), got True"),
     ("cu not a tensor", lambda: ops.attention_qkv(_heads(1, 5, 48), 1, cu_seqlens=[0, 5]),
      r"cu_seqlens: expected a torch.int32 Tensor or None, got list"),
+    ("rel_pos not a pair", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, rel_pos=_heads(1, 1, 6, 2)),
+     r"rel_pos: expected a pair \(rel_h, rel_w\), got Tensor"),
+    ("rel_pos grid", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, rel_pos=(_heads(1, 1, 6, 2), _heads(1, 1, 6, 2))),
+     r"rel_pos: expected a KH x KW grid of the N = 6 tokens, got KH = 2, KW = 2"),
+    ("rel_h shape", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, rel_pos=(_heads(1, 2, 6, 2), _heads(1, 1, 6, 3))),
+     r"rel_h: expected \[B, H, N, K\] = \[1, 1, 6, K >= 1\] \(B, N of qkv, its heads\), got \(1, 2, 6, 2\)"),
+    ("rel_w dtype", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, rel_pos=(_heads(1, 1, 6, 2),
+                                                                            torch.ones(1, 1, 6, 3, dtype=torch.int64))),
+     r"rel_w: expected dtype in .*got torch.int64"),
+    ("rel_w device", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, rel_pos=(_heads(1, 1, 6, 2),
+                                                                             _heads(1, 1, 6, 3, device="meta"))),
+     r"rel_w: expected device cpu \(like qkv\), got meta"),
+    ("rel_pos and mask", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, key_mask=torch.ones(1, 6, dtype=torch.bool),
+                                                   rel_pos=(_heads(1, 1, 6, 2), _heads(1, 1, 6, 3))),
+     r"rel_pos: expected no key_mask, cu_seqlens or return_cls_attn with it \(not supported together\), got "
+     r"key_mask"),
+    ("rel_pos and cls", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, return_cls_attn=True,
+                                                  rel_pos=(_heads(1, 1, 6, 2), _heads(1, 1, 6, 3))),
+     r"got return_cls_attn=True"),
 ]
 
 
@@ -1062,6 +1157,21 @@ def test_attention_key_mask_gpu(N, H, D, dtype):
     (eager,) = torch.autograd.grad((eager_out * dout).sum(), x)
     assert_close(got, want, dtype=dtype, eager=eager, name="dqkv")
     assert (got[-1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,KH,KW,D", [(2, 12, 64, 64, 64), (50, 16, 14, 14, 80)],
+                         ids=["sam_b_global", "sam_h_window"])
+def test_attention_rel_pos_gpu(B, H, KH, KW, D, dtype):
+    """SAM's relative positions on the device: ViT-B's global blocks at 1024 px (4096 tokens) and ViT-H's 14 x 14
+    windows (head dim 80), against float64 with the N x N bias, within 2x eager SDPA's error with that bias."""
+    qkv = make_qkv(B, KH * KW, H, D, False, dtype, "cuda", scale=2.0)
+    rel = make_rel_pos(B, H, KH, KW, torch.float32, "cuda")
+    out = ops.attention_qkv(qkv, H, rel_pos=rel)
+    ref = reference.attention_qkv(qkv.double(), H, rel_pos=tuple(t.double() for t in rel))
+    eager = reference.torch_attention_qkv(qkv, H, rel_pos=rel)
+    assert_close(out, ref, dtype=dtype, eager=eager)
 
 
 @pytest.mark.gpu

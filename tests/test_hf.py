@@ -92,7 +92,8 @@ def test_every_supported_class_is_tested():
         "Llama4VisionModel"} | {                                                                # test_hf_llama4
         "Ovis2VisionModel"} | {                                                                 # test_hf_ovis2
         "Gemma4VisionModel"} | {                                                                # test_hf_gemma4
-        "MllamaVisionModel"}                                                                    # test_hf_mllama
+        "MllamaVisionModel"} | {                                                                # test_hf_mllama
+        "SamVisionEncoder", "GotOcr2VisionEncoder"}                                             # test_hf_sam
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

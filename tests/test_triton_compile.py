@@ -96,8 +96,10 @@ def launch_attention(c):
     # (B, N, 3C), the packed projection (never touched); with segments, one sequence packing them (varlen)
     qkv = torch.empty(1 if segments else 2, N, 3 * H * D, dtype=dt)
     cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32) if segments else None
+    grid = c.get("rel_grid")                   # SAM's relative positions: the key grid (rows, columns)
+    rel = (torch.empty(2, H, N, grid[0]), torch.empty(2, H, N, grid[1])) if grid else None
     return attention._attention_fwd_kernel, lambda: attention.attention_qkv(
-        qkv, H, return_cls_attn=c["cls"], key_mask=key_mask(c, N), cu_seqlens=cu,
+        qkv, H, return_cls_attn=c["cls"], key_mask=key_mask(c, N), cu_seqlens=cu, rel_pos=rel,
         max_seqlen=max(segments) if segments else None)
 
 
@@ -296,6 +298,12 @@ def _cases():
     cases.append(_variant("attention", "bf16-d80-nocls-varlen", "bf16", {
         "dtype": "bf16", "head_dim": 80, "heads": 16, "seq": 1024 + 256 + 4096, "cls": False,
         "segments": [1024, 256, 4096]}))
+    # SAM's decomposed relative positions in the scores: ViT-B's global blocks at 1024 px (64 x 64 patches), ViT-H's
+    # head dim 80 in its 14 x 14 windows.
+    cases.append(_variant("attention", "bf16-d64-nocls-relpos", "bf16", {
+        "dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 4096, "cls": False, "rel_grid": (64, 64)}))
+    cases.append(_variant("attention", "bf16-d80-nocls-relpos", "bf16", {
+        "dtype": "bf16", "head_dim": 80, "heads": 16, "seq": 196, "cls": False, "rel_grid": (14, 14)}))
     # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
     for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):

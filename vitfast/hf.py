@@ -43,7 +43,9 @@ their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, pack
 token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (padded patch batches, sandwich RMSNorms,
 q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`,
 Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder; MllamaModel and
-MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`.
+MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed blocks, relative
+positions in the attention's scores; SamModel and SamVisionModel hold it, and GOT-OCR 2.0 its copy) in
+`vitfast.hf_sam`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -95,6 +97,8 @@ from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
 from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
 from vitfast.hf_qwen import optimize_qwen
+from vitfast.hf_sam import CLASSES as SAM_CLASSES
+from vitfast.hf_sam import optimize_sam
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import (
@@ -157,6 +161,9 @@ CLASSES = {
     # Llama 3.2 Vision's tower: image tiles, gated tile embeddings, a local and a gated global encoder
     # (vitfast.hf_mllama)
     **{name: (family, None) for name, family in MLLAMA_CLASSES.items()},
+    # SAM's image encoder (SamModel, SamVisionModel) and GOT-OCR 2.0's copy of it: windowed blocks, relative positions
+    # in the attention's scores, the neck (vitfast.hf_sam)
+    **{name: (family, None) for name, family in SAM_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -193,6 +200,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_gemma4(model)
     if family == "mllama":
         return optimize_mllama(model)
+    if family == "sam":
+        return optimize_sam(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

@@ -604,6 +604,72 @@ def _attention_qkv_backward(ctx, dout, dcls, _dlse):
 _attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
 
 
+def _attention_rel_pos_impl(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, num_heads: int, scale: float) -> Tensor:
+    if not _attention_on_triton(qkv):
+        return reference.torch_attention_qkv(qkv, num_heads, scale, rel_pos=(rel_h, rel_w)).contiguous()
+    attention = _kernels().attention
+    grid = (rel_h.shape[-1], rel_w.shape[-1])
+    key = ("rel_pos", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, grid,
+           qkv.dtype == torch.float32 and _kernels().tf32_enabled())
+    plan = _ATTENTION_PLANS.get(key)
+    if plan is None:
+        if len(_ATTENTION_PLANS) >= _MAX_PLANS:
+            _ATTENTION_PLANS.clear()
+        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, False, False, rel_kh_kw=grid)
+    return attention.qkv_run(plan, qkv, rel_pos=(rel_h, rel_w))[0]
+
+
+_attention_rel_pos_op = torch.library.custom_op("vitfast::attention_qkv_rel_pos", _attention_rel_pos_impl,
+                                                mutates_args=())
+
+
+@_attention_rel_pos_op.register_fake
+def _(qkv, rel_h, rel_w, num_heads, scale):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3)
+
+
+def _attention_rel_pos_setup(ctx, inputs, output):
+    qkv, rel_h, rel_w, ctx.num_heads, ctx.scale = inputs
+    ctx.save_for_backward(qkv, rel_h, rel_w)
+
+
+def _attention_rel_pos_backward(ctx, dout):
+    # SDPA's backward on a recomputed forward with the N x N bias (HF's SDPA path): not a FlashAttention-2 kernel.
+    qkv, rel_h, rel_w = ctx.saved_tensors
+    fn = lambda x, h, w: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, rel_pos=(h, w))
+    return *_recompute_grads(fn, (qkv, rel_h, rel_w), (dout,), ctx.needs_input_grad[:3]), None, None
+
+
+_attention_rel_pos_op.register_autograd(_attention_rel_pos_backward, setup_context=_attention_rel_pos_setup)
+
+
+def _check_rel_pos(rel_pos, qkv: Tensor, num_heads: int, key_mask, cu_seqlens, return_cls_attn
+                   ) -> tuple[Tensor, Tensor]:
+    """attention_qkv's rel_pos checked -> (rel_h, rel_w) in float32 (float64 for a float64 qkv), contiguous."""
+    if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
+        _fail(f"rel_pos: expected a pair (rel_h, rel_w), got {type(rel_pos).__name__}")
+    given = [name for name, t in (("key_mask", key_mask), ("cu_seqlens", cu_seqlens)) if t is not None]
+    given += ["return_cls_attn=True"] if return_cls_attn else []
+    if given:
+        _fail(f"rel_pos: expected no key_mask, cu_seqlens or return_cls_attn with it (not supported together), got "
+              f"{', '.join(given)}")
+    B, N = qkv.shape[:2]
+    dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out = []
+    for name, t in zip(("rel_h", "rel_w"), rel_pos):
+        _check_float(name, t)
+        _check_like(name, t, "qkv", qkv.device, t.dtype)
+        if t.dim() != 4 or tuple(t.shape[:3]) != (B, num_heads, N) or t.shape[3] < 1:
+            _fail(f"{name}: expected [B, H, N, K] = [{B}, {num_heads}, {N}, K >= 1] (B, N of qkv, its heads), got "
+                  f"{tuple(t.shape)}")
+        out.append(t.to(dtype).contiguous())
+    if out[0].shape[3] * out[1].shape[3] != N:
+        _fail(f"rel_pos: expected a KH x KW grid of the N = {N} tokens, got KH = {out[0].shape[3]}, "
+              f"KW = {out[1].shape[3]}")
+    return out[0], out[1]
+
+
 def _check_packed_qkv(qkv: Tensor, num_heads) -> int:
     """The checks of a packed projection [B, N, 3·C] (timm's layout) and its head count; returns the head dim."""
     _check_float("qkv", qkv, _ATTENTION_DTYPES)
@@ -665,7 +731,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False,
-                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
+                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                  rel_pos: tuple[Tensor, Tensor] | None = None):
     """Attention straight from the packed qkv projection, read through strides (no copy).
 
     qkv [B, N, 3·C] with timm's layout (qkv.reshape(B, N, 3, H, D)), unit-stride last dim,
@@ -676,7 +743,11 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     the softmax probabilities of query token 0 over all keys, 0 at masked keys (computed in the kernel,
     no N×N matrix). cu_seqlens, max_seqlen: packed segments of a qkv [1, T, 3·C], as in `attention`
     (Qwen2-VL's vision blocks: `attention_qkv(qkv, H, cu_seqlens=cu, max_seqlen=m)`); not with key_mask or
-    return_cls_attn.
+    return_cls_attn. rel_pos: SAM's decomposed relative positions (rel_h [B, H, N, KH], rel_w [B, H, N, KW]) over
+    a KH x KW grid of the N = KH · KW tokens (row-major): score(i, j) += rel_h[i, j // KW] + rel_w[i, j % KW],
+    added in the kernel (no N×N matrix; `reference.sam_rel_pos` makes them from q and the learned tables); any
+    float dtype (computed in float32), differentiable (the backward recomputes the forward through SDPA with the
+    N×N bias, as HF's SDPA path runs it); not with key_mask, cu_seqlens or return_cls_attn.
     """
     D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
@@ -688,6 +759,11 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     max_seqlen = _check_varlen(cu_seqlens, max_seqlen, qkv.shape[0], qkv.shape[1], qkv.shape[1], "qkv", qkv.device,
                                key_mask, return_cls_attn)
     scale = _attention_scale(scale, D)
+    if rel_pos is not None:
+        rel_h, rel_w = _check_rel_pos(rel_pos, qkv, num_heads, key_mask, cu_seqlens, return_cls_attn)
+        if _direct(qkv, rel_h, rel_w):
+            return _attention_rel_pos_impl(qkv, rel_h, rel_w, num_heads, scale)
+        return _attention_rel_pos_op(qkv, rel_h, rel_w, num_heads, scale)
     if _direct(qkv, key_mask, cu_seqlens):
         out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, cu_seqlens,
                                                max_seqlen, with_lse=False)

@@ -67,16 +67,19 @@ def segment_ids(cu_seqlens: Tensor, n: int) -> Tensor:
 
 
 def attention_probs(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor | None = None,
-                    cu_seqlens: Tensor | None = None) -> Tensor:
+                    cu_seqlens: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) over keys. q [..., Nq, D], k [..., Nk, D] -> [..., Nq, Nk].
 
     key_mask: optional bool [B, Nk] for q, k [B, H, N, D] (True = the key takes part): the other keys get
     probability 0 from every query and head of their batch element; a row with no key left is all zeros
     (FlashAttention's convention, not softmax's NaN). cu_seqlens: optional int [S + 1] segment boundaries
     of packed tokens (FlashAttention's varlen): query i sees key j only when both lie in one segment
-    [cu[s], cu[s + 1]) (a block-diagonal mask)."""
+    [cu[s], cu[s + 1]) (a block-diagonal mask). bias: optional scores added before the softmax, broadcast
+    to [..., Nq, Nk] (SAM's relative positions: `rel_pos_bias`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
     if key_mask is None and cu_seqlens is None:
         return torch.softmax(s, dim=-1)
     keep = None if key_mask is None else key_mask[:, None, None, :]       # (B, 1, 1, Nk)
@@ -96,6 +99,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, key_m
     return attention_probs(q, k, scale, key_mask, cu_seqlens) @ v
 
 
+def rel_pos_bias(rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """SAM's decomposed relative positions as scores: rel_h [..., N, KH], rel_w [..., N, KW] -> [..., N, KH · KW],
+    key j of the KH x KW grid (row-major) getting rel_h[:, j // KW] + rel_w[:, j % KW]."""
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+
+
+def sam_rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """HF's SamVisionAttention.get_rel_pos: the learned table rel_pos [L, D] linearly resampled to 2·max(q, k) − 1
+    distances, then read at each (query, key) distance -> [q_size, k_size, D]."""
+    dist = int(2 * max(q_size, k_size) - 1)
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=dist, mode="linear")
+    resized = resized.reshape(-1, dist).permute(1, 0)
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return resized[((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+def sam_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, grid: tuple[int, int],
+                dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """SAM's decomposed relative positions (HF's get_decomposed_rel_pos, MViTv2's) of queries q [B, H, N, D] on a
+    grid (rows, columns) of N tokens, with the learned tables rel_pos_h [Lh, D], rel_pos_w [Lw, D] -> rel_h
+    [B, H, N, rows], rel_w [B, H, N, columns] (`rel_pos_bias` turns them into scores), computed in `dtype` (default
+    q's): O(N·√N) work."""
+    B, H, N, D = q.shape
+    rows, cols = grid
+    dtype = q.dtype if dtype is None else dtype
+    r_h = sam_rel_pos_table(rows, rows, rel_pos_h).to(dtype)                       # (rows, rows, D)
+    r_w = sam_rel_pos_table(cols, cols, rel_pos_w).to(dtype)
+    x = q.to(dtype).reshape(B, H, rows, cols, D)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", x, r_h).reshape(B, H, N, rows)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", x, r_w).reshape(B, H, N, cols)
+    return rel_h, rel_w
+
+
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """Packed qkv [B, N, 3·C] (timm's layout: q, k, v then heads) -> q, k, v [B, H, N, D]."""
     B, N, C3 = qkv.shape
@@ -104,14 +141,16 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
-                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                  key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                  rel_pos: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention from the packed qkv projection. qkv [B, N, 3·C] -> out [B, N, C]
     (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32).
     key_mask: optional bool [B, N]; cu_seqlens: optional segment boundaries of a packed qkv [1, T, 3·C];
-    as in `attention_probs`."""
+    as in `attention_probs`. rel_pos: SAM's (rel_h, rel_w), added to the scores as `rel_pos_bias` makes them."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    p = attention_probs(q, k, scale, key_mask, cu_seqlens)   # (B, H, N, N)
+    bias = None if rel_pos is None else rel_pos_bias(*rel_pos).to(q.dtype)
+    p = attention_probs(q, k, scale, key_mask, cu_seqlens, bias)   # (B, H, N, N)
     out = (p @ v).transpose(1, 2).reshape(B, N, -1)       # (B, N, C)
     if return_cls_attn:
         return out, p[:, :, 0, :].float()
@@ -317,12 +356,16 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
 
 
 def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
-                        key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None
-                        ) -> Tensor | tuple[Tensor, Tensor]:
+                        key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                        rel_pos: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra.
-    cu_seqlens: as in `torch_attention` (not with the CLS row)."""
+    cu_seqlens: as in `torch_attention` (not with the CLS row). rel_pos: SAM's (rel_h, rel_w), as SDPA's float
+    attn_mask (`rel_pos_bias`, in q's dtype: HF's SDPA path); alone."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
+    if rel_pos is not None:
+        bias = rel_pos_bias(*rel_pos).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).reshape(B, N, -1)
     out = torch_attention(q, k, v, scale, key_mask, cu_seqlens).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
     if return_cls_attn:
         return out, attention_probs(q[:, :, :1], k, scale, key_mask)[:, :, 0].float()    # (B, H, N)
