@@ -13,6 +13,8 @@ processor lays them out:
                  into one sequence (5184 patches each), windowed and full-attention blocks
   mllama         MllamaVisionModel at Llama 3.2 11B / 90B Vision's config: images of 2 x 2 tiles of 448 px (4100
                  tokens), the 32 local and 8 gated global blocks, batch 8
+  sam            SamVisionModel at SAM ViT-H's config (1280 wide, 32 blocks, 16 heads of 80): 1024 px (64 x 64
+                 patches), 14 x 14 windows and 4 global blocks with relative positions, the neck, batch 4
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -123,9 +125,22 @@ def mllama(small: bool, batch: int):
     return T.MllamaVisionModel(cfg), inputs, tiles * ((S // cfg.patch_size) ** 2 + 1)
 
 
+def sam(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, mlp_dim=96, output_channels=16,
+                image_size=32, patch_size=4, window_size=3, global_attn_indexes=[1]) if small else \
+        dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_dim=5120,
+             global_attn_indexes=[7, 15, 23, 31])              # ViT-H; the rest of the config's defaults are SAM's
+    cfg = T.SamVisionConfig(**size)
+    S = cfg.image_size
+    return T.SamVisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
-          "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8)}
+          "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
+          "sam": (sam, 4)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

@@ -12,7 +12,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_sam import HFSamVisionEncoder
-from vitfast.testing import assert_close, assert_grads_match, backward_weighted, perturbed, simulate_cuda_graphs
+from vitfast.testing import (
+    assert_close,
+    assert_grads_match,
+    assert_vlm_equals_hf,
+    backward_weighted,
+    perturbed,
+    simulate_cuda_graphs,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,3 +168,37 @@ def test_vit_b_encoder_on_gpu():
         for _ in range(3):                                          # eager, capture, replay
             out = opt(x.bfloat16()).last_hidden_state
             assert_close(out, want, eager=eager)
+
+
+def test_got_ocr2_equals_hf():
+    """GOT-OCR 2.0 with its tower on vitfast (the projector and language model shared): logits over a prompt with an
+    image per row (3 x 3 image tokens after the projector's strided convolutions), greedy `generate`, as HF's."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1)
+    model = transformers.GotOcr2ForConditionalGeneration(
+        transformers.GotOcr2Config(vision_config=VISION, text_config=text, image_token_index=5)).eval()
+    model.model.vision_tower = encoder("got_ocr2")
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.model.vision_tower, HFSamVisionEncoder)
+    ids = torch.tensor([[1, 2, *[5] * 9, 3, 4]] * 2)
+    assert_vlm_equals_hf(opt, model, model64, torch.randn(2, 3, 40, 40),
+                         dict(input_ids=ids, attention_mask=torch.ones_like(ids)))
+
+
+def test_sam_rel_pos_is_hf_get_decomposed_rel_pos():
+    """`reference.sam_rel_pos` (the kernel's rel_h, rel_w) against HF's attention module on a 5 x 7 grid whose tables
+    are resampled (made for 4 x 4: 7 distances, 9 and 13 needed), through `reference.rel_pos_bias`."""
+    from transformers.models.sam.modeling_sam import SamVisionAttention
+
+    from vitfast.reference import rel_pos_bias, sam_rel_pos
+
+    attn = SamVisionAttention(transformers.SamVisionConfig(**VISION), window_size=4).double()
+    torch.nn.init.normal_(attn.rel_pos_h)
+    torch.nn.init.normal_(attn.rel_pos_w)
+    q = torch.randn(2, 3, 35, 16, dtype=torch.float64)                                 # (B, H, 5 x 7 tokens, D)
+    want = attn.get_decomposed_rel_pos(q.reshape(6, 35, 16), attn.rel_pos_h, attn.rel_pos_w, (5, 7), (5, 7))
+    rel_h, rel_w = sam_rel_pos(q, attn.rel_pos_h, attn.rel_pos_w, (5, 7))
+    assert rel_h.shape == (2, 3, 35, 5) and rel_w.shape == (2, 3, 35, 7)
+    torch.testing.assert_close(rel_pos_bias(rel_h, rel_w), want.reshape(2, 3, 35, 35), rtol=1e-12, atol=1e-12)
