@@ -145,6 +145,20 @@ def _load_tile(ptrs, row_ok, cols, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constex
 
 
 @triton.jit
+def _rel_bias(rel_h, rel_w, rows, keys, ok, stride_rh, REL_KW: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """SAM's relative-position scores of queries `rows` [R] and keys `keys` [K], in log2 units -> [R, K] fp32
+    ([K, R] with KEYS_FIRST; 0 outside the mask ok of that shape): (rel_h[row, key // REL_KW] + rel_w[row,
+    key % REL_KW]) · log2(e), from this head's rel_h [N_Q, stride_rh] and rel_w [N_Q, REL_KW]."""
+    if KEYS_FIRST:
+        r, row_of, col_of = rows[None, :].to(tl.int64), (keys // REL_KW)[:, None], (keys % REL_KW)[:, None]
+    else:
+        r, row_of, col_of = rows[:, None].to(tl.int64), (keys // REL_KW)[None, :], (keys % REL_KW)[None, :]
+    bias = tl.load(rel_h + r * stride_rh + row_of, mask=ok, other=0.0)
+    bias += tl.load(rel_w + r * REL_KW + col_of, mask=ok, other=0.0)
+    return bias.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _attention_block(
     q_lo, q_hi,                 # [BLOCK_M, D_LO], [BLOCK_M, D_HI] this program's queries (q_hi unused if D_HI == 0)
     acc_lo, acc_hi,             # fp32 running outputs, same shapes
@@ -174,14 +188,9 @@ def _attention_block(
         k = _load_tile(k_rows + cols_hi[None, :], key_ok, cols_hi, HEAD_DIM, MASK_N, D_LO + D_HI > HEAD_DIM)
         qk = tl.dot(q_hi, tl.trans(k), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale                                                          # (BLOCK_M, BLOCK_N), log2 domain
-    if REL_KW > 0:
-        # SAM's decomposed relative positions: key n sits at (n // REL_KW, n % REL_KW) of the key grid.
-        key_n = start_n + offs_n
-        both = row_ok[:, None] & key_ok[None, :]
-        rows = offs_m[:, None].to(tl.int64)
-        bias = tl.load(rel_h + rows * stride_rh + (key_n // REL_KW)[None, :], mask=both, other=0.0)
-        bias += tl.load(rel_w + rows * REL_KW + (key_n % REL_KW)[None, :], mask=both, other=0.0)
-        qk += bias.to(tl.float32) * 1.4426950408889634                       # log2(e)
+    if REL_KW > 0:   # SAM's decomposed relative positions: key n sits at (n // REL_KW, n % REL_KW) of the grid
+        qk += _rel_bias(rel_h, rel_w, offs_m, start_n + offs_n, row_ok[:, None] & key_ok[None, :], stride_rh,
+                        REL_KW, False)
     if HAS_MASK:
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
     elif MASK_N:
@@ -586,16 +595,24 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
     - registers: two fp32 accumulators (dK and dV) or one (dQ) of R x D, the resident operands in the
       input dtype, two R x S fp32 score tiles, over 32·num_warps threads; x 1.4 when the second chunk is
       partly masked (72 = 64 + 16 with 8 lanes off: sm_90 compiles of its masked loads use ~40% more
-      registers than 80's, and spill at tiles 80 runs without)."""
+      registers than 80's, and spill at tiles 80 runs without).
+    With REL_KW (SAM's relative positions) one more R x S fp32 tile of terms, in registers and, as in the forward,
+    staged by the pipeliner (8·R·S·(stages − 1) bytes), and in the dQ kernel the terms' two gradient accumulators,
+    R x (REL_KHP + REL_KWP) fp32: sm_90 compiles (bf16, D=64, a 64 x 64 key grid) spill at 128 x 32 on 4 warps,
+    128 x 64 on 8 and 64 x 64 on 4, which this drops, and not at the tiles it keeps."""
     q, resident = named_args["q_ptr"], kwargs["RESIDENT"]
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     rows = lambda c: ((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) if resident == "n"
                       else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
-    smem = lambda c: elt * block_d * 2 * (rows(c)[0] + rows(c)[1] * max(1, c.num_stages))
+    rel = 1 if kwargs.get("REL_KW") else 0
+    rel_grads = kwargs["REL_KHP"] + kwargs["REL_KWP"] if rel and resident == "m" else 0
+    smem = lambda c: (elt * block_d * 2 * (rows(c)[0] + rows(c)[1] * max(1, c.num_stages))
+                      + rel * 8 * rows(c)[0] * rows(c)[1] * max(0, c.num_stages - 1))
     accumulators = 2 if resident == "n" else 1
     masked = 1.4 if kwargs["D_HI"] > 0 and kwargs["HEAD_DIM"] < block_d else 1.0
     words = lambda c: masked * ((accumulators * rows(c)[0] * block_d + 2 * rows(c)[0] * block_d * elt / 4
-                                 + 2 * rows(c)[0] * rows(c)[1]) / (32 * c.num_warps))
+                                 + (2 + rel) * rows(c)[0] * rows(c)[1] + rows(c)[0] * rel_grads)
+                                / (32 * c.num_warps))
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     return [c for c in fits if words(c) <= _MAX_BWD_WORDS_PER_THREAD] or [min(fits, key=words)]
@@ -638,7 +655,7 @@ def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM
         tl.store(ptrs + cols_hi[None, :], hi.to(ty), mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
 
 
-_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT"]
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT", "REL_KW"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
@@ -651,13 +668,14 @@ def _attention_bwd_dkdv_kernel(
     dk_ptr, dv_ptr,                         # [B, H, N_KV, D] by strides, head dim unit stride
     mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
     cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
+    rh_ptr, rw_ptr,                         # [B, H, N_Q, KH], [B, H, N_Q, REL_KW] fp32; only with REL_KW
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_rh,
     H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, REL_KW: tl.constexpr,
+    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block (VARLEN: of one segment,
     streaming that segment's queries). The head dim is two column chunks, as in the forward (80 = 64 + 16):
@@ -697,6 +715,8 @@ def _attention_bwd_dkdv_kernel(
         row_stats = off_h * T + seq_start
     else:
         row_stats = pid_bh.to(tl.int64) * N_Q
+    rel_h = rh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh
+    rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
     for start_m in range(0, n_q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < n_q
@@ -707,7 +727,10 @@ def _attention_bwd_dkdv_kernel(
         s_t = tl.dot(k_lo, tl.trans(q_lo), input_precision=DOT_PRECISION)             # (BLOCK_N, BLOCK_M)
         if D_HI > 0:
             s_t = tl.dot(k_hi, tl.trans(q_hi), s_t, input_precision=DOT_PRECISION)
-        p_t = tl.where(kv_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        s_t = s_t * qk_scale
+        if REL_KW > 0:
+            s_t += _rel_bias(rel_h, rel_w, rows, offs_n, key_ok[:, None] & row_ok[None, :], stride_rh, REL_KW, True)
+        p_t = tl.where(kv_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
         dv_lo = tl.dot(p_t.to(do_lo.dtype), do_lo, dv_lo, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v_lo, tl.trans(do_lo), input_precision=DOT_PRECISION)           # (BLOCK_N, BLOCK_M)
         if D_HI > 0:
@@ -733,15 +756,19 @@ def _attention_bwd_dq_kernel(
     dq_ptr,                                 # [B, H, N_Q, D] by strides, head dim unit stride
     mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
     cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
+    rh_ptr, rw_ptr,                         # [B, H, N_Q, KH], [B, H, N_Q, REL_KW] fp32; only with REL_KW
+    drh_ptr, drw_ptr,                       # their gradients, the same shapes, fp32 contiguous; only with REL_KW
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn, stride_rh,
     H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, REL_KW: tl.constexpr,
+    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, head), streaming every key block (VARLEN: of one segment,
-    streaming that segment's keys; head dim in two chunks)."""
+    streaming that segment's keys; head dim in two chunks). With REL_KW also the gradients of the
+    relative-position terms, the sums of dS over each key row and each key column: dS times a one-hot
+    [BLOCK_N, REL_KHP] (key n -> its row) and [BLOCK_N, REL_KWP] (-> its column), accumulated in fp32."""
     pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
     if VARLEN:   # segment off_b: tokens [seq_start, seq_start + n_q), its batch offsets token offsets
         seq_start = tl.load(cu_ptr + off_b).to(tl.int64)
@@ -774,6 +801,10 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
     mask_row = mask_ptr + off_b * stride_mb
+    rel_h = rh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh
+    rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
+    d_rel_h = tl.zeros([BLOCK_M, REL_KHP], dtype=tl.float32)
+    d_rel_w = tl.zeros([BLOCK_M, REL_KWP], dtype=tl.float32)
     for start_n in range(0, n_kv, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < n_kv
@@ -788,26 +819,45 @@ def _attention_bwd_dq_kernel(
         if D_HI > 0:
             s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_hi, tl.trans(v_hi), dp, input_precision=DOT_PRECISION)
-        p = tl.where(kv_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        s = s * qk_scale
+        if REL_KW > 0:
+            s += _rel_bias(rel_h, rel_w, offs_m, keys, row_ok[:, None] & key_ok[None, :], stride_rh, REL_KW, False)
+        p = tl.where(kv_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(k_lo.dtype)
         dq_lo = tl.dot(ds, k_lo, dq_lo, input_precision=DOT_PRECISION)
         if D_HI > 0:
             dq_hi = tl.dot(ds, k_hi, dq_hi, input_precision=DOT_PRECISION)
+        if REL_KW > 0:   # the score's gradient summed per key row and per key column: dS times one-hots
+            at_row = ((keys // REL_KW)[:, None] == tl.arange(0, REL_KHP)[None, :]).to(ds.dtype)
+            at_col = ((keys % REL_KW)[:, None] == tl.arange(0, REL_KWP)[None, :]).to(ds.dtype)
+            d_rel_h = tl.dot(ds, at_row, d_rel_h, input_precision=DOT_PRECISION)
+            d_rel_w = tl.dot(ds, at_col, d_rel_w, input_precision=DOT_PRECISION)
     _store_chunks(dq_ptr + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqn, row_ok, cols_lo, cols_hi,
                   dq_lo * scale, dq_hi * scale, HEAD_DIM, D_HI)
+    if REL_KW > 0:
+        rows = offs_m[:, None].to(tl.int64)
+        cols_h, cols_w = tl.arange(0, REL_KHP)[None, :], tl.arange(0, REL_KWP)[None, :]
+        tl.store(drh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh + rows * stride_rh + cols_h, d_rel_h,
+                 mask=row_ok[:, None] & (cols_h < stride_rh))
+        tl.store(drw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW + rows * REL_KW + cols_w, d_rel_w,
+                 mask=row_ok[:, None] & (cols_w < REL_KW))
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor, scale: float | None = None, *, dq: torch.Tensor | None = None,
                        dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                        key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                       max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       max_seqlen: int | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       drel: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention` (FlashAttention-2): q, k, v, out [B, H, N, D] and dout like out (any
     strides, unit-stride head dim), lse [B, H, N_Q] fp32 from the forward. dq / dk / dv: optional
     buffers like q / k / v (any strides with a unit-stride head dim: views of one packed gradient).
     key_mask: the forward's torch.bool [B, N_KV] mask, or None (masked keys get dk = dv = 0, a row with no
     key left dq = 0). cu_seqlens, max_seqlen: the forward's segments, or None (rows past cu_seqlens[-1]
-    are not written). Extra memory: lse and D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
+    are not written). rel_pos: the forward's relative-position terms (rel_h, rel_w), whose gradients go to drel,
+    a pair of buffers like them (fp32 contiguous; not with cu_seqlens). Extra memory: lse and D = Σ dout·out,
+    [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     bufs = []
@@ -823,6 +873,21 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     mask, stride_mb, stride_mn = _mask_args(key_mask, B, n_kv, lse)
     cu, batch, n_q_arg, n_kv_arg = _varlen_args(cu_seqlens, max_seqlen, B, n_q, n_kv, lse,
                                                 "key_mask" if key_mask is not None else None)
+    rel_h, rel_w, rel_kw = rel_pos_args(rel_pos, B, H, n_q, n_kv, lse)
+    drel_h, drel_w = rel_h, rel_w
+    if rel_pos is not None:
+        if cu_seqlens is not None:
+            raise ValueError("rel_pos: expected no cu_seqlens with it (not supported together), got one")
+        if drel is None:
+            raise ValueError("drel: expected buffers (drel_h, drel_w) like rel_pos' tensors, got None")
+        drel_h, drel_w = drel
+        _check_out("drel_h", drel_h, rel_h.shape, torch.float32, q.device)
+        _check_out("drel_w", drel_w, rel_w.shape, torch.float32, q.device)
+        if not (drel_h.is_contiguous() and drel_w.is_contiguous()):
+            raise ValueError("drel: expected contiguous buffers")
+    rel = dict(REL_KW=rel_kw, REL_KHP=next_power_of_2(max(16, rel_h.shape[-1])) if rel_kw else 16,
+               REL_KWP=next_power_of_2(max(16, rel_kw)))
+    stride_rh = rel_h.shape[-1] if rel_kw else 0
     if D > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dq.numel() == 0 and dk.numel() == 0:
@@ -837,23 +902,25 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv_arg, meta["BLOCK_N"]) * batch * H,)](
-        q, k, v, dout, lse, delta, dk, dv, mask, cu, *qkvo_strides,
+        q, k, v, dout, lse, delta, dk, dv, mask, cu, rel_h, rel_w, *qkvo_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb, stride_mn,
-        H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="n", **common)
+        stride_rh, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="n", **common, **rel)
     _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)](
-        q, k, v, dout, lse, delta, dq, mask, cu, *qkvo_strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        stride_mb, stride_mn, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="m", **common)
+        q, k, v, dout, lse, delta, dq, mask, cu, rel_h, rel_w, drel_h, drel_w, *qkvo_strides, dq.stride(0),
+        dq.stride(1), dq.stride(2), stride_mb, stride_mn, stride_rh, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale,
+        RESIDENT="m", **common, **rel)
     return dq, dk, dv
 
 
 def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                            num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None,
                            key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                           max_seqlen: int | None = None) -> torch.Tensor:
+                           max_seqlen: int | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           drel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Gradient of `attention_qkv` with respect to the packed projection: qkv [B, N, 3·C], out and dout
     [B, N, C], lse [B, H, N], key_mask the forward's torch.bool [B, N] or None, cu_seqlens / max_seqlen the
-    forward's segments or None -> dqkv [B, N, 3·C] (contiguous, or the given buffer), dq, dk and dv written
-    straight into its three thirds."""
+    forward's segments or None, rel_pos and drel as in `attention_backward` -> dqkv [B, N, 3·C] (contiguous, or
+    the given buffer), dq, dk and dv written straight into its three thirds."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     if dqkv is None:
@@ -862,5 +929,5 @@ def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tens
     heads = lambda t: t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)      # (B, H, N, D)
     dq, dk, dv = qkv_heads(dqkv, num_heads)
     attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv,
-                       key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                       key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos, drel=drel)
     return dqkv

@@ -857,8 +857,9 @@ def test_ops_attention_qkv_rel_pos(B, H, KH, KW, D, dtype, device):
 
 
 def test_ops_attention_qkv_rel_pos_cpu_path_and_gradients(monkeypatch):
-    """torch's path (SDPA with the bias) equals the reference; gradients of qkv, rel_h and rel_w (through SDPA's
-    backward on the recomputed forward) equal float64 autograd, on the kernel's path and on torch's."""
+    """torch's path (SDPA with the bias) equals the reference; gradients of qkv, rel_h and rel_w equal float64
+    autograd, on the kernels' path (FlashAttention-2's backward with the terms, the reference never called) and on
+    torch's (SDPA's backward on the recomputed forward)."""
     B, H, KH, KW, D = 2, 2, 4, 5, 16
     qkv = make_qkv(B, KH * KW, H, D, True, torch.float32, "cpu", scale=2.0)
     rel = make_rel_pos(B, H, KH, KW)
@@ -871,8 +872,11 @@ def test_ops_attention_qkv_rel_pos_cpu_path_and_gradients(monkeypatch):
         x, h, w = (t.clone().requires_grad_() for t in (qkv, *rel))
         out = ops.attention_qkv(x, H, rel_pos=(h, w))
         assert_close(out, ref.detach())
-        for name, g, g64 in zip(("dqkv", "drel_h", "drel_w"), torch.autograd.grad(out, (x, h, w), dout.float()),
-                                want):
+        if interpret:
+            forbid_reference(monkeypatch, "attention_qkv", "torch_attention_qkv", "attention_probs", "rel_pos_bias")
+        grads = torch.autograd.grad(out, (x, h, w), dout.float())
+        monkeypatch.undo()
+        for name, g, g64 in zip(("dqkv", "drel_h", "drel_w"), grads, want):
             assert_close(g, g64, name=name)
 
 
@@ -882,6 +886,9 @@ def test_ops_attention_qkv_rel_pos_float64_gradcheck_opcheck_and_compile():
     assert torch.autograd.gradcheck(lambda x, h, w: ops.attention_qkv(x, 2, rel_pos=(h, w)), (qkv, rel_h, rel_w))
     x, h, w = (t.detach().float() for t in (qkv, rel_h, rel_w))
     torch.library.opcheck(torch.ops.vitfast.attention_qkv_rel_pos.default, (x, h, w, 2, 0.5))
+    out, lse = torch.ops.vitfast.attention_qkv_rel_pos(x, h, w, 2, 0.5)
+    torch.library.opcheck(torch.ops.vitfast.attention_qkv_rel_pos_backward.default,
+                          (x, h, w, out, lse, torch.randn_like(out), 2, 0.5))
     fn = lambda a, b, c: ops.attention_qkv(a, 2, rel_pos=(b, c))
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, h, w), fn(x, h, w))
 
@@ -1165,13 +1172,22 @@ def test_attention_key_mask_gpu(N, H, D, dtype):
                          ids=["sam_b_global", "sam_h_window"])
 def test_attention_rel_pos_gpu(B, H, KH, KW, D, dtype):
     """SAM's relative positions on the device: ViT-B's global blocks at 1024 px (4096 tokens) and ViT-H's 14 x 14
-    windows (head dim 80), against float64 with the N x N bias, within 2x eager SDPA's error with that bias."""
-    qkv = make_qkv(B, KH * KW, H, D, False, dtype, "cuda", scale=2.0)
-    rel = make_rel_pos(B, H, KH, KW, torch.float32, "cuda")
+    windows (head dim 80), against float64 with the N x N bias, within 2x eager SDPA's error with that bias; the
+    gradients of qkv and of both terms from the backward kernels likewise."""
+    qkv = make_qkv(B, KH * KW, H, D, False, dtype, "cuda", scale=2.0).requires_grad_()
+    rel = tuple(t.requires_grad_() for t in make_rel_pos(B, H, KH, KW, torch.float32, "cuda"))
     out = ops.attention_qkv(qkv, H, rel_pos=rel)
-    ref = reference.attention_qkv(qkv.double(), H, rel_pos=tuple(t.double() for t in rel))
-    eager = reference.torch_attention_qkv(qkv, H, rel_pos=rel)
+    inputs64 = [t.detach().double().requires_grad_() for t in (qkv, *rel)]
+    ref = reference.attention_qkv(inputs64[0], H, rel_pos=tuple(inputs64[1:]))
+    inputs = [t.detach().requires_grad_() for t in (qkv, *rel)]
+    eager = reference.torch_attention_qkv(inputs[0], H, rel_pos=tuple(inputs[1:]))
     assert_close(out, ref, dtype=dtype, eager=eager)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qkv, *rel), dout)
+    want = torch.autograd.grad(ref, inputs64, dout.double())
+    eager_grads = torch.autograd.grad(eager, inputs, dout)
+    for name, g, w, e in zip(("dqkv", "drel_h", "drel_w"), got, want, eager_grads):
+        assert_close(g, w, dtype=dtype, eager=e, name=name)
 
 
 @pytest.mark.gpu

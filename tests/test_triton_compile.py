@@ -148,9 +148,13 @@ def launch_attention_bwd(c):
     kernels = {"dkdv": attention._attention_bwd_dkdv_kernel, "dq": attention._attention_bwd_dq_kernel}
     other = kernels["dq" if c["part"] == "dkdv" else "dkdv"]
 
+    grid = c.get("rel_grid")                   # SAM's relative positions: the key grid (rows, columns)
+    rel = (torch.empty(2, H, N, grid[0]), torch.empty(2, H, N, grid[1])) if grid else None
+
     def launch():
         with mock.patch.object(other, "run", lambda *a, **kw: None, create=True):
-            attention.attention_qkv_backward(qkv, out, lse, dout, H, key_mask=key_mask(c, N))
+            attention.attention_qkv_backward(qkv, out, lse, dout, H, key_mask=key_mask(c, N), rel_pos=rel,
+                                             drel=rel and tuple(torch.empty_like(t) for t in rel))
     return kernels[c["part"]], launch
 
 
@@ -304,6 +308,12 @@ def _cases():
         "dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 4096, "cls": False, "rel_grid": (64, 64)}))
     cases.append(_variant("attention", "bf16-d80-nocls-relpos", "bf16", {
         "dtype": "bf16", "head_dim": 80, "heads": 16, "seq": 196, "cls": False, "rel_grid": (14, 14)}))
+    # Their backward (fine-tuning SAM): the dQ kernel also sums the terms' gradients (dS times one-hots).
+    for head_dim, heads, grid in ((64, 12, (64, 64)), (80, 16, (14, 14))):
+        for part in ("dkdv", "dq"):
+            cases.append(_variant("attention_bwd", f"bf16-d{head_dim}-{part}-relpos", "bf16", {
+                "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": grid[0] * grid[1], "cls": False,
+                "part": part, "rel_grid": grid}))
     # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
     for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):

@@ -17,8 +17,8 @@ GEMM), its LayerNorm over the channels, conv2 (3 x 3: torch's convolution), its 
 Output: HF's encoder output: last_hidden_state [B, output_channels, rows, columns] (a channels-first view, as HF's)
 and, with output_hidden_states, the embeddings and each block's output [B, rows, columns, C]. The stand-in holds HF's
 encoder (`self.model`, its forward unused) and so its parameter tensors; on CUDA in eval mode without grad its forward
-replays a CUDA graph per input shape. It trains: the attention's backward recomputes the forward through SDPA with
-the N×N bias (HF's SDPA path's cost, not a FlashAttention-2 kernel). Not supported (named in the error): attention
+replays a CUDA graph per input shape. It trains: the attention's backward is FlashAttention-2's kernels with the
+terms in the scores (their gradients summed in the dQ kernel), no N×N matrix either. Not supported (named in the error): attention
 outputs, attention dropout in train mode, activations other than GELU / QuickGELU.
 """
 

@@ -604,41 +604,76 @@ def _attention_qkv_backward(ctx, dout, dcls, _dlse):
 _attention_qkv_op.register_autograd(_attention_qkv_backward, setup_context=_attention_qkv_setup)
 
 
-def _attention_rel_pos_impl(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, num_heads: int, scale: float) -> Tensor:
+def _attention_rel_pos_impl(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, num_heads: int, scale: float,
+                            with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(out, lse): lse [B, H, N] fp32 for the backward kernels when with_lse (zeros on torch's path), else None."""
+    B, N, _ = qkv.shape
     if not _attention_on_triton(qkv):
-        return reference.torch_attention_qkv(qkv, num_heads, scale, rel_pos=(rel_h, rel_w)).contiguous()
+        out = reference.torch_attention_qkv(qkv, num_heads, scale, rel_pos=(rel_h, rel_w)).contiguous()
+        return out, (qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None)
     attention = _kernels().attention
     grid = (rel_h.shape[-1], rel_w.shape[-1])
-    key = ("rel_pos", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, grid,
+    key = ("rel_pos", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, grid, with_lse,
            qkv.dtype == torch.float32 and _kernels().tf32_enabled())
     plan = _ATTENTION_PLANS.get(key)
     if plan is None:
         if len(_ATTENTION_PLANS) >= _MAX_PLANS:
             _ATTENTION_PLANS.clear()
-        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, False, False, rel_kh_kw=grid)
-    return attention.qkv_run(plan, qkv, rel_pos=(rel_h, rel_w))[0]
+        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, False, with_lse, rel_kh_kw=grid)
+    lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None          # every row written
+    return attention.qkv_run(plan, qkv, lse, rel_pos=(rel_h, rel_w))[0], lse
 
 
-_attention_rel_pos_op = torch.library.custom_op("vitfast::attention_qkv_rel_pos", _attention_rel_pos_impl,
+def _attention_rel_pos_with_lse(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, num_heads: int, scale: float
+                                ) -> tuple[Tensor, Tensor]:
+    return _attention_rel_pos_impl(qkv, rel_h, rel_w, num_heads, scale)
+
+
+_attention_rel_pos_op = torch.library.custom_op("vitfast::attention_qkv_rel_pos", _attention_rel_pos_with_lse,
                                                 mutates_args=())
 
 
 @_attention_rel_pos_op.register_fake
 def _(qkv, rel_h, rel_w, num_heads, scale):
     B, N, C3 = qkv.shape
-    return qkv.new_empty(B, N, C3 // 3)
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+def _attention_rel_pos_bwd_impl(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                                num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    drel = (torch.empty_like(rel_h), torch.empty_like(rel_w))
+    dqkv = _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale,
+                                                       rel_pos=(rel_h, rel_w), drel=drel)
+    return dqkv, *drel
+
+
+_attention_rel_pos_bwd_op = torch.library.custom_op("vitfast::attention_qkv_rel_pos_backward",
+                                                    _attention_rel_pos_bwd_impl, mutates_args=())
+
+
+@_attention_rel_pos_bwd_op.register_fake
+def _(qkv, rel_h, rel_w, out, lse, dout, num_heads, scale):
+    return qkv.new_empty(qkv.shape), rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape)
 
 
 def _attention_rel_pos_setup(ctx, inputs, output):
     qkv, rel_h, rel_w, ctx.num_heads, ctx.scale = inputs
-    ctx.save_for_backward(qkv, rel_h, rel_w)
+    out, lse = output
+    ctx.save_for_backward(qkv, rel_h, rel_w, out, lse)
+    ctx.mark_non_differentiable(lse)
 
 
-def _attention_rel_pos_backward(ctx, dout):
-    # SDPA's backward on a recomputed forward with the N x N bias (HF's SDPA path): not a FlashAttention-2 kernel.
-    qkv, rel_h, rel_w = ctx.saved_tensors
-    fn = lambda x, h, w: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, rel_pos=(h, w))
-    return *_recompute_grads(fn, (qkv, rel_h, rel_w), (dout,), ctx.needs_input_grad[:3]), None, None
+def _attention_rel_pos_backward(ctx, dout, _dlse):
+    # The Triton path: FlashAttention-2's backward kernels with the terms in the scores, their gradients summed in
+    # the dQ kernel. torch's path: SDPA's backward on a recomputed forward with the N x N bias.
+    qkv, rel_h, rel_w, out, lse = ctx.saved_tensors
+    if _attention_on_triton(qkv):
+        grads = _attention_rel_pos_bwd_op(qkv, rel_h, rel_w, out, lse, dout, ctx.num_heads, ctx.scale)
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+    else:
+        fn = lambda x, h, w: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, rel_pos=(h, w))
+        grads = _recompute_grads(fn, (qkv, rel_h, rel_w), (dout,), ctx.needs_input_grad[:3])
+    return *grads, None, None
 
 
 _attention_rel_pos_op.register_autograd(_attention_rel_pos_backward, setup_context=_attention_rel_pos_setup)
@@ -746,8 +781,8 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     return_cls_attn. rel_pos: SAM's decomposed relative positions (rel_h [B, H, N, KH], rel_w [B, H, N, KW]) over
     a KH x KW grid of the N = KH · KW tokens (row-major): score(i, j) += rel_h[i, j // KW] + rel_w[i, j % KW],
     added in the kernel (no N×N matrix; `reference.sam_rel_pos` makes them from q and the learned tables); any
-    float dtype (computed in float32), differentiable (the backward recomputes the forward through SDPA with the
-    N×N bias, as HF's SDPA path runs it); not with key_mask, cu_seqlens or return_cls_attn.
+    float dtype (computed in float32), differentiable in qkv and both (FlashAttention-2's backward kernels with the
+    terms, whose gradients the dQ kernel sums); not with key_mask, cu_seqlens or return_cls_attn.
     """
     D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
@@ -762,8 +797,8 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     if rel_pos is not None:
         rel_h, rel_w = _check_rel_pos(rel_pos, qkv, num_heads, key_mask, cu_seqlens, return_cls_attn)
         if _direct(qkv, rel_h, rel_w):
-            return _attention_rel_pos_impl(qkv, rel_h, rel_w, num_heads, scale)
-        return _attention_rel_pos_op(qkv, rel_h, rel_w, num_heads, scale)
+            return _attention_rel_pos_impl(qkv, rel_h, rel_w, num_heads, scale, with_lse=False)[0]
+        return _attention_rel_pos_op(qkv, rel_h, rel_w, num_heads, scale)[0]
     if _direct(qkv, key_mask, cu_seqlens):
         out, cls_attn, _ = _attention_qkv_impl(qkv, num_heads, scale, return_cls_attn, key_mask, cu_seqlens,
                                                max_seqlen, with_lse=False)
