@@ -854,6 +854,8 @@ def test_ops_attention_qkv_rel_pos(B, H, KH, KW, D, dtype, device):
     eager = reference.attention_qkv(qkv, H, rel_pos=(rel_h, rel_w))
     assert_close(out, ref, dtype=dtype, eager=eager)
     assert (ref - reference.attention_qkv(qkv.double(), H)).abs().max() > 0.1
+    empty = ops.attention_qkv(qkv[:0], H, rel_pos=(rel_h[:0], rel_w[:0]))               # an empty batch
+    assert empty.shape == (0, N, H * D)
 
 
 def test_ops_attention_qkv_rel_pos_cpu_path_and_gradients(monkeypatch):

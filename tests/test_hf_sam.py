@@ -202,3 +202,37 @@ def test_sam_rel_pos_is_hf_get_decomposed_rel_pos():
     rel_h, rel_w = sam_rel_pos(q, attn.rel_pos_h, attn.rel_pos_w, (5, 7))
     assert rel_h.shape == (2, 3, 35, 5) and rel_w.shape == (2, 3, 35, 7)
     torch.testing.assert_close(rel_pos_bias(rel_h, rel_w), want.reshape(2, 3, 35, 35), rtol=1e-12, atol=1e-12)
+
+
+def test_deepseek_vl_hybrid_optimizes_both_towers_and_equals_hf():
+    """DeepSeek-VL hybrid with both of its towers on vitfast: the SigLIP `vision_model` and the SAM
+    `high_res_vision_model` (a SamVisionModel, whose first global block's hidden state the model reads beside the
+    neck's output): logits over a prompt with an image per row, greedy `generate`, as HF's."""
+    torch.manual_seed(0)
+    siglip = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                  patch_size=8)                                                   # 4 x 4 tokens
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = transformers.DeepseekVLHybridConfig(
+        text_config=text, vision_config=transformers.SiglipVisionConfig(**siglip),
+        high_res_vision_config=transformers.SamVisionConfig(**VISION), image_token_id=98)
+    model = perturbed(transformers.DeepseekVLHybridForConditionalGeneration(config))
+    with torch.no_grad():
+        model.model.high_res_vision_alpha.fill_(0.7)                              # HF starts it at 0
+        for name, p in model.model.high_res_vision_model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_()
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.model.high_res_vision_model.vision_encoder, HFSamVisionEncoder)
+    assert type(opt.model.vision_model).__module__.startswith("vitfast")
+    assert opt.model.language_model is model.model.language_model
+    ids = torch.tensor([[1, *[98] * 16, 3, 4]] * 2)
+    x, hi = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        out, ref, eager = (m(input_ids=ids, pixel_values=px, high_res_pixel_values=h).logits
+                           for m, px, h in ((opt, x, hi), (model64, x.double(), hi.double()), (model, x, hi)))
+        assert_close(out, ref, eager=eager, name="logits")
+        gen = dict(input_ids=ids, pixel_values=x, high_res_pixel_values=hi, attention_mask=torch.ones_like(ids),
+                   max_new_tokens=3, do_sample=False)
+        assert torch.equal(opt.generate(**gen), model.generate(**gen))

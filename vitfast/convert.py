@@ -64,12 +64,13 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
     The runner is the model's `cuda_graphs` attribute."""
     if cuda_graphs not in (None, True, False):
         raise ValueError(f"cuda_graphs: expected None, True or False, got {cuda_graphs!r}")
-    inner = _wrapped_model(model)
-    if inner is not None:
+    inner = _wrapped_models(model)
+    if inner:
         out = copy.copy(model)                            # the outer model's other modules shared
         out._modules, out._parameters, out._buffers = dict(model._modules), dict(model._parameters), \
             dict(model._buffers)                          # its own tables: setting one leaves `model` alone
-        setattr(out, inner, optimize(model._modules[inner], cuda_graphs=cuda_graphs))
+        for attr in inner:
+            setattr(out, attr, optimize(model._modules[attr], cuda_graphs=cuda_graphs))
         return out
     if isinstance(model, VisionTransformer):
         out = model
@@ -99,28 +100,29 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 # CLIP's / SigLIP's two-tower and classification models' `vision_model`, the VLMs' `vision_tower` (LLaVA,
 # PaliGemma, Gemma 3, Kimi K2.5: inside their `model`), DINOv2's classifiers' `dinov2` / `dinov2_with_registers`,
 # OWL-ViT's and OWLv2's `owlvit` / `owlv2`, the Qwen-VL, GLM-4V and PaddleOCR-VL models' `visual`, LightOnOCR's
-# `vision_encoder` (inside their `model`); then the `timm_model` of transformers' TimmWrapper models (Perception LM's
-# `vision_tower`). Other
-# heads (ViTForMaskedImageModeling's `vit`, ...) are not taken.
+# `vision_encoder` (inside their `model`; SAM's), DeepSeek-VL hybrid's SAM `high_res_vision_model` beside its
+# `vision_model`: every one of these that holds one; else their `model`; then the `timm_model` of transformers'
+# TimmWrapper models (Perception LM's `vision_tower`). Other heads (ViTForMaskedImageModeling's `vit`, ...) are not
+# taken.
 _HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual",
-             "vision_encoder")
+             "vision_encoder", "high_res_vision_model")
 
 
-def _wrapped_model(model: nn.Module) -> str | None:
-    """The attribute holding the ViT of a model around one (module docstring), or None."""
+def _wrapped_models(model: nn.Module) -> tuple[str, ...]:
+    """The attributes holding the ViTs of a model around them (module docstring); empty if none."""
     cls = type(model)
     if cls.__module__.startswith("transformers.") and not _is_hf_class(cls.__name__):
-        for attr in (*_HF_INNER, "model"):
-            inner = model._modules.get(attr)
-            if inner is not None and (_is_hf_class(type(inner).__name__) or _wrapped_model(inner) is not None):
-                return attr
+        holds = lambda m: m is not None and (_is_hf_class(type(m).__name__) or bool(_wrapped_models(m)))
+        found = tuple(attr for attr in _HF_INNER if holds(model._modules.get(attr)))
+        if found or holds(model._modules.get("model")):
+            return found or ("model",)
         inner = model._modules.get("timm_model")        # TimmWrapperModel / ...ForImageClassification: a timm model
         if inner is not None and type(inner).__module__.startswith("timm."):
-            return "timm_model"
+            return ("timm_model",)
     if cls.__name__ == "FeatureGetterNet" and cls.__module__.startswith("timm.") \
             and isinstance(getattr(model, "model", None), nn.Module):
-        return "model"
-    return None
+        return ("model",)
+    return ()
 
 
 def _is_hf_class(name: str) -> bool:

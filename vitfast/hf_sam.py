@@ -18,8 +18,8 @@ Output: HF's encoder output: last_hidden_state [B, output_channels, rows, column
 and, with output_hidden_states, the embeddings and each block's output [B, rows, columns, C]. The stand-in holds HF's
 encoder (`self.model`, its forward unused) and so its parameter tensors; on CUDA in eval mode without grad its forward
 replays a CUDA graph per input shape. It trains: the attention's backward is FlashAttention-2's kernels with the
-terms in the scores (their gradients summed in the dQ kernel), no N×N matrix either. Not supported (named in the error): attention
-outputs, attention dropout in train mode, activations other than GELU / QuickGELU.
+terms in the scores (their gradients summed in the dQ kernel), no N×N matrix either. Not supported (named in the
+error): attention outputs, attention dropout in train mode, activations other than GELU / QuickGELU.
 """
 
 from __future__ import annotations

@@ -611,6 +611,9 @@ def _attention_rel_pos_impl(qkv: Tensor, rel_h: Tensor, rel_w: Tensor, num_heads
     if not _attention_on_triton(qkv):
         out = reference.torch_attention_qkv(qkv, num_heads, scale, rel_pos=(rel_h, rel_w)).contiguous()
         return out, (qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None)
+    if B == 0:                                                                     # no program to launch
+        return qkv.new_empty(B, N, qkv.shape[2] // 3), (qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+                                                        if with_lse else None)
     attention = _kernels().attention
     grid = (rel_h.shape[-1], rel_w.shape[-1])
     key = ("rel_pos", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, grid, with_lse,
