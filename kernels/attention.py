@@ -655,7 +655,8 @@ def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM
         tl.store(ptrs + cols_hi[None, :], hi.to(ty), mask=row_ok[:, None] & (cols_hi[None, :] < HEAD_DIM))
 
 
-_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT", "REL_KW"]
+_BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT", "REL_KW", "REL_KHP",
+            "REL_KWP"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
