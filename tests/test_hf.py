@@ -93,7 +93,7 @@ def test_every_supported_class_is_tested():
         "Ovis2VisionModel"} | {                                                                 # test_hf_ovis2
         "Gemma4VisionModel"} | {                                                                # test_hf_gemma4
         "MllamaVisionModel"} | {                                                                # test_hf_mllama
-        "SamVisionEncoder", "GotOcr2VisionEncoder"}                                             # test_hf_sam
+        "SamVisionEncoder", "SamHQVisionEncoder", "GotOcr2VisionEncoder"}                       # test_hf_sam
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -34,6 +34,9 @@ def encoder(kind: str = "sam", **kw):
     if kind == "sam":
         from transformers.models.sam.modeling_sam import SamVisionEncoder as cls
         config = transformers.SamVisionConfig(**{**VISION, **kw})
+    elif kind == "sam_hq":
+        from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionEncoder as cls
+        config = transformers.SamHQVisionConfig(**{**VISION, **kw})
     else:
         from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder as cls
         config = transformers.GotOcr2VisionConfig(**{**VISION, **kw})
@@ -45,11 +48,11 @@ def encoder(kind: str = "sam", **kw):
     return hf
 
 
-@pytest.mark.parametrize("kind, kw", [("sam", {}), ("got_ocr2", {}),
+@pytest.mark.parametrize("kind, kw", [("sam", {}), ("got_ocr2", {}), ("sam_hq", dict(global_attn_indexes=[0, 2])),
                                       ("sam", dict(window_size=5, global_attn_indexes=[0, 2])),   # 2 x 2 windows
                                       ("sam", dict(use_rel_pos=False, use_abs_pos=False, qkv_bias=False)),
                                       ("sam", dict(hidden_act="quick_gelu", num_attention_heads=2))],
-                         ids=["sam", "got_ocr2", "window5", "plain", "quick_gelu"])
+                         ids=["sam", "got_ocr2", "sam_hq", "window5", "plain", "quick_gelu"])
 def test_encoder_equals_hf(kind, kw):
     """The neck's output and every hidden state (the embeddings, each block's output), as HF's; the relative
     positions moved the output (so they are what is tested)."""
@@ -68,22 +71,30 @@ def test_encoder_equals_hf(kind, kw):
         for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
             assert h.shape == r.shape == (2, 10, 10, 48)
             assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+        if kind == "sam_hq":                                  # the global blocks' outputs
+            assert len(out.intermediate_embeddings) == len(ref.intermediate_embeddings) == 2
+            for h, r, e in zip(out.intermediate_embeddings, ref.intermediate_embeddings, eager.intermediate_embeddings):
+                assert_close(h, r, eager=e, name="intermediate_embeddings")
         if hf.config.use_rel_pos:
             for layer in hf64.layers:
                 layer.attn.rel_pos_h.zero_()
             assert (hf64(x.double()).last_hidden_state - ref.last_hidden_state).abs().max() > 1e-2
 
 
-def test_sam_model_equals_hf():
-    """SamModel with its encoder on vitfast (the prompt encoder and mask decoder shared): the image embeddings, the
-    masks and IoU scores for point prompts, as HF's; SamVisionModel likewise."""
+@pytest.mark.parametrize("kind", ["sam", "sam_hq"])
+def test_sam_model_equals_hf(kind):
+    """SamModel (SamHQModel) with its encoder on vitfast (the prompt encoder and mask decoder shared; SAM-HQ's reads
+    the global blocks' outputs too): the masks and IoU scores for point prompts, as HF's; SamVisionModel
+    (SamHQVisionModel) likewise."""
     torch.manual_seed(0)
-    config = transformers.SamConfig(vision_config={**VISION, "num_pos_feats": 8},        # 2 x 8: the image embedding
-                                    prompt_encoder_config=dict(hidden_size=16, image_size=40, patch_size=4),
-                                    mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2,
-                                                             num_attention_heads=2, iou_head_hidden_dim=16))
-    hf = transformers.SamModel(config).eval()
-    hf.vision_encoder = encoder(num_pos_feats=8)
+    prefix = "SamHQ" if kind == "sam_hq" else "Sam"
+    decoder = dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=16)
+    config = getattr(transformers, prefix + "Config")(
+        vision_config={**VISION, "num_pos_feats": 8},                                   # 2 x 8: the image embedding
+        prompt_encoder_config=dict(hidden_size=16, image_size=40, patch_size=4),
+        mask_decoder_config={**decoder, **(dict(vit_dim=48) if kind == "sam_hq" else {})})
+    hf = getattr(transformers, prefix + "Model")(config).eval()
+    hf.vision_encoder = encoder(kind, num_pos_feats=8)
     hf64 = copy.deepcopy(hf).double()
     opt = vitfast.optimize(hf)
     assert isinstance(opt.vision_encoder, HFSamVisionEncoder) and opt.mask_decoder is hf.mask_decoder
@@ -94,7 +105,7 @@ def test_sam_model_equals_hf():
         # the masks: HF's own fp32 error is 1.2e-5 here, over the 1e-5 ceiling; the bound by it (2x) still holds
         assert_close(out.pred_masks, ref.pred_masks, eager=eager.pred_masks, tol=1e-4, name="pred_masks")
         assert_close(out.iou_scores, ref.iou_scores, eager=eager.iou_scores, tol=1e-4, name="iou_scores")
-        vision = transformers.SamVisionModel(config.vision_config).eval()
+        vision = getattr(transformers, prefix + "VisionModel")(config.vision_config).eval()
         vision.vision_encoder = hf.vision_encoder
         got = vitfast.optimize(vision)(x).last_hidden_state
         assert_close(got, hf64.vision_encoder(x.double()).last_hidden_state,

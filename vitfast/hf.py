@@ -44,7 +44,7 @@ token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (pa
 q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`,
 Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder; MllamaModel and
 MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed blocks, relative
-positions in the attention's scores; SamModel and SamVisionModel hold it, and GOT-OCR 2.0 its copy) in
+positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0 its copy) in
 `vitfast.hf_sam`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower

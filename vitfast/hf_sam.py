@@ -1,7 +1,8 @@
 """SAM's image encoder on vitfast: transformers' `SamVisionEncoder` (Segment Anything's ViT-B / L / H image encoder,
 the costly part of SAM; `SamModel` and `SamVisionModel` hold it as `vision_encoder`, which `vitfast.optimize`
-replaces in a copy) and `GotOcr2VisionEncoder` (GOT-OCR 2.0's tower, the same encoder, held by
-`GotOcr2ForConditionalGeneration` as its `vision_tower`).
+replaces in a copy), `SamHQVisionEncoder` (SAM-HQ's: the same, and the global blocks' outputs as its
+`intermediate_embeddings`; `SamHQModel`, `SamHQVisionModel`) and `GotOcr2VisionEncoder` (GOT-OCR 2.0's tower, the
+same encoder, held by `GotOcr2ForConditionalGeneration` as its `vision_tower`).
 
 The encoder takes images pixel_values [B, C, S, S] of the configured size S. The patch embedding is one
 `ops.patch_embed` with the absolute position table added in its epilogue; the tokens keep HF's [B, rows, columns, C]
@@ -15,7 +16,8 @@ the LayerNorm, lin1 with the GELU in its epilogue, lin2 with the residual in its
 GEMM), its LayerNorm over the channels, conv2 (3 x 3: torch's convolution), its LayerNorm.
 
 Output: HF's encoder output: last_hidden_state [B, output_channels, rows, columns] (a channels-first view, as HF's)
-and, with output_hidden_states, the embeddings and each block's output [B, rows, columns, C]. The stand-in holds HF's
+and, with output_hidden_states, the embeddings and each block's output [B, rows, columns, C]; SAM-HQ's also its
+intermediate_embeddings, the output of each global block [B, rows, columns, C]. The stand-in holds HF's
 encoder (`self.model`, its forward unused) and so its parameter tensors; on CUDA in eval mode without grad its forward
 replays a CUDA graph per input shape. It trains: the attention's backward is FlashAttention-2's kernels with the
 terms in the scores (their gradients summed in the dQ kernel), no N×N matrix either. Not supported (named in the
@@ -37,14 +39,15 @@ from vitfast.hf_qwen import kept_hidden_states
 from vitfast.reference import sam_rel_pos
 
 # transformers class -> family
-CLASSES = {"SamVisionEncoder": "sam", "GotOcr2VisionEncoder": "sam"}
+CLASSES = {"SamVisionEncoder": "sam", "SamHQVisionEncoder": "sam", "GotOcr2VisionEncoder": "sam"}
 # HF's hidden_act -> vitfast's activation
 _ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "quick_gelu": "quick_gelu"}
 
 
 def optimize_sam(model: nn.Module) -> HFSamVisionEncoder:
-    """A transformers SamVisionEncoder / GotOcr2VisionEncoder -> its stand-in on vitfast (module docstring)."""
+    """A transformers SamVisionEncoder / SamHQVisionEncoder / GotOcr2VisionEncoder -> its stand-in on vitfast (module
+    docstring)."""
     name, cfg = type(model).__name__, model.config
     f = _Findings(f"Hugging Face {name}")
     f.need(cfg.hidden_size % cfg.num_attention_heads == 0,
@@ -90,8 +93,8 @@ def window_unpartition(x: Tensor, size: int, padded: tuple[int, int], grid: tupl
 
 
 class HFSamVisionEncoder(nn.Module):
-    """Stands in for a SamVisionEncoder (or GOT-OCR 2.0's copy): `forward(pixel_values, ...)` as HF's, returning HF's
-    output object (module docstring). HF's encoder is `self.model`; its parameters are the stand-in's."""
+    """Stands in for a SamVisionEncoder (or SAM-HQ's, or GOT-OCR 2.0's copy): `forward(pixel_values, ...)` as HF's,
+    returning HF's output object (module docstring). HF's encoder is `self.model`; its parameters are the stand-in's."""
 
     def __init__(self, model: nn.Module, output: type):
         super().__init__()
@@ -99,6 +102,7 @@ class HFSamVisionEncoder(nn.Module):
         self.config, self.model, self._output = cfg, model, output
         self.num_heads = cfg.num_attention_heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
+        self.intermediate = "intermediate_embeddings" in getattr(output, "__dataclass_fields__", {})   # SAM-HQ's
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -124,8 +128,9 @@ class HFSamVisionEncoder(nn.Module):
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
-        x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
-        out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
+        x, hidden, inter = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
+        extra = dict(intermediate_embeddings=list(inter)) if self.intermediate else {}
+        out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden), **extra)
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()
 
@@ -138,10 +143,12 @@ class HFSamVisionEncoder(nn.Module):
         x = ops.patch_embed(pixels.to(proj.weight.dtype), proj.weight, proj.bias, pos_embed=pos,
                             pos_embed_prefix=False)                                      # (B, G², D)
         kept = keep or ()
-        hidden = [x.view(B, G, G, D) if 0 in kept else None]
+        hidden, inter = [x.view(B, G, G, D) if 0 in kept else None], []
         for i, layer in enumerate(m.layers, 1):
             x = self._block(layer, x, G)
             hidden.append(x.view(B, G, G, D) if i in kept else None)
+            if self.intermediate and layer.window_size == 0:
+                inter.append(x.view(B, G, G, D))
         neck = m.neck
         out = neck.conv1.out_channels
         y = ops.linear(x, neck.conv1.weight.view(out, D))                                # (B, G², out): the 1 x 1 conv
@@ -150,7 +157,7 @@ class HFSamVisionEncoder(nn.Module):
                      padding=neck.conv2.padding)
         y = ops.layer_norm(y.permute(0, 2, 3, 1), neck.layer_norm2.weight, neck.layer_norm2.bias,
                            eps=neck.layer_norm2.eps)
-        return y.permute(0, 3, 1, 2), hidden
+        return y.permute(0, 3, 1, 2), hidden, inter
 
     def _block(self, layer: nn.Module, x: Tensor, G: int) -> Tensor:
         """One SamVisionLayer on tokens x [B, G², C] (row-major over the G x G grid)."""
