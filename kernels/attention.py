@@ -97,7 +97,9 @@ def _prune_configs(configs, named_args, **kwargs):
       4·BLOCK_N·min(num_warps, BLOCK_M/16) bytes (bf16 D=128 128 x 128 on 8 warps, 3 stages: 233,472 bytes,
       over the 232,448 an sm_90 block may have); with REL_KW the pipeliner also stages the two gathered fp32
       tiles of relative-position terms, 8·BLOCK_M·BLOCK_N·(num_stages − 1) bytes (bf16 D=64 128 x 64 on 8 warps,
-      4 stages: 278,528 bytes), and they count as one more fp32 tile of registers;
+      4 stages: 278,528 bytes), half that when the key blocks lie within rows of the key grid (REL_KW a multiple
+      of BLOCK_N: rel_w's tile alone), none when they are whole rows (rel_w's tile loaded once); they count as one
+      more fp32 tile of registers;
     - registers: fp32 scores and accumulator plus operands in the input dtype,
       (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
       compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
@@ -107,9 +109,12 @@ def _prune_configs(configs, named_args, **kwargs):
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     cls_scratch = lambda c: (4 * c.kwargs["BLOCK_N"] * min(c.num_warps, c.kwargs["BLOCK_M"] // 16)
                              if kwargs["RETURN_CLS"] else 0)
-    bias_tile = 1 if kwargs.get("REL_KW") else 0          # the relative-position terms: one more fp32 tile
+    rel_kw = kwargs.get("REL_KW") or 0
+    bias_tile = 1 if rel_kw else 0                        # the relative-position terms: one more fp32 tile
+    staged = lambda c: (0 if not rel_kw or rel_kw == c.kwargs["BLOCK_N"]     # bytes per stage of gathered terms
+                        else 4 if rel_kw % c.kwargs["BLOCK_N"] == 0 else 8) * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     smem = lambda c: (elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
-                      + cls_scratch(c) + bias_tile * 8 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (c.num_stages - 1))
+                      + cls_scratch(c) + staged(c) * (c.num_stages - 1))
     words = lambda c: ((c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_d)) * (1 + elt / 4)
                        + bias_tile * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]) / (32 * c.num_warps)
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
@@ -168,10 +173,12 @@ def _attention_block(
     cls_ptr,                    # [N_KV] fp32: this head's CLS row (raw scores while streaming)
     mask_row,                   # [N_KV] uint8 by stride_mn: this batch element's key mask (HAS_MASK only)
     rel_h, rel_w,               # this head's [N_Q, KH] and [N_Q, REL_KW] fp32 relative-position terms (REL_KW only)
+    rel_w_tile,                 # [BLOCK_M, BLOCK_N]: this program's rows of rel_w, in log2 units (REL_KW == BLOCK_N)
     stride_kn, stride_vn, stride_mn, stride_rh, start_n, N_KV, qk_scale, is_cls_program,
     offs_m, offs_n, cols_lo, cols_hi, row_ok,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, MASK_N: tl.constexpr,
     RETURN_CLS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_KW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
     key_ok = (start_n + offs_n) < N_KV
@@ -189,8 +196,20 @@ def _attention_block(
         qk = tl.dot(q_hi, tl.trans(k), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale                                                          # (BLOCK_M, BLOCK_N), log2 domain
     if REL_KW > 0:   # SAM's decomposed relative positions: key n sits at (n // REL_KW, n % REL_KW) of the grid
-        qk += _rel_bias(rel_h, rel_w, offs_m, start_n + offs_n, row_ok[:, None] & key_ok[None, :], stride_rh,
-                        REL_KW, False)
+        if REL_KW % BLOCK_N == 0:
+            # The block's keys lie in one row of the grid (SAM's global blocks: 64 wide): one term per query from
+            # rel_h, and rel_w's columns of the block, contiguous (loaded once when the block is a whole row).
+            rows = offs_m.to(tl.int64)
+            col_h = tl.load(rel_h + rows * stride_rh + start_n // REL_KW, mask=row_ok, other=0.0).to(tl.float32)
+            if REL_KW == BLOCK_N:
+                tile_w = rel_w_tile
+            else:
+                tile_w = tl.load(rel_w + rows[:, None] * REL_KW + (start_n % REL_KW) + offs_n[None, :],
+                                 mask=row_ok[:, None], other=0.0).to(tl.float32) * 1.4426950408889634
+            qk += col_h[:, None] * 1.4426950408889634 + tile_w
+        else:
+            qk += _rel_bias(rel_h, rel_w, offs_m, start_n + offs_n, row_ok[:, None] & key_ok[None, :], stride_rh,
+                            REL_KW, False)
     if HAS_MASK:
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
     elif MASK_N:
@@ -297,21 +316,26 @@ def _attention_fwd_kernel(
     mask_row = mask_ptr + off_b * stride_mb
     rel_h = rh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh
     rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
+    if REL_KW == BLOCK_N:     # every key block is one whole row of the key grid: the same rel_w tile for each
+        rel_w_tile = tl.load(rel_w + offs_m[:, None].to(tl.int64) * REL_KW + offs_n[None, :], mask=row_ok[:, None],
+                             other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        rel_w_tile = m_i      # unused
     is_cls_program = pid_m == 0
 
     n_full = (n_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, stride_kn,
-            stride_vn, stride_mn, stride_rh, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo,
-            cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, rel_w_tile,
+            stride_kn, stride_vn, stride_mn, stride_rh, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n,
+            cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW, BLOCK_N)
         k_blk += k_step
         v_blk += v_step
     if n_full < n_kv:   # the last, partial key block
         acc_lo, acc_hi, m_i, l_i = _attention_block(
-            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, stride_kn,
-            stride_vn, stride_mn, stride_rh, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n, cols_lo,
-            cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW)
+            q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, rel_w_tile,
+            stride_kn, stride_vn, stride_mn, stride_rh, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n,
+            cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW, BLOCK_N)
 
     if HAS_MASK:
         # A row whose keys are all masked has l = 0 and acc = 0: it outputs 0, and its lse is +inf so that

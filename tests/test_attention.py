@@ -836,8 +836,10 @@ def make_rel_pos(B, H, KH, KW, dtype=torch.float32, device="cpu", scale=2.0):
 
 
 # (B, H, KH, KW, D): a grid not square (5 x 7: row and column of key j differ), a SAM window (14 x 14: 196 keys, a
-# partial last block), ViT-H's head dim (80 = 64 + 16), one row, one column.
-REL_CASES = [(2, 3, 5, 7, 16), (1, 2, 14, 14, 64), (1, 1, 6, 11, 80), (2, 2, 1, 9, 32), (1, 2, 9, 1, 32)]
+# partial last block), ViT-H's head dim (80 = 64 + 16), one row, one column; grids whose rows are whole key blocks
+# (the interpreter's are 32 keys: 32 wide, one block per row, rel_w's tile loaded once; 64 wide, two blocks per row).
+REL_CASES = [(2, 3, 5, 7, 16), (1, 2, 14, 14, 64), (1, 1, 6, 11, 80), (2, 2, 1, 9, 32), (1, 2, 9, 1, 32),
+             (2, 2, 3, 32, 16), (1, 2, 3, 64, 16)]
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
