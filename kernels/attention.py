@@ -35,10 +35,13 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
 - REL_KW: SAM's decomposed relative positions (MViTv2's; SAM's image encoder, GOT-OCR2's and DeepSeek-OCR's
   SAM towers). The keys form a KH x REL_KW grid (key n at row n // REL_KW, column n % REL_KW) and every score
   gets a term per query and key row plus one per query and key column, rel_h [B, H, N_Q, KH] and rel_w
-  [B, H, N_Q, REL_KW] (fp32, made by the caller from q and the learned tables: O(N·√N), not N²), gathered
-  per tile in the kernel: s_ij = q_i·k_j·scale + rel_h[i, j // REL_KW] + rel_w[i, j % REL_KW]. REL_KW is a
-  constexpr, so the division is by a constant; REL_KW=0 compiles to the kernel without it, unchanged.
-  Forward only: the backward kernels do not take it.
+  [B, H, N_Q, REL_KW] (fp32, made by the caller from q and the learned tables: O(N·√N), not N²), added per
+  tile in the kernel: s_ij = q_i·k_j·scale + rel_h[i, j // REL_KW] + rel_w[i, j % REL_KW]. REL_KW is a
+  constexpr, so the division is by a constant; REL_KW=0 compiles to the kernel without it, unchanged. When
+  REL_KW is a multiple of BLOCK_N (SAM's 64-wide global blocks) a key block lies within one row of the grid:
+  one rel_h term per query and rel_w's contiguous columns, and rel_w's tile is loaded once when the block is a
+  whole row; otherwise (SAM's 14 x 14 windows) the terms are gathered per element. The backward kernels take
+  them too (gathered), and the dQ kernel sums dS per key row and column into their gradients.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
