@@ -10,15 +10,13 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_gemma4 import HFGemma4VisionModel, head_order
 from vitfast.testing import (
     MODEL_TOLERANCE,
     assert_close,
-    assert_grads_match,
-    backward_weighted,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
     perturbed,
-    simulate_cuda_graphs,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -100,31 +98,14 @@ def test_trains_hf_tensors():
     """Every HF parameter gets HF's float64 gradient: q and k through their reordered rows, the q / k norms through
     their reordered weights, k and v of grouped-query attention through their repeated rows, the position tables
     through the patch embedding's epilogue, the clamps passing gradients where they do not clip."""
-    hf = vision_model(num_key_value_heads=1, use_clipped_linears=True)
-    hf64 = copy.deepcopy(hf).double().train()
-    opt = vitfast.optimize(hf).train()
-    hf.train()
-    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
-    pv, pos = patches([(4, 4), (4, 2)], 16)
-    weights = torch.randn(48, dtype=torch.float64)
-    backward_weighted(hf64(pv.double(), pos).last_hidden_state, weights)
-    backward_weighted(opt(pv, pos).last_hidden_state, weights, reference_free=True)  # into HF's own tensors' .grad
-    assert_grads_match(hf, hf64)
+    assert_trains_hf_tensors(vision_model(num_key_value_heads=1, use_clipped_linears=True),
+                             patches([(4, 4), (4, 2)], 16), torch.randn(48, dtype=torch.float64))
 
 
 def test_graph_replays():
     """One capture serves batches whose images differ in size and padding: the positions are data."""
-    hf = vision_model()
-    hf64 = copy.deepcopy(hf).double()
-    opt = vitfast.optimize(hf)
-    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
-    with torch.no_grad():
-        for sizes in ([(4, 4), (4, 4)], [(2, 4), (4, 4)], [(4, 2), (2, 2)]):
-            pv, pos = patches(sizes, 16)
-            out, ref, eager = opt(pv, pos), hf64(pv.double(), pos), hf(pv, pos)
-            assert out.last_hidden_state.shape == ref.last_hidden_state.shape
-            assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
-    assert runner.captures == 1
+    assert_tower_replays(vision_model(), [patches(sizes, 16) for sizes in ([(4, 4), (4, 4)], [(2, 4), (4, 4)],
+                                                                           [(4, 2), (2, 2)])])
 
 
 def test_vision_language_model_equals_hf():

@@ -11,15 +11,13 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_llama4 import HFLlama4VisionModel
 from vitfast.testing import (
     MODEL_TOLERANCE,
     assert_close,
-    assert_grads_match,
-    backward_weighted,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
     perturbed,
-    simulate_cuda_graphs,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -58,29 +56,11 @@ def test_vision_tower_equals_hf(hidden):
 def test_trains_hf_tensors():
     """Every HF parameter gets HF's float64 gradient: q and k through their reordered rows, the class token and the
     position table through the patch embedding's epilogue and the concatenation."""
-    hf = vision_model()
-    hf64 = copy.deepcopy(hf).double().train()
-    opt = vitfast.optimize(hf).train()
-    hf.train()
-    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
-    x = torch.randn(2, 3, 32, 32)
-    weights = torch.randn(64, dtype=torch.float64)
-    backward_weighted(hf64(x.double()).last_hidden_state, weights)
-    backward_weighted(opt(x).last_hidden_state, weights, reference_free=True)  # into HF's own tensors' .grad
-    assert_grads_match(hf, hf64)
+    assert_trains_hf_tensors(vision_model(), (torch.randn(2, 3, 32, 32),), torch.randn(64, dtype=torch.float64))
 
 
 def test_graph_replays():
-    hf = vision_model()
-    hf64 = copy.deepcopy(hf).double()
-    opt = vitfast.optimize(hf)
-    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(2, 3, 32, 32)
-            out, ref, eager = opt(x), hf64(x.double()), hf(x)
-            assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
-    assert runner.captures == 1
+    assert_tower_replays(vision_model(), [(torch.randn(2, 3, 32, 32),) for _ in range(3)])
 
 
 def test_vision_language_model_equals_hf():

@@ -10,15 +10,13 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_mllama import HFMllamaVisionModel
 from vitfast.testing import (
     MODEL_TOLERANCE,
     assert_close,
-    assert_grads_match,
-    backward_weighted,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
     perturbed,
-    simulate_cuda_graphs,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -69,30 +67,15 @@ def test_trains_hf_tensors():
     blocks' epilogues, the embeddings' weights), the class token and the tables through the patch embedding. The loss
     leaves out the empty image slot, as the VLM's cross-attention mask does: HF's forward gives it the mean of v (its
     finite mask swamps the scores), while autograd differentiates HF's softmax there as if the scores counted."""
-    hf = vision_model()
-    hf64 = copy.deepcopy(hf).double().train()
-    opt = vitfast.optimize(hf).train()
-    hf.train()
-    x = torch.randn(2, 2, 4, 3, 16, 16)
     weights = torch.randn(144, dtype=torch.float64) * (MASK.amax(-1) != 0)[..., None, None, None]
-    backward_weighted(hf64(x.double(), IDS, MASK).last_hidden_state, weights)
-    backward_weighted(opt(x, IDS, MASK).last_hidden_state, weights, reference_free=True)  # into HF's own tensors' .grad
-    assert_grads_match(hf, hf64)
+    assert_trains_hf_tensors(vision_model(), (torch.randn(2, 2, 4, 3, 16, 16), IDS, MASK), weights)
 
 
 def test_graph_replays():
     """One capture serves batches with other aspect ratios and tile masks: they are data."""
-    hf = vision_model()
-    hf64 = copy.deepcopy(hf).double()
-    opt = vitfast.optimize(hf)
-    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
-    with torch.no_grad():
-        for ids, mask in ((IDS, MASK), (torch.tensor([[1, 1], [3, 4]]), torch.tensor(
-                [[[1, 0, 0, 0], [1, 0, 0, 0]], [[1, 1, 0, 0], [1, 1, 1, 1]]]))):
-            x = torch.randn(2, 2, 4, 3, 16, 16)
-            out, ref, eager = opt(x, ids, mask), hf64(x.double(), ids, mask), hf(x, ids, mask)
-            assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
-    assert runner.captures == 1
+    other = (torch.tensor([[1, 1], [3, 4]]), torch.tensor([[[1, 0, 0, 0], [1, 0, 0, 0]], [[1, 1, 0, 0], [1, 1, 1, 1]]]))
+    assert_tower_replays(vision_model(), [(torch.randn(2, 2, 4, 3, 16, 16), *ids_mask) for ids_mask in ((IDS, MASK),
+                                                                                                       other)])
 
 
 def test_vision_language_model_equals_hf():

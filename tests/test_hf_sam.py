@@ -10,15 +10,13 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_sam import HFSamVisionEncoder
 from vitfast.testing import (
     assert_close,
-    assert_grads_match,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
     assert_vlm_equals_hf,
-    backward_weighted,
     perturbed,
-    simulate_cuda_graphs,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -116,29 +114,12 @@ def test_trains_hf_tensors():
     """Every HF parameter gets HF's float64 gradient: the relative-position tables through the decomposed terms and
     the attention's backward kernels (the reference never called), the position table through the patch embedding's
     epilogue, the neck's convolutions."""
-    hf = encoder()
-    hf64 = copy.deepcopy(hf).double().train()
-    opt = vitfast.optimize(hf).train()
-    hf.train()
-    x = torch.randn(2, 3, 40, 40)
-    weights = torch.randn(10, dtype=torch.float64)
-    backward_weighted(hf64(x.double()).last_hidden_state, weights)
-    backward_weighted(opt(x).last_hidden_state, weights, reference_free=True)    # into HF's own tensors' .grad
-    assert_grads_match(hf, hf64)
+    assert_trains_hf_tensors(encoder(), (torch.randn(2, 3, 40, 40),), torch.randn(10, dtype=torch.float64))
 
 
 def test_graph_replays():
     """One capture per batch size; later batches of other images replay it, each equal to HF."""
-    hf = encoder()
-    hf64 = copy.deepcopy(hf).double()
-    opt = vitfast.optimize(hf)
-    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(2, 3, 40, 40)
-            out, ref, eager = opt(x), hf64(x.double()), hf(x)
-            assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
-    assert runner.captures == 1
+    assert_tower_replays(encoder(), [(torch.randn(2, 3, 40, 40),) for _ in range(3)])
 
 
 def test_refuses_what_it_does_not_run():

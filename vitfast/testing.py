@@ -152,6 +152,48 @@ def assert_packed_tower_replays(hf, dtype: torch.dtype, grids: list, patches, ke
     assert opt.cuda_graphs.captures == 1
 
 
+def _to_float64(args: tuple) -> tuple:
+    """A forward's arguments for a float64 twin: floating-point tensors in float64, the rest as they are."""
+    return tuple(a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+
+def assert_trains_hf_tensors(hf, args: tuple, weights: Tensor, key: str = "last_hidden_state") -> None:
+    """A tower `hf` (fp32) optimized in train mode trains HF's own tensors: Σ out[key] · weights backpropagated through
+    vitfast (with `vitfast.reference` raising: no backward recomputes it) and through a float64 twin of `hf` gives
+    every HF parameter the twin's gradient within tolerance. args: the forward's positional arguments."""
+    import copy
+
+    import vitfast
+
+    hf64 = copy.deepcopy(hf).double().train()
+    opt = vitfast.optimize(hf).train()
+    hf.train()
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
+    backward_weighted(getattr(hf64(*_to_float64(args)), key), weights)
+    backward_weighted(getattr(opt(*args), key), weights, reference_free=True)     # into HF's own tensors' .grad
+    assert_grads_match(hf, hf64)
+
+
+def assert_tower_replays(hf, batches: list[tuple], key: str = "last_hidden_state") -> None:
+    """A tower `hf` (fp32, eval mode) optimized with CUDA graphs (simulated on the CPU): one capture serves every batch
+    of `batches` (each a forward's positional arguments, of the same shapes), and each output[key] equals HF's in
+    float64 within 2x HF's own fp32 error."""
+    import copy
+
+    import vitfast
+    from vitfast.graphs import CUDAGraphRunner
+
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    runner = opt.cuda_graphs = simulate_cuda_graphs(CUDAGraphRunner())
+    with torch.no_grad():
+        for args in batches:
+            out, ref, eager = (getattr(m(*a), key) for m, a in ((opt, args), (hf64, _to_float64(args)), (hf, args)))
+            assert out.shape == ref.shape
+            assert_close(out, ref, eager=eager, name=key)
+    assert runner.captures == 1
+
+
 def assert_grads_match(model, model64) -> None:
     """After a backward through each: every parameter of `model` has a gradient, within tolerance of the one its
     float64 twin `model64` (same parameter order) got."""
