@@ -15,6 +15,8 @@ processor lays them out:
                  tokens), the 32 local and 8 gated global blocks, batch 8
   sam            SamVisionModel at SAM ViT-H's config (1280 wide, 32 blocks, 16 heads of 80): 1024 px (64 x 64
                  patches), 14 x 14 windows and 4 global blocks with relative positions, the neck, batch 4
+  sam3           Sam3VisionModel at SAM 3's config (its ViT: 1024 wide, 32 blocks, 16 heads of 64): 1008 px (72 x 72
+                 patches), 24 x 24 windows and 4 global blocks with the axial RoPE, the FPN neck, batch 4
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -137,10 +139,22 @@ def sam(small: bool, batch: int):
     return T.SamVisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2
 
 
+def sam3(small: bool, batch: int):
+    import transformers as T
+
+    vit = T.Sam3ViTConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                          image_size=40, patch_size=4, window_size=4, global_attn_indexes=[1],
+                          pretrain_image_size=16) if small else T.Sam3ViTConfig()          # SAM 3's defaults
+    G = vit.image_size // vit.patch_size
+    cfg = T.Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=16 if small else 256,
+                             backbone_feature_sizes=[[4 * G, 4 * G], [2 * G, 2 * G], [G, G]])
+    return T.Sam3VisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, vit.image_size, vit.image_size)), G * G
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
-          "sam": (sam, 4)}
+          "sam": (sam, 4), "sam3": (sam3, 4)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

@@ -45,7 +45,8 @@ q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneratio
 Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder; MllamaModel and
 MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed blocks, relative
 positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0 its copy) in
-`vitfast.hf_sam`.
+`vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel holds it, and
+Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -99,6 +100,8 @@ from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
 from vitfast.hf_qwen import optimize_qwen
 from vitfast.hf_sam import CLASSES as SAM_CLASSES
 from vitfast.hf_sam import optimize_sam
+from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
+from vitfast.hf_sam3 import optimize_sam3
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import (
@@ -164,6 +167,9 @@ CLASSES = {
     # SAM's image encoder (SamModel, SamVisionModel) and GOT-OCR 2.0's copy of it: windowed blocks, relative positions
     # in the attention's scores, the neck (vitfast.hf_sam)
     **{name: (family, None) for name, family in SAM_CLASSES.items()},
+    # SAM 3's backbone (Sam3VisionModel's, which Sam3Model and Sam3TrackerModel hold): windowed and global blocks with
+    # the axial RoPE (vitfast.hf_sam3)
+    **{name: (family, None) for name, family in SAM3_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -202,6 +208,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_mllama(model)
     if family == "sam":
         return optimize_sam(model)
+    if family == "sam3":
+        return optimize_sam3(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
