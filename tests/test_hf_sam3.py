@@ -1,7 +1,7 @@
 """SAM 3's vision backbone on vitfast: transformers' `Sam3ViTModel` (the position table tiled, windowed blocks with
 zero-padded windows, global blocks, the axial RoPE with HF's pairwise rotation, no class token) alone and inside
-`Sam3VisionModel`, `Sam3TrackerModel` and `Sam3Model`. Compared in fp32 against HF in float64, bounded by HF's own
-fp32 error; gradients reach HF's tensors; a CUDA graph replays the forward."""
+`Sam3VisionModel`, `Sam3TrackerModel`, `Sam3Model` and `Sam3VideoModel`. Compared in fp32 against HF in float64,
+bounded by HF's own fp32 error; gradients reach HF's tensors; a CUDA graph replays the forward."""
 
 import copy
 
@@ -39,6 +39,20 @@ def backbone(**kw):
 def vision_config(**kw):
     return transformers.Sam3VisionConfig(backbone_config=transformers.Sam3ViTConfig(**{**VIT, **kw}),
                                          fpn_hidden_size=16, backbone_feature_sizes=[[40, 40], [20, 20], [10, 10]])
+
+
+def sam3_config():
+    """A small Sam3Config: the backbone of VIT, one-block text tower, geometry encoder, DETR encoder and decoder."""
+    small = dict(hidden_size=16, num_layers=1, num_attention_heads=2, intermediate_size=32)
+    return transformers.Sam3Config(
+        vision_config=vision_config(),
+        text_config=transformers.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
+                                                bos_token_id=0, eos_token_id=1),
+        geometry_encoder_config=transformers.Sam3GeometryEncoderConfig(**small),
+        detr_encoder_config=transformers.Sam3DETREncoderConfig(**small),
+        detr_decoder_config=transformers.Sam3DETRDecoderConfig(**small, num_queries=5),
+        mask_decoder_config=transformers.Sam3MaskDecoderConfig(hidden_size=16, num_attention_heads=2))
 
 
 @pytest.mark.parametrize("kw, size", [({}, (40, 40)),
@@ -108,26 +122,17 @@ def test_tracker_and_sam3_models_equal_hf():
     """Sam3TrackerModel (point prompts) and Sam3Model (a text prompt: the DETR encoder and decoder, the mask decoder)
     with the backbone on vitfast, their other modules shared: the masks (and SAM 3's semantic segmentation), as
     HF's."""
-    small = dict(hidden_size=16, num_layers=1, num_attention_heads=2, intermediate_size=32)
     tracker = transformers.Sam3TrackerConfig(
         vision_config=vision_config(), prompt_encoder_config=dict(hidden_size=16, image_size=40, patch_size=4),
         mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
                                  iou_head_hidden_dim=16))
-    full = transformers.Sam3Config(
-        vision_config=vision_config(),
-        text_config=transformers.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
-                                                bos_token_id=0, eos_token_id=1),
-        geometry_encoder_config=transformers.Sam3GeometryEncoderConfig(**small),
-        detr_encoder_config=transformers.Sam3DETREncoderConfig(**small),
-        detr_decoder_config=transformers.Sam3DETRDecoderConfig(**small, num_queries=5),
-        mask_decoder_config=transformers.Sam3MaskDecoderConfig(hidden_size=16, num_attention_heads=2))
     x = torch.randn(2, 3, 40, 40)
     points, labels = torch.rand(2, 1, 1, 2) * 40, torch.ones(2, 1, 1, dtype=torch.long)
     ids = torch.randint(2, 64, (2, 5))
-    for model, kw, keys in ((transformers.Sam3TrackerModel(tracker), dict(input_points=points, input_labels=labels),
-                             ("pred_masks", "iou_scores")),
-                            (transformers.Sam3Model(full), dict(input_ids=ids), ("pred_masks", "semantic_seg"))):
+    cases = ((transformers.Sam3TrackerModel(tracker), dict(input_points=points, input_labels=labels),
+              ("pred_masks", "iou_scores")),
+             (transformers.Sam3Model(sam3_config()), dict(input_ids=ids), ("pred_masks", "semantic_seg")))
+    for model, kw, keys in cases:
         hf = perturbed(model).eval()
         hf64 = copy.deepcopy(hf).double()
         opt = vitfast.optimize(hf)
@@ -139,6 +144,27 @@ def test_tracker_and_sam3_models_equal_hf():
                                ((opt, x, kw), (hf64, x.double(), kw64), (hf, x, kw)))
             for key in keys:
                 assert_close(out[key], ref[key], eager=eager[key], tol=1e-4, name=key)
+
+
+def test_video_model_optimizes_its_detector():
+    """Sam3VideoModel: a copy with its detector's backbone on vitfast and the tracker shared; the vision features each
+    video frame gets (`detector_model.get_vision_features`, which the tracker takes too), as HF's."""
+    tracker = transformers.Sam3TrackerVideoConfig(
+        vision_config=vision_config(), prompt_encoder_config=dict(hidden_size=16, image_size=40, patch_size=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=16))
+    hf = perturbed(transformers.Sam3VideoModel(transformers.Sam3VideoConfig(
+        detector_config=sam3_config(), tracker_config=tracker))).eval()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt.detector_model.vision_encoder.backbone, HFSam3ViTModel)
+    assert opt.tracker_model is hf.tracker_model and opt.detector_model.text_encoder is hf.detector_model.text_encoder
+    hf64 = copy.deepcopy(hf.detector_model).double()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        out, ref, eager = (m.get_vision_features(pixel_values=px) for m, px in
+                           ((opt.detector_model, x), (hf64, x.double()), (hf.detector_model, x)))
+        for i, (h, r, e) in enumerate(zip(out.fpn_hidden_states, ref.fpn_hidden_states, eager.fpn_hidden_states)):
+            assert_close(h, r, eager=e, name=f"fpn_hidden_states[{i}]")
 
 
 def test_trains_hf_tensors():

@@ -1,7 +1,8 @@
 """SAM 3's vision backbone on vitfast: transformers' `Sam3ViTModel`, the ViT of Segment Anything 3 (ViT-L sized: 32
 blocks of 1024, 1008 px in patches of 14, a 72 x 72 grid), the costly part of SAM 3. `Sam3VisionModel` holds it as
-`backbone` (beside its FPN neck), and `Sam3Model` and `Sam3TrackerModel` hold that as `vision_encoder`:
-`vitfast.optimize` copies each with the backbone replaced (the neck, text tower, DETR and decoders shared).
+`backbone` (beside its FPN neck), `Sam3Model` and `Sam3TrackerModel` hold that as `vision_encoder`, and
+`Sam3VideoModel` a Sam3Model as `detector_model` (whose vision features its tracker takes too): `vitfast.optimize`
+copies each with the backbone replaced (the neck, text tower, DETR, decoders and tracker shared).
 
 The backbone takes images pixel_values [B, C, H, W] (H and W multiples of the patch size; the configured size when it
 has global blocks). The patch embedding (a convolution without bias) is one `ops.patch_embed` with the position table
