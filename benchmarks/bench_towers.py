@@ -17,6 +17,8 @@ processor lays them out:
                  patches), 14 x 14 windows and 4 global blocks with relative positions, the neck, batch 4
   sam3           Sam3VisionModel at SAM 3's config (its ViT: 1024 wide, 32 blocks, 16 heads of 64): 1008 px (72 x 72
                  patches), 24 x 24 windows and 4 global blocks with the axial RoPE, the FPN neck, batch 4
+  radio          RadioModel at C-RADIO v4-H's config (1280 wide, 32 blocks, 16 heads of 80, 3 class tokens and 7
+                 registers): 768 x 768 px (2304 patches of 16), batch 16
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -151,10 +153,21 @@ def sam3(small: bool, batch: int):
     return T.Sam3VisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, vit.image_size, vit.image_size)), G * G
 
 
+def radio(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.RadioConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2.0, patch_size=4,
+                        max_img_size=48, num_cls_tokens=2, num_registers=3, summary_idxs=[0, 1]) if small else \
+        T.RadioConfig()                                                       # C-RADIO v4-H's defaults
+    S = 32 if small else 768
+    tokens = (S // cfg.patch_size) ** 2 + cfg.num_cls_tokens + cfg.num_registers
+    return T.RadioModel(cfg), dict(pixel_values=torch.rand(batch, 3, S, S)), tokens
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
-          "sam": (sam, 4), "sam3": (sam3, 4)}
+          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

@@ -46,7 +46,8 @@ Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated glob
 MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed blocks, relative
 positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0 its copy) in
 `vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel holds it, and
-Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`.
+Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
+sizes too) in `vitfast.hf_radio`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -98,6 +99,8 @@ from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
 from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
 from vitfast.hf_qwen import optimize_qwen
+from vitfast.hf_radio import CLASSES as RADIO_CLASSES
+from vitfast.hf_radio import optimize_radio
 from vitfast.hf_sam import CLASSES as SAM_CLASSES
 from vitfast.hf_sam import optimize_sam
 from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
@@ -170,6 +173,9 @@ CLASSES = {
     # SAM 3's backbone (Sam3VisionModel's, which Sam3Model and Sam3TrackerModel hold): windowed and global blocks with
     # the axial RoPE (vitfast.hf_sam3)
     **{name: (family, None) for name, family in SAM3_CLASSES.items()},
+    # NVIDIA's RADIO (C-RADIO v3 / v4; Nemotron 3 Nano Omni's vision model): class and register tokens, the Cropped
+    # Position Embedding, layer-scales, images packed by image_grid_hw (vitfast.hf_radio)
+    **{name: (family, None) for name, family in RADIO_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -210,6 +216,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_sam(model)
     if family == "sam3":
         return optimize_sam3(model)
+    if family == "radio":
+        return optimize_radio(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
