@@ -1,6 +1,8 @@
 """Test harness: Triton's interpreter on CPU-only machines, the `gpu` marker, seeding."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +25,11 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # xdist runs one worker per core
-# Tuning kept on disk (vitfast.tuning) goes to a folder of this run: tests never read a user's.
-os.environ.setdefault("VITFAST_CACHE_DIR", tempfile.mkdtemp(prefix="vitfast-tuning-"))
+# Tuning kept on disk (vitfast.tuning) goes to a folder of this run: tests never read a user's. The process that
+# makes it (pytest's; xdist's workers inherit the variable) removes it at exit.
+if "VITFAST_CACHE_DIR" not in os.environ:
+    os.environ["VITFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitfast-tuning-")
+    atexit.register(shutil.rmtree, os.environ["VITFAST_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -93,7 +93,9 @@ def test_every_supported_class_is_tested():
         "Ovis2VisionModel"} | {                                                                 # test_hf_ovis2
         "Gemma4VisionModel"} | {                                                                # test_hf_gemma4
         "MllamaVisionModel"} | {                                                                # test_hf_mllama
-        "SamVisionEncoder", "SamHQVisionEncoder", "GotOcr2VisionEncoder"}                       # test_hf_sam
+        "SamVisionEncoder", "SamHQVisionEncoder", "GotOcr2VisionEncoder"} | {                   # test_hf_sam
+        "Sam3ViTModel"} | {                                                                     # test_hf_sam3
+        "RadioModel"}                                                                           # test_hf_radio
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
