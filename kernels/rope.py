@@ -9,6 +9,14 @@ with x1, x2 the two halves of the head (the rotate-half pairing of Hugging Face'
 j is columns j and D/2 + j), in fp32, rounded once. `inverse=True` rotates by −angle: the transpose, so
 the backward of the op is the op itself on the output gradient.
 
+Tables of D columns (FULL) give each element its own angle, V-JEPA 2's RoPE (whose two elements of a pair turn by
+different angles, an artefact of its table layout that its checkpoints were trained with):
+
+    out[..., :D/2] = x1 · cos[r, :D/2] − x2 · sin[r, :D/2]      out[..., D/2:] = x2 · cos[r, D/2:] + x1 · sin[r, D/2:]
+
+which is no longer a rotation; `inverse=True` is then the transpose (sin's halves swapped and negated), still the
+op's backward.
+
 Out of place (autograd keeps qkv) it writes a new packed tensor: one read and one write of qkv. In place
 (inference: qkv is the projection's fresh output) it reads and rewrites q and k of the rotated tokens only,
 two thirds of that traffic and no new tensor. Either way the attention kernel then reads the result as any
@@ -40,11 +48,12 @@ def _rope_qkv_kernel(
     src_ptr, dst_ptr, cos_ptr, sin_ptr, w_ptr,
     N, stride_sb, stride_sn, stride_db, stride_dn, rope_start, eps,
     H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-    INVERSE: tl.constexpr, IN_PLACE: tl.constexpr, NORM: tl.constexpr,
+    INVERSE: tl.constexpr, IN_PLACE: tl.constexpr, NORM: tl.constexpr, FULL: tl.constexpr,
 ):
     """One program: BLOCK_T tokens of one image, one (part, head) column block of D = 2·HALF values (in place:
     the q and k heads only, and only the rotated tokens are written, unless NORM). NORM: 0 none, 1 q and k
-    normalized (w_ptr: [2, D] weights), 2 v too (without weight)."""
+    normalized (w_ptr: [2, D] weights), 2 v too (without weight). FULL: tables of D columns, an angle per element
+    (module docstring)."""
     pid_t, b, ph = tl.program_id(0), tl.program_id(1), tl.program_id(2)     # ph = part · H + head
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.arange(0, BLOCK_HALF)
@@ -66,12 +75,22 @@ def _rope_qkv_kernel(
     if ph < 2 * H:                                   # q or k: rotate the tokens the tables cover
         r = tok - rope_start
         rot = ok & (r >= 0)[:, None]
-        t = r.to(tl.int64)[:, None] * HALF + col[None, :]
-        c = tl.load(cos_ptr + t, mask=rot, other=1.0)
-        s = tl.load(sin_ptr + t, mask=rot, other=0.0)
-        if INVERSE:
-            s = -s
-        x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
+        if FULL:                                     # an angle per element: x1's columns, then x2's
+            t = r.to(tl.int64)[:, None] * (2 * HALF) + col[None, :]
+            c1 = tl.load(cos_ptr + t, mask=rot, other=1.0)
+            c2 = tl.load(cos_ptr + t + HALF, mask=rot, other=1.0)
+            s1 = tl.load(sin_ptr + t, mask=rot, other=0.0)
+            s2 = tl.load(sin_ptr + t + HALF, mask=rot, other=0.0)
+            if INVERSE:                              # the transpose
+                s1, s2 = -s2, -s1
+            x1, x2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        else:
+            t = r.to(tl.int64)[:, None] * HALF + col[None, :]
+            c = tl.load(cos_ptr + t, mask=rot, other=1.0)
+            s = tl.load(sin_ptr + t, mask=rot, other=0.0)
+            if INVERSE:
+                s = -s
+            x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
         if IN_PLACE and NORM == 0:
             ok = rot
     tl.store(dst, x1.to(dst_ptr.dtype.element_ty), mask=ok)
@@ -167,9 +186,9 @@ NORMS = (None, "qk", "qkv")      # what `norm` normalizes before the rotation (m
 
 
 def plan(qkv: torch.Tensor, num_heads: int, n_rope: int, inverse: bool = False, in_place: bool = False,
-         norm: str | None = None, eps: float = 1e-6) -> RopePlan:
-    """The launch for qkv's shape and strides, tables covering the last n_rope tokens: into a new contiguous
-    tensor, or in place (the q and k heads only, v's too with norm="qkv")."""
+         norm: str | None = None, eps: float = 1e-6, full: bool = False) -> RopePlan:
+    """The launch for qkv's shape and strides, tables covering the last n_rope tokens (of D / 2 columns, or D with
+    `full`): into a new contiguous tensor, or in place (the q and k heads only, v's too with norm="qkv")."""
     B, N, C3 = qkv.shape
     half = C3 // (3 * num_heads) // 2
     block_t, block_half = _block_t(half), next_power_of_2(half)
@@ -178,7 +197,7 @@ def plan(qkv: torch.Tensor, num_heads: int, n_rope: int, inverse: bool = False, 
     dst = (qkv.stride(0), qkv.stride(1)) if in_place else (N * C3, C3)
     scalars = (N, qkv.stride(0), qkv.stride(1), *dst, N - n_rope, float(eps))
     meta = dict(H=num_heads, HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, INVERSE=inverse, IN_PLACE=in_place,
-                NORM=NORMS.index(norm), num_warps=warps)
+                NORM=NORMS.index(norm), FULL=full, num_warps=warps)
     return RopePlan(Launch(_rope_qkv_kernel, grid, scalars, meta), in_place)
 
 
@@ -228,9 +247,11 @@ def rope_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Te
              inverse: bool = False, in_place: bool = False, norm: str | None = None,
              weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """qkv [B, N, 3·C] (unit-stride last dim, even head dim) with q and k of its last cos.shape[0] tokens
-    rotated (after the heads' norms with `norm`: weight [2, D], q's and k's); cos, sin [N_rope, D/2] contiguous
-    fp32 on qkv's device. See the module docstring."""
-    return run(plan(qkv, num_heads, cos.shape[0], inverse, in_place, norm, eps), qkv, cos, sin, weight)
+    rotated (after the heads' norms with `norm`: weight [2, D], q's and k's); cos, sin [N_rope, D/2] (or [N_rope, D]
+    without norm: an angle per element) contiguous fp32 on qkv's device. See the module docstring."""
+    D = qkv.shape[2] // (3 * num_heads)
+    return run(plan(qkv, num_heads, cos.shape[0], inverse, in_place, norm, eps, cos.shape[1] == D), qkv, cos, sin,
+               weight)
 
 
 def norm_rope_qkv_backward(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, cos: torch.Tensor,

@@ -157,8 +157,10 @@ def test_rope_qkv_refuses_bad_tables_by_name():
     cos, sin = tables(4, 8)
     bad = [
         (dict(cos=cos.double()), r"cos: expected dtype torch.float32 for a torch.float32 qkv, got torch.float64"),
-        (dict(cos=cos[:, :3].contiguous()), r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\], got \(4, 3\)"),
-        (dict(cos=torch.ones(6, 4)), r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\], got \(6, 4\)"),
+        (dict(cos=cos[:, :3].contiguous()),
+         r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\] or \[N_rope, D\] = \[1..5, 8\], got \(4, 3\)"),
+        (dict(cos=torch.ones(6, 4)), r"cos: expected shape \[N_rope, D/2\] = \[1..5, 4\] or .*, got \(6, 4\)"),
+        (dict(cos=torch.ones(4, 8)), r"sin: expected shape \(4, 8\) \(like cos\), got \(4, 4\)"),
         (dict(sin=sin[:3]), r"sin: expected shape \(4, 4\) \(like cos\), got \(3, 4\)"),
         (dict(sin=sin.clone().requires_grad_()), r"sin: expected a table that does not require grad"),
         (dict(cos=cos.to("meta")), r"cos: expected device cpu \(like qkv\), got meta"),
@@ -174,6 +176,66 @@ def test_rope_qkv_refuses_bad_tables_by_name():
             ops.rope_qkv(args["qkv"], args["num_heads"], args["cos"], args["sin"])
 
 
+def full_tables(n_rope: int, head_dim: int, dtype=torch.float32, device="cpu"):
+    """Tables of D columns: an angle per element (V-JEPA 2's layout), x1's columns then x2's."""
+    return tables(n_rope, 2 * head_dim, dtype, device)
+
+
+def test_full_tables_give_each_element_its_angle():
+    """Tables of D columns: out1 = x1·cos₁ − x2·sin₁, out2 = x2·cos₂ + x1·sin₂ (the halves of the tables); equal to
+    the D/2 form when the halves agree; inverse=True is the transpose (⟨f(x), y⟩ = ⟨x, fᵀ(y)⟩)."""
+    x, y = torch.randn(2, 3, 9, 16, dtype=torch.float64), torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    cos, sin = full_tables(5, 16, torch.float64)
+    out = reference.apply_rope(x, cos, sin)
+    x1, x2 = x[..., 4:, :8], x[..., 4:, 8:]
+    want = torch.cat([x1 * cos[:, :8] - x2 * sin[:, :8], x2 * cos[:, 8:] + x1 * sin[:, 8:]], dim=-1)
+    torch.testing.assert_close(out[..., 4:, :], want, rtol=0, atol=0)
+    assert torch.equal(out[..., :4, :], x[..., :4, :])
+    back = reference.apply_rope(y, cos, sin, inverse=True)
+    torch.testing.assert_close((out * y).sum(), (x * back).sum(), rtol=1e-12, atol=0)
+    half_cos, half_sin = tables(5, 16, torch.float64)
+    torch.testing.assert_close(reference.apply_rope(x, half_cos.tile(2), half_sin.tile(2)),
+                               reference.apply_rope(x, half_cos, half_sin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "cpu_path"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[1]}-D{c[3]}-rope{c[4]}-{c[5]}")
+def test_rope_qkv_full_tables_equal_reference(case, interpret, monkeypatch):
+    """Tables of D columns through the kernel (the interpreter) and torch's CPU path, out of place and in place:
+    as the float64 reference; the result differs from the D/2 form of either half (so each half is read)."""
+    monkeypatch.setattr(ops, "INTERPRET", interpret and ops.INTERPRET)
+    B, N, H, D, n_rope, layout = case
+    qkv = packed(B, N, H, D, layout, torch.float32)
+    cos, sin = full_tables(n_rope, D)
+    out = ops.rope_qkv(qkv, H, cos, sin)
+    assert_close(out, reference.rope_qkv(qkv.double(), H, cos.double(), sin.double()),
+                 eager=reference.rope_qkv(qkv, H, cos, sin))
+    for half in (slice(0, D // 2), slice(D // 2, D)):
+        other = ops.rope_qkv(qkv, H, cos[:, half].contiguous(), sin[:, half].contiguous())
+        assert (other - out).abs().max() > 0.1
+    inplace = qkv.clone()
+    assert ops.rope_qkv(inplace, H, cos, sin, inplace=True) is inplace and torch.equal(inplace, out)
+
+
+def test_rope_qkv_full_tables_backward_is_the_transpose_without_the_reference(monkeypatch, device):
+    B, N, H, D = 2, 13, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    cos, sin = full_tables(N - 1, D, device=device)
+    dout = torch.randn(B, N, 3 * H * D, device=device)
+    x64 = qkv.detach().double().requires_grad_()
+    reference.rope_qkv(x64, H, cos.double(), sin.double()).backward(dout.double())
+    forbid_reference(monkeypatch, "rope_qkv", "apply_rope", "rope_halves")
+    ops.rope_qkv(qkv, H, cos, sin).backward(dout)
+    assert_close(qkv.grad, x64.grad, name="dqkv")
+
+
+def test_rope_qkv_full_tables_float64_gradcheck_and_opcheck():
+    qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    cos, sin = full_tables(4, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ops.rope_qkv(x, 2, cos, sin), (qkv,))
+    torch.library.opcheck(torch.ops.vitfast.rope_qkv.default, (qkv.detach(), 2, cos, sin, False))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_rope_qkv_on_gpu(dtype):
@@ -186,6 +248,16 @@ def test_rope_qkv_on_gpu(dtype):
                      eager=reference.rope_qkv(qkv, H, cos, sin))
         mine = qkv.clone()
         assert ops.rope_qkv(mine, H, cos, sin, inplace=True) is mine and torch.equal(mine, out)
+    cos, sin = full_tables(N - 5, D, device="cuda")                  # an angle per element, forward and backward
+    x = qkv.clone().requires_grad_()
+    out = ops.rope_qkv(x, H, cos, sin)
+    assert_close(out, reference.rope_qkv(qkv.double(), H, cos.double(), sin.double()),
+                 eager=reference.rope_qkv(qkv, H, cos, sin))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    x64 = qkv.double().requires_grad_()
+    reference.rope_qkv(x64, H, cos.double(), sin.double()).backward(dout.double())
+    assert_close(x.grad, x64.grad, dtype=dtype, name="dqkv")
 
 
 def head_norms_then_rope(qkv, H, q_weight, k_weight, cos, sin, eps, v_norm):

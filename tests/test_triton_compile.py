@@ -162,7 +162,8 @@ def launch_rope(c):
     """RoPE on the packed qkv (a plain JIT function, no autotuner): class + 4 registers before the patches."""
     dt, D, H, N = DTYPES[c["dtype"]], c["head_dim"], c["heads"], c["seq"]
     qkv = torch.empty(2, N, 3 * H * D, dtype=dt)
-    cos, sin = torch.empty(N - 5, D // 2), torch.empty(N - 5, D // 2)
+    width = D if c.get("full") else D // 2                 # an angle per element (V-JEPA 2's tables)
+    cos, sin = torch.empty(N - 5, width), torch.empty(N - 5, width)
     norm = c.get("norm")
     weight = torch.empty(2, D, dtype=dt) if norm else None
     if c.get("backward"):                                  # the norm forward's backward (training)
@@ -385,6 +386,11 @@ def _cases():
         name = f"{dtype}-d{head_dim}{'-inverse' if inverse else ''}{'-in_place' if in_place else ''}"
         cases.append(_variant("rope", name, None, {"dtype": dtype, "head_dim": head_dim, "heads": 12, "seq": 261,
                                                    "inverse": inverse, "in_place": in_place}))
+    # Tables with an angle per element (V-JEPA 2: head dim 64, in place in inference, the transpose in training).
+    for inverse, in_place in ((False, True), (True, False)):
+        name = f"bf16-d64-full{'-inverse' if inverse else ''}{'-in_place' if in_place else ''}"
+        cases.append(_variant("rope", name, None, {"dtype": "bf16", "head_dim": 64, "heads": 16, "seq": 261,
+                                                   "inverse": inverse, "in_place": in_place, "full": True}))
     # With the heads' RMSNorms first (`norm_rope_qkv`): Gemma 4's tower in place (head dim 72 -> 36 of 64, v's norm
     # too) and GLM-OCR's q / k norms out of place (training).
     # Their backward (fine-tuning): at 72 with v's norm, and at 64.

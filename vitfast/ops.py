@@ -821,12 +821,13 @@ def _rope_impl(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inverse: b
                ) -> Tensor:
     if _attention_on_triton(qkv):
         rope = _kernels().rope
-        key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, cos.shape[0], inverse, in_place)
+        full = cos.shape[1] * 3 * num_heads == qkv.shape[2]                  # an angle per element (V-JEPA 2)
+        key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, cos.shape[0], inverse, in_place, full)
         plan = _ROPE_PLANS.get(key)
         if plan is None:
             if len(_ROPE_PLANS) >= _MAX_PLANS:
                 _ROPE_PLANS.clear()
-            plan = _ROPE_PLANS[key] = rope.plan(qkv, num_heads, cos.shape[0], inverse, in_place)
+            plan = _ROPE_PLANS[key] = rope.plan(qkv, num_heads, cos.shape[0], inverse, in_place, full=full)
         return rope.run(plan, qkv, cos, sin)
     return reference.torch_rope_qkv(qkv, num_heads, cos, sin, inverse, in_place)
 
@@ -850,7 +851,7 @@ def _rope_setup(ctx, inputs, output):
 
 def _rope_backward(ctx, dout):
     # The rotation is orthogonal: its backward is the inverse rotation of the gradient (v and the prefix
-    # tokens pass through), the same kernel.
+    # tokens pass through), the same kernel; with an angle per element (not a rotation), its transpose.
     cos, sin = ctx.saved_tensors
     return _rope_op(dout.contiguous(), ctx.num_heads, cos, sin, not ctx.inverse), None, None, None, None
 
@@ -858,8 +859,8 @@ def _rope_backward(ctx, dout):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-def _check_rope(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inplace) -> int:
-    """rope_qkv's and norm_rope_qkv's arguments checked -> the head dim."""
+def _check_rope(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inplace, full: bool = False) -> int:
+    """rope_qkv's and norm_rope_qkv's arguments checked -> the head dim. full: tables of D columns allowed too."""
     D, N = _check_packed_qkv(qkv, num_heads), qkv.shape[1]
     if D % 2:
         _fail(f"qkv: rotary embedding needs an even head dim, got {D}")
@@ -870,8 +871,9 @@ def _check_rope(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, inplace) 
         _check_like(name, t, "qkv", qkv.device, t.dtype)
         if t.dtype != table_dtype:
             _fail(f"{name}: expected dtype {table_dtype} for a {qkv.dtype} qkv, got {t.dtype}")
-        if t.dim() != 2 or t.shape[1] != D // 2 or not 1 <= t.shape[0] <= N:
-            _fail(f"{name}: expected shape [N_rope, D/2] = [1..{N}, {D // 2}], got {tuple(t.shape)}")
+        if t.dim() != 2 or t.shape[1] not in ((D // 2, D) if full else (D // 2,)) or not 1 <= t.shape[0] <= N:
+            _fail(f"{name}: expected shape [N_rope, D/2] = [1..{N}, {D // 2}]"
+                  f"{f' or [N_rope, D] = [1..{N}, {D}]' if full else ''}, got {tuple(t.shape)}")
         if t.requires_grad:
             _fail(f"{name}: expected a table that does not require grad (the rotation's angles are fixed)")
     if sin.shape != cos.shape:
@@ -888,10 +890,12 @@ def rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, *, inplace: 
 
     qkv [B, N, 3·C] as `attention_qkv` takes it (even head dim D); cos, sin [N_rope, D/2] with 1 <= N_rope <= N,
     float32 (float64 for a float64 qkv), on qkv's device, not requiring grad (`reference.dinov3_rope` makes
-    them). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself rotated
-    in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
+    them). Tables of D columns, [N_rope, D], give each element its own angle (V-JEPA 2's RoPE: columns j and
+    D/2 + j are the angles of pair j's two elements: x1 · cos[:, j] − x2 · sin[:, j], x2 · cos[:, D/2 + j] + x1 ·
+    sin[:, D/2 + j]). Returns a new packed tensor [B, N, 3·C], differentiable in qkv; with inplace=True, qkv itself
+    rotated in place (only q and k of the rotated tokens are read and written) wherever the call needs no autograd
     and is not traced by torch.compile, else a new tensor as without it: use the tensor returned."""
-    _check_rope(qkv, num_heads, cos, sin, inplace)
+    _check_rope(qkv, num_heads, cos, sin, inplace, full=True)
     cos, sin = cos.contiguous(), sin.contiguous()
     if _direct(qkv):
         return _rope_impl(qkv, num_heads, cos, sin, False, inplace)

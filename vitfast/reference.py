@@ -166,16 +166,25 @@ ROPE_TYPES = (None, "dinov3", "timm")
 ROPE_ROUNDINGS = ("hf", "timm")     # dinov3_rope's two roundings of the same angles
 
 
+def rope_halves(cos: Tensor, sin: Tensor, half: int, inverse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The tables of a RoPE over heads of 2·half columns as (cos₁, sin₁, cos₂, sin₂), the angles of the first and
+    of the second element of each pair: the same for tables of `half` columns, the two halves of tables of 2·half
+    columns (an angle per element, V-JEPA 2's). inverse: the transpose (for a rotation its inverse)."""
+    c1, c2 = (cos, cos) if cos.shape[-1] == half else (cos[..., :half], cos[..., half:])
+    s1, s2 = (sin, sin) if sin.shape[-1] == half else (sin[..., :half], sin[..., half:])
+    return (c1, -s2, c2, -s1) if inverse else (c1, s1, c2, s2)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     """x [..., N, D] with its last cos.shape[0] tokens rotated: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)
     for the halves x1, x2, computed in the tables' dtype when it is wider, returned in x's. inverse: rotate by
-    −angle (the transpose: the backward of the rotation)."""
+    −angle (the transpose: the backward of the rotation). Tables of D columns: an angle per element
+    (`rope_halves`)."""
     n = cos.shape[0]
-    if inverse:
-        sin = -sin
     keep, rot = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n:, :]
     x1, x2 = rot.chunk(2, dim=-1)
-    rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    c1, s1, c2, s2 = rope_halves(cos, sin, x1.shape[-1], inverse)
+    rot = torch.cat([x1 * c1 - x2 * s1, x2 * c2 + x1 * s2], dim=-1).to(x.dtype)
     return torch.cat([keep, rot], dim=-2)
 
 
@@ -381,10 +390,10 @@ def torch_rope_qkv(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor, invers
     out = qkv if in_place else qkv.clone() if qkv.is_contiguous() else qkv.contiguous()
     qk = out.unflatten(2, (3, num_heads, D))[:, N - n:, :2]                     # (B, n, 2, H, D), a view
     x1, x2 = qk[..., : D // 2], qk[..., D // 2:]
-    c, s = cos[:, None, None, :], (-sin if inverse else sin)[:, None, None, :]    # (n, 1, 1, D/2)
+    c1, s1, c2, s2 = (t[:, None, None, :] for t in rope_halves(cos, sin, D // 2, inverse))   # (n, 1, 1, D/2)
     a, e = x1.to(cos.dtype, copy=True), x2.to(cos.dtype, copy=True)          # copies: x1, x2 are overwritten
-    x1.copy_(a * c - e * s)
-    x2.copy_(e * c + a * s)
+    x1.copy_(a * c1 - e * s1)
+    x2.copy_(e * c2 + a * s2)
     return out
 
 
