@@ -19,6 +19,8 @@ processor lays them out:
                  patches), 24 x 24 windows and 4 global blocks with the axial RoPE, the FPN neck, batch 4
   radio          RadioModel at C-RADIO v4-H's config (1280 wide, 32 blocks, 16 heads of 80, 3 class tokens and 7
                  registers): 768 x 768 px (2304 patches of 16), batch 16
+  vjepa2         VJEPA2Model at V-JEPA 2 ViT-L's config (1024 wide, 24 blocks, 16 heads of 64): clips of 16 frames
+                 at 256 px (2048 tubelet tokens), the encoder alone (skip_predictor), batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -164,10 +166,21 @@ def radio(small: bool, batch: int):
     return T.RadioModel(cfg), dict(pixel_values=torch.rand(batch, 3, S, S)), tokens
 
 
+def vjepa2(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.VJEPA2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, crop_size=32, frames_per_clip=4,
+                         patch_size=8, tubelet_size=2, pred_hidden_size=24, pred_num_hidden_layers=1,
+                         pred_num_attention_heads=2) if small else T.VJEPA2Config(frames_per_clip=16)   # ViT-L
+    F, S = cfg.frames_per_clip, cfg.crop_size
+    inputs = dict(pixel_values_videos=torch.randn(batch, F, 3, S, S), skip_predictor=True)
+    return T.VJEPA2Model(cfg), inputs, F // cfg.tubelet_size * (S // cfg.patch_size) ** 2
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
-          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16)}
+          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:
@@ -177,8 +190,9 @@ def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: fl
     with torch.device(DEVICE):
         model, inputs, tokens = build(small, batch)
     model = model.to(DEVICE).eval()
-    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    low_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}   # and flags
+    low_inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
     with torch.no_grad():
         ref = model(**inputs).last_hidden_state
         low = copy.deepcopy(model).to(dtype)

@@ -95,7 +95,8 @@ def test_every_supported_class_is_tested():
         "MllamaVisionModel"} | {                                                                # test_hf_mllama
         "SamVisionEncoder", "SamHQVisionEncoder", "GotOcr2VisionEncoder"} | {                   # test_hf_sam
         "Sam3ViTModel"} | {                                                                     # test_hf_sam3
-        "RadioModel"}                                                                           # test_hf_radio
+        "RadioModel"} | {                                                                       # test_hf_radio
+        "VJEPA2Model", "VJEPA2ForVideoClassification"}                                         # test_hf_vjepa2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

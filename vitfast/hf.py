@@ -47,7 +47,8 @@ MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image enco
 positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0 its copy) in
 `vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel holds it, and
 Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
-sizes too) in `vitfast.hf_radio`.
+sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
+attentive pooler) in `vitfast.hf_vjepa2`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -105,6 +106,8 @@ from vitfast.hf_sam import CLASSES as SAM_CLASSES
 from vitfast.hf_sam import optimize_sam
 from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
 from vitfast.hf_sam3 import optimize_sam3
+from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
+from vitfast.hf_vjepa2 import optimize_vjepa2
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import (
@@ -176,6 +179,9 @@ CLASSES = {
     # NVIDIA's RADIO (C-RADIO v3 / v4; Nemotron 3 Nano Omni's vision model): class and register tokens, the Cropped
     # Position Embedding, layer-scales, images packed by image_grid_hw (vitfast.hf_radio)
     **{name: (family, None) for name, family in RADIO_CLASSES.items()},
+    # Meta's V-JEPA 2 video encoder and its video classifiers: tubelets, the 3D RoPE, the attentive pooler
+    # (vitfast.hf_vjepa2)
+    **{name: (family, None) for name, family in VJEPA2_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -218,6 +224,8 @@ def optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_sam3(model)
     if family == "radio":
         return optimize_radio(model)
+    if family == "vjepa2":
+        return optimize_vjepa2(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
