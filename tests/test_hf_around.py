@@ -272,6 +272,56 @@ def test_more_vision_language_models_equal_hf(name):
         assert torch.equal(opt.generate(**kw), model.generate(**kw))
 
 
+def test_depth_pro_optimizes_its_three_vision_transformers():
+    """Depth Pro (Apple's metric depth: a DINOv2 over overlapping patches at three scales, one over the whole image,
+    one for the field of view): a copy with the three on vitfast, its fusion and heads shared; the depth map and the
+    field-of-view encoder's features as HF's. The field of view itself (a scalar per image after strided convolutions
+    and ReLUs) amplifies either model's rounding, so it is held to the fp32 ceiling only."""
+    dinov2 = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  intermediate_size=64, patch_size=4, image_size=16)
+    cfg = transformers.DepthProConfig(patch_size=16, fusion_hidden_size=16, intermediate_hook_ids=[3, 1],
+                                      intermediate_feature_dims=[16, 16], scaled_images_feature_dims=[32, 32, 16],
+                                      use_fov_model=True, image_model_config=dinov2, patch_model_config=dinov2,
+                                      fov_model_config=dinov2)
+    torch.manual_seed(0)
+    model = perturbed(transformers.DepthProForDepthEstimation(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    encoder = opt.depth_pro.encoder
+    for tower in (encoder.patch_encoder.model, encoder.image_encoder.model, opt.fov_model.fov_encoder.model):
+        assert isinstance(tower, HFVisionModel)
+    assert opt.head is model.head and opt.fov_model.head is model.fov_model.head
+    x = torch.randn(1, 3, 64, 64)                           # 3 scales: 1 + 9 + 25 overlapping patches of 16 px
+    with torch.no_grad():
+        out, ref, eager = (m(px) for m, px in ((opt, x), (model64, x.double()), (model, x)))
+        assert_close(out.predicted_depth, ref.predicted_depth, eager=eager.predicted_depth, name="predicted_depth")
+        assert_close(out.field_of_view, ref.field_of_view, tol=1e-4, name="field_of_view")
+        feats = [m.fov_model.fov_encoder(px) for m, px in ((opt, x), (model64, x.double()), (model, x))]
+        assert_close(feats[0], feats[1], eager=feats[2], name="field-of-view features")
+
+
+def test_vision_encoder_decoder_optimizes_its_encoder():
+    """VisionEncoderDecoderModel (TrOCR, ViT-GPT2 captioning: a ViT / DeiT `encoder`, a text `decoder` with
+    cross-attention): a copy with the encoder on vitfast, the decoder shared; logits and greedy `generate` as HF's."""
+    vit = transformers.ViTConfig(**VISION)
+    gpt2 = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, add_cross_attention=True,
+                                   is_decoder=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = perturbed(transformers.VisionEncoderDecoderModel(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.encoder, HFVisionModel) and opt.decoder is model.decoder
+    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 6], [1, 7, 8]])
+    with torch.no_grad():
+        out, ref, eager = (m(pixel_values=px, decoder_input_ids=ids).logits
+                           for m, px in ((opt, x), (model64, x.double()), (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        kw = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(opt.generate(x, **kw), model.generate(x, **kw))
+
+
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():
     cfg = transformers.ChineseCLIPConfig(text_config=TEXT, vision_config=VISION)
     with pytest.raises(UnsupportedFeatureError,

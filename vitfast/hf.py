@@ -191,7 +191,15 @@ _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, Tr
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
-    """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring)."""
+    """A transformers vision model (one of CLASSES) -> its stand-in on vitfast (module docstring), which answers to
+    HF's `main_input_name` (the models around it read it: VisionEncoderDecoderModel's generate)."""
+    out = _optimize_hf(model)
+    if "main_input_name" not in vars(type(out)):
+        out.main_input_name = getattr(model, "main_input_name", "pixel_values")
+    return out
+
+
+def _optimize_hf(model: nn.Module) -> nn.Module:
     name = type(model).__name__
     if name not in CLASSES:
         held = [f"{type(m).__name__} ({attr})" for attr in _HF_INNER if isinstance(m := model._modules.get(attr),
