@@ -96,7 +96,9 @@ def test_every_supported_class_is_tested():
         "SamVisionEncoder", "SamHQVisionEncoder", "GotOcr2VisionEncoder"} | {                   # test_hf_sam
         "Sam3ViTModel"} | {                                                                     # test_hf_sam3
         "RadioModel"} | {                                                                       # test_hf_radio
-        "VJEPA2Model", "VJEPA2ForVideoClassification"}                                         # test_hf_vjepa2
+        "VJEPA2Model", "VJEPA2ForVideoClassification"} | {                                     # test_hf_vjepa2
+        "BlipVisionModel", "Blip2VisionModel", "InstructBlipVisionModel",                      # test_hf_blip
+        "InstructBlipVideoVisionModel"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

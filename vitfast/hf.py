@@ -48,7 +48,8 @@ positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold 
 `vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel holds it, and
 Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
 sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
-attentive pooler) in `vitfast.hf_vjepa2`.
+attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
+them: their `vision_model`) in `vitfast.hf_blip`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -82,6 +83,8 @@ from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_blip import CLASSES as BLIP_CLASSES
+from vitfast.hf_blip import optimize_blip
 from vitfast.hf_ernie import CLASSES as ERNIE_CLASSES
 from vitfast.hf_ernie import optimize_ernie
 from vitfast.hf_gemma4 import CLASSES as GEMMA4_CLASSES
@@ -182,6 +185,9 @@ CLASSES = {
     # Meta's V-JEPA 2 video encoder and its video classifiers: tubelets, the 3D RoPE, the attentive pooler
     # (vitfast.hf_vjepa2)
     **{name: (family, None) for name, family in VJEPA2_CLASSES.items()},
+    # BLIP's and BLIP-2's (InstructBLIP's) vision transformers: packed qkv, the final norm twice on the pooled row
+    # (vitfast.hf_blip)
+    **{name: (family, None) for name, family in BLIP_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -234,6 +240,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_radio(model)
     if family == "vjepa2":
         return optimize_vjepa2(model)
+    if family == "blip":
+        return optimize_blip(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
