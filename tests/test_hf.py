@@ -98,7 +98,8 @@ def test_every_supported_class_is_tested():
         "RadioModel"} | {                                                                       # test_hf_radio
         "VJEPA2Model", "VJEPA2ForVideoClassification"} | {                                     # test_hf_vjepa2
         "BlipVisionModel", "Blip2VisionModel", "InstructBlipVisionModel",                      # test_hf_blip
-        "InstructBlipVideoVisionModel"}
+        "InstructBlipVideoVisionModel"} | {
+        "PixioModel"}                                                                           # test_hf_pixio
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

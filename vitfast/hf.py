@@ -49,7 +49,8 @@ positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold 
 Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
 sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
 attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
-them: their `vision_model`) in `vitfast.hf_blip`.
+them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`) in
+`vitfast.hf_pixio`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -99,6 +100,8 @@ from vitfast.hf_mllama import CLASSES as MLLAMA_CLASSES
 from vitfast.hf_mllama import optimize_mllama
 from vitfast.hf_paddleocr import CLASSES as PADDLEOCR_CLASSES
 from vitfast.hf_paddleocr import optimize_paddleocr
+from vitfast.hf_pixio import CLASSES as PIXIO_CLASSES
+from vitfast.hf_pixio import optimize_pixio
 from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
 from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
@@ -188,6 +191,9 @@ CLASSES = {
     # BLIP's and BLIP-2's (InstructBLIP's) vision transformers: packed qkv, the final norm twice on the pooled row
     # (vitfast.hf_blip)
     **{name: (family, None) for name, family in BLIP_CLASSES.items()},
+    # Meta's Pixio: 8 class tokens with position rows, the pooler as their mean; PixioBackbone holds it
+    # (vitfast.hf_pixio)
+    **{name: (family, None) for name, family in PIXIO_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -242,6 +248,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_vjepa2(model)
     if family == "blip":
         return optimize_blip(model)
+    if family == "pixio":
+        return optimize_pixio(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

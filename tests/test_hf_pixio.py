@@ -1,0 +1,121 @@
+"""Meta's Pixio on vitfast: transformers' `PixioModel` (class tokens with position rows, HF's bicubic resampling of
+the table, a padding attention_mask as the kernel's key mask, the pooler as the class tokens' mean) and
+`PixioBackbone` around it. Compared in fp32 against HF in float64, bounded by HF's own fp32 error; gradients reach
+HF's tensors; a CUDA graph replays the forward."""
+
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.convert import UnsupportedFeatureError
+from vitfast.hf_pixio import HFPixioModel
+from vitfast.testing import assert_close, assert_tower_replays, assert_trains_hf_tensors, perturbed
+
+transformers = pytest.importorskip("transformers")
+pixio = pytest.importorskip("transformers.models.pixio.modeling_pixio")
+
+# patches of 8 at 32 px: 16 patches after 4 class tokens
+CONFIG = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, mlp_ratio=2, image_size=32, patch_size=8,
+              n_cls_tokens=4)
+
+
+def model(cls=None, **kw):
+    torch.manual_seed(0)
+    return perturbed((cls or pixio.PixioModel)(transformers.PixioConfig(**{**CONFIG, **kw})))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 3, 48, 40)], ids=["configured", "resampled_48x40"])
+def test_equals_hf(shape):
+    """last_hidden_state, pooler_output and every hidden state, as HF's, at the configured size and another (the
+    table resampled)."""
+    hf = model()
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFPixioModel) and {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        out, ref, eager = (m(px, output_hidden_states=True) for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert type(out) is type(ref)
+    for key in ("last_hidden_state", "pooler_output"):
+        assert out[key].shape == ref[key].shape
+        assert_close(out[key], ref[key], eager=eager[key], name=key)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+        assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+
+
+def test_attention_mask_is_the_key_mask():
+    """A padding attention_mask [B, tokens]: the masked keys are ignored, as HF's; it moved the output."""
+    hf = model()
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x, mask = torch.randn(2, 3, 32, 32), torch.ones(2, 20, dtype=torch.long)
+    mask[1, -5:] = 0
+    with torch.no_grad():
+        out, ref, eager = (m(px, attention_mask=mask).last_hidden_state
+                           for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+        assert_close(out, ref, eager=eager)
+        assert (out[1] - opt(x).last_hidden_state[1]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"attention_mask: expected \[B, tokens\] = \[2, 20\] .*, got \(2, 16\)"):
+        opt(x, attention_mask=mask[:, 4:])
+
+
+def test_backbone_equals_hf():
+    """PixioBackbone: a copy with its `pixio` on vitfast; its stage maps (its own norm, the class tokens dropped,
+    reshaped) as HF's."""
+    hf = model(pixio.PixioBackbone, out_indices=[1, 3])
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt.pixio, HFPixioModel) and opt.layernorm is hf.layernorm
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref, eager = (m(px).feature_maps for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert len(out) == len(ref) == 2
+    for o, r, e in zip(out, ref, eager):
+        assert o.shape == r.shape == (2, 48, 4, 4)
+        assert_close(o, r, eager=e, name="feature_maps")
+
+
+def test_trains_hf_tensors():
+    """Every HF parameter gets HF's float64 gradient (the reference never called): q / k / v through their joined
+    rows, the class tokens and position table through the patch embedding's epilogue."""
+    assert_trains_hf_tensors(model(), (torch.randn(2, 3, 32, 32),), torch.randn(48, dtype=torch.float64),
+                             key="pooler_output")
+
+
+def test_graph_replays():
+    assert_tower_replays(model(), [(torch.randn(2, 3, 32, 32),) for _ in range(3)])
+
+
+def test_refuses_what_it_does_not_run():
+    opt = vitfast.optimize(model())
+    with pytest.raises(UnsupportedFeatureError, match="output_attentions=True"):
+        opt(torch.randn(1, 3, 32, 32), output_attentions=True)
+    with pytest.raises(ValueError, match=r"H and W multiples of 8, got \(1, 3, 30, 32\)"):
+        opt(torch.randn(1, 3, 30, 32))
+    with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
+        vitfast.optimize(model(hidden_act="relu"))
+    drop = model(drop_path_rate=0.1).train()
+    with pytest.raises(UnsupportedFeatureError, match=r"drop-path p=0.1 \(layers.0.drop_path\)"):
+        vitfast.optimize(drop)
+
+
+@pytest.mark.gpu
+def test_pixio_huge_on_gpu():
+    """Pixio-H at its shapes (1280 wide, 16 heads of 80, 8 class tokens, 256 px in patches of 16; 8 of its 32 blocks),
+    bf16, random weights (made on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own bf16 error;
+    eager, capture and replay."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = perturbed(pixio.PixioModel(transformers.PixioConfig(num_hidden_layers=8)))
+    ref = copy.deepcopy(hf)
+    hf16 = hf.to(torch.bfloat16)
+    opt = vitfast.optimize(hf16)
+    x = torch.randn(8, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        want = ref(x).last_hidden_state.double()
+        eager = hf16(x.bfloat16()).last_hidden_state
+        for _ in range(3):
+            assert_close(opt(x.bfloat16()).last_hidden_state, want, eager=eager)
