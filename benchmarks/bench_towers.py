@@ -21,6 +21,8 @@ processor lays them out:
                  registers): 768 x 768 px (2304 patches of 16), batch 16
   vjepa2         VJEPA2Model at V-JEPA 2 ViT-L's config (1024 wide, 24 blocks, 16 heads of 64): clips of 16 frames
                  at 256 px (2048 tubelet tokens), the encoder alone (skip_predictor), batch 8
+  blip2          Blip2VisionModel at BLIP-2's config (EVA ViT-g / 14: 1408 wide, 39 blocks, 16 heads of 88), 224 px,
+                 batch 64
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -177,10 +179,19 @@ def vjepa2(small: bool, batch: int):
     return T.VJEPA2Model(cfg), inputs, F // cfg.tubelet_size * (S // cfg.patch_size) ** 2
 
 
+def blip2(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.Blip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                              image_size=32, patch_size=8) if small else T.Blip2VisionConfig()   # EVA ViT-g / 14
+    S = cfg.image_size
+    return T.Blip2VisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
-          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8)}
+          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:
