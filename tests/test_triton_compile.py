@@ -295,6 +295,9 @@ def _cases():
                           {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 729, "cls": False}))
     cases.append(_variant("attention", "bf16-d72-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 2520, "cls": False, "mask": True}))
+    # Head dim 88 (BLIP-2's and InstructBLIP's EVA ViT-g: 16 heads, 257 tokens at 224 px).
+    cases.append(_variant("attention", "bf16-d88-cls", "bf16",
+                          {"dtype": "bf16", "head_dim": 88, "heads": 16, "seq": 257, "cls": True}))
     # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
     cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
