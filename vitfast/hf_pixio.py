@@ -1,20 +1,25 @@
-"""Meta's Pixio on vitfast: transformers' `PixioModel` (a ViT-H / 16 pretrained on pixels, 8 class tokens; its
-`PixioBackbone`, the stage feature maps of depth and 3D heads, holds it as `pixio`, which `vitfast.optimize` replaces
-in a copy: the backbone's own norm and reshaping then run on the stand-in's hidden states, as HF's).
+"""Meta's Pixio and I-JEPA on vitfast: transformers' `PixioModel` (a ViT-H / 16 pretrained on pixels, 8 class tokens;
+its `PixioBackbone`, the stage feature maps of depth and 3D heads, holds it as `pixio`) and `IJepaModel` (I-JEPA's
+ViT-H / 14 and ViT-g / 16, no class token; `IJepaForImageClassification` holds it as `ijepa`). `vitfast.optimize`
+replaces the model inside those in a copy: the backbone's own norm and reshaping, or the classifier over the tokens'
+mean, then run on the stand-in's outputs, as HF's.
 
-The model takes images pixel_values [B, C, H, W] (H and W multiples of the patch size) and an optional attention_mask
-[B, tokens] (1 / True: the key takes part; HF's padding mask, the attention kernel's key mask). The patch embedding is
-one `ops.patch_embed` with the class tokens and the position table (resampled to the grid by HF's own method: bicubic
-in float32, when the grid differs from the table's) in its epilogue. Per block: the LayerNorm, the packed q / k / v
-GEMM (HF's three projections joined), the attention, o_proj with the residual in its epilogue, the LayerNorm, fc1
-with the GELU in its epilogue, fc2 with the residual in its. Then the final LayerNorm; the pooler output is the mean of
-the class tokens after it, as HF's.
+The model takes images pixel_values [B, C, H, W] (H and W multiples of the patch size; I-JEPA's of the configured size
+unless interpolate_pos_encoding, as HF's) and an optional attention_mask [B, tokens] (1 / True: the key takes part;
+HF's padding mask, the attention kernel's key mask). The patch embedding is one `ops.patch_embed` with Pixio's class
+tokens and the position table (resampled to the grid by HF's own method when the grid differs from the table's:
+always for Pixio, with interpolate_pos_encoding for I-JEPA) in its epilogue. Per block: the LayerNorm, the packed
+q / k / v GEMM (HF's three projections joined), the attention, o_proj with the residual in its epilogue, the
+LayerNorm, fc1 with the GELU in its epilogue, fc2 with the residual in its. Then the final LayerNorm; the pooler
+output is the mean of Pixio's class tokens after it, or I-JEPA's pooler (HF's module: dense and tanh on the first
+token) where the model has one, as HF's.
 
 Output: HF's BaseModelOutputWithPooling: last_hidden_state, pooler_output and, with output_hidden_states (True, or an
 index or list of indices that keeps only those, as transformers 5.2x), the embeddings and each block's output (before
 the final norm). The stand-in holds HF's model (`self.model`, its forward unused) and so its parameter tensors; on
 CUDA in eval mode without grad its forward replays a CUDA graph per input shape. It trains. Not supported (named in
-the error): attention outputs, dropout and drop-path in train mode, activations other than GELU / QuickGELU.
+the error): attention outputs, dropout and drop-path in train mode, activations other than GELU / QuickGELU,
+I-JEPA's bool_masked_pos (its mask token).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
 
 # transformers class -> family
-CLASSES = {"PixioModel": "pixio"}
+CLASSES = {"PixioModel": "pixio", "IJepaModel": "pixio"}
 
 
 def optimize_pixio(model: nn.Module) -> HFPixioModel:
-    """A transformers PixioModel -> its stand-in on vitfast (module docstring)."""
+    """A transformers PixioModel or IJepaModel -> its stand-in on vitfast (module docstring)."""
     name, cfg = type(model).__name__, model.config
     f = _Findings(f"Hugging Face {name}")
     dim, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -58,7 +63,7 @@ def optimize_pixio(model: nn.Module) -> HFPixioModel:
         f.linear(layer.mlp.fc2, f"{where}.mlp.fc2")
         f.dropout(layer.attention.attention_dropout, f"{where}.attention dropout")
         f.dropout(layer.dropout, f"{where}.dropout")
-        f.dropout(layer.drop_path, f"{where}.drop_path", "drop-path")
+        f.dropout(getattr(layer, "drop_path", None), f"{where}.drop_path", "drop-path")
     tensors = list(model.parameters())
     f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
            f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
@@ -68,9 +73,11 @@ def optimize_pixio(model: nn.Module) -> HFPixioModel:
 
 
 class HFPixioModel(nn.Module):
-    """Stands in for a PixioModel: `forward(pixel_values, attention_mask=None, ...)` as HF's, returning HF's output
-    object (module docstring). HF's model is `self.model`; `self.qkv` holds each block's joined q / k / v
-    (`JoinedLinear`: built from HF's tensors on each access while a gradient is recorded; one cached copy otherwise)."""
+    """Stands in for a PixioModel (`forward(pixel_values, attention_mask=None, ...)`) or an IJepaModel
+    (`forward(pixel_values, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None, ...)`) as HF's,
+    returning HF's output object (module docstring). HF's model is `self.model`; `self.qkv` holds each block's joined
+    q / k / v (`JoinedLinear`: built from HF's tensors on each access while a gradient is recorded; one cached copy
+    otherwise)."""
 
     def __init__(self, model: nn.Module, output: type):
         super().__init__()
@@ -78,6 +85,7 @@ class HFPixioModel(nn.Module):
         self.config, self.model, self._output = cfg, model, output
         self.num_heads = cfg.num_attention_heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
+        self.prefix = getattr(model.embeddings, "n_cls_tokens", 0)               # Pixio's class tokens, I-JEPA none
         self.qkv = nn.ModuleList()
         for layer in model.layers:
             a = layer.attention
@@ -102,42 +110,51 @@ class HFPixioModel(nn.Module):
         return self.model.embeddings.patch_embeddings
 
     def forward(self, pixel_values=None, attention_mask=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
+                return_dict=None, bool_masked_pos=None, interpolate_pos_encoding=None, **kwargs):
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        if bool_masked_pos is not None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument bool_masked_pos (the mask token)")
         proj = self.model.embeddings.patch_embeddings.projection
         C, P = proj.in_channels, proj.kernel_size[0]
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
                 pixel_values.shape[2] % P or pixel_values.shape[3] % P or 0 in pixel_values.shape[2:]:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected images [B, {C}, H, W] with H and W multiples of {P}, got {got}")
-        B, T = pixel_values.shape[0], self.config.n_cls_tokens + (pixel_values.shape[2] // P) * (pixel_values.shape[3]
-                                                                                                  // P)
+        resample = self.prefix > 0 or bool(interpolate_pos_encoding)            # Pixio always, I-JEPA when asked
+        size = tuple(self.model.embeddings.image_size) if hasattr(self.model.embeddings, "image_size") else None
+        if not resample and tuple(pixel_values.shape[2:]) != size:
+            raise ValueError(f"pixel_values: expected images of the configured size {size} without "
+                             f"interpolate_pos_encoding=True, got {tuple(pixel_values.shape)}")
+        B, T = pixel_values.shape[0], self.prefix + (pixel_values.shape[2] // P) * (pixel_values.shape[3] // P)
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, T):
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else \
                     type(attention_mask).__name__
-                raise ValueError(f"attention_mask: expected [B, tokens] = [{B}, {T}] (class tokens and patches), "
-                                 f"got {got}")
+                raise ValueError(f"attention_mask: expected [B, tokens] = [{B}, {T}] (any class tokens and the "
+                                 f"patches), got {got}")
             attention_mask = attention_mask.to(device=pixel_values.device, dtype=torch.bool)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
-        x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, attention_mask, keep=keep)
+        x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, attention_mask, resample=resample,
+                                             keep=keep)
         out = self._output(last_hidden_state=x, pooler_output=pooled,
                            hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()
 
-    def _forward(self, pixels: Tensor, mask: Tensor | None, *, keep):
+    def _forward(self, pixels: Tensor, mask: Tensor | None, *, resample: bool, keep):
         m = self.model
         emb = m.embeddings
         w = emb.patch_embeddings.projection.weight
-        D, P, n = w.shape[0], w.shape[2], emb.n_cls_tokens
+        D, P, n = w.shape[0], w.shape[2], self.prefix
         tokens = n + (pixels.shape[2] // P) * (pixels.shape[3] // P)
-        table = emb.interpolate_pos_encoding(torch.empty(1, tokens, D, device="meta"), *pixels.shape[2:])   # HF's
+        table = emb.interpolate_pos_encoding(torch.empty(1, tokens, D, device="meta"), *pixels.shape[2:]) \
+            if resample else emb.position_embeddings                               # HF's resampling, or the table
         x = ops.patch_embed(pixels.to(w.dtype), w, emb.patch_embeddings.projection.bias,
-                            prefix_tokens=emb.cls_token.to(w.dtype), pos_embed=table.to(w.dtype))
+                            prefix_tokens=emb.cls_token.to(w.dtype) if n else None, pos_embed=table.to(w.dtype),
+                            pos_embed_prefix=n > 0)
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, qkv) in enumerate(zip(m.layers, self.qkv), 1):
@@ -150,4 +167,6 @@ class HFPixioModel(nn.Module):
             x = ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x)
             hidden.append(x if i in kept else None)
         x = ops.layer_norm(x, m.layernorm.weight, m.layernorm.bias, eps=m.layernorm.eps)
-        return x, x[:, :n].mean(dim=1), hidden
+        pooler = getattr(m, "pooler", None)
+        pooled = x[:, :n].mean(dim=1) if n else None if pooler is None else pooler(x)       # I-JEPA's: HF's module
+        return x, pooled, hidden

@@ -1,7 +1,8 @@
-"""Meta's Pixio on vitfast: transformers' `PixioModel` (class tokens with position rows, HF's bicubic resampling of
-the table, a padding attention_mask as the kernel's key mask, the pooler as the class tokens' mean) and
-`PixioBackbone` around it. Compared in fp32 against HF in float64, bounded by HF's own fp32 error; gradients reach
-HF's tensors; a CUDA graph replays the forward."""
+"""Meta's Pixio and I-JEPA on vitfast: transformers' `PixioModel` (class tokens with position rows, HF's bicubic
+resampling of the table, a padding attention_mask as the kernel's key mask, the pooler as the class tokens' mean) and
+`PixioBackbone` around it; `IJepaModel` (no class token, the table resampled only when asked, HF's pooler) and
+`IJepaForImageClassification` around it. Compared in fp32 against HF in float64, bounded by HF's own fp32 error;
+gradients reach HF's tensors; a CUDA graph replays the forward."""
 
 import copy
 
@@ -100,6 +101,55 @@ def test_refuses_what_it_does_not_run():
     drop = model(drop_path_rate=0.1).train()
     with pytest.raises(UnsupportedFeatureError, match=r"drop-path p=0.1 \(layers.0.drop_path\)"):
         vitfast.optimize(drop)
+
+
+def ijepa(cls=None, **kw):
+    torch.manual_seed(0)
+    module = pytest.importorskip("transformers.models.ijepa.modeling_ijepa")
+    config = transformers.IJepaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                                      image_size=32, patch_size=8, num_labels=5)
+    return perturbed((cls or module.IJepaModel)(config, **kw))
+
+
+@pytest.mark.parametrize("pooler", [False, True], ids=["no_pooler", "pooler"])
+def test_ijepa_equals_hf(pooler):
+    """IJepaModel: last_hidden_state, the pooler's output (HF's dense + tanh on the first token, where the model has
+    one) and every hidden state, as HF's, at the configured size and at another with interpolate_pos_encoding."""
+    hf = ijepa(add_pooling_layer=pooler)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFPixioModel) and {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}
+    for shape, kw in (((2, 3, 32, 32), {}), ((2, 3, 48, 40), dict(interpolate_pos_encoding=True))):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            out, ref, eager = (m(px, output_hidden_states=True, **kw) for m, px in ((opt, x), (hf64, x.double()),
+                                                                                   (hf, x)))
+        assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
+        assert (out.pooler_output is None) == (ref.pooler_output is None) == (not pooler)
+        if pooler:
+            assert_close(out.pooler_output, ref.pooler_output, eager=eager.pooler_output, name="pooler_output")
+        for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+            assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+    with pytest.raises(ValueError, match=r"configured size \(32, 32\) without interpolate_pos_encoding=True"):
+        opt(torch.randn(1, 3, 48, 40))
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+        opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
+
+
+def test_ijepa_classifier_equals_hf_and_trains():
+    """IJepaForImageClassification: a copy with its `ijepa` on vitfast, the classifier over the tokens' mean shared;
+    logits and loss as HF's; a backward gives every HF parameter HF's float64 gradient."""
+    module = pytest.importorskip("transformers.models.ijepa.modeling_ijepa")
+    hf = ijepa(module.IJepaForImageClassification)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt.ijepa, HFPixioModel) and opt.classifier is hf.classifier
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    with torch.no_grad():
+        out, ref, eager = (m(px, labels=labels) for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+        for key in ("logits", "loss"):
+            assert_close(out[key], ref[key], eager=eager[key], name=key)
+    assert_trains_hf_tensors(hf, (x,), torch.randn(5, dtype=torch.float64), key="logits")
 
 
 @pytest.mark.gpu
