@@ -99,7 +99,7 @@ def test_every_supported_class_is_tested():
         "VJEPA2Model", "VJEPA2ForVideoClassification"} | {                                     # test_hf_vjepa2
         "BlipVisionModel", "Blip2VisionModel", "InstructBlipVisionModel",                      # test_hf_blip
         "InstructBlipVideoVisionModel"} | {
-        "PixioModel", "IJepaModel"}                                                             # test_hf_pixio_ijepa
+        "PixioModel", "IJepaModel", "ViTMAEModel"}                                              # test_hf_pixio
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

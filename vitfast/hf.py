@@ -49,8 +49,8 @@ positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold 
 Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
 sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
 attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
-them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`) and I-JEPA (its
-classifier holds it as `ijepa`) in `vitfast.hf_pixio`.
+them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`), I-JEPA (its
+classifier holds it as `ijepa`) and MAE's encoder in `vitfast.hf_pixio`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -191,8 +191,8 @@ CLASSES = {
     # BLIP's and BLIP-2's (InstructBLIP's) vision transformers: packed qkv, the final norm twice on the pooled row
     # (vitfast.hf_blip)
     **{name: (family, None) for name, family in BLIP_CLASSES.items()},
-    # Meta's Pixio (8 class tokens with position rows, the pooler as their mean; PixioBackbone holds it) and I-JEPA
-    # (no class token; IJepaForImageClassification holds it) (vitfast.hf_pixio)
+    # Meta's Pixio (8 class tokens with position rows, the pooler as their mean; PixioBackbone holds it), I-JEPA
+    # (no class token; IJepaForImageClassification holds it) and MAE's encoder (HF's masking) (vitfast.hf_pixio)
     **{name: (family, None) for name, family in PIXIO_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}

@@ -1,8 +1,9 @@
 """Meta's Pixio and I-JEPA on vitfast: transformers' `PixioModel` (class tokens with position rows, HF's bicubic
 resampling of the table, a padding attention_mask as the kernel's key mask, the pooler as the class tokens' mean) and
 `PixioBackbone` around it; `IJepaModel` (no class token, the table resampled only when asked, HF's pooler) and
-`IJepaForImageClassification` around it. Compared in fp32 against HF in float64, bounded by HF's own fp32 error;
-gradients reach HF's tensors; a CUDA graph replays the forward."""
+`IJepaForImageClassification` around it; `ViTMAEModel` (MAE: HF's random masking between the patches and the class
+token). Compared in fp32 against HF in float64, bounded by HF's own fp32 error; gradients reach HF's tensors; a CUDA
+graph replays the forward."""
 
 import copy
 
@@ -150,6 +151,39 @@ def test_ijepa_classifier_equals_hf_and_trains():
         for key in ("logits", "loss"):
             assert_close(out[key], ref[key], eager=eager[key], name=key)
     assert_trains_hf_tensors(hf, (x,), torch.randn(5, dtype=torch.float64), key="logits")
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0], ids=["masked", "unmasked"])
+def test_mae_equals_hf(ratio):
+    """ViTMAEModel: with a given noise, the tokens MAE keeps (shuffled by it, the class token first), mask and
+    ids_restore, and every hidden state, as HF's, at the configured size and with interpolate_pos_encoding; without
+    noise, the same draw of HF's random masking after the same seed."""
+    module = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
+    config = transformers.ViTMAEConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                       intermediate_size=96, image_size=32, patch_size=8, mask_ratio=ratio)
+    torch.manual_seed(0)
+    hf = perturbed(module.ViTMAEModel(config))
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFPixioModel)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        for kw in (dict(noise=noise), dict(noise=noise, interpolate_pos_encoding=True)):
+            out, ref, eager = (m(px, output_hidden_states=True, **kw) for m, px in ((opt, x), (hf64, x.double()),
+                                                                                   (hf, x)))
+            assert type(out) is type(ref) and out.last_hidden_state.shape == (2, 1 + int(16 * (1 - ratio)), 48)
+            assert_close(out.last_hidden_state, ref.last_hidden_state, eager=eager.last_hidden_state)
+            assert torch.equal(out.mask, ref.mask) and torch.equal(out.ids_restore, ref.ids_restore)
+            for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+                assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+        out, ref, eager = [], [], []
+        for m, px, into in ((opt, x, out), (hf64, x.double(), ref), (hf, x, eager)):
+            torch.manual_seed(5)                           # the same draw of the masking's noise for each
+            into.append(m(px))
+        assert torch.equal(out[0].ids_restore, ref[0].ids_restore)
+        assert_close(out[0].last_hidden_state, ref[0].last_hidden_state, eager=eager[0].last_hidden_state)
+    with pytest.raises(ValueError, match=r"noise: expected \[B, patches\] = \[2, 16\], got \(2, 15\)"):
+        opt(x, noise=noise[:, 1:])
 
 
 @pytest.mark.gpu
