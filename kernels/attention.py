@@ -124,18 +124,20 @@ def _prune_configs(configs, named_args, **kwargs):
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
     keep = [c for c in fits
             if words(c) <= _MAX_WORDS_PER_THREAD and c.kwargs["BLOCK_N"] <= max(64, next_power_of_2(n_kv))
-            and (kwargs.get("HEAD_DIM", block_d) == block_d or _fits_masked_head(c, block_d, kwargs["HAS_MASK"]))]
+            and (kwargs.get("HEAD_DIM", block_d) == block_d
+                 or _fits_masked_head(c, block_d, kwargs["HAS_MASK"] or kwargs["RETURN_CLS"]))]
     return keep or [min(fits, key=words)]
 
 
-def _fits_masked_head(c: triton.Config, block_d: int, has_mask: bool) -> bool:
+def _fits_masked_head(c: triton.Config, block_d: int, extra: bool) -> bool:
     """A head dim whose last chunk is partly masked (72 = 64 + 16 with 8 lanes masked: SigLIP so400m's, Gemma 4's;
-    88, Llama 4's; 40) costs registers the estimate does not count. sm_90 compiles (`ptxas -v`, bf16) spill for
-    64 x 64 on 4 warps and 128 x 128 on 8 at D = 72 and 88, 128 x 64 on 4 at D = 40, and with a key mask also
-    128 x 64 on 8 at D = 72 and 88: the tiles kept are those on 8 warps with BLOCK_N <= 64, and with a key mask
+    88, Llama 4's and BLIP-2's; 40) costs registers the estimate does not count. sm_90 compiles (`ptxas -v`, bf16)
+    spill for 64 x 64 on 4 warps and 128 x 128 on 8 at D = 72 and 88, 128 x 64 on 4 at D = 40, and with a key mask
+    (or, on Triton 3.6, with RETURN_CLS at D = 88: 32 bytes at 255 registers, 2 stages) also 128 x 64 on 8 at D = 72
+    and 88: the tiles kept are those on 8 warps with BLOCK_N <= 64, and with a key mask or RETURN_CLS (`extra`)
     BLOCK_M · block_d <= 128 · 48 (128 x 64 up to D = 48, else 64 x 32)."""
     return c.num_warps == 8 and c.kwargs["BLOCK_N"] <= 64 and (
-        not has_mask or c.kwargs["BLOCK_M"] * block_d <= 128 * 48)
+        not extra or c.kwargs["BLOCK_M"] * block_d <= 128 * 48)
 
 
 @triton.jit

@@ -139,6 +139,10 @@ def test_head_dim_chunks_reach_tl_dot_at_16_or_more():
     (torch.bfloat16, 72, False, [(64, 64, 4, 2), (128, 128, 8, 2)], [(128, 64, 8, 2), (64, 32, 8, 2)]),
     (torch.bfloat16, "72-mask", False, [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)], [(64, 32, 8, 2)]),
     (torch.bfloat16, "40-mask", False, [(128, 64, 4, 2), (64, 64, 4, 2)], [(128, 64, 8, 2), (64, 32, 8, 2)]),
+    # At 88 (64 + 32, 8 lanes masked: BLIP-2's ViT-g, Llama 4's tower) 128 x 64 on 8 warps fits (237-253 registers);
+    # with RETURN_CLS it spilled on Triton 3.6 (32 bytes at 255 registers, 2 stages): 64 x 32 then.
+    (torch.bfloat16, 88, False, [(64, 64, 4, 2), (128, 128, 8, 2)], [(128, 64, 8, 2), (64, 32, 8, 2)]),
+    (torch.bfloat16, 88, True, [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)], [(64, 32, 8, 2)]),
 ])
 def test_prune_configs_keeps_tiles_that_fit_and_do_not_spill(dtype, head_dim, cls, must_drop, must_keep,
                                                               monkeypatch):

@@ -295,9 +295,11 @@ def _cases():
                           {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 729, "cls": False}))
     cases.append(_variant("attention", "bf16-d72-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 72, "heads": 16, "seq": 2520, "cls": False, "mask": True}))
-    # Head dim 88 (BLIP-2's and InstructBLIP's EVA ViT-g: 16 heads, 257 tokens at 224 px).
-    cases.append(_variant("attention", "bf16-d88-cls", "bf16",
-                          {"dtype": "bf16", "head_dim": 88, "heads": 16, "seq": 257, "cls": True}))
+    # Head dim 88 (BLIP-2's and InstructBLIP's EVA ViT-g, Llama 4's tower: 16 heads, 257 tokens at 224 px), and with
+    # RETURN_CLS, whose 128 x 64 tiles on 8 warps spilled on Triton 3.6 (the tiles kept: `_fits_masked_head`).
+    for cls in (False, True):
+        cases.append(_variant("attention", f"bf16-d88-{'cls' if cls else 'nocls'}", "bf16",
+                              {"dtype": "bf16", "head_dim": 88, "heads": 16, "seq": 257, "cls": cls}))
     # With a key-padding mask (SigLIP 2 NaFlex: patch sequences padded per image), at NaFlex's 256 patches.
     cases.append(_variant("attention", "bf16-d64-nocls-mask", "bf16",
                           {"dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 256, "cls": False, "mask": True}))
