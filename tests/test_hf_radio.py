@@ -12,7 +12,7 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_radio import HFRadioModel
-from vitfast.testing import assert_close, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
 
 transformers = pytest.importorskip("transformers")
 radio = pytest.importorskip("transformers.models.radio.modeling_radio")
@@ -178,15 +178,6 @@ def test_c_radio_h_on_gpu():
     """C-RADIO's ViT-H / 16 (1280 wide, 16 heads of 80, 3 class tokens, 7 registers; 8 of its 32 blocks) at 512 x
     768 px, bf16, random weights (made on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own
     bf16 error; eager, capture and replay."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = perturbed(radio.RadioModel(transformers.RadioConfig(num_hidden_layers=8)))
-    ref = copy.deepcopy(hf)
-    hf16 = hf.to(torch.bfloat16)
-    opt = vitfast.optimize(hf16)
-    x = torch.rand(2, 3, 512, 768, device="cuda")
-    with torch.no_grad():
-        want = ref(x).features.double()
-        eager = hf16(x.bfloat16()).features
-        for _ in range(3):
-            assert_close(opt(x.bfloat16()).features, want, eager=eager)
+    config = transformers.RadioConfig(num_hidden_layers=8)
+    assert_tower_on_gpu(lambda: radio.RadioModel(config), (torch.rand(2, 3, 512, 768, device="cuda"),),
+                        key="features")

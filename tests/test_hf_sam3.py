@@ -11,7 +11,8 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_sam3 import HFSam3ViTModel
-from vitfast.testing import assert_close, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.reference import qwen_rope_tables
+from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
 
 transformers = pytest.importorskip("transformers")
 sam3 = pytest.importorskip("transformers.models.sam3.modeling_sam3")
@@ -174,6 +175,24 @@ def test_trains_hf_tensors():
     assert_trains_hf_tensors(backbone(), (torch.randn(2, 3, 40, 40),), torch.randn(48, dtype=torch.float64))
 
 
+def test_rope_tables_made_once_per_kind_of_block(monkeypatch):
+    """The RoPE tables come from HF's positions and frequencies once per kind of block (windowed, global) and are kept
+    across blocks and calls; replacing a block's buffers (as moving the model does) makes them again."""
+    import vitfast.hf_sam3 as hf_sam3
+
+    made = []
+    monkeypatch.setattr(hf_sam3, "qwen_rope_tables", lambda *a, **kw: made.append(1) or qwen_rope_tables(*a, **kw))
+    hf = backbone(num_hidden_layers=4, global_attn_indexes=[1, 3])
+    opt = vitfast.optimize(hf)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        first = opt(x).last_hidden_state
+        assert torch.equal(opt(x).last_hidden_state, first) and len(made) == 2
+        hf.layers[0].position_ids = hf.layers[0].position_ids.clone()
+        opt(x)
+    assert len(made) == 3
+
+
 def test_graph_replays():
     """One capture per batch size; later batches of other images replay it, each equal to HF."""
     assert_tower_replays(backbone(), [(torch.randn(2, 3, 40, 40),) for _ in range(3)])
@@ -205,17 +224,5 @@ def test_backbone_on_gpu():
     """SAM 3's backbone at its shapes (1008 px: a 72 x 72 grid, windows of 24, global blocks of 5,184 tokens; 1024
     wide, head dim 64), 8 of its 32 blocks (blocks 3 and 7 global), bf16, random weights (made on the GPU): vitfast
     against HF in float32 on the GPU, bounded by HF's own bf16 error; eager, capture and replay."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = perturbed(sam3.Sam3ViTModel(transformers.Sam3ViTConfig(num_hidden_layers=8,
-                                                                    global_attn_indexes=[3, 7])))
-    ref = copy.deepcopy(hf)
-    hf16 = hf.to(torch.bfloat16)
-    opt = vitfast.optimize(hf16)
-    x = torch.randn(2, 3, 1008, 1008, device="cuda")
-    with torch.no_grad():
-        want = ref(x).last_hidden_state.double()
-        eager = hf16(x.bfloat16()).last_hidden_state
-        for _ in range(3):
-            out = opt(x.bfloat16()).last_hidden_state
-            assert_close(out, want, eager=eager)
+    config = transformers.Sam3ViTConfig(num_hidden_layers=8, global_attn_indexes=[3, 7])
+    assert_tower_on_gpu(lambda: sam3.Sam3ViTModel(config), (torch.randn(2, 3, 1008, 1008, device="cuda"),))

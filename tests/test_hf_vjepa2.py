@@ -11,7 +11,7 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_vjepa2 import HFVJEPA2ForVideoClassification, HFVJEPA2Model
-from vitfast.testing import assert_close, assert_tower_replays, backward_weighted, perturbed
+from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, backward_weighted, perturbed
 
 transformers = pytest.importorskip("transformers")
 vjepa2 = pytest.importorskip("transformers.models.vjepa2.modeling_vjepa2")
@@ -146,15 +146,6 @@ def test_vit_l_on_gpu():
     """V-JEPA 2 ViT-L at its shapes (16 frames at 256 px: 8 x 16 x 16 = 2,048 tokens; 1024 wide, head dim 64; 8 of its
     24 blocks), bf16, random weights (made on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own
     bf16 error (HF computes its RoPE's angles in bf16); eager, capture and replay."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = perturbed(vjepa2.VJEPA2Model(transformers.VJEPA2Config(num_hidden_layers=8, frames_per_clip=16)))
-    ref = copy.deepcopy(hf)
-    hf16 = hf.to(torch.bfloat16)
-    opt = vitfast.optimize(hf16)
-    x = torch.randn(2, 16, 3, 256, 256, device="cuda")
-    with torch.no_grad():
-        want = ref(x, skip_predictor=True).last_hidden_state.double()
-        eager = hf16(x.bfloat16(), skip_predictor=True).last_hidden_state
-        for _ in range(3):
-            assert_close(opt(x.bfloat16(), skip_predictor=True).last_hidden_state, want, eager=eager)
+    config = transformers.VJEPA2Config(num_hidden_layers=8, frames_per_clip=16)
+    assert_tower_on_gpu(lambda: vjepa2.VJEPA2Model(config), (torch.randn(2, 16, 3, 256, 256, device="cuda"),),
+                        skip_predictor=True)

@@ -20,6 +20,11 @@ def tables(n_rope: int, head_dim: int, dtype=torch.float32, device="cpu"):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def full_tables(n_rope: int, head_dim: int, dtype=torch.float32, device="cpu"):
+    """Tables of D columns: an angle per element (V-JEPA 2's layout), x1's columns then x2's."""
+    return tables(n_rope, 2 * head_dim, dtype, device)
+
+
 def hf_rotate_half(x, cos, sin):
     """Hugging Face's DINOv3 formula with full [N, D] tables: x · cos + rotate_half(x) · sin."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -126,21 +131,24 @@ def test_rope_qkv_in_place_rotates_qkv_itself(case, interpret, monkeypatch):
         ops.rope_qkv(x, H, cos, sin, inplace=1)
 
 
-def test_rope_qkv_backward_is_the_inverse_rotation_without_the_reference(monkeypatch, device):
+@pytest.mark.parametrize("full", [False, True], ids=["rotation", "angle_per_element"])
+def test_rope_qkv_backward_is_the_transpose_without_the_reference(full, monkeypatch, device):
+    """The backward: the inverse rotation, or with tables of D columns (not a rotation) the transpose."""
     B, N, H, D = 2, 13, 2, 32
     qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
-    cos, sin = tables(N - 1, D, device=device)
+    cos, sin = (full_tables if full else tables)(N - 1, D, device=device)
     dout = torch.randn(B, N, 3 * H * D, device=device)
     x64 = qkv.detach().double().requires_grad_()
     reference.rope_qkv(x64, H, cos.double(), sin.double()).backward(dout.double())
-    forbid_reference(monkeypatch, "rope_qkv", "apply_rope")
+    forbid_reference(monkeypatch, "rope_qkv", "apply_rope", "rope_halves")
     ops.rope_qkv(qkv, H, cos, sin).backward(dout)
     assert_close(qkv.grad, x64.grad, name="dqkv")
 
 
-def test_rope_qkv_float64_gradcheck_and_opcheck():
+@pytest.mark.parametrize("full", [False, True], ids=["rotation", "angle_per_element"])
+def test_rope_qkv_float64_gradcheck_and_opcheck(full):
     qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
-    cos, sin = tables(4, 4, torch.float64)
+    cos, sin = (full_tables if full else tables)(4, 4, torch.float64)
     assert torch.autograd.gradcheck(lambda x: ops.rope_qkv(x, 2, cos, sin), (qkv,))
     torch.library.opcheck(torch.ops.vitfast.rope_qkv.default, (qkv.detach(), 2, cos, sin, False))
 
@@ -174,11 +182,6 @@ def test_rope_qkv_refuses_bad_tables_by_name():
         args.update(change)
         with pytest.raises(ValueError, match=message):
             ops.rope_qkv(args["qkv"], args["num_heads"], args["cos"], args["sin"])
-
-
-def full_tables(n_rope: int, head_dim: int, dtype=torch.float32, device="cpu"):
-    """Tables of D columns: an angle per element (V-JEPA 2's layout), x1's columns then x2's."""
-    return tables(n_rope, 2 * head_dim, dtype, device)
 
 
 def test_full_tables_give_each_element_its_angle():
@@ -215,25 +218,6 @@ def test_rope_qkv_full_tables_equal_reference(case, interpret, monkeypatch):
         assert (other - out).abs().max() > 0.1
     inplace = qkv.clone()
     assert ops.rope_qkv(inplace, H, cos, sin, inplace=True) is inplace and torch.equal(inplace, out)
-
-
-def test_rope_qkv_full_tables_backward_is_the_transpose_without_the_reference(monkeypatch, device):
-    B, N, H, D = 2, 13, 2, 32
-    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
-    cos, sin = full_tables(N - 1, D, device=device)
-    dout = torch.randn(B, N, 3 * H * D, device=device)
-    x64 = qkv.detach().double().requires_grad_()
-    reference.rope_qkv(x64, H, cos.double(), sin.double()).backward(dout.double())
-    forbid_reference(monkeypatch, "rope_qkv", "apply_rope", "rope_halves")
-    ops.rope_qkv(qkv, H, cos, sin).backward(dout)
-    assert_close(qkv.grad, x64.grad, name="dqkv")
-
-
-def test_rope_qkv_full_tables_float64_gradcheck_and_opcheck():
-    qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
-    cos, sin = full_tables(4, 4, torch.float64)
-    assert torch.autograd.gradcheck(lambda x: ops.rope_qkv(x, 2, cos, sin), (qkv,))
-    torch.library.opcheck(torch.ops.vitfast.rope_qkv.default, (qkv.detach(), 2, cos, sin, False))
 
 
 @pytest.mark.gpu

@@ -221,6 +221,12 @@ class _Findings:
         return ok and self.need(has == bias, f"{where} {'without' if bias else 'with'} bias "
                                              f"({'without' if bias else 'with'} pre_norm)")
 
+    def one_dtype_device(self, tensors) -> None:
+        """The model's tensors all of one dtype on one device (the kernels take one of each)."""
+        tensors = list(tensors)
+        self.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
+                  f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+
     def uniform(self, values: dict[str, set], where: str = "blocks") -> None:
         for name, seen in values.items():
             self.need(len(seen) <= 1, f"{where} differ in {name} ({sorted(map(str, seen))})")
@@ -250,9 +256,7 @@ def _build(cfg: dict, state: dict[str, Tensor], source, findings: _Findings,
            cls: type = VisionTransformer) -> VisionTransformer:
     """A vitfast VisionTransformer (or `cls`) built on the meta device whose parameters become
     `state`'s tensors (nn.Parameters are adopted as they are: shared with the source model)."""
-    tensors = list(state.values())
-    findings.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-                  f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    findings.one_dtype_device(state.values())
     findings.check(source.training)
     with torch.device("meta"):
         model = cls(**cfg)

@@ -57,9 +57,7 @@ def optimize_blip(model: nn.Module) -> HFBlipVisionModel:
         f.linear(layer.mlp.fc1, f"{where}.mlp.fc1")
         f.linear(layer.mlp.fc2, f"{where}.mlp.fc2")
         f.dropout(getattr(a, "dropout", getattr(a, "attention_dropout", 0.0)), f"{where}.self_attn dropout")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     output = sys.modules[type(model).__module__].BaseModelOutputWithPooling
     return HFBlipVisionModel(model, output).train(model.training)

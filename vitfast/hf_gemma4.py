@@ -91,9 +91,7 @@ def optimize_gemma4(model: nn.Module) -> HFGemma4VisionModel:
         eps = {rms_eps(n) for n in (a.q_norm, a.k_norm, a.v_norm)}
         f.need(len(eps) == 1, f"{where}.self_attn: q / k / v norms with different eps ({eps})")
         f.dropout(getattr(a, "attention_dropout", 0.0), f"{where}.self_attn dropout")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     return HFGemma4VisionModel(model, _output_class(model)).train(model.training)
 

@@ -62,9 +62,7 @@ def optimize_mllama(model: nn.Module) -> HFMllamaVisionModel:
                                                                              f"{where}.self_attn.{p} with bias")
             f.linear(layer.mlp.fc1, f"{where}.mlp.fc1")
             f.linear(layer.mlp.fc2, f"{where}.mlp.fc2")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     return HFMllamaVisionModel(model).train(model.training)
 

@@ -66,9 +66,7 @@ def optimize_pixio(model: nn.Module) -> HFPixioModel:
         f.dropout(layer.attention.attention_dropout, f"{where}.attention dropout")
         f.dropout(layer.dropout, f"{where}.dropout")
         f.dropout(getattr(layer, "drop_path", None), f"{where}.drop_path", "drop-path")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     module = sys.modules[type(model).__module__]
     output = module.ViTMAEModelOutput if name == "ViTMAEModel" else module.BaseModelOutputWithPooling

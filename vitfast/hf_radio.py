@@ -89,9 +89,7 @@ def optimize_radio(model: nn.Module) -> HFRadioModel:
         for m, *_ in fc1:
             f.linear(m, f"{where}.mlp fc1")
         f.linear(fc2, f"{where}.mlp fc2")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     output = sys.modules[type(model).__module__].RadioModelOutput
     return HFRadioModel(model, output).train(model.training)

@@ -65,9 +65,7 @@ def optimize_sam(model: nn.Module) -> HFSamVisionEncoder:
         f.dropout(getattr(layer.attn, "dropout", 0.0), f"{where}.attn dropout")
     for n in ("layer_norm1", "layer_norm2"):
         f.layer_norm_eps(getattr(model.neck, n), f"neck.{n}", cfg.output_channels)
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     output = getattr(sys.modules[type(model).__module__], name + "Output")
     return HFSamVisionEncoder(model, output).train(model.training)

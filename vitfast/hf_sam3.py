@@ -39,6 +39,7 @@ from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS, window_partition, window_unpartition
 from vitfast.layers import JoinedLinear
+from vitfast.reference import qwen_rope_tables
 
 # transformers class -> family
 CLASSES = {"Sam3ViTModel": "sam3"}
@@ -79,20 +80,10 @@ def optimize_sam3(model: nn.Module) -> HFSam3ViTModel:
         f.dropout(getattr(layer.attention, "attention_dropout", 0.0), f"{where}.attention dropout")
         f.dropout(layer.mlp.dropout, f"{where}.mlp.dropout")
         f.dropout(layer.dropout, f"{where}.dropout")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     output = sys.modules[type(model).__module__].BaseModelOutput
     return HFSam3ViTModel(model, output).train(model.training)
-
-
-def _axial_angles(layer: nn.Module) -> Tensor:
-    """A Sam3ViTLayer's RoPE angles [N, D/2] in float32 as HF's rotary embedding makes them from the layer's own
-    positions (x, y) and inverse frequencies: pair j of a head turns by x · inv_freq[j] for j < D/4, by
-    y · inv_freq[j - D/4] after (HF's pairs (2j, 2j + 1); the rotate-half order's (j, D/2 + j))."""
-    pos, inv = layer.position_ids.float(), layer.rotary_emb.inv_freq.float()
-    return torch.cat([pos[:, :1] * inv, pos[:, 1:2] * inv], dim=-1)
 
 
 class HFSam3ViTModel(nn.Module):
@@ -116,6 +107,9 @@ class HFSam3ViTModel(nn.Module):
                           (a.v_proj, "weight", "bias", None)])
             for a in (layer.attention for layer in model.layers))
         self._tables: dict[int, tuple] = {}
+        self._first = {}                                   # window size (0: global) -> its first block's index
+        for i, layer in enumerate(model.layers):
+            self._first.setdefault(layer.window_size, i)
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -158,13 +152,13 @@ class HFSam3ViTModel(nn.Module):
         """cos, sin [N, D/2] of a block's kind (windowed or global), from the first block of that kind's positions
         and frequencies (every block of a kind has the same): HF's float32 values (float64 for a float64 model), made
         once and kept while those buffers stay the same tensors, unmodified."""
+        layer = self.model.layers[self._first[layer.window_size]]               # the first block of that kind
         pos, inv = layer.position_ids, layer.rotary_emb.inv_freq
         key = (pos.data_ptr(), pos._version, pos.dtype, inv.data_ptr(), inv._version, inv.dtype, pos.device, dtype)
         cached = self._tables.get(layer.window_size)
-        if cached is None or cached[0] != key:
-            angles = _axial_angles(layer)
+        if cached is None or cached[0] != key:           # HF's angles: the positions (x, y) times the frequencies
             table = torch.float64 if dtype == torch.float64 else torch.float32
-            cached = self._tables[layer.window_size] = (key, angles.cos().to(table), angles.sin().to(table))
+            cached = self._tables[layer.window_size] = (key, *qwen_rope_tables(pos, inv, table))
         return cached[1], cached[2]
 
     def _forward(self, pixels: Tensor, *, keep):

@@ -40,29 +40,10 @@ from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
+from vitfast.reference import vjepa2_rope
 
 # transformers class -> family
 CLASSES = {"VJEPA2Model": "vjepa2", "VJEPA2ForVideoClassification": "vjepa2"}
-
-
-def vjepa2_rope_tables(n: int, grid: int, head_dim: int, dtype: torch.dtype = torch.float32, device=None
-                       ) -> tuple[Tensor, Tensor]:
-    """V-JEPA 2's RoPE as cos, sin [n, head_dim] for tokens 0..n-1 (frame = n // grid², row, column on a grid of
-    `grid` columns), in the rotate-half order of `_rotate_half_order` (column i: the head's element 2i, column
-    head_dim/2 + i: element 2i + 1). HF's element e of section k (e // s, s = 2·⌊head_dim/6⌋; k = 3 is the unrotated
-    rest) turns by position_k · ω[(e mod s) mod s/2], ω[j] = 10000^(−j / (s/2)), in `dtype` (HF computes the angles
-    in the model's dtype)."""
-    s = 2 * ((head_dim // 3) // 2)
-    ids = torch.arange(n, device=device)
-    frame, rest = ids // (grid * grid), ids % (grid * grid)
-    pos = torch.stack([frame, rest // grid, rest % grid, torch.zeros_like(ids)], dim=1).to(dtype)     # (n, 4)
-    omega = 1.0 / 10000 ** (torch.arange(s // 2, device=device, dtype=dtype) / (s / 2))
-    element = torch.arange(head_dim, device=device)
-    section = torch.clamp(element // s, max=3)
-    angles = pos[:, section] * torch.where(section < 3, omega[(element % s) % (s // 2)], 0.0)       # (n, head_dim)
-    order = torch.tensor(_rotate_half_order(head_dim, 1), device=device)
-    angles = angles[:, order]
-    return angles.cos(), angles.sin()
 
 
 def _check_block(f: _Findings, layer: nn.Module, where: str, dim: int, attn: str, proj: str, qkv_bias: bool) -> None:
@@ -103,9 +84,7 @@ def optimize_vjepa2(model: nn.Module) -> nn.Module:
             _check_block(f, layer, f"pooler.self_attention_layers.{i}", dim, "self_attn", "out_proj", True)
         _check_block(f, pool.cross_attention_layer, "pooler.cross_attention_layer", dim, "cross_attn", None, True)
         f.linear(model.classifier, "classifier")
-    tensors = list(model.parameters())
-    f.need(len({(t.dtype, t.device) for t in tensors}) <= 1,
-           f"parameters of mixed dtypes / devices ({sorted({f'{t.dtype} {t.device}' for t in tensors})})")
+    f.one_dtype_device(model.parameters())
     f.check(model.training)
     module = sys.modules[type(model).__module__]
     encoder = HFVJEPA2Model(base, module).train(base.training)
@@ -195,7 +174,7 @@ class HFVJEPA2Model(nn.Module):
         if key not in self._tables:
             if len(self._tables) >= 8:
                 self._tables.clear()
-            self._tables[key] = vjepa2_rope_tables(n, self.grid, self.head_dim, table, device)
+            self._tables[key] = vjepa2_rope(n, self.grid, self.head_dim, table, device)
         return self._tables[key]
 
     def encode(self, videos: Tensor, *, keep) -> tuple[Tensor, list]:

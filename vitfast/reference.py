@@ -572,15 +572,36 @@ def pixtral_patch_layout(sizes: list[tuple[int, int]], patch: int) -> tuple[Tens
 
 def qwen_rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype = torch.float32, *,
                      pairs: bool = False) -> tuple[Tensor, Tensor]:
-    """The axial 2D RoPE tables of the Qwen-VL, GLM-4V, Pixtral and MoonViT vision towers for patches at positions
-    [T, 2] (row, column): HF's angles, position (fp32) x inverse frequency, the first axis's then the second's, so
-    that pair j of the rotate-half layout (columns j and D/2 + j) turns by angle j -> (cos, sin) [T, D / 2] in
-    `dtype` (for `ops.rope_qkv`). inv_freq: [D / 4], one set for both axes (Qwen), or [2, D / 4], the row's and the
-    column's (Pixtral: the even and the odd ones of a 1D RoPE's D / 2). pairs=True interleaves the two axes
-    frequency by frequency instead (MoonViT, Kimi K2.5's tower, with positions given as (column, row))."""
+    """The axial 2D RoPE tables of the Qwen-VL, GLM-4V, Pixtral, MoonViT and SAM 3 vision towers for patches at
+    positions [T, 2] (row, column; SAM 3's (x, y)): HF's angles, position (fp32) x inverse frequency, the first
+    axis's then the second's, so that pair j of the rotate-half layout (columns j and D/2 + j) turns by angle j ->
+    (cos, sin) [T, D / 2] in `dtype` (for `ops.rope_qkv`). inv_freq: [D / 4], one set for both axes (Qwen), or [2, D
+    / 4], the row's and the column's (Pixtral: the even and the odd ones of a 1D RoPE's D / 2). pairs=True
+    interleaves the two axes frequency by frequency instead (MoonViT, Kimi K2.5's tower, with positions given as
+    (column, row))."""
     angles = positions[..., None].float() * inv_freq.float().to(positions.device)
     angles = (angles.transpose(1, 2) if pairs else angles).flatten(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def vjepa2_rope(n: int, grid: int, head_dim: int, dtype: torch.dtype = torch.float32, device=None
+                ) -> tuple[Tensor, Tensor]:
+    """V-JEPA 2's RoPE as cos, sin [n, head_dim] for tokens 0..n-1 (frame = n // grid², row, column on a grid of `grid`
+    columns), as tables of head_dim columns for `ops.rope_qkv` (an angle per element) in the rotate-half order
+    (column i: the head's element 2i, column head_dim/2 + i: element 2i + 1; q's and k's rows reordered so). HF's
+    element e of section k (e // s, s = 2·⌊head_dim/6⌋; k = 3 is the unrotated rest) turns by position_k · ω[(e mod
+    s) mod s/2], ω[j] = 10000^(−j / (s/2)), in `dtype` (HF computes the angles in the model's dtype)."""
+    s = 2 * ((head_dim // 3) // 2)
+    ids = torch.arange(n, device=device)
+    frame, rest = ids // (grid * grid), ids % (grid * grid)
+    pos = torch.stack([frame, rest // grid, rest % grid, torch.zeros_like(ids)], dim=1).to(dtype)     # (n, 4)
+    omega = 1.0 / 10000 ** (torch.arange(s // 2, device=device, dtype=dtype) / (s / 2))
+    element = torch.arange(head_dim, device=device)
+    section = torch.clamp(element // s, max=3)
+    angles = pos[:, section] * torch.where(section < 3, omega[(element % s) % (s // 2)], 0.0)       # (n, head_dim)
+    order = torch.cat([torch.arange(0, head_dim, 2, device=device), torch.arange(1, head_dim, 2, device=device)])
+    angles = angles[:, order]
+    return angles.cos(), angles.sin()
 
 
 def weighted_rows(table: Tensor, taps: Tensor, weights: Tensor) -> Tensor:

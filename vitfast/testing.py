@@ -194,6 +194,28 @@ def assert_tower_replays(hf, batches: list[tuple], key: str = "last_hidden_state
     assert runner.captures == 1
 
 
+def assert_tower_on_gpu(build, args: tuple, key: str = "last_hidden_state", **kwargs) -> None:
+    """A tower `build()` makes (random weights, perturbed; made on the GPU) in bf16 through `vitfast.optimize`: its
+    eager call, capture and replay each equal to HF's model in float32 on the GPU, within 2x HF's own bf16 error.
+    args: the forward's positional arguments (CUDA tensors, float ones given in float32); kwargs: its flags."""
+    import copy
+
+    import vitfast
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = perturbed(build())
+    ref = copy.deepcopy(hf)
+    hf16 = hf.to(torch.bfloat16)
+    opt = vitfast.optimize(hf16)
+    low = tuple(a.bfloat16() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        want = getattr(ref(*args, **kwargs), key).double()
+        eager = getattr(hf16(*low, **kwargs), key)
+        for _ in range(3):                                           # eager, capture, replay
+            assert_close(getattr(opt(*low, **kwargs), key), want, eager=eager, name=key)
+
+
 def assert_grads_match(model, model64) -> None:
     """After a backward through each: every parameter of `model` has a gradient, within tolerance of the one its
     float64 twin `model64` (same parameter order) got; where that gradient is exactly 0 in theory (a key projection's
