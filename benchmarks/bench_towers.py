@@ -23,6 +23,9 @@ processor lays them out:
                  at 256 px (2048 tubelet tokens), the encoder alone (skip_predictor), batch 8
   blip2          Blip2VisionModel at BLIP-2's config (EVA ViT-g / 14: 1408 wide, 39 blocks, 16 heads of 88), 224 px,
                  batch 64
+  eomt           EomtForUniversalSegmentation at EoMT-L's config (DINOv2-L: 1024 wide, 24 blocks, 16 heads of 64, 4
+                 registers; 200 queries in the last 4 blocks, 133 COCO panoptic classes): 640 px (1600 patches of
+                 16), the mask and class heads (masks upscaled to 160 x 160), batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -188,10 +191,24 @@ def blip2(small: bool, batch: int):
     return T.Blip2VisionModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
 
 
+def eomt(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.EomtConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2, image_size=32,
+                       patch_size=8, num_blocks=1, num_queries=5, num_register_tokens=2) if small else \
+        T.EomtConfig(num_labels=133)                                # EoMT-L's defaults, COCO panoptic's classes
+    model = T.EomtForUniversalSegmentation(cfg)
+    model.attn_mask_probs.zero_()                                   # as a trained model has them
+    S = cfg.image_size
+    return model, dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + \
+        1 + cfg.num_register_tokens + cfg.num_queries
+
+
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
-          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64)}
+          "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
+          "eomt": (eomt, 8)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

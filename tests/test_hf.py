@@ -99,7 +99,8 @@ def test_every_supported_class_is_tested():
         "VJEPA2Model", "VJEPA2ForVideoClassification"} | {                                     # test_hf_vjepa2
         "BlipVisionModel", "Blip2VisionModel", "InstructBlipVisionModel",                      # test_hf_blip
         "InstructBlipVideoVisionModel"} | {
-        "PixioModel", "IJepaModel", "ViTMAEModel"}                                              # test_hf_pixio
+        "PixioModel", "IJepaModel", "ViTMAEModel"} | {                                          # test_hf_pixio
+        "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation"}                  # test_hf_eomt
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

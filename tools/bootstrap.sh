@@ -49,7 +49,7 @@ else:
             "pytest_benchmark": "pytest-benchmark", "pybind11": "pybind11", "ninja": "ninja",
             "transformers": "transformers", "safetensors": "safetensors", "ruff": "ruff",
             "setuptools": "setuptools", "wheel": "wheel", "xdist": "pytest-xdist", "PIL": "pillow",
-            "matplotlib": "matplotlib", "tqdm": "tqdm"}
+            "matplotlib": "matplotlib", "tqdm": "tqdm", "scipy": "scipy"}
     extra = []
 print(" ".join(extra + [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]))
 PY

@@ -50,7 +50,8 @@ Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (
 sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
 attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
 them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`), I-JEPA (its
-classifier holds it as `ijepa`) and MAE's encoder in `vitfast.hf_pixio`.
+classifier holds it as `ijepa`) and MAE's encoder in `vitfast.hf_pixio`, EoMT's segmentation models (a DINOv2 or
+DINOv3 ViT whose last blocks carry the queries, and its mask and class heads) in `vitfast.hf_eomt`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -86,6 +87,8 @@ from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Finding
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_blip import CLASSES as BLIP_CLASSES
 from vitfast.hf_blip import optimize_blip
+from vitfast.hf_eomt import CLASSES as EOMT_CLASSES
+from vitfast.hf_eomt import optimize_eomt
 from vitfast.hf_ernie import CLASSES as ERNIE_CLASSES
 from vitfast.hf_ernie import optimize_ernie
 from vitfast.hf_gemma4 import CLASSES as GEMMA4_CLASSES
@@ -194,6 +197,9 @@ CLASSES = {
     # Meta's Pixio (8 class tokens with position rows, the pooler as their mean; PixioBackbone holds it), I-JEPA
     # (no class token; IJepaForImageClassification holds it) and MAE's encoder (HF's masking) (vitfast.hf_pixio)
     **{name: (family, None) for name, family in PIXIO_CLASSES.items()},
+    # EoMT (and EoMT-DINOv3): a DINOv2 / DINOv3 ViT whose last blocks carry segmentation queries, its mask and class
+    # heads (vitfast.hf_eomt)
+    **{name: (family, None) for name, family in EOMT_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -250,6 +256,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_blip(model)
     if family == "pixio":
         return optimize_pixio(model)
+    if family == "eomt":
+        return optimize_eomt(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
