@@ -100,7 +100,8 @@ def test_every_supported_class_is_tested():
         "BlipVisionModel", "Blip2VisionModel", "InstructBlipVisionModel",                      # test_hf_blip
         "InstructBlipVideoVisionModel"} | {
         "PixioModel", "IJepaModel", "ViTMAEModel"} | {                                          # test_hf_pixio
-        "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation"}                  # test_hf_eomt
+        "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",                  # test_hf_eomt
+        "VideomtForUniversalSegmentation"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -4,6 +4,7 @@ and `EomtDinov3ForUniversalSegmentation` (the same on DINOv3: RoPE on the patch 
 in fp32 against HF in float64, bounded by HF's own fp32 error; HF's loss on vitfast's predictions; gradients reach
 HF's tensors; a CUDA graph replays the forward."""
 
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.hf_eomt import HFEomtForUniversalSegmentation
+from vitfast.hf_eomt import HFEomtForUniversalSegmentation, HFVideomtForUniversalSegmentation
 from vitfast.testing import (
     assert_close,
     assert_grads_match,
@@ -24,6 +25,7 @@ from vitfast.testing import (
 transformers = pytest.importorskip("transformers")
 eomt = pytest.importorskip("transformers.models.eomt.modeling_eomt")
 eomt_dinov3 = pytest.importorskip("transformers.models.eomt_dinov3.modeling_eomt_dinov3")
+videomt = pytest.importorskip("transformers.models.videomt.modeling_videomt")
 pytest.importorskip("scipy")                      # HF's EomtLoss (built with the model) needs its Hungarian matcher
 
 # patches of 8 at 32 px: 16 patches after the class token and 2 registers; 5 queries in front for the last 2 blocks;
@@ -175,18 +177,88 @@ def test_refuses_what_it_does_not_run():
         vitfast.optimize(model(drop_path_rate=0.1).train())
 
 
+def video_model(**kw):
+    """A perturbed VidEoMT (its attn_mask_probs left at 1: HF's video forward never reads them)."""
+    torch.manual_seed(0)
+    config = transformers.VideomtConfig(**{**CONFIG, "mlp_ratio": 2, **kw})
+    return perturbed(videomt.VideomtForUniversalSegmentation(config))
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
+def test_video_equals_hf(swiglu):
+    """VidEoMT over clips of 3 frames: the first blocks over every frame at once, then frame by frame the queries
+    (the previous frame's through query_updater) through the last blocks; the outputs of every frame (frame-major) and
+    every hidden state as HF's output capturing records them (each call of a block), as HF's."""
+    hf = video_model(use_swiglu_ffn=swiglu)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFVideomtForUniversalSegmentation) and opt.main_input_name == "pixel_values_videos"
+    x = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        out, ref, eager = (m(px, output_hidden_states=True) for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert type(out) is type(ref) and out.masks_queries_logits.shape == (6, 5, 16, 16)
+    for key in KEYS:
+        assert_close(out[key], ref[key], eager=eager[key], name=key)
+    assert [tuple(h.shape[:2]) for h in out.hidden_states] == [tuple(h.shape[:2]) for h in ref.hidden_states] == \
+        [(6, 19)] * 3 + [(2, 24)] * 5 + [(6, 24)]
+    for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+        assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+    assert_close(opt(pixel_values_videos=x[:, :1]).masks_queries_logits,
+                 hf64(x[:, :1].double()).masks_queries_logits)                   # one frame: no query_updater
+
+
+def test_video_trains_hf_tensors():
+    """Every HF parameter that HF's float64 forward reaches (not the mask token: no masked patches) gets its gradient
+    of Σ masks · w + Σ classes · w' (the reference never called)."""
+    hf = video_model().train()
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x = torch.randn(1, 2, 3, 32, 32)
+    w_masks, w_classes = torch.randn(16, 16, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for m, px, free in ((hf64, x.double(), False), (opt, x, True)):
+        out = m(px)
+        loss = (out.masks_queries_logits * w_masks.to(px.dtype)).sum() + \
+            (out.class_queries_logits * w_classes.to(px.dtype)).sum()
+        with without_reference() if free else contextlib.nullcontext():
+            loss.backward()
+    reached = [(n, p, q) for (n, p), (_, q) in zip(hf.named_parameters(), hf64.named_parameters())
+               if q.grad is not None]
+    assert [n for n, _ in hf.named_parameters() if n not in {n for n, *_ in reached}] == ["embeddings.mask_token"]
+    for name, p, q in reached:
+        if q.grad.norm() < 1e-9 * max(1.0, q.norm().item()):          # a key bias: 0 in theory
+            assert p.grad.norm() < 1e-4, name
+        else:
+            assert_close(p.grad, q.grad, name=f"grad {name}")
+
+
+def test_video_replays_and_refuses():
+    assert_tower_replays(video_model(), [(torch.randn(1, 2, 3, 32, 32),) for _ in range(3)], key="masks_queries_logits")
+    opt = vitfast.optimize(video_model())
+    x = torch.randn(1, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match="pixel_values: VideomtForUniversalSegmentation takes pixel_values_videos"):
+        opt(pixel_values=x)
+    with pytest.raises(ValueError, match=r"expected videos \[B, frames, 3, 32, 32\] \(the configured size\), got "
+                                         r"\(2, 3, 32, 32\)"):
+        opt(x[0])
+    with pytest.raises(ValueError, match="mask_labels / class_labels: HF's VideomtForUniversalSegmentation trains no"):
+        opt(x, mask_labels=[torch.zeros(1, 32, 32)], class_labels=[torch.tensor([0])])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["eomt", "dinov3"])
+@pytest.mark.parametrize("kind", ["eomt", "dinov3", "video"])
 def test_eomt_large_on_gpu(kind):
     """EoMT-L at its shapes (1024 wide, 16 heads of 64, 4 registers, 200 queries, 640 px in patches of 16: 1,600
-    patches, masks upscaled to 160 x 160; 8 of its 24 blocks, the queries in the last 4), bf16, random weights (made
-    on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own bf16 error; eager, capture and
-    replay."""
+    patches, masks upscaled to 160 x 160; 8 of its 24 blocks, the queries in the last 4; VidEoMT's over 3 frames),
+    bf16, random weights (made on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own bf16 error;
+    eager, capture and replay."""
     def build():
+        if kind == "video":
+            return videomt.VideomtForUniversalSegmentation(transformers.VideomtConfig(num_hidden_layers=8))
         if kind == "dinov3":
             hf = eomt_dinov3.EomtDinov3ForUniversalSegmentation(transformers.EomtDinov3Config(num_hidden_layers=8))
         else:
             hf = eomt.EomtForUniversalSegmentation(transformers.EomtConfig(num_hidden_layers=8))
         hf.attn_mask_probs.zero_()
         return hf
-    assert_tower_on_gpu(build, (torch.randn(2, 3, 640, 640, device="cuda"),), key="masks_queries_logits")
+    shape = (1, 3, 3, 640, 640) if kind == "video" else (2, 3, 640, 640)   # VidEoMT: a clip of 3 frames
+    assert_tower_on_gpu(build, (torch.randn(*shape, device="cuda"),), key="masks_queries_logits")

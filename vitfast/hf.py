@@ -51,7 +51,8 @@ sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers 
 attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
 them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`), I-JEPA (its
 classifier holds it as `ijepa`) and MAE's encoder in `vitfast.hf_pixio`, EoMT's segmentation models (a DINOv2 or
-DINOv3 ViT whose last blocks carry the queries, and its mask and class heads) in `vitfast.hf_eomt`.
+DINOv3 ViT whose last blocks carry the queries, and its mask and class heads; VidEoMT's over video) in
+`vitfast.hf_eomt`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place

@@ -1,7 +1,9 @@
 """EoMT on vitfast: transformers' `EomtForUniversalSegmentation` (the Encoder-only Mask Transformer, "Your ViT is
 Secretly an Image Segmentation Model": a DINOv2 ViT with registers whose last num_blocks blocks also carry learned
 query tokens; panoptic, instance and semantic segmentation from the queries) and `EomtDinov3ForUniversalSegmentation`
-(the same on DINOv3: RoPE on the patch tokens instead of a position table).
+(the same on DINOv3: RoPE on the patch tokens instead of a position table) and `VideomtForUniversalSegmentation`
+(VidEoMT: EoMT over the frames of a clip, the queries of each frame carried to the next through `query_updater`;
+`HFVideomtForUniversalSegmentation`).
 
 The model takes images pixel_values [B, C, H, W] of the configured size, as HF's. The patch embedding is one
 `ops.patch_embed` with the class and register rows and the patches' position table (EoMT's; DINOv3's has none) in its
@@ -49,7 +51,8 @@ from vitfast.layers import JoinedLinear
 from vitfast.reference import dinov3_rope
 
 # transformers class -> family
-CLASSES = {"EomtForUniversalSegmentation": "eomt", "EomtDinov3ForUniversalSegmentation": "eomt"}
+CLASSES = {"EomtForUniversalSegmentation": "eomt", "EomtDinov3ForUniversalSegmentation": "eomt",
+           "VideomtForUniversalSegmentation": "eomt"}
 
 
 def _patch_conv(model: nn.Module) -> tuple[nn.Module, str]:
@@ -85,9 +88,13 @@ def _rope_augmented(cfg) -> list[str]:
             if getattr(cfg, k, None) is not None]
 
 
+def _image_size(cfg) -> tuple[int, int]:
+    return (cfg.image_size,) * 2 if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+
+
 def optimize_eomt(model: nn.Module) -> HFEomtForUniversalSegmentation:
-    """A transformers EomtForUniversalSegmentation or EomtDinov3ForUniversalSegmentation -> its stand-in on vitfast
-    (module docstring)."""
+    """A transformers EomtForUniversalSegmentation, EomtDinov3ForUniversalSegmentation or
+    VideomtForUniversalSegmentation -> its stand-in on vitfast (module docstring)."""
     name, cfg = type(model).__name__, model.config
     f = _Findings(f"Hugging Face {name}")
     dim, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -125,6 +132,9 @@ def optimize_eomt(model: nn.Module) -> HFEomtForUniversalSegmentation:
     for n in ("fc1", "fc2", "fc3"):
         f.linear(getattr(model.mask_head, n), f"mask_head.{n}")
     f.linear(model.class_predictor, "class_predictor")
+    video = hasattr(model, "query_updater")
+    if video:
+        f.linear(model.query_updater, "query_updater")
     for i, blk in enumerate(model.upscale_block.block):
         where, ct, dw = f"upscale_block.block.{i}", blk.conv1, blk.conv2
         f.need(isinstance(ct, nn.ConvTranspose2d) and tuple(ct.kernel_size) == tuple(ct.stride) == (2, 2)
@@ -139,7 +149,8 @@ def optimize_eomt(model: nn.Module) -> HFEomtForUniversalSegmentation:
     f.check(model.training)
     output = getattr(sys.modules[type(model).__module__], name.replace("ForUniversalSegmentation",
                                                                        "ForUniversalSegmentationOutput"))
-    return HFEomtForUniversalSegmentation(model, output).train(model.training)
+    cls = HFVideomtForUniversalSegmentation if video else HFEomtForUniversalSegmentation
+    return cls(model, output).train(model.training)
 
 
 class HFEomtForUniversalSegmentation(nn.Module):
@@ -185,25 +196,35 @@ class HFEomtForUniversalSegmentation(nn.Module):
             self._probs = (key, [v for v in p.tolist() if v > 0])
         return self._probs[1]
 
-    def forward(self, pixel_values=None, mask_labels=None, class_labels=None, patch_offsets=None,
-                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+    def _check(self, output_attentions, pixels, name: str, frames: bool) -> None:
+        """The refusals every forward shares, and the input's shape: [B, C, S, S] ([B, F, C, S, S] with frames) at
+        the configured size S."""
         cfg = self.config
         if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        if self.training and self.rope and _rope_augmented(cfg):
+            raise UnsupportedFeatureError(f"optimized model: train mode with the RoPE augmentations "
+                                          f"{', '.join(_rope_augmented(cfg))}, which vitfast does not implement")
+        C, size = _patch_conv(self.model)[0].in_channels, _image_size(cfg)
+        want = (C, *size)
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4 + frames or tuple(pixels.shape[1 + frames:]) != want:
+            got = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            layout = "videos [B, frames, " if frames else "images [B, "
+            raise ValueError(f"{name}: expected {layout}{C}, {size[0]}, {size[1]}] (the configured size), got {got}")
+
+    def _output_object(self, return_dict, **fields):
+        out = self._output(**fields)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
+
+    def forward(self, pixel_values=None, mask_labels=None, class_labels=None, patch_offsets=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        cfg = self.config
+        self._check(output_attentions, pixel_values, "pixel_values", frames=False)
         if self._masked_attention():
             raise UnsupportedFeatureError(
                 f"optimized model: attn_mask_probs={self.model.attn_mask_probs.tolist()}: EoMT's masked attention "
                 "(the start of its training; a trained model has every attn_mask_probs at 0) is not supported")
-        if self.training and self.rope and _rope_augmented(cfg):
-            raise UnsupportedFeatureError(f"optimized model: train mode with the RoPE augmentations "
-                                          f"{', '.join(_rope_augmented(cfg))}, which vitfast does not implement")
-        conv = _patch_conv(self.model)[0]
-        C, size = conv.in_channels, (cfg.image_size,) * 2 if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
-        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
-                tuple(pixel_values.shape[2:]) != size:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values: expected images [B, {C}, {size[0]}, {size[1]}] (the configured size), "
-                             f"got {got}")
         if output_hidden_states is None:
             output_hidden_states = getattr(cfg, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
@@ -217,10 +238,9 @@ class HFEomtForUniversalSegmentation(nn.Module):
                                                      mask_labels=mask_labels, class_labels=class_labels,
                                                      auxiliary_predictions=None)
                 loss += self.model.get_loss(loss_dict)
-        out = self._output(loss=loss, class_queries_logits=classes, masks_queries_logits=masks, last_hidden_state=x,
-                           hidden_states=None if keep is None else tuple(hidden), patch_offsets=patch_offsets)
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._output_object(return_dict, loss=loss, class_queries_logits=classes, masks_queries_logits=masks,
+                                   last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden),
+                                   patch_offsets=patch_offsets)
 
     def _rope_tables(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (grid, device, dtype)
@@ -230,15 +250,23 @@ class HFEomtForUniversalSegmentation(nn.Module):
                                             float(self.config.rope_parameters["rope_theta"]), work, device)
         return self._tables[key]
 
-    def _forward(self, pixels: Tensor, *, keep, per_block: bool):
-        m, cfg = self.model, self.config
-        emb, conv = m.embeddings, _patch_conv(m)[0]
+    def _embed(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images [N, C, H, W] -> (tokens [N, 1 + registers + patches, D], the patch grid)."""
+        emb, conv = self.model.embeddings, _patch_conv(self.model)[0]
         w, P = conv.weight, conv.kernel_size[0]
-        grid = (pixels.shape[2] // P, pixels.shape[3] // P)
         prefix = torch.cat([emb.cls_token, emb.register_tokens], dim=1)
         table = None if self.rope else emb.position_embeddings.weight
         x = ops.patch_embed(pixels.to(w.dtype), w, conv.bias, prefix_tokens=prefix, pos_embed=table,
                             pos_embed_prefix=False)
+        return x, (pixels.shape[2] // P, pixels.shape[3] // P)
+
+    def _final_norm(self, x: Tensor) -> Tensor:
+        n = self.model.layernorm
+        return ops.layer_norm(x, n.weight, n.bias, eps=n.eps)
+
+    def _forward(self, pixels: Tensor, *, keep, per_block: bool):
+        m, cfg = self.model, self.config
+        x, grid = self._embed(pixels)
         rope = self._rope_tables(grid, x.device, x.dtype) if self.rope else None
         start, kept = len(m.layers) - cfg.num_blocks, keep or ()
         hidden, preds = [x if 0 in kept else None], []
@@ -246,11 +274,10 @@ class HFEomtForUniversalSegmentation(nn.Module):
             if i == start:                                                      # the queries in front, as HF's
                 x = torch.cat([m.query.weight[None].expand(x.shape[0], -1, -1), x], dim=1)
             if per_block and i >= start:                                        # train mode: each block's prediction
-                preds.append(self._predict(ops.layer_norm(x, m.layernorm.weight, m.layernorm.bias,
-                                                          eps=m.layernorm.eps), grid))
+                preds.append(self._predict(self._final_norm(x), grid))
             x = self._block(layer, joined, x, rope)
             hidden.append(x if i + 1 in kept else None)
-        x = ops.layer_norm(x, m.layernorm.weight, m.layernorm.bias, eps=m.layernorm.eps)
+        x = self._final_norm(x)
         if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
             hidden[-1] = x
         masks, classes = self._predict(x, grid)
@@ -299,3 +326,64 @@ class HFEomtForUniversalSegmentation(nn.Module):
         y = F.conv2d(y.permute(0, 3, 1, 2), dw.weight, dw.bias, padding=1, groups=C)   # NCHW view, channels-last
         y = y.permute(0, 2, 3, 1).reshape(B, 4 * gh * gw, C)
         return ops.layer_norm(y, norm.weight, norm.bias, eps=norm.eps), 2 * gh, 2 * gw
+
+
+class HFVideomtForUniversalSegmentation(HFEomtForUniversalSegmentation):
+    """Stands in for a VideomtForUniversalSegmentation (`forward(pixel_values_videos, ...)`) as HF's: the first
+    L - num_blocks blocks over every frame as one batch; then frame by frame the queries (the learned ones for the first
+    frame, then query_updater of the previous frame's output queries plus the learned ones: one GEMM and an add) in
+    front of the frame's tokens through the last num_blocks blocks, the final norm and the heads. Outputs concatenated
+    over frames (frame-major, as HF's): class_queries_logits, masks_queries_logits [F · B, Q, ...], last_hidden_state;
+    hidden_states as HF's output capturing records them (each call of a block, the last slot last_hidden_state). No
+    loss (HF's VidEoMT trains none); attn_mask_probs unused, as HF's."""
+
+    main_input_name = "pixel_values_videos"
+
+    def forward(self, pixel_values_videos=None, mask_labels=None, class_labels=None, patch_offsets=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        if "pixel_values" in kwargs:
+            raise ValueError("pixel_values: VideomtForUniversalSegmentation takes pixel_values_videos, as HF's")
+        if mask_labels is not None or class_labels is not None:
+            raise ValueError("mask_labels / class_labels: HF's VideomtForUniversalSegmentation trains no loss on "
+                             "videos (flatten the frames into EomtForUniversalSegmentation, as HF says)")
+        self._check(output_attentions, pixel_values_videos, "pixel_values_videos", frames=True)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        start = len(self.model.layers) - self.config.num_blocks
+        n = 1 + start + pixel_values_videos.shape[1] * self.config.num_blocks
+        keep = kept_hidden_states(output_hidden_states, n)
+        masks, classes, x, hidden = self.cuda_graphs(self, self._forward_video, pixel_values_videos, keep=keep)
+        return self._output_object(return_dict, loss=None, class_queries_logits=classes, masks_queries_logits=masks,
+                                   last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
+
+    def _forward_video(self, videos: Tensor, *, keep):
+        m, cfg = self.model, self.config
+        B, F = videos.shape[:2]
+        x, grid = self._embed(videos.flatten(0, 1))                            # [B · F, T, D], batch-major
+        rope = self._rope_tables(grid, x.device, x.dtype) if self.rope else None
+        start, kept = len(m.layers) - cfg.num_blocks, keep or ()
+        hidden = [x if 0 in kept else None]
+        blocks = list(zip(m.layers, self.joined))
+        for layer, joined in blocks[:start]:
+            x = self._block(layer, joined, x, rope)
+            hidden.append(x if len(hidden) in kept else None)
+        x = x.view(B, F, *x.shape[1:])
+        learned = m.query.weight[None].expand(B, -1, -1)
+        masks, classes, outs, queries = [], [], [], None
+        for f in range(F):
+            q = learned if queries is None else \
+                ops.linear(queries, m.query_updater.weight, m.query_updater.bias) + m.query.weight
+            h = torch.cat([q, x[:, f]], dim=1)
+            for layer, joined in blocks[start:]:
+                h = self._block(layer, joined, h, rope)
+                hidden.append(h if len(hidden) in kept else None)
+            y = self._final_norm(h)
+            mk, cl = self._predict(y, grid)
+            masks.append(mk)
+            classes.append(cl)
+            outs.append(y)
+            queries = h[:, :cfg.num_queries]
+        y = torch.cat(outs)
+        if hidden[-1] is not None:                  # HF's output capturing puts last_hidden_state in the last slot
+            hidden[-1] = y
+        return torch.cat(masks), torch.cat(classes), y, hidden
