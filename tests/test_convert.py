@@ -158,8 +158,11 @@ def test_training_through_optimized_hf_matches_hf_gradients():
 def test_hf_unsupported_features_are_named():
     with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
         vitfast.optimize(hf_vit(hidden_act="relu"))
-    with pytest.raises(UnsupportedFeatureError, match="Hugging Face ViTForMaskedImageModeling is not supported"):
-        vitfast.optimize(hf_vit(cls="ViTForMaskedImageModeling", num_classes=2, encoder_stride=16))
+    msn = transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(
+        image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UnsupportedFeatureError, match=r"Hugging Face ViTMSNForImageClassification holding "
+                                                      r"ViTMSNModel \(vit\) is not supported"):
+        vitfast.optimize(msn)
     dropout = hf_vit(hidden_dropout_prob=0.1)
     with pytest.raises(UnsupportedFeatureError, match=r"train mode with dropout p=0.1 \(hidden_dropout_prob\)"):
         vitfast.optimize(copy.deepcopy(dropout).train())

@@ -322,6 +322,23 @@ def test_vision_encoder_decoder_optimizes_its_encoder():
         assert torch.equal(opt.generate(x, **kw), model.generate(x, **kw))
 
 
+def test_masked_image_modeling_optimizes_its_vit():
+    """ViTForMaskedImageModeling (SimMIM's head: a ViTModel as its `vit`, a conv decoder): a copy with the ViT on
+    vitfast, the decoder shared; the reconstruction as HF's; masked patches (bool_masked_pos: the mask token) refused
+    by name."""
+    torch.manual_seed(0)
+    model = perturbed(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VISION, encoder_stride=8)))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.vit, HFVisionModel) and opt.decoder is model.decoder
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref, eager = (m(px).reconstruction for m, px in ((opt, x), (model64, x.double()), (model, x)))
+    assert_close(out, ref, eager=eager, name="reconstruction")
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+        opt(x, bool_masked_pos=torch.zeros(2, 16, dtype=torch.bool))
+
+
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():
     cfg = transformers.ChineseCLIPConfig(text_config=TEXT, vision_config=VISION)
     with pytest.raises(UnsupportedFeatureError,

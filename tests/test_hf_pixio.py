@@ -13,7 +13,15 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_pixio import HFPixioModel
-from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.testing import (
+    assert_close,
+    assert_grads_match,
+    assert_tower_on_gpu,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
+    perturbed,
+    without_reference,
+)
 
 transformers = pytest.importorskip("transformers")
 pixio = pytest.importorskip("transformers.models.pixio.modeling_pixio")
@@ -184,6 +192,36 @@ def test_mae_equals_hf(ratio):
         assert_close(out[0].last_hidden_state, ref[0].last_hidden_state, eager=eager[0].last_hidden_state)
     with pytest.raises(ValueError, match=r"noise: expected \[B, patches\] = \[2, 16\], got \(2, 15\)"):
         opt(x, noise=noise[:, 1:])
+
+
+def test_mae_pretraining_equals_hf_and_trains():
+    """ViTMAEForPreTraining (MAE's pretraining: the encoder on the kept patches, HF's decoder reconstructs every
+    patch): a copy with its `vit` on vitfast, the decoder shared; loss, logits, mask and ids_restore as HF's; the
+    loss's backward gives every HF parameter, the encoder's and the decoder's, HF's float64 gradient (the reference
+    never called)."""
+    module = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
+    config = transformers.ViTMAEConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                       intermediate_size=96, image_size=32, patch_size=8, mask_ratio=0.5,
+                                       decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                       decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    torch.manual_seed(0)
+    hf = perturbed(module.ViTMAEForPreTraining(config))
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt.vit, HFPixioModel) and opt.decoder is hf.decoder
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        out, ref, eager = (m(px, noise=n) for m, px, n in ((opt, x, noise), (hf64, x.double(), noise.double()),
+                                                           (hf, x, noise)))
+    for key in ("loss", "logits"):
+        assert_close(out[key], ref[key], eager=eager[key], name=key)
+    assert torch.equal(out.mask, ref.mask.float()) and torch.equal(out.ids_restore, ref.ids_restore)
+    opt.train()
+    hf64.train()
+    hf64(x.double(), noise=noise.double()).loss.backward()
+    with without_reference():
+        opt(x, noise=noise).loss.backward()
+    assert_grads_match(hf, hf64)
 
 
 @pytest.mark.gpu

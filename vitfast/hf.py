@@ -26,33 +26,33 @@ get the gradients and an optimizer over either model trains both:
 | MLCDVisionModel | BaseModelOutputWithPooling | before the final norm | final norm of the class token |
 | Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone | BackboneOutput (DINOv3's) | | stage maps |
 
-MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the
-latter returns MetaClip2VisionModelOutput); so are OWL-ViT's and OWLv2's vision models (and the vision transformer
-inside them, which their two-tower models hold), whose stand-in also answers to `post_layernorm` (their detectors
-apply it to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these
-(CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
-ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision
-tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command A Vision, LFM2-VL
-and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced
+MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the latter
+returns MetaClip2VisionModelOutput); so are OWL-ViT's and OWLv2's vision models (and the vision transformer inside
+them, which their two-tower models hold), whose stand-in also answers to `post_layernorm` (their detectors apply it
+to every token). The backbones' stage feature maps: `HFBackbone`. Models that hold one of these (CLIPModel,
+SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
+ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision tower
+of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command A Vision, LFM2-VL and
+InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced
 (`vitfast.convert.optimize`); they call it as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
 Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are
 their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
 `vitfast.hf_pixtral`, GLM-4V's (GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR, Qwen2-VL's packed sequences) in
 `vitfast.hf_glm`, Kimi K2.5's MoonViT (packed images and video clips) in `vitfast.hf_kimi`, PaddleOCR-VL's NaViT in
 `vitfast.hf_paddleocr`, ERNIE 4.5 VL's (Qwen2-VL's packed sequences) in `vitfast.hf_ernie`, Llama 4's (the class
-token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (padded patch batches, sandwich RMSNorms,
-q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in `vitfast.hf_gemma4`,
-Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder; MllamaModel and
-MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed blocks, relative
-positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0 its copy) in
-`vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel holds it, and
-Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images of other
-sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
+token last, RoPE, a pixel-shuffle adapter) in `vitfast.hf_llama4`, Gemma 4's (padded patch batches, sandwich
+RMSNorms, q / k / v norms, 2D RoPE, pooling; Gemma4Model and Gemma4ForConditionalGeneration hold it) in
+`vitfast.hf_gemma4`, Llama 3.2 Vision's (image tiles, gated tile embeddings, a local and a gated global encoder;
+MllamaModel and MllamaForConditionalGeneration hold it) in `vitfast.hf_mllama`, SAM's image encoder (windowed
+blocks, relative positions in the attention's scores; SamModel, SamVisionModel and SAM-HQ's hold it, and GOT-OCR 2.0
+its copy) in `vitfast.hf_sam`, SAM 3's backbone (windowed and global blocks with the axial RoPE; Sam3VisionModel
+holds it, and Sam3Model and Sam3TrackerModel hold that) in `vitfast.hf_sam3`, NVIDIA's RADIO (C-RADIO; packed images
+of other sizes too) in `vitfast.hf_radio`, Meta's V-JEPA 2 video encoder and classifiers (tubelets, its 3D RoPE, the
 attentive pooler) in `vitfast.hf_vjepa2`, BLIP's, BLIP-2's and InstructBLIP's vision transformers (the models around
 them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone holds it as `pixio`), I-JEPA (its
-classifier holds it as `ijepa`) and MAE's encoder in `vitfast.hf_pixio`, EoMT's segmentation models (a DINOv2 or
-DINOv3 ViT whose last blocks carry the queries, and its mask and class heads; VidEoMT's over video) in
-`vitfast.hf_eomt`.
+classifier holds it as `ijepa`) and MAE's encoder (ViTMAEForPreTraining holds it as `vit`) in `vitfast.hf_pixio`,
+EoMT's segmentation models (a DINOv2 or DINOv3 ViT whose last blocks carry the queries, and its mask and class
+heads; VidEoMT's over video) in `vitfast.hf_eomt`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place

@@ -217,10 +217,14 @@ def assert_tower_on_gpu(build, args: tuple, key: str = "last_hidden_state", **kw
 
 
 def assert_grads_match(model, model64) -> None:
-    """After a backward through each: every parameter of `model` has a gradient, within tolerance of the one its
-    float64 twin `model64` (same parameter order) got; where that gradient is exactly 0 in theory (a key projection's
-    bias without RoPE: softmax ignores a shift per query), ours is small in absolute terms instead."""
+    """After a backward through each: every parameter of `model` that requires grad has a gradient (the frozen ones,
+    such as MAE's sin-cos tables, none), within tolerance of the one its float64 twin `model64` (same parameter
+    order) got; where that gradient is exactly 0 in theory (a key projection's bias without RoPE: softmax ignores a
+    shift per query), ours is small in absolute terms instead."""
     for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        if not p.requires_grad:
+            assert p.grad is None and p64.grad is None, name
+            continue
         assert p.grad is not None, name
         if p64.grad.norm() < 1e-9 * max(1.0, p64.norm().item()):
             assert p.grad.norm() < 1e-4, f"grad {name}: {p.grad.norm():.3e} where float64's is 0"
