@@ -101,7 +101,8 @@ def test_every_supported_class_is_tested():
         "InstructBlipVideoVisionModel"} | {
         "PixioModel", "IJepaModel", "ViTMAEModel"} | {                                          # test_hf_pixio
         "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",                  # test_hf_eomt
-        "VideomtForUniversalSegmentation"}
+        "VideomtForUniversalSegmentation"} | {
+        "Sapiens2Model"}                                                                        # test_hf_sapiens2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -232,6 +233,12 @@ def test_joined_linear_builds_from_its_sources_and_caches_only_without_grad():
         assert torch.equal(rows.weight, k.weight[[1, 0, 1, 0]])
     (rows(x) * g[:, :4]).sum().backward()                         # the repeated rows' gradients add up
     assert torch.allclose(k.weight.grad, (g[:, :4].t() @ x).view(2, 2, 4).sum(0)[[1, 0]], atol=1e-6)
+    # A repeated part without bias beside parts with one (Sapiens2's grouped-query k without key_bias): zeros of the
+    # repeated rows' count.
+    q = nn.Linear(4, 4)
+    gqa = JoinedLinear([(q, "weight", "bias", None), (k, "weight", "bias", None, [0, 0, 1, 1])])
+    with torch.no_grad():
+        assert gqa.weight.shape == (8, 4) and torch.equal(gqa.bias, torch.cat([q.bias, torch.zeros(4)]))
 
 
 def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():

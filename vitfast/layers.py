@@ -258,6 +258,8 @@ class JoinedLinear(nn.Module):
         constant tensor per part, kept while its rows, dtype and device fit (so the joined cache still hits)."""
         w = getattr(module, spec[0])
         rows = w.shape[0] if spec[2] is None else len(range(w.shape[0])[spec[2]])
+        if spec[3] is not None:                     # the part's rows reordered (or repeated: grouped-query k / v)
+            rows = len(spec[3])
         z = self._zeros.get(i)
         if z is None or z.shape[0] != rows or z.dtype != w.dtype or z.device != w.device:
             z = self._zeros[i] = torch.zeros(rows, dtype=w.dtype, device=w.device)
