@@ -79,7 +79,7 @@ def test_every_supported_class_is_tested():
         "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"} | {               # test_hf_backbone
         "Siglip2VisionModel"} | {                                                               # test_hf_siglip2
         "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
-        "Idefics3VisionTransformer", "SmolVLMVisionTransformer"} | {                            # test_hf_idefics3
+        "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel"} | {  # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {

@@ -18,6 +18,7 @@ from vitfast.testing import (
     assert_grads_match,
     assert_tower_on_gpu,
     assert_tower_replays,
+    hf_exact_attention,
     perturbed,
     without_reference,
 )
@@ -36,19 +37,6 @@ KINDS = {"eomt": {}, "eomt_swiglu": dict(use_swiglu_ffn=True), "dinov3": dict(di
          "dinov3_key_bias": dict(dinov3=True, key_bias=True)}
 KEYS = ("class_queries_logits", "masks_queries_logits", "last_hidden_state")
 
-
-def _sdpa_mask_in_q_dtype(module, query, key, value, attention_mask, **kwargs):
-    """HF's SDPA attention with the mask in q's dtype. HF's train mode adds a float32 mask to the scores (of ones at
-    attn_mask_probs 0: every query attends everywhere), which torch's SDPA gets wrong against float64 q and k (off by
-    2 on heads of 16, torch 2.11 and 2.13), and HF's eager attention takes its softmax in float32: a float64 twin in
-    train mode runs this."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    mask = None if attention_mask is None else attention_mask.to(query.dtype)
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-
-
-SDPA_MASK_IN_Q_DTYPE = "vitfast_tests_sdpa_mask_in_q_dtype"
-transformers.AttentionInterface.register(SDPA_MASK_IN_Q_DTYPE, _sdpa_mask_in_q_dtype)
 
 
 def model(dinov3=False, **kw):
@@ -102,7 +90,7 @@ def test_trains_hf_tensors(kind):
     Σ masks · w + Σ classes · w' (the reference never called)."""
     hf = model(**KINDS[kind], **(dict(pos_embed_rescale=None) if kind == "dinov3" else {})).train()
     hf64 = copy.deepcopy(hf).double()
-    hf64.set_attn_implementation(SDPA_MASK_IN_Q_DTYPE)
+    hf64.set_attn_implementation(hf_exact_attention())         # HF's train mode adds a float32 mask (of ones)
     opt = vitfast.optimize(hf)
     x = torch.randn(2, 3, 32, 32)
     w_masks, w_classes = torch.randn(16, 16, dtype=torch.float64), torch.randn(4, dtype=torch.float64)

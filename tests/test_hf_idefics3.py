@@ -12,7 +12,15 @@ import torch
 import vitfast
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf import HFIdefics3VisionTransformer
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs, without_reference
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_tower_on_gpu,
+    hf_exact_attention,
+    perturbed,
+    simulate_cuda_graphs,
+    without_reference,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -160,6 +168,75 @@ def test_bad_patch_mask_is_named():
         opt(x, patch_attention_mask=mask.view(4, 56))
 
 
+def trained_scale(model):
+    """`model` with its projection matrices redrawn at std 0.02: HF's init of Phi-4's SigLIP draws q / k / v, the
+    MLP and the pooling head's in_proj with std 1 (a saturated softmax; HF's own fp32 error near the 1e-5 bound)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embedding" not in name and "embed_tokens" not in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def phi4_vision_model():
+    module = pytest.importorskip("transformers.models.phi4_multimodal.modeling_phi4_multimodal")
+    torch.manual_seed(0)
+    return perturbed(trained_scale(module.Phi4MultimodalVisionModel(transformers.Phi4MultimodalVisionConfig(**VISION))))
+
+
+def test_phi4_vision_model_equals_hf():
+    """Phi-4-multimodal's SigLIP (`Phi4MultimodalVisionModel`): Idefics3's patch mask and positions with SigLIP's
+    attention-pooling head, which skips the padding keys too: last_hidden_state, pooler_output and every hidden state
+    as HF's, padded and not. Bidirectional attention: the float64 twin runs HF's SDPA path without its is_causal
+    (which HF applies to a batch without padding), the fp32 bound HF's eager attention (bidirectional)."""
+    hf = phi4_vision_model()
+    hf.set_attn_implementation("eager")
+    hf64 = copy.deepcopy(hf).double()
+    hf64.set_attn_implementation(hf_exact_attention())
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFIdefics3VisionTransformer) and opt.embeddings is hf.embeddings
+    x, mask = padded_batch()
+    with torch.no_grad():
+        for m in (mask, None):
+            out, ref, eager = (model(xi, patch_attention_mask=m, output_hidden_states=True)
+                               for model, xi in ((opt, x), (hf64, x.double()), (hf, x)))
+            for key in ("last_hidden_state", "pooler_output"):
+                assert_close(out[key], ref[key], eager=eager[key], name=f"{key} (mask {m is not None})")
+            assert len(out.hidden_states) == len(ref.hidden_states) == 3
+            for i, (h, r, e) in enumerate(zip(out.hidden_states, ref.hidden_states, eager.hidden_states)):
+                assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
+
+
+def test_phi4_multimodal_optimizes_its_nested_vision_model():
+    """Phi4MultimodalForCausalLM keeps its SigLIP at model.embed_tokens_extend.image_embed.img_processor: a copy with
+    that one on vitfast (the language model, the audio encoder and the image projections shared); the image features
+    its get_img_features makes from a hidden state of the tower (feature_layer -2), crops padded and not, as HF's."""
+    pytest.importorskip("transformers.models.phi4_multimodal.modeling_phi4_multimodal")
+    audio = dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, nemo_conv_channels=16,
+                 depthwise_seperable_out_channel=32, ext_pw_out_channel=32, input_size=16, nemo_final_size=4)
+    cfg = transformers.Phi4MultimodalConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, audio_config=audio,
+                                            vision_config=dict(VISION, crop_size=28, feature_layer=-2))
+    torch.manual_seed(0)
+    model = perturbed(trained_scale(transformers.Phi4MultimodalForCausalLM(cfg)))
+    image = model.model.embed_tokens_extend.image_embed
+    image.img_processor.set_attn_implementation("eager")
+    model64 = copy.deepcopy(model).double()
+    model64.model.embed_tokens_extend.image_embed.img_processor.set_attn_implementation(hf_exact_attention())
+    opt = vitfast.optimize(model)
+    got = opt.model.embed_tokens_extend.image_embed
+    assert isinstance(got.img_processor, HFIdefics3VisionTransformer) and got.img_projection_up is \
+        image.img_projection_up and opt.model.layers is model.model.layers
+    assert opt.model.embed_tokens_extend.audio_embed is model.model.embed_tokens_extend.audio_embed
+    x, mask = torch.randn(3, 3, 28, 28), torch.ones(3, 7, 7, dtype=torch.bool)
+    mask[2, :, 5:] = False
+    with torch.no_grad():
+        out, ref, eager = (m.model.embed_tokens_extend.image_embed.get_img_features(xi, attention_mask=mask)
+                           for m, xi in ((opt, x), (model64, x.double()), (model, x)))
+    assert out.shape == ref.shape == (3, 16, 48)
+    assert_close(out, ref, eager=eager, name="get_img_features")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_vision_transformer_in_half_precision_on_cuda(dtype, no_tf32):
@@ -179,3 +256,16 @@ def test_vision_transformer_in_half_precision_on_cuda(dtype, no_tf32):
             assert out.dtype == dtype
             assert_close(out, ref, dtype=dtype, eager=eager, tol=MODEL_TOLERANCE[dtype], name="last_hidden_state")
     assert opt.cuda_graphs.captures == 1
+
+
+@pytest.mark.gpu
+def test_phi4_vision_model_on_gpu():
+    """Phi-4-multimodal's SigLIP at its shapes (1152 wide, 16 heads of 72; 8 of its 27 blocks) on 448 px crops of 14
+    px patches (32 x 32), one of them padded (so that HF's SDPA path is bidirectional too), bf16, random weights
+    (made on the GPU): vitfast against HF in float32 on the GPU, bounded by HF's own bf16 error; eager, capture and
+    replay."""
+    module = pytest.importorskip("transformers.models.phi4_multimodal.modeling_phi4_multimodal")
+    config = transformers.Phi4MultimodalVisionConfig(num_hidden_layers=8)
+    x, mask = padded_batch([(32, 32), (32, 32), (32, 20), (24, 32)], size=(32, 32), patch=14)
+    assert_tower_on_gpu(lambda: trained_scale(module.Phi4MultimodalVisionModel(config)), (x.cuda(), mask.cuda()),
+                        key="pooler_output")

@@ -19,6 +19,7 @@ get the gradients and an optimizer over either model trains both:
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
 | Siglip2VisionModel (NaFlex) | BaseModelOutputWithPooling | final norm | the head, padding masked (below) |
 | Idefics3VisionTransformer, SmolVLMVisionTransformer | BaseModelOutput | final norm, padding masked (below) | |
+| Phi4MultimodalVisionModel | BaseModelOutputWithPooling | the same | the attention-pooling head, padding masked |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | InternVLVisionModel | InternVLVisionModelOutputWithPooling | final norm (none with use_mean_pooling) | None |
 | Aimv2VisionModel | BaseModelOutputWithPooling | final RMSNorm | AIMv2's attention-pooling head (`_Aimv2Head`) |
@@ -33,7 +34,8 @@ to every token). The backbones' stage feature maps: `HFBackbone`. Models that ho
 SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with their text towers, the
 ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's detectors, the vision tower
 of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command A Vision, LFM2-VL and
-InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL) are copied with that one replaced
+InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL, Phi-4-multimodal's `img_processor` inside its
+`model.embed_tokens_extend.image_embed`) are copied with that one replaced
 (`vitfast.convert.optimize`); they call it as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
 Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are
 their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
@@ -110,7 +112,7 @@ from vitfast.hf_pixio import optimize_pixio
 from vitfast.hf_pixtral import CLASSES as PIXTRAL_CLASSES
 from vitfast.hf_pixtral import optimize_pixtral
 from vitfast.hf_qwen import CLASSES as QWEN_CLASSES
-from vitfast.hf_qwen import optimize_qwen
+from vitfast.hf_qwen import kept_hidden_states, optimize_qwen
 from vitfast.hf_radio import CLASSES as RADIO_CLASSES
 from vitfast.hf_radio import optimize_radio
 from vitfast.hf_sam import CLASSES as SAM_CLASSES
@@ -152,6 +154,8 @@ CLASSES = {
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
     "Idefics3VisionTransformer": ("idefics3", None), "SmolVLMVisionTransformer": ("idefics3", None),
+    # Phi-4-multimodal's SigLIP: Idefics3's patch mask and bucketed positions, with the attention-pooling head
+    "Phi4MultimodalVisionModel": ("phi4mm", None),
     "DINOv3ViTModel": ("dinov3", None),
     # InternVL's InternViT (InternVL 2.5 / 3 / 3.5 up to 14B: the 300M tower): LayerNorm, layer-scale, no final norm
     "InternVLVisionModel": ("internvl", None),
@@ -307,7 +311,7 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         core.patch_embed.proj = _PatchesAsConv(base.embeddings.patch_embedding, core_cfg["in_chans"],
                                                core_cfg["patch_size"])
         return HFSiglip2VisionModel(cfg, core, family).train(model.training)
-    if family == "idefics3":
+    if family in ("idefics3", "phi4mm"):
         return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
     output = sys.modules[type(base).__module__].InternVLVisionModelOutputWithPooling if family == "internvl" else None
     if family == "mlcd":
@@ -382,7 +386,7 @@ _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embed
             "siglip": {"pos_embed": _position_embedding}, "aimv2": {"pos_embed": _position_embedding},
             "ovis2": {"pos_embed": _position_embedding}, "mlcd": {"cls_token": _class_embedding},
             "siglip2": {"pos_embed": _position_embedding},
-            "idefics3": {"pos_embed": _position_embedding},
+            "idefics3": {"pos_embed": _position_embedding}, "phi4mm": {"pos_embed": _position_embedding},
             "dinov2_reg": {"cls_token": _registers_class_token, "pos_embed": _registers_position_table}}
 
 
@@ -426,7 +430,7 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         hidden = int(dim * cfg.mlp_ratio)
     else:
         hidden = cfg.intermediate_size
-    siglip = family.startswith("siglip") or family == "idefics3"              # no class token, SigLIP's layout
+    siglip = family.startswith("siglip") or family in ("idefics3", "phi4mm")  # no class token, SigLIP's layout
     out = dict(img_size=to_2tuple(image_size), patch_size=to_2tuple(cfg.patch_size), in_chans=cfg.num_channels,
                num_classes=0, embed_dim=dim, depth=cfg.num_hidden_layers, num_heads=heads,
                mlp_ratio=_mlp_ratio(hidden, dim), qkv_bias=bool(getattr(cfg, "qkv_bias", True)),
@@ -793,12 +797,24 @@ class HFSiglip2VisionModel(HFVisionModel):
 
 class HFIdefics3VisionTransformer(HFVisionModel):
     """Stands in for transformers' `Idefics3VisionTransformer` and `SmolVLMVisionTransformer` (the vision model of
-    Idefics3 and SmolVLM, which their VLMs call with each image tile and its patch mask): pixel_values
-    [B, C, H, W] (images padded to one size), patch_attention_mask [B, H/P, W/P] (True for each image's own
-    patches; None: all) -> `BaseModelOutput` with last_hidden_state after the final norm. The patches are
-    embedded by the patch-embedding kernel, the table rows of `idefics3_position_ids` added; every attention
-    skips the padding patches (`key_mask`), as HF's mask does. No host synchronisation: the CUDA graph takes the
-    masks as data."""
+    Idefics3 and SmolVLM, which their VLMs call with each image tile and its patch mask) and
+    `Phi4MultimodalVisionModel` (Phi-4-multimodal's, its `img_processor`): pixel_values [B, C, H, W] (images padded
+    to one size), patch_attention_mask [B, H/P, W/P] (True for each image's own patches; None: all) ->
+    `BaseModelOutput` with last_hidden_state after the final norm (Phi-4's: `BaseModelOutputWithPooling`, the
+    pooler_output from its attention-pooling head, which skips the padding keys too). The patches are embedded by
+    the patch-embedding kernel, the table rows of `idefics3_position_ids` added; every attention skips the padding
+    patches (`key_mask`), as HF's mask does. hidden_states: True, or an index or list of indices that keeps only
+    those (transformers 5.2x; Phi-4's VLM asks for one). No host synchronisation: the CUDA graph takes the masks as
+    data.
+
+    Phi-4's attention is bidirectional, as HF's eager attention, HF's SDPA path over a padded batch and Microsoft's
+    original model compute it: HF's module sets is_causal, which its SDPA path applies to a batch without padding
+    (transformers 5.17 to 5.25)."""
+
+    @property
+    def embeddings(self) -> nn.Module:
+        """HF's embeddings module (Phi-4's VLM reads its patch_embedding's dtype)."""
+        return self.core.hf_embeddings
 
     def forward(self, pixel_values=None, patch_attention_mask=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
@@ -812,11 +828,14 @@ class HFIdefics3VisionTransformer(HFVisionModel):
                    else type(patch_attention_mask).__name__)
             raise ValueError(f"patch_attention_mask: expected {list(grid)} (batch, patch rows, patch columns) or "
                              f"None, got {got}")
-        return self.cuda_graphs(self, self._forward, pixel_values, patch_attention_mask,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.core.blocks) + 1)
+        return self.cuda_graphs(self, self._forward, pixel_values, patch_attention_mask, keep=keep,
+                                return_dict=return_dict)
 
-    def _forward(self, pixel_values, patch_attention_mask, output_hidden_states=None, return_dict=None):
-        from transformers.modeling_outputs import BaseModelOutput
+    def _forward(self, pixel_values, patch_attention_mask, keep=None, return_dict=None):
+        from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
         core = self.core
         pe, table = core.patch_embed, core.hf_embeddings.position_embedding.weight
@@ -829,11 +848,14 @@ class HFIdefics3VisionTransformer(HFVisionModel):
             mask = patch_attention_mask.to(device=x.device, dtype=torch.bool)
             key_mask = mask.reshape(mask.shape[0], -1)
         x = x + table[idefics3_position_ids(mask, core.hf_embeddings.num_patches_per_side)]
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        tokens, _, hidden = core.forward_blocks(x, key_mask=key_mask, return_hidden=bool(output_hidden_states))
-        out = BaseModelOutput(last_hidden_state=core.norm(tokens),
-                              hidden_states=tuple(hidden) if output_hidden_states else None)
+        tokens, _, hidden = core.forward_blocks(x, key_mask=key_mask, return_hidden=keep is not None)
+        hidden = None if keep is None else tuple(h if i in keep else None for i, h in enumerate(hidden))
+        seq = core.norm(tokens)
+        if core.attn_pool is None:
+            out = BaseModelOutput(last_hidden_state=seq, hidden_states=hidden)
+        else:
+            out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=core.attn_pool(seq, key_mask),
+                                             hidden_states=hidden)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 

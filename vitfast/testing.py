@@ -264,6 +264,28 @@ def without_reference():
             setattr(reference, name, f)
 
 
+def hf_exact_attention() -> str:
+    """The name of a transformers attention implementation, registered on first use (with SDPA's mask), for the
+    float64 twins of tests (`model.set_attn_implementation(name)`): HF's SDPA path with an additive mask in q's
+    dtype and is_causal off. HF's eager attention of some models takes its softmax in float32 (not a float64
+    reference), torch's SDPA gets a float32 mask against float64 q and k wrong (EoMT's train mode adds one), and
+    Phi-4-multimodal's vision attention sets is_causal, which HF's SDPA path applies to a batch without padding (its
+    eager path and the original model are bidirectional)."""
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    name = "vitfast_testing_exact_sdpa"
+
+    def exact(module, query, key, value, attention_mask, **kwargs):
+        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else \
+            attention_mask.to(query.dtype)                                  # a bool mask: True takes part
+        return sdpa_attention_forward(module, query, key, value, mask, **{**kwargs, "is_causal": False})
+    transformers.AttentionInterface.register(name, exact)
+    transformers.AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
 def perturbed(model):
     """`model` in eval mode with every weight moved off its init (0 / 1 biases and norms would hide mistakes):
     each parameter plus 0.05 x N(0, 1) noise."""
