@@ -102,7 +102,8 @@ def test_every_supported_class_is_tested():
         "PixioModel", "IJepaModel", "ViTMAEModel"} | {                                          # test_hf_pixio
         "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",                  # test_hf_eomt
         "VideomtForUniversalSegmentation"} | {
-        "Sapiens2Model"}                                                                        # test_hf_sapiens2
+        "Sapiens2Model"} | {                                                                    # test_hf_sapiens2
+        "Tipsv2VisionModel"}                                                                    # test_hf_tipsv2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -55,7 +55,7 @@ them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone hol
 classifier holds it as `ijepa`) and MAE's encoder (ViTMAEForPreTraining holds it as `vit`) in `vitfast.hf_pixio`,
 EoMT's segmentation models (a DINOv2 or DINOv3 ViT whose last blocks carry the queries, and its mask and class
 heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task models hold it as `model`) in
-`vitfast.hf_sapiens2`.
+`vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`) in `vitfast.hf_tipsv2`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -121,6 +121,8 @@ from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
 from vitfast.hf_sam3 import optimize_sam3
 from vitfast.hf_sapiens2 import CLASSES as SAPIENS2_CLASSES
 from vitfast.hf_sapiens2 import optimize_sapiens2
+from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
+from vitfast.hf_tipsv2 import optimize_tipsv2
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
 from vitfast.hf_vjepa2 import optimize_vjepa2
 from vitfast.layers import JoinedLinear
@@ -211,6 +213,9 @@ CLASSES = {
     # Meta's Sapiens2 (its task models hold it as `model`): RMSNorms, grouped-query blocks, q / k norms, DINOv3's RoPE
     # (vitfast.hf_sapiens2)
     **{name: (family, None) for name, family in SAPIENS2_CLASSES.items()},
+    # Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`): DINOv2's layout with registers, bilinear
+    # resampling of its table, the mask token (vitfast.hf_tipsv2)
+    **{name: (family, None) for name, family in TIPSV2_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -271,6 +276,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_eomt(model)
     if family == "sapiens2":
         return optimize_sapiens2(model)
+    if family == "tipsv2":
+        return optimize_tipsv2(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
