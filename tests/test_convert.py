@@ -178,9 +178,9 @@ def test_hf_unsupported_features_are_named():
         opt(x, attention_mask=torch.ones(2, 5))
     with pytest.raises(UnsupportedFeatureError, match="some_flag"):
         opt(x, some_flag=True)
-    masked = vitfast.optimize(hf_vit(cls="ViTModel", model_kw=dict(use_mask_token=True)))
+    unmasked = vitfast.optimize(hf_vit(cls="ViTModel"))             # no mask token (use_mask_token=False)
     with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
-        masked(x, bool_masked_pos=torch.zeros(2, 4, dtype=torch.bool))
+        unmasked(x, bool_masked_pos=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="pixel_values: expected a tensor"):
         opt()
     with pytest.raises(ValueError, match="expected a timm VisionTransformer.*got torch.nn.modules.linear.Linear"):

@@ -15,7 +15,7 @@ from vitfast.checkpoint import load_checkpoint
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf import CLASSES
 from vitfast.layers import JoinedLinear
-from vitfast.testing import MODEL_TOLERANCE, assert_close, without_reference
+from vitfast.testing import MODEL_TOLERANCE, assert_close, assert_grads_match, backward_weighted, without_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,7 +170,7 @@ def test_optimized_hf_trains_hf_tensors(name):
     opt = vitfast.optimize(hf)
     ours, theirs = {id(p) for p in opt.parameters()}, {id(p): n for n, p in hf.named_parameters()}
     assert ours <= set(theirs)
-    assert all(theirs[i].endswith("mask_token") for i in set(theirs) - ours)   # masking is refused: unused
+    assert all(theirs[i].endswith("mask_token") for i in set(theirs) - ours)   # only a mask token may be left
     x = torch.randn(2, 3, 32, 32)
     first = lambda out: out[0] if isinstance(out, tuple) else next(iter(out.values()))
     w = torch.randn_like(first(opt(x)))
@@ -251,7 +251,7 @@ def test_optimize_hf_dinov2_swiglu_equals_hf_and_trains_its_projections():
     mlp, hf_mlp = opt.core.blocks[1].mlp, hf.layers[1].mlp if hasattr(hf, "layers") else hf.encoder.layer[1].mlp
     packed = not hasattr(hf_mlp, "gate_proj")                     # older transformers: weights_in holds both
     assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.fc1, nn.Linear if packed else JoinedLinear)
-    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()} - {id(hf.embeddings.mask_token)}
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in hf.parameters()}        # the mask token's too
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out, ref, eager = (m(xi, output_hidden_states=True) for m, xi in ((opt, x), (hf64, x.double()), (hf, x)))
@@ -389,12 +389,50 @@ def test_dinov2_giant_has_hf_giants_parameters(name):
     assert tuple(mine.blocks[0].mlp.fc2.weight.shape) == (1536, 4096)
 
 
+@pytest.mark.parametrize("name", ["ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel"])
+def test_masked_patches_take_the_mask_token_and_train_it(name):
+    """bool_masked_pos [B, patches] (masked image modeling, DINOv2 / iBOT-style training): each masked patch enters as
+    HF's mask token plus its position row (DINOv3: the token alone), at the configured size and another grid; the
+    outputs as HF's, and a backward gives the mask token (and every other parameter) HF's float64 gradient."""
+    if name in ("ViTModel", "DeiTModel"):                            # their mask token only with use_mask_token
+        config = getattr(transformers, name.replace("Model", "Config"))(**{**SMALL, "intermediate_size": 96})
+        hf = getattr(transformers, name)(config, add_pooling_layer=False, use_mask_token=True).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    else:
+        hf = hf_model(name)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert opt.mask_token is hf.embeddings.mask_token
+    kw = {} if name.startswith(("Dinov2", "DINOv3")) else dict(interpolate_pos_encoding=True)   # (DINOv2 resamples)
+    for shape in ((2, 3, 32, 32), (2, 3, 40, 24)):
+        x = torch.randn(*shape)
+        masked = torch.rand(2, (shape[2] // 8) * (shape[3] // 8)) > 0.5
+        with torch.no_grad():
+            out, ref, eager = (m(px, bool_masked_pos=masked, **kw).last_hidden_state
+                               for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+            assert_close(out, ref, eager=eager, name=f"last_hidden_state {shape}")
+            assert (out - opt(x, **kw).last_hidden_state).abs().max() > 1e-2          # the mask took effect
+    hf.train()
+    hf64.train()
+    opt.train()
+    x, masked, w = torch.randn(2, 3, 32, 32), torch.rand(2, 16) > 0.5, torch.randn(48, dtype=torch.float64)
+    backward_weighted(hf64(x.double(), bool_masked_pos=masked).last_hidden_state, w)
+    backward_weighted(opt(x, bool_masked_pos=masked).last_hidden_state, w, reference_free=True)
+    assert hf.embeddings.mask_token.grad is not None and hf.embeddings.mask_token.grad.abs().max() > 0
+    assert_grads_match(hf, hf64)
+
+
 def test_optimize_hf_family_refusals_are_named():
     with pytest.raises(UnsupportedFeatureError, match="hidden_act='relu'"):
         vitfast.optimize(hf_model("CLIPVisionModel", hidden_act="relu"))
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):            # SigLIP has no mask token
+        vitfast.optimize(hf_model("SiglipVisionModel"))(torch.randn(1, 3, 32, 32),
+                                                        bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
     opt = vitfast.optimize(hf_model("Dinov2Model"))
-    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
-        opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"bool_masked_pos: expected \[B, patches\] = \[1, 16\], got \(1, 15\)"):
+        opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 15, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
         opt(torch.randn(1, 3, 36, 32))
     for kw, what in ((dict(use_qk_norm=True), "use_qk_norm=True"), (dict(norm_type="rms_norm"), "norm_type='rms_norm'"),

@@ -16,7 +16,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf import HFVisionModel
-from vitfast.testing import MODEL_TOLERANCE, assert_close, perturbed, simulate_cuda_graphs, without_reference
+from vitfast.testing import (
+    MODEL_TOLERANCE,
+    assert_close,
+    assert_grads_match,
+    perturbed,
+    simulate_cuda_graphs,
+    without_reference,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -323,20 +330,26 @@ def test_vision_encoder_decoder_optimizes_its_encoder():
 
 
 def test_masked_image_modeling_optimizes_its_vit():
-    """ViTForMaskedImageModeling (SimMIM's head: a ViTModel as its `vit`, a conv decoder): a copy with the ViT on
-    vitfast, the decoder shared; the reconstruction as HF's; masked patches (bool_masked_pos: the mask token) refused
-    by name."""
+    """ViTForMaskedImageModeling (SimMIM: a ViTModel with a mask token as its `vit`, a conv decoder): a copy with the
+    ViT on vitfast, the decoder shared; with bool_masked_pos its reconstruction and loss as HF's, and the loss's
+    backward gives every parameter, the mask token's too, HF's float64 gradient."""
     torch.manual_seed(0)
     model = perturbed(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VISION, encoder_stride=8)))
     model64 = copy.deepcopy(model).double()
     opt = vitfast.optimize(model)
     assert isinstance(opt.vit, HFVisionModel) and opt.decoder is model.decoder
-    x = torch.randn(2, 3, 32, 32)
+    x, masked = torch.randn(2, 3, 32, 32), torch.rand(2, 16) > 0.5
     with torch.no_grad():
-        out, ref, eager = (m(px).reconstruction for m, px in ((opt, x), (model64, x.double()), (model, x)))
-    assert_close(out, ref, eager=eager, name="reconstruction")
-    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
-        opt(x, bool_masked_pos=torch.zeros(2, 16, dtype=torch.bool))
+        out, ref, eager = (m(px, bool_masked_pos=masked) for m, px in ((opt, x), (model64, x.double()), (model, x)))
+    for key in ("reconstruction", "loss"):
+        assert_close(out[key], ref[key], eager=eager[key], name=key)
+    for m in (model, model64, opt):
+        m.train()
+    model64(x.double(), bool_masked_pos=masked).loss.backward()
+    loss = opt(x, bool_masked_pos=masked).loss
+    with without_reference():
+        loss.backward()
+    assert_grads_match(model, model64)
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():

@@ -19,6 +19,7 @@ from vitfast.testing import (
     assert_tower_on_gpu,
     assert_tower_replays,
     assert_trains_hf_tensors,
+    backward_weighted,
     perturbed,
     without_reference,
 )
@@ -141,8 +142,33 @@ def test_ijepa_equals_hf(pooler):
             assert_close(h, r, eager=e, name=f"hidden_states[{i}]")
     with pytest.raises(ValueError, match=r"configured size \(32, 32\) without interpolate_pos_encoding=True"):
         opt(torch.randn(1, 3, 48, 40))
-    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos .this model has no mask token"):
         opt(torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
+
+
+def test_ijepa_mask_token_equals_hf_and_trains():
+    """IJepaModel with use_mask_token: masked patches (bool_masked_pos) enter as its mask token plus their position
+    row, at the configured size and resampled; the output as HF's, and a backward gives the mask token and every
+    other parameter HF's float64 gradient."""
+    hf = ijepa(use_mask_token=True)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    for shape, kw in (((2, 3, 32, 32), {}), ((2, 3, 48, 40), dict(interpolate_pos_encoding=True))):
+        x = torch.randn(*shape)
+        masked = torch.rand(2, (shape[2] // 8) * (shape[3] // 8)) > 0.5
+        with torch.no_grad():
+            out, ref, eager = (m(px, bool_masked_pos=masked, **kw).last_hidden_state
+                               for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+        assert_close(out, ref, eager=eager, name=f"last_hidden_state {shape}")
+    with pytest.raises(ValueError, match=r"bool_masked_pos: expected \[B, patches\] = \[2, 16\], got \(2, 15\)"):
+        opt(torch.randn(2, 3, 32, 32), bool_masked_pos=torch.zeros(2, 15, dtype=torch.bool))
+    for m in (hf, hf64, opt):
+        m.train()
+    x, masked, w = torch.randn(2, 3, 32, 32), torch.rand(2, 16) > 0.5, torch.randn(48, dtype=torch.float64)
+    backward_weighted(hf64(x.double(), bool_masked_pos=masked).last_hidden_state, w)
+    backward_weighted(opt(x, bool_masked_pos=masked).last_hidden_state, w, reference_free=True)
+    assert hf.embeddings.mask_token.grad.abs().max() > 0
+    assert_grads_match(hf, hf64)
 
 
 def test_ijepa_classifier_equals_hf_and_trains():
@@ -219,8 +245,9 @@ def test_mae_pretraining_equals_hf_and_trains():
     opt.train()
     hf64.train()
     hf64(x.double(), noise=noise.double()).loss.backward()
+    loss = opt(x, noise=noise).loss
     with without_reference():
-        opt(x, noise=noise).loss.backward()
+        loss.backward()
     assert_grads_match(hf, hf64)
 
 

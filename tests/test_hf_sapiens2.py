@@ -11,7 +11,15 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_sapiens2 import HFSapiens2Model
-from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.testing import (
+    assert_close,
+    assert_grads_match,
+    assert_tower_on_gpu,
+    assert_tower_replays,
+    assert_trains_hf_tensors,
+    backward_weighted,
+    perturbed,
+)
 
 transformers = pytest.importorskip("transformers")
 sapiens2 = pytest.importorskip("transformers.models.sapiens2.modeling_sapiens2")
@@ -66,6 +74,28 @@ def test_task_models_equal_hf(task):
     assert_close(out[key], ref[key], eager=eager[key], name=key)
 
 
+def test_mask_token_equals_hf_and_trains():
+    """With use_mask_token, masked patches (bool_masked_pos) enter as the mask token: the output as HF's, and a
+    backward gives the mask token and every other parameter HF's float64 gradient."""
+    hf = model(use_mask_token=True, pos_embed_rescale=None)
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    x, masked = torch.randn(2, 3, 32, 24), torch.rand(2, 12) > 0.5
+    with torch.no_grad():
+        out, ref, eager = (m(px, bool_masked_pos=masked).last_hidden_state
+                           for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert_close(out, ref, eager=eager, name="last_hidden_state")
+    with pytest.raises(ValueError, match=r"bool_masked_pos: expected \[B, patches\] = \[2, 12\], got \(2, 16\)"):
+        opt(x, bool_masked_pos=torch.zeros(2, 16, dtype=torch.bool))
+    for m in (hf, hf64, opt):
+        m.train()
+    w = torch.randn(64, dtype=torch.float64)
+    backward_weighted(hf64(x.double(), bool_masked_pos=masked).last_hidden_state, w)
+    backward_weighted(opt(x, bool_masked_pos=masked).last_hidden_state, w, reference_free=True)
+    assert hf.embeddings.mask_token.grad.abs().max() > 0
+    assert_grads_match(hf, hf64)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_trains_hf_tensors(kind):
     """Every HF parameter gets HF's float64 gradient (the reference never called): the k / v rows repeated for the
@@ -83,7 +113,7 @@ def test_refuses_what_it_does_not_run():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(UnsupportedFeatureError, match="output_attentions=True"):
         opt(x, output_attentions=True)
-    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos"):
+    with pytest.raises(UnsupportedFeatureError, match="bool_masked_pos .this model has no mask token"):
         opt(x, bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"H a multiple of 8 and W of 8, got \(1, 3, 30, 32\)"):
         opt(torch.randn(1, 3, 30, 32))

@@ -73,8 +73,9 @@ bias in the packed qkv. In train mode HF moves DINOv3's RoPE coordinates at rand
 rescale), which vitfast does not: such a model runs in eval mode only. InternVL's InternViT (the 300M tower of
 InternVL 2.5 / 3 / 3.5 up to 14B) is a pre-norm ViT with layer-scales (lambda_1, lambda_2) and, with
 use_mean_pooling (its default), no final norm. Not supported (named in the error): InternViT-6B's RMSNorms and q /
-k norms (norm_type='rms_norm', use_qk_norm), masked patches (bool_masked_pos), attention masks (but SigLIP 2's
-patch mask), attention outputs, other activations.
+k norms (norm_type='rms_norm', use_qk_norm), masked patches (bool_masked_pos) where the model has no mask token
+(ViT, DeiT with use_mask_token, DINOv2 and DINOv3 have one: a masked patch enters as it plus its position row, as
+HF's), attention masks (but SigLIP 2's patch mask), attention outputs, other activations.
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
     pooler = getattr(base, "pooler", None)
     if family == "aimv2":
         pooler = _Aimv2Head(base.head) if getattr(base, "head", None) is not None else None
-    vision = HFVisionModel(cfg, core, family, pooler, output).train(model.training)
+    mask_token = getattr(base.embeddings, "mask_token", None) if family in ("vit", "deit", "dinov2", "dinov2_reg",
+                                                                            "dinov3") else None
+    vision = HFVisionModel(cfg, core, family, pooler, output, mask_token).train(model.training)
     if family == "ovis2":
         hf_module = sys.modules[type(model).__module__]
         return HFOvis2VisionModel(cfg, vision, model.head_linear, model.head_norm,
@@ -547,13 +550,16 @@ class HFVisionModel(nn.Module):
     Dinov2WithRegistersModel, CLIPVisionModel, SiglipVisionModel): the same forward arguments, returns
     `BaseModelOutputWithPooling` (module docstring for each family's last_hidden_state and pooler_output;
     hidden_states with output_hidden_states=True). The transformer runs as `self.core`; `pooler` is HF's
-    own pooler module (ViT / DeiT, dense + tanh) or None."""
+    own pooler module (ViT / DeiT, dense + tanh) or None; `mask_token` HF's mask token parameter (ViT and DeiT with
+    use_mask_token, DINOv2, DINOv3) or None: bool_masked_pos [B, patches] then replaces those patches with it, as
+    HF's embeddings do (masked image modeling: ViTForMaskedImageModeling; DINOv2 / iBOT-style training)."""
 
     def __init__(self, config, core: VisionTransformer, family: str = "vit", pooler: nn.Module | None = None,
-                 output: type | None = None):
+                 output: type | None = None, mask_token: nn.Parameter | None = None):
         super().__init__()
         self.config, self.core, self.family, self.pooler = config, core, family, pooler
         self._output = output                  # HF's output class where it is not BaseModelOutputWithPooling
+        self.mask_token = mask_token
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -564,11 +570,20 @@ class HFVisionModel(nn.Module):
             raise AttributeError(f"{type(self).__name__} of the {self.family} family has no post_layernorm")
         return self.core.norm
 
-    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
+    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, bool_masked_pos=None):
         """-> (tokens [B, T, D] after the blocks, before the final norm; hidden_states tuple or None)."""
         if pixel_values is None:
             raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
         core, pe = self.core, self.core.patch_embed
+        patch_mask = None
+        if bool_masked_pos is not None:
+            check_image_size(pixel_values, core.in_chans, pe.patch_size)
+            shape = (pixel_values.shape[0], pe.grid_for(pixel_values)[0] * pe.grid_for(pixel_values)[1])
+            if not isinstance(bool_masked_pos, Tensor) or tuple(bool_masked_pos.shape) != shape:
+                got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
+                    type(bool_masked_pos).__name__
+                raise ValueError(f"bool_masked_pos: expected [B, patches] = [{shape[0]}, {shape[1]}], got {got}")
+            patch_mask = (bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool), self.mask_token)
         antialias, always = _POS_RULE[self.family]
         pos_embed = None
         if (interpolate_pos_encoding or always) and core.pos_embed is not None:
@@ -580,7 +595,7 @@ class HFVisionModel(nn.Module):
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         tokens, _, hidden = core.forward_tokens(pixel_values, pos_embed=pos_embed,
-                                                return_hidden=bool(output_hidden_states))
+                                                return_hidden=bool(output_hidden_states), patch_mask=patch_mask)
         return tokens, (tuple(hidden) if output_hidden_states else None)
 
     def outputs(self, tokens):
@@ -599,6 +614,8 @@ class HFVisionModel(nn.Module):
         """Arguments HF takes that vitfast does not implement -> UnsupportedFeatureError naming them."""
         if output_attentions is None:
             output_attentions = getattr(self.config, "output_attentions", False)
+        if self.mask_token is not None:          # masked patches: the mask token (encode)
+            bool_masked_pos = None
         bad = [name for name, v in (("bool_masked_pos (masked patches)", bool_masked_pos),
                                     ("attention_mask", attention_mask),
                                     ("output_attentions=True", output_attentions or None)) if v is not None]
@@ -611,12 +628,14 @@ class HFVisionModel(nn.Module):
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         self.refuse(bool_masked_pos, attention_mask, output_attentions, kwargs)
         return self.cuda_graphs(self, self._forward, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                output_hidden_states=output_hidden_states, return_dict=return_dict)
+                                output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                bool_masked_pos=bool_masked_pos)
 
-    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None):
+    def _forward(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, return_dict=None,
+                 bool_masked_pos=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states, bool_masked_pos)
         seq, pooled = self.outputs(tokens)
         out = (self._output or BaseModelOutputWithPooling)(last_hidden_state=seq, pooler_output=pooled,
                                                            hidden_states=hidden)
@@ -652,7 +671,7 @@ class HFMLCDVisionModel(HFVisionModel):
         cls = self.class_pos_emb.detach().float()              # [1, D / 2]: one angle per pair (HF repeats it)
         return torch.cat([cls.cos(), cos]).to(dtype), torch.cat([cls.sin(), sin]).to(dtype)
 
-    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None):
+    def encode(self, pixel_values, interpolate_pos_encoding=None, output_hidden_states=None, bool_masked_pos=None):
         if pixel_values is None:
             raise ValueError("pixel_values: expected a tensor [B, C, H, W], got None")
         core = self.core

@@ -10,7 +10,8 @@ The model takes images pixel_values [B, C, H, W] (H and W multiples of the patch
 configured size unless interpolate_pos_encoding, as HF's) and an optional attention_mask [B, tokens] (1 / True: the key
 takes part; HF's padding mask, the attention kernel's key mask). The patch embedding is one `ops.patch_embed` with
 Pixio's class tokens and the position table (resampled to the grid by HF's own method when the grid differs from the
-table's: always for Pixio, with interpolate_pos_encoding for I-JEPA and MAE) in its epilogue. Per block: the LayerNorm,
+table's: always for Pixio, with interpolate_pos_encoding for I-JEPA and MAE) in its epilogue; I-JEPA's masked patches
+(bool_masked_pos, with use_mask_token) take its mask token plus their position row. Per block: the LayerNorm,
 the packed q / k / v GEMM (HF's three projections joined), the attention, o_proj with the residual in its epilogue, the
 LayerNorm, fc1 with the GELU in its epilogue, fc2 with the residual in its. Then the final LayerNorm; the pooler output
 is the mean of Pixio's class tokens after it, or I-JEPA's pooler (HF's module: dense and tanh on the first token) where
@@ -21,7 +22,7 @@ ids_restore instead) and, with output_hidden_states (True, or an index or list o
 transformers 5.2x), the embeddings and each block's output (before the final norm). The stand-in holds HF's model
 (`self.model`, its forward unused) and so its parameter tensors; on CUDA in eval mode without grad its forward replays
 a CUDA graph per input shape. It trains. Not supported (named in the error): attention outputs, dropout and drop-path
-in train mode, activations other than GELU / QuickGELU, I-JEPA's bool_masked_pos (its mask token).
+in train mode, activations other than GELU / QuickGELU, bool_masked_pos without a mask token.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class HFPixioModel(nn.Module):
                 return_dict=None, bool_masked_pos=None, interpolate_pos_encoding=None, noise=None, **kwargs):
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
-        if bool_masked_pos is not None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument bool_masked_pos (the mask token)")
+        token = getattr(self.model.embeddings, "mask_token", None)
+        if bool_masked_pos is not None and token is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument bool_masked_pos (this model has no "
+                                          "mask token: I-JEPA's with use_mask_token=True has one)")
         proj = self.model.embeddings.patch_embeddings.projection
         C, P = proj.in_channels, proj.kernel_size[0]
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
@@ -130,6 +133,12 @@ class HFPixioModel(nn.Module):
             raise ValueError(f"pixel_values: expected images of the configured size {size} without "
                              f"interpolate_pos_encoding=True, got {tuple(pixel_values.shape)}")
         B, T = pixel_values.shape[0], self.prefix + (pixel_values.shape[2] // P) * (pixel_values.shape[3] // P)
+        if bool_masked_pos is not None:                # I-JEPA's patches (no class token) replaced by its mask token
+            if not isinstance(bool_masked_pos, Tensor) or tuple(bool_masked_pos.shape) != (B, T):
+                got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
+                    type(bool_masked_pos).__name__
+                raise ValueError(f"bool_masked_pos: expected [B, patches] = [{B}, {T}], got {got}")
+            bool_masked_pos = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
         if self.mae:                                      # the class token and the patches MAE's masking keeps
             patches, T = T, 1 + int(T * (1 - self.config.mask_ratio))
             if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != (B, patches)):
@@ -147,13 +156,14 @@ class HFPixioModel(nn.Module):
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
-        x, extra, hidden = self.cuda_graphs(self, self._forward, pixel_values, attention_mask, noise,
+        x, extra, hidden = self.cuda_graphs(self, self._forward, pixel_values, attention_mask, noise, bool_masked_pos,
                                             resample=resample, keep=keep)
         out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden), **extra)
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if use_dict else out.to_tuple()
 
-    def _forward(self, pixels: Tensor, mask: Tensor | None, noise: Tensor | None, *, resample: bool, keep):
+    def _forward(self, pixels: Tensor, mask: Tensor | None, noise: Tensor | None, masked: Tensor | None, *,
+                 resample: bool, keep):
         m = self.model
         emb = m.embeddings
         w, b = emb.patch_embeddings.projection.weight, emb.patch_embeddings.projection.bias
@@ -170,6 +180,8 @@ class HFPixioModel(nn.Module):
         else:
             x = ops.patch_embed(pixels.to(w.dtype), w, b, prefix_tokens=emb.cls_token.to(w.dtype) if n else None,
                                 pos_embed=table, pos_embed_prefix=n > 0)
+            if masked is not None:                    # the mask token plus the patch's position row (no prefix)
+                x = torch.where(masked[..., None], emb.mask_token.to(w.dtype) + table, x)
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, qkv) in enumerate(zip(m.layers, self.qkv), 1):

@@ -16,7 +16,8 @@ Output: HF's BaseModelOutputWithPooling: last_hidden_state (after the final norm
 with output_hidden_states (True, or an index or list of indices that keeps only those) the embeddings and each
 block's output (before the final norm, as HF's). The stand-in holds HF's model (`self.model`, its forward unused) and
 so its parameter tensors; on CUDA in eval mode without grad its forward replays a CUDA graph per input shape. It
-trains. Not supported (named in the error): masked patches (bool_masked_pos: the mask token), attention outputs,
+trains. Masked patches (bool_masked_pos, with use_mask_token) enter as the mask token. Not supported (named in the
+error): bool_masked_pos without a mask token, attention outputs,
 dropout and drop-path in train mode, the train-time RoPE augmentations (pos_embed_shift / jitter / rescale; rescale
 is on by default) in train mode, activations other than the GELUs and QuickGELU (SiLU in the gated MLP).
 """
@@ -138,8 +139,9 @@ class HFSapiens2Model(nn.Module):
         cfg = self.config
         if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
-        if bool_masked_pos is not None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument bool_masked_pos (the mask token)")
+        if bool_masked_pos is not None and self.model.embeddings.mask_token is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument bool_masked_pos (this model has no "
+                                          "mask token: use_mask_token=False)")
         if self.training and _rope_augmented(cfg):
             raise UnsupportedFeatureError(f"optimized model: train mode with the RoPE augmentations "
                                           f"{', '.join(_rope_augmented(cfg))}, which vitfast does not implement")
@@ -150,10 +152,17 @@ class HFSapiens2Model(nn.Module):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected images [B, {C}, H, W] with H a multiple of {P} and W of {Q}, "
                              f"got {got}")
+        if bool_masked_pos is not None:
+            patches = (pixel_values.shape[0], (pixel_values.shape[2] // P) * (pixel_values.shape[3] // Q))
+            if not isinstance(bool_masked_pos, Tensor) or tuple(bool_masked_pos.shape) != patches:
+                got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
+                    type(bool_masked_pos).__name__
+                raise ValueError(f"bool_masked_pos: expected [B, patches] = [{patches[0]}, {patches[1]}], got {got}")
+            bool_masked_pos = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
         if output_hidden_states is None:
             output_hidden_states = getattr(cfg, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.model.layer) + 1)
-        x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
+        x, hidden = self.cuda_graphs(self, self._forward, pixel_values, bool_masked_pos, keep=keep)
         out = self._output(last_hidden_state=x, pooler_output=x[:, 0],
                            hidden_states=None if keep is None else tuple(hidden))
         use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
@@ -167,12 +176,15 @@ class HFSapiens2Model(nn.Module):
                                             float(self.config.rope_theta), work, device)
         return self._tables[key]
 
-    def _forward(self, pixels: Tensor, *, keep):
+    def _forward(self, pixels: Tensor, masked: Tensor | None, *, keep):
         m = self.model
         emb = m.embeddings
         w = emb.patch_embeddings.weight
         prefix = torch.cat([emb.cls_token, emb.register_tokens], dim=1)
         x = ops.patch_embed(pixels.to(w.dtype), w, emb.patch_embeddings.bias, prefix_tokens=prefix)
+        if masked is not None:                                       # the mask token (no position table)
+            n = prefix.shape[1]
+            x = torch.cat([x[:, :n], torch.where(masked[..., None], emb.mask_token.to(w.dtype), x[:, n:])], dim=1)
         P, Q = emb.patch_embeddings.kernel_size
         rope = self._rope_tables((pixels.shape[2] // P, pixels.shape[3] // Q), x.device, x.dtype)
         kept = keep or ()

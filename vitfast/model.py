@@ -103,15 +103,17 @@ class VisionTransformer(reference.VisionTransformer):
 
     # ----------------------------------------------------------------------------------------
     def forward_tokens(self, x: Tensor, *, pos_embed: Tensor | None = None, return_cls_attn: bool = False,
-                       return_hidden: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                       return_hidden: bool = False, patch_mask: tuple[Tensor, Tensor] | None = None
+                       ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """images -> (tokens [B, T, D] before the final norm, per-layer cls_attn [B, H, T],
         hidden states [embeddings, block 1 output, ...]). `pos_embed`: a table already made for the
-        images' patch grid (adapters with their own resampling rule pass it); default: the model's."""
+        images' patch grid (adapters with their own resampling rule pass it); default: the model's.
+        patch_mask: (masked [B, patches] bool, mask token [D]): masked patches enter as the token (`embed`)."""
         self._check_trainable()
         if return_cls_attn and not self.has_class_token:
             raise ValueError("return_cls_attn: needs a model with a class token (class_token=True), this one has none")
         rope = self.rope_for(x)
-        x = self.embed(x, pos_embed=pos_embed)                                               # (B, T, D)
+        x = self.embed(x, pos_embed=pos_embed, patch_mask=patch_mask)                        # (B, T, D)
         return self.forward_blocks(x, rope=rope, return_cls_attn=return_cls_attn, return_hidden=return_hidden)
 
     def forward_blocks(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None,
@@ -157,11 +159,13 @@ class VisionTransformer(reference.VisionTransformer):
         return tables
 
     def embed(self, x: Tensor, *, pos_embed: Tensor | None = None, mean: Tensor | None = None,
-              std: Tensor | None = None) -> Tensor:
+              std: Tensor | None = None, patch_mask: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """images [B, C, H, W] -> tokens [B, NP + N, D] entering the blocks: patches, prefix tokens and
         position table in one kernel, then norm_pre (CLIP). `pos_embed`: a table already made for the
         images' patch grid (adapters with their own resampling rule and the engine pass it); mean/std:
-        the input normalisation (default: set_input_normalization's)."""
+        the input normalisation (default: set_input_normalization's). patch_mask: (masked [B, N] bool, mask
+        token [D]): each masked patch is the mask token plus its position row (the table's last N rows), as
+        Hugging Face's ViT, DeiT and DINOv2 embed one (masked image modeling, iBOT / DINOv2 training)."""
         pe = self.patch_embed
         fixed_size = not self.dynamic_img_size and pos_embed is None
         check_image_size(x, self.in_chans, pe.patch_size, pe.img_size if fixed_size else None)
@@ -173,6 +177,15 @@ class VisionTransformer(reference.VisionTransformer):
         x = pe(x, self.prefix_tokens(), self.pos_embed if pos_embed is None else pos_embed, pos_embed_grid=grid,
                pos_embed_prefix=not self.no_embed_class, mean=self.img_mean if mean is None else mean,
                std=self.img_std if std is None else std)                                      # (B, T, D)
+        if patch_mask is not None:
+            masked, token = patch_mask
+            N = masked.shape[1]
+            rows = token.reshape(1, 1, -1).to(x.dtype)
+            table = self.pos_embed if pos_embed is None else pos_embed
+            if table is not None:
+                rows = rows + table.reshape(1, -1, table.shape[-1])[:, -N:].to(x.dtype)
+            n = x.shape[1] - N
+            x = torch.cat([x[:, :n], torch.where(masked[..., None], rows, x[:, n:])], dim=1)
         return self.norm_pre(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
