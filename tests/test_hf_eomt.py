@@ -18,6 +18,7 @@ from vitfast.testing import (
     assert_grads_match,
     assert_tower_on_gpu,
     assert_tower_replays,
+    assert_trains_after_inference_mode,
     hf_exact_attention,
     perturbed,
     without_reference,
@@ -230,6 +231,13 @@ def test_video_replays_and_refuses():
         opt(x[0])
     with pytest.raises(ValueError, match="mask_labels / class_labels: HF's VideomtForUniversalSegmentation trains no"):
         opt(x, mask_labels=[torch.zeros(1, 32, 32)], class_labels=[torch.tensor([0])])
+
+
+def test_trains_after_inference_mode():
+    """EoMT-DINOv3's RoPE tables cached under torch.inference_mode are not the ones a later training step uses."""
+    hf = model(dinov3=True, pos_embed_rescale=None)
+    assert_trains_after_inference_mode(vitfast.optimize(hf), (torch.randn(1, 3, 32, 32),),
+                                       hf.embeddings.patch_embeddings.weight, key="masks_queries_logits")
 
 
 @pytest.mark.gpu

@@ -12,7 +12,14 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_radio import HFRadioModel
-from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.testing import (
+    assert_close,
+    assert_tower_on_gpu,
+    assert_tower_replays,
+    assert_trains_after_inference_mode,
+    assert_trains_hf_tensors,
+    perturbed,
+)
 
 transformers = pytest.importorskip("transformers")
 radio = pytest.importorskip("transformers.models.radio.modeling_radio")
@@ -142,6 +149,14 @@ def test_trains_hf_tensors():
 def test_trains_hf_tensors_packed():
     grid = torch.tensor([[4, 3], [2, 5]])
     assert_trains_hf_tensors(model(), (torch.rand(22, 48), grid), torch.randn(48, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not PACKED, reason="this transformers' RadioModel takes no image_grid_hw")
+def test_trains_after_inference_mode():
+    """The packed layout (cu_seqlens) cached under torch.inference_mode is not the one a later training step uses."""
+    hf = model()
+    assert_trains_after_inference_mode(vitfast.optimize(hf), (torch.rand(22, 48), torch.tensor([[4, 3], [2, 5]])),
+                                       hf.embeddings.patch_projection.weight)
 
 
 def test_graph_replays():

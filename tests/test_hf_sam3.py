@@ -12,7 +12,14 @@ import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_sam3 import HFSam3ViTModel
 from vitfast.reference import qwen_rope_tables
-from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, assert_trains_hf_tensors, perturbed
+from vitfast.testing import (
+    assert_close,
+    assert_tower_on_gpu,
+    assert_tower_replays,
+    assert_trains_after_inference_mode,
+    assert_trains_hf_tensors,
+    perturbed,
+)
 
 transformers = pytest.importorskip("transformers")
 sam3 = pytest.importorskip("transformers.models.sam3.modeling_sam3")
@@ -191,6 +198,13 @@ def test_rope_tables_made_once_per_kind_of_block(monkeypatch):
         hf.layers[0].position_ids = hf.layers[0].position_ids.clone()
         opt(x)
     assert len(made) == 3
+
+
+def test_trains_after_inference_mode():
+    """The RoPE tables cached under torch.inference_mode are not the ones a later training step uses."""
+    hf = backbone()
+    assert_trains_after_inference_mode(vitfast.optimize(hf), (torch.randn(1, 3, 40, 40),),
+                                       hf.embeddings.patch_embeddings.projection.weight)
 
 
 def test_graph_replays():

@@ -16,6 +16,7 @@ from vitfast.testing import (
     assert_grads_match,
     assert_tower_on_gpu,
     assert_tower_replays,
+    assert_trains_after_inference_mode,
     assert_trains_hf_tensors,
     backward_weighted,
     perturbed,
@@ -123,6 +124,13 @@ def test_refuses_what_it_does_not_run():
         vitfast.optimize(model().train())
     with pytest.raises(UnsupportedFeatureError, match=r"hidden_act='gelu' with use_gated_mlp=True"):
         vitfast.optimize(model(hidden_act="gelu"))
+
+
+def test_trains_after_inference_mode():
+    """The RoPE tables cached under torch.inference_mode are not the ones a later training step uses."""
+    hf = model(pos_embed_rescale=None)
+    assert_trains_after_inference_mode(vitfast.optimize(hf), (torch.randn(1, 3, 32, 24),),
+                                       hf.embeddings.patch_embeddings.weight)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,14 @@ import torch
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
 from vitfast.hf_vjepa2 import HFVJEPA2ForVideoClassification, HFVJEPA2Model
-from vitfast.testing import assert_close, assert_tower_on_gpu, assert_tower_replays, backward_weighted, perturbed
+from vitfast.testing import (
+    assert_close,
+    assert_tower_on_gpu,
+    assert_tower_replays,
+    assert_trains_after_inference_mode,
+    backward_weighted,
+    perturbed,
+)
 
 transformers = pytest.importorskip("transformers")
 vjepa2 = pytest.importorskip("transformers.models.vjepa2.modeling_vjepa2")
@@ -139,6 +146,13 @@ def test_refuses_what_it_does_not_run():
     with pytest.raises(UnsupportedFeatureError, match=r"drop-path p=0.1 \(encoder.layer.1.drop_path\)"):
         vitfast.optimize(drop)
     assert isinstance(vitfast.optimize(drop.eval()), HFVJEPA2Model)                  # drop-path is off in eval mode
+
+
+def test_trains_after_inference_mode():
+    """The RoPE tables cached under torch.inference_mode are not the ones a later training step uses."""
+    hf = model()
+    assert_trains_after_inference_mode(vitfast.optimize(hf), (torch.randn(1, 4, 3, 32, 32),),
+                                       hf.encoder.embeddings.patch_embeddings.proj.weight)
 
 
 @pytest.mark.gpu

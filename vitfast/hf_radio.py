@@ -199,7 +199,7 @@ class HFRadioModel(nn.Module):
     def _layout(self, grids: tuple, device: torch.device) -> tuple[Tensor | None, Tensor]:
         """The packed sequence's segments (int32 cu_seqlens, None for one image) and each image's first row, made
         once per grids and device (outside the CUDA graph, which reads them as inputs)."""
-        key = (grids, device)
+        key = (grids, device, torch.is_inference_mode_enabled())   # (inference tensors: never saved for backward)
         if key not in self._layouts:
             n = self.config.num_cls_tokens + self.config.num_registers
             bounds = [0]

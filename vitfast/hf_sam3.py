@@ -154,7 +154,8 @@ class HFSam3ViTModel(nn.Module):
         once and kept while those buffers stay the same tensors, unmodified."""
         layer = self.model.layers[self._first[layer.window_size]]               # the first block of that kind
         pos, inv = layer.position_ids, layer.rotary_emb.inv_freq
-        key = (pos.data_ptr(), pos._version, pos.dtype, inv.data_ptr(), inv._version, inv.dtype, pos.device, dtype)
+        key = (pos.data_ptr(), pos._version, pos.dtype, inv.data_ptr(), inv._version, inv.dtype, pos.device, dtype,
+               torch.is_inference_mode_enabled())      # tables made under inference_mode are never saved for backward
         cached = self._tables.get(layer.window_size)
         if cached is None or cached[0] != key:           # HF's angles: the positions (x, y) times the frequencies
             table = torch.float64 if dtype == torch.float64 else torch.float32

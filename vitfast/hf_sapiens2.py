@@ -169,7 +169,7 @@ class HFSapiens2Model(nn.Module):
         return out if use_dict else out.to_tuple()
 
     def _rope_tables(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (grid, device, dtype)
+        key = (grid, device, dtype, torch.is_inference_mode_enabled())   # (inference tensors: never saved for backward)
         if key not in self._tables:
             work = torch.float64 if dtype == torch.float64 else torch.float32
             self._tables[key] = dinov3_rope(grid, self.config.hidden_size // self.num_heads,

@@ -170,7 +170,7 @@ class HFVJEPA2Model(nn.Module):
 
     def _rope(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         table = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (n, table, device)
+        key = (n, table, device, torch.is_inference_mode_enabled())   # (inference tensors: never saved for backward)
         if key not in self._tables:
             if len(self._tables) >= 8:
                 self._tables.clear()

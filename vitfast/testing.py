@@ -216,6 +216,17 @@ def assert_tower_on_gpu(build, args: tuple, key: str = "last_hidden_state", **kw
             assert_close(getattr(opt(*low, **kwargs), key), want, eager=eager, name=key)
 
 
+def assert_trains_after_inference_mode(opt, args: tuple, patch_weight: Tensor, key: str = "last_hidden_state") -> None:
+    """A stand-in `opt` that ran under torch.inference_mode (its cached tables, RoPE's, made there are inference
+    tensors) then trains: the backward of its train-mode forward runs (autograd refuses to save an inference tensor)
+    and reaches the patch embedding's weight, `patch_weight`."""
+    with torch.inference_mode():
+        getattr(opt.eval()(*args), key)
+    opt.train()
+    getattr(opt(*args), key).float().square().sum().backward()
+    assert patch_weight.grad is not None and patch_weight.grad.abs().max() > 0
+
+
 def assert_grads_match(model, model64) -> None:
     """After a backward through each: every parameter of `model` that requires grad has a gradient (the frozen ones,
     such as MAE's sin-cos tables, none), within tolerance of the one its float64 twin `model64` (same parameter
