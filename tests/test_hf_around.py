@@ -329,15 +329,19 @@ def test_vision_encoder_decoder_optimizes_its_encoder():
         assert torch.equal(opt.generate(x, **kw), model.generate(x, **kw))
 
 
-def test_masked_image_modeling_optimizes_its_vit():
-    """ViTForMaskedImageModeling (SimMIM: a ViTModel with a mask token as its `vit`, a conv decoder): a copy with the
-    ViT on vitfast, the decoder shared; with bool_masked_pos its reconstruction and loss as HF's, and the loss's
-    backward gives every parameter, the mask token's too, HF's float64 gradient."""
+@pytest.mark.parametrize("name", ["ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"])
+def test_masked_image_modeling_optimizes_its_vit(name):
+    """ViTForMaskedImageModeling and DeiTForMaskedImageModeling (SimMIM: a ViTModel / DeiTModel with a mask token as
+    their `vit` / `deit`, a conv decoder): a copy with the ViT on vitfast, the decoder shared; with bool_masked_pos the
+    reconstruction and loss as HF's, and the loss's backward gives every parameter, the mask token's too, HF's float64
+    gradient."""
     torch.manual_seed(0)
-    model = perturbed(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VISION, encoder_stride=8)))
+    config = getattr(transformers, name.replace("ForMaskedImageModeling", "Config"))(**VISION, encoder_stride=8)
+    model = perturbed(getattr(transformers, name)(config))
     model64 = copy.deepcopy(model).double()
     opt = vitfast.optimize(model)
-    assert isinstance(opt.vit, HFVisionModel) and opt.decoder is model.decoder
+    inner = "vit" if name.startswith("ViT") else "deit"
+    assert isinstance(getattr(opt, inner), HFVisionModel) and opt.decoder is model.decoder
     x, masked = torch.randn(2, 3, 32, 32), torch.rand(2, 16) > 0.5
     with torch.no_grad():
         out, ref, eager = (m(px, bool_masked_pos=masked) for m, px in ((opt, x), (model64, x.double()), (model, x)))

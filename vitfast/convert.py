@@ -105,14 +105,15 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 # Sam3Model), VisionEncoderDecoderModel's `encoder` (TrOCR's ViT / DeiT), Depth Pro's `depth_pro` (its `encoder`'s
 # `patch_encoder` and `image_encoder`) and `fov_model` (its `fov_encoder`), each of those a DINOv2 as its `model`,
 # PixioBackbone's `pixio`, IJepaForImageClassification's `ijepa`, ViTMAEForPreTraining's and
-# ViTForMaskedImageModeling's `vit` (a ViTMAEModel, a ViTModel: the pretraining heads), Phi-4-multimodal's
+# ViTForMaskedImageModeling's `vit` (a ViTMAEModel, a ViTModel: the pretraining heads), DeiTForMaskedImageModeling's
+# `deit`, Phi-4-multimodal's
 # `embed_tokens_extend` (inside its `model`), whose `image_embed` holds its SigLIP as `img_processor`:
 # every one of these that holds one (found through the models they hold in turn); else their `model`;
 # then the `timm_model` of transformers' TimmWrapper models (Perception LM's `vision_tower`).
 _HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual",
              "vision_encoder", "high_res_vision_model", "detector_model", "depth_pro", "encoder", "patch_encoder",
-             "image_encoder", "fov_model", "fov_encoder", "pixio", "ijepa", "vit", "embed_tokens_extend", "image_embed",
-             "img_processor")
+             "image_encoder", "fov_model", "fov_encoder", "pixio", "ijepa", "vit", "deit", "embed_tokens_extend",
+             "image_embed", "img_processor")
 
 
 def _wrapped_models(model: nn.Module) -> tuple[str, ...]:
