@@ -578,7 +578,8 @@ class HFVisionModel(nn.Module):
         patch_mask = None
         if bool_masked_pos is not None:
             check_image_size(pixel_values, core.in_chans, pe.patch_size)
-            shape = (pixel_values.shape[0], pe.grid_for(pixel_values)[0] * pe.grid_for(pixel_values)[1])
+            gh, gw = pe.grid_for(pixel_values)
+            shape = (pixel_values.shape[0], gh * gw)
             if not isinstance(bool_masked_pos, Tensor) or tuple(bool_masked_pos.shape) != shape:
                 got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
                     type(bool_masked_pos).__name__
