@@ -10,7 +10,7 @@ import torch
 
 import vitfast
 from vitfast.convert import UnsupportedFeatureError
-from vitfast.hf_tipsv2 import HFTipsv2VisionModel
+from vitfast.hf_tipsv2 import HFTipsv2VisionBackbone, HFTipsv2VisionModel
 from vitfast.testing import (
     assert_close,
     assert_grads_match,
@@ -83,6 +83,48 @@ def test_image_text_model_equals_hf():
                            for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
     assert out.shape == (2, 3)
     assert_close(out, ref, eager=eager, name="logits_per_image")
+
+
+@pytest.mark.parametrize("reshape", [True, False], ids=["maps", "tokens"])
+def test_backbone_equals_hf(reshape):
+    """Tipsv2VisionBackbone: the stages' feature maps (final-normed, as [B, D, h, w] or every token), as HF's."""
+    torch.manual_seed(0)
+    config = transformers.Tipsv2VisionConfig(**{**VISION, "num_hidden_layers": 3}, out_indices=[1, 3],
+                                             reshape_hidden_states=reshape)
+    hf = perturbed(tipsv2.Tipsv2VisionBackbone(config))
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf)
+    assert isinstance(opt, HFTipsv2VisionBackbone) and opt.channels == [48, 48]
+    x = torch.randn(2, 3, 32, 24)
+    with torch.no_grad():
+        out, ref, eager = (m(px) for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+    assert len(out.feature_maps) == len(ref.feature_maps) == 2
+    for o, r, e in zip(out.feature_maps, ref.feature_maps, eager.feature_maps):
+        assert o.shape == r.shape == ((2, 48, 4, 3) if reshape else (2, 15, 48))
+        assert_close(o, r, eager=e, name="feature_maps")
+
+
+def test_dense_prediction_models_equal_hf():
+    """TIPSv2's DPT heads (Tipsv2DptForDepthEstimation, Tipsv2DptForDensePrediction): a copy with their `backbone` on
+    vitfast, the necks and heads shared; depth, normals and segmentation logits as HF's."""
+    dpt = pytest.importorskip("transformers.models.tipsv2_dpt.modeling_tipsv2_dpt")
+    backbone = dict(model_type="tipsv2_vision_model", **{**VISION, "num_hidden_layers": 4}, out_indices=[1, 2, 3, 4],
+                    reshape_hidden_states=False)
+    config = transformers.Tipsv2DptConfig(backbone_config=backbone, neck_hidden_sizes=[16, 24, 32, 48],
+                                          fusion_hidden_size=16, num_depth_bins=8)
+    for cls in (dpt.Tipsv2DptForDepthEstimation, dpt.Tipsv2DptForDensePrediction):
+        torch.manual_seed(0)
+        hf = perturbed(cls(config))
+        hf64 = copy.deepcopy(hf).double()
+        opt = vitfast.optimize(hf)
+        assert isinstance(opt.backbone, HFTipsv2VisionBackbone)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            out, ref, eager = (m(px) for m, px in ((opt, x), (hf64, x.double()), (hf, x)))
+        keys = [k for k in ref.keys() if isinstance(ref[k], torch.Tensor)]
+        assert "predicted_depth" in keys
+        for key in keys:
+            assert_close(out[key], ref[key], eager=eager[key], name=f"{cls.__name__}.{key}")
 
 
 def test_trains_hf_tensors():

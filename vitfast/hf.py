@@ -55,7 +55,8 @@ them: their `vision_model`) in `vitfast.hf_blip`, Meta's Pixio (its backbone hol
 classifier holds it as `ijepa`) and MAE's encoder (ViTMAEForPreTraining holds it as `vit`) in `vitfast.hf_pixio`,
 EoMT's segmentation models (a DINOv2 or DINOv3 ViT whose last blocks carry the queries, and its mask and class
 heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task models hold it as `model`) in
-`vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`) in `vitfast.hf_tipsv2`.
+`vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`; its backbone, which
+its DPT heads hold) in `vitfast.hf_tipsv2`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place

@@ -1,6 +1,8 @@
 """Google DeepMind's TIPSv2 on vitfast: transformers' `Tipsv2VisionModel` (TIPS, "Text-Image Pretraining with Spatial
 awareness": a DINOv2-style ViT with a class token, registers, layer-scales, GELU or SwiGLU MLPs, whose patch tokens
-are its dense features; `Tipsv2Model`, the image-text model, holds it as `vision_model`, its text tower shared).
+are its dense features; `Tipsv2Model`, the image-text model, holds it as `vision_model`, its text tower shared) and
+`Tipsv2VisionBackbone` (its stage feature maps; TIPSv2's DPT depth, normals and segmentation heads hold it as
+`backbone`, their necks and heads shared: `HFTipsv2VisionBackbone`).
 
 The model takes images pixel_values [B, C, H, W] (H and W multiples of the patch size), an optional bool_masked_pos
 [B, patches] (True: the patch replaced by the mask token, as HF's) and an optional attention_mask [B, tokens] (1 /
@@ -37,7 +39,7 @@ from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
 
 # transformers class -> family
-CLASSES = {"Tipsv2VisionModel": "tipsv2"}
+CLASSES = {"Tipsv2VisionModel": "tipsv2", "Tipsv2VisionBackbone": "tipsv2"}
 
 
 def _attention_parts(layer: nn.Module) -> tuple:
@@ -62,7 +64,7 @@ def _mlp_parts(mlp: nn.Module) -> tuple[list, nn.Module, bool]:
 
 
 def optimize_tipsv2(model: nn.Module) -> HFTipsv2VisionModel:
-    """A transformers Tipsv2VisionModel -> its stand-in on vitfast (module docstring)."""
+    """A transformers Tipsv2VisionModel or Tipsv2VisionBackbone -> its stand-in on vitfast (module docstring)."""
     name, cfg = type(model).__name__, model.config
     f = _Findings(f"Hugging Face {name}")
     dim, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -91,8 +93,10 @@ def optimize_tipsv2(model: nn.Module) -> HFTipsv2VisionModel:
         f.linear(fc2, f"{where}.mlp fc2")
     f.one_dtype_device(model.parameters())
     f.check(model.training)
-    output = sys.modules[type(model).__module__].BaseModelOutputWithPooling
-    return HFTipsv2VisionModel(model, output).train(model.training)
+    module = sys.modules[type(model).__module__]
+    if name == "Tipsv2VisionBackbone":
+        return HFTipsv2VisionBackbone(model, module.BackboneOutput).train(model.training)
+    return HFTipsv2VisionModel(model, module.BaseModelOutputWithPooling).train(model.training)
 
 
 class HFTipsv2VisionModel(nn.Module):
@@ -135,6 +139,13 @@ class HFTipsv2VisionModel(nn.Module):
 
     def forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
+        x, hidden = self._tokens(pixel_values, bool_masked_pos, attention_mask, output_attentions, output_hidden_states)
+        out = self._output(last_hidden_state=x, pooler_output=x[:, 0], hidden_states=hidden)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
+
+    def _tokens(self, pixel_values, bool_masked_pos, attention_mask, output_attentions, output_hidden_states):
+        """The checks, then (tokens after the final norm, hidden states tuple or None)."""
         cfg = self.config
         if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
@@ -160,10 +171,7 @@ class HFTipsv2VisionModel(nn.Module):
             output_hidden_states = getattr(cfg, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
         x, hidden = self.cuda_graphs(self, self._forward, pixel_values, masked, keys, keep=keep)
-        out = self._output(last_hidden_state=x, pooler_output=x[:, 0],
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return x, None if keep is None else tuple(hidden)
 
     def _forward(self, pixels: Tensor, masked: Tensor | None, keys: Tensor | None, *, keep):
         m = self.model
@@ -198,3 +206,56 @@ class HFTipsv2VisionModel(nn.Module):
         h = ops.layer_norm(x, layer.norm2.weight, layer.norm2.bias, eps=layer.norm2.eps)
         h = ops.linear(h, fc1.weight, fc1.bias, activation=self.activation)
         return ops.linear(h, fc2.weight, fc2.bias, residual=x, scale=layer.layer_scale2.lambda1)
+
+
+class HFTipsv2VisionBackbone(HFTipsv2VisionModel):
+    """Stands in for a Tipsv2VisionBackbone (the backbone of TIPSv2's DPT heads, `Tipsv2DptForDepthEstimation` and
+    the others, which hold it as `backbone`): `forward(pixel_values, attention_mask=None, ...)` and
+    `forward_with_filtered_kwargs` as HF's, returning HF's BackboneOutput: one feature map per stage of
+    `config.out_features` ("stem" the embeddings, "stageN" block N), final-normed with `apply_layernorm`, with
+    `reshape_hidden_states` the patch tokens as [B, D, H / patch, W / patch] (HF's reshape), without it every token.
+    The config is HF's own object: out_features set on it later is read on the next call."""
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.config.stage_names)
+
+    @property
+    def out_features(self) -> list[str]:
+        return list(self.config.out_features)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return list(self.config.out_indices)
+
+    @property
+    def num_features(self) -> list[int]:
+        return list(self.model.num_features)
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.model.num_features[self.stage_names.index(name)] for name in self.out_features]
+
+    def forward_with_filtered_kwargs(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def forward(self, pixel_values=None, attention_mask=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        _, hidden = self._tokens(pixel_values, None, attention_mask, output_attentions, True)
+        cfg, m = self.config, self.model
+        B, _, H, W = pixel_values.shape
+        P, Q = m.embeddings.patch_embeddings.projection.kernel_size
+        maps = []
+        for stage, h in zip(self.stage_names, hidden):
+            if stage in self.out_features:
+                if cfg.apply_layernorm:
+                    h = ops.layer_norm(h, m.layernorm.weight, m.layernorm.bias, eps=m.layernorm.eps)
+                if cfg.reshape_hidden_states:
+                    h = h[:, 1 + cfg.num_register_tokens:].reshape(B, H // P, W // Q, -1).permute(0, 3, 1, 2)
+                    h = h.contiguous()
+                maps.append(h)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        result = self._output(feature_maps=tuple(maps), hidden_states=hidden if output_hidden_states else None)
+        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
+        return result if use_dict else result.to_tuple()
