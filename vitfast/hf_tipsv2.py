@@ -163,8 +163,8 @@ class HFTipsv2VisionModel(nn.Module):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected [B, {what}] = [{shape[0]}, {shape[1]}], got {got}")
         if attention_mask is not None and not self.takes_attention_mask:
-            raise UnsupportedFeatureError("optimized model: attention_mask, which this transformers' "
-                                          "Tipsv2VisionModel does not take (its forward ignores it)")
+            raise UnsupportedFeatureError(f"optimized model: attention_mask, which this transformers' "
+                                          f"{type(self.model).__name__} does not take (its forward ignores it)")
         masked = None if bool_masked_pos is None else bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
         keys = None if attention_mask is None else attention_mask.to(device=pixel_values.device, dtype=torch.bool)
         if output_hidden_states is None:
