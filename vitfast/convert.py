@@ -170,6 +170,31 @@ def _activation(act) -> str | None:
     return None
 
 
+class BackboneAPI:
+    """What transformers' BackboneMixin gives the models around a backbone (DPT, Depth Anything), for a stand-in
+    with `config` (HF's own: out_features set on it later is read on the next call), `stage_names` and
+    `num_features`."""
+
+    @property
+    def out_features(self) -> list[str]:
+        return list(self.config.out_features)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return list(self.config.out_indices)
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        return dict(zip(self.stage_names, self.num_features))
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.out_feature_channels[name] for name in self.out_features]
+
+    def forward_with_filtered_kwargs(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+
 class _Findings:
     """Unsupported features (always an error) and train-only ones (dropout: an error in train mode)."""
 

@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
-from vitfast.convert import _HF_INNER, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
+from vitfast.convert import _HF_INNER, BackboneAPI, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_blip import CLASSES as BLIP_CLASSES
 from vitfast.hf_blip import optimize_blip
@@ -887,7 +887,7 @@ class HFIdefics3VisionTransformer(HFVisionModel):
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
-class HFBackbone(nn.Module):
+class HFBackbone(BackboneAPI, nn.Module):
     """Stands in for transformers' `Dinov2Backbone`, `Dinov2WithRegistersBackbone` and `DINOv3ViTBackbone` (the
     backbone of Depth Anything and DPT, which `vitfast.optimize` replaces in a copy of those): the same forward
     arguments and `forward_with_filtered_kwargs`; returns HF's `BackboneOutput` (`DINOv3ViTBackboneOutput`)
@@ -902,25 +902,6 @@ class HFBackbone(nn.Module):
         self.config, self.vision, self.stage_names = config, vision, list(stage_names)
         self.num_features = [config.hidden_size] * len(self.stage_names)
         self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def out_features(self) -> list[str]:
-        return list(self.config.out_features)
-
-    @property
-    def out_indices(self) -> list[int]:
-        return list(self.config.out_indices)
-
-    @property
-    def out_feature_channels(self) -> dict[str, int]:
-        return dict(zip(self.stage_names, self.num_features))
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.out_feature_channels[name] for name in self.out_features]
-
-    def forward_with_filtered_kwargs(self, *args, **kwargs):
-        return self(*args, **kwargs)
 
     def forward(self, pixel_values=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 attention_mask=None, **kwargs):

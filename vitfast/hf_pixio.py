@@ -38,6 +38,7 @@ from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
+from vitfast.reference import mask_patches
 
 # transformers class -> family
 CLASSES = {"PixioModel": "pixio", "IJepaModel": "pixio", "ViTMAEModel": "pixio"}
@@ -181,7 +182,7 @@ class HFPixioModel(nn.Module):
             x = ops.patch_embed(pixels.to(w.dtype), w, b, prefix_tokens=emb.cls_token.to(w.dtype) if n else None,
                                 pos_embed=table, pos_embed_prefix=n > 0)
             if masked is not None:                    # the mask token plus the patch's position row (no prefix)
-                x = torch.where(masked[..., None], emb.mask_token.to(w.dtype) + table, x)
+                x = mask_patches(x, masked, emb.mask_token.to(w.dtype) + table)
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, qkv) in enumerate(zip(m.layers, self.qkv), 1):

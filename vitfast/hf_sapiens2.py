@@ -35,7 +35,7 @@ from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
-from vitfast.reference import dinov3_rope
+from vitfast.reference import dinov3_rope, mask_patches
 
 # transformers class -> family
 CLASSES = {"Sapiens2Model": "sapiens2"}
@@ -183,8 +183,7 @@ class HFSapiens2Model(nn.Module):
         prefix = torch.cat([emb.cls_token, emb.register_tokens], dim=1)
         x = ops.patch_embed(pixels.to(w.dtype), w, emb.patch_embeddings.bias, prefix_tokens=prefix)
         if masked is not None:                                       # the mask token (no position table)
-            n = prefix.shape[1]
-            x = torch.cat([x[:, :n], torch.where(masked[..., None], emb.mask_token.to(w.dtype), x[:, n:])], dim=1)
+            x = mask_patches(x, masked, emb.mask_token)
         P, Q = emb.patch_embeddings.kernel_size
         rope = self._rope_tables((pixels.shape[2] // P, pixels.shape[3] // Q), x.device, x.dtype)
         kept = keep or ()

@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _Findings
+from vitfast.convert import BackboneAPI, UnsupportedFeatureError, _Findings
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
+from vitfast.reference import mask_patches
 
 # transformers class -> family
 CLASSES = {"Tipsv2VisionModel": "tipsv2", "Tipsv2VisionBackbone": "tipsv2"}
@@ -185,9 +186,7 @@ class HFTipsv2VisionModel(nn.Module):
         x = ops.patch_embed(pixels.to(w.dtype), w, proj.bias, prefix_tokens=prefix, pos_embed=table[:, 1:],
                             pos_embed_prefix=False)
         if masked is not None:                                        # the mask token plus the patch's position row
-            n = prefix.shape[1]
-            tokens = emb.mask_token.to(w.dtype) + table[:, 1:]
-            x = torch.cat([x[:, :n], torch.where(masked[..., None], tokens, x[:, n:])], dim=1)
+            x = mask_patches(x, masked, emb.mask_token.to(w.dtype) + table[:, 1:])
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, joined) in enumerate(zip(m.encoder.layer, self.joined), 1):
@@ -208,7 +207,7 @@ class HFTipsv2VisionModel(nn.Module):
         return ops.linear(h, fc2.weight, fc2.bias, residual=x, scale=layer.layer_scale2.lambda1)
 
 
-class HFTipsv2VisionBackbone(HFTipsv2VisionModel):
+class HFTipsv2VisionBackbone(BackboneAPI, HFTipsv2VisionModel):
     """Stands in for a Tipsv2VisionBackbone (the backbone of TIPSv2's DPT heads, `Tipsv2DptForDepthEstimation` and
     the others, which hold it as `backbone`): `forward(pixel_values, attention_mask=None, ...)` and
     `forward_with_filtered_kwargs` as HF's, returning HF's BackboneOutput: one feature map per stage of
@@ -221,23 +220,8 @@ class HFTipsv2VisionBackbone(HFTipsv2VisionModel):
         return list(self.config.stage_names)
 
     @property
-    def out_features(self) -> list[str]:
-        return list(self.config.out_features)
-
-    @property
-    def out_indices(self) -> list[int]:
-        return list(self.config.out_indices)
-
-    @property
     def num_features(self) -> list[int]:
         return list(self.model.num_features)
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.model.num_features[self.stage_names.index(name)] for name in self.out_features]
-
-    def forward_with_filtered_kwargs(self, *args, **kwargs):
-        return self(*args, **kwargs)
 
     def forward(self, pixel_values=None, attention_mask=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):

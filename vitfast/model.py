@@ -26,7 +26,7 @@ from vitfast import ops, reference
 from vitfast.configs import CONFIGS, DATA_CONFIGS, model_class_and_config
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.layers import AttentionPoolLatent, Block, LayerNorm, PatchEmbed, RMSNorm
-from vitfast.reference import check_image_size, crop_to_patches
+from vitfast.reference import check_image_size, crop_to_patches, mask_patches
 
 
 class VisionTransformer(reference.VisionTransformer):
@@ -184,8 +184,7 @@ class VisionTransformer(reference.VisionTransformer):
             table = self.pos_embed if pos_embed is None else pos_embed
             if table is not None:
                 rows = rows + table.reshape(1, -1, table.shape[-1])[:, -N:].to(x.dtype)
-            n = x.shape[1] - N
-            x = torch.cat([x[:, :n], torch.where(masked[..., None], rows, x[:, n:])], dim=1)
+            x = mask_patches(x, masked, rows)
         return self.norm_pre(x)
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -1178,6 +1178,14 @@ def crop_size(img_size, patch_size) -> tuple[int, int]:
     return H // ph * ph, W // pw * pw
 
 
+def mask_patches(x: Tensor, masked: Tensor, rows: Tensor) -> Tensor:
+    """Tokens x [B, NP + N, D] (prefix tokens, then N patches) with each masked patch (masked [B, N] bool) replaced by
+    its row of `rows` [1 or B, N or 1, D]: the mask token, plus the patch's position row where the model adds one
+    (Hugging Face's ViT, DeiT, DINOv2 / v3, I-JEPA, Sapiens2, TIPSv2 embeddings with bool_masked_pos)."""
+    n = x.shape[1] - masked.shape[1]
+    return torch.cat([x[:, :n], torch.where(masked[..., None], rows.to(x.dtype), x[:, n:])], dim=1)
+
+
 def crop_to_patches(x: Tensor, patch_size) -> Tensor:
     """x [..., H, W] -> its top-left part that whole patches cover (a view): what a strided patchify
     convolution reads of an image whose size is not a multiple of the patch (SigLIP so400m at 384 px)."""
