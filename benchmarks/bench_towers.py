@@ -29,11 +29,13 @@ processor lays them out:
   sapiens2       Sapiens2Model at Sapiens2-0.4B's config (1024 wide, 24 blocks, 16 heads of 64, 8 of them grouped-query
                  with 8 key / value heads, q / k norms, 8 registers): 1024 x 768 px (3072 patches of 16), batch 8;
                  skipped where the installed transformers has no Sapiens2
+  vitpose        VitPoseForPoseEstimation at ViTPose-B's config (768 wide, 12 blocks, 12 heads of 64) with its simple
+                 heatmap head: person crops of 256 x 192 px (192 patches of 16), batch 64
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
-rel err: ‖out − HF fp32‖ / ‖HF fp32‖ over the tower's last_hidden_state (`vitfast.testing.rel_err`), for HF bf16
-itself and for vitfast.
+rel err: ‖out − HF fp32‖ / ‖HF fp32‖ over the tower's last_hidden_state (ViTPose's heatmaps)
+(`vitfast.testing.rel_err`), for HF bf16 itself and for vitfast.
 Without CUDA: small configs in fp32 at batch 2 (a dry run of the script: says nothing about GPU speed).
 
     python benchmarks/bench_towers.py [--towers gemma4,siglip] [--time-budget 300] [--json out.json]
@@ -220,11 +222,25 @@ def sapiens2(small: bool, batch: int):
         (H // P) * (W // P) + 1 + cfg.num_register_tokens
 
 
+def vitpose(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2, image_size=[64, 48]) \
+        if small else {}                                            # ViTPose-B's defaults
+    cfg = T.VitPoseConfig(backbone_config=dict(model_type="vitpose_backbone", out_indices=[-1], **size),
+                          num_labels=17)                            # COCO's keypoints
+    H, W = cfg.backbone_config.image_size
+    P = cfg.backbone_config.patch_size[0]
+    return T.VitPoseForPoseEstimation(cfg), dict(pixel_values=torch.randn(batch, 3, H, W)), (H // P) * (W // P)
+
+
+# the output compared with HF's, where not last_hidden_state
+OUTPUT = {"vitpose": "heatmaps"}
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
-          "eomt": (eomt, 8), "sapiens2": (sapiens2, 8)}
+          "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:
@@ -243,8 +259,9 @@ def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: fl
     inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}   # and flags
     low_inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in inputs.items()}
+    key = OUTPUT.get(name, "last_hidden_state")
     with torch.no_grad():
-        ref = model(**inputs).last_hidden_state
+        ref = getattr(model(**inputs), key)
         low = copy.deepcopy(model).to(dtype)
         del model
         models = {"hf": low, "vitfast": vitfast.optimize(low)}
@@ -254,7 +271,7 @@ def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: fl
                        attention=getattr(low.config, "_attn_implementation", None), ms=None, images_per_s=None,
                        rel_err=None, error=None)
             try:
-                row["rel_err"] = rel_err(m(**low_inputs).last_hidden_state, ref)
+                row["rel_err"] = rel_err(getattr(m(**low_inputs), key), ref)
                 row["ms"] = bench(lambda m=m: m(**low_inputs), device=DEVICE, rep_ms=rep_ms, cpu_reps=2)
                 row["images_per_s"] = batch / row["ms"] * 1e3
             except Exception as e:                     # a failed method is reported, the others still run

@@ -103,7 +103,8 @@ def test_every_supported_class_is_tested():
         "EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",                  # test_hf_eomt
         "VideomtForUniversalSegmentation"} | {
         "Sapiens2Model"} | {                                                                    # test_hf_sapiens2
-        "Tipsv2VisionModel", "Tipsv2VisionBackbone"}                                            # test_hf_tipsv2
+        "Tipsv2VisionModel", "Tipsv2VisionBackbone"} | {                                        # test_hf_tipsv2
+        "VitPoseBackbone"}                                                                      # test_hf_vitpose
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

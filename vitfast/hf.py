@@ -56,7 +56,8 @@ classifier holds it as `ijepa`) and MAE's encoder (ViTMAEForPreTraining holds it
 EoMT's segmentation models (a DINOv2 or DINOv3 ViT whose last blocks carry the queries, and its mask and class
 heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task models hold it as `model`) in
 `vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`; its backbone, which
-its DPT heads hold) in `vitfast.hf_tipsv2`.
+its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEstimation holds it) in
+`vitfast.hf_vitpose`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -125,6 +126,8 @@ from vitfast.hf_sapiens2 import CLASSES as SAPIENS2_CLASSES
 from vitfast.hf_sapiens2 import optimize_sapiens2
 from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
 from vitfast.hf_tipsv2 import optimize_tipsv2
+from vitfast.hf_vitpose import CLASSES as VITPOSE_CLASSES
+from vitfast.hf_vitpose import optimize_vitpose
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
 from vitfast.hf_vjepa2 import optimize_vjepa2
 from vitfast.layers import JoinedLinear
@@ -218,6 +221,9 @@ CLASSES = {
     # Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`): DINOv2's layout with registers, bilinear
     # resampling of its table, the mask token (vitfast.hf_tipsv2)
     **{name: (family, None) for name, family in TIPSV2_CLASSES.items()},
+    # ViTPose's and ViTPose++'s backbone (VitPoseForPoseEstimation holds it): the padded patch convolution, the
+    # mixture-of-experts MLPs (vitfast.hf_vitpose)
+    **{name: (family, None) for name, family in VITPOSE_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -280,6 +286,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_sapiens2(model)
     if family == "tipsv2":
         return optimize_tipsv2(model)
+    if family == "vitpose":
+        return optimize_vitpose(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
