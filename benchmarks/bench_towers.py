@@ -31,6 +31,8 @@ processor lays them out:
                  skipped where the installed transformers has no Sapiens2
   vitpose        VitPoseForPoseEstimation at ViTPose-B's config (768 wide, 12 blocks, 12 heads of 64) with its simple
                  heatmap head: person crops of 256 x 192 px (192 patches of 16), batch 64
+  videomae       VideoMAEModel at VideoMAE-B's config (768 wide, 12 blocks, 12 heads of 64): clips of 16 frames at
+                 224 px (1568 tubelet tokens of 2 x 16 x 16), batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -234,13 +236,24 @@ def vitpose(small: bool, batch: int):
     return T.VitPoseForPoseEstimation(cfg), dict(pixel_values=torch.randn(batch, 3, H, W)), (H // P) * (W // P)
 
 
+def videomae(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.VideoMAEConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                           image_size=32, patch_size=8, num_frames=4) if small else T.VideoMAEConfig()   # VideoMAE-B
+    F, S, P = cfg.num_frames, cfg.image_size, cfg.patch_size
+    return T.VideoMAEModel(cfg), dict(pixel_values=torch.randn(batch, F, 3, S, S)), \
+        F // cfg.tubelet_size * (S // P) ** 2
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps"}
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
-          "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64)}
+          "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
+          "videomae": (videomae, 8)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

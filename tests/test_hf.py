@@ -104,7 +104,8 @@ def test_every_supported_class_is_tested():
         "VideomtForUniversalSegmentation"} | {
         "Sapiens2Model"} | {                                                                    # test_hf_sapiens2
         "Tipsv2VisionModel", "Tipsv2VisionBackbone"} | {                                        # test_hf_tipsv2
-        "VitPoseBackbone"}                                                                      # test_hf_vitpose
+        "VitPoseBackbone"} | {                                                                  # test_hf_vitpose
+        "VideoMAEModel"}                                                                        # test_hf_videomae
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

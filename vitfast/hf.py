@@ -57,7 +57,8 @@ EoMT's segmentation models (a DINOv2 or DINOv3 ViT whose last blocks carry the q
 heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task models hold it as `model`) in
 `vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`; its backbone, which
 its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEstimation holds it) in
-`vitfast.hf_vitpose`.
+`vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
+`vitfast.hf_videomae`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -126,6 +127,8 @@ from vitfast.hf_sapiens2 import CLASSES as SAPIENS2_CLASSES
 from vitfast.hf_sapiens2 import optimize_sapiens2
 from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
 from vitfast.hf_tipsv2 import optimize_tipsv2
+from vitfast.hf_videomae import CLASSES as VIDEOMAE_CLASSES
+from vitfast.hf_videomae import optimize_videomae
 from vitfast.hf_vitpose import CLASSES as VITPOSE_CLASSES
 from vitfast.hf_vitpose import optimize_vitpose
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
@@ -224,6 +227,9 @@ CLASSES = {
     # ViTPose's and ViTPose++'s backbone (VitPoseForPoseEstimation holds it): the padded patch convolution, the
     # mixture-of-experts MLPs (vitfast.hf_vitpose)
     **{name: (family, None) for name, family in VITPOSE_CLASSES.items()},
+    # VideoMAE's video ViT (its classifier and pretraining model hold it as `videomae`): tubelets, the sinusoid table,
+    # masked tokens dropped (vitfast.hf_videomae)
+    **{name: (family, None) for name, family in VIDEOMAE_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -288,6 +294,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_tipsv2(model)
     if family == "vitpose":
         return optimize_vitpose(model)
+    if family == "videomae":
+        return optimize_videomae(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

@@ -1,0 +1,189 @@
+"""VideoMAE on vitfast: transformers' `VideoMAEModel` (the video ViT of VideoMAE and VideoMAE V2: tubelets of 2
+frames x 16 x 16 pixels, 1,568 tokens for 16 frames at 224 px, a fixed sinusoid position table), which
+`VideoMAEForVideoClassification` (its mean pooling, fc_norm and classifier shared) and `VideoMAEForPreTraining` (its
+decoder and pixel loss shared) hold as `videomae`.
+
+The model takes videos pixel_values [B, T, C, H, W] at the configured image size, T with as many whole tubelets as
+the configured num_frames (as HF's: its position table has one row per tubelet token), and an optional bool_masked_pos
+[B, tokens] (True: the token dropped, as HF's: the encoder runs over the visible ones only, each video with as many).
+The tubelet embedding (HF's Conv3d of kernel = stride = (t, P, P)) is one `ops.patch_embed`: each video's t-frame
+groups stacked as one tall image of C x t channels (one copy, the token order HF's), the sinusoid table (HF's, in the
+model's dtype, cached per device) in its epilogue; the visible tokens gathered after it (their indices read on the
+host once per call, as HF's boolean indexing does, outside the CUDA graph). Per block: the LayerNorm, the packed q /
+k / v GEMM (HF's three projections joined, k's missing bias as zeros), the attention, the output projection with the
+residual in its epilogue, the LayerNorm, the intermediate GEMM with its GELU in its epilogue, the output GEMM with the
+residual. Then the final LayerNorm, where the model has one (not with use_mean_pooling, its default).
+
+Output: HF's BaseModelOutput: last_hidden_state and, with output_hidden_states (True, or an index or list of indices
+that keeps only those), the embeddings and each block's output. The stand-in holds HF's model (`self.model`, its
+forward unused) and so its parameter tensors; on CUDA in eval mode without grad its forward replays a CUDA graph per
+input shape. It trains. Not supported (named in the error): attention outputs, dropout in train mode, activations
+other than the GELUs and QuickGELU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.convert import UnsupportedFeatureError, _Findings
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_qwen import kept_hidden_states
+from vitfast.hf_sam import _ACTIVATIONS
+from vitfast.layers import JoinedLinear
+
+# transformers class -> family
+CLASSES = {"VideoMAEModel": "videomae"}
+
+
+def optimize_videomae(model: nn.Module) -> HFVideoMAEModel:
+    """A transformers VideoMAEModel -> its stand-in on vitfast (module docstring)."""
+    name, cfg = type(model).__name__, model.config
+    f = _Findings(f"Hugging Face {name}")
+    dim, heads = cfg.hidden_size, cfg.num_attention_heads
+    f.need(dim % heads == 0, f"hidden_size={dim} with num_attention_heads={heads}")
+    f.need(cfg.hidden_act in _ACTIVATIONS, f"hidden_act={cfg.hidden_act!r} (only {sorted(_ACTIVATIONS)})")
+    proj = model.embeddings.patch_embeddings.projection
+    f.need(isinstance(proj, nn.Conv3d) and tuple(proj.kernel_size) == tuple(proj.stride) and
+           proj.padding in ("valid", (0, 0, 0)) and tuple(proj.dilation) == (1, 1, 1) and proj.groups == 1 and
+           proj.bias is not None and proj.kernel_size[1] == proj.kernel_size[2],
+           "embeddings.patch_embeddings.projection (expected a non-overlapping Conv3d with square patches and a bias)")
+    if model.layernorm is not None:
+        f.layer_norm_eps(model.layernorm, "layernorm", dim)
+    for i, layer in enumerate(model.encoder.layer):
+        where = f"encoder.layer.{i}"
+        for n in ("layernorm_before", "layernorm_after"):
+            f.layer_norm_eps(getattr(layer, n), f"{where}.{n}", dim)
+        a = layer.attention
+        for part in ("query", "key", "value"):
+            f.linear(getattr(a.attention, part), f"{where}.attention.attention.{part}", bias=False)
+        f.linear(a.output.dense, f"{where}.attention.output.dense")
+        if a.attention.dropout_prob > 0:
+            f.train_only.append(f"dropout p={a.attention.dropout_prob:g} ({where}.attention.attention)")
+        f.dropout(a.output.dropout, f"{where}.attention.output.dropout")
+        f.linear(layer.intermediate.dense, f"{where}.intermediate.dense")
+        f.linear(layer.output.dense, f"{where}.output.dense")
+        f.dropout(layer.output.dropout, f"{where}.output.dropout")
+    f.one_dtype_device(model.parameters())
+    f.check(model.training)
+    module = sys.modules[type(model).__module__]
+    return HFVideoMAEModel(model, module.BaseModelOutput).train(model.training)
+
+
+class HFVideoMAEModel(nn.Module):
+    """Stands in for a VideoMAEModel (`forward(pixel_values, bool_masked_pos=None, ...)`) as HF's, returning HF's
+    output object (module docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v
+    projections joined, `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that
+    they train, one cached copy otherwise."""
+
+    def __init__(self, model: nn.Module, output: type):
+        super().__init__()
+        cfg = model.config
+        self.config, self.model, self._output = cfg, model, output
+        self.num_heads = cfg.num_attention_heads
+        self.qkv = nn.ModuleList(
+            JoinedLinear([(m, "weight", "bias" if m.bias is not None else None, None)
+                          for m in (a.query, a.key, a.value)])
+            for a in (layer.attention.attention for layer in model.encoder.layer))
+        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        self._tables: dict[tuple, Tensor] = {}
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embeddings.patch_embeddings.projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embeddings.patch_embeddings.projection.weight.device
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.embeddings
+
+    @property
+    def layernorm(self) -> nn.Module | None:
+        return self.model.layernorm
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embeddings.patch_embeddings
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        cfg = self.config
+        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        emb = self.model.embeddings.patch_embeddings
+        C, (H, W), t = emb.num_channels, tuple(emb.image_size), emb.tubelet_size
+        n = emb.num_patches
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 5 or \
+                tuple(pixel_values.shape[2:]) != (C, H, W) or pixel_values.shape[1] // t != cfg.num_frames // t:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: expected videos [B, T, {C}, {H}, {W}] with T // {t} = "
+                             f"{cfg.num_frames // t} tubelets (the model's num_frames and image size), got {got}")
+        B = pixel_values.shape[0]
+        visible = None
+        if bool_masked_pos is not None:
+            if not isinstance(bool_masked_pos, Tensor) or tuple(bool_masked_pos.shape) != (B, n):
+                got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
+                    type(bool_masked_pos).__name__
+                raise ValueError(f"bool_masked_pos: expected [B, tokens] = [{B}, {n}], got {got}")
+            keep = ~bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
+            counts = keep.sum(1).tolist()                           # the one host read, as HF's boolean indexing
+            if len(set(counts)) > 1:
+                raise ValueError(f"bool_masked_pos: expected as many visible tokens in every video (HF's model "
+                                 f"stacks them), got {counts}")
+            visible = keep.nonzero()[:, 1].view(B, counts[0])
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
+        x, hidden = self.cuda_graphs(self, self._forward, pixel_values, visible, keep=keep)
+        out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
+        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
+        return out if use_dict else out.to_tuple()
+
+    def _table(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """HF's sinusoid table (a plain tensor attribute of its embeddings, on the host) in `dtype` on `device`."""
+        table = self.model.embeddings.position_embeddings
+        key = (id(table), dtype, device, torch.is_inference_mode_enabled())   # inference tensors: never saved
+        if key not in self._tables:
+            if len(self._tables) >= 8:
+                self._tables.clear()
+            self._tables[key] = table.detach().to(device=device, dtype=dtype, copy=True)
+        return self._tables[key]
+
+    def _forward(self, videos: Tensor, visible: Tensor | None, *, keep):
+        m = self.model
+        proj = m.embeddings.patch_embeddings.projection
+        w = proj.weight
+        D, C, (t, P, _) = w.shape[0], w.shape[1], proj.kernel_size
+        B, T, _, H, W = videos.shape
+        T = T // t                                                  # whole tubelets, as the Conv3d
+        # each video's tubelets as one tall image: channel c·t + i (the Conv3d weight's order), row j·H + h (tubelet j)
+        tall = videos[:, :T * t].to(w.dtype).reshape(B, T, t, C, H, W).permute(0, 3, 2, 1, 4, 5)
+        tall = tall.reshape(B, C * t, T * H, W)
+        x = ops.patch_embed(tall, w.view(D, C * t, P, P), proj.bias, pos_embed=self._table(w.dtype, w.device),
+                            pos_embed_prefix=False)
+        if visible is not None:                                     # HF's: only the visible tokens go on
+            x = x.gather(1, visible[..., None].expand(-1, -1, D))
+        kept = keep or ()
+        hidden = [x if 0 in kept else None]
+        for i, (layer, qkv) in enumerate(zip(m.encoder.layer, self.qkv), 1):
+            x = self._block(layer, qkv, x)
+            hidden.append(x if i in kept else None)
+        if m.layernorm is not None:
+            x = ops.layer_norm(x, m.layernorm.weight, m.layernorm.bias, eps=m.layernorm.eps)
+        return x, hidden
+
+    def _block(self, layer: nn.Module, qkv: JoinedLinear, x: Tensor) -> Tensor:
+        """One VideoMAELayer on tokens x [B, N, C]."""
+        o, fc1, fc2 = layer.attention.output.dense, layer.intermediate.dense, layer.output.dense
+        n1, n2 = layer.layernorm_before, layer.layernorm_after
+        h = ops.linear(ops.layer_norm(x, n1.weight, n1.bias, eps=n1.eps), qkv.weight, qkv.bias)
+        x = ops.linear(ops.attention_qkv(h, self.num_heads), o.weight, o.bias, residual=x)
+        h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias,
+                       activation=self.activation)
+        return ops.linear(h, fc2.weight, fc2.bias, residual=x)
