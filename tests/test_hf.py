@@ -79,6 +79,7 @@ def test_every_supported_class_is_tested():
         "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"} | {               # test_hf_backbone
         "Siglip2VisionModel"} | {                                                               # test_hf_siglip2
         "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
+        "CLIPSegVisionModel"} | {                                                               # test_hf_clipseg
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel"} | {  # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
