@@ -33,6 +33,8 @@ processor lays them out:
                  heatmap head: person crops of 256 x 192 px (192 patches of 16), batch 64
   videomae       VideoMAEModel at VideoMAE-B's config (768 wide, 12 blocks, 12 heads of 64): clips of 16 frames at
                  224 px (1568 tubelet tokens of 2 x 16 x 16), batch 8
+  yolos          YolosForObjectDetection at YOLOS-S's config (384 wide, 12 blocks, 6 heads of 64, 100 detection
+                 tokens, no mid position tables) with its heads: 800 x 1333 px (4251 tokens), batch 4
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -246,6 +248,19 @@ def videomae(small: bool, batch: int):
         F // cfg.tubelet_size * (S // P) ** 2
 
 
+def yolos(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=[32, 48],
+                patch_size=8, num_detection_tokens=5) if small else \
+        dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=[800, 1333])   # YOLOS-S
+    cfg = T.YolosConfig(**size, use_mid_position_embeddings=False, num_labels=91)
+    H, W = cfg.image_size
+    P = cfg.patch_size
+    return T.YolosForObjectDetection(cfg), dict(pixel_values=torch.randn(batch, 3, H, W)), \
+        1 + (H // P) * (W // P) + cfg.num_detection_tokens
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps"}
 # name -> (builder, GPU batch)
@@ -253,7 +268,7 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
-          "videomae": (videomae, 8)}
+          "videomae": (videomae, 8), "yolos": (yolos, 4)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

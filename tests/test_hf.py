@@ -106,7 +106,8 @@ def test_every_supported_class_is_tested():
         "Sapiens2Model"} | {                                                                    # test_hf_sapiens2
         "Tipsv2VisionModel", "Tipsv2VisionBackbone"} | {                                        # test_hf_tipsv2
         "VitPoseBackbone"} | {                                                                  # test_hf_vitpose
-        "VideoMAEModel"}                                                                        # test_hf_videomae
+        "VideoMAEModel"} | {                                                                    # test_hf_videomae
+        "YolosModel"}                                                                           # test_hf_yolos
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

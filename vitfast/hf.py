@@ -59,7 +59,7 @@ heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task mod
 `vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`; its backbone, which
 its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEstimation holds it) in
 `vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
-`vitfast.hf_videomae`.
+`vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -134,6 +134,8 @@ from vitfast.hf_vitpose import CLASSES as VITPOSE_CLASSES
 from vitfast.hf_vitpose import optimize_vitpose
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
 from vitfast.hf_vjepa2 import optimize_vjepa2
+from vitfast.hf_yolos import CLASSES as YOLOS_CLASSES
+from vitfast.hf_yolos import optimize_yolos
 from vitfast.layers import JoinedLinear
 from vitfast.model import VisionTransformer, VisionTransformerDistilled
 from vitfast.reference import (
@@ -232,6 +234,9 @@ CLASSES = {
     # VideoMAE's video ViT (its classifier and pretraining model hold it as `videomae`): tubelets, the sinusoid table,
     # masked tokens dropped (vitfast.hf_videomae)
     **{name: (family, None) for name, family in VIDEOMAE_CLASSES.items()},
+    # YOLOS's ViT (YolosForObjectDetection holds it as `vit`): detection tokens after the patches, the tables resampled
+    # to every image size, the mid position tables (vitfast.hf_yolos)
+    **{name: (family, None) for name, family in YOLOS_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -298,6 +303,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_vitpose(model)
     if family == "videomae":
         return optimize_videomae(model)
+    if family == "yolos":
+        return optimize_yolos(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
