@@ -33,7 +33,7 @@ from vitfast.convert import UnsupportedFeatureError, _Findings
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.layers import JoinedLinear
+from vitfast.hf_vitlayer import check_layers, joined_qkv, vit_layer
 
 # transformers class -> family
 CLASSES = {"VideoMAEModel": "videomae"}
@@ -53,20 +53,7 @@ def optimize_videomae(model: nn.Module) -> HFVideoMAEModel:
            "embeddings.patch_embeddings.projection (expected a non-overlapping Conv3d with square patches and a bias)")
     if model.layernorm is not None:
         f.layer_norm_eps(model.layernorm, "layernorm", dim)
-    for i, layer in enumerate(model.encoder.layer):
-        where = f"encoder.layer.{i}"
-        for n in ("layernorm_before", "layernorm_after"):
-            f.layer_norm_eps(getattr(layer, n), f"{where}.{n}", dim)
-        a = layer.attention
-        for part in ("query", "key", "value"):
-            f.linear(getattr(a.attention, part), f"{where}.attention.attention.{part}", bias=False)
-        f.linear(a.output.dense, f"{where}.attention.output.dense")
-        if a.attention.dropout_prob > 0:
-            f.train_only.append(f"dropout p={a.attention.dropout_prob:g} ({where}.attention.attention)")
-        f.dropout(a.output.dropout, f"{where}.attention.output.dropout")
-        f.linear(layer.intermediate.dense, f"{where}.intermediate.dense")
-        f.linear(layer.output.dense, f"{where}.output.dense")
-        f.dropout(layer.output.dropout, f"{where}.output.dropout")
+    check_layers(f, model.encoder.layer, dim)
     f.one_dtype_device(model.parameters())
     f.check(model.training)
     module = sys.modules[type(model).__module__]
@@ -84,10 +71,7 @@ class HFVideoMAEModel(nn.Module):
         cfg = model.config
         self.config, self.model, self._output = cfg, model, output
         self.num_heads = cfg.num_attention_heads
-        self.qkv = nn.ModuleList(
-            JoinedLinear([(m, "weight", "bias" if m.bias is not None else None, None)
-                          for m in (a.query, a.key, a.value)])
-            for a in (layer.attention.attention for layer in model.encoder.layer))
+        self.qkv = joined_qkv(model.encoder.layer)
         self.activation = _ACTIVATIONS[cfg.hidden_act]
         self._tables: dict[tuple, Tensor] = {}
         self.cuda_graphs = CUDAGraphRunner()
@@ -172,18 +156,8 @@ class HFVideoMAEModel(nn.Module):
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, qkv) in enumerate(zip(m.encoder.layer, self.qkv), 1):
-            x = self._block(layer, qkv, x)
+            x = vit_layer(layer, qkv, x, self.num_heads, self.activation)
             hidden.append(x if i in kept else None)
         if m.layernorm is not None:
             x = ops.layer_norm(x, m.layernorm.weight, m.layernorm.bias, eps=m.layernorm.eps)
         return x, hidden
-
-    def _block(self, layer: nn.Module, qkv: JoinedLinear, x: Tensor) -> Tensor:
-        """One VideoMAELayer on tokens x [B, N, C]."""
-        o, fc1, fc2 = layer.attention.output.dense, layer.intermediate.dense, layer.output.dense
-        n1, n2 = layer.layernorm_before, layer.layernorm_after
-        h = ops.linear(ops.layer_norm(x, n1.weight, n1.bias, eps=n1.eps), qkv.weight, qkv.bias)
-        x = ops.linear(ops.attention_qkv(h, self.num_heads), o.weight, o.bias, residual=x)
-        h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias,
-                       activation=self.activation)
-        return ops.linear(h, fc2.weight, fc2.bias, residual=x)
