@@ -35,10 +35,12 @@ processor lays them out:
                  224 px (1568 tubelet tokens of 2 x 16 x 16), batch 8
   yolos          YolosForObjectDetection at YOLOS-S's config (384 wide, 12 blocks, 6 heads of 64, 100 detection
                  tokens, no mid position tables) with its heads: 800 x 1333 px (4251 tokens), batch 4
+  dpt            DPTForDepthEstimation at DPT-Large's config (1024 wide, 24 blocks, 16 heads of 64; the neck and
+                 depth head): 384 x 384 px (577 tokens), batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
-rel err: ‖out − HF fp32‖ / ‖HF fp32‖ over the tower's last_hidden_state (ViTPose's heatmaps)
+rel err: ‖out − HF fp32‖ / ‖HF fp32‖ over the tower's last_hidden_state (ViTPose's heatmaps, DPT's depth)
 (`vitfast.testing.rel_err`), for HF bf16 itself and for vitfast.
 Without CUDA: small configs in fp32 at batch 2 (a dry run of the script: says nothing about GPU speed).
 
@@ -58,7 +60,7 @@ from pathlib import Path
 import torch
 
 import vitfast
-from vitfast.testing import rel_err
+from vitfast.testing import perturbed, rel_err
 from vitfast.timing import bench
 
 HAS_CUDA = torch.cuda.is_available()
@@ -261,14 +263,30 @@ def yolos(small: bool, batch: int):
         1 + (H // P) * (W // P) + cfg.num_detection_tokens
 
 
+def dpt(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96, image_size=32,
+                patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 24, 32],
+                fusion_hidden_size=16) if small else \
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,   # DPT-Large
+             backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024])
+    cfg = T.DPTConfig(**size)
+    model = perturbed(T.DPTForDepthEstimation(cfg))                 # off the init, whose neck passes nothing on
+    with torch.no_grad():
+        model.head.head[-2].bias.fill_(1.0)                         # depth above the final ReLU (not all zeros)
+    S = cfg.image_size
+    return model, dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
+
+
 # the output compared with HF's, where not last_hidden_state
-OUTPUT = {"vitpose": "heatmaps"}
+OUTPUT = {"vitpose": "heatmaps", "dpt": "predicted_depth"}
 # name -> (builder, GPU batch)
 TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(small, batch, on_device=True), 8),
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
-          "videomae": (videomae, 8), "yolos": (yolos, 4)}
+          "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

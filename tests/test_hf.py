@@ -107,7 +107,8 @@ def test_every_supported_class_is_tested():
         "Tipsv2VisionModel", "Tipsv2VisionBackbone"} | {                                        # test_hf_tipsv2
         "VitPoseBackbone"} | {                                                                  # test_hf_vitpose
         "VideoMAEModel"} | {                                                                    # test_hf_videomae
-        "YolosModel"}                                                                           # test_hf_yolos
+        "YolosModel"} | {                                                                       # test_hf_yolos
+        "DPTModel"}                                                                             # test_hf_dpt
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

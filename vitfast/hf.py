@@ -59,7 +59,8 @@ heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task mod
 `vitfast.hf_sapiens2`, Google DeepMind's TIPSv2 (Tipsv2Model holds it as `vision_model`; its backbone, which
 its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEstimation holds it) in
 `vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
-`vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`.
+`vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`, DPT's (its depth and
+segmentation models hold it as `dpt`) in `vitfast.hf_dpt`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -96,6 +97,8 @@ from vitfast.convert import _HF_INNER, BackboneAPI, UnsupportedFeatureError, _bu
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_blip import CLASSES as BLIP_CLASSES
 from vitfast.hf_blip import optimize_blip
+from vitfast.hf_dpt import CLASSES as DPT_CLASSES
+from vitfast.hf_dpt import optimize_dpt
 from vitfast.hf_eomt import CLASSES as EOMT_CLASSES
 from vitfast.hf_eomt import optimize_eomt
 from vitfast.hf_ernie import CLASSES as ERNIE_CLASSES
@@ -237,6 +240,9 @@ CLASSES = {
     # YOLOS's ViT (YolosForObjectDetection holds it as `vit`): detection tokens after the patches, the tables resampled
     # to every image size, the mid position tables (vitfast.hf_yolos)
     **{name: (family, None) for name, family in YOLOS_CLASSES.items()},
+    # DPT's ViT (DPT-Large, DPT-Hybrid; its depth and segmentation models hold it as `dpt`): the table resized to every
+    # image size (vitfast.hf_dpt)
+    **{name: (family, None) for name, family in DPT_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -305,6 +311,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_videomae(model)
     if family == "yolos":
         return optimize_yolos(model)
+    if family == "dpt":
+        return optimize_dpt(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
