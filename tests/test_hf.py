@@ -38,6 +38,9 @@ FAMILIES = {
     # OWL-ViT, OWLv2: CLIP's vision model with pre_layernorm (their detectors: test_hf_around)
     "OwlViTVisionModel": ("OwlViTVisionConfig", dict(intermediate_size=96)),
     "Owlv2VisionModel": ("Owlv2VisionConfig", dict(intermediate_size=96)),
+    # Chinese-CLIP, AltCLIP: CLIP's vision model under their own names (their two-tower models: test_hf_around)
+    "ChineseCLIPVisionModel": ("ChineseCLIPVisionConfig", dict(intermediate_size=96)),
+    "AltCLIPVisionModel": ("AltCLIPVisionConfig", dict(intermediate_size=96)),
     # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
     # InternViT (InternVL's tower): layer-scale, q / k / v biases as InternViT-300M's, no final norm (mean pooling)

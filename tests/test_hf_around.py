@@ -33,7 +33,8 @@ TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_laye
             max_position_embeddings=32)
 # two-tower class -> its config class
 TWO_TOWER = {"CLIPModel": "CLIPConfig", "SiglipModel": "SiglipConfig", "MetaClip2Model": "MetaClip2Config",
-             "OwlViTModel": "OwlViTConfig", "Owlv2Model": "Owlv2Config", "Aimv2Model": "Aimv2Config"}
+             "OwlViTModel": "OwlViTConfig", "Owlv2Model": "Owlv2Config", "Aimv2Model": "Aimv2Config",
+             "ChineseCLIPModel": "ChineseCLIPConfig", "AltCLIPModel": "AltCLIPConfig"}
 # classifier -> its config (DINOv2's: the class token beside the mean of the patch tokens, after any registers)
 CLASSIFIERS = {"CLIPForImageClassification": "CLIPConfig", "SiglipForImageClassification": "SiglipConfig",
                "Dinov2ForImageClassification": "Dinov2Config",
@@ -357,10 +358,10 @@ def test_masked_image_modeling_optimizes_its_vit(name):
 
 
 def test_models_around_an_unsupported_vision_model_are_refused_by_name():
-    cfg = transformers.ChineseCLIPConfig(text_config=TEXT, vision_config=VISION)
+    cfg = transformers.XCLIPConfig(text_config=TEXT, vision_config=VISION)
     with pytest.raises(UnsupportedFeatureError,
-                       match=r"ChineseCLIPModel holding ChineseCLIPVisionModel \(vision_model\)"):
-        vitfast.optimize(transformers.ChineseCLIPModel(cfg))
+                       match=r"XCLIPModel holding XCLIPVisionModel \(vision_model\)"):
+        vitfast.optimize(transformers.XCLIPModel(cfg))
 
 
 def test_get_image_features_replays_the_vision_models_graph():

@@ -30,13 +30,15 @@ get the gradients and an optimizer over either model trains both:
 MetaClip2VisionModel and MetaClip2VisionModelWithProjection are CLIP's under other names: the same rows (the latter
 returns MetaClip2VisionModelOutput); so are OWL-ViT's and OWLv2's vision models (and the vision transformer inside
 them, which their two-tower models hold), whose stand-in also answers to `post_layernorm` (their detectors apply it
-to every token); so is CLIPSegVisionModel, whose table is resampled by default (`HFCLIPSegVisionModel`), which
-CLIPSegModel holds, and CLIPSegForImageSegmentation that as `clip`. The backbones' stage feature maps: `HFBackbone`.
-Models that hold one of these (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, OwlViTModel and Owlv2Model with
-their text towers, the ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's and OWLv2's
-detectors, the vision tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma, Gemma 3, Command
-A Vision, LFM2-VL and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL, Phi-4-multimodal's
-`img_processor` inside its `model.embed_tokens_extend.image_embed`) are copied with that one replaced
+to every token); so are Chinese-CLIP's and AltCLIP's (ChineseCLIPVisionModel, AltCLIPVisionModel), and
+CLIPSegVisionModel, whose table is resampled by default (`HFCLIPSegVisionModel`), which CLIPSegModel holds, and
+CLIPSegForImageSegmentation that as `clip`. The backbones' stage feature maps: `HFBackbone`. Models that hold one of
+these (CLIPModel, SiglipModel, Siglip2Model, MetaClip2Model, ChineseCLIPModel, AltCLIPModel, OwlViTModel and
+Owlv2Model with their text towers, the ForImageClassification heads of CLIP, SigLIP, SigLIP 2 and DINOv2, OWL-ViT's
+and OWLv2's detectors, the vision tower of LLaVA, LLaVA-NeXT, LLaVA-OneVision, VipLLaVA, Aya Vision, PaliGemma,
+Gemma 3, Command A Vision, LFM2-VL and InternVL, the vision model of Idefics3, SmolVLM and DeepSeek-VL,
+Phi-4-multimodal's `img_processor` inside its `model.embed_tokens_extend.image_embed`) are copied with that one
+replaced
 (`vitfast.convert.optimize`); they call it as they call HF's. The vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
 Qwen3.5 and the Qwen2.5-Omni and Qwen3-Omni thinkers (packed patch sequences) are in `vitfast.hf_qwen`, and so are
 their VLMs; Pixtral's (Pixtral-12B's, Mistral Small 3.1's and LightOnOCR's, packed images of any size) is in
@@ -166,7 +168,8 @@ CLASSES = {
     # OWL-ViT / OWLv2: CLIP's vision transformer (pre_layernorm); their detectors hold the transformer itself
     "OwlViTVisionModel": ("clip", None), "OwlViTVisionTransformer": ("clip", None),
     "Owlv2VisionModel": ("clip", None), "Owlv2VisionTransformer": ("clip", None),
-    "CLIPSegVisionModel": ("clip", None),
+    "CLIPSegVisionModel": ("clip", None), "ChineseCLIPVisionModel": ("clip", None),
+    "AltCLIPVisionModel": ("clip", None),
     "SiglipVisionModel": ("siglip", None),
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
