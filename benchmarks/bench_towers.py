@@ -37,6 +37,8 @@ processor lays them out:
                  tokens, no mid position tables) with its heads: 800 x 1333 px (4251 tokens), batch 4
   dpt            DPTForDepthEstimation at DPT-Large's config (1024 wide, 24 blocks, 16 heads of 64; the neck and
                  depth head): 384 x 384 px (577 tokens), batch 8
+  timesformer    TimesformerModel at TimeSformer-B's config (768 wide, 12 blocks, 12 heads of 64, divided space-time
+                 attention): clips of 8 frames at 224 px (1569 tokens), batch 8
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -279,6 +281,15 @@ def dpt(small: bool, batch: int):
     return model, dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
 
 
+def timesformer(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.TimesformerConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                              image_size=32, patch_size=8, num_frames=4) if small else T.TimesformerConfig()   # -B
+    F, S, P = cfg.num_frames, cfg.image_size, cfg.patch_size
+    return T.TimesformerModel(cfg), dict(pixel_values=torch.randn(batch, F, 3, S, S)), 1 + F * (S // P) ** 2
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps", "dpt": "predicted_depth"}
 # name -> (builder, GPU batch)
@@ -286,7 +297,8 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "siglip": (siglip, 32), "dinov2": (dinov2, 64), "qwen2_5_vl": (qwen2_5_vl, 4), "mllama": (mllama, 8),
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
-          "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8)}
+          "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8),
+          "timesformer": (timesformer, 8)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

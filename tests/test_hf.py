@@ -111,7 +111,8 @@ def test_every_supported_class_is_tested():
         "VitPoseBackbone"} | {                                                                  # test_hf_vitpose
         "VideoMAEModel"} | {                                                                    # test_hf_videomae
         "YolosModel"} | {                                                                       # test_hf_yolos
-        "DPTModel"}                                                                             # test_hf_dpt
+        "DPTModel"} | {                                                                         # test_hf_dpt
+        "TimesformerModel"}                                                                     # test_hf_timesformer
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

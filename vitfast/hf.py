@@ -62,7 +62,8 @@ heads; VidEoMT's over video) in `vitfast.hf_eomt`, Meta's Sapiens2 (its task mod
 its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEstimation holds it) in
 `vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
 `vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`, DPT's (its depth and
-segmentation models hold it as `dpt`) in `vitfast.hf_dpt`.
+segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its video classifier holds it as
+`timesformer`) in `vitfast.hf_timesformer`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -131,6 +132,8 @@ from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
 from vitfast.hf_sam3 import optimize_sam3
 from vitfast.hf_sapiens2 import CLASSES as SAPIENS2_CLASSES
 from vitfast.hf_sapiens2 import optimize_sapiens2
+from vitfast.hf_timesformer import CLASSES as TIMESFORMER_CLASSES
+from vitfast.hf_timesformer import optimize_timesformer
 from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
 from vitfast.hf_tipsv2 import optimize_tipsv2
 from vitfast.hf_videomae import CLASSES as VIDEOMAE_CLASSES
@@ -246,6 +249,9 @@ CLASSES = {
     # DPT's ViT (DPT-Large, DPT-Hybrid; its depth and segmentation models hold it as `dpt`): the table resized to every
     # image size (vitfast.hf_dpt)
     **{name: (family, None) for name, family in DPT_CLASSES.items()},
+    # TimeSformer (its video classifier holds it as `timesformer`): divided space-time attention
+    # (vitfast.hf_timesformer)
+    **{name: (family, None) for name, family in TIMESFORMER_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -316,6 +322,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_yolos(model)
     if family == "dpt":
         return optimize_dpt(model)
+    if family == "timesformer":
+        return optimize_timesformer(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
