@@ -39,6 +39,8 @@ processor lays them out:
                  depth head): 384 x 384 px (577 tokens), batch 8
   timesformer    TimesformerModel at TimeSformer-B's config (768 wide, 12 blocks, 12 heads of 64, divided space-time
                  attention): clips of 8 frames at 224 px (1569 tokens), batch 8
+  vitdet         VitDetModel at ViTMatte-B's backbone config (768 wide, 12 blocks, 12 heads of 64: 8 in windows of
+                 14 with relative positions, 4 global with residual conv blocks): 1024 px (4096 patches), batch 2
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -290,6 +292,19 @@ def timesformer(small: bool, batch: int):
     return T.TimesformerModel(cfg), dict(pixel_values=torch.randn(batch, F, 3, S, S)), 1 + F * (S // P) ** 2
 
 
+def vitdet(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=2, image_size=32,
+                pretrain_image_size=32, patch_size=8, window_size=3, window_block_indices=[0, 2],
+                residual_block_indices=[1, 3]) if small else \
+        dict(image_size=1024, window_size=14, window_block_indices=[0, 1, 3, 4, 6, 7, 9, 10],
+             residual_block_indices=[2, 5, 8, 11])                  # ViTMatte-B's backbone
+    cfg = T.VitDetConfig(**size, use_relative_position_embeddings=True)
+    S, P = cfg.image_size, cfg.patch_size
+    return T.VitDetModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // P) ** 2
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps", "dpt": "predicted_depth"}
 # name -> (builder, GPU batch)
@@ -298,7 +313,7 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
           "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8),
-          "timesformer": (timesformer, 8)}
+          "timesformer": (timesformer, 8), "vitdet": (vitdet, 2)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

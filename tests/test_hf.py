@@ -112,7 +112,8 @@ def test_every_supported_class_is_tested():
         "VideoMAEModel"} | {                                                                    # test_hf_videomae
         "YolosModel"} | {                                                                       # test_hf_yolos
         "DPTModel"} | {                                                                         # test_hf_dpt
-        "TimesformerModel"}                                                                     # test_hf_timesformer
+        "TimesformerModel"} | {                                                                 # test_hf_timesformer
+        "VitDetModel", "VitDetBackbone"}                                                        # test_hf_vitdet
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

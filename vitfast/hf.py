@@ -63,7 +63,7 @@ its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEs
 `vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
 `vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`, DPT's (its depth and
 segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its video classifier holds it as
-`timesformer`) in `vitfast.hf_timesformer`.
+`timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -138,6 +138,8 @@ from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
 from vitfast.hf_tipsv2 import optimize_tipsv2
 from vitfast.hf_videomae import CLASSES as VIDEOMAE_CLASSES
 from vitfast.hf_videomae import optimize_videomae
+from vitfast.hf_vitdet import CLASSES as VITDET_CLASSES
+from vitfast.hf_vitdet import optimize_vitdet
 from vitfast.hf_vitpose import CLASSES as VITPOSE_CLASSES
 from vitfast.hf_vitpose import optimize_vitpose
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
@@ -252,6 +254,9 @@ CLASSES = {
     # TimeSformer (its video classifier holds it as `timesformer`): divided space-time attention
     # (vitfast.hf_timesformer)
     **{name: (family, None) for name, family in TIMESFORMER_CLASSES.items()},
+    # ViTDet's backbone (ViTMatte holds it as `backbone`): SAM's windowed blocks with relative positions, residual conv
+    # blocks (vitfast.hf_vitdet)
+    **{name: (family, None) for name, family in VITDET_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -324,6 +329,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_dpt(model)
     if family == "timesformer":
         return optimize_timesformer(model)
+    if family == "vitdet":
+        return optimize_vitdet(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
