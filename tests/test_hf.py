@@ -86,7 +86,8 @@ def test_every_supported_class_is_tested():
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel"} | {  # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
-        "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"} | {
+        "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel",
+        "Qwen4ExpVisionModel"} | {
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral
         "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel"} | {                    # test_hf_glm
         "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi

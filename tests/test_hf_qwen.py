@@ -67,8 +67,12 @@ def vision_model(family: str, **kw):
            "qwen3_omni": (transformers.models.qwen3_omni_moe.Qwen3OmniMoeVisionEncoderConfig,
                           transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe.Qwen3OmniMoeVisionEncoder),
            "qwen3_5_moe": (transformers.Qwen3_5MoeVisionConfig,
-                           transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel)}[family]
-    return perturbed(cls[1](cls[0](**{**VISION[family.removesuffix("_moe").replace("omni", "vl")], **kw})))
+                           transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel),
+           "qwen4_exp": lambda: (pytest.importorskip("transformers.models.qwen4_exp").Qwen4ExpVisionConfig,
+                                 transformers.models.qwen4_exp.modeling_qwen4_exp.Qwen4ExpVisionModel)}[family]
+    cls = cls() if callable(cls) else cls       # Qwen4-Exp: transformers 5.2x only
+    config = VISION["qwen3_5" if family == "qwen4_exp" else family.removesuffix("_moe").replace("omni", "vl")]
+    return perturbed(cls[1](cls[0](**{**config, **kw})))
     # (Qwen2.5-Omni's tower takes Qwen2.5-VL's config, Qwen3-Omni's Qwen3-VL's)
 
 
@@ -96,7 +100,7 @@ def test_layouts_are_hfs():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni",
-                                    "qwen3_5", "qwen3_5_moe"])
+                                    "qwen3_5", "qwen3_5_moe", "qwen4_exp"])
 def test_vision_tower_equals_hf(family):
     hf = vision_model(family)
     hf64 = copy.deepcopy(hf).double()

@@ -58,6 +58,8 @@ CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl",
            # Qwen3.5's: Qwen3-VL's tower without the DeepStack mergers
            "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl",
+           # Qwen4-Exp's: Qwen3.5's tower under its own name
+           "Qwen4ExpVisionModel": "qwen3_vl",
            # Qwen3-Omni's: Qwen3-VL's tower, its DeepStack mergers named as Qwen2-VL's merger (merger_list)
            "Qwen3OmniMoeVisionEncoder": "qwen3_vl"}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
