@@ -85,7 +85,7 @@ def test_every_supported_class_is_tested():
         "CLIPSegVisionModel"} | {                                                               # test_hf_clipseg
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel"} | {  # test_hf_idefics3
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
-        "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder",
+        "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder", "Exaone4_5_VisionModel",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel",
         "Qwen4ExpVisionModel"} | {
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral

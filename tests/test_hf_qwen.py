@@ -22,6 +22,7 @@ from vitfast.testing import (
     assert_packed_tower_replays,
     assert_selects_hidden_states,
     assert_vlm_equals_hf,
+    backward_weighted,
     perturbed,
     simulate_cuda_graphs,
     two_image_prompt,
@@ -43,6 +44,10 @@ VISION = {
     "qwen3_vl": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
                      spatial_merge_size=2, out_hidden_size=48, num_position_embeddings=16,
                      deepstack_visual_indexes=[0, 2]),
+    # EXAONE 4.5's: Qwen2.5-VL's tower with grouped-query attention (4 query heads, 2 key / value heads)
+    "exaone4_5": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=4, num_key_value_heads=2, patch_size=P,
+                      temporal_patch_size=TP, spatial_merge_size=2, out_hidden_size=48, window_size=16,
+                      fullatt_block_indexes=[1]),
     # Qwen3.5's: Qwen3-VL's tower without DeepStack
     "qwen3_5": dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=P, temporal_patch_size=TP,
                     spatial_merge_size=2, out_hidden_size=48, num_position_embeddings=16),
@@ -68,6 +73,8 @@ def vision_model(family: str, **kw):
                           transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe.Qwen3OmniMoeVisionEncoder),
            "qwen3_5_moe": (transformers.Qwen3_5MoeVisionConfig,
                            transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel),
+           "exaone4_5": lambda: (transformers.models.exaone4_5.modeling_exaone4_5.Exaone4_5_VisionConfig,
+                                 transformers.models.exaone4_5.modeling_exaone4_5.Exaone4_5_VisionModel),
            "qwen4_exp": lambda: (pytest.importorskip("transformers.models.qwen4_exp").Qwen4ExpVisionConfig,
                                  transformers.models.qwen4_exp.modeling_qwen4_exp.Qwen4ExpVisionModel)}[family]
     cls = cls() if callable(cls) else cls       # Qwen4-Exp: transformers 5.2x only
@@ -100,7 +107,7 @@ def test_layouts_are_hfs():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni",
-                                    "qwen3_5", "qwen3_5_moe", "qwen4_exp"])
+                                    "qwen3_5", "qwen3_5_moe", "qwen4_exp", "exaone4_5"])
 def test_vision_tower_equals_hf(family):
     hf = vision_model(family)
     hf64 = copy.deepcopy(hf).double()
@@ -166,6 +173,20 @@ def test_trains_hf_tensors():
     out = loss(opt(x, grid))
     with without_reference():
         out.backward()                                           # into HF's own tensors' .grad
+    assert_grads_match(hf, hf64)
+
+
+def test_grouped_query_tower_trains_hf_tensors():
+    """EXAONE 4.5's grouped-query qkv: each key / value head's rows get the gradients of every query head that reads
+    them, HF's float64 gradient."""
+    hf = vision_model("exaone4_5")
+    hf64 = copy.deepcopy(hf).double()
+    opt = vitfast.optimize(hf).train()
+    hf.train(), hf64.train()
+    x, grid = packed()
+    weights = torch.randn(48, dtype=F64)
+    backward_weighted(hf64(x.double(), grid).pooler_output, weights)
+    backward_weighted(opt(x, grid).pooler_output, weights, reference_free=True)
     assert_grads_match(hf, hf64)
 
 

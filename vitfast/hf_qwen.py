@@ -19,6 +19,7 @@ the GELU in the first one's epilogue.
 | | pooler_output the merger's [T / 4, D] |
 | Qwen2_5_VisionTransformerPretrainedModel (Qwen2.5-VL) | the same; last_hidden_state in window order, as HF's |
 | Qwen2_5OmniVisionEncoder (Qwen2.5-Omni's thinker) | the same (its q / k / v projections joined as the packed qkv) |
+| Exaone4_5_VisionModel (EXAONE 4.5) | the same (grouped-query: its k / v heads repeated in the packed qkv) |
 | Qwen3VLVisionModel, Qwen3VLMoeVisionModel (Qwen3-VL) | BaseModelOutputWithDeepstackFeatures: also deepstack_features |
 | Qwen3OmniMoeVisionEncoder (Qwen3-Omni's thinker) | the same |
 | Qwen3_5VisionModel, Qwen3_5MoeVisionModel (Qwen3.5) | BaseModelOutputWithPooling (Qwen3-VL's tower, no DeepStack) |
@@ -55,6 +56,8 @@ CLASSES = {"Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
            "Qwen2_5_VisionTransformerPretrainedModel": "qwen2_5_vl",
            # Qwen2.5-Omni's: Qwen2.5-VL's tower with separate q / k / v projections (joined here)
            "Qwen2_5OmniVisionEncoder": "qwen2_5_vl",
+           # EXAONE 4.5's: Qwen2.5-VL's tower with grouped-query attention (its k / v heads repeated in the qkv here)
+           "Exaone4_5_VisionModel": "qwen2_5_vl",
            "Qwen3VLVisionModel": "qwen3_vl", "Qwen3VLMoeVisionModel": "qwen3_vl",
            # Qwen3.5's: Qwen3-VL's tower without the DeepStack mergers
            "Qwen3_5VisionModel": "qwen3_vl", "Qwen3_5MoeVisionModel": "qwen3_vl",
@@ -165,6 +168,11 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
         for part in ("weight", "bias"):
             state[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([state.pop(f"blocks.{i}.attn.{p}.{part}")
                                                               for p in "qkv"]).detach()
+    order = _grouped_query_order(blocks[0].attn)       # EXAONE 4.5: each query head's k / v rows, in the qkv
+    grouped = [JoinedLinear(_grouped_qkv_parts(b.attn, order)) for b in blocks] if order else []
+    for i, joined in enumerate(grouped):                 # (of the repeated shape for the build; joined after it)
+        for part in ("weight", "bias"):
+            state[f"blocks.{i}.attn.qkv.{part}"] = getattr(joined, part).detach()
     if glu:     # fc1: [gate | up] joined from HF's projections after the build (the concatenation here is dropped)
         for i in range(len(blocks)):
             for part in ("weight", "bias"):
@@ -188,8 +196,28 @@ def optimize_qwen(model: nn.Module) -> HFQwenVisionModel:
         blk.mlp.fc1 = JoinedLinear([(b.mlp.gate_proj, "weight", "bias", None), (b.mlp.up_proj, "weight", "bias", None)])
     for blk, b in zip(tower.blocks, blocks) if split_qkv else ():
         blk.attn.qkv = JoinedLinear([(getattr(b.attn, p), "weight", "bias", None) for p in "qkv"])
+    for blk, joined in zip(tower.blocks, grouped):
+        blk.attn.qkv = joined
     return HFQwenVisionModel(cfg, tower, family, model.rotary_pos_emb.inv_freq,
                              sys.modules[type(model).__module__]).train(model.training)
+
+
+def _grouped_query_order(attn: nn.Module) -> list[int] | None:
+    """A grouped-query attention's key / value rows for each query head (HF's repeat_kv: head h reads key / value
+    head h // (heads / key-value heads)), as rows of the k or v part of its qkv; None without grouping."""
+    kv = getattr(attn, "num_key_value_heads", None)
+    if kv is None or kv == attn.num_heads:
+        return None
+    D, group = attn.head_dim, attn.num_heads // kv
+    return [(h // group) * D + d for h in range(attn.num_heads) for d in range(D)]
+
+
+def _grouped_qkv_parts(attn: nn.Module, order: list[int]) -> list[tuple]:
+    """`JoinedLinear` parts making a grouped-query qkv [q | k | v heads] (EXAONE 4.5's) the packed qkv of as many
+    k / v heads as q heads."""
+    q, kv = attn.q_dim, attn.kv_dim
+    return [(attn.qkv, "weight", "bias", slice(0, q)), (attn.qkv, "weight", "bias", slice(q, q + kv), order),
+            (attn.qkv, "weight", "bias", slice(q + kv, q + 2 * kv), order)]
 
 
 def kept_hidden_states(output_hidden_states, n: int) -> tuple[int, ...] | None:
