@@ -83,7 +83,8 @@ def test_every_supported_class_is_tested():
         "Siglip2VisionModel"} | {                                                               # test_hf_siglip2
         "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
         "CLIPSegVisionModel"} | {                                                               # test_hf_clipseg
-        "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel"} | {  # test_hf_idefics3
+        "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel",  # test_hf_idefics3
+        "Idefics2VisionTransformer"} | {
         "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",   # test_hf_qwen
         "Qwen2_5OmniVisionEncoder", "Qwen3OmniMoeVisionEncoder", "Exaone4_5_VisionModel",
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel",

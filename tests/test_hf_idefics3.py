@@ -1,7 +1,8 @@
-"""Idefics3's and SmolVLM's vision model on vitfast: transformers' `Idefics3VisionTransformer` /
-`SmolVLMVisionTransformer` (SigLIP with images padded to one size, a patch mask and each image's positions spread
-over the whole table), and the VLMs around it. Compared in fp32 against HF in float64, bounded by HF's own fp32
-error; the padding is transparent; gradients reach HF's tensors; the forward has no host synchronisation."""
+"""Idefics3's, SmolVLM's and Idefics2's vision model on vitfast: transformers' `Idefics3VisionTransformer` /
+`SmolVLMVisionTransformer` / `Idefics2VisionTransformer` (SigLIP with images padded to one size, a patch mask and
+each image's positions spread over the whole table), and the VLMs around it. Compared in fp32 against HF in float64,
+bounded by HF's own fp32 error; the padding is transparent; gradients reach HF's tensors; the forward has no host
+synchronisation."""
 
 import copy
 import importlib
@@ -30,7 +31,7 @@ VISION = dict(image_size=28, patch_size=4, hidden_size=48, intermediate_size=96,
               num_attention_heads=3)
 TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, num_key_value_heads=2, head_dim=8, pad_token_id=0)
-FAMILIES = ["Idefics3", "SmolVLM"]
+FAMILIES = ["Idefics3", "SmolVLM", "Idefics2"]
 # a batch padded to 32 x 28 pixels (8 x 7 patches): each image's own grid of patches, top-left
 GRIDS = [(8, 7), (5, 7), (8, 3), (2, 2)]
 

@@ -19,6 +19,7 @@ get the gradients and an optimizer over either model trains both:
 | SiglipVisionModel | BaseModelOutputWithPooling | final norm | the attention-pooling head |
 | Siglip2VisionModel (NaFlex) | BaseModelOutputWithPooling | final norm | the head, padding masked (below) |
 | Idefics3VisionTransformer, SmolVLMVisionTransformer | BaseModelOutput | final norm, padding masked (below) | |
+| Idefics2VisionTransformer | BaseModelOutput | the same | |
 | Phi4MultimodalVisionModel | BaseModelOutputWithPooling | the same | the attention-pooling head, padding masked |
 | DINOv3ViTModel | BaseModelOutputWithPooling | final norm | class token of it |
 | InternVLVisionModel | InternVLVisionModelOutputWithPooling | final norm (none with use_mean_pooling) | None |
@@ -179,6 +180,7 @@ CLASSES = {
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
     "Idefics3VisionTransformer": ("idefics3", None), "SmolVLMVisionTransformer": ("idefics3", None),
+    "Idefics2VisionTransformer": ("idefics3", None),
     # Phi-4-multimodal's SigLIP: Idefics3's patch mask and bucketed positions, with the attention-pooling head
     "Phi4MultimodalVisionModel": ("phi4mm", None),
     "DINOv3ViTModel": ("dinov3", None),
