@@ -115,12 +115,12 @@ class HFVideoMAEModel(nn.Module):
                 got = tuple(bool_masked_pos.shape) if isinstance(bool_masked_pos, Tensor) else \
                     type(bool_masked_pos).__name__
                 raise ValueError(f"bool_masked_pos: expected [B, tokens] = [{B}, {n}], got {got}")
-            keep = ~bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
-            counts = keep.sum(1).tolist()                           # the one host read, as HF's boolean indexing
+            shown = ~bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
+            counts = shown.sum(1).tolist()                          # the one host read, as HF's boolean indexing
             if len(set(counts)) > 1:
                 raise ValueError(f"bool_masked_pos: expected as many visible tokens in every video (HF's model "
                                  f"stacks them), got {counts}")
-            visible = keep.nonzero()[:, 1].view(B, counts[0])
+            visible = shown.nonzero()[:, 1].view(B, counts[0])
         if output_hidden_states is None:
             output_hidden_states = getattr(cfg, "output_hidden_states", False)
         keep = kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
