@@ -149,6 +149,32 @@ def test_two_tower_model_trains_hf_vision_tensors():
             assert_close(p.grad, p64.grad, name=f"grad {n}")
 
 
+def test_vision_text_dual_encoder_equals_hf_and_trains():
+    """VisionTextDualEncoderModel (a pretrained ViT and BERT joined into a CLIP-style model to train): a copy with its
+    `vision_model` on vitfast, the text model and projections shared; logits_per_image as HF's, and the contrastive
+    loss gives every parameter HF's float64 gradient (the text tower's dropout off: random)."""
+    vision = transformers.ViTConfig(**VISION)
+    text = transformers.BertConfig(**TEXT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
+    torch.manual_seed(0)
+    model = perturbed(transformers.VisionTextDualEncoderModel(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert_shares_all_but_the_vision_model(opt, model, "vision_model")
+    x, ids = torch.randn(3, 3, 32, 32), torch.randint(1, TEXT["vocab_size"], (3, 7))
+    with torch.no_grad():
+        out, ref, eager = (m(input_ids=ids, pixel_values=xi) for m, xi in ((opt, x), (model64, x.double()),
+                                                                             (model, x)))
+    assert_close(out.logits_per_image, ref.logits_per_image, eager=eager.logits_per_image, name="logits_per_image")
+    for m in (model, model64, opt):
+        m.train()
+    model64(input_ids=ids, pixel_values=x.double(), return_loss=True).loss.backward()
+    loss = opt(input_ids=ids, pixel_values=x, return_loss=True).loss
+    with without_reference():
+        loss.backward()
+    assert_grads_match(model, model64)
+
+
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))
 def test_image_classifiers_equal_hf(name):
     """CLIP's (mean of the patch tokens), SigLIP's (mean of every token) and DINOv2's (the class token and the
