@@ -29,11 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
+from vitfast.convert import _Findings
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.hf_vitlayer import check_layers, joined_qkv, vit_layer
+from vitfast.hf_vitlayer import ViTLayoutStandIn, check_layers, vit_layer
 
 # transformers class -> family
 CLASSES = {"VideoMAEModel": "videomae"}
@@ -60,46 +58,24 @@ def optimize_videomae(model: nn.Module) -> HFVideoMAEModel:
     return HFVideoMAEModel(model, module.BaseModelOutput).train(model.training)
 
 
-class HFVideoMAEModel(nn.Module):
+class HFVideoMAEModel(ViTLayoutStandIn):
     """Stands in for a VideoMAEModel (`forward(pixel_values, bool_masked_pos=None, ...)`) as HF's, returning HF's
     output object (module docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v
     projections joined, `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that
     they train, one cached copy otherwise."""
 
     def __init__(self, model: nn.Module, output: type):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
-        self.num_heads = cfg.num_attention_heads
-        self.qkv = joined_qkv(model.encoder.layer)
-        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        super().__init__(model, output)
         self._tables: dict[tuple, Tensor] = {}
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embeddings.patch_embeddings.projection.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embeddings.patch_embeddings.projection.weight.device
-
-    @property
-    def embeddings(self) -> nn.Module:
-        return self.model.embeddings
 
     @property
     def layernorm(self) -> nn.Module | None:
         return self.model.layernorm
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embeddings.patch_embeddings
-
     def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         emb = self.model.embeddings.patch_embeddings
         C, (H, W), t = emb.num_channels, tuple(emb.image_size), emb.tubelet_size
         n = emb.num_patches
@@ -121,13 +97,8 @@ class HFVideoMAEModel(nn.Module):
                 raise ValueError(f"bool_masked_pos: expected as many visible tokens in every video (HF's model "
                                  f"stacks them), got {counts}")
             visible = shown.nonzero()[:, 1].view(B, counts[0])
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
         x, hidden = self.cuda_graphs(self, self._forward, pixel_values, visible, keep=keep)
-        out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
 
     def _table(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """HF's sinusoid table (a plain tensor attribute of its embeddings, on the host) in `dtype` on `device`."""

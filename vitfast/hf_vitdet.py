@@ -34,6 +34,7 @@ from vitfast.convert import BackboneAPI, UnsupportedFeatureError, _Findings
 from vitfast.graphs import CUDAGraphRunner
 from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS, window_partition, window_unpartition
+from vitfast.hf_vitlayer import check_images
 from vitfast.reference import sam_rel_pos
 
 # transformers class -> family
@@ -109,11 +110,7 @@ class HFVitDetModel(nn.Module):
         if output_attentions or getattr(self.config, "output_attentions", False) and output_attentions is None:
             raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
         proj = self.model.embeddings.projection
-        C, P = proj.in_channels, proj.kernel_size[0]
-        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
-                pixel_values.shape[2] < P or pixel_values.shape[3] < P:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values: expected images [B, {C}, H, W] with H and W at least {P}, got {got}")
+        check_images(pixel_values, proj.in_channels, proj.kernel_size[0])
         x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
         return x, None if keep is None else tuple(hidden)
 

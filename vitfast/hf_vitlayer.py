@@ -3,15 +3,29 @@ DPT's models copy under their own names (layernorm_before, attention.attention.q
 attention.output.dense, layernorm_after, intermediate.dense, output.dense). Per block: the LayerNorm, the packed
 q / k / v GEMM (HF's three projections joined, a missing bias as zeros), the attention, the output projection with the
 residual in its epilogue, the LayerNorm, the intermediate GEMM with its activation in its epilogue, the output GEMM
-with the residual."""
+with the residual. `ViTLayoutStandIn` is the shared shape of those models' stand-ins."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import _Findings
+from vitfast.convert import UnsupportedFeatureError, _Findings
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_qwen import kept_hidden_states
+from vitfast.hf_sam import _ACTIVATIONS
 from vitfast.layers import JoinedLinear
+
+
+def check_images(pixel_values, channels: int, patch: int) -> None:
+    """pixel_values [B, channels, H, W] of any size of at least one patch (a patchify convolution drops what whole
+    patches do not cover), or a ValueError naming it."""
+    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels or \
+            pixel_values.shape[2] < patch or pixel_values.shape[3] < patch:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values: expected images [B, {channels}, H, W] with H and W at least {patch}, got "
+                         f"{got}")
 
 
 def check_layers(f: _Findings, layers: nn.ModuleList, dim: int, where: str = "encoder.layer") -> None:
@@ -48,3 +62,48 @@ def vit_layer(layer: nn.Module, qkv: JoinedLinear, x: Tensor, num_heads: int, ac
     x = ops.linear(ops.attention_qkv(h, num_heads), o.weight, o.bias, residual=x)
     h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias, activation=activation)
     return ops.linear(h, fc2.weight, fc2.bias, residual=x)
+
+
+class ViTLayoutStandIn(nn.Module):
+    """The shared shape of the stand-ins for HF's ViT-layout models (VideoMAE's, YOLOS's, DPT's): HF's model as
+    `self.model` (its forward unused) with its config and output class, per block its q / k / v joined
+    (`joined_qkv`), a CUDA-graph runner; `_keep` (the forward's refusals and kept hidden states) and `_result` (HF's
+    output object, or its tuple) for the subclass's forward."""
+
+    def __init__(self, model: nn.Module, output: type):
+        super().__init__()
+        cfg = model.config
+        self.config, self.model, self._output = cfg, model, output
+        self.num_heads = cfg.num_attention_heads
+        self.qkv = joined_qkv(model.encoder.layer)
+        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.embeddings
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def _keep(self, output_attentions, output_hidden_states) -> tuple[int, ...] | None:
+        """Attention outputs refused by name; the hidden states to return (`kept_hidden_states`)."""
+        cfg = self.config
+        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        return kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
+
+    def _result(self, return_dict, **fields):
+        out = self._output(**fields)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()

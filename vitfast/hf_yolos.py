@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
+from vitfast.convert import _Findings
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.hf_vitlayer import check_layers, joined_qkv, vit_layer
+from vitfast.hf_vitlayer import ViTLayoutStandIn, check_images, check_layers, vit_layer
 
 # transformers class -> family
 CLASSES = {"YolosModel": "yolos"}
@@ -65,55 +63,20 @@ def _resampled(table: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> T
     return maps.flatten(2).transpose(1, 2).reshape(*lead, size[0] * size[1], D)
 
 
-class HFYolosModel(nn.Module):
+class HFYolosModel(ViTLayoutStandIn):
     """Stands in for a YolosModel (`forward(pixel_values, ...)`) as HF's, returning HF's output object (module
     docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v projections joined,
     `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that they train, one
     cached copy otherwise."""
 
-    def __init__(self, model: nn.Module, output: type):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
-        self.num_heads = cfg.num_attention_heads
-        self.qkv = joined_qkv(model.encoder.layer)
-        self.activation = _ACTIVATIONS[cfg.hidden_act]
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embeddings.patch_embeddings.projection.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embeddings.patch_embeddings.projection.weight.device
-
-    @property
-    def embeddings(self) -> nn.Module:
-        return self.model.embeddings
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embeddings.patch_embeddings
-
     def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 **kwargs):
-        cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         proj = self.model.embeddings.patch_embeddings.projection
-        C, P = proj.in_channels, proj.kernel_size[0]
-        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
-                pixel_values.shape[2] < P or pixel_values.shape[3] < P:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values: expected images [B, {C}, H, W] with H and W at least {P}, got {got}")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
+        check_images(pixel_values, proj.in_channels, proj.kernel_size[0])
         x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
-        out = self._output(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=None if keep is None else tuple(hidden))
 
     def _forward(self, pixels: Tensor, *, keep):
         m, cfg = self.model, self.config
