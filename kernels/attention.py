@@ -42,6 +42,12 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
   one rel_h term per query and rel_w's contiguous columns, and rel_w's tile is loaded once when the block is a
   whole row; otherwise (SAM's 14 x 14 windows) the terms are gathered per element. The backward kernels take
   them too (gathered), and the dQ kernel sums dS per key row and column into their gradients.
+- HAS_BIAS: a dense additive bias, [B, H, N_Q, N_KV] by strides (batch stride 0 for one bias shared by the batch:
+  BEiT's and Data2Vec's relative position bias, a table per head gathered into [H, N, N] once per forward, or
+  timm's `attn_mask` floats), unit stride over the keys, fp16 / bf16 / fp32, added to the scores tile by tile in
+  fp32: s_ij = q_i·k_j·scale + bias_ij (HF's eager `attn_weights + attention_mask`). The backward kernels read it
+  too, and the dQ kernel adds dS (fp32) into its gradient with atomics, so that a bias shared by the batch gets
+  the batch's sum without a [B, H, N, N] buffer. HAS_BIAS=False compiles to the kernel without it, unchanged.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel
@@ -102,7 +108,7 @@ def _prune_configs(configs, named_args, **kwargs):
       tiles of relative-position terms, 8·BLOCK_M·BLOCK_N·(num_stages − 1) bytes (bf16 D=64 128 x 64 on 8 warps,
       4 stages: 278,528 bytes), half that when the key blocks lie within rows of the key grid (REL_KW a multiple
       of BLOCK_N: rel_w's tile alone), none when they are whole rows (rel_w's tile loaded once); they count as one
-      more fp32 tile of registers;
+      more fp32 tile of registers; a dense bias (HAS_BIAS) counts likewise, one fp32 tile staged and in registers;
     - registers: fp32 scores and accumulator plus operands in the input dtype,
       (BLOCK_M·BLOCK_N + BLOCK_M·D)·(1 + elt/4) / (32·num_warps) words per thread; above 192 the
       compile spills (bf16, D=80, BLOCK_M 128 on 4 warps: 216 words, spills; 128 x 128 on 4 warps
@@ -113,9 +119,11 @@ def _prune_configs(configs, named_args, **kwargs):
     cls_scratch = lambda c: (4 * c.kwargs["BLOCK_N"] * min(c.num_warps, c.kwargs["BLOCK_M"] // 16)
                              if kwargs["RETURN_CLS"] else 0)
     rel_kw = kwargs.get("REL_KW") or 0
-    bias_tile = 1 if rel_kw else 0                        # the relative-position terms: one more fp32 tile
-    staged = lambda c: (0 if not rel_kw or rel_kw == c.kwargs["BLOCK_N"]     # bytes per stage of gathered terms
-                        else 4 if rel_kw % c.kwargs["BLOCK_N"] == 0 else 8) * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    dense = 1 if kwargs.get("HAS_BIAS") else 0            # a dense bias: one more tile, staged like k and v
+    bias_tile = 1 if rel_kw or dense else 0               # the relative-position terms: one more fp32 tile
+    staged = lambda c: ((0 if not rel_kw or rel_kw == c.kwargs["BLOCK_N"]     # bytes per stage of gathered terms
+                         else 4 if rel_kw % c.kwargs["BLOCK_N"] == 0 else 8) + 4 * dense) \
+        * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     smem = lambda c: (elt * block_d * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])
                       + cls_scratch(c) + staged(c) * (c.num_stages - 1))
     words = lambda c: ((c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_d)) * (1 + elt / 4)
@@ -169,6 +177,20 @@ def _rel_bias(rel_h, rel_w, rows, keys, ok, stride_rh, REL_KW: tl.constexpr, KEY
 
 
 @triton.jit
+def _bias_tile(bias, rows, keys, row_ok, key_ok, stride_bm, MASK_KEYS: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """A dense bias's tile of queries `rows` [R] and keys `keys` [K], in log2 units -> [R, K] fp32 ([K, R] with
+    KEYS_FIRST; 0 outside the rows and, with MASK_KEYS, the keys), from this head's bias [N_Q, N_KV] by
+    (stride_bm, 1)."""
+    if KEYS_FIRST:
+        ptrs = bias + rows[None, :].to(tl.int64) * stride_bm + keys[:, None]
+        ok = row_ok[None, :] & key_ok[:, None] if MASK_KEYS else row_ok[None, :]
+    else:
+        ptrs = bias + rows[:, None].to(tl.int64) * stride_bm + keys[None, :]
+        ok = row_ok[:, None] & key_ok[None, :] if MASK_KEYS else row_ok[:, None]
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _attention_block(
     q_lo, q_hi,                 # [BLOCK_M, D_LO], [BLOCK_M, D_HI] this program's queries (q_hi unused if D_HI == 0)
     acc_lo, acc_hi,             # fp32 running outputs, same shapes
@@ -179,11 +201,12 @@ def _attention_block(
     mask_row,                   # [N_KV] uint8 by stride_mn: this batch element's key mask (HAS_MASK only)
     rel_h, rel_w,               # this head's [N_Q, KH] and [N_Q, REL_KW] fp32 relative-position terms (REL_KW only)
     rel_w_tile,                 # [BLOCK_M, BLOCK_N]: this program's rows of rel_w, in log2 units (REL_KW == BLOCK_N)
-    stride_kn, stride_vn, stride_mn, stride_rh, start_n, N_KV, qk_scale, is_cls_program,
+    bias_blk,                   # [N_Q, N_KV] by (stride_bm, 1): this (batch, head)'s dense bias (HAS_BIAS only)
+    stride_kn, stride_vn, stride_mn, stride_rh, stride_bm, start_n, N_KV, qk_scale, is_cls_program,
     offs_m, offs_n, cols_lo, cols_hi, row_ok,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, MASK_N: tl.constexpr,
     RETURN_CLS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_KW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
     key_ok = (start_n + offs_n) < N_KV
@@ -215,6 +238,8 @@ def _attention_block(
         else:
             qk += _rel_bias(rel_h, rel_w, offs_m, start_n + offs_n, row_ok[:, None] & key_ok[None, :], stride_rh,
                             REL_KW, False)
+    if HAS_BIAS:
+        qk += _bias_tile(bias_blk, offs_m, start_n + offs_n, row_ok, key_ok, stride_bm, MASK_N, False)
     if HAS_MASK:
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
     elif MASK_N:
@@ -244,7 +269,7 @@ def _attention_block(
 
 @triton.autotune(configs=attention_configs(),
                  key=["N_Q", "N_KV", "HEAD_DIM", "RETURN_CLS", "RETURN_LSE", "HAS_MASK", "VARLEN", "DOT_PRECISION",
-                      "REL_KW"],
+                      "REL_KW", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": budgeted(_prune_configs)},
                  do_bench=autotune_bench("attention"))
 @triton.jit
@@ -259,17 +284,19 @@ def _attention_fwd_kernel(
     cu_ptr,                     # [S + 1] int32 segment boundaries (cu_seqlens); touched only with VARLEN
     rh_ptr,                     # [B, H, N_Q, KH] fp32 contiguous (rows stride_rh = KH apart); only with REL_KW
     rw_ptr,                     # [B, H, N_Q, REL_KW] fp32 contiguous; only with REL_KW
+    bias_ptr,                   # [B, H, N_Q, N_KV] by (stride_bb, stride_bh, stride_bm, 1); only with HAS_BIAS
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_mb, stride_mn, stride_rh,
+    stride_mb, stride_mn, stride_rh, stride_bb, stride_bh, stride_bm,
     H, N_Q, N_KV,               # VARLEN: N_Q = N_KV = max_seqlen, the longest segment's length (or more)
     T,                          # VARLEN: the packed sequence's length, lse's rows per head; unused otherwise
     qk_scale,                   # scale · log2(e)
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, RETURN_CLS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     REL_KW: tl.constexpr,       # > 0: SAM's relative positions, a key grid REL_KW wide (N_KV = KH · REL_KW)
+    HAS_BIAS: tl.constexpr,     # a dense additive bias (not with VARLEN)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1-D grid of B·H·cdiv(N_Q, BLOCK_M) programs (VARLEN: S segments for B), query blocks of one head
@@ -326,21 +353,24 @@ def _attention_fwd_kernel(
                              other=0.0).to(tl.float32) * 1.4426950408889634
     else:
         rel_w_tile = m_i      # unused
+    bias_blk = bias_ptr + off_b * stride_bb + off_h * stride_bh
     is_cls_program = pid_m == 0
 
     n_full = (n_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attention_block(
             q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, rel_w_tile,
-            stride_kn, stride_vn, stride_mn, stride_rh, start_n, n_kv, qk_scale, is_cls_program, offs_m, offs_n,
-            cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW, BLOCK_N)
+            bias_blk, stride_kn, stride_vn, stride_mn, stride_rh, stride_bm, start_n, n_kv, qk_scale, is_cls_program,
+            offs_m, offs_n, cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, False, RETURN_CLS, HAS_MASK, DOT_PRECISION,
+            REL_KW, HAS_BIAS, BLOCK_N)
         k_blk += k_step
         v_blk += v_step
     if n_full < n_kv:   # the last, partial key block
         acc_lo, acc_hi, m_i, l_i = _attention_block(
             q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_blk, v_blk, cls_row, mask_row, rel_h, rel_w, rel_w_tile,
-            stride_kn, stride_vn, stride_mn, stride_rh, n_full, n_kv, qk_scale, is_cls_program, offs_m, offs_n,
-            cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION, REL_KW, BLOCK_N)
+            bias_blk, stride_kn, stride_vn, stride_mn, stride_rh, stride_bm, n_full, n_kv, qk_scale, is_cls_program,
+            offs_m, offs_n, cols_lo, cols_hi, row_ok, HEAD_DIM, D_LO, D_HI, True, RETURN_CLS, HAS_MASK, DOT_PRECISION,
+            REL_KW, HAS_BIAS, BLOCK_N)
 
     if HAS_MASK:
         # A row whose keys are all masked has l = 0 and acc = 0: it outputs 0, and its lse is +inf so that
@@ -445,12 +475,28 @@ def rel_pos_args(rel_pos: tuple[torch.Tensor, torch.Tensor] | None, B: int, H: i
     return rel_h, rel_w, rel_w.shape[3]
 
 
+def bias_args(bias: torch.Tensor | None, B: int, H: int, n_q: int, n_kv: int, placeholder: torch.Tensor):
+    """(bias, (stride_bb, stride_bh, stride_bm)) for a kernel: a dense bias [B or 1, H, N_Q, N_KV] (fp16 / bf16 /
+    fp32, unit stride over the keys; one of batch 1 is shared by the batch: batch stride 0), checked; or a
+    placeholder the kernel never reads and zero strides."""
+    if bias is None:
+        return placeholder, (0, 0, 0)
+    if (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32) or bias.dim() != 4
+            or bias.shape[0] not in (1, B) or tuple(bias.shape[1:]) != (H, n_q, n_kv)
+            or (n_kv > 1 and bias.stride(3) != 1) or bias.device != placeholder.device):
+        raise ValueError(f"bias: expected [{B} or 1, {H}, {n_q}, {n_kv}] fp16 / bf16 / fp32 with a unit-stride last "
+                         f"dim on {placeholder.device}, got {tuple(bias.shape)} {bias.dtype} strides "
+                         f"{tuple(bias.stride())} on {bias.device}")
+    return bias, (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1), bias.stride(2))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
               out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
               lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-              rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
+              rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) v. q [B, H, N_Q, D], k and v [B, H, N_KV, D], any strides with a unit-stride
     head dim, fp16 / bf16 / fp32. out: optional [B, H, N_Q, D] buffer (any strides, unit-stride head dim).
     cls_attn: optional contiguous [B, H, N_KV] fp32 buffer that receives the softmax row of query 0.
     lse: optional contiguous [B, H, N_Q] fp32 buffer that receives each query row's log-sum-exp (log2
@@ -462,8 +508,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     keys; max_seqlen: an int >= the longest segment (None: read from cu_seqlens, a device sync on CUDA);
     not with key_mask or cls_attn. rel_pos: optional (rel_h [B, H, N_Q, KH], rel_w [B, H, N_Q, KW]) fp32
     contiguous with KH · KW = N_KV (`rel_pos_args`): SAM's decomposed relative positions, score(i, j) +=
-    rel_h[i, j // KW] + rel_w[i, j % KW]; not with cu_seqlens or cls_attn. Returns out. Arguments are assumed
-    validated (vitfast.ops does it); only buffers, the mask, cu_seqlens' and rel_pos' layouts are checked."""
+    rel_h[i, j // KW] + rel_w[i, j % KW]; not with cu_seqlens or cls_attn. bias: optional dense additive bias
+    [B or 1, H, N_Q, N_KV] (`bias_args`: batch 1 is shared by the batch), added to the scores in fp32; not with
+    cu_seqlens or rel_pos. Returns out. Arguments are assumed validated (vitfast.ops does it); only buffers, the
+    mask, cu_seqlens', rel_pos' and bias' layouts are checked."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -487,6 +535,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     rel_h, rel_w, rel_kw = rel_pos_args(rel_pos, B, H, n_q, n_kv, out)
     if rel_pos is not None and (cu_seqlens is not None or cls_attn is not None):
         raise ValueError("rel_pos: expected no cu_seqlens or cls_attn with it (not supported together), got one")
+    bias, bias_strides = bias_args(bias, B, H, n_q, n_kv, out)
+    if bias is not out and (cu_seqlens is not None or rel_pos is not None):
+        raise ValueError("bias: expected no cu_seqlens or rel_pos with it (not supported together), got one")
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
@@ -495,15 +546,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     grid = lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)
     _attention_fwd_kernel[grid](
         q, k, v, out, cls_attn if cls_attn is not None else out, lse if lse is not None else out, mask, cu,
-        rel_h, rel_w,
+        rel_h, rel_w, bias,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_mb, stride_mn, rel_h.shape[-1] if rel_pos is not None else 0,
+        stride_mb, stride_mn, rel_h.shape[-1] if rel_pos is not None else 0, *bias_strides,
         H, n_q_arg, n_kv_arg, n_q, scale * LOG2E,
         HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=cls_attn is not None, RETURN_LSE=lse is not None,
         HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision, REL_KW=rel_kw,
+        HAS_BIAS=bias is not out,
     )
     return out
 
@@ -519,12 +571,12 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
                   out: torch.Tensor | None = None, cls_attn: torch.Tensor | None = None,
                   lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                   cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                  rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None
+                  rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention straight from the packed qkv projection. qkv [B, N, 3·C] (unit-stride last dim) ->
     (out [B, N, C], cls_attn [B, H, N] fp32 or None). out / cls_attn / lse: optional buffers (lse as in
     `attention`, [B, H, N]); key_mask: optional torch.bool [B, N], as in `attention`; cu_seqlens, max_seqlen:
-    the segments of a packed qkv [1, T, 3·C], as in `attention`; rel_pos as in `attention`."""
+    the segments of a packed qkv [1, T, 3·C], as in `attention`; rel_pos and bias as in `attention`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv_heads(qkv, num_heads)
@@ -535,7 +587,7 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
         cls_attn = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     out_heads = out.view(B, N, num_heads, C // num_heads).transpose(1, 2)    # (B, H, N, D) view of out
     attention(q, k, v, scale, out=out_heads, cls_attn=cls_attn if return_cls_attn else None, lse=lse,
-              key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos)
+              key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos, bias=bias)
     return out, (cls_attn if return_cls_attn else None)
 
 
@@ -552,7 +604,8 @@ class QKVPlan:
 
 def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: bool, return_lse: bool,
              key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-             max_seqlen: int | None = None, rel_kh_kw: tuple[int, int] | None = None) -> QKVPlan:
+             max_seqlen: int | None = None, rel_kh_kw: tuple[int, int] | None = None,
+             bias: torch.Tensor | None = None) -> QKVPlan:
     """The launch of `attention_qkv` (arguments validated by vitfast.ops; B, N >= 1) for any qkv with this
     shape, strides, dtype and device: q, k and v [B, H, N, D] are read from qkv's three thirds through the
     strides (qkv.stride(0), D, qkv.stride(1)), out [B, N, C] contiguous as [B, H, N, D] through
@@ -560,7 +613,8 @@ def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: b
     (its strides are fixed here). cu_seqlens: None, or the int32 [S + 1] boundaries of a packed qkv
     [1, T, 3·C] with max_seqlen (an int) the longest segment: the plan fixes S and max_seqlen (the grid,
     N_Q = N_KV), the calls pass boundaries of that length. rel_kh_kw: None, or the key grid (KH, KW) of the
-    relative-position terms the calls pass (as `attention`'s rel_pos)."""
+    relative-position terms the calls pass (as `attention`'s rel_pos). bias: None, or a dense bias of the layout
+    the calls pass (`bias_args`: its strides are fixed here)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -571,20 +625,23 @@ def qkv_plan(qkv: torch.Tensor, num_heads: int, scale: float, return_cls_attn: b
     grid = lambda meta: (cdiv(n_blk, meta["BLOCK_M"]) * batch * num_heads,)
     mask_strides = (0, 0) if key_mask is None else (key_mask.stride(0), key_mask.stride(1))
     kh, kw = rel_kh_kw or (0, 0)
-    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, kh, num_heads, n_blk, n_blk, N,
-               scale * LOG2E)
+    _, bias_strides = bias_args(bias, B, num_heads, N, N, qkv)
+    scalars = (sb, D, sn, sb, D, sn, sb, D, sn, N * C, D, C, *mask_strides, kh, *bias_strides, num_heads, n_blk,
+               n_blk, N, scale * LOG2E)
     meta = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, RETURN_CLS=return_cls_attn, RETURN_LSE=return_lse,
-                HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision, REL_KW=kw)
+                HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None, DOT_PRECISION=precision, REL_KW=kw,
+                HAS_BIAS=bias is not None)
     return QKVPlan(Launch(_attention_fwd_kernel, grid, scalars, meta), (B, N, C),
                    (B, num_heads, N) if return_cls_attn else None, C)
 
 
 def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-            cu_seqlens: torch.Tensor | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            cu_seqlens: torch.Tensor | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch `p` on a qkv (and key_mask, cu_seqlens) it was planned for (nothing is checked; lse: a contiguous
     [B, H, N] fp32 buffer exactly when the plan returns it; key_mask exactly when the plan was made with one,
-    of the same strides; cu_seqlens likewise, of the same length; rel_pos exactly when planned with its grid):
+    of the same strides; cu_seqlens likewise, of the same length; rel_pos exactly when planned with its grid; bias
+    exactly when planned with one, of the same strides):
     (out [B, N, C], cls_attn [B, H, N] fp32 or None), new tensors (out's rows past cu_seqlens[-1], if any, not
     written)."""
     out = torch.empty(p.out_shape, dtype=qkv.dtype, device=qkv.device)
@@ -592,7 +649,7 @@ def qkv_run(p: QKVPlan, qkv: torch.Tensor, lse: torch.Tensor | None = None, key_
     C = p.C
     p.launch(qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out if cls_attn is None else cls_attn,
              out if lse is None else lse, out if key_mask is None else key_mask.view(torch.uint8),
-             out if cu_seqlens is None else cu_seqlens, *(rel_pos or (out, out)))
+             out if cu_seqlens is None else cu_seqlens, *(rel_pos or (out, out)), out if bias is None else bias)
     return out, cls_attn
 
 
@@ -628,19 +685,25 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
     With REL_KW (SAM's relative positions) one more R x S fp32 tile of terms, in registers and, as in the forward,
     staged by the pipeliner (8·R·S·(stages − 1) bytes), and in the dQ kernel the terms' two gradient accumulators,
     R x (REL_KHP + REL_KWP) fp32: sm_90 compiles (bf16, D=64, a 64 x 64 key grid) spill at 128 x 32 on 4 warps,
-    128 x 64 on 8 and 64 x 64 on 4, which this drops, and not at the tiles it keeps."""
+    128 x 64 on 8 and 64 x 64 on 4, which this drops, and not at the tiles it keeps. A dense bias (HAS_BIAS) counts
+    as two more R x S fp32 tiles in the dK/dV kernel and three in the dQ kernel (its tile, the fp32 dS it adds into
+    the bias's gradient, its atomics' 64-bit addresses), and one staged fp32 tile: sm_90 compiles (bf16, D=64,
+    197 tokens) spill at dQ's 64 x 64 on 4 warps and 128 x 64 on 8 (2 stages) when it counts as two, and at dK/dV's
+    64 x 128 on 8 (1 stage) when it counts as one; not at the tiles this keeps."""
     q, resident = named_args["q_ptr"], kwargs["RESIDENT"]
     elt, block_d = q.element_size(), kwargs["D_LO"] + kwargs["D_HI"]
     rows = lambda c: ((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) if resident == "n"
                       else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
     rel = 1 if kwargs.get("REL_KW") else 0
+    dense = 1 if kwargs.get("HAS_BIAS") else 0
+    dense_tiles = dense * (3 if resident == "m" else 2)   # the bias tile, dS (fp32), dQ's atomics' 64-bit addresses
     rel_grads = kwargs["REL_KHP"] + kwargs["REL_KWP"] if rel and resident == "m" else 0
     smem = lambda c: (elt * block_d * 2 * (rows(c)[0] + rows(c)[1] * max(1, c.num_stages))
-                      + rel * 8 * rows(c)[0] * rows(c)[1] * max(0, c.num_stages - 1))
+                      + (2 * rel + dense) * 4 * rows(c)[0] * rows(c)[1] * max(0, c.num_stages - 1))
     accumulators = 2 if resident == "n" else 1
     masked = 1.4 if kwargs["D_HI"] > 0 and kwargs["HEAD_DIM"] < block_d else 1.0
     words = lambda c: masked * ((accumulators * rows(c)[0] * block_d + 2 * rows(c)[0] * block_d * elt / 4
-                                 + (2 + rel) * rows(c)[0] * rows(c)[1] + rows(c)[0] * rel_grads)
+                                 + (2 + rel + dense_tiles) * rows(c)[0] * rows(c)[1] + rows(c)[0] * rel_grads)
                                 / (32 * c.num_warps))
     limit = _smem_limit(q.device) - 1024 if q.is_cuda else float("inf")
     fits = [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
@@ -685,7 +748,7 @@ def _store_chunks(base, rows, stride, row_ok, cols_lo, cols_hi, lo, hi, HEAD_DIM
 
 
 _BWD_KEY = ["N_Q", "N_KV", "HEAD_DIM", "HAS_MASK", "VARLEN", "DOT_PRECISION", "RESIDENT", "REL_KW", "REL_KHP",
-            "REL_KWP"]
+            "REL_KWP", "HAS_BIAS"]
 
 
 @triton.autotune(configs=attention_bwd_configs("n"), key=_BWD_KEY,
@@ -699,13 +762,15 @@ def _attention_bwd_dkdv_kernel(
     mask_ptr,                               # [B, N_KV] uint8 by strides; touched only with HAS_MASK
     cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
     rh_ptr, rw_ptr,                         # [B, H, N_Q, KH], [B, H, N_Q, REL_KW] fp32; only with REL_KW
+    bias_ptr,                               # [B, H, N_Q, N_KV] by (stride_bb, stride_bh, stride_bm, 1); HAS_BIAS
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mn, stride_rh,
+    stride_mb, stride_mn, stride_rh, stride_bb, stride_bh, stride_bm,
     H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, REL_KW: tl.constexpr,
-    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (batch, head), streaming every query block (VARLEN: of one segment,
     streaming that segment's queries). The head dim is two column chunks, as in the forward (80 = 64 + 16):
@@ -747,6 +812,7 @@ def _attention_bwd_dkdv_kernel(
         row_stats = pid_bh.to(tl.int64) * N_Q
     rel_h = rh_ptr + pid_bh.to(tl.int64) * N_Q * stride_rh
     rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
+    bias_blk = bias_ptr + off_b * stride_bb + off_h * stride_bh
     for start_m in range(0, n_q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < n_q
@@ -760,6 +826,8 @@ def _attention_bwd_dkdv_kernel(
         s_t = s_t * qk_scale
         if REL_KW > 0:
             s_t += _rel_bias(rel_h, rel_w, rows, offs_n, key_ok[:, None] & row_ok[None, :], stride_rh, REL_KW, True)
+        if HAS_BIAS:
+            s_t += _bias_tile(bias_blk, rows, offs_n, row_ok, key_ok, stride_bm, True, True)
         p_t = tl.where(kv_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
         dv_lo = tl.dot(p_t.to(do_lo.dtype), do_lo, dv_lo, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v_lo, tl.trans(do_lo), input_precision=DOT_PRECISION)           # (BLOCK_N, BLOCK_M)
@@ -788,17 +856,23 @@ def _attention_bwd_dq_kernel(
     cu_ptr,                                 # [S + 1] int32 segment boundaries; touched only with VARLEN
     rh_ptr, rw_ptr,                         # [B, H, N_Q, KH], [B, H, N_Q, REL_KW] fp32; only with REL_KW
     drh_ptr, drw_ptr,                       # their gradients, the same shapes, fp32 contiguous; only with REL_KW
+    bias_ptr,                               # [B, H, N_Q, N_KV] by (stride_bb, stride_bh, stride_bm, 1); HAS_BIAS
+    dbias_ptr,                              # fp32 [B, H, N_Q, N_KV] by (stride_dbb, stride_dbh, stride_dbm, 1)
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn, stride_rh,
+    stride_bb, stride_bh, stride_bm, stride_dbb, stride_dbh, stride_dbm,
     H, N_Q, N_KV, T, qk_scale, scale,       # VARLEN: N_Q = N_KV = max_seqlen, T the packed length
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_MASK: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDENT: tl.constexpr, REL_KW: tl.constexpr,
-    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REL_KHP: tl.constexpr, REL_KWP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, head), streaming every key block (VARLEN: of one segment,
     streaming that segment's keys; head dim in two chunks). With REL_KW also the gradients of the
     relative-position terms, the sums of dS over each key row and each key column: dS times a one-hot
-    [BLOCK_N, REL_KHP] (key n -> its row) and [BLOCK_N, REL_KWP] (-> its column), accumulated in fp32."""
+    [BLOCK_N, REL_KHP] (key n -> its row) and [BLOCK_N, REL_KWP] (-> its column), accumulated in fp32. With
+    HAS_BIAS also the dense bias's gradient: dS added (fp32 atomics) into dbias, whose batch stride is 0 when one
+    bias is shared by the batch."""
     pid_m, pid_bh, off_b, off_h = _bwd_program(tl.cdiv(N_Q, BLOCK_M), H)
     if VARLEN:   # segment off_b: tokens [seq_start, seq_start + n_q), its batch offsets token offsets
         seq_start = tl.load(cu_ptr + off_b).to(tl.int64)
@@ -835,6 +909,8 @@ def _attention_bwd_dq_kernel(
     rel_w = rw_ptr + pid_bh.to(tl.int64) * N_Q * REL_KW
     d_rel_h = tl.zeros([BLOCK_M, REL_KHP], dtype=tl.float32)
     d_rel_w = tl.zeros([BLOCK_M, REL_KWP], dtype=tl.float32)
+    bias_blk = bias_ptr + off_b * stride_bb + off_h * stride_bh
+    dbias_blk = dbias_ptr + off_b * stride_dbb + off_h * stride_dbh
     for start_n in range(0, n_kv, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < n_kv
@@ -852,8 +928,14 @@ def _attention_bwd_dq_kernel(
         s = s * qk_scale
         if REL_KW > 0:
             s += _rel_bias(rel_h, rel_w, offs_m, keys, row_ok[:, None] & key_ok[None, :], stride_rh, REL_KW, False)
+        if HAS_BIAS:
+            s += _bias_tile(bias_blk, offs_m, keys, row_ok, key_ok, stride_bm, True, False)
         p = tl.where(kv_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = (p * (dp - delta[:, None])).to(k_lo.dtype)
+        ds = p * (dp - delta[:, None])
+        if HAS_BIAS:     # the bias's gradient is dS itself, summed over the batch when the bias is shared
+            tl.atomic_add(dbias_blk + offs_m[:, None].to(tl.int64) * stride_dbm + keys[None, :], ds,
+                          mask=row_ok[:, None] & key_ok[None, :], sem="relaxed")
+        ds = ds.to(k_lo.dtype)
         dq_lo = tl.dot(ds, k_lo, dq_lo, input_precision=DOT_PRECISION)
         if D_HI > 0:
             dq_hi = tl.dot(ds, k_hi, dq_hi, input_precision=DOT_PRECISION)
@@ -878,16 +960,18 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                        key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                        max_seqlen: int | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       drel: tuple[torch.Tensor, torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       drel: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                       dbias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention` (FlashAttention-2): q, k, v, out [B, H, N, D] and dout like out (any
     strides, unit-stride head dim), lse [B, H, N_Q] fp32 from the forward. dq / dk / dv: optional
     buffers like q / k / v (any strides with a unit-stride head dim: views of one packed gradient).
     key_mask: the forward's torch.bool [B, N_KV] mask, or None (masked keys get dk = dv = 0, a row with no
     key left dq = 0). cu_seqlens, max_seqlen: the forward's segments, or None (rows past cu_seqlens[-1]
     are not written). rel_pos: the forward's relative-position terms (rel_h, rel_w), whose gradients go to drel,
-    a pair of buffers like them (fp32 contiguous; not with cu_seqlens). Extra memory: lse and D = Σ dout·out,
-    [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
+    a pair of buffers like them (fp32 contiguous; not with cu_seqlens). bias: the forward's dense bias, whose
+    gradient is added into dbias, a buffer of its shape in fp32 (unit-stride last dim; zeros for the gradient
+    alone: the kernel adds to it, with atomics, so a shared bias gets the batch's sum). Extra memory: lse and
+    D = Σ dout·out, [B, H, N_Q] fp32 each. Returns (dq, dk, dv)."""
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
     bufs = []
@@ -918,6 +1002,19 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     rel = dict(REL_KW=rel_kw, REL_KHP=next_power_of_2(max(16, rel_h.shape[-1])) if rel_kw else 16,
                REL_KWP=next_power_of_2(max(16, rel_kw)))
     stride_rh = rel_h.shape[-1] if rel_kw else 0
+    bias, bias_strides = bias_args(bias, B, H, n_q, n_kv, lse)
+    dbias_strides = (0, 0, 0)
+    if bias is not lse:
+        if cu_seqlens is not None or rel_pos is not None:
+            raise ValueError("bias: expected no cu_seqlens or rel_pos with it (not supported together), got one")
+        if dbias is None:
+            raise ValueError("dbias: expected an fp32 buffer like bias, got None")
+        _check_out("dbias", dbias, bias.shape, torch.float32, q.device)
+        if n_kv > 1 and dbias.stride(3) != 1:
+            raise ValueError(f"dbias: expected a unit-stride last dim, got strides {dbias.stride()}")
+        dbias_strides = (dbias.stride(0) if dbias.shape[0] > 1 else 0, dbias.stride(1), dbias.stride(2))
+    else:
+        dbias = lse
     if D > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dq.numel() == 0 and dk.numel() == 0:
@@ -928,17 +1025,17 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and tf32_enabled() else "ieee"
     d_lo, d_hi = head_dim_chunks(D)
     common = dict(HEAD_DIM=D, D_LO=d_lo, D_HI=d_hi, HAS_MASK=key_mask is not None, VARLEN=cu_seqlens is not None,
-                  DOT_PRECISION=precision)
+                  DOT_PRECISION=precision, HAS_BIAS=bias is not lse)
     qkvo_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_kv_arg, meta["BLOCK_N"]) * batch * H,)](
-        q, k, v, dout, lse, delta, dk, dv, mask, cu, rel_h, rel_w, *qkvo_strides,
+        q, k, v, dout, lse, delta, dk, dv, mask, cu, rel_h, rel_w, bias, *qkvo_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb, stride_mn,
-        stride_rh, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="n", **common, **rel)
+        stride_rh, *bias_strides, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="n", **common, **rel)
     _attention_bwd_dq_kernel[lambda meta: (cdiv(n_q_arg, meta["BLOCK_M"]) * batch * H,)](
-        q, k, v, dout, lse, delta, dq, mask, cu, rel_h, rel_w, drel_h, drel_w, *qkvo_strides, dq.stride(0),
-        dq.stride(1), dq.stride(2), stride_mb, stride_mn, stride_rh, H, n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale,
-        RESIDENT="m", **common, **rel)
+        q, k, v, dout, lse, delta, dq, mask, cu, rel_h, rel_w, drel_h, drel_w, bias, dbias, *qkvo_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, stride_mn, stride_rh, *bias_strides, *dbias_strides, H,
+        n_q_arg, n_kv_arg, n_q, scale * LOG2E, scale, RESIDENT="m", **common, **rel)
     return dq, dk, dv
 
 
@@ -946,11 +1043,12 @@ def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tens
                            num_heads: int, scale: float | None = None, *, dqkv: torch.Tensor | None = None,
                            key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                            max_seqlen: int | None = None, rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           drel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           drel: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                           dbias: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of `attention_qkv` with respect to the packed projection: qkv [B, N, 3·C], out and dout
     [B, N, C], lse [B, H, N], key_mask the forward's torch.bool [B, N] or None, cu_seqlens / max_seqlen the
-    forward's segments or None, rel_pos and drel as in `attention_backward` -> dqkv [B, N, 3·C] (contiguous, or
-    the given buffer), dq, dk and dv written straight into its three thirds."""
+    forward's segments or None, rel_pos, drel, bias and dbias as in `attention_backward` -> dqkv [B, N, 3·C]
+    (contiguous, or the given buffer), dq, dk and dv written straight into its three thirds."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     if dqkv is None:
@@ -959,5 +1057,6 @@ def attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tens
     heads = lambda t: t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)      # (B, H, N, D)
     dq, dk, dv = qkv_heads(dqkv, num_heads)
     attention_backward(*qkv_heads(qkv, num_heads), heads(out), lse, heads(dout), scale, dq=dq, dk=dk, dv=dv,
-                       key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos, drel=drel)
+                       key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos=rel_pos, drel=drel,
+                       bias=bias, dbias=dbias)
     return dqkv

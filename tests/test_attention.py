@@ -919,6 +919,106 @@ def test_attention_kernel_rel_pos_plan_and_buffers():
 
 
 # --------------------------------------------------------------------------------------------
+# A dense additive bias (attn_bias: BEiT's relative position bias)
+# --------------------------------------------------------------------------------------------
+def make_bias(B, H, N, dtype=torch.float32, device="cpu", scale=2.0):
+    """[B, H, N, N] scores of the size of a trained BEiT's (a few units), or [H, N, N] with B None."""
+    return (torch.randn(*((H, N, N) if B is None else (B, H, N, N)), device=device) * scale).to(dtype)
+
+
+# (B, H, N, D, bias batch, key mask): one bias for the batch ([H, N, N]) over a partial last key block, ViT-H's head
+# dim (80 = 64 + 16), a bias per image, a shared [1, H, N, N] one with a key mask (a batch element left with no
+# key), one token.
+BIAS_CASES = [(2, 3, 37, 32, None, None), (1, 2, 20, 80, None, None), (2, 2, 45, 16, 2, "random"),
+              (3, 2, 33, 16, 1, "empty"), (2, 1, 1, 16, None, None)]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,N,D,bias_batch,mask", BIAS_CASES)
+def test_ops_attention_qkv_attn_bias(B, H, N, D, bias_batch, mask, dtype, device):
+    """score(i, j) + attn_bias[h, i, j] in the kernel: the float64 reference, and eager SDPA with the bias in the
+    dtype (HF's BEiT); the bias moved the output; a batch element with no key gives zeros."""
+    qkv = make_qkv(B, N, H, D, True, dtype, device, scale=2.0)
+    bias = make_bias(bias_batch, H, N, dtype, device)
+    key_mask = None if mask is None else make_key_mask(B, N, mask, device)
+    out = ops.attention_qkv(qkv, H, attn_bias=bias, key_mask=key_mask)
+    assert out.shape == (B, N, H * D) and out.dtype == dtype
+    ref = reference.attention_qkv(qkv.double(), H, key_mask=key_mask, attn_bias=bias.double())
+    eager = reference.torch_attention_qkv(qkv, H, key_mask=key_mask, attn_bias=bias)
+    assert_close(out, ref, dtype=dtype, eager=eager)
+    if N > 1:
+        assert (ref - reference.attention_qkv(qkv.double(), H, key_mask=key_mask)).abs().max() > 0.1
+    if key_mask is not None:
+        check_mask_zeros(key_mask, out=out)
+    empty = ops.attention_qkv(qkv[:0], H, attn_bias=bias if bias_batch != B else bias[:0])   # an empty batch
+    assert empty.shape == (0, N, H * D)
+
+
+@pytest.mark.parametrize("shared,mask", [(True, None), (False, "random"), (True, "empty")])
+def test_ops_attention_qkv_attn_bias_gradients(monkeypatch, shared, mask):
+    """Gradients of qkv and of the bias equal float64 autograd, on the kernels' path (FlashAttention-2's backward with
+    the bias; the dQ kernel's atomics sum a shared bias's gradient over the batch; the reference never called) and on
+    torch's (SDPA's backward on the recomputed forward)."""
+    B, H, N, D = 3, 2, 21, 16
+    qkv = make_qkv(B, N, H, D, True, torch.float32, "cpu", scale=2.0)
+    bias = make_bias(None if shared else B, H, N)
+    key_mask = None if mask is None else make_key_mask(B, N, mask)
+    x64, b64 = (t.double().requires_grad_() for t in (qkv, bias))
+    ref = reference.attention_qkv(x64, H, key_mask=key_mask, attn_bias=b64)
+    dout = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x64, b64), dout)
+    for interpret in (True, False):
+        monkeypatch.setattr(ops, "INTERPRET", interpret and ops.INTERPRET)
+        x, b = (t.clone().requires_grad_() for t in (qkv, bias))
+        out = ops.attention_qkv(x, H, attn_bias=b, key_mask=key_mask)
+        assert_close(out, ref.detach())
+        if interpret:
+            forbid_reference(monkeypatch, "attention_qkv", "torch_attention_qkv", "attention_probs")
+        grads = torch.autograd.grad(out, (x, b), dout.float())
+        monkeypatch.undo()
+        for name, g, g64 in zip(("dqkv", "dbias"), grads, want):
+            assert g.shape == g64.shape
+            assert_close(g, g64, name=name)
+
+
+def test_ops_attention_qkv_attn_bias_float64_gradcheck_opcheck_and_compile():
+    qkv = torch.randn(2, 6, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    bias = make_bias(None, 2, 6, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b: ops.attention_qkv(x, 2, attn_bias=b), (qkv, bias))
+    x, b = qkv.detach().float(), bias.detach().float()[None]
+    key_mask = torch.tensor([[True] * 6, [True, False] * 3])
+    for mask in (None, key_mask):
+        torch.library.opcheck(torch.ops.vitfast.attention_qkv_bias.default, (x, b, 2, 0.5, mask))
+        out, lse = torch.ops.vitfast.attention_qkv_bias(x, b, 2, 0.5, mask)
+        torch.library.opcheck(torch.ops.vitfast.attention_qkv_bias_backward.default,
+                              (x, b, out, lse, torch.randn_like(out), 2, 0.5, mask))
+    fn = lambda a, c: ops.attention_qkv(a, 2, attn_bias=c, key_mask=key_mask)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, b), fn(x, b))
+
+
+def test_attention_kernel_bias_plan_strides_and_buffers():
+    """The plan of a bias launch gives the kernel's result for a bias shared by the batch (batch stride 0), one per
+    image and one read through strides (a view of a wider buffer); the kernels' own checks name a bad bias and a
+    missing gradient buffer."""
+    B, H, N, D = 2, 2, 15, 16
+    qkv = make_qkv(B, N, H, D, True, torch.float32, "cpu")
+    wide = make_bias(B, H, N + 3)[..., :N, 1:N + 1]                        # rows N + 3 apart: not contiguous
+    for bias in (make_bias(1, H, N), make_bias(B, H, N), wide):
+        plan = attention_kernels.qkv_plan(qkv, H, D ** -0.5, False, False, bias=bias)
+        out, cls_attn = attention_kernels.qkv_run(plan, qkv, bias=bias)
+        assert cls_attn is None
+        assert_close(out, reference.attention_qkv(qkv.double(), H, attn_bias=bias.double()))
+    q, k, v = attention_kernels.qkv_heads(qkv, H)
+    with pytest.raises(ValueError, match=r"bias: expected \[2 or 1, 2, 15, 15\] fp16 / bf16 / fp32 .*got "
+                                         r"\(2, 2, 15, 14\)"):
+        attention_kernels.attention(q, k, v, bias=make_bias(B, H, N)[..., :14])
+    with pytest.raises(ValueError, match=r"bias: expected \[2 or 1, .*got \(2, 2, 15, 15\) torch.float64"):
+        attention_kernels.attention(q, k, v, bias=make_bias(B, H, N, torch.float64))
+    with pytest.raises(ValueError, match=r"dbias: expected an fp32 buffer like bias, got None"):
+        attention_kernels.attention_backward(q, k, v, q, torch.zeros(B, H, N), q, bias=make_bias(1, H, N))
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 def _heads(*shape, dtype=torch.float32, device="cpu"):
@@ -1039,6 +1139,23 @@ BAD_QKV = [
     ("rel_pos and cls", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, return_cls_attn=True,
                                                   rel_pos=(_heads(1, 1, 6, 2), _heads(1, 1, 6, 3))),
      r"got return_cls_attn=True"),
+    ("attn_bias shape", lambda: ops.attention_qkv(_heads(2, 6, 48), 2, attn_bias=_heads(2, 6, 5)),
+     r"attn_bias: expected \[H, N, N\] or \[B or 1, H, N, N\] = \[2 or 1, 2, 6, 6\] \(B, N of qkv, its heads\), got "
+     r"\(2, 6, 5\)"),
+    ("attn_bias batch", lambda: ops.attention_qkv(_heads(2, 6, 48), 2, attn_bias=_heads(3, 2, 6, 6)),
+     r"attn_bias: expected .*got \(3, 2, 6, 6\)"),
+    ("attn_bias dtype", lambda: ops.attention_qkv(_heads(1, 6, 48), 1,
+                                                  attn_bias=torch.ones(1, 6, 6, dtype=torch.int64)),
+     r"attn_bias: expected dtype in .*got torch.int64"),
+    ("attn_bias device", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, attn_bias=_heads(1, 6, 6, device="meta")),
+     r"attn_bias: expected device cpu \(like qkv\), got meta"),
+    ("attn_bias and cls", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, return_cls_attn=True,
+                                                    attn_bias=_heads(1, 6, 6)),
+     r"attn_bias: expected no cu_seqlens, rel_pos or return_cls_attn with it \(not supported together\), got "
+     r"return_cls_attn=True"),
+    ("attn_bias and varlen", lambda: ops.attention_qkv(_heads(1, 6, 48), 1, cu_seqlens=_cu(0, 6), max_seqlen=6,
+                                                       attn_bias=_heads(1, 6, 6)),
+     r"attn_bias: expected no .*got cu_seqlens"),
 ]
 
 

@@ -98,9 +98,10 @@ def launch_attention(c):
     cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32) if segments else None
     grid = c.get("rel_grid")                   # SAM's relative positions: the key grid (rows, columns)
     rel = (torch.empty(2, H, N, grid[0]), torch.empty(2, H, N, grid[1])) if grid else None
+    bias = torch.empty(1, H, N, N, dtype=dt) if c.get("bias") else None   # BEiT's relative position bias
     return attention._attention_fwd_kernel, lambda: attention.attention_qkv(
         qkv, H, return_cls_attn=c["cls"], key_mask=key_mask(c, N), cu_seqlens=cu, rel_pos=rel,
-        max_seqlen=max(segments) if segments else None)
+        max_seqlen=max(segments) if segments else None, bias=bias)
 
 
 def launch_linear(c):
@@ -150,11 +151,13 @@ def launch_attention_bwd(c):
 
     grid = c.get("rel_grid")                   # SAM's relative positions: the key grid (rows, columns)
     rel = (torch.empty(2, H, N, grid[0]), torch.empty(2, H, N, grid[1])) if grid else None
+    bias = torch.empty(1, H, N, N, dtype=dt) if c.get("bias") else None   # BEiT's relative position bias
 
     def launch():
         with mock.patch.object(other, "run", lambda *a, **kw: None, create=True):
             attention.attention_qkv_backward(qkv, out, lse, dout, H, key_mask=key_mask(c, N), rel_pos=rel,
-                                             drel=rel and tuple(torch.empty_like(t) for t in rel))
+                                             drel=rel and tuple(torch.empty_like(t) for t in rel), bias=bias,
+                                             dbias=None if bias is None else torch.empty(bias.shape))
     return kernels[c["part"]], launch
 
 
@@ -320,6 +323,13 @@ def _cases():
             cases.append(_variant("attention_bwd", f"bf16-d{head_dim}-{part}-relpos", "bf16", {
                 "dtype": "bf16", "head_dim": head_dim, "heads": heads, "seq": grid[0] * grid[1], "cls": False,
                 "part": part, "rel_grid": grid}))
+    # A dense bias shared by the batch (BEiT-B's relative position bias, 197 tokens), forward and backward (the dQ
+    # kernel adds dS into its gradient with atomics).
+    cases.append(_variant("attention", "bf16-d64-nocls-bias", "bf16", {
+        "dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False, "bias": True}))
+    for part in ("dkdv", "dq"):
+        cases.append(_variant("attention_bwd", f"bf16-d64-{part}-bias", "bf16", {
+            "dtype": "bf16", "head_dim": 64, "heads": 12, "seq": 197, "cls": False, "part": part, "bias": True}))
     # Attention backward (dK/dV and dQ kernels): ViT-B's 64, ViT-H's 80 (64 + 16), SigLIP-so400m's 72, bf16.
     for head_dim, heads in ((64, 12), (80, 16), (72, 16)):
         for part in ("dkdv", "dq"):

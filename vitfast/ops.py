@@ -708,6 +708,107 @@ def _check_rel_pos(rel_pos, qkv: Tensor, num_heads: int, key_mask, cu_seqlens, r
     return out[0], out[1]
 
 
+def _attention_bias_impl(qkv: Tensor, bias: Tensor, num_heads: int, scale: float, key_mask: Tensor | None = None,
+                         with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(out, lse): lse [B, H, N] fp32 for the backward kernels when with_lse (zeros on torch's path), else None."""
+    B, N, _ = qkv.shape
+    if not _attention_on_triton(qkv):
+        out = reference.torch_attention_qkv(qkv, num_heads, scale, key_mask=key_mask, attn_bias=bias).contiguous()
+        return out, (qkv.new_zeros((B, num_heads, N), dtype=torch.float32) if with_lse else None)
+    if B == 0:                                                                     # no program to launch
+        return qkv.new_empty(B, N, qkv.shape[2] // 3), (qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+                                                        if with_lse else None)
+    attention = _kernels().attention
+    key = ("bias", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, with_lse, bias.shape,
+           bias.stride(), bias.dtype, None if key_mask is None else key_mask.stride(),
+           qkv.dtype == torch.float32 and _kernels().tf32_enabled())
+    plan = _ATTENTION_PLANS.get(key)
+    if plan is None:
+        if len(_ATTENTION_PLANS) >= _MAX_PLANS:
+            _ATTENTION_PLANS.clear()
+        plan = _ATTENTION_PLANS[key] = attention.qkv_plan(qkv, num_heads, scale, False, with_lse, key_mask,
+                                                          bias=bias)
+    lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32) if with_lse else None          # every row written
+    return attention.qkv_run(plan, qkv, lse, key_mask, bias=bias)[0], lse
+
+
+def _attention_bias_with_lse(qkv: Tensor, bias: Tensor, num_heads: int, scale: float,
+                             key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return _attention_bias_impl(qkv, bias, num_heads, scale, key_mask)
+
+
+_attention_bias_op = torch.library.custom_op("vitfast::attention_qkv_bias", _attention_bias_with_lse, mutates_args=())
+
+
+@_attention_bias_op.register_fake
+def _(qkv, bias, num_heads, scale, key_mask=None):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+def _attention_bias_bwd_impl(qkv: Tensor, bias: Tensor, out: Tensor, lse: Tensor, dout: Tensor, num_heads: int,
+                             scale: float, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)      # the kernel adds into it
+    dqkv = _kernels().attention.attention_qkv_backward(qkv, out, lse, dout, num_heads, scale, key_mask=key_mask,
+                                                       bias=bias, dbias=dbias)
+    return dqkv, dbias.to(bias.dtype)
+
+
+_attention_bias_bwd_op = torch.library.custom_op("vitfast::attention_qkv_bias_backward", _attention_bias_bwd_impl,
+                                                 mutates_args=())
+
+
+@_attention_bias_bwd_op.register_fake
+def _(qkv, bias, out, lse, dout, num_heads, scale, key_mask=None):
+    return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape)
+
+
+def _attention_bias_setup(ctx, inputs, output):
+    qkv, bias, ctx.num_heads, ctx.scale, key_mask = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias, out, lse, key_mask)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_bias_backward(ctx, dout, _dlse):
+    # The Triton path: FlashAttention-2's backward kernels with the bias in the scores, its gradient (dS) added in
+    # the dQ kernel. torch's path: SDPA's backward on a recomputed forward.
+    qkv, bias, out, lse, key_mask = ctx.saved_tensors
+    if _attention_on_triton(qkv):
+        grads = _attention_bias_bwd_op(qkv, bias, out, lse, dout, ctx.num_heads, ctx.scale, key_mask)
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+    else:
+        fn = lambda x, b: reference.torch_attention_qkv(x, ctx.num_heads, ctx.scale, key_mask=key_mask, attn_bias=b)
+        grads = _recompute_grads(fn, (qkv, bias), (dout,), ctx.needs_input_grad[:2])
+    return *grads, None, None, None
+
+
+_attention_bias_op.register_autograd(_attention_bias_backward, setup_context=_attention_bias_setup)
+
+
+def _check_attn_bias(attn_bias, qkv: Tensor, num_heads: int, cu_seqlens, return_cls_attn, rel_pos) -> Tensor:
+    """attention_qkv's attn_bias checked -> [B or 1, H, N, N] with a unit-stride last dim, in its own dtype (fp16 /
+    bf16 / fp32; float64 only for a float64 qkv, float32 otherwise)."""
+    given = [name for name, t in (("cu_seqlens", cu_seqlens), ("rel_pos", rel_pos)) if t is not None]
+    given += ["return_cls_attn=True"] if return_cls_attn else []
+    if given:
+        _fail(f"attn_bias: expected no cu_seqlens, rel_pos or return_cls_attn with it (not supported together), got "
+              f"{', '.join(given)}")
+    _check_float("attn_bias", attn_bias)
+    if attn_bias.device != qkv.device:
+        _fail(f"attn_bias: expected device {qkv.device} (like qkv), got {attn_bias.device}")
+    B, N = qkv.shape[:2]
+    bias = attn_bias[None] if attn_bias.dim() == 3 else attn_bias
+    if bias.dim() != 4 or bias.shape[0] not in (1, B) or tuple(bias.shape[1:]) != (num_heads, N, N):
+        _fail(f"attn_bias: expected [H, N, N] or [B or 1, H, N, N] = [{B} or 1, {num_heads}, {N}, {N}] (B, N of "
+              f"qkv, its heads), got {tuple(attn_bias.shape)}")
+    if qkv.dtype == torch.float64:
+        bias = bias.double()
+    elif bias.dtype == torch.float64:
+        bias = bias.float()
+    return bias if N == 1 or bias.stride(3) == 1 else bias.contiguous()
+
+
 def _check_packed_qkv(qkv: Tensor, num_heads) -> int:
     """The checks of a packed projection [B, N, 3·C] (timm's layout) and its head count; returns the head dim."""
     _check_float("qkv", qkv, _ATTENTION_DTYPES)
@@ -770,7 +871,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
 
 def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, return_cls_attn: bool = False,
                   key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
-                  rel_pos: tuple[Tensor, Tensor] | None = None):
+                  rel_pos: tuple[Tensor, Tensor] | None = None, attn_bias: Tensor | None = None):
     """Attention straight from the packed qkv projection, read through strides (no copy).
 
     qkv [B, N, 3·C] with timm's layout (qkv.reshape(B, N, 3, H, D)), unit-stride last dim,
@@ -786,6 +887,11 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     added in the kernel (no N×N matrix; `reference.sam_rel_pos` makes them from q and the learned tables); any
     float dtype (computed in float32), differentiable in qkv and both (FlashAttention-2's backward kernels with the
     terms, whose gradients the dQ kernel sums); not with key_mask, cu_seqlens or return_cls_attn.
+    attn_bias: a dense additive bias, [H, N, N] (one for the batch: BEiT's and Data2Vec's relative position bias,
+    gathered from their tables) or [B or 1, H, N, N], fp16 / bf16 / fp32 (any strides; a unit-stride last dim is
+    read with no copy): score(i, j) += attn_bias[h, i, j], added to each tile in fp32 (O(H·N²) read, no B·H·N²
+    matrix); with key_mask or alone; differentiable in qkv and attn_bias (the dQ kernel adds dS into the bias's
+    gradient, summed over the batch for a shared bias); not with cu_seqlens, rel_pos or return_cls_attn.
     """
     D = _check_packed_qkv(qkv, num_heads)
     if not isinstance(return_cls_attn, bool):
@@ -797,6 +903,11 @@ def attention_qkv(qkv: Tensor, num_heads: int, *, scale: float | None = None, re
     max_seqlen = _check_varlen(cu_seqlens, max_seqlen, qkv.shape[0], qkv.shape[1], qkv.shape[1], "qkv", qkv.device,
                                key_mask, return_cls_attn)
     scale = _attention_scale(scale, D)
+    if attn_bias is not None:
+        bias = _check_attn_bias(attn_bias, qkv, num_heads, cu_seqlens, return_cls_attn, rel_pos)
+        if _direct(qkv, bias, key_mask):
+            return _attention_bias_impl(qkv, bias, num_heads, scale, key_mask, with_lse=False)[0]
+        return _attention_bias_op(qkv, bias, num_heads, scale, key_mask)[0]
     if rel_pos is not None:
         rel_h, rel_w = _check_rel_pos(rel_pos, qkv, num_heads, key_mask, cu_seqlens, return_cls_attn)
         if _direct(qkv, rel_h, rel_w):

@@ -142,14 +142,18 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
                   key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                  rel_pos: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                  rel_pos: tuple[Tensor, Tensor] | None = None, attn_bias: Tensor | None = None
+                  ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention from the packed qkv projection. qkv [B, N, 3·C] -> out [B, N, C]
     (and, with return_cls_attn, the softmax row of query token 0: cls_attn [B, H, N] in fp32).
     key_mask: optional bool [B, N]; cu_seqlens: optional segment boundaries of a packed qkv [1, T, 3·C];
-    as in `attention_probs`. rel_pos: SAM's (rel_h, rel_w), added to the scores as `rel_pos_bias` makes them."""
+    as in `attention_probs`. rel_pos: SAM's (rel_h, rel_w), added to the scores as `rel_pos_bias` makes them.
+    attn_bias: a dense bias [H, N, N] or [B or 1, H, N, N] added to the scores (not with rel_pos)."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
     bias = None if rel_pos is None else rel_pos_bias(*rel_pos).to(q.dtype)
+    if attn_bias is not None:
+        bias = attn_bias.to(q.dtype)
     p = attention_probs(q, k, scale, key_mask, cu_seqlens, bias)   # (B, H, N, N)
     out = (p @ v).transpose(1, 2).reshape(B, N, -1)       # (B, N, C)
     if return_cls_attn:
@@ -366,12 +370,27 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
 
 def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None, return_cls_attn: bool = False,
                         key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                        rel_pos: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                        rel_pos: tuple[Tensor, Tensor] | None = None, attn_bias: Tensor | None = None
+                        ) -> Tensor | tuple[Tensor, Tensor]:
     """SDPA on the packed projection; the CLS row, when asked for, from query 0 alone: O(N) extra.
     cu_seqlens: as in `torch_attention` (not with the CLS row). rel_pos: SAM's (rel_h, rel_w), as SDPA's float
-    attn_mask (`rel_pos_bias`, in q's dtype: HF's SDPA path); alone."""
+    attn_mask (`rel_pos_bias`, in q's dtype: HF's SDPA path); alone. attn_bias: a dense bias [B or 1, H, N, N] added
+    to the scores (SDPA's float attn_mask, in q's dtype, as HF's BEiT adds it), with key_mask's keys at -inf (a
+    batch element with no key left gives zeros, as in `torch_attention`); not with cu_seqlens, rel_pos or the CLS
+    row."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
+    if attn_bias is not None:
+        bias = attn_bias.to(q.dtype)
+        any_key = None
+        if key_mask is not None:
+            any_key = key_mask.any(-1, keepdim=True)                                        # (B, 1)
+            keep = (key_mask | ~any_key)[:, None, None, :]
+            bias = bias.masked_fill(~keep, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        if any_key is not None:
+            out = out * any_key[:, :, None, None].to(out.dtype)
+        return out.transpose(1, 2).reshape(B, N, -1)
     if rel_pos is not None:
         bias = rel_pos_bias(*rel_pos).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).reshape(B, N, -1)
