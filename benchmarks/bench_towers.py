@@ -41,6 +41,8 @@ processor lays them out:
                  attention): clips of 8 frames at 224 px (1569 tokens), batch 8
   vitdet         VitDetModel at ViTMatte-B's backbone config (768 wide, 12 blocks, 12 heads of 64: 8 in windows of
                  14 with relative positions, 4 global with residual conv blocks): 1024 px (4096 patches), batch 2
+  beit           BeitModel at BEiT-B/16's fine-tuned config (768 wide, 12 blocks, 12 heads of 64, a relative position
+                 bias per block, layer-scales, mean pooling): 224 px (197 tokens), batch 64
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -305,6 +307,20 @@ def vitdet(small: bool, batch: int):
     return T.VitDetModel(cfg), dict(pixel_values=torch.randn(batch, 3, S, S)), (S // P) ** 2
 
 
+def beit(small: bool, batch: int):
+    import transformers as T
+
+    size = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+                patch_size=8) if small else {}                       # BEiT-B/16 at 224 px
+    cfg = T.BeitConfig(**size, use_relative_position_bias=True, use_mean_pooling=True)
+    model = perturbed(T.BeitModel(cfg))
+    with torch.no_grad():                                           # tables of a trained model's size, not init's 0
+        for layer in model.layers:
+            layer.relative_position_bias.relative_position_bias_table.normal_(0.0, 1.5)
+    S = cfg.image_size
+    return model, dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps", "dpt": "predicted_depth"}
 # name -> (builder, GPU batch)
@@ -313,7 +329,7 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
           "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8),
-          "timesformer": (timesformer, 8), "vitdet": (vitdet, 2)}
+          "timesformer": (timesformer, 8), "vitdet": (vitdet, 2), "beit": (beit, 64)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

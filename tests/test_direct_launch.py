@@ -131,7 +131,8 @@ with compile_only_triton(launches), torch.inference_mode():
     def attention_tensors():
         qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
         out, cls = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
-        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out, out, out, out, out)  # out: unread
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, cls, out, out, out, out, out,
+                out)                                                                              # out: unread
     results["attention_qkv"] = check(plan.launch, attention_tensors)
     # With a key-padding mask read through strides (a [T, 2B] buffer's every other column): the mask's
     # strides are the plan's, the mask's bytes (uint8) a tensor of each call.
@@ -141,7 +142,7 @@ with compile_only_triton(launches), torch.inference_mode():
         out, lse = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
         mask = (torch.rand(T, 2 * B) < 0.5).t()[::2]
         return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, mask.view(torch.uint8), out, out,
-                out)
+                out, out)
     results["attention_qkv-mask"] = check(plan.launch, masked_attention_tensors)
     # Packed segments: the segment count and max_seqlen are the plan's, the boundaries (int32) a tensor of
     # each call.
@@ -150,7 +151,7 @@ with compile_only_triton(launches), torch.inference_mode():
         qkv, C = torch.randn(1, T, 3 * H * D, dtype=torch.bfloat16), H * D
         out, lse = torch.empty(1, T, C, dtype=torch.bfloat16), torch.empty(1, H, T)
         cu = torch.tensor([0, int(torch.randint(6, 12, ())), T], dtype=torch.int32)
-        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, out, cu, out, out)
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, out, cu, out, out, out)
     results["attention_qkv-varlen"] = check(plan.launch, varlen_attention_tensors)
     # SAM's relative positions over a 3 x 6 key grid (T = 18): the grid is the plan's, the terms tensors of each call.
     plan = A.qkv_plan(torch.randn(B, 18, 3 * H * D, dtype=torch.bfloat16), H, D ** -0.5, False, False,
@@ -159,8 +160,17 @@ with compile_only_triton(launches), torch.inference_mode():
         qkv, C = torch.randn(B, 18, 3 * H * D, dtype=torch.bfloat16), H * D
         out = torch.empty(B, 18, C, dtype=torch.bfloat16)
         return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, out, out, out, torch.randn(B, H, 18, 3),
-                torch.randn(B, H, 18, 6))
+                torch.randn(B, H, 18, 6), out)
     results["attention_qkv-rel_pos"] = check(plan.launch, rel_pos_attention_tensors)
+    # A dense bias shared by the batch (BEiT's relative position bias, bf16 [1, H, T, T]): its strides are the plan's
+    # (batch stride 0), the bias a tensor of each call.
+    plan = A.qkv_plan(qkv, H, D ** -0.5, False, True, bias=torch.randn(1, H, T, T, dtype=torch.bfloat16))
+    def bias_attention_tensors():
+        qkv, C = torch.randn(B, T, 3 * H * D, dtype=torch.bfloat16), H * D
+        out, lse = torch.empty(B, T, C, dtype=torch.bfloat16), torch.empty(B, H, T)
+        return (qkv, qkv.narrow(2, C, C), qkv.narrow(2, 2 * C, C), out, out, lse, out, out, out, out,
+                torch.randn(1, H, T, T, dtype=torch.bfloat16))
+    results["attention_qkv-bias"] = check(plan.launch, bias_attention_tensors)
     B, D = 2, 64
     weight, bias = torch.randn(D, 3, 16, 16, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16)
     cls, pos, mean, std = (torch.randn(1, 1, D, dtype=torch.bfloat16), torch.randn(1, 5, D, dtype=torch.bfloat16),
@@ -211,7 +221,7 @@ def results(tmp_path_factory):
 
 
 CASES = ["linear-tiled", "linear-persistent", "attention_qkv", "attention_qkv-mask", "attention_qkv-varlen",
-         "attention_qkv-rel_pos",
+         "attention_qkv-rel_pos", "attention_qkv-bias",
          "patch_embed", "rope", "rope-norm", "rope-norm-backward"]
 
 

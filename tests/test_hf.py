@@ -115,7 +115,8 @@ def test_every_supported_class_is_tested():
         "YolosModel"} | {                                                                       # test_hf_yolos
         "DPTModel"} | {                                                                         # test_hf_dpt
         "TimesformerModel"} | {                                                                 # test_hf_timesformer
-        "VitDetModel", "VitDetBackbone"}                                                        # test_hf_vitdet
+        "VitDetModel", "VitDetBackbone"} | {                                                    # test_hf_vitdet
+        "BeitModel", "Data2VecVisionModel"}                                                     # test_hf_beit
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

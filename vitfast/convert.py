@@ -113,7 +113,8 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
 _HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_registers", "owlvit", "owlv2", "visual",
              "vision_encoder", "high_res_vision_model", "detector_model", "depth_pro", "encoder", "patch_encoder",
              "image_encoder", "fov_model", "fov_encoder", "pixio", "ijepa", "vit", "deit", "embed_tokens_extend",
-             "image_embed", "img_processor", "videomae", "clip", "dpt", "timesformer")
+             "image_embed", "img_processor", "videomae", "clip", "dpt", "timesformer",
+             "beit", "data2vec_vision")
 
 
 def _wrapped_models(model: nn.Module) -> tuple[str, ...]:

@@ -64,7 +64,8 @@ its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEs
 `vitfast.hf_vitpose`, VideoMAE's video ViT (its video classifier and pretraining model hold it as `videomae`) in
 `vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`, DPT's (its depth and
 segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its video classifier holds it as
-`timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`.
+`timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`, BEiT's
+and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -99,6 +100,8 @@ from vitfast import ops
 from vitfast.checkpoint import _HF_LAYER, _HF_LAYER_KEYS, _HF_PACKED, hf_to_timm
 from vitfast.convert import _HF_INNER, BackboneAPI, UnsupportedFeatureError, _build, _Findings, _is_identity, _mlp_ratio
 from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_beit import CLASSES as BEIT_CLASSES
+from vitfast.hf_beit import optimize_beit
 from vitfast.hf_blip import CLASSES as BLIP_CLASSES
 from vitfast.hf_blip import optimize_blip
 from vitfast.hf_dpt import CLASSES as DPT_CLASSES
@@ -259,6 +262,9 @@ CLASSES = {
     # ViTDet's backbone (ViTMatte holds it as `backbone`): SAM's windowed blocks with relative positions, residual conv
     # blocks (vitfast.hf_vitdet)
     **{name: (family, None) for name, family in VITDET_CLASSES.items()},
+    # BEiT's ViT (BEiT, BEiT v2, DiT; its classifier, masked-image model, segmenter and backbone hold it as `beit`) and
+    # Data2Vec-vision's copy (`data2vec_vision`): the relative position bias in the attention kernel (vitfast.hf_beit)
+    **{name: (family, None) for name, family in BEIT_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -333,6 +339,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_timesformer(model)
     if family == "vitdet":
         return optimize_vitdet(model)
+    if family == "beit":
+        return optimize_beit(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
