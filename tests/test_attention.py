@@ -1317,6 +1317,31 @@ def test_attention_rel_pos_gpu(B, H, KH, KW, D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,N,D,shared", [(32, 12, 197, 64, True), (8, 16, 577, 64, True), (4, 16, 257, 80, False)],
+                         ids=["beit_b_224", "beit_l_384", "per_image_d80"])
+def test_attention_bias_gpu(B, H, N, D, shared, dtype):
+    """A dense bias on the device: BEiT-B at 224 px and BEiT-L at 384 px (one [H, N, N] bias shared by the batch, in
+    the model's dtype), and a bias per image at head dim 80, against float64, within 2x eager SDPA's error with that
+    bias; the gradients of qkv and of the bias (the dQ kernel's atomics summing a shared one over the batch) too."""
+    qkv = make_qkv(B, N, H, D, False, dtype, "cuda", scale=2.0).requires_grad_()
+    bias = make_bias(None if shared else B, H, N, dtype, "cuda").requires_grad_()
+    out = ops.attention_qkv(qkv, H, attn_bias=bias)
+    inputs64 = [t.detach().double().requires_grad_() for t in (qkv, bias)]
+    ref = reference.attention_qkv(inputs64[0], H, attn_bias=inputs64[1])
+    inputs = [t.detach().requires_grad_() for t in (qkv, bias)]
+    eager = reference.torch_attention_qkv(inputs[0], H, attn_bias=inputs[1])
+    assert_close(out, ref, dtype=dtype, eager=eager)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qkv, bias), dout)
+    want = torch.autograd.grad(ref, inputs64, dout.double())
+    eager_grads = torch.autograd.grad(eager, inputs, dout)
+    for name, g, w, e in zip(("dqkv", "dbias"), got, want, eager_grads):
+        assert g.shape == w.shape
+        assert_close(g, w, dtype=dtype, eager=e, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_attention_varlen_gpu(dtype):
     """Qwen2-VL's packing on the device: 16 heads of 80, images of 32 x 32, 16 x 16 and 56 x 56 patches, a one-patch
     and an empty segment (T = 4417), bf16 / fp16: out and dqkv through autograd (the backward kernels) against

@@ -41,6 +41,9 @@ FAMILIES = {
     # Chinese-CLIP, AltCLIP: CLIP's vision model under their own names (their two-tower models: test_hf_around)
     "ChineseCLIPVisionModel": ("ChineseCLIPVisionConfig", dict(intermediate_size=96)),
     "AltCLIPVisionModel": ("AltCLIPVisionConfig", dict(intermediate_size=96)),
+    # GIT's: CLIP's vision model with post_layernorm on every token and no pooled output (GitForCausalLM:
+    # test_hf_around)
+    "GitVisionModel": ("GitVisionConfig", dict(intermediate_size=96)),
     # RoPE, registers, no key bias; HF's train-mode RoPE augmentation off (test_dinov3_... below refuse it)
     "DINOv3ViTModel": ("DINOv3ViTConfig", dict(intermediate_size=96, num_register_tokens=2, pos_embed_rescale=None)),
     # InternViT (InternVL's tower): layer-scale, q / k / v biases as InternViT-300M's, no final norm (mean pooling)
@@ -194,8 +197,8 @@ def test_optimized_hf_trains_hf_tensors(name):
     for (n, p), (_, p64) in zip(hf.named_parameters(), hf64.named_parameters()):
         if p64.grad is None:
             assert p.grad is None, n                              # unused by HF's forward (mask_token)
-        elif p64.grad.norm() < 1e-9 * max(1.0, p64.norm().item()):   # k's bias: the exact gradient is 0
-            assert p.grad.norm() < 1e-4, n
+        elif p64.grad.norm() < 1e-6 * max(1.0, p64.norm().item()):   # k's bias: the exact gradient is 0 (HF's
+            assert p.grad.norm() < 1e-4, n                            # float32 softmax, GIT's, leaves ~1e-8)
         else:
             assert_close(p.grad, p64.grad, name=f"grad {n}")
 

@@ -453,3 +453,25 @@ def test_models_around_a_vision_model_in_half_precision_on_cuda(name, dtype, no_
             assert_close(out, ref, dtype=dtype, eager=eager, tol=MODEL_TOLERANCE[dtype], name=name)
     vision = opt.vision_model if name == "SiglipModel" else opt.model.vision_tower
     assert vision.cuda_graphs.captures == 1
+
+
+def test_git_captioner_optimizes_its_image_encoder():
+    """GitForCausalLM (GIT, Microsoft's image-to-text model: captioning, VQA): a copy with its CLIP `image_encoder`
+    (post_layernorm on every token) on vitfast, the text decoder and projection shared; logits and greedy `generate`
+    as HF's."""
+    vision = dict(VISION, intermediate_size=96)
+    cfg = transformers.GitConfig(vision_config=vision, vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = perturbed(transformers.GitForCausalLM(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.git.image_encoder, HFVisionModel) and opt.git.encoder is model.git.encoder
+    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 6], [1, 7, 8]])
+    with torch.no_grad():
+        out, ref, eager = (m(input_ids=ids, pixel_values=px).logits
+                           for m, px in ((opt, x), (model64, x.double()), (model, x)))
+        assert_close(out, ref, eager=eager, name="logits")
+        kw = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(opt.generate(pixel_values=x, **kw), model.generate(pixel_values=x, **kw))

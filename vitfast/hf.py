@@ -179,6 +179,8 @@ CLASSES = {
     "Owlv2VisionModel": ("clip", None), "Owlv2VisionTransformer": ("clip", None),
     "CLIPSegVisionModel": ("clip", None), "ChineseCLIPVisionModel": ("clip", None),
     "AltCLIPVisionModel": ("clip", None),
+    # GIT's CLIP vision model (GitModel holds it as `image_encoder`): CLIP's layout, post_layernorm on every token
+    "GitVisionModel": ("git", None),
     "SiglipVisionModel": ("siglip", None),
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
@@ -269,8 +271,8 @@ CLASSES = {
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
 _POS_RULE = {"vit": (False, False), "deit": (False, False), "dinov2": (False, True), "dinov2_reg": (True, True),
-             "clip": (False, False), "siglip": (False, False), "dinov3": (False, False), "internvl": (False, True),
-             "aimv2": (False, False), "ovis2": (False, False), "mlcd": (False, False)}
+             "clip": (False, False), "git": (False, False), "siglip": (False, False), "dinov3": (False, False),
+             "internvl": (False, True), "aimv2": (False, False), "ovis2": (False, False), "mlcd": (False, False)}
 
 
 def optimize_hf(model: nn.Module) -> nn.Module:
@@ -384,6 +386,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
     if family in ("idefics3", "phi4mm"):
         return HFIdefics3VisionTransformer(cfg, core, family).train(model.training)
     output = sys.modules[type(base).__module__].InternVLVisionModelOutputWithPooling if family == "internvl" else None
+    if family == "git":
+        output = sys.modules[type(base).__module__].BaseModelOutput
     if family == "mlcd":
         return HFMLCDVisionModel(cfg, core, family, None, output, model.class_pos_emb,
                                  model.vision_rotary_embedding.inv_freq).train(model.training)
@@ -456,6 +460,7 @@ def _registers_position_table(core):           # ... and the patches' rows (the 
 
 
 _DERIVED = {"clip": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
+            "git": {"cls_token": _class_embedding, "pos_embed": _position_embedding},
             "siglip": {"pos_embed": _position_embedding}, "aimv2": {"pos_embed": _position_embedding},
             "ovis2": {"pos_embed": _position_embedding}, "mlcd": {"cls_token": _class_embedding},
             "siglip2": {"pos_embed": _position_embedding},
@@ -513,7 +518,7 @@ def _core_config(cfg, family: str, f: _Findings) -> dict:
         out.update(init_values=1.0, dynamic_img_size=True)        # the gammas come from the weights
     if family == "dinov2_reg":
         out.update(reg_tokens=cfg.num_register_tokens, no_embed_class=True)
-    if family == "clip":
+    if family in ("clip", "git"):
         out.update(pre_norm=True)
     if family == "mlcd":                # CLIP's layout, no position table: RoPE made for any patch grid
         f.need(getattr(cfg, "num_key_value_groups", 1) == 1,
@@ -629,7 +634,7 @@ class HFVisionModel(nn.Module):
     def post_layernorm(self) -> nn.Module:
         """CLIP's and SigLIP's final norm under HF's name, as vitfast's LayerNorm on HF's tensors: OWL-ViT's and
         OWLv2's detectors apply it to every token of last_hidden_state themselves."""
-        if not self.family.startswith(("clip", "siglip")):
+        if not self.family.startswith(("clip", "siglip", "git")):
             raise AttributeError(f"{type(self).__name__} of the {self.family} family has no post_layernorm")
         return self.core.norm
 
@@ -668,6 +673,8 @@ class HFVisionModel(nn.Module):
         if self.family in ("clip", "mlcd"):             # the final norm applies to the pooled class token only
             return tokens, core.norm(tokens[:, 0])
         seq = core.norm(tokens)
+        if self.family == "git":                        # GIT's: on every token, and no pooled output
+            return seq, None
         if self.family.startswith(("dinov2", "dinov3")):
             return seq, seq[:, 0]
         if self.family == "siglip":
@@ -701,8 +708,10 @@ class HFVisionModel(nn.Module):
 
         tokens, hidden = self.encode(pixel_values, interpolate_pos_encoding, output_hidden_states, bool_masked_pos)
         seq, pooled = self.outputs(tokens)
-        out = (self._output or BaseModelOutputWithPooling)(last_hidden_state=seq, pooler_output=pooled,
-                                                           hidden_states=hidden)
+        fields = dict(last_hidden_state=seq, hidden_states=hidden)
+        if self.family != "git":                        # GIT's BaseModelOutput has no pooler_output
+            fields["pooler_output"] = pooled
+        out = (self._output or BaseModelOutputWithPooling)(**fields)
         return out if _output_dict(self.config, return_dict) else out.to_tuple()
 
 
