@@ -6,7 +6,8 @@
   CLIP (pre-norm, QuickGELU, eps), SigLIP (attention pooling), timm's unpacked SwiGLU; timm's DeiT
   `VisionTransformerDistilled` -> vitfast's; timm's `Eva` with DINOv3's features (RoPE, registers, layer-scale,
   separate q / v biases, SwiGLU), EVA's (a position table), EVA-02's or Perception Encoder's ->
-  `vitfast.VisionTransformer`.
+  `vitfast.VisionTransformer`; timm's `Beit` (BEiT, BEiT v2: the relative position bias in the attention kernel)
+  -> a stand-in holding timm's model (vitfast.timm_beit).
 - HF transformers ViT, DeiT (incl. WithTeacher), DINOv2 (incl. with registers and SwiGLU), CLIP vision (incl.
   WithProjection) and SigLIP vision models -> a module with HF's forward arguments that returns HF's
   output object (`BaseModelOutputWithPooling`, `ImageClassifierOutput` incl. the loss when `labels` are
@@ -82,6 +83,10 @@ def optimize(model: nn.Module, *, cuda_graphs: bool | None = None) -> nn.Module:
         out = _from_torchvision(model)
     elif type(model).__name__ == "Eva" and type(model).__module__.startswith("timm."):
         out = _from_timm_eva(model)
+    elif type(model).__name__ == "Beit" and type(model).__module__.startswith("timm."):
+        from vitfast.timm_beit import from_timm_beit  # imports this module
+
+        out = from_timm_beit(model)
     elif all(hasattr(model, a) for a in ("patch_embed", "blocks", "pos_embed")):
         out = _from_timm(model)
     else:
