@@ -84,7 +84,8 @@ def test_every_supported_class_is_tested():
     assert set(CLASSES) == set(FAMILIES) | {"ViTModel", "ViTForImageClassification"} | {   # those: test_convert
         "Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"} | {               # test_hf_backbone
         "Siglip2VisionModel"} | {                                                               # test_hf_siglip2
-        "OwlViTVisionTransformer", "Owlv2VisionTransformer"} | {       # inside the OWL models of test_hf_around
+        "OwlViTVisionTransformer", "Owlv2VisionTransformer",           # inside the OWL models of test_hf_around
+        "Kosmos2VisionTransformer"} | {                                # inside Kosmos-2's, test_hf_around
         "CLIPSegVisionModel"} | {                                                               # test_hf_clipseg
         "Idefics3VisionTransformer", "SmolVLMVisionTransformer", "Phi4MultimodalVisionModel",  # test_hf_idefics3
         "Idefics2VisionTransformer"} | {

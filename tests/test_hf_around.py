@@ -475,3 +475,33 @@ def test_git_captioner_optimizes_its_image_encoder():
         assert_close(out, ref, eager=eager, name="logits")
         kw = dict(max_new_tokens=5, do_sample=False)
         assert torch.equal(opt.generate(pixel_values=x, **kw), model.generate(pixel_values=x, **kw))
+
+
+def test_kosmos2_optimizes_its_vision_transformer():
+    """Kosmos2ForConditionalGeneration (Kosmos-2, grounded captioning): a copy whose Kosmos2VisionModel holds its CLIP
+    vision transformer on vitfast (`vision_model.model`, whose post_layernorm Kosmos-2 applies to every token itself),
+    the text model and the image-to-text projection shared; logits and image embeddings as HF's, and greedy
+    `generate` (which passes its generation arguments on to the vision model, as HF's ignores them) too."""
+    vision = dict(VISION, intermediate_size=96)
+    text = dict(vocab_size=60, embed_dim=32, layers=2, attention_heads=2, ffn_dim=64, max_position_embeddings=64)
+    cfg = transformers.Kosmos2Config(vision_config=vision, text_config=text, latent_query_num=4)
+    torch.manual_seed(0)
+    model = perturbed(transformers.Kosmos2ForConditionalGeneration(cfg))
+    model64 = copy.deepcopy(model).double()
+    opt = vitfast.optimize(model)
+    assert isinstance(opt.vision_model.model, HFVisionModel) and opt.text_model is model.text_model
+    x = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 10], [0, 11, 12, 13, 14, 15, 16]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0]] * 2)          # where the 4 image tokens go
+    with torch.no_grad():
+        out, eager = (m(pixel_values=x, input_ids=ids, image_embeds_position_mask=mask) for m in (opt, model))
+        torch.set_default_dtype(torch.float64)                   # HF's causal mask is made in the default dtype
+        try:
+            ref = model64(pixel_values=x.double(), input_ids=ids, image_embeds_position_mask=mask)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert_close(out.logits, ref.logits, eager=eager.logits, name="logits")
+        embeds = lambda o: o.image_outputs.pooler_output if "image_outputs" in o else o.image_embeds  # 5.2x / 5.1x
+        assert_close(embeds(out), embeds(ref), eager=embeds(eager), name="image embeddings")
+        kw = dict(pixel_values=x, input_ids=ids, image_embeds_position_mask=mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(opt.generate(**kw), model.generate(**kw))

@@ -181,6 +181,9 @@ CLASSES = {
     "AltCLIPVisionModel": ("clip", None),
     # GIT's CLIP vision model (GitModel holds it as `image_encoder`): CLIP's layout, post_layernorm on every token
     "GitVisionModel": ("git", None),
+    # Kosmos-2's CLIP vision transformer (Kosmos2VisionModel holds it as `model`, Kosmos-2's models that as
+    # `vision_model`; they apply its post_layernorm to every token themselves)
+    "Kosmos2VisionTransformer": ("clip", None),
     "SiglipVisionModel": ("siglip", None),
     "Siglip2VisionModel": ("siglip2", None),          # NaFlex: patchified, padded sequences (HFSiglip2VisionModel)
     # Idefics3's and SmolVLM's SigLIP with a patch mask and bucketed positions (HFIdefics3VisionTransformer)
@@ -609,6 +612,21 @@ class _Aimv2Head(nn.Module):
         return ops.linear(out.transpose(1, 2).reshape(B, D), self.output_proj.weight, self.output_proj.bias)
 
 
+_GENERATION_ARGUMENTS: frozenset[str] | None = None
+
+
+def _generation_arguments() -> frozenset[str]:
+    """The arguments of transformers' `generate` (GenerationConfig's fields: max_new_tokens, do_sample, ...), which
+    some VLMs pass on to their vision model with the pixels (Kosmos-2's `generate`) and HF's vision models ignore."""
+    global _GENERATION_ARGUMENTS
+    if _GENERATION_ARGUMENTS is None:
+        from transformers import GenerationConfig
+
+        _GENERATION_ARGUMENTS = frozenset(GenerationConfig().to_dict()) - {"output_attentions",
+                                                                             "output_hidden_states", "return_dict"}
+    return _GENERATION_ARGUMENTS
+
+
 def _output_dict(config, return_dict) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
@@ -690,7 +708,7 @@ class HFVisionModel(nn.Module):
         bad = [name for name, v in (("bool_masked_pos (masked patches)", bool_masked_pos),
                                     ("attention_mask", attention_mask),
                                     ("output_attentions=True", output_attentions or None)) if v is not None]
-        bad += [f"{k}" for k in (kwargs or {})]
+        bad += [f"{k}" for k in (kwargs or {}) if k not in _generation_arguments()]
         if bad:
             raise UnsupportedFeatureError(f"optimized model: unsupported arguments {bad} (vitfast returns the CLS "
                                           "attention only, via model.core(x, return_cls_attn=True))")
