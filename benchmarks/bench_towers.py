@@ -43,6 +43,8 @@ processor lays them out:
                  14 with relative positions, 4 global with residual conv blocks): 1024 px (4096 patches), batch 2
   beit           BeitModel at BEiT-B/16's fine-tuned config (768 wide, 12 blocks, 12 heads of 64, a relative position
                  bias per block, layer-scales, mean pooling): 224 px (197 tokens), batch 64
+  vivit          VivitModel at ViViT-B's config (768 wide, 12 blocks, 12 heads of 64, spatio-temporal attention): clips
+                 of 32 frames at 224 px (3137 tokens of 2 x 16 x 16 tubelets), batch 4
 Methods, the same weights and inputs:
   hf        HF's model in bf16, eager, with its default attention (SDPA)
   vitfast   vitfast.optimize of that model (its CUDA graphs: eval mode, no grad)
@@ -321,6 +323,15 @@ def beit(small: bool, batch: int):
     return model, dict(pixel_values=torch.randn(batch, 3, S, S)), (S // cfg.patch_size) ** 2 + 1
 
 
+def vivit(small: bool, batch: int):
+    import transformers as T
+
+    cfg = T.VivitConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                        image_size=32, num_frames=4, tubelet_size=[2, 8, 8]) if small else T.VivitConfig()   # -B
+    F, S, (t, P, _) = cfg.num_frames, cfg.image_size, cfg.tubelet_size
+    return T.VivitModel(cfg), dict(pixel_values=torch.randn(batch, F, 3, S, S)), 1 + F // t * (S // P) ** 2
+
+
 # the output compared with HF's, where not last_hidden_state
 OUTPUT = {"vitpose": "heatmaps", "dpt": "predicted_depth"}
 # name -> (builder, GPU batch)
@@ -329,7 +340,7 @@ TOWERS = {"gemma4": (gemma4, 8), "gemma4_e4b": (lambda small, batch: gemma4(smal
           "sam": (sam, 4), "sam3": (sam3, 4), "radio": (radio, 16), "vjepa2": (vjepa2, 8), "blip2": (blip2, 64),
           "eomt": (eomt, 8), "sapiens2": (sapiens2, 8), "vitpose": (vitpose, 64),
           "videomae": (videomae, 8), "yolos": (yolos, 4), "dpt": (dpt, 8),
-          "timesformer": (timesformer, 8), "vitdet": (vitdet, 2), "beit": (beit, 64)}
+          "timesformer": (timesformer, 8), "vitdet": (vitdet, 2), "beit": (beit, 64), "vivit": (vivit, 4)}
 
 
 def run_tower(name: str, small: bool, batch: int, dtype: torch.dtype, rep_ms: float) -> list[dict]:

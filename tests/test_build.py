@@ -239,7 +239,7 @@ def test_towers_step_runs_the_towers_benchmark_and_reports_it(tmp_path, monkeypa
     rows = run.result["towers"]["rows"]
     towers = ("gemma4", "gemma4_e4b", "siglip", "dinov2", "qwen2_5_vl", "mllama", "sam", "sam3", "radio", "vjepa2",
               "blip2", "eomt", "sapiens2", "vitpose", "videomae",
-              "yolos", "dpt", "timesformer", "vitdet", "beit")
+              "yolos", "dpt", "timesformer", "vitdet", "beit", "vivit")
     assert {(r["tower"], r["method"]) for r in rows} == {(t, m) for t in towers for m in ("hf", "vitfast")}
     for r in rows:                     # vitfast within fp32 rounding of HF in fp32, as HF itself in fp32
         assert r["error"] is None and r["ms"] > 0 and r["rel_err"] < 1e-4, r

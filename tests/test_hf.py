@@ -120,7 +120,8 @@ def test_every_supported_class_is_tested():
         "DPTModel"} | {                                                                         # test_hf_dpt
         "TimesformerModel"} | {                                                                 # test_hf_timesformer
         "VitDetModel", "VitDetBackbone"} | {                                                    # test_hf_vitdet
-        "BeitModel", "Data2VecVisionModel"}                                                     # test_hf_beit
+        "BeitModel", "Data2VecVisionModel"} | {                                                 # test_hf_beit
+        "VivitModel"}                                                                           # test_hf_vivit
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

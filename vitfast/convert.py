@@ -119,7 +119,7 @@ _HF_INNER = ("backbone", "vision_model", "vision_tower", "dinov2", "dinov2_with_
              "vision_encoder", "high_res_vision_model", "detector_model", "depth_pro", "encoder", "patch_encoder",
              "image_encoder", "fov_model", "fov_encoder", "pixio", "ijepa", "vit", "deit", "embed_tokens_extend",
              "image_embed", "img_processor", "videomae", "clip", "dpt", "timesformer",
-             "beit", "data2vec_vision", "git")
+             "beit", "data2vec_vision", "git", "vivit")
 
 
 def _wrapped_models(model: nn.Module) -> tuple[str, ...]:

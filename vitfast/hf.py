@@ -65,7 +65,8 @@ its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEs
 `vitfast.hf_videomae`, YOLOS's ViT (its detector holds it as `vit`) in `vitfast.hf_yolos`, DPT's (its depth and
 segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its video classifier holds it as
 `timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`, BEiT's
-and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`.
+and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`, ViViT (its video
+classifier holds it as `vivit`) in `vitfast.hf_vivit`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -146,6 +147,8 @@ from vitfast.hf_vitdet import CLASSES as VITDET_CLASSES
 from vitfast.hf_vitdet import optimize_vitdet
 from vitfast.hf_vitpose import CLASSES as VITPOSE_CLASSES
 from vitfast.hf_vitpose import optimize_vitpose
+from vitfast.hf_vivit import CLASSES as VIVIT_CLASSES
+from vitfast.hf_vivit import optimize_vivit
 from vitfast.hf_vjepa2 import CLASSES as VJEPA2_CLASSES
 from vitfast.hf_vjepa2 import optimize_vjepa2
 from vitfast.hf_yolos import CLASSES as YOLOS_CLASSES
@@ -270,6 +273,8 @@ CLASSES = {
     # BEiT's ViT (BEiT, BEiT v2, DiT; its classifier, masked-image model, segmenter and backbone hold it as `beit`) and
     # Data2Vec-vision's copy (`data2vec_vision`): the relative position bias in the attention kernel (vitfast.hf_beit)
     **{name: (family, None) for name, family in BEIT_CLASSES.items()},
+    # ViViT (its video classifier holds it as `vivit`): tubelets, spatio-temporal attention (vitfast.hf_vivit)
+    **{name: (family, None) for name, family in VIVIT_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -346,6 +351,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_vitdet(model)
     if family == "beit":
         return optimize_beit(model)
+    if family == "vivit":
+        return optimize_vivit(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

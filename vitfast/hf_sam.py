@@ -41,8 +41,9 @@ from vitfast.reference import sam_rel_pos
 # transformers class -> family
 CLASSES = {"SamVisionEncoder": "sam", "SamHQVisionEncoder": "sam", "GotOcr2VisionEncoder": "sam"}
 # HF's hidden_act -> vitfast's activation
+# HF's activation names -> the linear epilogue's (gelu_fast: the tanh GELU with sqrt(2 / pi) to 10 digits; ViViT's)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "quick_gelu": "quick_gelu"}
+                "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 
 def optimize_sam(model: nn.Module) -> HFSamVisionEncoder:
