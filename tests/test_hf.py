@@ -94,7 +94,7 @@ def test_every_supported_class_is_tested():
         "Qwen3VLVisionModel", "Qwen3VLMoeVisionModel", "Qwen3_5VisionModel", "Qwen3_5MoeVisionModel",
         "Qwen4ExpVisionModel"} | {
         "PixtralVisionModel"} | {                                                               # test_hf_pixtral
-        "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel"} | {                    # test_hf_glm
+        "Glm4vVisionModel", "Glm4vMoeVisionModel", "GlmOcrVisionModel", "Glm5NextVisionModel"} | {  # test_hf_glm
         "Kimi_K25VisionModel"} | {                                                              # test_hf_kimi
         "PaddleOCRVisionModel"} | {                                                             # test_hf_paddleocr
         "Ernie4_5_VLMoeVisionTransformerPretrainedModel",                                      # test_hf_ernie

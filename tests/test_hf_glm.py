@@ -48,6 +48,10 @@ GRID = [(1, 4, 6), (1, 2, 4), (1, 6, 2)]
 
 def vision_model(kind: str = "glm4v", **kw):
     models = transformers.models
+    if kind == "glm5_next":       # its merger's own width; clamps low enough to cut the gates and ups here
+        glm5 = pytest.importorskip("transformers.models.glm5_next.modeling_glm5_next")
+        kw = dict(dict(projection_intermediate_size=40, swiglu_limit=0.5), **kw)
+        return perturbed(glm5.Glm5NextVisionModel(glm5.Glm5NextVisionConfig(**{**VISION, **kw})))
     cls = {"glm4v": (transformers.Glm4vVisionConfig, models.glm4v.modeling_glm4v.Glm4vVisionModel),
            "glm4v_moe": (transformers.Glm4vMoeVisionConfig, models.glm4v_moe.modeling_glm4v_moe.Glm4vMoeVisionModel),
            "glm_ocr": (models.glm_ocr.configuration_glm_ocr.GlmOcrVisionConfig,
@@ -76,7 +80,7 @@ def test_position_table_sampling_is_hfs():
     assert torch.equal(ours[0, :, :, 0].T, ref)
 
 
-@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe", "glm_ocr"])
+@pytest.mark.parametrize("kind", ["glm4v", "glm4v_moe", "glm_ocr", "glm5_next"])
 def test_vision_tower_equals_hf(kind):
     if kind == "glm_ocr":
         pytest.importorskip("transformers.models.glm_ocr")
@@ -128,11 +132,11 @@ def test_packing_is_transparent_and_frames_are_images():
     torch.testing.assert_close(as_frames.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr"])
+@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr", "glm5_next"])
 def test_trains_hf_tensors(kind):
     """Every HF parameter gets HF's float64 gradient: the position table's through the bicubic sampling, the patch
     embedding's and the downsampling's through their GEMMs, the merger's through its gated MLP; GLM-OCR's q / k
-    norms' and biases'."""
+    norms' and biases'; GLM-5-Next's through its clamped gates and ups (0 where a clamp cuts)."""
     if kind == "glm_ocr":
         pytest.importorskip("transformers.models.glm_ocr")
     hf = vision_model(kind)
@@ -221,7 +225,7 @@ def test_unsupported_and_bad_inputs_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr"])
+@pytest.mark.parametrize("kind", ["glm4v", "glm_ocr", "glm5_next"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_vision_tower_in_half_precision_on_cuda(dtype, kind, no_tf32):
     """fp16 / bf16 on vitfast's kernels at GLM-4V's head dim (128), eager then its CUDA graph's replays (other images

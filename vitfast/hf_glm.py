@@ -1,7 +1,8 @@
 """GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V-Thinking, GLM-4.6V),
-`Glm4vMoeVisionModel` (GLM-4.5V) and `GlmOcrVisionModel` (GLM-OCR), which `vitfast.optimize` also copies their VLMs
-with (`Glm4vForConditionalGeneration`, `Glm4vMoeForConditionalGeneration`, `Glm46VForConditionalGeneration`,
-`GlmOcrForConditionalGeneration`: the tower is their `visual`).
+`Glm4vMoeVisionModel` (GLM-4.5V), `GlmOcrVisionModel` (GLM-OCR) and `Glm5NextVisionModel` (GLM-5-Next), which
+`vitfast.optimize` also copies their VLMs with (`Glm4vForConditionalGeneration`, `Glm4vMoeForConditionalGeneration`,
+`Glm46VForConditionalGeneration`, `GlmOcrForConditionalGeneration`, `Glm5NextForConditionalGeneration`: the tower is
+their `visual`).
 
 The tower takes Qwen2-VL's packed input: hidden_states [T, C·t·P·P] (each patch flattened as (channel, frame, row,
 column)) with grid_thw [n, 3] (frames, patch rows, patch columns per image), each frame attending within itself only
@@ -15,7 +16,9 @@ epilogue), down_proj with the residual in its epilogue. After the blocks: an RMS
 downsampling Conv2d as one `ops.linear` over each block of tokens, and the merger (a projection, LayerNorm, GELU and
 a gated MLP) on vitfast's GEMMs. GLM-OCR's tower has no position table and no RMSNorm after the patch embedding, biases
 in its blocks' projections, and RMSNorms of each head's q and k before the RoPE (with it, one pass:
-`ops.norm_rope_qkv`).
+`ops.norm_rope_qkv`). GLM-5-Next's (`Glm5NextVisionModel`, the tower of Glm5NextForConditionalGeneration) is GLM-OCR's
+with its gated MLPs' gate and up clamped (`swiglu_limit`): fc1's GEMM, then the clamped gating apart
+(`reference.swiglu_clamped`: the linear kernel has no epilogue for it), in the blocks and the merger.
 
 Output: HF's BaseModelOutputWithPooling: last_hidden_state the downsampled tokens [T / merge², D], pooler_output the
 merger's [T / merge², D]; with output_hidden_states, the embeddings and each block's output but the last block's,
@@ -40,12 +43,14 @@ from vitfast import ops
 from vitfast.convert import _build, _Findings, _mlp_ratio
 from vitfast.hf_qwen import HFQwenVisionModel, _norm_eps, _PatchEmbed3d, renamed_state
 from vitfast.layers import Attention, Block, JoinedLinear, LayerNorm, RMSNorm
-from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables
+from vitfast.reference import glm_position_grid, qwen_patch_layout, qwen_rope_tables, swiglu_clamped
 
 # transformers class -> family
 CLASSES = {"Glm4vVisionModel": "glm4v", "Glm4vMoeVisionModel": "glm4v",
            # GLM-OCR's: no position table, biases in the blocks, q / k RMSNorms per head before the RoPE
-           "GlmOcrVisionModel": "glm4v"}
+           "GlmOcrVisionModel": "glm4v",
+           # GLM-5-Next's: GLM-OCR's layout, its gated MLPs' gate and up clamped (swiglu_limit)
+           "Glm5NextVisionModel": "glm4v"}
 # HF's key -> the tower's (each replacement applied in turn)
 _RENAME = (("embeddings.position_embedding.", "pos_embed."), (".mlp.down_proj.", ".mlp.fc2."),
            ("merger.down_proj.", "merger.fc2."))
@@ -54,6 +59,8 @@ _RENAME = (("embeddings.position_embedding.", "pos_embed."), (".mlp.down_proj.",
 class _GlmMerger(nn.Module):
     """GLM-4V's patch merger over the downsampled tokens: proj, LayerNorm, exact GELU, then the gated MLP
     (fc1 = [gate | up] packed, SwiGLU in its epilogue; fc2 = down_proj), all GEMMs without bias."""
+
+    swiglu_limit: float | None = None          # GLM-5-Next's clamps: the gating apart from fc1's GEMM
 
     def __init__(self, dim: int, hidden: int, eps: float):
         super().__init__()
@@ -64,6 +71,8 @@ class _GlmMerger(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.gelu(self.post_projection_norm(ops.linear(x, self.proj.weight)))
+        if self.swiglu_limit is not None:
+            return ops.linear(swiglu_clamped(ops.linear(h, self.fc1.weight), self.swiglu_limit), self.fc2.weight)
         return ops.linear(ops.linear(h, self.fc1.weight, activation="swiglu"), self.fc2.weight)
 
 
@@ -139,6 +148,9 @@ def optimize_glm(model: nn.Module) -> HFGlmVisionModel:
             f.linear(m, f"blocks.{i}.{where}", bias=False) and f.need(
                 (m.bias is not None) == bias, f"blocks.{i}.{where} {'without' if bias else 'with'} bias (as blocks.0)")
         f.need(getattr(b.attn, "attention_dropout", 0.0) == 0.0 or not model.training, f"blocks.{i}.attn dropout")
+    limit = getattr(cfg, "swiglu_limit", None)            # GLM-5-Next's clamped gate and up
+    f.need(all(getattr(mlp, "swiglu_limit", None) == limit for mlp in [b.mlp for b in blocks] + [model.merger]),
+           f"gated MLPs whose swiglu_limit differs from the config's {limit}")
     merger = model.merger
     for p in ("proj", "gate_proj", "up_proj", "down_proj"):
         m = getattr(merger, p, None)
@@ -170,6 +182,7 @@ def optimize_glm(model: nn.Module) -> HFGlmVisionModel:
     for mlp, hf_mlp in [(blk.mlp, b.mlp) for blk, b in zip(tower.blocks, blocks)] + [(tower.merger, merger)]:
         bias = "bias" if hf_mlp.gate_proj.bias is not None else None
         mlp.fc1 = JoinedLinear([(hf_mlp.gate_proj, "weight", bias, None), (hf_mlp.up_proj, "weight", bias, None)])
+        mlp.swiglu_limit = limit
     return HFGlmVisionModel(cfg, tower, model.rotary_pos_emb.inv_freq).train(model.training)
 
 

@@ -155,9 +155,14 @@ class GluMlp(reference.GluMlp):
     the residual in fc2's."""
 
     norm_layer = LayerNorm
+    # GLM-5-Next's clamps (reference.swiglu_clamped): fc1's GEMM, then the clamped gating apart (no epilogue for it)
+    swiglu_limit: float | None = None
 
     def forward(self, x: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation="swiglu")             # (B, T, hidden / 2)
+        if self.swiglu_limit is not None:
+            h = reference.swiglu_clamped(ops.linear(x, self.fc1.weight, self.fc1.bias), self.swiglu_limit)
+        else:
+            h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation="swiglu")         # (B, T, hidden / 2)
         if not isinstance(self.norm, nn.Identity):                                         # scale_mlp_norm
             h = self.norm(h)
         return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, scale=scale)

@@ -849,6 +849,12 @@ def swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_clamped(h: Tensor, limit: float) -> Tensor:
+    """SwiGLU with GLM-5-Next's clamps: h [..., 2·H] = [gate | up] -> silu(min(gate, limit)) · clamp(up, ±limit)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
 def gated(h: Tensor, activation: str) -> Tensor:
     """A gated MLP's gating: h [..., 2·H] = [gate | up] -> act(gate) · up [..., H]; activation "swiglu" (SiLU) or
     "geglu_tanh" (the tanh GELU: Gemma 4's vision MLP)."""
