@@ -1,8 +1,8 @@
 """GLM-4V's vision tower on vitfast: transformers' `Glm4vVisionModel` (GLM-4.1V-Thinking, GLM-4.6V),
 `Glm4vMoeVisionModel` (GLM-4.5V), `GlmOcrVisionModel` (GLM-OCR) and `Glm5NextVisionModel` (GLM-5-Next), which
 `vitfast.optimize` also copies their VLMs with (`Glm4vForConditionalGeneration`, `Glm4vMoeForConditionalGeneration`,
-`Glm46VForConditionalGeneration`, `GlmOcrForConditionalGeneration`, `Glm5NextForConditionalGeneration`: the tower is
-their `visual`).
+`Glm46VForConditionalGeneration`, `GlmOcrForConditionalGeneration`: the tower is their `visual`, as it is
+`Glm5NextForConditionalGeneration`'s, whose language model no test builds).
 
 The tower takes Qwen2-VL's packed input: hidden_states [T, C·t·P·P] (each patch flattened as (channel, frame, row,
 column)) with grid_thw [n, 3] (frames, patch rows, patch columns per image), each frame attending within itself only
