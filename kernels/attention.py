@@ -43,11 +43,11 @@ folded into the scores), accumulating in fp32 and storing in the input dtype.
   whole row; otherwise (SAM's 14 x 14 windows) the terms are gathered per element. The backward kernels take
   them too (gathered), and the dQ kernel sums dS per key row and column into their gradients.
 - HAS_BIAS: a dense additive bias, [B, H, N_Q, N_KV] by strides (batch stride 0 for one bias shared by the batch:
-  BEiT's and Data2Vec's relative position bias, a table per head gathered into [H, N, N] once per forward, or
-  timm's `attn_mask` floats), unit stride over the keys, fp16 / bf16 / fp32, added to the scores tile by tile in
-  fp32: s_ij = q_i·k_j·scale + bias_ij (HF's eager `attn_weights + attention_mask`). The backward kernels read it
-  too, and the dQ kernel adds dS (fp32) into its gradient with atomics, so that a bias shared by the batch gets
-  the batch's sum without a [B, H, N, N] buffer. HAS_BIAS=False compiles to the kernel without it, unchanged.
+  BEiT's and Data2Vec's relative position bias, a table per head gathered into [H, N, N] once per forward), unit
+  stride over the keys, fp16 / bf16 / fp32, added to the scores tile by tile in fp32: s_ij = q_i·k_j·scale +
+  bias_ij (HF's eager `attn_weights + attention_mask`). The backward kernels read it too, and the dQ kernel adds
+  dS (fp32) into its gradient with atomics, so that a bias shared by the batch gets the batch's sum without a
+  [B, H, N, N] buffer. HAS_BIAS=False compiles to the kernel without it, unchanged.
 
 Backward (FlashAttention-2): with D_i = Σ_d dO_id · O_id, P = exp2(S·log2(e) − lse) rebuilt one tile at
 a time, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − D), dQ = dS K · scale, dK = dSᵀ Q · scale. One kernel

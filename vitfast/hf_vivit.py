@@ -117,6 +117,9 @@ class HFVivitModel(nn.Module):
             raise UnsupportedFeatureError("optimized model: unsupported argument attention_mask (a padding mask: "
                                           "ViViT's videos have none)")
         C, (H, W), T = cfg.num_channels, self.model.embeddings.image_size, cfg.num_frames
+        if interpolate_pos_encoding and H != W:
+            raise UnsupportedFeatureError("optimized model: interpolate_pos_encoding=True with a non-square image "
+                                          f"size {H} x {W} (HF's resampling of ViViT's table takes it as square)")
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 5 or \
                 tuple(pixel_values.shape[1:]) != (T, C, H, W):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
