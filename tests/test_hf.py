@@ -121,7 +121,8 @@ def test_every_supported_class_is_tested():
         "TimesformerModel"} | {                                                                 # test_hf_timesformer
         "VitDetModel", "VitDetBackbone"} | {                                                    # test_hf_vitdet
         "BeitModel", "Data2VecVisionModel"} | {                                                 # test_hf_beit
-        "VivitModel"}                                                                           # test_hf_vivit
+        "VivitModel"} | {                                                                       # test_hf_vivit
+        "Molmo2VisionModel"}                                                                    # test_hf_molmo2
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -66,7 +66,8 @@ its DPT heads hold) in `vitfast.hf_tipsv2`, ViTPose's backbone (VitPoseForPoseEs
 segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its video classifier holds it as
 `timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`, BEiT's
 and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`, ViViT (its video
-classifier holds it as `vivit`) in `vitfast.hf_vivit`.
+classifier holds it as `vivit`) in `vitfast.hf_vivit`, Molmo2's tower (its VLM holds it as `vision_tower`) in
+`vitfast.hf_molmo2`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -121,6 +122,8 @@ from vitfast.hf_llama4 import CLASSES as LLAMA4_CLASSES
 from vitfast.hf_llama4 import optimize_llama4
 from vitfast.hf_mllama import CLASSES as MLLAMA_CLASSES
 from vitfast.hf_mllama import optimize_mllama
+from vitfast.hf_molmo2 import CLASSES as MOLMO2_CLASSES
+from vitfast.hf_molmo2 import optimize_molmo2
 from vitfast.hf_paddleocr import CLASSES as PADDLEOCR_CLASSES
 from vitfast.hf_paddleocr import optimize_paddleocr
 from vitfast.hf_pixio import CLASSES as PIXIO_CLASSES
@@ -275,6 +278,8 @@ CLASSES = {
     **{name: (family, None) for name, family in BEIT_CLASSES.items()},
     # ViViT (its video classifier holds it as `vivit`): tubelets, spatio-temporal attention (vitfast.hf_vivit)
     **{name: (family, None) for name, family in VIVIT_CLASSES.items()},
+    # Molmo2's tower (its VLM holds it as `vision_tower`): a SigLIP-style ViT over patchified crops (vitfast.hf_molmo2)
+    **{name: (family, None) for name, family in MOLMO2_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -353,6 +358,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_beit(model)
     if family == "vivit":
         return optimize_vivit(model)
+    if family == "molmo2":
+        return optimize_molmo2(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

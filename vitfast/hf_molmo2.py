@@ -1,0 +1,142 @@
+"""Molmo2's vision tower on vitfast: transformers' `Molmo2VisionModel` (AI2's Molmo2: a SigLIP-so400m-style ViT over
+crops of 378 px, 729 patches of 14, 16 heads of 72), which `Molmo2Model` and `Molmo2ForConditionalGeneration` hold as
+`vision_tower` (their adapter reads its hidden states at `vision_feature_layer`).
+
+The tower takes patchified crops pixel_values [B, N, P·P·C] (the processor's flattened patches; N the configured
+num_position_embeddings, as HF's table is added as is). The patch embedding (HF's nn.Linear over the flattened
+patches) is one GEMM, then HF's position table. Per block: the LayerNorm, the packed q / k / v GEMM (HF's three
+projections joined; with grouped-query attention, num_key_value_heads < num_attention_heads, each key / value head's
+rows repeated for its query heads, so that their gradients sum back into HF's), the attention, the output projection
+with the residual in its epilogue, the LayerNorm, fc1 with its activation in its epilogue, fc2 with the residual. No
+final norm, as HF's.
+
+Output: HF's BaseModelOutputWithPooling: last_hidden_state, pooler_output (the tokens' mean, as HF's), and with
+output_hidden_states (True, or an index or list of indices that keeps only those) the embeddings and each block's
+output. The stand-in holds HF's model (`self.model`, its forward unused) and so its parameter tensors; it trains; on
+CUDA in eval mode without grad its forward replays a CUDA graph per input shape. Not supported (named in the error):
+attention outputs, dropout in train mode, activations other than the GELUs and QuickGELU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from vitfast import ops
+from vitfast.convert import UnsupportedFeatureError, _Findings
+from vitfast.graphs import CUDAGraphRunner
+from vitfast.hf_qwen import kept_hidden_states
+from vitfast.hf_sam import _ACTIVATIONS
+from vitfast.layers import JoinedLinear
+
+# transformers class -> family
+CLASSES = {"Molmo2VisionModel": "molmo2"}
+
+
+def _kv_order(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> list[int] | None:
+    """The key / value rows for each query head (HF's repeat_kv: head h reads key / value head h // group), or None
+    without grouping."""
+    if kv_heads == heads:
+        return None
+    group = heads // kv_heads
+    return [(h // group) * head_dim + d for h in range(heads) for d in range(head_dim)]
+
+
+def optimize_molmo2(model: nn.Module) -> HFMolmo2VisionModel:
+    """A transformers Molmo2VisionModel -> its stand-in on vitfast (module docstring)."""
+    name, cfg = type(model).__name__, model.config
+    f = _Findings(f"Hugging Face {name}")
+    dim, heads, kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or dim // heads
+    f.need(heads % kv_heads == 0, f"num_attention_heads={heads} with num_key_value_heads={kv_heads}")
+    f.need(cfg.hidden_act in _ACTIVATIONS, f"hidden_act={cfg.hidden_act!r} (only {sorted(_ACTIVATIONS)})")
+    f.linear(model.patch_embedding, "patch_embedding")
+    for i, layer in enumerate(model.layers):
+        where = f"layers.{i}"
+        for n in ("layer_norm1", "layer_norm2"):
+            f.layer_norm_eps(getattr(layer, n), f"{where}.{n}", dim)
+        a = layer.self_attn
+        widths = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
+        for part, width in widths.items():
+            m = getattr(a, part)
+            f.linear(m, f"{where}.self_attn.{part}", bias=False) and f.need(
+                m.out_features == width, f"{where}.self_attn.{part} width {m.out_features} (expected {width})")
+        f.linear(a.o_proj, f"{where}.self_attn.o_proj", bias=False)
+        if a.attention_dropout > 0:
+            f.train_only.append(f"dropout p={a.attention_dropout:g} ({where}.self_attn)")
+        f.linear(layer.mlp.fc1, f"{where}.mlp.fc1")
+        f.linear(layer.mlp.fc2, f"{where}.mlp.fc2")
+    f.one_dtype_device(model.parameters())
+    f.check(model.training)
+    module = sys.modules[type(model).__module__]
+    return HFMolmo2VisionModel(model, module.BaseModelOutputWithPooling, heads, kv_heads,
+                               head_dim).train(model.training)
+
+
+class HFMolmo2VisionModel(nn.Module):
+    """Stands in for a Molmo2VisionModel (`forward(pixel_values, ...)`) as HF's, returning HF's output object (module
+    docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v projections joined,
+    `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that they train, one cached
+    copy otherwise."""
+
+    def __init__(self, model: nn.Module, output: type, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        cfg = model.config
+        self.config, self.model, self._output, self.num_heads = cfg, model, output, heads
+        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        joined = []
+        for layer in model.layers:
+            a = layer.self_attn
+            order = _kv_order(a, heads, kv_heads, head_dim)
+            bias = lambda m: "bias" if m.bias is not None else None
+            joined.append(JoinedLinear([(a.q_proj, "weight", bias(a.q_proj), None)] + [
+                (m, "weight", bias(m), None) + ((order,) if order is not None else ()) for m in (a.k_proj, a.v_proj)]))
+        self.qkv = nn.ModuleList(joined)
+        self.cuda_graphs = CUDAGraphRunner()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                **kwargs):
+        cfg = self.config
+        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        width, n = self.model.patch_embedding.in_features, self.model.positional_embedding.shape[0]
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 3 or \
+                tuple(pixel_values.shape[1:]) != (n, width):
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: expected patchified crops [B, {n}, {width}] (the model's position "
+                             f"table's patches, each flattened), got {got}")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
+        x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
+        out = self._output(last_hidden_state=x, pooler_output=x.mean(dim=1),
+                           hidden_states=None if keep is None else tuple(hidden))
+        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
+        return out if use_dict else out.to_tuple()
+
+    def _forward(self, patches: Tensor, *, keep):
+        m = self.model
+        pe = m.patch_embedding
+        x = ops.linear(patches.to(pe.weight.dtype), pe.weight, pe.bias) + m.positional_embedding.to(pe.weight.dtype)
+        kept = keep or ()
+        hidden = [x if 0 in kept else None]
+        for i, (layer, qkv) in enumerate(zip(m.layers, self.qkv), 1):
+            o, fc1, fc2 = layer.self_attn.o_proj, layer.mlp.fc1, layer.mlp.fc2
+            n1, n2 = layer.layer_norm1, layer.layer_norm2
+            h = ops.linear(ops.layer_norm(x, n1.weight, n1.bias, eps=n1.eps), qkv.weight, qkv.bias)
+            x = ops.linear(ops.attention_qkv(h, self.num_heads), o.weight, o.bias, residual=x)
+            h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias,
+                           activation=self.activation)
+            x = ops.linear(h, fc2.weight, fc2.bias, residual=x)
+            hidden.append(x if i in kept else None)
+        return x, hidden
