@@ -122,7 +122,8 @@ def test_every_supported_class_is_tested():
         "VitDetModel", "VitDetBackbone"} | {                                                    # test_hf_vitdet
         "BeitModel", "Data2VecVisionModel"} | {                                                 # test_hf_beit
         "VivitModel"} | {                                                                       # test_hf_vivit
-        "Molmo2VisionModel"}                                                                    # test_hf_molmo2
+        "Molmo2VisionModel"} | {                                                                # test_hf_molmo2
+        "HunYuanVLVisionTransformer"}                                                           # test_hf_hunyuan_vl
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

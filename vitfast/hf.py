@@ -67,7 +67,7 @@ segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its vide
 `timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`, BEiT's
 and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`, ViViT (its video
 classifier holds it as `vivit`) in `vitfast.hf_vivit`, Molmo2's tower (its VLM holds it as `vision_tower`) in
-`vitfast.hf_molmo2`.
+`vitfast.hf_molmo2`, HunYuan-VL's (likewise) in `vitfast.hf_hunyuan_vl`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -116,6 +116,8 @@ from vitfast.hf_gemma4 import CLASSES as GEMMA4_CLASSES
 from vitfast.hf_gemma4 import optimize_gemma4
 from vitfast.hf_glm import CLASSES as GLM_CLASSES
 from vitfast.hf_glm import optimize_glm
+from vitfast.hf_hunyuan_vl import CLASSES as HUNYUAN_VL_CLASSES
+from vitfast.hf_hunyuan_vl import optimize_hunyuan_vl
 from vitfast.hf_kimi import CLASSES as KIMI_CLASSES
 from vitfast.hf_kimi import optimize_kimi
 from vitfast.hf_llama4 import CLASSES as LLAMA4_CLASSES
@@ -280,6 +282,9 @@ CLASSES = {
     **{name: (family, None) for name, family in VIVIT_CLASSES.items()},
     # Molmo2's tower (its VLM holds it as `vision_tower`): a SigLIP-style ViT over patchified crops (vitfast.hf_molmo2)
     **{name: (family, None) for name, family in MOLMO2_CLASSES.items()},
+    # HunYuan-VL's tower (its VLM holds it as `vision_tower`): a NaViT over packed patches with grid_thw, its patch
+    # merger per image (vitfast.hf_hunyuan_vl)
+    **{name: (family, None) for name, family in HUNYUAN_VL_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -360,6 +365,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_vivit(model)
     if family == "molmo2":
         return optimize_molmo2(model)
+    if family == "hunyuan_vl":
+        return optimize_hunyuan_vl(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model

@@ -44,6 +44,28 @@ def _kv_order(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> list
     return [(h // group) * head_dim + d for h in range(heads) for d in range(head_dim)]
 
 
+def joined_qkv(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> JoinedLinear:
+    """A SigLIP-layout attention's q / k / v projections as one `JoinedLinear` over HF's tensors (grouped-query
+    attention's key / value rows repeated for their query heads)."""
+    order = _kv_order(attn, heads, kv_heads, head_dim)
+    bias = lambda m: "bias" if m.bias is not None else None
+    return JoinedLinear([(attn.q_proj, "weight", bias(attn.q_proj), None)] + [
+        (m, "weight", bias(m), None) + ((order,) if order is not None else ()) for m in (attn.k_proj, attn.v_proj)])
+
+
+def encoder_layer(layer: nn.Module, qkv: JoinedLinear, x: Tensor, num_heads: int, activation: str,
+                  cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+    """One SigLIP-layout encoder layer (layer_norm1, self_attn.q / k / v / o_proj, layer_norm2, mlp.fc1 / fc2: Molmo2's,
+    HunYuan-VL's) on tokens x [B, N, C], its attention within each segment of cu_seqlens where given."""
+    o, fc1, fc2 = layer.self_attn.o_proj, layer.mlp.fc1, layer.mlp.fc2
+    n1, n2 = layer.layer_norm1, layer.layer_norm2
+    h = ops.linear(ops.layer_norm(x, n1.weight, n1.bias, eps=n1.eps), qkv.weight, qkv.bias)
+    h = ops.attention_qkv(h, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    x = ops.linear(h, o.weight, o.bias, residual=x)
+    h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias, activation=activation)
+    return ops.linear(h, fc2.weight, fc2.bias, residual=x)
+
+
 def optimize_molmo2(model: nn.Module) -> HFMolmo2VisionModel:
     """A transformers Molmo2VisionModel -> its stand-in on vitfast (module docstring)."""
     name, cfg = type(model).__name__, model.config
@@ -86,14 +108,7 @@ class HFMolmo2VisionModel(nn.Module):
         cfg = model.config
         self.config, self.model, self._output, self.num_heads = cfg, model, output, heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
-        joined = []
-        for layer in model.layers:
-            a = layer.self_attn
-            order = _kv_order(a, heads, kv_heads, head_dim)
-            bias = lambda m: "bias" if m.bias is not None else None
-            joined.append(JoinedLinear([(a.q_proj, "weight", bias(a.q_proj), None)] + [
-                (m, "weight", bias(m), None) + ((order,) if order is not None else ()) for m in (a.k_proj, a.v_proj)]))
-        self.qkv = nn.ModuleList(joined)
+        self.qkv = nn.ModuleList(joined_qkv(layer.self_attn, heads, kv_heads, head_dim) for layer in model.layers)
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -131,12 +146,6 @@ class HFMolmo2VisionModel(nn.Module):
         kept = keep or ()
         hidden = [x if 0 in kept else None]
         for i, (layer, qkv) in enumerate(zip(m.layers, self.qkv), 1):
-            o, fc1, fc2 = layer.self_attn.o_proj, layer.mlp.fc1, layer.mlp.fc2
-            n1, n2 = layer.layer_norm1, layer.layer_norm2
-            h = ops.linear(ops.layer_norm(x, n1.weight, n1.bias, eps=n1.eps), qkv.weight, qkv.bias)
-            x = ops.linear(ops.attention_qkv(h, self.num_heads), o.weight, o.bias, residual=x)
-            h = ops.linear(ops.layer_norm(x, n2.weight, n2.bias, eps=n2.eps), fc1.weight, fc1.bias,
-                           activation=self.activation)
-            x = ops.linear(h, fc2.weight, fc2.bias, residual=x)
+            x = encoder_layer(layer, qkv, x, self.num_heads, self.activation)
             hidden.append(x if i in kept else None)
         return x, hidden
