@@ -123,7 +123,8 @@ def test_every_supported_class_is_tested():
         "BeitModel", "Data2VecVisionModel"} | {                                                 # test_hf_beit
         "VivitModel"} | {                                                                       # test_hf_vivit
         "Molmo2VisionModel"} | {                                                                # test_hf_molmo2
-        "HunYuanVLVisionTransformer"}                                                           # test_hf_hunyuan_vl
+        "HunYuanVLVisionTransformer"} | {                                                       # test_hf_hunyuan_vl
+        "Step3p7VisionModel"}                                                                   # test_hf_step3p7
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

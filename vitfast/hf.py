@@ -67,7 +67,8 @@ segmentation models hold it as `dpt`) in `vitfast.hf_dpt`, TimeSformer (its vide
 `timesformer`) in `vitfast.hf_timesformer`, ViTDet's backbone (ViTMatte holds it) in `vitfast.hf_vitdet`, BEiT's
 and Data2Vec-vision's (their heads hold it as `beit` / `data2vec_vision`) in `vitfast.hf_beit`, ViViT (its video
 classifier holds it as `vivit`) in `vitfast.hf_vivit`, Molmo2's tower (its VLM holds it as `vision_tower`) in
-`vitfast.hf_molmo2`, HunYuan-VL's (likewise) in `vitfast.hf_hunyuan_vl`.
+`vitfast.hf_molmo2`, HunYuan-VL's (likewise) in `vitfast.hf_hunyuan_vl`, Step3p7's (its VLM holds it as
+`vision_model`) in `vitfast.hf_step3p7`.
 Aimv2Model and Ovis2ForConditionalGeneration are copied likewise.
 AIMv2 runs with RMSNorms (`norm="rmsnorm"`, the patch tokens' too: `embed_norm`) and its SwiGLU packed; Ovis2's tower
 is AIMv2's transformer and a visual tokenizer (`HFOvis2VisionModel`); MLCD is CLIP's layout with a 2D RoPE in place
@@ -142,6 +143,8 @@ from vitfast.hf_sam3 import CLASSES as SAM3_CLASSES
 from vitfast.hf_sam3 import optimize_sam3
 from vitfast.hf_sapiens2 import CLASSES as SAPIENS2_CLASSES
 from vitfast.hf_sapiens2 import optimize_sapiens2
+from vitfast.hf_step3p7 import CLASSES as STEP3P7_CLASSES
+from vitfast.hf_step3p7 import optimize_step3p7
 from vitfast.hf_timesformer import CLASSES as TIMESFORMER_CLASSES
 from vitfast.hf_timesformer import optimize_timesformer
 from vitfast.hf_tipsv2 import CLASSES as TIPSV2_CLASSES
@@ -285,6 +288,9 @@ CLASSES = {
     # HunYuan-VL's tower (its VLM holds it as `vision_tower`): a NaViT over packed patches with grid_thw, its patch
     # merger per image (vitfast.hf_hunyuan_vl)
     **{name: (family, None) for name, family in HUNYUAN_VL_CLASSES.items()},
+    # Step3p7's tower (its VLM holds it as `vision_model`): 2D RoPE, layer-scales, two downsampling convolutions
+    # (vitfast.hf_step3p7)
+    **{name: (family, None) for name, family in STEP3P7_CLASSES.items()},
 }
 _BASE_ATTR = {"vit": "vit", "deit": "deit"}
 # family -> (resample with antialias, resample whenever the grid differs)
@@ -367,6 +373,8 @@ def _optimize_hf(model: nn.Module) -> nn.Module:
         return optimize_molmo2(model)
     if family == "hunyuan_vl":
         return optimize_hunyuan_vl(model)
+    if family == "step3p7":
+        return optimize_step3p7(model)
     cfg = model.config
     f = _Findings(f"Hugging Face {name}")
     base = getattr(model, _BASE_ATTR[family]) if head in ("classifier", "teacher") else model
