@@ -33,10 +33,8 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.hf_vitlayer import check_images
+from vitfast.hf_vitlayer import HFStandIn, check_images
 from vitfast.layers import JoinedLinear
 from vitfast.reference import mask_patches
 
@@ -111,31 +109,20 @@ def optimize_beit(model: nn.Module) -> HFBeitModel:
     return HFBeitModel(model, output).train(model.training)
 
 
-class HFBeitModel(nn.Module):
+class HFBeitModel(HFStandIn):
     """Stands in for a BeitModel or Data2VecVisionModel (`forward(pixel_values, bool_masked_pos=None,
     interpolate_pos_encoding=False, ...)`) as HF's, returning HF's output object (module docstring). HF's model is
     `self.model`; `self.qkv` holds, per block, its q / k / v projections joined, `JoinedLinear`s built from HF's
     tensors on each access while a gradient is recorded, so that they train, one cached copy otherwise."""
 
     def __init__(self, model: nn.Module, output: type):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
-        self.num_heads = cfg.num_attention_heads
-        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        super().__init__(model, output)
+        self.num_heads = self.config.num_attention_heads
+        self.activation = _ACTIVATIONS[self.config.hidden_act]
         self.qkv = nn.ModuleList(
             JoinedLinear([(m, "weight", "bias" if m.bias is not None else None, None) for m in _parts(layer)["qkv"]])
             for layer in _layers(model))
-        self.cuda_graphs = CUDAGraphRunner()
         self._biases: dict[tuple, Tensor] = {}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @property
     def embeddings(self) -> nn.Module:
@@ -148,11 +135,12 @@ class HFBeitModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embeddings.patch_embeddings
 
+    def _blocks(self) -> nn.ModuleList:
+        return _layers(self.model)
+
     def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
                 interpolate_pos_encoding=False, return_dict=None, attention_mask=None, **kwargs):
-        cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         if attention_mask is not None:
             raise UnsupportedFeatureError("optimized model: unsupported argument attention_mask (a padding mask: "
                                           "BEiT's images have none)")
@@ -171,15 +159,10 @@ class HFBeitModel(nn.Module):
                     type(bool_masked_pos).__name__
                 raise ValueError(f"bool_masked_pos: expected [B, patches] = [{B}, {N}], got {got}")
             masked = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(_layers(self.model)) + 1)
         x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, masked, keep=keep,
                                              interpolate=bool(interpolate_pos_encoding))
-        out = self._output(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=None if keep is None else tuple(hidden))
 
     def _bias(self, module: nn.Module, grid: tuple[int, int], interpolate: bool, n: int) -> Tensor:
         """HF's relative position bias [1, heads, N, N] of `module` for this patch grid (its own method: the table

@@ -29,10 +29,9 @@ from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_molmo2 import encoder_layer, joined_qkv
-from vitfast.hf_qwen import kept_hidden_states
+from vitfast.hf_molmo2 import encoder_layer
 from vitfast.hf_sam import _ACTIVATIONS
+from vitfast.hf_vitlayer import HFStandIn, joined_qkv_proj
 
 # transformers class -> family
 CLASSES = {"HunYuanVLVisionTransformer": "hunyuan_vl"}
@@ -68,7 +67,7 @@ def optimize_hunyuan_vl(model: nn.Module) -> HFHunYuanVLVisionTransformer:
                                         head_dims.pop() if head_dims else dim).train(model.training)
 
 
-class HFHunYuanVLVisionTransformer(nn.Module):
+class HFHunYuanVLVisionTransformer(HFStandIn):
     """Stands in for a HunYuanVLVisionTransformer (`forward(pixel_values, grid_thw, ...)`) as HF's, returning HF's
     output object (module docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v
     projections joined (`JoinedLinear`s over HF's tensors, so that they train)."""
@@ -76,26 +75,15 @@ class HFHunYuanVLVisionTransformer(nn.Module):
     main_input_name = "pixel_values"
 
     def __init__(self, model: nn.Module, output: type, heads: int, head_dim: int):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output, self.num_heads = cfg, model, output, heads
+        super().__init__(model, output)
+        cfg = self.config
+        self.num_heads = heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
-        self.qkv = nn.ModuleList(joined_qkv(layer.self_attn, heads, heads, head_dim) for layer in model.layers)
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        self.qkv = nn.ModuleList(joined_qkv_proj(layer.self_attn, heads, heads, head_dim) for layer in model.layers)
 
     def forward(self, pixel_values=None, grid_thw=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         if kwargs:
             raise UnsupportedFeatureError(f"optimized model: unsupported arguments {sorted(kwargs)} (a precomputed "
                                           "layout: vitfast makes it from grid_thw)")
@@ -109,17 +97,12 @@ class HFHunYuanVLVisionTransformer(nn.Module):
         if not isinstance(pixel_values, Tensor) or tuple(pixel_values.shape) != (T, width):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected patches [T, {width}] with T = {T} (grid_thw's), got {got}")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
         sizes = [h * w for t, h, w in grid for _ in range(t)]                      # each frame attends within itself
         cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=pixel_values.device)
         x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, cu, grid=grid, max_seqlen=max(sizes),
                                              keep=keep)
-        out = self._output(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=None if keep is None else tuple(hidden))
 
     def _forward(self, pixels: Tensor, cu: Tensor, *, grid, max_seqlen: int, keep):
         m = self.model

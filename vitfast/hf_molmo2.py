@@ -21,39 +21,18 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
+from vitfast.convert import _Findings
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.layers import JoinedLinear
+from vitfast.hf_vitlayer import HFStandIn, joined_qkv_proj
 
 # transformers class -> family
 CLASSES = {"Molmo2VisionModel": "molmo2"}
 
 
-def _kv_order(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> list[int] | None:
-    """The key / value rows for each query head (HF's repeat_kv: head h reads key / value head h // group), or None
-    without grouping."""
-    if kv_heads == heads:
-        return None
-    group = heads // kv_heads
-    return [(h // group) * head_dim + d for h in range(heads) for d in range(head_dim)]
-
-
-def joined_qkv(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> JoinedLinear:
-    """A SigLIP-layout attention's q / k / v projections as one `JoinedLinear` over HF's tensors (grouped-query
-    attention's key / value rows repeated for their query heads)."""
-    order = _kv_order(attn, heads, kv_heads, head_dim)
-    bias = lambda m: "bias" if m.bias is not None else None
-    return JoinedLinear([(attn.q_proj, "weight", bias(attn.q_proj), None)] + [
-        (m, "weight", bias(m), None) + ((order,) if order is not None else ()) for m in (attn.k_proj, attn.v_proj)])
-
-
-def encoder_layer(layer: nn.Module, qkv: JoinedLinear, x: Tensor, num_heads: int, activation: str,
+def encoder_layer(layer: nn.Module, qkv: nn.Module, x: Tensor, num_heads: int, activation: str,
                   cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
     """One SigLIP-layout encoder layer (layer_norm1, self_attn.q / k / v / o_proj, layer_norm2, mlp.fc1 / fc2: Molmo2's,
     HunYuan-VL's) on tokens x [B, N, C], its attention within each segment of cu_seqlens where given."""
@@ -97,47 +76,31 @@ def optimize_molmo2(model: nn.Module) -> HFMolmo2VisionModel:
                                head_dim).train(model.training)
 
 
-class HFMolmo2VisionModel(nn.Module):
+class HFMolmo2VisionModel(HFStandIn):
     """Stands in for a Molmo2VisionModel (`forward(pixel_values, ...)`) as HF's, returning HF's output object (module
     docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v projections joined,
     `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that they train, one cached
     copy otherwise."""
 
     def __init__(self, model: nn.Module, output: type, heads: int, kv_heads: int, head_dim: int):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output, self.num_heads = cfg, model, output, heads
+        super().__init__(model, output)
+        cfg = self.config
+        self.num_heads = heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
-        self.qkv = nn.ModuleList(joined_qkv(layer.self_attn, heads, kv_heads, head_dim) for layer in model.layers)
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        self.qkv = nn.ModuleList(joined_qkv_proj(layer.self_attn, heads, kv_heads, head_dim) for layer in model.layers)
 
     def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 **kwargs):
-        cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         width, n = self.model.patch_embedding.in_features, self.model.positional_embedding.shape[0]
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 3 or \
                 tuple(pixel_values.shape[1:]) != (n, width):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected patchified crops [B, {n}, {width}] (the model's position "
                              f"table's patches, each flattened), got {got}")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
         x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
-        out = self._output(last_hidden_state=x, pooler_output=x.mean(dim=1),
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, pooler_output=x.mean(dim=1),
+                            hidden_states=None if keep is None else tuple(hidden))
 
     def _forward(self, patches: Tensor, *, keep):
         m = self.model

@@ -25,11 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from vitfast import ops
-from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
+from vitfast.convert import _Findings
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.layers import JoinedLinear
+from vitfast.hf_vitlayer import HFStandIn, joined_qkv_proj
 
 # transformers class -> family
 CLASSES = {"Step3p7VisionModel": "step3p7"}
@@ -62,49 +60,32 @@ def optimize_step3p7(model: nn.Module) -> HFStep3p7VisionModel:
     return HFStep3p7VisionModel(model, module.BaseModelOutput).train(model.training)
 
 
-class HFStep3p7VisionModel(nn.Module):
+class HFStep3p7VisionModel(HFStandIn):
     """Stands in for a Step3p7VisionModel (`forward(pixel_values, ...)`) as HF's, returning HF's output object (module
     docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v projections joined,
     `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that they train, one
     cached copy otherwise."""
 
     def __init__(self, model: nn.Module, output: type):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
+        super().__init__(model, output)
+        cfg = self.config
         self.num_heads = cfg.num_attention_heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
-        self.qkv = nn.ModuleList(
-            JoinedLinear([(m, "weight", "bias" if m.bias is not None else None, None)
-                          for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)])
-            for layer in model.layers)
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        H = self.num_heads
+        self.qkv = nn.ModuleList(joined_qkv_proj(layer.self_attn, H, H, layer.self_attn.head_dim)
+                                 for layer in model.layers)
 
     def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 **kwargs):
         cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         P, C = self.model.embeddings.patch_size, cfg.num_channels
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != C or \
                 pixel_values.shape[2] % P or pixel_values.shape[3] % P or 0 in pixel_values.shape[2:]:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected images [B, {C}, H, W] with H and W multiples of {P}, got {got}")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
         x, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
-        out = self._output(last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, hidden_states=None if keep is None else tuple(hidden))
 
     def _forward(self, pixels: Tensor, *, keep):
         m = self.model

@@ -54,6 +54,25 @@ def joined_qkv(layers: nn.ModuleList) -> nn.ModuleList:
         for a in (layer.attention.attention for layer in layers))
 
 
+def _kv_order(heads: int, kv_heads: int, head_dim: int) -> list[int] | None:
+    """The key / value rows for each query head (HF's repeat_kv: head h reads key / value head h // group), or None
+    without grouping."""
+    if kv_heads == heads:
+        return None
+    group = heads // kv_heads
+    return [(h // group) * head_dim + d for h in range(heads) for d in range(head_dim)]
+
+
+def joined_qkv_proj(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> JoinedLinear:
+    """An attention's q_proj / k_proj / v_proj (HF's ViViT, Step3p7's, the SigLIP-layout towers') as one
+    `JoinedLinear` over HF's tensors, a missing bias as zeros (grouped-query attention, kv_heads < heads: each key /
+    value head's rows repeated for its query heads)."""
+    order = _kv_order(heads, kv_heads, head_dim)
+    bias = lambda m: "bias" if m.bias is not None else None
+    return JoinedLinear([(attn.q_proj, "weight", bias(attn.q_proj), None)] + [
+        (m, "weight", bias(m), None) + ((order,) if order is not None else ()) for m in (attn.k_proj, attn.v_proj)])
+
+
 def vit_layer(layer: nn.Module, qkv: JoinedLinear, x: Tensor, num_heads: int, activation: str) -> Tensor:
     """One ViT-layout layer on tokens x [B, N, C] (module docstring)."""
     o, fc1, fc2 = layer.attention.output.dense, layer.intermediate.dense, layer.output.dense
@@ -64,19 +83,16 @@ def vit_layer(layer: nn.Module, qkv: JoinedLinear, x: Tensor, num_heads: int, ac
     return ops.linear(h, fc2.weight, fc2.bias, residual=x)
 
 
-class ViTLayoutStandIn(nn.Module):
-    """The shared shape of the stand-ins for HF's ViT-layout models (VideoMAE's, YOLOS's, DPT's): HF's model as
-    `self.model` (its forward unused) with its config and output class, per block its q / k / v joined
-    (`joined_qkv`), a CUDA-graph runner; `_keep` (the forward's refusals and kept hidden states) and `_result` (HF's
-    output object, or its tuple) for the subclass's forward."""
+class HFStandIn(nn.Module):
+    """The shared shape of the stand-ins that hold HF's model as `self.model` (its forward unused) and run its blocks
+    on vitfast's ops (VideoMAE's, YOLOS's, DPT's, BEiT's, ViViT's, Molmo2's, HunYuan-VL's, Step3p7's): its config and
+    output class, a CUDA-graph runner, its dtype and device; `_keep` (the forward's refusal of attention outputs and
+    the hidden states to keep) and `_result` (HF's output object, or its tuple) for the subclass's forward, which
+    names its blocks in `_blocks`."""
 
     def __init__(self, model: nn.Module, output: type):
         super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
-        self.num_heads = cfg.num_attention_heads
-        self.qkv = joined_qkv(model.encoder.layer)
-        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        self.config, self.model, self._output = model.config, model, output
         self.cuda_graphs = CUDAGraphRunner()
 
     @property
@@ -87,6 +103,35 @@ class ViTLayoutStandIn(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def _keep(self, output_attentions, output_hidden_states) -> tuple[int, ...] | None:
+        """Attention outputs refused by name; the hidden states to return (`kept_hidden_states`: the embeddings and
+        each block's output)."""
+        cfg = self.config
+        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
+            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        return kept_hidden_states(output_hidden_states, len(self._blocks()) + 1)
+
+    def _result(self, return_dict, **fields):
+        out = self._output(**fields)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if use_dict else out.to_tuple()
+
+
+class ViTLayoutStandIn(HFStandIn):
+    """The stand-ins for HF's ViT-layout models (VideoMAE's, YOLOS's, DPT's): `HFStandIn` with per block its q / k / v
+    joined (`joined_qkv`)."""
+
+    def __init__(self, model: nn.Module, output: type):
+        super().__init__(model, output)
+        self.num_heads = self.config.num_attention_heads
+        self.qkv = joined_qkv(model.encoder.layer)
+        self.activation = _ACTIVATIONS[self.config.hidden_act]
+
     @property
     def embeddings(self) -> nn.Module:
         return self.model.embeddings
@@ -94,16 +139,5 @@ class ViTLayoutStandIn(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
-    def _keep(self, output_attentions, output_hidden_states) -> tuple[int, ...] | None:
-        """Attention outputs refused by name; the hidden states to return (`kept_hidden_states`)."""
-        cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        return kept_hidden_states(output_hidden_states, len(self.model.encoder.layer) + 1)
-
-    def _result(self, return_dict, **fields):
-        out = self._output(**fields)
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+    def _blocks(self) -> nn.ModuleList:
+        return self.model.encoder.layer

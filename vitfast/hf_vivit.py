@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from torch import Tensor, nn
 
 from vitfast import ops
 from vitfast.convert import UnsupportedFeatureError, _Findings
-from vitfast.graphs import CUDAGraphRunner
-from vitfast.hf_qwen import kept_hidden_states
 from vitfast.hf_sam import _ACTIVATIONS
-from vitfast.layers import JoinedLinear
+from vitfast.hf_vitlayer import HFStandIn, joined_qkv_proj
 
 # transformers class -> family
 CLASSES = {"VivitModel": "vivit"}
@@ -71,31 +68,20 @@ def optimize_vivit(model: nn.Module) -> HFVivitModel:
     return HFVivitModel(model, module.BaseModelOutputWithPooling).train(model.training)
 
 
-class HFVivitModel(nn.Module):
+class HFVivitModel(HFStandIn):
     """Stands in for a VivitModel (`forward(pixel_values, interpolate_pos_encoding=False, ...)`) as HF's, returning
     HF's output object (module docstring). HF's model is `self.model`; `self.qkv` holds, per block, its q / k / v
     projections joined, `JoinedLinear`s built from HF's tensors on each access while a gradient is recorded, so that
     they train, one cached copy otherwise."""
 
     def __init__(self, model: nn.Module, output: type):
-        super().__init__()
-        cfg = model.config
-        self.config, self.model, self._output = cfg, model, output
+        super().__init__(model, output)
+        cfg = self.config
         self.num_heads = cfg.num_attention_heads
         self.activation = _ACTIVATIONS[cfg.hidden_act]
-        self.qkv = nn.ModuleList(
-            JoinedLinear([(m, "weight", "bias" if m.bias is not None else None, None)
-                          for m in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj)])
-            for layer in model.layers)
-        self.cuda_graphs = CUDAGraphRunner()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype             # one dtype and device (checked by optimize)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        H = self.num_heads
+        self.qkv = nn.ModuleList(joined_qkv_proj(layer.attention, H, H, layer.attention.head_dim)
+                                 for layer in model.layers)
 
     @property
     def embeddings(self) -> nn.Module:
@@ -111,8 +97,7 @@ class HFVivitModel(nn.Module):
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, attention_mask=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
         cfg = self.config
-        if output_attentions or getattr(cfg, "output_attentions", False) and output_attentions is None:
-            raise UnsupportedFeatureError("optimized model: unsupported argument output_attentions=True")
+        keep = self._keep(output_attentions, output_hidden_states)
         if attention_mask is not None:
             raise UnsupportedFeatureError("optimized model: unsupported argument attention_mask (a padding mask: "
                                           "ViViT's videos have none)")
@@ -125,14 +110,9 @@ class HFVivitModel(nn.Module):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected videos [B, {T}, {C}, {H}, {W}] (the model's num_frames and "
                              f"image size: its position table's), got {got}")
-        if output_hidden_states is None:
-            output_hidden_states = getattr(cfg, "output_hidden_states", False)
-        keep = kept_hidden_states(output_hidden_states, len(self.model.layers) + 1)
         x, pooled, hidden = self.cuda_graphs(self, self._forward, pixel_values, keep=keep)
-        out = self._output(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=None if keep is None else tuple(hidden))
-        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
-        return out if use_dict else out.to_tuple()
+        return self._result(return_dict, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=None if keep is None else tuple(hidden))
 
     def _forward(self, videos: Tensor, *, keep):
         m = self.model

@@ -342,9 +342,12 @@ def torch_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                    key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+                    key_mask: Tensor | None = None, cu_seqlens: Tensor | None = None, bias: Tensor | None = None
+                    ) -> Tensor:
     """SDPA; key_mask (bool [B, N_kv]) as its boolean attn_mask [B, 1, 1, N_kv]. A batch element with no key
-    left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend.
+    left attends to all of them and is zeroed after: zeros and zero gradients, on any SDPA backend. bias: scores
+    added before the softmax (SDPA's float attn_mask, in q's dtype; the masked keys at -inf), broadcast to
+    [B, H, N_q, N_kv]; not with cu_seqlens.
     cu_seqlens (int [S + 1], the segments of packed q, k, v [1, H, T, D]; not with key_mask): SDPA on each
     segment, written into one output (reads the boundaries on the host: a sync on CUDA; tokens past cu[S]
     are 0), laid out [1, T, H, D] in memory (a view [1, H, T, D] of it is returned: no transpose copy for the
@@ -361,9 +364,11 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                                                              scale=scale).transpose(1, 2)
         return out.transpose(1, 2)                                                          # (B, H, N, D) view
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     any_key = key_mask.any(-1, keepdim=True)                                                # (B, 1)
     mask = (key_mask | ~any_key)[:, None, None, :]                                          # (B, 1, 1, N_kv)
+    if bias is not None:
+        mask = bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out * any_key[:, :, None, None].to(out.dtype)
 
@@ -380,21 +385,9 @@ def torch_attention_qkv(qkv: Tensor, num_heads: int, scale: float | None = None,
     row."""
     B, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)                                                    # (B, H, N, D)
-    if attn_bias is not None:
-        bias = attn_bias.to(q.dtype)
-        any_key = None
-        if key_mask is not None:
-            any_key = key_mask.any(-1, keepdim=True)                                        # (B, 1)
-            keep = (key_mask | ~any_key)[:, None, None, :]
-            bias = bias.masked_fill(~keep, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        if any_key is not None:
-            out = out * any_key[:, :, None, None].to(out.dtype)
-        return out.transpose(1, 2).reshape(B, N, -1)
-    if rel_pos is not None:
-        bias = rel_pos_bias(*rel_pos).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).reshape(B, N, -1)
-    out = torch_attention(q, k, v, scale, key_mask, cu_seqlens).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
+    bias = rel_pos_bias(*rel_pos) if rel_pos is not None else attn_bias
+    bias = None if bias is None else bias.to(q.dtype)
+    out = torch_attention(q, k, v, scale, key_mask, cu_seqlens, bias).transpose(1, 2).reshape(B, N, -1)  # (B, N, C)
     if return_cls_attn:
         return out, attention_probs(q[:, :, :1], k, scale, key_mask)[:, :, 0].float()    # (B, H, N)
     return out
